@@ -1,0 +1,179 @@
+//! The change-event envelope.
+//!
+//! Every Kafka record value walrelay writes is one JSON object shaped like Debezium's envelope:
+//!
+//! ```json
+//! {"op":"u","before":{"id":1},"after":{"id":1,"name":"b"},
+//!  "source":{"version":"0.1.0","connector":"walrelay","db":"app","schema":"public",
+//!            "table":"users","lsn":23905680,"commit_lsn":23905744,"txid":742,
+//!            "ts_ms":1700000000123,"snapshot":false,"seq":1},
+//!  "ts_ms":1700000000123}
+//! ```
+//!
+//! `ts_ms` at the top level is the commit time, not the time the producer handled the event:
+//! a re-delivery after a crash must be byte-identical to the first copy, so nothing in the
+//! envelope depends on when or how often it was produced. Unchanged TOASTed values (the row was
+//! updated but a large value was not, and the replica identity does not carry it) appear as
+//! [`UNCHANGED_TOAST`] in `after` and are listed by name in `unchanged_toast`; consumers must
+//! keep their stored value for those columns. The JSON Schema is `common/envelope.schema.json`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Placeholder written in place of an unchanged TOASTed value (Debezium's spelling, so
+/// existing consumers recognise it).
+pub const UNCHANGED_TOAST: &str = "__debezium_unavailable_value";
+
+/// Name written in `source.connector`.
+pub const CONNECTOR: &str = "walrelay";
+
+/// What happened to a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Op {
+    /// Insert.
+    #[serde(rename = "c")]
+    Create,
+    /// Update.
+    #[serde(rename = "u")]
+    Update,
+    /// Delete.
+    #[serde(rename = "d")]
+    Delete,
+    /// A row read by the initial snapshot.
+    #[serde(rename = "r")]
+    Read,
+    /// The table was truncated.
+    #[serde(rename = "t")]
+    Truncate,
+}
+
+impl Op {
+    /// The one-letter code used on the wire and in metric labels.
+    pub fn code(self) -> &'static str {
+        match self {
+            Op::Create => "c",
+            Op::Update => "u",
+            Op::Delete => "d",
+            Op::Read => "r",
+            Op::Truncate => "t",
+        }
+    }
+}
+
+/// Where an event comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Source {
+    /// walrelay version that wrote the event.
+    pub version: String,
+    /// Always `walrelay`.
+    pub connector: String,
+    /// Database name.
+    pub db: String,
+    /// Schema of the table.
+    pub schema: String,
+    /// Table name.
+    pub table: String,
+    /// WAL position of the change itself (for snapshot rows: the snapshot's consistent point).
+    pub lsn: u64,
+    /// End LSN of the commit of the change's transaction (for snapshot rows: the consistent
+    /// point). `(commit_lsn, seq)` orders every streamed change of a row.
+    pub commit_lsn: u64,
+    /// Transaction id (0 for snapshot rows).
+    pub txid: u64,
+    /// Commit time in milliseconds since the Unix epoch (snapshot rows: when the snapshot began).
+    pub ts_ms: i64,
+    /// True for rows read by the initial snapshot.
+    pub snapshot: bool,
+    /// 1-based position of the change in its transaction; 0 for snapshot rows.
+    pub seq: u64,
+}
+
+/// A decoded change event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Operation.
+    pub op: Op,
+    /// Row before the change, as far as the replica identity provides it.
+    pub before: Option<Map<String, Value>>,
+    /// Row after the change (inserts, updates, snapshot rows).
+    pub after: Option<Map<String, Value>>,
+    /// Origin of the event.
+    pub source: Source,
+    /// Commit time in milliseconds (equal to `source.ts_ms`).
+    pub ts_ms: i64,
+    /// Columns of `after` whose value was not sent because it is an unchanged TOASTed value.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unchanged_toast: Vec<String>,
+}
+
+impl Envelope {
+    /// Parses a Kafka record value.
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+
+    /// A stable identity of the event: equal on every re-delivery of the same change, different
+    /// for different changes. Snapshot rows are identified by their table and key instead,
+    /// which the caller adds.
+    pub fn position(&self) -> (u64, u64) {
+        (self.source.commit_lsn, self.source.seq)
+    }
+}
+
+/// Appends `s` to `out` as a JSON string literal.
+pub fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape: Option<&[u8]> = match b {
+            b'"' => Some(b"\\\""),
+            b'\\' => Some(b"\\\\"),
+            b'\n' => Some(b"\\n"),
+            b'\r' => Some(b"\\r"),
+            b'\t' => Some(b"\\t"),
+            0x00..=0x1f => None,
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        match escape {
+            Some(e) => out.extend_from_slice(e),
+            None => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[(b >> 4) as usize]);
+                out.push(HEX[(b & 0xf) as usize]);
+            }
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_round_trip_through_serde() {
+        for s in ["plain", "quote \" and \\ back", "ctl \u{1}\u{1f}\n\t\r", "ünïcødé ✓", ""] {
+            let mut out = Vec::new();
+            write_json_str(&mut out, s);
+            let back: String = serde_json::from_slice(&out).expect("valid JSON string");
+            assert_eq!(back, s);
+        }
+    }
+
+    #[test]
+    fn envelope_parses_with_and_without_unchanged_list() {
+        let json = br#"{"op":"u","before":null,"after":{"id":1,"big":"__debezium_unavailable_value"},
+            "source":{"version":"0.1.0","connector":"walrelay","db":"d","schema":"public","table":"t",
+            "lsn":10,"commit_lsn":20,"txid":5,"ts_ms":1,"snapshot":false,"seq":1},"ts_ms":1,
+            "unchanged_toast":["big"]}"#;
+        let env = Envelope::from_slice(json).expect("parses");
+        assert_eq!(env.op, Op::Update);
+        assert_eq!(env.unchanged_toast, vec!["big".to_string()]);
+        assert_eq!(env.position(), (20, 1));
+    }
+}

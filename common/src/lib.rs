@@ -1,0 +1,19 @@
+//! What walrelay's producer and consumers share, and nothing more.
+//!
+//! # Layout
+//!
+//! - [`event`]: the change-event envelope as it travels through Kafka (Debezium-shaped JSON), the
+//!   operation codes, and how an envelope is read back.
+//! - [`telemetry`]: the Prometheus registry, the `/metrics`, `/healthz` and `/readyz` server, and
+//!   logging set-up.
+//!
+//! # Data flow of the whole system
+//!
+//! ```text
+//! Postgres ──slot (pgoutput)──▶ producer ──JSON envelopes, keyed──▶ Kafka ──▶ consumers ──▶ sinks
+//!    ▲                                                                │
+//!    └──── confirmed LSN: only what Kafka acknowledged ◀──────────────┘
+//! ```
+
+pub mod event;
+pub mod telemetry;

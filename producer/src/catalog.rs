@@ -1,0 +1,352 @@
+//! What the producer reads from Postgres' catalog: column types, keys, captured tables.
+
+use std::collections::HashMap;
+
+use tokio_postgres::{Client, NoTls};
+
+use crate::shape::{ColumnShape, TableShape};
+use crate::value::{Kind, SESSION_OPTIONS};
+
+/// A failure talking to Postgres on an ordinary (non-replication) connection.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    /// Could not connect or the connection broke: try again.
+    #[error("cannot reach Postgres: {0}")]
+    Connect(#[source] tokio_postgres::Error),
+    /// A query failed.
+    #[error("{what}: {source}")]
+    Query {
+        /// What was being done.
+        what: String,
+        /// The server's answer.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The catalog does not hold what walrelay needs.
+    #[error("{0}")]
+    Catalog(String),
+}
+
+impl PgError {
+    /// Whether retrying may help (connection trouble) rather than repeating the same failure.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PgError::Connect(_) => true,
+            PgError::Query { source, .. } => source.is_closed() || source.as_db_error().is_none(),
+            PgError::Catalog(_) => false,
+        }
+    }
+
+    pub(crate) fn query(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Self {
+        let what = what.into();
+        move |source| PgError::Query { what, source }
+    }
+}
+
+/// Connects an ordinary session with walrelay's session settings.
+pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, PgError> {
+    let mut config = config.clone();
+    config.options(SESSION_OPTIONS);
+    config.application_name("walrelay-producer");
+    let (client, conn) = config.connect(NoTls).await.map_err(PgError::Connect)?;
+    tokio::spawn(async move {
+        if let Err(error) = conn.await {
+            tracing::debug!(%error, "Postgres connection ended.");
+        }
+    });
+    Ok(client)
+}
+
+/// A captured table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableRef {
+    /// OID.
+    pub oid: u32,
+    /// Schema.
+    pub schema: String,
+    /// Name.
+    pub name: String,
+    /// `r` ordinary, `p` partitioned.
+    pub relkind: String,
+}
+
+impl TableRef {
+    /// `schema.table` for messages.
+    pub fn qualified(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+
+    /// The quoted SQL name.
+    pub fn sql_name(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+/// Quotes an identifier for SQL.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Quotes a literal for SQL.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Reads types and shapes, caching type resolutions.
+pub struct Catalog<'c> {
+    client: &'c Client,
+    kinds: HashMap<u32, Kind>,
+}
+
+impl<'c> Catalog<'c> {
+    /// A catalog reader on `client`.
+    pub fn new(client: &'c Client) -> Self {
+        Self {
+            client,
+            kinds: HashMap::new(),
+        }
+    }
+
+    /// How values of type `oid` convert; domains resolve to their base type.
+    pub async fn kind(&mut self, oid: u32) -> Result<Kind, PgError> {
+        if let Some(k) = Kind::builtin(oid) {
+            return Ok(k);
+        }
+        if let Some(k) = self.kinds.get(&oid) {
+            return Ok(k.clone());
+        }
+        let mut cur = oid;
+        let kind = loop {
+            if let Some(k) = Kind::builtin(cur) {
+                break k;
+            }
+            let row = self
+                .client
+                .query_opt(
+                    "SELECT typtype::text, typcategory::text, typelem, typbasetype \
+                     FROM pg_type WHERE oid = $1",
+                    &[&cur],
+                )
+                .await
+                .map_err(PgError::query(format!("reading type {cur}")))?
+                .ok_or_else(|| PgError::Catalog(format!("type OID {cur} is not in pg_type")))?;
+            let typtype: String = row.get(0);
+            let category: String = row.get(1);
+            let elem: u32 = row.get(2);
+            let base: u32 = row.get(3);
+            if typtype == "d" {
+                cur = base;
+                continue;
+            }
+            if category == "A" && elem != 0 {
+                let delim: String = self
+                    .client
+                    .query_one("SELECT typdelim::text FROM pg_type WHERE oid = $1", &[&elem])
+                    .await
+                    .map_err(PgError::query(format!("reading type {elem}")))?
+                    .get(0);
+                let elem_kind = Box::pin(self.kind(elem)).await?;
+                break Kind::Array {
+                    elem: Box::new(elem_kind),
+                    delim: delim.bytes().next().unwrap_or(b','),
+                };
+            }
+            break Kind::Text;
+        };
+        self.kinds.insert(oid, kind.clone());
+        Ok(kind)
+    }
+
+    /// Names of the primary-key columns, else of the replica-identity index, in key order.
+    pub async fn key_columns(&self, rel: u32) -> Result<Vec<String>, PgError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT i.indisprimary, a.attname::text, k.ord \
+                 FROM pg_index i \
+                 CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+                 WHERE i.indrelid = $1 AND (i.indisprimary OR i.indisreplident) \
+                 ORDER BY i.indisprimary DESC, k.ord",
+                &[&rel],
+            )
+            .await
+            .map_err(PgError::query(format!("reading the key of relation {rel}")))?;
+        let primary = rows.first().map(|r| r.get::<_, bool>(0));
+        Ok(rows
+            .iter()
+            .filter(|r| Some(r.get::<_, bool>(0)) == primary)
+            .map(|r| r.get(1))
+            .collect())
+    }
+
+    /// The shape of a table as the snapshot reads it: every column pgoutput publishes
+    /// (generated columns are not published, so they are not read either).
+    pub async fn snapshot_shape(&mut self, table: &TableRef) -> Result<TableShape, PgError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT attname::text, atttypid FROM pg_attribute \
+                 WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = '' \
+                 ORDER BY attnum",
+                &[&table.oid],
+            )
+            .await
+            .map_err(PgError::query(format!("reading the columns of {}", table.qualified())))?;
+        let mut columns = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let name: String = r.get(0);
+            let kind = self.kind(r.get(1)).await?;
+            columns.push(ColumnShape::new(&name, kind, false));
+        }
+        let keys = self.key_columns(table.oid).await?;
+        Ok(build_shape(&table.schema, &table.name, columns, &keys))
+    }
+}
+
+/// A shape whose key columns are found by name.
+pub fn build_shape(schema: &str, table: &str, columns: Vec<ColumnShape>, keys: &[String]) -> TableShape {
+    let key_columns = keys
+        .iter()
+        .filter_map(|k| columns.iter().position(|c| &c.name == k))
+        .collect::<Vec<_>>();
+    // A key column missing from the published columns makes the key unusable.
+    let key_columns = if key_columns.len() == keys.len() { key_columns } else { Vec::new() };
+    TableShape::new(schema, table, columns, key_columns)
+}
+
+/// Every user table (ordinary or partitioned root) outside system schemas and walrelay's own.
+pub async fn user_tables(client: &Client) -> Result<Vec<TableRef>, PgError> {
+    let rows = client
+        .query(
+            "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition \
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'walrelay') \
+               AND n.nspname NOT LIKE 'pg\\_%' \
+             ORDER BY 2, 3",
+            &[],
+        )
+        .await
+        .map_err(PgError::query("listing tables"))?;
+    Ok(rows
+        .iter()
+        .map(|r| TableRef {
+            oid: r.get(0),
+            schema: r.get(1),
+            name: r.get(2),
+            relkind: r.get(3),
+        })
+        .collect())
+}
+
+/// The tables in publication `publication`.
+pub async fn publication_tables(client: &Client, publication: &str) -> Result<Vec<TableRef>, PgError> {
+    let rows = client
+        .query(
+            "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text \
+             FROM pg_publication_tables p \
+             JOIN pg_namespace n ON n.nspname = p.schemaname \
+             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename \
+             WHERE p.pubname = $1 ORDER BY 2, 3",
+            &[&publication],
+        )
+        .await
+        .map_err(PgError::query(format!("reading publication {publication}")))?;
+    Ok(rows
+        .iter()
+        .map(|r| TableRef {
+            oid: r.get(0),
+            schema: r.get(1),
+            name: r.get(2),
+            relkind: r.get(3),
+        })
+        .collect())
+}
+
+/// `schema.table` glob patterns (`*` matches any run of characters).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TablePatterns(Vec<(String, String)>);
+
+impl TablePatterns {
+    /// Parses a comma-separated list; `None` means every table.
+    pub fn parse(list: Option<&str>) -> Result<Self, String> {
+        let Some(list) = list.filter(|l| !l.trim().is_empty()) else {
+            return Ok(Self(vec![("*".into(), "*".into())]));
+        };
+        let mut out = Vec::new();
+        for p in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match p.split_once('.') {
+                Some((s, t)) if !s.is_empty() && !t.is_empty() && !t.contains('.') => {
+                    out.push((s.to_string(), t.to_string()))
+                }
+                _ => {
+                    return Err(format!(
+                        "table pattern {p:?} is not of the form schema.table (use * as a wildcard, e.g. public.*)"
+                    ));
+                }
+            }
+        }
+        Ok(Self(out))
+    }
+
+    /// Whether `table` matches any pattern.
+    pub fn matches(&self, table: &TableRef) -> bool {
+        self.0
+            .iter()
+            .any(|(s, t)| glob(s, &table.schema) && glob(t, &table.name))
+    }
+}
+
+fn glob(pattern: &str, s: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let s: Vec<char> = s.chars().collect();
+    let (mut pi, mut si, mut star, mut mark) = (0, 0, None, 0);
+    while si < s.len() {
+        if pi < p.len() && (p[pi] == s[si]) {
+            pi += 1;
+            si += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = si;
+            pi += 1;
+        } else if let Some(st) = star {
+            pi = st + 1;
+            mark += 1;
+            si = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == '*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str, n: &str) -> TableRef {
+        TableRef {
+            oid: 1,
+            schema: s.into(),
+            name: n.into(),
+            relkind: "r".into(),
+        }
+    }
+
+    #[test]
+    fn patterns() {
+        let p = TablePatterns::parse(Some("public.*, sales.order_*")).expect("valid");
+        assert!(p.matches(&t("public", "users")));
+        assert!(p.matches(&t("sales", "order_items")));
+        assert!(!p.matches(&t("sales", "customers")));
+        assert!(TablePatterns::parse(None).expect("valid").matches(&t("x", "y")));
+        assert!(TablePatterns::parse(Some("users")).is_err());
+        assert!(TablePatterns::parse(Some("a.b.c")).is_err());
+        assert!(glob("*a*b", "xxaxxb"));
+        assert!(!glob("a*b", "ab_"));
+    }
+}

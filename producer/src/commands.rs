@@ -1,0 +1,301 @@
+//! `check`, `init`, `status` and `destroy`.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::catalog::{self, PgError, TableRef, quote_ident};
+use crate::config::Settings;
+use crate::kafka::{WriterOptions, broker_reachable};
+use crate::replication::slot::{self, STATE_SCHEMA};
+
+/// One line of the preflight report.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckItem {
+    /// What was checked.
+    pub name: String,
+    /// `ok`, `warn` or `fail`.
+    pub status: &'static str,
+    /// Details and, when not ok, the fix.
+    pub detail: String,
+}
+
+fn item(name: &str, status: &'static str, detail: impl Into<String>) -> CheckItem {
+    CheckItem {
+        name: name.into(),
+        status,
+        detail: detail.into(),
+    }
+}
+
+/// Runs the preflight checks; the report has no `fail` when walrelay can run.
+pub async fn check(s: &Settings) -> Vec<CheckItem> {
+    let mut out = Vec::new();
+    match catalog::connect(&s.postgres).await {
+        Err(e) => out.push(item("postgres connection", "fail", format!("{e}: check --postgres-url and that the server accepts connections"))),
+        Ok(client) => {
+            out.push(item("postgres connection", "ok", format!("connected to database {}", s.database())));
+            if let Err(e) = check_postgres(&client, s, &mut out).await {
+                out.push(item("postgres catalog", "fail", e.to_string()));
+            }
+        }
+    }
+    match s.kafka_brokers.as_deref() {
+        None => out.push(item("kafka", "fail", "no brokers: give --kafka-brokers")),
+        Some(brokers) => {
+            let opts = WriterOptions {
+                brokers: brokers.to_string(),
+                topic: s.topic.clone(),
+                max_buffer_bytes: s.max_buffer_bytes,
+                properties: s.kafka_properties.clone(),
+            };
+            match tokio::task::spawn_blocking(move || broker_reachable(&opts, Duration::from_secs(5))).await {
+                Ok(Ok(n)) => out.push(item("kafka", "ok", format!("{brokers}: {n} broker(s) answer"))),
+                Ok(Err(e)) => out.push(item("kafka", "fail", format!("{brokers} unreachable: {e}"))),
+                Err(e) => out.push(item("kafka", "fail", e.to_string())),
+            }
+        }
+    }
+    out
+}
+
+async fn check_postgres(c: &Client, s: &Settings, out: &mut Vec<CheckItem>) -> Result<(), PgError> {
+    let q = |what: &'static str| PgError::query(what);
+    let version: i32 = c
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(q("reading server version"))?
+        .get(0);
+    out.push(if version >= 140000 {
+        item("server version", "ok", format!("{version}"))
+    } else {
+        item("server version", "fail", format!("{version}: walrelay needs PostgreSQL 14 or later"))
+    });
+    let wal_level: String = c.query_one("SHOW wal_level", &[]).await.map_err(q("reading wal_level"))?.get(0);
+    out.push(if wal_level == "logical" {
+        item("wal_level", "ok", "logical")
+    } else {
+        item("wal_level", "fail", format!("{wal_level}: set wal_level = logical in postgresql.conf (ALTER SYSTEM SET wal_level = logical) and restart Postgres"))
+    });
+    let row = c
+        .query_one(
+            "SELECT current_setting('max_replication_slots')::int - (SELECT count(*) FROM pg_replication_slots)::int, \
+                    current_setting('max_wal_senders')::int - (SELECT count(*) FROM pg_stat_replication)::int, \
+                    EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+            &[&s.slot],
+        )
+        .await
+        .map_err(q("reading replication settings"))?;
+    let (free_slots, free_senders, has_slot): (i32, i32, bool) = (row.get(0), row.get(1), row.get(2));
+    out.push(if free_slots > 0 || has_slot {
+        item("replication slots", "ok", format!("{free_slots} free"))
+    } else {
+        item("replication slots", "fail", "none free: raise max_replication_slots (restart needed) or drop an unused slot")
+    });
+    out.push(if free_senders > 0 {
+        item("wal senders", "ok", format!("{free_senders} free"))
+    } else {
+        item("wal senders", "fail", "none free: raise max_wal_senders (restart needed)")
+    });
+    let row = c
+        .query_one("SELECT rolreplication, rolsuper FROM pg_roles WHERE rolname = current_user", &[])
+        .await
+        .map_err(q("reading the role"))?;
+    let (repl, sup): (bool, bool) = (row.get(0), row.get(1));
+    out.push(if repl || sup {
+        item("replication privilege", "ok", if sup { "superuser" } else { "REPLICATION" })
+    } else {
+        item("replication privilege", "fail", "the role lacks REPLICATION: ALTER ROLE <role> REPLICATION")
+    });
+    let tables: Vec<TableRef> = catalog::user_tables(c).await?.into_iter().filter(|t| s.tables.matches(t)).collect();
+    if tables.is_empty() {
+        out.push(item("captured tables", "fail", "no table matches --tables"));
+    } else {
+        out.push(item("captured tables", "ok", format!("{} table(s)", tables.len())));
+    }
+    for t in &tables {
+        let row = c
+            .query_one(
+                "SELECT has_table_privilege($1, 'SELECT'), c.relreplident::text, \
+                        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND (i.indisprimary OR i.indisreplident)) \
+                 FROM pg_class c WHERE c.oid = $1",
+                &[&t.oid],
+            )
+            .await
+            .map_err(q("reading table privileges"))?;
+        let (select, ident, has_key): (bool, String, bool) = (row.get(0), row.get(1), row.get(2));
+        if !select {
+            out.push(item(&format!("select on {}", t.qualified()), "fail", format!("GRANT SELECT ON {} TO <role>", t.sql_name())));
+        }
+        match (ident.as_str(), has_key) {
+            ("f", _) => {}
+            ("n", _) => out.push(item(&format!("replica identity of {}", t.qualified()), "warn",
+                "REPLICA IDENTITY NOTHING: updates and deletes fail on the server; ALTER TABLE … REPLICA IDENTITY DEFAULT or FULL")),
+            (_, false) => out.push(item(&format!("replica identity of {}", t.qualified()), "warn",
+                "no primary key or replica identity index: Postgres refuses its UPDATE and DELETE while it is published. Add a primary key, or ALTER TABLE … REPLICA IDENTITY FULL")),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Creates walrelay's state and the publication; re-running adds newly matching tables.
+pub async fn init(s: &Settings) -> Result<Vec<String>, PgError> {
+    let c = catalog::connect(&s.postgres).await?;
+    c.batch_execute(STATE_SCHEMA).await.map_err(PgError::query("creating walrelay's state schema"))?;
+    let tables: Vec<TableRef> = catalog::user_tables(&c).await?.into_iter().filter(|t| s.tables.matches(t)).collect();
+    if tables.is_empty() {
+        return Err(PgError::Catalog("no table matches --tables: nothing to capture".into()));
+    }
+    let list = tables.iter().map(TableRef::sql_name).collect::<Vec<_>>().join(", ");
+    let exists: bool = c
+        .query_one("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)", &[&s.publication])
+        .await
+        .map_err(PgError::query("reading pg_publication"))?
+        .get(0);
+    let sql = if exists {
+        format!("ALTER PUBLICATION {} SET TABLE {list}", quote_ident(&s.publication))
+    } else {
+        format!("CREATE PUBLICATION {} FOR TABLE {list} WITH (publish_via_partition_root = true)", quote_ident(&s.publication))
+    };
+    c.batch_execute(&sql).await.map_err(PgError::query(format!("creating publication {}", s.publication)))?;
+    Ok(tables.iter().map(TableRef::qualified).collect())
+}
+
+/// What `status` reports.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// Slot name.
+    pub slot: String,
+    /// The slot, if it exists.
+    pub slot_info: Option<slot::SlotInfo>,
+    /// `pending`, `done`, or null before the first run.
+    pub snapshot_status: Option<String>,
+    /// Per-table snapshot progress.
+    pub snapshot_tables: Vec<TableProgress>,
+}
+
+/// Snapshot progress of one table.
+#[derive(Debug, Serialize)]
+pub struct TableProgress {
+    /// `schema.table`.
+    pub table: String,
+    /// Rows read.
+    pub rows: i64,
+    /// Chunks done / total.
+    pub chunks_done: i32,
+    /// Total chunks.
+    pub chunks_total: i32,
+    /// 0–100.
+    pub percent: f64,
+}
+
+/// Reads the slot and snapshot state.
+pub async fn status(s: &Settings) -> Result<Status, PgError> {
+    let c = catalog::connect(&s.postgres).await?;
+    let info = slot::slot_info(&c, &s.slot).await?;
+    let mut snapshot_status = None;
+    let mut snapshot_tables = Vec::new();
+    if slot::state_exists(&c).await? {
+        let row = c
+            .query_opt("SELECT snapshot_status FROM walrelay.slot_state WHERE slot_name = $1", &[&s.slot])
+            .await
+            .map_err(PgError::query("reading walrelay.slot_state"))?;
+        snapshot_status = row.map(|r| r.get(0));
+        for r in c
+            .query(
+                "SELECT schema_name || '.' || table_name, rows_done, chunks_done, chunks_total \
+                 FROM walrelay.snapshot_progress WHERE slot_name = $1 ORDER BY 1",
+                &[&s.slot],
+            )
+            .await
+            .map_err(PgError::query("reading walrelay.snapshot_progress"))?
+        {
+            let (done, total): (i32, i32) = (r.get(2), r.get(3));
+            snapshot_tables.push(TableProgress {
+                table: r.get(0),
+                rows: r.get(1),
+                chunks_done: done,
+                chunks_total: total,
+                percent: if total > 0 { f64::from(done) * 100.0 / f64::from(total) } else { 0.0 },
+            });
+        }
+    }
+    Ok(Status {
+        slot: s.slot.clone(),
+        slot_info: info,
+        snapshot_status,
+        snapshot_tables,
+    })
+}
+
+/// Why `destroy` did not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DestroyError {
+    /// The slot is in use.
+    #[error("slot {slot} is active (pid {pid:?}): stop the producer first, or pass --force to disconnect it")]
+    Active {
+        /// Slot.
+        slot: String,
+        /// Holder.
+        pid: Option<i32>,
+    },
+    /// Postgres.
+    #[error(transparent)]
+    Postgres(#[from] PgError),
+}
+
+/// Drops the slot, the publication and walrelay's state for this slot.
+pub async fn destroy(s: &Settings, force: bool) -> Result<Vec<String>, DestroyError> {
+    let c = catalog::connect(&s.postgres).await?;
+    let mut done = Vec::new();
+    if let Some(info) = slot::slot_info(&c, &s.slot).await? {
+        if info.active {
+            if !force {
+                return Err(DestroyError::Active { slot: s.slot.clone(), pid: info.active_pid });
+            }
+            c.execute("SELECT pg_terminate_backend($1)", &[&info.active_pid])
+                .await
+                .map_err(PgError::query("disconnecting the slot's holder"))?;
+        }
+        let mut dropped = false;
+        for _ in 0..50 {
+            match slot::drop_slot(&c, &s.slot).await {
+                Ok(()) => {
+                    dropped = true;
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        if !dropped {
+            slot::drop_slot(&c, &s.slot).await?;
+        }
+        done.push(format!("dropped slot {}", s.slot));
+    }
+    c.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(&s.publication)))
+        .await
+        .map_err(PgError::query("dropping the publication"))?;
+    done.push(format!("dropped publication {}", s.publication));
+    if slot::state_exists(&c).await? {
+        c.execute("DELETE FROM walrelay.slot_state WHERE slot_name = $1", &[&s.slot])
+            .await
+            .map_err(PgError::query("clearing walrelay.slot_state"))?;
+        c.execute("DELETE FROM walrelay.snapshot_progress WHERE slot_name = $1", &[&s.slot])
+            .await
+            .map_err(PgError::query("clearing walrelay.snapshot_progress"))?;
+        let left: i64 = c
+            .query_one("SELECT count(*) FROM walrelay.slot_state", &[])
+            .await
+            .map_err(PgError::query("reading walrelay.slot_state"))?
+            .get(0);
+        if left == 0 {
+            c.batch_execute("DROP SCHEMA walrelay CASCADE").await.map_err(PgError::query("dropping schema walrelay"))?;
+            done.push("dropped schema walrelay".into());
+        } else {
+            done.push(format!("removed slot {} from walrelay's state ({left} other slot(s) remain)", s.slot));
+        }
+    }
+    Ok(done)
+}

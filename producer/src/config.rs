@@ -1,0 +1,407 @@
+//! Options from flags, `WALRELAY_*` environment variables and a TOML file, in that order of
+//! precedence, then defaults. A bad value is a [`ConfigError`] that names the option; the
+//! binary exits with code 2 on it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+use crate::catalog::TablePatterns;
+use crate::shape::PartitionKey;
+
+/// `walrelay-producer`: Postgres changes into Kafka.
+#[derive(Debug, Parser)]
+#[command(name = "walrelay-producer", version, about)]
+pub struct Cli {
+    /// TOML file with options (keys are the long flag names with `_` for `-`).
+    #[arg(long, short = 'c', env = "WALRELAY_CONFIG", global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Options shared by every command.
+    #[command(flatten)]
+    pub options: Options,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The producer's commands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Preflight: report whether Postgres and Kafka are ready for walrelay.
+    Check {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create the publication and walrelay's state (idempotent).
+    Init,
+    /// Snapshot when the slot is new, then stream until stopped.
+    Run,
+    /// Show the slot, its confirmed LSN, retained WAL and snapshot progress.
+    Status {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop the slot, the publication and walrelay's state.
+    Destroy {
+        /// Also when the slot is in use (its holder is disconnected).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Whether a new slot starts with a snapshot of existing rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnapshotMode {
+    /// Copy every captured row first.
+    #[default]
+    Initial,
+    /// Stream changes only.
+    Never,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormatArg {
+    /// Text.
+    #[default]
+    Text,
+    /// JSON lines.
+    Json,
+}
+
+/// Every option, each unset unless given.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Options {
+    /// Postgres connection (URL or key=value), database of the captured tables.
+    #[arg(long, env = "WALRELAY_POSTGRES_URL", global = true, value_name = "URL")]
+    pub postgres_url: Option<String>,
+    /// Kafka bootstrap servers, comma-separated.
+    #[arg(long, env = "WALRELAY_KAFKA_BROKERS", global = true, value_name = "HOST:PORT,...")]
+    pub kafka_brokers: Option<String>,
+    /// Topic the events go to [default: walrelay.events].
+    #[arg(long, env = "WALRELAY_TOPIC", global = true)]
+    pub topic: Option<String>,
+    /// Replication slot [default: walrelay].
+    #[arg(long, env = "WALRELAY_SLOT", global = true)]
+    pub slot: Option<String>,
+    /// Publication [default: walrelay].
+    #[arg(long, env = "WALRELAY_PUBLICATION", global = true)]
+    pub publication: Option<String>,
+    /// Captured tables: comma-separated schema.table patterns with `*` [default: every table
+    /// outside system schemas].
+    #[arg(long, env = "WALRELAY_TABLES", global = true, value_name = "PATTERNS")]
+    pub tables: Option<String>,
+    /// Kafka key, and so the unit of ordering [default: schema].
+    #[arg(long, env = "WALRELAY_PARTITION_KEY", global = true, value_enum)]
+    pub partition_key: Option<PartitionKey>,
+    /// Partitions of the topic when walrelay creates it [default: 1].
+    #[arg(long, env = "WALRELAY_TOPIC_PARTITIONS", global = true)]
+    pub topic_partitions: Option<i32>,
+    /// Cap on bytes read from Postgres and not yet acknowledged by Kafka, e.g. 64MiB
+    /// [default: 64MiB].
+    #[arg(long, env = "WALRELAY_MAX_BUFFER_BYTES", global = true, value_parser = parse_bytes)]
+    #[serde(default, deserialize_with = "de_bytes")]
+    pub max_buffer_bytes: Option<u64>,
+    /// Address of /metrics, /healthz and /readyz, e.g. 0.0.0.0:9187 [default: off].
+    #[arg(long, env = "WALRELAY_METRICS_ADDR", global = true)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Snapshot a new slot's existing rows [default: initial].
+    #[arg(long, env = "WALRELAY_SNAPSHOT", global = true, value_enum)]
+    pub snapshot: Option<SnapshotMode>,
+    /// Connections reading the snapshot in parallel [default: 4].
+    #[arg(long, env = "WALRELAY_SNAPSHOT_PARALLELISM", global = true)]
+    pub snapshot_parallelism: Option<usize>,
+    /// Heap pages per snapshot chunk (8 KiB each) [default: 4096].
+    #[arg(long, env = "WALRELAY_SNAPSHOT_CHUNK_PAGES", global = true)]
+    pub snapshot_chunk_pages: Option<u32>,
+    /// A librdkafka property, KEY=VALUE; repeatable (env: comma-separated).
+    #[arg(
+        long = "kafka-property",
+        env = "WALRELAY_KAFKA_PROPERTIES",
+        global = true,
+        value_delimiter = ',',
+        value_name = "KEY=VALUE"
+    )]
+    #[serde(skip)]
+    pub kafka_property: Vec<String>,
+    /// librdkafka properties (config file only: a `[kafka_properties]` table).
+    #[arg(skip)]
+    #[serde(default)]
+    pub kafka_properties: BTreeMap<String, String>,
+    /// Log format [default: text].
+    #[arg(long, env = "WALRELAY_LOG_FORMAT", global = true, value_enum)]
+    pub log_format: Option<LogFormatArg>,
+}
+
+/// A bad option.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {option}: {message}")]
+pub struct ConfigError {
+    /// The option, as a flag.
+    pub option: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+fn bad(option: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        option: option.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Parses `64MiB`, `10MB`, `512KiB` or a plain number of bytes.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size such as 64MiB or 1048576"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "kib" | "k" => 1 << 10,
+        "mb" => 1_000_000,
+        "mib" | "m" => 1 << 20,
+        "gb" => 1_000_000_000,
+        "gib" | "g" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} in {s:?} (use KiB, MiB or GiB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn de_bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        N(u64),
+        S(String),
+    }
+    match Option::<Raw>::deserialize(d)? {
+        None => Ok(None),
+        Some(Raw::N(n)) => Ok(Some(n)),
+        Some(Raw::S(s)) => parse_bytes(&s).map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+impl Options {
+    /// Reads a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| bad("--config", format!("cannot read {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| {
+            bad(
+                "--config",
+                format!("{}: {} (keys are the long option names with _ for -, e.g. postgres_url)", path.display(), e.message()),
+            )
+        })
+    }
+
+    /// `self` where set, else `file`.
+    pub fn or(self, file: Options) -> Options {
+        let mut kafka_properties = file.kafka_properties;
+        kafka_properties.extend(self.kafka_properties);
+        Options {
+            postgres_url: self.postgres_url.or(file.postgres_url),
+            kafka_brokers: self.kafka_brokers.or(file.kafka_brokers),
+            topic: self.topic.or(file.topic),
+            slot: self.slot.or(file.slot),
+            publication: self.publication.or(file.publication),
+            tables: self.tables.or(file.tables),
+            partition_key: self.partition_key.or(file.partition_key),
+            topic_partitions: self.topic_partitions.or(file.topic_partitions),
+            max_buffer_bytes: self.max_buffer_bytes.or(file.max_buffer_bytes),
+            metrics_addr: self.metrics_addr.or(file.metrics_addr),
+            snapshot: self.snapshot.or(file.snapshot),
+            snapshot_parallelism: self.snapshot_parallelism.or(file.snapshot_parallelism),
+            snapshot_chunk_pages: self.snapshot_chunk_pages.or(file.snapshot_chunk_pages),
+            kafka_property: if self.kafka_property.is_empty() { file.kafka_property } else { self.kafka_property },
+            kafka_properties,
+            log_format: self.log_format.or(file.log_format),
+        }
+    }
+}
+
+/// Validated settings with defaults applied.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Postgres connection.
+    pub postgres: tokio_postgres::Config,
+    /// Kafka bootstrap servers, when given.
+    pub kafka_brokers: Option<String>,
+    /// Topic.
+    pub topic: String,
+    /// Slot.
+    pub slot: String,
+    /// Publication.
+    pub publication: String,
+    /// Captured tables.
+    pub tables: TablePatterns,
+    /// Keying.
+    pub partition_key: PartitionKey,
+    /// Partitions for a new topic.
+    pub topic_partitions: i32,
+    /// Byte budget.
+    pub max_buffer_bytes: usize,
+    /// Probe and metrics address.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Snapshot mode.
+    pub snapshot: SnapshotMode,
+    /// Snapshot connections.
+    pub snapshot_parallelism: usize,
+    /// Pages per snapshot chunk.
+    pub snapshot_chunk_pages: u32,
+    /// librdkafka properties.
+    pub kafka_properties: BTreeMap<String, String>,
+    /// Log format.
+    pub log_format: LogFormatArg,
+}
+
+fn valid_name(s: &str, max: usize, extra: &[char]) -> bool {
+    !s.is_empty() && s.len() <= max && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || extra.contains(&c))
+}
+
+impl Settings {
+    /// Applies defaults and validates.
+    pub fn from_options(o: Options) -> Result<Self, ConfigError> {
+        let url = o.postgres_url.ok_or_else(|| {
+            bad("--postgres-url", "missing: give --postgres-url, WALRELAY_POSTGRES_URL or postgres_url in the config file")
+        })?;
+        let postgres = tokio_postgres::Config::from_str(&url).map_err(|e| {
+            bad("--postgres-url", format!("not a Postgres connection string ({e}); e.g. postgres://user:pass@host:5432/db"))
+        })?;
+        if postgres.get_hosts().is_empty() {
+            return Err(bad("--postgres-url", "no host given"));
+        }
+        let topic = o.topic.unwrap_or_else(|| "walrelay.events".into());
+        if !valid_name(&topic, 249, &['.', '-']) {
+            return Err(bad("--topic", format!("{topic:?}: a Kafka topic name is 1-249 of [A-Za-z0-9._-]")));
+        }
+        let slot = o.slot.unwrap_or_else(|| "walrelay".into());
+        if !valid_name(&slot, 63, &[]) || slot.chars().any(|c| c.is_ascii_uppercase()) {
+            return Err(bad("--slot", format!("{slot:?}: a slot name is 1-63 of [a-z0-9_]")));
+        }
+        let publication = o.publication.unwrap_or_else(|| "walrelay".into());
+        if publication.is_empty() || publication.len() > 63 {
+            return Err(bad("--publication", "a publication name is 1-63 characters"));
+        }
+        let tables = TablePatterns::parse(o.tables.as_deref()).map_err(|m| bad("--tables", m))?;
+        let topic_partitions = o.topic_partitions.unwrap_or(1);
+        if topic_partitions < 1 {
+            return Err(bad("--topic-partitions", "must be at least 1"));
+        }
+        let max_buffer_bytes = o.max_buffer_bytes.unwrap_or(64 << 20);
+        if max_buffer_bytes < 1 << 20 {
+            return Err(bad("--max-buffer-bytes", "must be at least 1MiB"));
+        }
+        let snapshot_parallelism = o.snapshot_parallelism.unwrap_or(4);
+        if !(1..=64).contains(&snapshot_parallelism) {
+            return Err(bad("--snapshot-parallelism", "must be between 1 and 64"));
+        }
+        let snapshot_chunk_pages = o.snapshot_chunk_pages.unwrap_or(4096);
+        if snapshot_chunk_pages < 1 {
+            return Err(bad("--snapshot-chunk-pages", "must be at least 1"));
+        }
+        let mut kafka_properties = o.kafka_properties;
+        for p in o.kafka_property {
+            let (k, v) = p
+                .split_once('=')
+                .filter(|(k, _)| !k.trim().is_empty())
+                .ok_or_else(|| bad("--kafka-property", format!("{p:?} is not KEY=VALUE")))?;
+            kafka_properties.insert(k.trim().to_string(), v.trim().to_string());
+        }
+        Ok(Self {
+            postgres,
+            kafka_brokers: o.kafka_brokers.filter(|b| !b.trim().is_empty()),
+            topic,
+            slot,
+            publication,
+            tables,
+            partition_key: o.partition_key.unwrap_or_default(),
+            topic_partitions,
+            max_buffer_bytes: usize::try_from(max_buffer_bytes).unwrap_or(usize::MAX),
+            metrics_addr: o.metrics_addr,
+            snapshot: o.snapshot.unwrap_or_default(),
+            snapshot_parallelism,
+            snapshot_chunk_pages,
+            kafka_properties,
+            log_format: o.log_format.unwrap_or_default(),
+        })
+    }
+
+    /// The brokers, or an error naming the option.
+    pub fn require_brokers(&self) -> Result<&str, ConfigError> {
+        self.kafka_brokers.as_deref().ok_or_else(|| {
+            bad("--kafka-brokers", "missing: give --kafka-brokers, WALRELAY_KAFKA_BROKERS or kafka_brokers in the config file")
+        })
+    }
+
+    /// Database name.
+    pub fn database(&self) -> String {
+        self.postgres
+            .get_dbname()
+            .or(self.postgres.get_user())
+            .unwrap_or("postgres")
+            .to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(url: &str) -> Options {
+        Options {
+            postgres_url: Some(url.into()),
+            ..Options::default()
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_bytes("10MB"), Ok(10_000_000));
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert!(parse_bytes("12 parsecs").is_err());
+    }
+
+    #[test]
+    fn flags_win_over_file_and_defaults_fill_in() {
+        let file: Options = toml::from_str(
+            "postgres_url = 'postgres://f@h/db'\ntopic = 'from.file'\nslot = 'fileslot'\nmax_buffer_bytes = '8MiB'\n[kafka_properties]\n'linger.ms' = '9'",
+        )
+        .expect("valid file");
+        let mut cli = opts("postgres://c@h/db");
+        cli.slot = Some("cli_slot".into());
+        let s = Settings::from_options(cli.or(file)).expect("valid");
+        assert_eq!(s.slot, "cli_slot");
+        assert_eq!(s.topic, "from.file");
+        assert_eq!(s.publication, "walrelay");
+        assert_eq!(s.max_buffer_bytes, 8 << 20);
+        assert_eq!(s.kafka_properties.get("linger.ms").map(String::as_str), Some("9"));
+        assert_eq!(s.postgres.get_user(), Some("c"));
+    }
+
+    #[test]
+    fn bad_values_name_the_option() {
+        let mut o = opts("postgres://u@h/db");
+        o.slot = Some("Bad-Slot".into());
+        assert_eq!(Settings::from_options(o).expect_err("bad").option, "--slot");
+        let mut o = opts("postgres://u@h/db");
+        o.tables = Some("nodot".into());
+        assert_eq!(Settings::from_options(o).expect_err("bad").option, "--tables");
+        assert_eq!(Settings::from_options(Options::default()).expect_err("bad").option, "--postgres-url");
+        let unknown = toml::from_str::<Options>("slott = 'x'");
+        assert!(unknown.is_err(), "unknown keys are refused");
+    }
+}

@@ -1,0 +1,416 @@
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use tokio::sync::{Notify, Semaphore};
+use walrelay_common::telemetry::Readiness;
+
+use crate::checkpoint::{Checkpointer, TxnId};
+use crate::metrics::Metrics;
+
+/// Bytes counted per event beyond its key and value (headers, framing).
+const EVENT_OVERHEAD_BYTES: usize = 64;
+
+/// A failure to hand events to Kafka.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    /// An event is larger than Kafka (or the buffer) accepts. Definite: it would fail again.
+    #[error(
+        "an event of {table} is {bytes} bytes, over the limit of {limit} bytes ({which}); \
+         raise it (kafka property message.max.bytes and the topic's max.message.bytes, or \
+         --max-buffer-bytes) and restart: nothing after it was confirmed"
+    )]
+    TooLarge {
+        /// Table of the event.
+        table: String,
+        /// Its size.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+        /// Which limit.
+        which: &'static str,
+    },
+    /// Kafka reported a delivery failure.
+    #[error("Kafka did not accept an event: {message}")]
+    Delivery {
+        /// What librdkafka said.
+        message: String,
+        /// Whether a retry may succeed.
+        transient: bool,
+    },
+    /// The client could not be created or configured.
+    #[error("Kafka client: {0}")]
+    Client(String),
+}
+
+impl WriteError {
+    /// Whether restarting from the slot may help.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, WriteError::Delivery { transient: true, .. })
+    }
+
+    /// A short label for the errors metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            WriteError::TooLarge { .. } => "event_too_large",
+            WriteError::Delivery { .. } => "kafka_delivery",
+            WriteError::Client(_) => "kafka_client",
+        }
+    }
+}
+
+/// Options of the writer.
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    /// Bootstrap servers.
+    pub brokers: String,
+    /// Topic.
+    pub topic: String,
+    /// Byte budget of unacknowledged events.
+    pub max_buffer_bytes: usize,
+    /// librdkafka properties given by the user; they win over walrelay's defaults.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl WriterOptions {
+    /// The librdkafka configuration: walrelay's defaults, then the user's properties.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut cfg = ClientConfig::new();
+        let kbytes = self.max_buffer_bytes.div_ceil(1024).max(1) + 64;
+        let messages = (self.max_buffer_bytes / EVENT_OVERHEAD_BYTES).clamp(1000, 10_000_000);
+        for (k, v) in [
+            ("bootstrap.servers", self.brokers.clone()),
+            ("enable.idempotence", "true".into()),
+            ("acks", "all".into()),
+            ("compression.type", "lz4".into()),
+            ("linger.ms", "5".into()),
+            // Never expire: an unreachable broker fills the budget and pauses the slot instead.
+            ("message.timeout.ms", "0".into()),
+            ("partitioner", "murmur2_random".into()),
+            // Sized so librdkafka never refuses what the budget admits.
+            ("queue.buffering.max.kbytes", kbytes.to_string()),
+            ("queue.buffering.max.messages", messages.to_string()),
+            ("client.id", "walrelay-producer".into()),
+        ] {
+            cfg.set(k, v);
+        }
+        for (k, v) in &self.properties {
+            cfg.set(k, v);
+        }
+        cfg
+    }
+
+    fn max_message_bytes(&self) -> usize {
+        self.properties
+            .get("message.max.bytes")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000_000)
+    }
+}
+
+/// What travels with an event through librdkafka to its delivery report.
+pub struct Token {
+    txn: TxnId,
+    bytes: u32,
+    queued: Instant,
+}
+
+/// Shared with librdkafka's delivery thread.
+pub struct DeliveryContext {
+    checkpointer: Arc<Checkpointer>,
+    budget: Semaphore,
+    metrics: Arc<Metrics>,
+    readiness: Readiness,
+    failure: Mutex<Option<WriteError>>,
+    failed: Notify,
+    kafka_up: AtomicBool,
+}
+
+impl ClientContext for DeliveryContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::AllBrokersDown)) {
+            if self.kafka_up.swap(false, Ordering::Relaxed) {
+                tracing::warn!(reason, "Kafka is unreachable; events wait in the buffer.");
+            }
+            self.readiness.set("kafka", false);
+            self.metrics.errors.with_label_values(&["kafka_unreachable"]).inc();
+        } else {
+            tracing::warn!(%error, reason, "Kafka client error.");
+        }
+    }
+}
+
+impl ProducerContext for DeliveryContext {
+    type DeliveryOpaque = Box<Token>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, token: Box<Token>) {
+        self.budget.add_permits(token.bytes as usize);
+        self.metrics.buffer_bytes.sub(i64::from(token.bytes));
+        match result {
+            Ok(_) => {
+                self.metrics
+                    .delivery_seconds
+                    .observe(token.queued.elapsed().as_secs_f64());
+                self.checkpointer.acked(token.txn);
+                if !self.kafka_up.swap(true, Ordering::Relaxed) {
+                    tracing::info!("Kafka acknowledges events again.");
+                    self.readiness.set("kafka", true);
+                }
+            }
+            Err((error, _)) => {
+                let transient = !matches!(
+                    error.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::MessageSizeTooLarge
+                            | RDKafkaErrorCode::TopicAuthorizationFailed
+                            | RDKafkaErrorCode::ClusterAuthorizationFailed
+                            | RDKafkaErrorCode::InvalidRecord
+                            | RDKafkaErrorCode::UnknownTopicOrPartition
+                    )
+                );
+                self.metrics.errors.with_label_values(&["kafka_delivery"]).inc();
+                let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+                if failure.is_none() {
+                    *failure = Some(WriteError::Delivery {
+                        message: error.to_string(),
+                        transient,
+                    });
+                }
+                drop(failure);
+                self.failed.notify_waiters();
+            }
+        }
+    }
+}
+
+/// Hands events to Kafka within the byte budget.
+pub struct Writer {
+    producer: ThreadedProducer<DeliveryContext>,
+    topic: String,
+    capacity: usize,
+    max_message_bytes: usize,
+}
+
+impl Writer {
+    /// A writer whose acknowledgements feed `checkpointer`.
+    pub fn new(
+        options: &WriterOptions,
+        checkpointer: Arc<Checkpointer>,
+        metrics: Arc<Metrics>,
+        readiness: Readiness,
+    ) -> Result<Self, WriteError> {
+        let capacity = options.max_buffer_bytes;
+        metrics.buffer_capacity_bytes.set(capacity as i64);
+        metrics.buffer_bytes.set(0);
+        let ctx = DeliveryContext {
+            checkpointer,
+            budget: Semaphore::new(capacity),
+            metrics,
+            readiness,
+            failure: Mutex::new(None),
+            failed: Notify::new(),
+            kafka_up: AtomicBool::new(true),
+        };
+        let producer = options
+            .client_config()
+            .create_with_context(ctx)
+            .map_err(|e| WriteError::Client(e.to_string()))?;
+        Ok(Self {
+            producer,
+            topic: options.topic.clone(),
+            capacity,
+            max_message_bytes: options.max_message_bytes(),
+        })
+    }
+
+    fn ctx(&self) -> &DeliveryContext {
+        self.producer.context()
+    }
+
+    /// The first delivery failure, if any.
+    pub fn failure(&self) -> Option<WriteError> {
+        self.ctx()
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Resolves when a delivery fails.
+    pub async fn failed(&self) -> WriteError {
+        loop {
+            let notified = self.ctx().failed.notified();
+            if let Some(f) = self.failure() {
+                return f;
+            }
+            notified.await;
+        }
+    }
+
+    /// Hands one event to Kafka, waiting while the budget is spent. `table` names the event
+    /// in errors. `on_wait` runs every 200 ms of waiting (the listener pushes progress there).
+    pub async fn send_to<F: FnMut()>(
+        &self,
+        table: &str,
+        key: &[u8],
+        value: &[u8],
+        txn: TxnId,
+        partition: Option<i32>,
+        on_wait: &mut F,
+    ) -> Result<(), WriteError> {
+        if let Some(f) = self.failure() {
+            return Err(f);
+        }
+        let message_bytes = key.len() + value.len();
+        if message_bytes > self.max_message_bytes {
+            return Err(WriteError::TooLarge {
+                table: table.to_string(),
+                bytes: message_bytes,
+                limit: self.max_message_bytes,
+                which: "message.max.bytes",
+            });
+        }
+        let bytes = message_bytes + EVENT_OVERHEAD_BYTES;
+        if bytes > self.capacity {
+            return Err(WriteError::TooLarge {
+                table: table.to_string(),
+                bytes,
+                limit: self.capacity,
+                which: "--max-buffer-bytes",
+            });
+        }
+        let n = u32::try_from(bytes).unwrap_or(u32::MAX);
+        loop {
+            match tokio::time::timeout(Duration::from_millis(200), self.ctx().budget.acquire_many(n)).await {
+                Ok(Ok(permit)) => {
+                    permit.forget();
+                    break;
+                }
+                Ok(Err(_)) => return Err(WriteError::Client("budget closed".into())),
+                Err(_) => {
+                    on_wait();
+                    if let Some(f) = self.failure() {
+                        return Err(f);
+                    }
+                }
+            }
+        }
+        self.ctx().metrics.buffer_bytes.add(i64::from(n));
+        let mut token = Box::new(Token {
+            txn,
+            bytes: n,
+            queued: Instant::now(),
+        });
+        loop {
+            let mut record = BaseRecord::with_opaque_to(&self.topic, token).key(key).payload(value);
+            if let Some(p) = partition {
+                record = record.partition(p);
+            }
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), rec)) => {
+                    token = rec.delivery_opaque;
+                    on_wait();
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, rec)) => {
+                    let bytes = rec.delivery_opaque.bytes;
+                    self.ctx().budget.add_permits(bytes as usize);
+                    self.ctx().metrics.buffer_bytes.sub(i64::from(bytes));
+                    return Err(match e.rdkafka_error_code() {
+                        Some(RDKafkaErrorCode::MessageSizeTooLarge) => WriteError::TooLarge {
+                            table: table.to_string(),
+                            bytes: message_bytes,
+                            limit: self.max_message_bytes,
+                            which: "message.max.bytes",
+                        },
+                        _ => WriteError::Delivery {
+                            message: e.to_string(),
+                            transient: true,
+                        },
+                    });
+                }
+            }
+        }
+    }
+
+    /// Number of partitions of the topic.
+    pub fn partitions(&self, timeout: Duration) -> Result<i32, WriteError> {
+        let md = self
+            .producer
+            .client()
+            .fetch_metadata(Some(&self.topic), timeout)
+            .map_err(|e| WriteError::Delivery {
+                message: format!("reading metadata of topic {}: {e}", self.topic),
+                transient: true,
+            })?;
+        let n = md.topics().first().map_or(0, |t| t.partitions().len());
+        if n == 0 {
+            return Err(WriteError::Delivery {
+                message: format!("topic {} has no partitions yet", self.topic),
+                transient: true,
+            });
+        }
+        Ok(i32::try_from(n).unwrap_or(i32::MAX))
+    }
+
+    /// Events handed over and not yet reported.
+    pub fn in_flight(&self) -> i32 {
+        self.producer.in_flight_count()
+    }
+
+    /// Waits up to `timeout` for every event to be reported.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        self.producer.flush(timeout).is_ok()
+    }
+}
+
+/// Creates `topic` with `partitions` if it does not exist (unlimited retention, so consumers
+/// can replay from offset zero); an existing topic is used as it is.
+pub async fn ensure_topic(options: &WriterOptions, partitions: i32) -> Result<(), WriteError> {
+    let admin: AdminClient<DefaultClientContext> = options
+        .client_config()
+        .create()
+        .map_err(|e| WriteError::Client(e.to_string()))?;
+    let topic = NewTopic::new(&options.topic, partitions, TopicReplication::Fixed(-1))
+        .set("retention.ms", "-1")
+        .set("retention.bytes", "-1");
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .create_topics([&topic], &opts)
+        .await
+        .map_err(|e| WriteError::Delivery {
+            message: format!("creating topic {}: {e}", options.topic),
+            transient: true,
+        })?;
+    for r in results {
+        match r {
+            Ok(_) => tracing::info!(topic = %options.topic, partitions, "Created the topic."),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                return Err(WriteError::Delivery {
+                    message: format!("creating topic {name}: {code}"),
+                    transient: true,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether the brokers answer a metadata request within `timeout`.
+pub fn broker_reachable(options: &WriterOptions, timeout: Duration) -> Result<usize, String> {
+    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+        options.client_config().create().map_err(|e| e.to_string())?;
+    let md = producer
+        .client()
+        .fetch_metadata(None, timeout)
+        .map_err(|e| e.to_string())?;
+    Ok(md.brokers().len())
+}

@@ -1,0 +1,161 @@
+//! `walrelay-producer`: parses options and hands over to the library.
+//!
+//! Exit codes: 0 success; 1 runtime failure (or a failed `check`); 2 a bad option or config
+//! file; 3 the replication slot cannot be streamed safely (lost, vanished, or foreign).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use walrelay_common::telemetry::{self, LogFormat, Readiness};
+use walrelay_producer::commands;
+use walrelay_producer::config::{Cli, Command, LogFormatArg, Options, Settings};
+use walrelay_producer::metrics::Metrics;
+use walrelay_producer::pipeline::{self, Context, RunError};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let file = match cli.config.as_deref().map(Options::from_file).transpose() {
+        Ok(f) => f.unwrap_or_default(),
+        Err(e) => return usage(&e),
+    };
+    let settings = match Settings::from_options(cli.options.or(file)) {
+        Ok(s) => s,
+        Err(e) => return usage(&e),
+    };
+    telemetry::init_logging(match settings.log_format {
+        LogFormatArg::Text => LogFormat::Text,
+        LogFormatArg::Json => LogFormat::Json,
+    });
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(try_main(cli.command, settings))
+}
+
+fn usage(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(2)
+}
+
+async fn try_main(command: Command, settings: Settings) -> ExitCode {
+    match command {
+        Command::Check { json } => {
+            let report = commands::check(&settings).await;
+            let failed = report.iter().any(|i| i.status == "fail");
+            if json {
+                println!("{}", serde_json::json!({ "ok": !failed, "checks": report }));
+            } else {
+                for i in &report {
+                    println!("[{:>4}] {}: {}", i.status, i.name, i.detail);
+                }
+                println!("{}", if failed { "check failed" } else { "check passed" });
+            }
+            ExitCode::from(u8::from(failed))
+        }
+        Command::Init => match commands::init(&settings).await {
+            Ok(tables) => {
+                println!("publication {} captures {} table(s): {}", settings.publication, tables.len(), tables.join(", "));
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        Command::Status { json } => match commands::status(&settings).await {
+            Ok(st) if json => {
+                println!("{}", serde_json::to_string_pretty(&st).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Ok(st) => {
+                match &st.slot_info {
+                    None => println!("slot {}: does not exist", st.slot),
+                    Some(i) => println!(
+                        "slot {}: {} | confirmed LSN {} | retained WAL {} bytes | lag {} bytes | wal_status {}",
+                        st.slot,
+                        if i.active { "active" } else { "inactive" },
+                        i.confirmed_flush_lsn.as_deref().unwrap_or("-"),
+                        i.retained_wal_bytes.unwrap_or(0),
+                        i.lag_bytes.unwrap_or(0),
+                        i.wal_status.as_deref().unwrap_or("-"),
+                    ),
+                }
+                println!("snapshot: {}", st.snapshot_status.as_deref().unwrap_or("not started"));
+                for t in &st.snapshot_tables {
+                    println!("  {}: {} rows, {}/{} chunks ({:.0}%)", t.table, t.rows, t.chunks_done, t.chunks_total, t.percent);
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        Command::Destroy { force } => match commands::destroy(&settings, force).await {
+            Ok(done) => {
+                for d in done {
+                    println!("{d}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        Command::Run => run(settings).await,
+    }
+}
+
+fn fail(e: &dyn std::fmt::Display) -> ExitCode {
+    tracing::error!(error = %e, "Failed.");
+    eprintln!("error: {e}");
+    ExitCode::from(1)
+}
+
+async fn run(settings: Settings) -> ExitCode {
+    let metrics = match Metrics::new() {
+        Ok(m) => Arc::new(m),
+        Err(e) => return fail(&e),
+    };
+    let readiness = Readiness::default();
+    if let Some(addr) = settings.metrics_addr {
+        let (registry, readiness) = (metrics.registry.clone(), readiness.clone());
+        tokio::spawn(async move {
+            if let Err(error) = telemetry::serve(addr, registry, readiness).await {
+                tracing::error!(%error, %addr, "Cannot serve metrics.");
+            }
+        });
+    }
+    let shutdown = CancellationToken::new();
+    let signal_token = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("Signal received: stopping.");
+        signal_token.cancel();
+    });
+    let ctx = Context { settings, metrics, readiness, shutdown };
+    match pipeline::run(&ctx).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ RunError::Slot { .. }) => {
+            tracing::error!(error = %e, "Refusing to stream.");
+            eprintln!("error: {e}");
+            ExitCode::from(3)
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

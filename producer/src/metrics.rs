@@ -1,0 +1,138 @@
+//! The producer's metric catalogue. Every name follows Prometheus rules: `walrelay_` prefix,
+//! base units, `_total` on counters, and only bounded labels (`op`, `kind`, and `table`, which
+//! is bounded by the publication).
+
+use prometheus::{
+    Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
+};
+
+/// Handles to every producer metric.
+pub struct Metrics {
+    /// The registry served on `/metrics`.
+    pub registry: Registry,
+    /// Events handed to Kafka, by op.
+    pub events: IntCounterVec,
+    /// Bytes of event values handed to Kafka.
+    pub event_bytes: IntCounter,
+    /// Transactions seen on the stream.
+    pub transactions: IntCounter,
+    /// Bytes read from Postgres and not yet acknowledged by Kafka.
+    pub buffer_bytes: IntGauge,
+    /// The configured cap of `buffer_bytes`.
+    pub buffer_capacity_bytes: IntGauge,
+    /// Time from handing an event to Kafka until it was acknowledged.
+    pub delivery_seconds: Histogram,
+    /// Server WAL position minus the confirmed LSN.
+    pub replication_lag_bytes: IntGauge,
+    /// The LSN last confirmed to Postgres (as a number; exact below 2^53).
+    pub confirmed_lsn: Gauge,
+    /// Seconds from commit to Kafka acknowledgement of the commit's last event.
+    pub source_lag_seconds: Gauge,
+    /// Snapshot rows read, per table.
+    pub snapshot_rows: IntCounterVec,
+    /// Snapshot progress per table, 0 to 1.
+    pub snapshot_progress: GaugeVec,
+    /// Errors by kind.
+    pub errors: IntCounterVec,
+    /// WAL the slot retains (current position minus `restart_lsn`).
+    pub slot_retained_wal_bytes: IntGauge,
+    /// 1 while the slot is active.
+    pub slot_active: IntGauge,
+    /// Build information (always 1).
+    pub build_info: IntGaugeVec,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let m = Self {
+            events: IntCounterVec::new(
+                Opts::new("walrelay_producer_events_total", "Change events handed to Kafka, by op."),
+                &["op"],
+            )?,
+            event_bytes: IntCounter::new(
+                "walrelay_producer_event_bytes_total",
+                "Bytes of change events handed to Kafka.",
+            )?,
+            transactions: IntCounter::new(
+                "walrelay_producer_transactions_total",
+                "Committed transactions read from the slot.",
+            )?,
+            buffer_bytes: IntGauge::new(
+                "walrelay_producer_buffer_bytes",
+                "Bytes of events read from Postgres and not yet acknowledged by Kafka.",
+            )?,
+            buffer_capacity_bytes: IntGauge::new(
+                "walrelay_producer_buffer_capacity_bytes",
+                "Configured cap of walrelay_producer_buffer_bytes (--max-buffer-bytes).",
+            )?,
+            delivery_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "walrelay_producer_kafka_delivery_duration_seconds",
+                    "Time from handing an event to Kafka until it was acknowledged.",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ]),
+            )?,
+            replication_lag_bytes: IntGauge::new(
+                "walrelay_producer_replication_lag_bytes",
+                "Server WAL position minus the LSN confirmed to Postgres.",
+            )?,
+            confirmed_lsn: Gauge::new(
+                "walrelay_producer_confirmed_lsn",
+                "The LSN confirmed to Postgres, as a number.",
+            )?,
+            source_lag_seconds: Gauge::new(
+                "walrelay_producer_source_lag_seconds",
+                "Seconds between the commit of the newest fully acknowledged transaction and its acknowledgement.",
+            )?,
+            snapshot_rows: IntCounterVec::new(
+                Opts::new("walrelay_producer_snapshot_rows_total", "Rows read by the initial snapshot, per table."),
+                &["table"],
+            )?,
+            snapshot_progress: GaugeVec::new(
+                Opts::new("walrelay_producer_snapshot_progress_ratio", "Share of a table's snapshot done, 0 to 1."),
+                &["table"],
+            )?,
+            errors: IntCounterVec::new(
+                Opts::new("walrelay_producer_errors_total", "Errors, by kind."),
+                &["kind"],
+            )?,
+            slot_retained_wal_bytes: IntGauge::new(
+                "walrelay_producer_slot_retained_wal_bytes",
+                "WAL retained by the slot: current WAL position minus restart_lsn.",
+            )?,
+            slot_active: IntGauge::new("walrelay_producer_slot_active", "1 while the replication slot is active.")?,
+            build_info: IntGaugeVec::new(
+                Opts::new("walrelay_build_info", "walrelay build information; always 1."),
+                &["version", "component"],
+            )?,
+            registry,
+        };
+        m.registry.register(Box::new(m.events.clone()))?;
+        m.registry.register(Box::new(m.event_bytes.clone()))?;
+        m.registry.register(Box::new(m.transactions.clone()))?;
+        m.registry.register(Box::new(m.buffer_bytes.clone()))?;
+        m.registry.register(Box::new(m.buffer_capacity_bytes.clone()))?;
+        m.registry.register(Box::new(m.delivery_seconds.clone()))?;
+        m.registry.register(Box::new(m.replication_lag_bytes.clone()))?;
+        m.registry.register(Box::new(m.confirmed_lsn.clone()))?;
+        m.registry.register(Box::new(m.source_lag_seconds.clone()))?;
+        m.registry.register(Box::new(m.snapshot_rows.clone()))?;
+        m.registry.register(Box::new(m.snapshot_progress.clone()))?;
+        m.registry.register(Box::new(m.errors.clone()))?;
+        m.registry.register(Box::new(m.slot_retained_wal_bytes.clone()))?;
+        m.registry.register(Box::new(m.slot_active.clone()))?;
+        m.registry.register(Box::new(m.build_info.clone()))?;
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), "producer"])
+            .set(1);
+        #[cfg(target_os = "linux")]
+        m.registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        Ok(m)
+    }
+}

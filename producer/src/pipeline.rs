@@ -1,0 +1,407 @@
+//! `run`: one streaming session after another until stopped.
+//!
+//! A session connects, decides what the slot needs (create with a snapshot, redo an
+//! interrupted snapshot, or stream), then streams. A transient failure (Postgres or Kafka
+//! unreachable, the slot held by another producer, a delivery error) ends the session and a
+//! new one starts after a capped, jittered backoff; the new session streams again from the
+//! slot's confirmed position, so nothing is lost and duplicates stay within the unconfirmed
+//! window. A definite failure (the slot lost, a decode error, an event too large for Kafka,
+//! missing set-up) stops the process with a clear error.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationConfig};
+use rand::Rng;
+use tokio_postgres::config::Host;
+use tokio_util::sync::CancellationToken;
+use walrelay_common::telemetry::Readiness;
+
+use crate::catalog::{self, Catalog, PgError};
+use crate::checkpoint::Checkpointer;
+use crate::config::{Settings, SnapshotMode};
+use crate::kafka::{WriteError, Writer, WriterOptions, ensure_topic};
+use crate::metrics::Metrics;
+use crate::replication::listener::Listener;
+use crate::replication::pgoutput::DecodeError;
+use crate::replication::slot::{self, SnapshotStatus, format_lsn, parse_lsn};
+use crate::shape::EnvelopeWriter;
+use crate::snapshot::{self, SnapshotJob};
+use crate::value::SESSION_OPTIONS;
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Talking to Postgres.
+    #[error(transparent)]
+    Postgres(#[from] PgError),
+    /// The replication connection failed or ended (transient).
+    #[error("replication connection: {0}")]
+    Replication(String),
+    /// The replication server refused (for example, the slot does not exist).
+    #[error("replication: {0}")]
+    ReplicationRefused(String),
+    /// The slot cannot be streamed safely (definite).
+    #[error("replication slot {slot}: {message}")]
+    Slot {
+        /// Slot.
+        slot: String,
+        /// What is wrong and the way out.
+        message: String,
+    },
+    /// Kafka.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    /// A malformed pgoutput message (definite).
+    #[error("cannot decode the change at LSN {}: {source}", format_lsn(*lsn))]
+    Decode {
+        /// Where.
+        lsn: u64,
+        /// What.
+        #[source]
+        source: DecodeError,
+    },
+    /// The stream broke the protocol's rules (definite).
+    #[error("replication protocol: {0}")]
+    Protocol(String),
+    /// Set-up is missing or wrong (definite): the message names the fix.
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl RunError {
+    /// Whether a new session may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RunError::Postgres(e) => e.is_transient(),
+            RunError::Replication(_) => true,
+            RunError::Write(e) => e.is_transient(),
+            RunError::ReplicationRefused(_)
+            | RunError::Slot { .. }
+            | RunError::Decode { .. }
+            | RunError::Protocol(_)
+            | RunError::Setup(_) => false,
+        }
+    }
+
+    /// Label for the errors metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RunError::Postgres(_) => "postgres",
+            RunError::Replication(_) | RunError::ReplicationRefused(_) => "replication",
+            RunError::Slot { .. } => "slot",
+            RunError::Write(e) => e.kind(),
+            RunError::Decode { .. } | RunError::Protocol(_) => "decode",
+            RunError::Setup(_) => "setup",
+        }
+    }
+
+    /// Classifies an error of the replication client.
+    pub fn from_pgwire(e: PgWireError) -> Self {
+        match &e {
+            PgWireError::Server(m) if m.contains("is active for PID") => {
+                RunError::Replication(format!("{m} (another producer holds the slot; waiting for it)"))
+            }
+            PgWireError::Server(m) if m.contains("does not exist") => RunError::ReplicationRefused(m.clone()),
+            PgWireError::Auth(m) => RunError::Setup(format!("replication login refused: {m}")),
+            _ => RunError::Replication(e.to_string()),
+        }
+    }
+}
+
+/// Everything a session shares with the process.
+pub struct Context {
+    /// Settings.
+    pub settings: Settings,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Readiness conditions.
+    pub readiness: Readiness,
+    /// Cancelled on SIGTERM/SIGINT.
+    pub shutdown: CancellationToken,
+}
+
+/// Runs sessions until stopped (`Ok`) or a definite failure.
+pub async fn run(ctx: &Context) -> Result<(), RunError> {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let result = session(ctx).await;
+        ctx.readiness.set("replication", false);
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                ctx.metrics.errors.with_label_values(&[e.kind()]).inc();
+                if ctx.shutdown.is_cancelled() || !e.is_transient() {
+                    return Err(e);
+                }
+                let jitter = rand::thread_rng().gen_range(0..=backoff.as_millis() as u64 / 2);
+                let wait = backoff + Duration::from_millis(jitter);
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "Session ended; starting a new one from the slot's confirmed position.");
+                tokio::select! {
+                    () = ctx.shutdown.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(wait) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+fn replication_config(s: &Settings) -> Result<ReplicationConfig, RunError> {
+    let pg = &s.postgres;
+    let host = match pg.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(Host::Unix(p)) => p.to_string_lossy().into_owned(),
+        None => return Err(RunError::Setup("--postgres-url has no host".into())),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let user = pg.get_user().unwrap_or("postgres");
+    let password = pg
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    Ok(ReplicationConfig::new(host, user, password, s.database(), &s.slot, s.publication.as_str())
+        .with_port(port)
+        .with_options(SESSION_OPTIONS)
+        .with_application_name(format!("walrelay-producer/{}", s.slot))
+        .with_status_interval(Duration::from_secs(1))
+        .with_wakeup_interval(Duration::from_secs(1))
+        .with_buffer_size(1024))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+async fn session(ctx: &Context) -> Result<(), RunError> {
+    let s = &ctx.settings;
+    let ctl = catalog::connect(&s.postgres).await?;
+    ctx.readiness.set("postgres", true);
+    let wal_level: String = ctl
+        .query_one("SHOW wal_level", &[])
+        .await
+        .map_err(PgError::query("reading wal_level"))?
+        .get(0);
+    if wal_level != "logical" {
+        return Err(RunError::Setup(format!(
+            "wal_level is {wal_level:?}, logical replication needs wal_level = logical: set it in postgresql.conf \
+             (or ALTER SYSTEM SET wal_level = logical) and restart Postgres"
+        )));
+    }
+    if !slot::state_exists(&ctl).await? {
+        return Err(RunError::Setup("walrelay's state is missing: run `walrelay-producer init` first".into()));
+    }
+    let pub_exists: bool = ctl
+        .query_one("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)", &[&s.publication])
+        .await
+        .map_err(PgError::query("reading pg_publication"))?
+        .get(0);
+    if !pub_exists {
+        return Err(RunError::Setup(format!(
+            "publication {:?} does not exist: run `walrelay-producer init` first",
+            s.publication
+        )));
+    }
+    let brokers = s.require_brokers().map_err(|e| RunError::Setup(e.to_string()))?;
+    let writer_opts = WriterOptions {
+        brokers: brokers.to_string(),
+        topic: s.topic.clone(),
+        max_buffer_bytes: s.max_buffer_bytes,
+        properties: s.kafka_properties.clone(),
+    };
+    ensure_topic(&writer_opts, s.topic_partitions).await?;
+    let checkpointer = Arc::new(Checkpointer::new(0));
+    let writer = Arc::new(Writer::new(&writer_opts, Arc::clone(&checkpointer), Arc::clone(&ctx.metrics), ctx.readiness.clone())?);
+    let partitions = writer.partitions(Duration::from_secs(10))?;
+    ctx.readiness.set("kafka", true);
+    let envelope = EnvelopeWriter::new(&s.database());
+
+    let info = slot::slot_info(&ctl, &s.slot).await?;
+    let state = slot::read_state(&ctl, &s.slot).await?;
+    let mut client = ReplicationClient::connect_gated(replication_config(s)?)
+        .await
+        .map_err(RunError::from_pgwire)?;
+    match (&info, state.as_ref().map(|st| st.status)) {
+        (Some(i), Some(SnapshotStatus::Done)) => {
+            if i.wal_status.as_deref() == Some("lost") {
+                return Err(RunError::Slot {
+                    slot: s.slot.clone(),
+                    message: "its WAL was removed (wal_status = lost; max_slot_wal_keep_size exceeded): changes are \
+                              missing. Run `walrelay-producer destroy` and start again with a new snapshot"
+                        .into(),
+                });
+            }
+            tracing::info!(slot = %s.slot, confirmed_flush_lsn = ?i.confirmed_flush_lsn, "Resuming from the slot.");
+        }
+        (None, Some(SnapshotStatus::Done)) => {
+            return Err(RunError::Slot {
+                slot: s.slot.clone(),
+                message: "it vanished after its snapshot completed (dropped or invalidated): changes since the last \
+                          confirmed position may be missing, so walrelay will not recreate it silently. Run \
+                          `walrelay-producer destroy`, then `init` and `run` for a new snapshot"
+                    .into(),
+            });
+        }
+        (Some(i), None) => {
+            return Err(RunError::Slot {
+                slot: s.slot.clone(),
+                message: format!(
+                    "it exists (plugin {:?}) but walrelay did not create it. Use another --slot, or drop it \
+                     (SELECT pg_drop_replication_slot('{}')) to let walrelay create its own",
+                    i.plugin, s.slot
+                ),
+            });
+        }
+        (Some(i), Some(SnapshotStatus::Pending)) => {
+            if i.active {
+                return Err(RunError::Replication(format!(
+                    "slot {} is being created by another producer (pid {:?}); waiting",
+                    s.slot, i.active_pid
+                )));
+            }
+            tracing::warn!(slot = %s.slot, "A previous snapshot did not complete: dropping the slot and taking a new snapshot.");
+            slot::drop_slot(&ctl, &s.slot).await?;
+            create_and_snapshot(ctx, &ctl, &mut client, Arc::clone(&writer), Arc::clone(&checkpointer), envelope.clone()).await?;
+        }
+        (None, _) => {
+            create_and_snapshot(ctx, &ctl, &mut client, Arc::clone(&writer), Arc::clone(&checkpointer), envelope.clone()).await?;
+        }
+    }
+    if ctx.shutdown.is_cancelled() {
+        return Ok(());
+    }
+
+    client.start().await.map_err(RunError::from_pgwire)?;
+    client.wait_started().await.map_err(RunError::from_pgwire)?;
+    ctx.readiness.set("replication", true);
+    ctx.metrics.slot_active.set(1);
+    tracing::info!(slot = %s.slot, publication = %s.publication, topic = %s.topic, partitions, "Streaming.");
+
+    let poller = tokio::spawn(poll_slot(s.postgres.clone(), s.slot.clone(), Arc::clone(&ctx.metrics)));
+    let listener = Listener {
+        client: &mut client,
+        catalog: Catalog::new(&ctl),
+        writer: &writer,
+        checkpointer: &checkpointer,
+        metrics: &ctx.metrics,
+        envelope,
+        partition_key: s.partition_key,
+        partitions,
+    };
+    let result = listener.run(&ctx.shutdown).await;
+    poller.abort();
+    ctx.metrics.slot_active.set(0);
+    result?;
+    shutdown_gracefully(ctx, &ctl, client, &writer, &checkpointer).await
+}
+
+/// Creates the slot with an exported snapshot and reads it, or without one under
+/// `--snapshot never`; records the slot's state along the way.
+async fn create_and_snapshot(
+    ctx: &Context,
+    ctl: &tokio_postgres::Client,
+    client: &mut ReplicationClient,
+    writer: Arc<Writer>,
+    checkpointer: Arc<Checkpointer>,
+    envelope: EnvelopeWriter,
+) -> Result<(), RunError> {
+    let s = &ctx.settings;
+    slot::mark_pending(ctl, &s.slot, &s.publication).await?;
+    let mode = if s.snapshot == SnapshotMode::Initial { "export" } else { "nothing" };
+    let rows = client
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT '{mode}')",
+            catalog::quote_ident(&s.slot)
+        ))
+        .await
+        .map_err(RunError::from_pgwire)?;
+    let row = rows.first().ok_or_else(|| RunError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
+    let text = |i: usize| row.get(i).and_then(|v| v.as_ref()).map(|b| String::from_utf8_lossy(b).into_owned());
+    let consistent = text(1)
+        .as_deref()
+        .and_then(parse_lsn)
+        .ok_or_else(|| RunError::Protocol("CREATE_REPLICATION_SLOT returned no consistent point".into()))?;
+    let started_ms = now_ms();
+    slot::mark_created(ctl, &s.slot, consistent, started_ms).await?;
+    tracing::info!(slot = %s.slot, consistent_point = %format_lsn(consistent), "Created the replication slot.");
+    if s.snapshot == SnapshotMode::Initial {
+        let snapshot_name = text(2).ok_or_else(|| RunError::Protocol("CREATE_REPLICATION_SLOT exported no snapshot".into()))?;
+        let tables = catalog::publication_tables(ctl, &s.publication).await?;
+        let job = SnapshotJob {
+            postgres: s.postgres.clone(),
+            snapshot_name,
+            consistent_lsn: consistent,
+            started_ms,
+            slot: s.slot.clone(),
+            parallelism: s.snapshot_parallelism,
+            chunk_pages: s.snapshot_chunk_pages,
+            partition_key: s.partition_key,
+        };
+        let snap = snapshot::run(job, ctl, &tables, writer, checkpointer, Arc::clone(&ctx.metrics), envelope);
+        tokio::select! {
+            r = snap => { r?; }
+            () = ctx.shutdown.cancelled() => {
+                tracing::warn!("Stopped during the snapshot; the next run takes it again.");
+                return Ok(());
+            }
+        }
+    }
+    slot::mark_done(ctl, &s.slot).await?;
+    Ok(())
+}
+
+/// Stop reading, let Kafka acknowledge what is in flight, confirm the final LSN.
+async fn shutdown_gracefully(
+    ctx: &Context,
+    ctl: &tokio_postgres::Client,
+    mut client: ReplicationClient,
+    writer: &Writer,
+    checkpointer: &Checkpointer,
+) -> Result<(), RunError> {
+    tracing::info!(in_flight = writer.in_flight(), "Stopping: waiting for Kafka to acknowledge what is in flight.");
+    let flushed = tokio::task::block_in_place(|| writer.flush(Duration::from_secs(30)));
+    if !flushed {
+        tracing::warn!("Kafka did not acknowledge everything within 30 s; the rest is sent again on the next run.");
+    }
+    let last = checkpointer.confirmed();
+    client.update_applied_lsn(Lsn::from_u64(last));
+    let metrics = client.metrics();
+    for _ in 0..40 {
+        if metrics.last_applied_lsn().as_u64() >= last {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.shutdown()).await;
+    drop(client);
+    // The last status update can be lost as the connection closes: make sure the slot has it.
+    for _ in 0..50 {
+        match slot::advance_slot(ctl, &ctx.settings.slot, last).await {
+            Ok(_) => break,
+            Err(e) => {
+                tracing::debug!(error = %e, "Slot not released yet.");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    ctx.metrics.confirmed_lsn.set(last as f64);
+    tracing::info!(confirmed_lsn = %format_lsn(last), "Stopped.");
+    Ok(())
+}
+
+/// Keeps the slot gauges current.
+async fn poll_slot(pg: tokio_postgres::Config, slot_name: String, metrics: Arc<Metrics>) {
+    let Ok(ctl) = catalog::connect(&pg).await else { return };
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        if let Ok(Some(info)) = slot::slot_info(&ctl, &slot_name).await {
+            metrics.slot_retained_wal_bytes.set(info.retained_wal_bytes.unwrap_or(0));
+            metrics.slot_active.set(i64::from(info.active));
+        }
+    }
+}

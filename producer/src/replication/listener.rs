@@ -1,0 +1,293 @@
+//! The listener: reads the replication stream, turns changes into events, hands them to the
+//! writer, and keeps the confirmed LSN flowing back to the server.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
+use tokio_util::sync::CancellationToken;
+use walrelay_common::event::Op;
+
+use super::pgoutput::{self, Cell, Message, OldKind};
+use crate::catalog::{Catalog, build_shape};
+use crate::checkpoint::{Checkpointer, TxnId};
+use crate::kafka::Writer;
+use crate::metrics::Metrics;
+use crate::pipeline::RunError;
+use crate::shape::{ColumnShape, EnvelopeWriter, EventMeta, Image, PartitionKey, TableShape};
+
+/// Microseconds between the Unix epoch and Postgres' epoch (2000-01-01).
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+/// How often the confirmed LSN is pushed to the replication client when nothing else does.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+
+struct OpenTxn {
+    id: TxnId,
+    xid: u32,
+    commit_lsn: u64,
+    ts_ms: i64,
+    seq: u64,
+    sent: u64,
+}
+
+/// Converts a Postgres timestamp (µs since 2000-01-01) to ms since the Unix epoch.
+pub fn pg_micros_to_unix_ms(micros: i64) -> i64 {
+    (micros + PG_EPOCH_OFFSET_MICROS).div_euclid(1000)
+}
+
+/// Streams until `shutdown` or an error.
+pub struct Listener<'a> {
+    /// The replication session (started).
+    pub client: &'a mut ReplicationClient,
+    /// Catalog reader on an ordinary connection.
+    pub catalog: Catalog<'a>,
+    /// Kafka writer.
+    pub writer: &'a Writer,
+    /// Progress tracker.
+    pub checkpointer: &'a Checkpointer,
+    /// Metrics.
+    pub metrics: &'a Arc<Metrics>,
+    /// Envelope encoder.
+    pub envelope: EnvelopeWriter,
+    /// Keying.
+    pub partition_key: PartitionKey,
+    /// Partitions of the topic (a truncate goes to each under primary-key keying).
+    pub partitions: i32,
+}
+
+struct Pushed(u64);
+
+fn push_progress(client: &ReplicationClient, ckpt: &Checkpointer, metrics: &Metrics, pushed: &mut Pushed) {
+    let c = ckpt.confirmed();
+    if c > pushed.0 {
+        client.update_applied_lsn(Lsn::from_u64(c));
+        pushed.0 = c;
+        metrics.confirmed_lsn.set(c as f64);
+    }
+}
+
+impl Listener<'_> {
+    /// Runs until `shutdown` is cancelled (returns `Ok`) or a failure.
+    pub async fn run(mut self, shutdown: &CancellationToken) -> Result<(), RunError> {
+        let mut relations: HashMap<u32, TableShape> = HashMap::new();
+        let mut txn: Option<OpenTxn> = None;
+        let mut key = Vec::with_capacity(256);
+        let mut value = Vec::with_capacity(4096);
+        let mut pushed = Pushed(self.checkpointer.confirmed());
+        let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
+        let mut batch_events = 0u64;
+        let mut batch_txns = 0u64;
+        let mut last_log = std::time::Instant::now();
+        loop {
+            let event = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return Ok(()),
+                failure = self.writer.failed() => return Err(failure.into()),
+                _ = tick.tick() => {
+                    push_progress(self.client, self.checkpointer, self.metrics, &mut pushed);
+                    if last_log.elapsed() >= Duration::from_secs(10) && batch_txns > 0 {
+                        tracing::info!(events = batch_events, transactions = batch_txns,
+                            confirmed_lsn = %Lsn::from_u64(pushed.0), "Streamed.");
+                        batch_events = 0;
+                        batch_txns = 0;
+                        last_log = std::time::Instant::now();
+                    }
+                    continue;
+                }
+                ev = self.client.recv() => ev,
+            };
+            let event = match event {
+                Ok(Some(ev)) => ev,
+                Ok(None) => return Err(RunError::Replication("the replication stream ended".into())),
+                Err(e) => return Err(RunError::from_pgwire(e)),
+            };
+            match event {
+                ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+                    if txn.is_some() {
+                        return Err(RunError::Protocol(format!("Begin of xid {xid} inside an open transaction")));
+                    }
+                    txn = Some(OpenTxn {
+                        id: self.checkpointer.begin(),
+                        xid,
+                        commit_lsn: final_lsn.as_u64(),
+                        ts_ms: pg_micros_to_unix_ms(commit_time_micros),
+                        seq: 0,
+                        sent: 0,
+                    });
+                }
+                ReplicationEvent::Commit { end_lsn, commit_time_micros, .. } => {
+                    let Some(t) = txn.take() else {
+                        return Err(RunError::Protocol("Commit without Begin".into()));
+                    };
+                    self.checkpointer.commit(t.id, end_lsn.as_u64(), t.sent);
+                    self.metrics.transactions.inc();
+                    let now_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as i64)
+                        .unwrap_or(0);
+                    self.metrics
+                        .source_lag_seconds
+                        .set((now_ms - pg_micros_to_unix_ms(commit_time_micros)) as f64 / 1000.0);
+                    batch_events += t.sent;
+                    batch_txns += 1;
+                    push_progress(self.client, self.checkpointer, self.metrics, &mut pushed);
+                }
+                ReplicationEvent::KeepAlive { wal_end, .. } => {
+                    let server = wal_end.as_u64();
+                    if self.checkpointer.idle(server) {
+                        push_progress(self.client, self.checkpointer, self.metrics, &mut pushed);
+                    }
+                    self.metrics
+                        .replication_lag_bytes
+                        .set(server.saturating_sub(self.checkpointer.confirmed()) as i64);
+                }
+                ReplicationEvent::XLogData { wal_start, data, .. } => {
+                    let msg = pgoutput::decode(&data).map_err(|source| RunError::Decode {
+                        lsn: wal_start.as_u64(),
+                        source,
+                    })?;
+                    let lsn = wal_start.as_u64();
+                    match msg {
+                        Message::Relation { oid, namespace, name, columns, .. } => {
+                            let mut shaped = Vec::with_capacity(columns.len());
+                            for c in &columns {
+                                let kind = self.catalog.kind(c.type_oid).await?;
+                                shaped.push(ColumnShape::new(c.name, kind, c.is_key));
+                            }
+                            let keys = self.catalog.key_columns(oid).await?;
+                            relations.insert(oid, build_shape(namespace, name, shaped, &keys));
+                        }
+                        Message::Insert { oid, new } => {
+                            let t = open(&mut txn)?;
+                            let shape = shape_of(&relations, oid)?;
+                            t.seq += 1;
+                            let meta = meta(t, Op::Create, lsn);
+                            self.emit(&mut key, &mut value, shape, &meta, None, Some(Image { cells: &new.0, identity_only: false }), &new.0, &mut pushed, t.id, None).await?;
+                            t.sent += 1;
+                        }
+                        Message::Update { oid, old, mut new } => {
+                            let t = open(&mut txn)?;
+                            let shape = shape_of(&relations, oid)?;
+                            // With the full old row (REPLICA IDENTITY FULL), an unchanged
+                            // TOASTed value is known: fill it in instead of marking it.
+                            if let Some((OldKind::Full, old_row)) = &old {
+                                for (i, cell) in new.0.iter_mut().enumerate() {
+                                    if let (Cell::UnchangedToast, Some(prev @ Cell::Text(_))) = (*cell, old_row.0.get(i)) {
+                                        *cell = *prev;
+                                    }
+                                }
+                            }
+                            t.seq += 1;
+                            let meta = meta(t, Op::Update, lsn);
+                            let before = old.as_ref().map(|(k, row)| Image { cells: &row.0, identity_only: *k == OldKind::Key });
+                            self.emit(&mut key, &mut value, shape, &meta, before, Some(Image { cells: &new.0, identity_only: false }), &new.0, &mut pushed, t.id, None).await?;
+                            t.sent += 1;
+                        }
+                        Message::Delete { oid, old: (kind, old_row) } => {
+                            let t = open(&mut txn)?;
+                            let shape = shape_of(&relations, oid)?;
+                            t.seq += 1;
+                            let meta = meta(t, Op::Delete, lsn);
+                            let before = Image { cells: &old_row.0, identity_only: kind == OldKind::Key };
+                            self.emit(&mut key, &mut value, shape, &meta, Some(before), None, &old_row.0, &mut pushed, t.id, None).await?;
+                            t.sent += 1;
+                        }
+                        Message::Truncate { oids, .. } => {
+                            let t = open(&mut txn)?;
+                            for oid in oids {
+                                let shape = shape_of(&relations, oid)?;
+                                t.seq += 1;
+                                let meta = meta(t, Op::Truncate, lsn);
+                                // Under primary-key keying a table's rows are on every
+                                // partition: the truncate goes to each, so it is ordered
+                                // with all of them.
+                                let targets: Vec<Option<i32>> = if self.partition_key == PartitionKey::PrimaryKey {
+                                    (0..self.partitions).map(Some).collect()
+                                } else {
+                                    vec![None]
+                                };
+                                for p in targets {
+                                    self.emit(&mut key, &mut value, shape, &meta, None, None, &[], &mut pushed, t.id, p).await?;
+                                    t.sent += 1;
+                                }
+                            }
+                        }
+                        Message::Type { .. } | Message::Origin { .. } | Message::Begin { .. } | Message::Commit { .. } => {}
+                        Message::LogicalMessage { .. } => {}
+                    }
+                }
+                // Logical messages (DDL capture uses them) carry no row changes.
+                ReplicationEvent::Message { .. } => {}
+                ReplicationEvent::StoppedAt { .. } => {
+                    return Err(RunError::Replication("the stream stopped at a stop LSN walrelay never sets".into()));
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn emit(
+        &self,
+        key: &mut Vec<u8>,
+        value: &mut Vec<u8>,
+        shape: &TableShape,
+        meta: &EventMeta,
+        before: Option<Image<'_, '_>>,
+        after: Option<Image<'_, '_>>,
+        key_row: &[Cell<'_>],
+        pushed: &mut Pushed,
+        txn: TxnId,
+        partition: Option<i32>,
+    ) -> Result<(), RunError> {
+        key.clear();
+        value.clear();
+        let key_cells = if key_row.is_empty() { None } else { Some(key_row) };
+        shape.write_key(key, self.partition_key, key_cells);
+        self.envelope.write(value, shape, meta, before, after);
+        self.metrics.events.with_label_values(&[meta.op.code()]).inc();
+        self.metrics.event_bytes.inc_by(value.len() as u64);
+        let client: &ReplicationClient = self.client;
+        let (ckpt, metrics) = (self.checkpointer, self.metrics);
+        let mut on_wait = || push_progress(client, ckpt, metrics, pushed);
+        self.writer
+            .send_to(&shape.table, key, value, txn, partition, &mut on_wait)
+            .await?;
+        Ok(())
+    }
+}
+
+fn open(txn: &mut Option<OpenTxn>) -> Result<&mut OpenTxn, RunError> {
+    txn.as_mut()
+        .ok_or_else(|| RunError::Protocol("a change outside a transaction".into()))
+}
+
+fn shape_of(relations: &HashMap<u32, TableShape>, oid: u32) -> Result<&TableShape, RunError> {
+    relations
+        .get(&oid)
+        .ok_or_else(|| RunError::Protocol(format!("a change of relation {oid} before its Relation message")))
+}
+
+fn meta(t: &OpenTxn, op: Op, lsn: u64) -> EventMeta {
+    EventMeta {
+        op,
+        lsn,
+        commit_lsn: t.commit_lsn,
+        txid: u64::from(t.xid),
+        ts_ms: t.ts_ms,
+        snapshot: false,
+        seq: t.seq,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pg_epoch_conversion() {
+        assert_eq!(pg_micros_to_unix_ms(0), 946_684_800_000);
+        assert_eq!(pg_micros_to_unix_ms(1_500), 946_684_800_001);
+    }
+}

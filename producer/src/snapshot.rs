@@ -1,0 +1,391 @@
+//! The initial snapshot: every captured row as an `op: "r"` event, read under the slot's
+//! exported snapshot so that it joins the stream exactly at the slot's consistent point.
+//!
+//! Tables are cut into chunks of heap pages (`ctid` ranges: any table, with or without a
+//! primary key) and read by `--snapshot-parallelism` connections, each of which imported the
+//! snapshot, so one large table is read in parallel too. The last chunk of a table is open
+//! ended, so rows in pages added after the size was measured are read as well. Partitioned
+//! tables are read whole through their root (published via the root).
+//!
+//! The snapshot is one pseudo-transaction for the checkpointer; it is complete only when Kafka
+//! acknowledged every row, and only then is the slot's state set to `done` and streaming
+//! started. So no streamed change of a row reaches Kafka before that row's snapshot event.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{StreamExt, pin_mut};
+use tokio_postgres::Client;
+use walrelay_common::event::Op;
+
+use crate::catalog::{self, Catalog, PgError, TableRef, quote_ident, quote_literal};
+use crate::checkpoint::{Checkpointer, TxnId};
+use crate::kafka::Writer;
+use crate::metrics::Metrics;
+use crate::pipeline::RunError;
+use crate::replication::pgoutput::Cell;
+use crate::shape::{EnvelopeWriter, EventMeta, Image, PartitionKey, TableShape};
+
+/// What the snapshot needs.
+pub struct SnapshotJob {
+    /// Postgres connection settings.
+    pub postgres: tokio_postgres::Config,
+    /// The exported snapshot's name.
+    pub snapshot_name: String,
+    /// The slot's consistent point.
+    pub consistent_lsn: u64,
+    /// When the snapshot began, ms since the epoch (the events' `ts_ms`).
+    pub started_ms: i64,
+    /// Slot (for progress rows).
+    pub slot: String,
+    /// Connections.
+    pub parallelism: usize,
+    /// Pages per chunk.
+    pub chunk_pages: u32,
+    /// Keying.
+    pub partition_key: PartitionKey,
+}
+
+struct TableTask {
+    table: TableRef,
+    shape: TableShape,
+    select: String,
+    chunks_total: u32,
+    chunks_done: AtomicU64,
+    rows: AtomicU64,
+    started: Instant,
+}
+
+struct Chunk {
+    table: usize,
+    lo: u64,
+    hi: Option<u64>,
+}
+
+/// Reads every table and hands the rows to `writer`; returns when Kafka acknowledged all.
+pub async fn run(
+    job: SnapshotJob,
+    ctl: &Client,
+    tables: &[TableRef],
+    writer: Arc<Writer>,
+    checkpointer: Arc<Checkpointer>,
+    metrics: Arc<Metrics>,
+    envelope: EnvelopeWriter,
+) -> Result<u64, RunError> {
+    let started = Instant::now();
+    let block_size: i64 = ctl
+        .query_one("SELECT current_setting('block_size')::int8", &[])
+        .await
+        .map_err(PgError::query("reading block_size"))?
+        .get(0);
+    let mut catalog = Catalog::new(ctl);
+    let mut tasks = Vec::new();
+    let mut chunks = VecDeque::new();
+    for t in tables {
+        let shape = catalog.snapshot_shape(t).await?;
+        let cols = shape.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
+        let (select, pages) = if t.relkind == "p" {
+            (format!("SELECT {cols} FROM {}", t.sql_name()), 0)
+        } else {
+            let bytes: i64 = ctl
+                .query_one("SELECT pg_relation_size($1)", &[&t.oid])
+                .await
+                .map_err(PgError::query(format!("sizing {}", t.qualified())))?
+                .get(0);
+            (format!("SELECT {cols} FROM ONLY {}", t.sql_name()), (bytes / block_size.max(1)) as u64)
+        };
+        let idx = tasks.len();
+        let per = u64::from(job.chunk_pages);
+        let n = if t.relkind == "p" { 1 } else { pages.div_ceil(per).max(1) };
+        for i in 0..n {
+            let hi = if i + 1 == n { None } else { Some((i + 1) * per) };
+            chunks.push_back(Chunk { table: idx, lo: i * per, hi });
+        }
+        ctl.execute(
+            "INSERT INTO walrelay.snapshot_progress (slot_name, schema_name, table_name, chunks_total) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (slot_name, schema_name, table_name) \
+             DO UPDATE SET rows_done = 0, chunks_done = 0, chunks_total = $4",
+            &[&job.slot, &t.schema, &t.name, &(n as i32)],
+        )
+        .await
+        .map_err(PgError::query("writing walrelay.snapshot_progress"))?;
+        metrics.snapshot_progress.with_label_values(&[&t.qualified()]).set(0.0);
+        tasks.push(TableTask {
+            table: t.clone(),
+            shape,
+            select,
+            chunks_total: u32::try_from(n).unwrap_or(u32::MAX),
+            chunks_done: AtomicU64::new(0),
+            rows: AtomicU64::new(0),
+            started: Instant::now(),
+        });
+    }
+    tracing::info!(tables = tasks.len(), chunks = chunks.len(), parallelism = job.parallelism, "Snapshot started.");
+    let tasks = Arc::new(tasks);
+    let queue = Arc::new(Mutex::new(chunks));
+    let snap_txn = checkpointer.begin();
+    let sent = Arc::new(AtomicU64::new(0));
+    let job = Arc::new(job);
+    let mut workers = Vec::new();
+    for _ in 0..job.parallelism.min(queue.lock().map(|q| q.len()).unwrap_or(1)).max(1) {
+        // Every worker imports the snapshot before any reads, while the slot's connection
+        // stays idle (a command on it would end the exported snapshot).
+        let client = catalog::connect(&job.postgres).await?;
+        client
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                quote_literal(&job.snapshot_name)
+            ))
+            .await
+            .map_err(PgError::query("importing the exported snapshot"))?;
+        let w = Worker {
+            client,
+            tasks: Arc::clone(&tasks),
+            queue: Arc::clone(&queue),
+            writer: Arc::clone(&writer),
+            metrics: Arc::clone(&metrics),
+            envelope: envelope.clone(),
+            job: Arc::clone(&job),
+            sent: Arc::clone(&sent),
+            txn: snap_txn,
+        };
+        workers.push(tokio::spawn(w.run()));
+    }
+    let mut progress = tokio::time::interval(Duration::from_secs(5));
+    progress.tick().await;
+    let mut all = futures_util::future::try_join_all(workers);
+    let results = loop {
+        tokio::select! {
+            r = &mut all => break r,
+            _ = progress.tick() => report(ctl, &job.slot, &tasks, started).await,
+        }
+    };
+    let results = results.map_err(|e| RunError::Protocol(format!("snapshot worker panicked: {e}")))?;
+    for r in results {
+        r?;
+    }
+    let total = sent.load(Ordering::SeqCst);
+    checkpointer.commit(snap_txn, job.consistent_lsn, total);
+    // Complete only once Kafka acknowledged every row.
+    while !checkpointer.drained() {
+        if let Some(f) = writer.failure() {
+            return Err(f.into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    report(ctl, &job.slot, &tasks, started).await;
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(rows = total, seconds = secs, rows_per_second = (total as f64 / secs.max(1e-9)) as u64, "Snapshot acknowledged by Kafka.");
+    Ok(total)
+}
+
+async fn report(ctl: &Client, slot: &str, tasks: &[TableTask], started: Instant) {
+    let mut total = 0;
+    for t in tasks {
+        let rows = t.rows.load(Ordering::Relaxed);
+        total += rows;
+        let done = t.chunks_done.load(Ordering::Relaxed) as i32;
+        let _ = ctl
+            .execute(
+                "UPDATE walrelay.snapshot_progress SET rows_done = $4, chunks_done = $5 \
+                 WHERE slot_name = $1 AND schema_name = $2 AND table_name = $3",
+                &[&slot, &t.table.schema, &t.table.name, &(rows as i64), &done],
+            )
+            .await;
+    }
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    tracing::info!(rows = total, rows_per_second = (total as f64 / secs) as u64, "Snapshot progress.");
+}
+
+struct Worker {
+    client: Client,
+    tasks: Arc<Vec<TableTask>>,
+    queue: Arc<Mutex<VecDeque<Chunk>>>,
+    writer: Arc<Writer>,
+    metrics: Arc<Metrics>,
+    envelope: EnvelopeWriter,
+    job: Arc<SnapshotJob>,
+    sent: Arc<AtomicU64>,
+    txn: TxnId,
+}
+
+impl Worker {
+    async fn run(self) -> Result<(), RunError> {
+        let mut line = Vec::new();
+        let mut scratch = Vec::new();
+        let mut ranges = Vec::new();
+        let mut key = Vec::new();
+        let mut value = Vec::new();
+        loop {
+            let chunk = match self.queue.lock() {
+                Ok(mut q) => q.pop_front(),
+                Err(_) => None,
+            };
+            let Some(chunk) = chunk else { break };
+            let task = &self.tasks[chunk.table];
+            let label = task.table.qualified();
+            let sql = match (task.table.relkind.as_str(), chunk.hi) {
+                ("p", _) => format!("COPY ({}) TO STDOUT", task.select),
+                (_, Some(hi)) => format!(
+                    "COPY ({} WHERE ctid >= '({},0)'::tid AND ctid < '({},0)'::tid) TO STDOUT",
+                    task.select, chunk.lo, hi
+                ),
+                (_, None) => format!("COPY ({} WHERE ctid >= '({},0)'::tid) TO STDOUT", task.select, chunk.lo),
+            };
+            let stream = self
+                .client
+                .copy_out(sql.as_str())
+                .await
+                .map_err(PgError::query(format!("reading {label}")))?;
+            pin_mut!(stream);
+            let meta = EventMeta {
+                op: Op::Read,
+                lsn: self.job.consistent_lsn,
+                commit_lsn: self.job.consistent_lsn,
+                txid: 0,
+                ts_ms: self.job.started_ms,
+                snapshot: true,
+                seq: 0,
+            };
+            let mut rows = 0u64;
+            line.clear();
+            while let Some(buf) = stream.next().await {
+                let buf: Bytes = buf.map_err(PgError::query(format!("reading {label}")))?;
+                let mut rest: &[u8] = &buf;
+                while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
+                    let full: &[u8] = if line.is_empty() {
+                        &rest[..nl]
+                    } else {
+                        line.extend_from_slice(&rest[..nl]);
+                        &line
+                    };
+                    parse_copy_line(full, &mut scratch, &mut ranges);
+                    let cells: Vec<Cell<'_>> = ranges
+                        .iter()
+                        .map(|r: &Option<(usize, usize)>| match r {
+                            None => Cell::Null,
+                            Some((a, b)) => Cell::Text(&scratch[*a..*b]),
+                        })
+                        .collect();
+                    key.clear();
+                    value.clear();
+                    task.shape.write_key(&mut key, self.job.partition_key, Some(&cells));
+                    self.envelope.write(&mut value, &task.shape, &meta, None, Some(Image { cells: &cells, identity_only: false }));
+                    self.writer.send_to(&label, &key, &value, self.txn, None, &mut || {}).await?;
+                    self.sent.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.events.with_label_values(&["r"]).inc();
+                    self.metrics.event_bytes.inc_by(value.len() as u64);
+                    rows += 1;
+                    line.clear();
+                    rest = &rest[nl + 1..];
+                }
+                line.extend_from_slice(rest);
+            }
+            task.rows.fetch_add(rows, Ordering::Relaxed);
+            self.metrics.snapshot_rows.with_label_values(&[&label]).inc_by(rows);
+            let done = task.chunks_done.fetch_add(1, Ordering::Relaxed) + 1;
+            self.metrics
+                .snapshot_progress
+                .with_label_values(&[&label])
+                .set(done as f64 / f64::from(task.chunks_total.max(1)));
+            if done == u64::from(task.chunks_total) {
+                let total = task.rows.load(Ordering::Relaxed);
+                let secs = task.started.elapsed().as_secs_f64().max(1e-9);
+                tracing::info!(table = %label, rows = total, rows_per_second = (total as f64 / secs) as u64, "Table snapshot read.");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Splits one COPY text-format line into fields, unescaping into `scratch`; `None` is NULL.
+pub fn parse_copy_line(line: &[u8], scratch: &mut Vec<u8>, fields: &mut Vec<Option<(usize, usize)>>) {
+    scratch.clear();
+    fields.clear();
+    let mut i = 0;
+    loop {
+        let start = scratch.len();
+        if line.get(i..i + 2) == Some(b"\\N") && matches!(line.get(i + 2), None | Some(b'\t')) {
+            fields.push(None);
+            i += 2;
+        } else {
+            while let Some(&c) = line.get(i) {
+                match c {
+                    b'\t' => break,
+                    b'\\' => {
+                        i += 1;
+                        let Some(&e) = line.get(i) else { break };
+                        match e {
+                            b'b' => scratch.push(8),
+                            b'f' => scratch.push(12),
+                            b'n' => scratch.push(b'\n'),
+                            b'r' => scratch.push(b'\r'),
+                            b't' => scratch.push(b'\t'),
+                            b'v' => scratch.push(11),
+                            b'0'..=b'7' => {
+                                let mut v = 0u32;
+                                let mut n = 0;
+                                while n < 3 && matches!(line.get(i), Some(b'0'..=b'7')) {
+                                    v = v * 8 + u32::from(line[i] - b'0');
+                                    i += 1;
+                                    n += 1;
+                                }
+                                scratch.push(v as u8);
+                                continue;
+                            }
+                            b'x' => {
+                                let mut v = 0u32;
+                                let mut n = 0;
+                                i += 1;
+                                while n < 2 && line.get(i).is_some_and(u8::is_ascii_hexdigit) {
+                                    v = v * 16 + (line[i] as char).to_digit(16).unwrap_or(0);
+                                    i += 1;
+                                    n += 1;
+                                }
+                                scratch.push(v as u8);
+                                continue;
+                            }
+                            other => scratch.push(other),
+                        }
+                        i += 1;
+                    }
+                    _ => {
+                        scratch.push(c);
+                        i += 1;
+                    }
+                }
+            }
+            fields.push(Some((start, scratch.len())));
+        }
+        if line.get(i) == Some(&b'\t') {
+            i += 1;
+        } else {
+            break;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(line: &[u8]) -> Vec<Option<String>> {
+        let (mut s, mut f) = (Vec::new(), Vec::new());
+        parse_copy_line(line, &mut s, &mut f);
+        f.iter()
+            .map(|r| r.map(|(a, b)| String::from_utf8_lossy(&s[a..b]).into_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn copy_text_format() {
+        assert_eq!(fields(b"1\tabc\t\\N"), vec![Some("1".into()), Some("abc".into()), None]);
+        assert_eq!(fields(b"a\\tb\\nc\\\\d"), vec![Some("a\tb\nc\\d".into())]);
+        assert_eq!(fields(b"\\x41\\101\\N"), vec![Some("AAN".into())]);
+        assert_eq!(fields(b"\t"), vec![Some(String::new()), Some(String::new())]);
+        assert_eq!(fields(b"\\\\x00"), vec![Some("\\x00".into())]);
+    }
+}
