@@ -157,7 +157,13 @@ mod tests {
 
     #[test]
     fn escapes_round_trip_through_serde() {
-        for s in ["plain", "quote \" and \\ back", "ctl \u{1}\u{1f}\n\t\r", "ünïcødé ✓", ""] {
+        for s in [
+            "plain",
+            "quote \" and \\ back",
+            "ctl \u{1}\u{1f}\n\t\r",
+            "ünïcødé ✓",
+            "",
+        ] {
             let mut out = Vec::new();
             write_json_str(&mut out, s);
             let back: String = serde_json::from_slice(&out).expect("valid JSON string");

@@ -11,10 +11,10 @@ use crate::value::{Kind, SESSION_OPTIONS};
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
     /// Could not connect or the connection broke: try again.
-    #[error("cannot reach Postgres: {0}")]
+    #[error("cannot reach Postgres: {}", describe(.0))]
     Connect(#[source] tokio_postgres::Error),
     /// A query failed.
-    #[error("{what}: {source}")]
+    #[error("{what}: {}", describe(source))]
     Query {
         /// What was being done.
         what: String,
@@ -32,7 +32,19 @@ impl PgError {
     pub fn is_transient(&self) -> bool {
         match self {
             PgError::Connect(_) => true,
-            PgError::Query { source, .. } => source.is_closed() || source.as_db_error().is_none(),
+            PgError::Query { source, .. } => {
+                if source.is_closed() {
+                    return true;
+                }
+                // Connection exceptions, operator intervention (shutdown), insufficient
+                // resources, system errors, serialization failures and deadlocks, objects in
+                // use: all may pass. Everything else (including client-side errors) repeats.
+                source.as_db_error().is_some_and(|db| {
+                    let code = db.code().code();
+                    ["08", "57", "53", "58"].iter().any(|c| code.starts_with(c))
+                        || matches!(code, "40001" | "40P01" | "55006" | "55P03")
+                })
+            }
             PgError::Catalog(_) => false,
         }
     }
@@ -40,6 +52,18 @@ impl PgError {
     pub(crate) fn query(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Self {
         let what = what.into();
         move |source| PgError::Query { what, source }
+    }
+}
+
+/// The server's message (and hint) when there is one; tokio-postgres' Display says only
+/// "db error".
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => match db.hint() {
+            Some(h) => format!("{} ({}; hint: {h})", db.message(), db.code().code()),
+            None => format!("{} ({})", db.message(), db.code().code()),
+        },
+        None => e.to_string(),
     }
 }
 
@@ -141,7 +165,10 @@ impl<'c> Catalog<'c> {
             if category == "A" && elem != 0 {
                 let delim: String = self
                     .client
-                    .query_one("SELECT typdelim::text FROM pg_type WHERE oid = $1", &[&elem])
+                    .query_one(
+                        "SELECT typdelim::text FROM pg_type WHERE oid = $1",
+                        &[&elem],
+                    )
                     .await
                     .map_err(PgError::query(format!("reading type {elem}")))?
                     .get(0);
@@ -192,7 +219,10 @@ impl<'c> Catalog<'c> {
                 &[&table.oid],
             )
             .await
-            .map_err(PgError::query(format!("reading the columns of {}", table.qualified())))?;
+            .map_err(PgError::query(format!(
+                "reading the columns of {}",
+                table.qualified()
+            )))?;
         let mut columns = Vec::with_capacity(rows.len());
         for r in &rows {
             let name: String = r.get(0);
@@ -205,13 +235,22 @@ impl<'c> Catalog<'c> {
 }
 
 /// A shape whose key columns are found by name.
-pub fn build_shape(schema: &str, table: &str, columns: Vec<ColumnShape>, keys: &[String]) -> TableShape {
+pub fn build_shape(
+    schema: &str,
+    table: &str,
+    columns: Vec<ColumnShape>,
+    keys: &[String],
+) -> TableShape {
     let key_columns = keys
         .iter()
         .filter_map(|k| columns.iter().position(|c| &c.name == k))
         .collect::<Vec<_>>();
     // A key column missing from the published columns makes the key unusable.
-    let key_columns = if key_columns.len() == keys.len() { key_columns } else { Vec::new() };
+    let key_columns = if key_columns.len() == keys.len() {
+        key_columns
+    } else {
+        Vec::new()
+    };
     TableShape::new(schema, table, columns, key_columns)
 }
 
@@ -241,7 +280,10 @@ pub async fn user_tables(client: &Client) -> Result<Vec<TableRef>, PgError> {
 }
 
 /// The tables in publication `publication`.
-pub async fn publication_tables(client: &Client, publication: &str) -> Result<Vec<TableRef>, PgError> {
+pub async fn publication_tables(
+    client: &Client,
+    publication: &str,
+) -> Result<Vec<TableRef>, PgError> {
     let rows = client
         .query(
             "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text \
@@ -343,7 +385,11 @@ mod tests {
         assert!(p.matches(&t("public", "users")));
         assert!(p.matches(&t("sales", "order_items")));
         assert!(!p.matches(&t("sales", "customers")));
-        assert!(TablePatterns::parse(None).expect("valid").matches(&t("x", "y")));
+        assert!(
+            TablePatterns::parse(None)
+                .expect("valid")
+                .matches(&t("x", "y"))
+        );
         assert!(TablePatterns::parse(Some("users")).is_err());
         assert!(TablePatterns::parse(Some("a.b.c")).is_err());
         assert!(glob("*a*b", "xxaxxb"));

@@ -33,9 +33,17 @@ fn item(name: &str, status: &'static str, detail: impl Into<String>) -> CheckIte
 pub async fn check(s: &Settings) -> Vec<CheckItem> {
     let mut out = Vec::new();
     match catalog::connect(&s.postgres).await {
-        Err(e) => out.push(item("postgres connection", "fail", format!("{e}: check --postgres-url and that the server accepts connections"))),
+        Err(e) => out.push(item(
+            "postgres connection",
+            "fail",
+            format!("{e}: check --postgres-url and that the server accepts connections"),
+        )),
         Ok(client) => {
-            out.push(item("postgres connection", "ok", format!("connected to database {}", s.database())));
+            out.push(item(
+                "postgres connection",
+                "ok",
+                format!("connected to database {}", s.database()),
+            ));
             if let Err(e) = check_postgres(&client, s, &mut out).await {
                 out.push(item("postgres catalog", "fail", e.to_string()));
             }
@@ -50,9 +58,19 @@ pub async fn check(s: &Settings) -> Vec<CheckItem> {
                 max_buffer_bytes: s.max_buffer_bytes,
                 properties: s.kafka_properties.clone(),
             };
-            match tokio::task::spawn_blocking(move || broker_reachable(&opts, Duration::from_secs(5))).await {
-                Ok(Ok(n)) => out.push(item("kafka", "ok", format!("{brokers}: {n} broker(s) answer"))),
-                Ok(Err(e)) => out.push(item("kafka", "fail", format!("{brokers} unreachable: {e}"))),
+            match tokio::task::spawn_blocking(move || {
+                broker_reachable(&opts, Duration::from_secs(5))
+            })
+            .await
+            {
+                Ok(Ok(n)) => out.push(item(
+                    "kafka",
+                    "ok",
+                    format!("{brokers}: {n} broker(s) answer"),
+                )),
+                Ok(Err(e)) => {
+                    out.push(item("kafka", "fail", format!("{brokers} unreachable: {e}")))
+                }
                 Err(e) => out.push(item("kafka", "fail", e.to_string())),
             }
         }
@@ -70,9 +88,17 @@ async fn check_postgres(c: &Client, s: &Settings, out: &mut Vec<CheckItem>) -> R
     out.push(if version >= 140000 {
         item("server version", "ok", format!("{version}"))
     } else {
-        item("server version", "fail", format!("{version}: walrelay needs PostgreSQL 14 or later"))
+        item(
+            "server version",
+            "fail",
+            format!("{version}: walrelay needs PostgreSQL 14 or later"),
+        )
     });
-    let wal_level: String = c.query_one("SHOW wal_level", &[]).await.map_err(q("reading wal_level"))?.get(0);
+    let wal_level: String = c
+        .query_one("SHOW wal_level", &[])
+        .await
+        .map_err(q("reading wal_level"))?
+        .get(0);
     out.push(if wal_level == "logical" {
         item("wal_level", "ok", "logical")
     } else {
@@ -87,37 +113,65 @@ async fn check_postgres(c: &Client, s: &Settings, out: &mut Vec<CheckItem>) -> R
         )
         .await
         .map_err(q("reading replication settings"))?;
-    let (free_slots, free_senders, has_slot): (i32, i32, bool) = (row.get(0), row.get(1), row.get(2));
+    let (free_slots, free_senders, has_slot): (i32, i32, bool) =
+        (row.get(0), row.get(1), row.get(2));
     out.push(if free_slots > 0 || has_slot {
         item("replication slots", "ok", format!("{free_slots} free"))
     } else {
-        item("replication slots", "fail", "none free: raise max_replication_slots (restart needed) or drop an unused slot")
+        item(
+            "replication slots",
+            "fail",
+            "none free: raise max_replication_slots (restart needed) or drop an unused slot",
+        )
     });
     out.push(if free_senders > 0 {
         item("wal senders", "ok", format!("{free_senders} free"))
     } else {
-        item("wal senders", "fail", "none free: raise max_wal_senders (restart needed)")
+        item(
+            "wal senders",
+            "fail",
+            "none free: raise max_wal_senders (restart needed)",
+        )
     });
     let row = c
-        .query_one("SELECT rolreplication, rolsuper FROM pg_roles WHERE rolname = current_user", &[])
+        .query_one(
+            "SELECT rolreplication, rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
         .await
         .map_err(q("reading the role"))?;
     let (repl, sup): (bool, bool) = (row.get(0), row.get(1));
     out.push(if repl || sup {
-        item("replication privilege", "ok", if sup { "superuser" } else { "REPLICATION" })
+        item(
+            "replication privilege",
+            "ok",
+            if sup { "superuser" } else { "REPLICATION" },
+        )
     } else {
-        item("replication privilege", "fail", "the role lacks REPLICATION: ALTER ROLE <role> REPLICATION")
+        item(
+            "replication privilege",
+            "fail",
+            "the role lacks REPLICATION: ALTER ROLE <role> REPLICATION",
+        )
     });
-    let tables: Vec<TableRef> = catalog::user_tables(c).await?.into_iter().filter(|t| s.tables.matches(t)).collect();
+    let tables: Vec<TableRef> = catalog::user_tables(c)
+        .await?
+        .into_iter()
+        .filter(|t| s.tables.matches(t))
+        .collect();
     if tables.is_empty() {
         out.push(item("captured tables", "fail", "no table matches --tables"));
     } else {
-        out.push(item("captured tables", "ok", format!("{} table(s)", tables.len())));
+        out.push(item(
+            "captured tables",
+            "ok",
+            format!("{} table(s)", tables.len()),
+        ));
     }
     for t in &tables {
         let row = c
             .query_one(
-                "SELECT has_table_privilege($1, 'SELECT'), c.relreplident::text, \
+                "SELECT has_table_privilege($1::oid, 'SELECT'), c.relreplident::text, \
                         EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND (i.indisprimary OR i.indisreplident)) \
                  FROM pg_class c WHERE c.oid = $1",
                 &[&t.oid],
@@ -126,7 +180,11 @@ async fn check_postgres(c: &Client, s: &Settings, out: &mut Vec<CheckItem>) -> R
             .map_err(q("reading table privileges"))?;
         let (select, ident, has_key): (bool, String, bool) = (row.get(0), row.get(1), row.get(2));
         if !select {
-            out.push(item(&format!("select on {}", t.qualified()), "fail", format!("GRANT SELECT ON {} TO <role>", t.sql_name())));
+            out.push(item(
+                &format!("select on {}", t.qualified()),
+                "fail",
+                format!("GRANT SELECT ON {} TO <role>", t.sql_name()),
+            ));
         }
         match (ident.as_str(), has_key) {
             ("f", _) => {}
@@ -143,23 +201,47 @@ async fn check_postgres(c: &Client, s: &Settings, out: &mut Vec<CheckItem>) -> R
 /// Creates walrelay's state and the publication; re-running adds newly matching tables.
 pub async fn init(s: &Settings) -> Result<Vec<String>, PgError> {
     let c = catalog::connect(&s.postgres).await?;
-    c.batch_execute(STATE_SCHEMA).await.map_err(PgError::query("creating walrelay's state schema"))?;
-    let tables: Vec<TableRef> = catalog::user_tables(&c).await?.into_iter().filter(|t| s.tables.matches(t)).collect();
+    c.batch_execute(STATE_SCHEMA)
+        .await
+        .map_err(PgError::query("creating walrelay's state schema"))?;
+    let tables: Vec<TableRef> = catalog::user_tables(&c)
+        .await?
+        .into_iter()
+        .filter(|t| s.tables.matches(t))
+        .collect();
     if tables.is_empty() {
-        return Err(PgError::Catalog("no table matches --tables: nothing to capture".into()));
+        return Err(PgError::Catalog(
+            "no table matches --tables: nothing to capture".into(),
+        ));
     }
-    let list = tables.iter().map(TableRef::sql_name).collect::<Vec<_>>().join(", ");
+    let list = tables
+        .iter()
+        .map(TableRef::sql_name)
+        .collect::<Vec<_>>()
+        .join(", ");
     let exists: bool = c
-        .query_one("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)", &[&s.publication])
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&s.publication],
+        )
         .await
         .map_err(PgError::query("reading pg_publication"))?
         .get(0);
     let sql = if exists {
-        format!("ALTER PUBLICATION {} SET TABLE {list}", quote_ident(&s.publication))
+        format!(
+            "ALTER PUBLICATION {} SET TABLE {list}",
+            quote_ident(&s.publication)
+        )
     } else {
-        format!("CREATE PUBLICATION {} FOR TABLE {list} WITH (publish_via_partition_root = true)", quote_ident(&s.publication))
+        format!(
+            "CREATE PUBLICATION {} FOR TABLE {list} WITH (publish_via_partition_root = true)",
+            quote_ident(&s.publication)
+        )
     };
-    c.batch_execute(&sql).await.map_err(PgError::query(format!("creating publication {}", s.publication)))?;
+    c.batch_execute(&sql).await.map_err(PgError::query(format!(
+        "creating publication {}",
+        s.publication
+    )))?;
     Ok(tables.iter().map(TableRef::qualified).collect())
 }
 
@@ -199,7 +281,10 @@ pub async fn status(s: &Settings) -> Result<Status, PgError> {
     let mut snapshot_tables = Vec::new();
     if slot::state_exists(&c).await? {
         let row = c
-            .query_opt("SELECT snapshot_status FROM walrelay.slot_state WHERE slot_name = $1", &[&s.slot])
+            .query_opt(
+                "SELECT snapshot_status FROM walrelay.slot_state WHERE slot_name = $1",
+                &[&s.slot],
+            )
             .await
             .map_err(PgError::query("reading walrelay.slot_state"))?;
         snapshot_status = row.map(|r| r.get(0));
@@ -218,7 +303,11 @@ pub async fn status(s: &Settings) -> Result<Status, PgError> {
                 rows: r.get(1),
                 chunks_done: done,
                 chunks_total: total,
-                percent: if total > 0 { f64::from(done) * 100.0 / f64::from(total) } else { 0.0 },
+                percent: if total > 0 {
+                    f64::from(done) * 100.0 / f64::from(total)
+                } else {
+                    0.0
+                },
             });
         }
     }
@@ -234,7 +323,9 @@ pub async fn status(s: &Settings) -> Result<Status, PgError> {
 #[derive(Debug, thiserror::Error)]
 pub enum DestroyError {
     /// The slot is in use.
-    #[error("slot {slot} is active (pid {pid:?}): stop the producer first, or pass --force to disconnect it")]
+    #[error(
+        "slot {slot} is active (pid {pid:?}): stop the producer first, or pass --force to disconnect it"
+    )]
     Active {
         /// Slot.
         slot: String,
@@ -253,7 +344,10 @@ pub async fn destroy(s: &Settings, force: bool) -> Result<Vec<String>, DestroyEr
     if let Some(info) = slot::slot_info(&c, &s.slot).await? {
         if info.active {
             if !force {
-                return Err(DestroyError::Active { slot: s.slot.clone(), pid: info.active_pid });
+                return Err(DestroyError::Active {
+                    slot: s.slot.clone(),
+                    pid: info.active_pid,
+                });
             }
             c.execute("SELECT pg_terminate_backend($1)", &[&info.active_pid])
                 .await
@@ -274,27 +368,41 @@ pub async fn destroy(s: &Settings, force: bool) -> Result<Vec<String>, DestroyEr
         }
         done.push(format!("dropped slot {}", s.slot));
     }
-    c.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(&s.publication)))
-        .await
-        .map_err(PgError::query("dropping the publication"))?;
+    c.batch_execute(&format!(
+        "DROP PUBLICATION IF EXISTS {}",
+        quote_ident(&s.publication)
+    ))
+    .await
+    .map_err(PgError::query("dropping the publication"))?;
     done.push(format!("dropped publication {}", s.publication));
     if slot::state_exists(&c).await? {
-        c.execute("DELETE FROM walrelay.slot_state WHERE slot_name = $1", &[&s.slot])
-            .await
-            .map_err(PgError::query("clearing walrelay.slot_state"))?;
-        c.execute("DELETE FROM walrelay.snapshot_progress WHERE slot_name = $1", &[&s.slot])
-            .await
-            .map_err(PgError::query("clearing walrelay.snapshot_progress"))?;
+        c.execute(
+            "DELETE FROM walrelay.slot_state WHERE slot_name = $1",
+            &[&s.slot],
+        )
+        .await
+        .map_err(PgError::query("clearing walrelay.slot_state"))?;
+        c.execute(
+            "DELETE FROM walrelay.snapshot_progress WHERE slot_name = $1",
+            &[&s.slot],
+        )
+        .await
+        .map_err(PgError::query("clearing walrelay.snapshot_progress"))?;
         let left: i64 = c
             .query_one("SELECT count(*) FROM walrelay.slot_state", &[])
             .await
             .map_err(PgError::query("reading walrelay.slot_state"))?
             .get(0);
         if left == 0 {
-            c.batch_execute("DROP SCHEMA walrelay CASCADE").await.map_err(PgError::query("dropping schema walrelay"))?;
+            c.batch_execute("DROP SCHEMA walrelay CASCADE")
+                .await
+                .map_err(PgError::query("dropping schema walrelay"))?;
             done.push("dropped schema walrelay".into());
         } else {
-            done.push(format!("removed slot {} from walrelay's state ({left} other slot(s) remain)", s.slot));
+            done.push(format!(
+                "removed slot {} from walrelay's state ({left} other slot(s) remain)",
+                s.slot
+            ));
         }
     }
     Ok(done)

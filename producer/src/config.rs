@@ -18,7 +18,13 @@ use crate::shape::PartitionKey;
 #[command(name = "walrelay-producer", version, about)]
 pub struct Cli {
     /// TOML file with options (keys are the long flag names with `_` for `-`).
-    #[arg(long, short = 'c', env = "WALRELAY_CONFIG", global = true, value_name = "FILE")]
+    #[arg(
+        long,
+        short = 'c',
+        env = "WALRELAY_CONFIG",
+        global = true,
+        value_name = "FILE"
+    )]
     pub config: Option<PathBuf>,
     /// Options shared by every command.
     #[command(flatten)]
@@ -85,7 +91,12 @@ pub struct Options {
     #[arg(long, env = "WALRELAY_POSTGRES_URL", global = true, value_name = "URL")]
     pub postgres_url: Option<String>,
     /// Kafka bootstrap servers, comma-separated.
-    #[arg(long, env = "WALRELAY_KAFKA_BROKERS", global = true, value_name = "HOST:PORT,...")]
+    #[arg(
+        long,
+        env = "WALRELAY_KAFKA_BROKERS",
+        global = true,
+        value_name = "HOST:PORT,..."
+    )]
     pub kafka_brokers: Option<String>,
     /// Topic the events go to [default: walrelay.events].
     #[arg(long, env = "WALRELAY_TOPIC", global = true)]
@@ -175,9 +186,14 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         "mib" | "m" => 1 << 20,
         "gb" => 1_000_000_000,
         "gib" | "g" => 1 << 30,
-        other => return Err(format!("unknown size unit {other:?} in {s:?} (use KiB, MiB or GiB)")),
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {s:?} (use KiB, MiB or GiB)"
+            ));
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn de_bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
@@ -202,7 +218,11 @@ impl Options {
         toml::from_str(&text).map_err(|e| {
             bad(
                 "--config",
-                format!("{}: {} (keys are the long option names with _ for -, e.g. postgres_url)", path.display(), e.message()),
+                format!(
+                    "{}: {} (keys are the long option names with _ for -, e.g. postgres_url)",
+                    path.display(),
+                    e.message()
+                ),
             )
         })
     }
@@ -225,7 +245,11 @@ impl Options {
             snapshot: self.snapshot.or(file.snapshot),
             snapshot_parallelism: self.snapshot_parallelism.or(file.snapshot_parallelism),
             snapshot_chunk_pages: self.snapshot_chunk_pages.or(file.snapshot_chunk_pages),
-            kafka_property: if self.kafka_property.is_empty() { file.kafka_property } else { self.kafka_property },
+            kafka_property: if self.kafka_property.is_empty() {
+                file.kafka_property
+            } else {
+                self.kafka_property
+            },
             kafka_properties,
             log_format: self.log_format.or(file.log_format),
         }
@@ -268,7 +292,10 @@ pub struct Settings {
 }
 
 fn valid_name(s: &str, max: usize, extra: &[char]) -> bool {
-    !s.is_empty() && s.len() <= max && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || extra.contains(&c))
+    !s.is_empty()
+        && s.len() <= max
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || extra.contains(&c))
 }
 
 impl Settings {
@@ -278,22 +305,36 @@ impl Settings {
             bad("--postgres-url", "missing: give --postgres-url, WALRELAY_POSTGRES_URL or postgres_url in the config file")
         })?;
         let postgres = tokio_postgres::Config::from_str(&url).map_err(|e| {
-            bad("--postgres-url", format!("not a Postgres connection string ({e}); e.g. postgres://user:pass@host:5432/db"))
+            bad(
+                "--postgres-url",
+                format!(
+                    "not a Postgres connection string ({e}); e.g. postgres://user:pass@host:5432/db"
+                ),
+            )
         })?;
         if postgres.get_hosts().is_empty() {
             return Err(bad("--postgres-url", "no host given"));
         }
         let topic = o.topic.unwrap_or_else(|| "walrelay.events".into());
         if !valid_name(&topic, 249, &['.', '-']) {
-            return Err(bad("--topic", format!("{topic:?}: a Kafka topic name is 1-249 of [A-Za-z0-9._-]")));
+            return Err(bad(
+                "--topic",
+                format!("{topic:?}: a Kafka topic name is 1-249 of [A-Za-z0-9._-]"),
+            ));
         }
         let slot = o.slot.unwrap_or_else(|| "walrelay".into());
         if !valid_name(&slot, 63, &[]) || slot.chars().any(|c| c.is_ascii_uppercase()) {
-            return Err(bad("--slot", format!("{slot:?}: a slot name is 1-63 of [a-z0-9_]")));
+            return Err(bad(
+                "--slot",
+                format!("{slot:?}: a slot name is 1-63 of [a-z0-9_]"),
+            ));
         }
         let publication = o.publication.unwrap_or_else(|| "walrelay".into());
         if publication.is_empty() || publication.len() > 63 {
-            return Err(bad("--publication", "a publication name is 1-63 characters"));
+            return Err(bad(
+                "--publication",
+                "a publication name is 1-63 characters",
+            ));
         }
         let tables = TablePatterns::parse(o.tables.as_deref()).map_err(|m| bad("--tables", m))?;
         let topic_partitions = o.topic_partitions.unwrap_or(1);
@@ -388,7 +429,10 @@ mod tests {
         assert_eq!(s.topic, "from.file");
         assert_eq!(s.publication, "walrelay");
         assert_eq!(s.max_buffer_bytes, 8 << 20);
-        assert_eq!(s.kafka_properties.get("linger.ms").map(String::as_str), Some("9"));
+        assert_eq!(
+            s.kafka_properties.get("linger.ms").map(String::as_str),
+            Some("9")
+        );
         assert_eq!(s.postgres.get_user(), Some("c"));
     }
 
@@ -399,8 +443,16 @@ mod tests {
         assert_eq!(Settings::from_options(o).expect_err("bad").option, "--slot");
         let mut o = opts("postgres://u@h/db");
         o.tables = Some("nodot".into());
-        assert_eq!(Settings::from_options(o).expect_err("bad").option, "--tables");
-        assert_eq!(Settings::from_options(Options::default()).expect_err("bad").option, "--postgres-url");
+        assert_eq!(
+            Settings::from_options(o).expect_err("bad").option,
+            "--tables"
+        );
+        assert_eq!(
+            Settings::from_options(Options::default())
+                .expect_err("bad")
+                .option,
+            "--postgres-url"
+        );
         let unknown = toml::from_str::<Options>("slott = 'x'");
         assert!(unknown.is_err(), "unknown keys are refused");
     }

@@ -28,7 +28,10 @@ fn main() -> ExitCode {
         LogFormatArg::Text => LogFormat::Text,
         LogFormatArg::Json => LogFormat::Json,
     });
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -54,13 +57,25 @@ async fn try_main(command: Command, settings: Settings) -> ExitCode {
                 for i in &report {
                     println!("[{:>4}] {}: {}", i.status, i.name, i.detail);
                 }
-                println!("{}", if failed { "check failed" } else { "check passed" });
+                println!(
+                    "{}",
+                    if failed {
+                        "check failed"
+                    } else {
+                        "check passed"
+                    }
+                );
             }
             ExitCode::from(u8::from(failed))
         }
         Command::Init => match commands::init(&settings).await {
             Ok(tables) => {
-                println!("publication {} captures {} table(s): {}", settings.publication, tables.len(), tables.join(", "));
+                println!(
+                    "publication {} captures {} table(s): {}",
+                    settings.publication,
+                    tables.len(),
+                    tables.join(", ")
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => fail(&e),
@@ -83,9 +98,15 @@ async fn try_main(command: Command, settings: Settings) -> ExitCode {
                         i.wal_status.as_deref().unwrap_or("-"),
                     ),
                 }
-                println!("snapshot: {}", st.snapshot_status.as_deref().unwrap_or("not started"));
+                println!(
+                    "snapshot: {}",
+                    st.snapshot_status.as_deref().unwrap_or("not started")
+                );
                 for t in &st.snapshot_tables {
-                    println!("  {}: {} rows, {}/{} chunks ({:.0}%)", t.table, t.rows, t.chunks_done, t.chunks_total, t.percent);
+                    println!(
+                        "  {}: {} rows, {}/{} chunks ({:.0}%)",
+                        t.table, t.rows, t.chunks_done, t.chunks_total, t.percent
+                    );
                 }
                 ExitCode::SUCCESS
             }
@@ -116,6 +137,9 @@ async fn run(settings: Settings) -> ExitCode {
         Err(e) => return fail(&e),
     };
     let readiness = Readiness::default();
+    for condition in ["postgres", "kafka", "replication"] {
+        readiness.set(condition, false);
+    }
     if let Some(addr) = settings.metrics_addr {
         let (registry, readiness) = (metrics.registry.clone(), readiness.clone());
         tokio::spawn(async move {
@@ -131,7 +155,12 @@ async fn run(settings: Settings) -> ExitCode {
         tracing::info!("Signal received: stopping.");
         signal_token.cancel();
     });
-    let ctx = Context { settings, metrics, readiness, shutdown };
+    let ctx = Context {
+        settings,
+        metrics,
+        readiness,
+        shutdown,
+    };
     match pipeline::run(&ctx).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e @ RunError::Slot { .. }) => {
@@ -147,7 +176,10 @@ async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             let _ = tokio::signal::ctrl_c().await;
             return;
         };

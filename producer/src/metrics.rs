@@ -49,7 +49,10 @@ impl Metrics {
         let registry = Registry::new();
         let m = Self {
             events: IntCounterVec::new(
-                Opts::new("walrelay_producer_events_total", "Change events handed to Kafka, by op."),
+                Opts::new(
+                    "walrelay_producer_events_total",
+                    "Change events handed to Kafka, by op.",
+                ),
                 &["op"],
             )?,
             event_bytes: IntCounter::new(
@@ -74,7 +77,8 @@ impl Metrics {
                     "Time from handing an event to Kafka until it was acknowledged.",
                 )
                 .buckets(vec![
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0,
                 ]),
             )?,
             replication_lag_bytes: IntGauge::new(
@@ -90,11 +94,17 @@ impl Metrics {
                 "Seconds between the commit of the newest fully acknowledged transaction and its acknowledgement.",
             )?,
             snapshot_rows: IntCounterVec::new(
-                Opts::new("walrelay_producer_snapshot_rows_total", "Rows read by the initial snapshot, per table."),
+                Opts::new(
+                    "walrelay_producer_snapshot_rows_total",
+                    "Rows read by the initial snapshot, per table.",
+                ),
                 &["table"],
             )?,
             snapshot_progress: GaugeVec::new(
-                Opts::new("walrelay_producer_snapshot_progress_ratio", "Share of a table's snapshot done, 0 to 1."),
+                Opts::new(
+                    "walrelay_producer_snapshot_progress_ratio",
+                    "Share of a table's snapshot done, 0 to 1.",
+                ),
                 &["table"],
             )?,
             errors: IntCounterVec::new(
@@ -105,9 +115,15 @@ impl Metrics {
                 "walrelay_producer_slot_retained_wal_bytes",
                 "WAL retained by the slot: current WAL position minus restart_lsn.",
             )?,
-            slot_active: IntGauge::new("walrelay_producer_slot_active", "1 while the replication slot is active.")?,
+            slot_active: IntGauge::new(
+                "walrelay_producer_slot_active",
+                "1 while the replication slot is active.",
+            )?,
             build_info: IntGaugeVec::new(
-                Opts::new("walrelay_build_info", "walrelay build information; always 1."),
+                Opts::new(
+                    "walrelay_build_info",
+                    "walrelay build information; always 1.",
+                ),
                 &["version", "component"],
             )?,
             registry,
@@ -116,23 +132,28 @@ impl Metrics {
         m.registry.register(Box::new(m.event_bytes.clone()))?;
         m.registry.register(Box::new(m.transactions.clone()))?;
         m.registry.register(Box::new(m.buffer_bytes.clone()))?;
-        m.registry.register(Box::new(m.buffer_capacity_bytes.clone()))?;
+        m.registry
+            .register(Box::new(m.buffer_capacity_bytes.clone()))?;
         m.registry.register(Box::new(m.delivery_seconds.clone()))?;
-        m.registry.register(Box::new(m.replication_lag_bytes.clone()))?;
+        m.registry
+            .register(Box::new(m.replication_lag_bytes.clone()))?;
         m.registry.register(Box::new(m.confirmed_lsn.clone()))?;
-        m.registry.register(Box::new(m.source_lag_seconds.clone()))?;
+        m.registry
+            .register(Box::new(m.source_lag_seconds.clone()))?;
         m.registry.register(Box::new(m.snapshot_rows.clone()))?;
         m.registry.register(Box::new(m.snapshot_progress.clone()))?;
         m.registry.register(Box::new(m.errors.clone()))?;
-        m.registry.register(Box::new(m.slot_retained_wal_bytes.clone()))?;
+        m.registry
+            .register(Box::new(m.slot_retained_wal_bytes.clone()))?;
         m.registry.register(Box::new(m.slot_active.clone()))?;
         m.registry.register(Box::new(m.build_info.clone()))?;
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION"), "producer"])
             .set(1);
         #[cfg(target_os = "linux")]
-        m.registry
-            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        m.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         Ok(m)
     }
 }

@@ -99,10 +99,12 @@ impl RunError {
     /// Classifies an error of the replication client.
     pub fn from_pgwire(e: PgWireError) -> Self {
         match &e {
-            PgWireError::Server(m) if m.contains("is active for PID") => {
-                RunError::Replication(format!("{m} (another producer holds the slot; waiting for it)"))
+            PgWireError::Server(m) if m.contains("is active for PID") => RunError::Replication(
+                format!("{m} (another producer holds the slot; waiting for it)"),
+            ),
+            PgWireError::Server(m) if m.contains("does not exist") => {
+                RunError::ReplicationRefused(m.clone())
             }
-            PgWireError::Server(m) if m.contains("does not exist") => RunError::ReplicationRefused(m.clone()),
             PgWireError::Auth(m) => RunError::Setup(format!("replication login refused: {m}")),
             _ => RunError::Replication(e.to_string()),
         }
@@ -161,13 +163,20 @@ fn replication_config(s: &Settings) -> Result<ReplicationConfig, RunError> {
         .get_password()
         .map(|p| String::from_utf8_lossy(p).into_owned())
         .unwrap_or_default();
-    Ok(ReplicationConfig::new(host, user, password, s.database(), &s.slot, s.publication.as_str())
-        .with_port(port)
-        .with_options(SESSION_OPTIONS)
-        .with_application_name(format!("walrelay-producer/{}", s.slot))
-        .with_status_interval(Duration::from_secs(1))
-        .with_wakeup_interval(Duration::from_secs(1))
-        .with_buffer_size(1024))
+    Ok(ReplicationConfig::new(
+        host,
+        user,
+        password,
+        s.database(),
+        &s.slot,
+        s.publication.as_str(),
+    )
+    .with_port(port)
+    .with_options(SESSION_OPTIONS)
+    .with_application_name(format!("walrelay-producer/{}", s.slot))
+    .with_status_interval(Duration::from_secs(1))
+    .with_wakeup_interval(Duration::from_secs(1))
+    .with_buffer_size(1024))
 }
 
 fn now_ms() -> i64 {
@@ -177,7 +186,27 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// What a session has once the slot is ready to stream.
+struct Prepared {
+    ctl: tokio_postgres::Client,
+    client: ReplicationClient,
+    writer: Arc<Writer>,
+    checkpointer: Arc<Checkpointer>,
+    envelope: EnvelopeWriter,
+    partitions: i32,
+}
+
 async fn session(ctx: &Context) -> Result<(), RunError> {
+    // Everything up to streaming may be abandoned at a signal: nothing was confirmed yet, and
+    // an interrupted snapshot leaves the slot `pending`, so the next run takes it again.
+    let prepared = tokio::select! {
+        r = prepare(ctx) => r?,
+        () = ctx.shutdown.cancelled() => return Ok(()),
+    };
+    stream(ctx, prepared).await
+}
+
+async fn prepare(ctx: &Context) -> Result<Prepared, RunError> {
     let s = &ctx.settings;
     let ctl = catalog::connect(&s.postgres).await?;
     ctx.readiness.set("postgres", true);
@@ -193,10 +222,15 @@ async fn session(ctx: &Context) -> Result<(), RunError> {
         )));
     }
     if !slot::state_exists(&ctl).await? {
-        return Err(RunError::Setup("walrelay's state is missing: run `walrelay-producer init` first".into()));
+        return Err(RunError::Setup(
+            "walrelay's state is missing: run `walrelay-producer init` first".into(),
+        ));
     }
     let pub_exists: bool = ctl
-        .query_one("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)", &[&s.publication])
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&s.publication],
+        )
         .await
         .map_err(PgError::query("reading pg_publication"))?
         .get(0);
@@ -206,7 +240,9 @@ async fn session(ctx: &Context) -> Result<(), RunError> {
             s.publication
         )));
     }
-    let brokers = s.require_brokers().map_err(|e| RunError::Setup(e.to_string()))?;
+    let brokers = s
+        .require_brokers()
+        .map_err(|e| RunError::Setup(e.to_string()))?;
     let writer_opts = WriterOptions {
         brokers: brokers.to_string(),
         topic: s.topic.clone(),
@@ -215,7 +251,12 @@ async fn session(ctx: &Context) -> Result<(), RunError> {
     };
     ensure_topic(&writer_opts, s.topic_partitions).await?;
     let checkpointer = Arc::new(Checkpointer::new(0));
-    let writer = Arc::new(Writer::new(&writer_opts, Arc::clone(&checkpointer), Arc::clone(&ctx.metrics), ctx.readiness.clone())?);
+    let writer = Arc::new(Writer::new(
+        &writer_opts,
+        Arc::clone(&checkpointer),
+        Arc::clone(&ctx.metrics),
+        ctx.readiness.clone(),
+    )?);
     let partitions = writer.partitions(Duration::from_secs(10))?;
     ctx.readiness.set("kafka", true);
     let envelope = EnvelopeWriter::new(&s.database());
@@ -265,23 +306,59 @@ async fn session(ctx: &Context) -> Result<(), RunError> {
             }
             tracing::warn!(slot = %s.slot, "A previous snapshot did not complete: dropping the slot and taking a new snapshot.");
             slot::drop_slot(&ctl, &s.slot).await?;
-            create_and_snapshot(ctx, &ctl, &mut client, Arc::clone(&writer), Arc::clone(&checkpointer), envelope.clone()).await?;
+            create_and_snapshot(
+                ctx,
+                &ctl,
+                &mut client,
+                Arc::clone(&writer),
+                Arc::clone(&checkpointer),
+                envelope.clone(),
+            )
+            .await?;
         }
         (None, _) => {
-            create_and_snapshot(ctx, &ctl, &mut client, Arc::clone(&writer), Arc::clone(&checkpointer), envelope.clone()).await?;
+            create_and_snapshot(
+                ctx,
+                &ctl,
+                &mut client,
+                Arc::clone(&writer),
+                Arc::clone(&checkpointer),
+                envelope.clone(),
+            )
+            .await?;
         }
     }
-    if ctx.shutdown.is_cancelled() {
-        return Ok(());
-    }
-
     client.start().await.map_err(RunError::from_pgwire)?;
     client.wait_started().await.map_err(RunError::from_pgwire)?;
     ctx.readiness.set("replication", true);
     ctx.metrics.slot_active.set(1);
     tracing::info!(slot = %s.slot, publication = %s.publication, topic = %s.topic, partitions, "Streaming.");
+    Ok(Prepared {
+        ctl,
+        client,
+        writer,
+        checkpointer,
+        envelope,
+        partitions,
+    })
+}
 
-    let poller = tokio::spawn(poll_slot(s.postgres.clone(), s.slot.clone(), Arc::clone(&ctx.metrics)));
+async fn stream(ctx: &Context, p: Prepared) -> Result<(), RunError> {
+    let s = &ctx.settings;
+    let Prepared {
+        ctl,
+        mut client,
+        writer,
+        checkpointer,
+        envelope,
+        partitions,
+    } = p;
+
+    let poller = tokio::spawn(poll_slot(
+        s.postgres.clone(),
+        s.slot.clone(),
+        Arc::clone(&ctx.metrics),
+    ));
     let listener = Listener {
         client: &mut client,
         catalog: Catalog::new(&ctl),
@@ -311,7 +388,11 @@ async fn create_and_snapshot(
 ) -> Result<(), RunError> {
     let s = &ctx.settings;
     slot::mark_pending(ctl, &s.slot, &s.publication).await?;
-    let mode = if s.snapshot == SnapshotMode::Initial { "export" } else { "nothing" };
+    let mode = if s.snapshot == SnapshotMode::Initial {
+        "export"
+    } else {
+        "nothing"
+    };
     let rows = client
         .simple_query(&format!(
             "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT '{mode}')",
@@ -319,17 +400,24 @@ async fn create_and_snapshot(
         ))
         .await
         .map_err(RunError::from_pgwire)?;
-    let row = rows.first().ok_or_else(|| RunError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
-    let text = |i: usize| row.get(i).and_then(|v| v.as_ref()).map(|b| String::from_utf8_lossy(b).into_owned());
-    let consistent = text(1)
-        .as_deref()
-        .and_then(parse_lsn)
-        .ok_or_else(|| RunError::Protocol("CREATE_REPLICATION_SLOT returned no consistent point".into()))?;
+    let row = rows
+        .first()
+        .ok_or_else(|| RunError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
+    let text = |i: usize| {
+        row.get(i)
+            .and_then(|v| v.as_ref())
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+    };
+    let consistent = text(1).as_deref().and_then(parse_lsn).ok_or_else(|| {
+        RunError::Protocol("CREATE_REPLICATION_SLOT returned no consistent point".into())
+    })?;
     let started_ms = now_ms();
     slot::mark_created(ctl, &s.slot, consistent, started_ms).await?;
     tracing::info!(slot = %s.slot, consistent_point = %format_lsn(consistent), "Created the replication slot.");
     if s.snapshot == SnapshotMode::Initial {
-        let snapshot_name = text(2).ok_or_else(|| RunError::Protocol("CREATE_REPLICATION_SLOT exported no snapshot".into()))?;
+        let snapshot_name = text(2).ok_or_else(|| {
+            RunError::Protocol("CREATE_REPLICATION_SLOT exported no snapshot".into())
+        })?;
         let tables = catalog::publication_tables(ctl, &s.publication).await?;
         let job = SnapshotJob {
             postgres: s.postgres.clone(),
@@ -341,14 +429,16 @@ async fn create_and_snapshot(
             chunk_pages: s.snapshot_chunk_pages,
             partition_key: s.partition_key,
         };
-        let snap = snapshot::run(job, ctl, &tables, writer, checkpointer, Arc::clone(&ctx.metrics), envelope);
-        tokio::select! {
-            r = snap => { r?; }
-            () = ctx.shutdown.cancelled() => {
-                tracing::warn!("Stopped during the snapshot; the next run takes it again.");
-                return Ok(());
-            }
-        }
+        snapshot::run(
+            job,
+            ctl,
+            &tables,
+            writer,
+            checkpointer,
+            Arc::clone(&ctx.metrics),
+            envelope,
+        )
+        .await?;
     }
     slot::mark_done(ctl, &s.slot).await?;
     Ok(())
@@ -362,10 +452,15 @@ async fn shutdown_gracefully(
     writer: &Writer,
     checkpointer: &Checkpointer,
 ) -> Result<(), RunError> {
-    tracing::info!(in_flight = writer.in_flight(), "Stopping: waiting for Kafka to acknowledge what is in flight.");
+    tracing::info!(
+        in_flight = writer.in_flight(),
+        "Stopping: waiting for Kafka to acknowledge what is in flight."
+    );
     let flushed = tokio::task::block_in_place(|| writer.flush(Duration::from_secs(30)));
     if !flushed {
-        tracing::warn!("Kafka did not acknowledge everything within 30 s; the rest is sent again on the next run.");
+        tracing::warn!(
+            "Kafka did not acknowledge everything within 30 s; the rest is sent again on the next run."
+        );
     }
     let last = checkpointer.confirmed();
     client.update_applied_lsn(Lsn::from_u64(last));
@@ -395,12 +490,16 @@ async fn shutdown_gracefully(
 
 /// Keeps the slot gauges current.
 async fn poll_slot(pg: tokio_postgres::Config, slot_name: String, metrics: Arc<Metrics>) {
-    let Ok(ctl) = catalog::connect(&pg).await else { return };
+    let Ok(ctl) = catalog::connect(&pg).await else {
+        return;
+    };
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tick.tick().await;
         if let Ok(Some(info)) = slot::slot_info(&ctl, &slot_name).await {
-            metrics.slot_retained_wal_bytes.set(info.retained_wal_bytes.unwrap_or(0));
+            metrics
+                .slot_retained_wal_bytes
+                .set(info.retained_wal_bytes.unwrap_or(0));
             metrics.slot_active.set(i64::from(info.active));
         }
     }

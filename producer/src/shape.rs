@@ -64,7 +64,12 @@ pub struct TableShape {
 
 impl TableShape {
     /// A table shape.
-    pub fn new(schema: &str, table: &str, columns: Vec<ColumnShape>, key_columns: Vec<usize>) -> Self {
+    pub fn new(
+        schema: &str,
+        table: &str,
+        columns: Vec<ColumnShape>,
+        key_columns: Vec<usize>,
+    ) -> Self {
         let mut source_names = Vec::new();
         source_names.extend_from_slice(b"\"schema\":");
         write_json_str(&mut source_names, schema);
@@ -322,15 +327,39 @@ mod tests {
             &mut out,
             &shape,
             &meta,
-            Some(Image { cells: &old, identity_only: true }),
-            Some(Image { cells: &new, identity_only: false }),
+            Some(Image {
+                cells: &old,
+                identity_only: true,
+            }),
+            Some(Image {
+                cells: &new,
+                identity_only: false,
+            }),
         );
-        let env = Envelope::from_slice(&out).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out)));
+        let env = Envelope::from_slice(&out)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out)));
         assert_eq!(env.op, Op::Update);
-        assert_eq!(serde_json::Value::Object(env.before.clone().unwrap_or_default()), serde_json::json!({"id": 7}));
-        assert_eq!(env.after.as_ref().and_then(|a| a.get("bio")).and_then(|v| v.as_str()), Some(UNCHANGED_TOAST));
+        assert_eq!(
+            serde_json::Value::Object(env.before.clone().unwrap_or_default()),
+            serde_json::json!({"id": 7})
+        );
+        assert_eq!(
+            env.after
+                .as_ref()
+                .and_then(|a| a.get("bio"))
+                .and_then(|v| v.as_str()),
+            Some(UNCHANGED_TOAST)
+        );
         assert_eq!(env.unchanged_toast, vec!["bio"]);
-        assert_eq!((env.source.lsn, env.source.commit_lsn, env.source.seq, env.ts_ms), (100, 200, 3, -5));
+        assert_eq!(
+            (
+                env.source.lsn,
+                env.source.commit_lsn,
+                env.source.seq,
+                env.ts_ms
+            ),
+            (100, 200, 3, -5)
+        );
         assert_eq!(env.source.db, "app");
     }
 
@@ -346,7 +375,12 @@ mod tests {
         assert_eq!(key(PartitionKey::Schema), "public");
         assert_eq!(key(PartitionKey::Table), "public.users");
         assert_eq!(key(PartitionKey::PrimaryKey), r#"{"id":42}"#);
-        let keyless = TableShape::new("s", "t", vec![ColumnShape::new("a", Kind::Int, false)], vec![]);
+        let keyless = TableShape::new(
+            "s",
+            "t",
+            vec![ColumnShape::new("a", Kind::Int, false)],
+            vec![],
+        );
         let mut out = Vec::new();
         keyless.write_key(&mut out, PartitionKey::PrimaryKey, Some(&row));
         assert_eq!(out, b"s.t");

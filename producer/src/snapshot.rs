@@ -86,23 +86,43 @@ pub async fn run(
     let mut chunks = VecDeque::new();
     for t in tables {
         let shape = catalog.snapshot_shape(t).await?;
-        let cols = shape.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
+        let cols = shape
+            .columns
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ");
         let (select, pages) = if t.relkind == "p" {
             (format!("SELECT {cols} FROM {}", t.sql_name()), 0)
         } else {
             let bytes: i64 = ctl
-                .query_one("SELECT pg_relation_size($1)", &[&t.oid])
+                .query_one("SELECT pg_relation_size($1::oid::regclass)", &[&t.oid])
                 .await
                 .map_err(PgError::query(format!("sizing {}", t.qualified())))?
                 .get(0);
-            (format!("SELECT {cols} FROM ONLY {}", t.sql_name()), (bytes / block_size.max(1)) as u64)
+            (
+                format!("SELECT {cols} FROM ONLY {}", t.sql_name()),
+                (bytes / block_size.max(1)) as u64,
+            )
         };
         let idx = tasks.len();
         let per = u64::from(job.chunk_pages);
-        let n = if t.relkind == "p" { 1 } else { pages.div_ceil(per).max(1) };
+        let n = if t.relkind == "p" {
+            1
+        } else {
+            pages.div_ceil(per).max(1)
+        };
         for i in 0..n {
-            let hi = if i + 1 == n { None } else { Some((i + 1) * per) };
-            chunks.push_back(Chunk { table: idx, lo: i * per, hi });
+            let hi = if i + 1 == n {
+                None
+            } else {
+                Some((i + 1) * per)
+            };
+            chunks.push_back(Chunk {
+                table: idx,
+                lo: i * per,
+                hi,
+            });
         }
         ctl.execute(
             "INSERT INTO walrelay.snapshot_progress (slot_name, schema_name, table_name, chunks_total) \
@@ -112,7 +132,10 @@ pub async fn run(
         )
         .await
         .map_err(PgError::query("writing walrelay.snapshot_progress"))?;
-        metrics.snapshot_progress.with_label_values(&[&t.qualified()]).set(0.0);
+        metrics
+            .snapshot_progress
+            .with_label_values(&[&t.qualified()])
+            .set(0.0);
         tasks.push(TableTask {
             table: t.clone(),
             shape,
@@ -123,14 +146,23 @@ pub async fn run(
             started: Instant::now(),
         });
     }
-    tracing::info!(tables = tasks.len(), chunks = chunks.len(), parallelism = job.parallelism, "Snapshot started.");
+    tracing::info!(
+        tables = tasks.len(),
+        chunks = chunks.len(),
+        parallelism = job.parallelism,
+        "Snapshot started."
+    );
     let tasks = Arc::new(tasks);
     let queue = Arc::new(Mutex::new(chunks));
     let snap_txn = checkpointer.begin();
     let sent = Arc::new(AtomicU64::new(0));
     let job = Arc::new(job);
     let mut workers = Vec::new();
-    for _ in 0..job.parallelism.min(queue.lock().map(|q| q.len()).unwrap_or(1)).max(1) {
+    for _ in 0..job
+        .parallelism
+        .min(queue.lock().map(|q| q.len()).unwrap_or(1))
+        .max(1)
+    {
         // Every worker imports the snapshot before any reads, while the slot's connection
         // stays idle (a command on it would end the exported snapshot).
         let client = catalog::connect(&job.postgres).await?;
@@ -163,7 +195,8 @@ pub async fn run(
             _ = progress.tick() => report(ctl, &job.slot, &tasks, started).await,
         }
     };
-    let results = results.map_err(|e| RunError::Protocol(format!("snapshot worker panicked: {e}")))?;
+    let results =
+        results.map_err(|e| RunError::Protocol(format!("snapshot worker panicked: {e}")))?;
     for r in results {
         r?;
     }
@@ -178,7 +211,12 @@ pub async fn run(
     }
     report(ctl, &job.slot, &tasks, started).await;
     let secs = started.elapsed().as_secs_f64();
-    tracing::info!(rows = total, seconds = secs, rows_per_second = (total as f64 / secs.max(1e-9)) as u64, "Snapshot acknowledged by Kafka.");
+    tracing::info!(
+        rows = total,
+        seconds = secs,
+        rows_per_second = (total as f64 / secs.max(1e-9)) as u64,
+        "Snapshot acknowledged by Kafka."
+    );
     Ok(total)
 }
 
@@ -197,7 +235,11 @@ async fn report(ctl: &Client, slot: &str, tasks: &[TableTask], started: Instant)
             .await;
     }
     let secs = started.elapsed().as_secs_f64().max(1e-9);
-    tracing::info!(rows = total, rows_per_second = (total as f64 / secs) as u64, "Snapshot progress.");
+    tracing::info!(
+        rows = total,
+        rows_per_second = (total as f64 / secs) as u64,
+        "Snapshot progress."
+    );
 }
 
 struct Worker {
@@ -233,7 +275,10 @@ impl Worker {
                     "COPY ({} WHERE ctid >= '({},0)'::tid AND ctid < '({},0)'::tid) TO STDOUT",
                     task.select, chunk.lo, hi
                 ),
-                (_, None) => format!("COPY ({} WHERE ctid >= '({},0)'::tid) TO STDOUT", task.select, chunk.lo),
+                (_, None) => format!(
+                    "COPY ({} WHERE ctid >= '({},0)'::tid) TO STDOUT",
+                    task.select, chunk.lo
+                ),
             };
             let stream = self
                 .client
@@ -272,9 +317,21 @@ impl Worker {
                         .collect();
                     key.clear();
                     value.clear();
-                    task.shape.write_key(&mut key, self.job.partition_key, Some(&cells));
-                    self.envelope.write(&mut value, &task.shape, &meta, None, Some(Image { cells: &cells, identity_only: false }));
-                    self.writer.send_to(&label, &key, &value, self.txn, None, &mut || {}).await?;
+                    task.shape
+                        .write_key(&mut key, self.job.partition_key, Some(&cells));
+                    self.envelope.write(
+                        &mut value,
+                        &task.shape,
+                        &meta,
+                        None,
+                        Some(Image {
+                            cells: &cells,
+                            identity_only: false,
+                        }),
+                    );
+                    self.writer
+                        .send_to(&label, &key, &value, self.txn, None, &mut || {})
+                        .await?;
                     self.sent.fetch_add(1, Ordering::Relaxed);
                     self.metrics.events.with_label_values(&["r"]).inc();
                     self.metrics.event_bytes.inc_by(value.len() as u64);
@@ -285,7 +342,10 @@ impl Worker {
                 line.extend_from_slice(rest);
             }
             task.rows.fetch_add(rows, Ordering::Relaxed);
-            self.metrics.snapshot_rows.with_label_values(&[&label]).inc_by(rows);
+            self.metrics
+                .snapshot_rows
+                .with_label_values(&[&label])
+                .inc_by(rows);
             let done = task.chunks_done.fetch_add(1, Ordering::Relaxed) + 1;
             self.metrics
                 .snapshot_progress
@@ -302,7 +362,11 @@ impl Worker {
 }
 
 /// Splits one COPY text-format line into fields, unescaping into `scratch`; `None` is NULL.
-pub fn parse_copy_line(line: &[u8], scratch: &mut Vec<u8>, fields: &mut Vec<Option<(usize, usize)>>) {
+pub fn parse_copy_line(
+    line: &[u8],
+    scratch: &mut Vec<u8>,
+    fields: &mut Vec<Option<(usize, usize)>>,
+) {
     scratch.clear();
     fields.clear();
     let mut i = 0;
@@ -382,10 +446,16 @@ mod tests {
 
     #[test]
     fn copy_text_format() {
-        assert_eq!(fields(b"1\tabc\t\\N"), vec![Some("1".into()), Some("abc".into()), None]);
+        assert_eq!(
+            fields(b"1\tabc\t\\N"),
+            vec![Some("1".into()), Some("abc".into()), None]
+        );
         assert_eq!(fields(b"a\\tb\\nc\\\\d"), vec![Some("a\tb\nc\\d".into())]);
         assert_eq!(fields(b"\\x41\\101\\N"), vec![Some("AAN".into())]);
-        assert_eq!(fields(b"\t"), vec![Some(String::new()), Some(String::new())]);
+        assert_eq!(
+            fields(b"\t"),
+            vec![Some(String::new()), Some(String::new())]
+        );
         assert_eq!(fields(b"\\\\x00"), vec![Some("\\x00".into())]);
     }
 }

@@ -292,42 +292,82 @@ mod tests {
 
     #[test]
     fn scalars() {
-        assert_eq!(json(&Kind::Int, "9223372036854775807"), "9223372036854775807");
+        assert_eq!(
+            json(&Kind::Int, "9223372036854775807"),
+            "9223372036854775807"
+        );
         assert_eq!(json(&Kind::Int, "-32768"), "-32768");
-        assert_eq!(json(&Kind::Numeric, "12345678901234567890.000000001"), "\"12345678901234567890.000000001\"");
+        assert_eq!(
+            json(&Kind::Numeric, "12345678901234567890.000000001"),
+            "\"12345678901234567890.000000001\""
+        );
         assert_eq!(json(&Kind::Float, "1.5e-07"), "1.5e-07");
         assert_eq!(json(&Kind::Float, "1e+30"), "1e+30");
         assert_eq!(json(&Kind::Float, "NaN"), "\"NaN\"");
         assert_eq!(json(&Kind::Float, "-Infinity"), "\"-Infinity\"");
         assert_eq!(json(&Kind::Bool, "t"), "true");
         assert_eq!(json(&Kind::Bool, "f"), "false");
-        assert_eq!(json(&Kind::Json, r#"{"a": [1, 2.50]}"#), r#"{"a": [1, 2.50]}"#);
+        assert_eq!(
+            json(&Kind::Json, r#"{"a": [1, 2.50]}"#),
+            r#"{"a": [1, 2.50]}"#
+        );
         assert_eq!(json(&Kind::Bytea, "\\xdeadbeef"), "\"3q2+7w==\"");
         assert_eq!(json(&Kind::Text, "a\"b\n"), "\"a\\\"b\\n\"");
     }
 
     #[test]
     fn temporal() {
-        assert_eq!(json(&Kind::TimestampTz, "2024-01-02 03:04:05.123456+00"), "\"2024-01-02T03:04:05.123456+00:00\"");
-        assert_eq!(json(&Kind::Timestamp, "2024-01-02 03:04:05"), "\"2024-01-02T03:04:05\"");
+        assert_eq!(
+            json(&Kind::TimestampTz, "2024-01-02 03:04:05.123456+00"),
+            "\"2024-01-02T03:04:05.123456+00:00\""
+        );
+        assert_eq!(
+            json(&Kind::Timestamp, "2024-01-02 03:04:05"),
+            "\"2024-01-02T03:04:05\""
+        );
         assert_eq!(json(&Kind::TimestampTz, "infinity"), "\"infinity\"");
-        assert_eq!(json(&Kind::Timestamp, "0044-03-15 12:00:00 BC"), "\"0044-03-15 12:00:00 BC\"");
+        assert_eq!(
+            json(&Kind::Timestamp, "0044-03-15 12:00:00 BC"),
+            "\"0044-03-15 12:00:00 BC\""
+        );
         assert_eq!(json(&Kind::TimeTz, "03:04:05+02"), "\"03:04:05+02:00\"");
         assert_eq!(json(&Kind::TimeTz, "03:04:05+05:30"), "\"03:04:05+05:30\"");
-        assert_eq!(json(&Kind::Temporal, "P1Y2M3DT4H5M6S"), "\"P1Y2M3DT4H5M6S\"");
+        assert_eq!(
+            json(&Kind::Temporal, "P1Y2M3DT4H5M6S"),
+            "\"P1Y2M3DT4H5M6S\""
+        );
     }
 
     #[test]
     fn arrays() {
-        let ints = Kind::Array { elem: Box::new(Kind::Int), delim: b',' };
+        let ints = Kind::Array {
+            elem: Box::new(Kind::Int),
+            delim: b',',
+        };
         assert_eq!(json(&ints, "{1,NULL,3}"), "[1,null,3]");
         assert_eq!(json(&ints, "{{1,2},{3,4}}"), "[[1,2],[3,4]]");
         assert_eq!(json(&ints, "{}"), "[]");
         assert_eq!(json(&ints, "[0:1]={5,6}"), "[5,6]");
-        let texts = Kind::Array { elem: Box::new(Kind::Text), delim: b',' };
-        assert_eq!(json(&texts, r#"{"a,b","NULL",NULL,"q\"x\\y",plain}"#), r#"["a,b","NULL",null,"q\"x\\y","plain"]"#);
-        let boxes = Kind::Array { elem: Box::new(Kind::Text), delim: b';' };
-        assert_eq!(json(&boxes, "{(1,1),(0,0);(2,2),(1,1)}"), r#"["(1,1),(0,0)","(2,2),(1,1)"]"#);
-        assert_eq!(json(&ints, "{1,2"), "\"{1,2\"", "malformed text is kept, not dropped");
+        let texts = Kind::Array {
+            elem: Box::new(Kind::Text),
+            delim: b',',
+        };
+        assert_eq!(
+            json(&texts, r#"{"a,b","NULL",NULL,"q\"x\\y",plain}"#),
+            r#"["a,b","NULL",null,"q\"x\\y","plain"]"#
+        );
+        let boxes = Kind::Array {
+            elem: Box::new(Kind::Text),
+            delim: b';',
+        };
+        assert_eq!(
+            json(&boxes, "{(1,1),(0,0);(2,2),(1,1)}"),
+            r#"["(1,1),(0,0)","(2,2),(1,1)"]"#
+        );
+        assert_eq!(
+            json(&ints, "{1,2"),
+            "\"{1,2\"",
+            "malformed text is kept, not dropped"
+        );
     }
 }

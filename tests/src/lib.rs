@@ -1,1 +1,40 @@
+//! Test support for walrelay: a throwaway Postgres cluster, a Kafka-compatible broker, a topic
+//! reader and the table state rebuilt from a topic.
+//!
+//! # Layout
+//!
+//! - [`postgres`]: `initdb` in a temporary folder, a free port, `wal_level=logical`; stopped on
+//!   drop. As root, the server runs as the `postgres` user (initdb refuses root).
+//! - [`broker`]: a tansu broker with sqlite storage on a free port (stop and restart it on the
+//!   same port and data), or the mock cluster host.
+//! - [`topic`]: reads every record of a topic and rebuilds table state from envelopes.
+//! - [`process`]: spawns walrelay binaries with logs in a file; SIGTERM and SIGKILL.
 
+pub mod broker;
+pub mod postgres;
+pub mod process;
+pub mod topic;
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A name unique within this machine, for databases, slots and topics.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}_{}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        nanos % 100_000
+    )
+}

@@ -29,7 +29,11 @@ impl Readiness {
     pub fn failing(&self) -> Vec<&'static str> {
         match self.conditions.lock() {
             Ok(map) if map.is_empty() => vec!["starting"],
-            Ok(map) => map.iter().filter(|(_, ok)| !**ok).map(|(k, _)| *k).collect(),
+            Ok(map) => map
+                .iter()
+                .filter(|(_, ok)| !**ok)
+                .map(|(k, _)| *k)
+                .collect(),
             Err(_) => vec!["poisoned"],
         }
     }

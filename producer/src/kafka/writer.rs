@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use tokio::sync::{Notify, Semaphore};
@@ -52,7 +53,13 @@ pub enum WriteError {
 impl WriteError {
     /// Whether restarting from the slot may help.
     pub fn is_transient(&self) -> bool {
-        matches!(self, WriteError::Delivery { transient: true, .. })
+        matches!(
+            self,
+            WriteError::Delivery {
+                transient: true,
+                ..
+            }
+        )
     }
 
     /// A short label for the errors metric.
@@ -132,16 +139,55 @@ pub struct DeliveryContext {
     kafka_up: AtomicBool,
 }
 
-impl ClientContext for DeliveryContext {
+/// librdkafka logs every failed connection attempt; while a broker is away that is many lines
+/// a second. Its own lines go to `debug`; state changes are logged once by the contexts.
+fn quiet_log(level: RDKafkaLogLevel, fac: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical => {
+            tracing::error!(target: "librdkafka", fac, message)
+        }
+        _ => tracing::debug!(target: "librdkafka", fac, message),
+    }
+}
+
+/// Context of short-lived clients (topic creation, reachability checks).
+pub struct QuietContext;
+
+impl ClientContext for QuietContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        quiet_log(level, fac, message);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
-        if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::AllBrokersDown)) {
+        tracing::debug!(%error, reason, "Kafka client error.");
+    }
+}
+
+impl rdkafka::producer::ProducerContext for QuietContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
+}
+
+impl ClientContext for DeliveryContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        quiet_log(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::AllBrokersDown)
+        ) {
             if self.kafka_up.swap(false, Ordering::Relaxed) {
                 tracing::warn!(reason, "Kafka is unreachable; events wait in the buffer.");
             }
             self.readiness.set("kafka", false);
-            self.metrics.errors.with_label_values(&["kafka_unreachable"]).inc();
+            self.metrics
+                .errors
+                .with_label_values(&["kafka_unreachable"])
+                .inc();
         } else {
-            tracing::warn!(%error, reason, "Kafka client error.");
+            tracing::debug!(%error, reason, "Kafka client error.");
         }
     }
 }
@@ -174,7 +220,10 @@ impl ProducerContext for DeliveryContext {
                             | RDKafkaErrorCode::UnknownTopicOrPartition
                     )
                 );
-                self.metrics.errors.with_label_values(&["kafka_delivery"]).inc();
+                self.metrics
+                    .errors
+                    .with_label_values(&["kafka_delivery"])
+                    .inc();
                 let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
                 if failure.is_none() {
                     *failure = Some(WriteError::Delivery {
@@ -287,7 +336,12 @@ impl Writer {
         }
         let n = u32::try_from(bytes).unwrap_or(u32::MAX);
         loop {
-            match tokio::time::timeout(Duration::from_millis(200), self.ctx().budget.acquire_many(n)).await {
+            match tokio::time::timeout(
+                Duration::from_millis(200),
+                self.ctx().budget.acquire_many(n),
+            )
+            .await
+            {
                 Ok(Ok(permit)) => {
                     permit.forget();
                     break;
@@ -308,7 +362,9 @@ impl Writer {
             queued: Instant::now(),
         });
         loop {
-            let mut record = BaseRecord::with_opaque_to(&self.topic, token).key(key).payload(value);
+            let mut record = BaseRecord::with_opaque_to(&self.topic, token)
+                .key(key)
+                .payload(value);
             if let Some(p) = partition {
                 record = record.partition(p);
             }
@@ -374,10 +430,24 @@ impl Writer {
 /// Creates `topic` with `partitions` if it does not exist (unlimited retention, so consumers
 /// can replay from offset zero); an existing topic is used as it is.
 pub async fn ensure_topic(options: &WriterOptions, partitions: i32) -> Result<(), WriteError> {
-    let admin: AdminClient<DefaultClientContext> = options
+    let admin: AdminClient<QuietContext> = options
         .client_config()
-        .create()
+        .create_with_context(QuietContext)
         .map_err(|e| WriteError::Client(e.to_string()))?;
+    let existing = admin
+        .inner()
+        .fetch_metadata(Some(&options.topic), Duration::from_secs(10))
+        .map_err(|e| WriteError::Delivery {
+            message: format!("reading metadata of topic {}: {e}", options.topic),
+            transient: true,
+        })?;
+    let exists = existing
+        .topics()
+        .first()
+        .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty());
+    if exists {
+        return Ok(());
+    }
     let topic = NewTopic::new(&options.topic, partitions, TopicReplication::Fixed(-1))
         .set("retention.ms", "-1")
         .set("retention.bytes", "-1");
@@ -406,8 +476,10 @@ pub async fn ensure_topic(options: &WriterOptions, partitions: i32) -> Result<()
 
 /// Whether the brokers answer a metadata request within `timeout`.
 pub fn broker_reachable(options: &WriterOptions, timeout: Duration) -> Result<usize, String> {
-    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
-        options.client_config().create().map_err(|e| e.to_string())?;
+    let producer: ThreadedProducer<QuietContext> = options
+        .client_config()
+        .create_with_context(QuietContext)
+        .map_err(|e| e.to_string())?;
     let md = producer
         .client()
         .fetch_metadata(None, timeout)

@@ -59,7 +59,12 @@ pub struct Listener<'a> {
 
 struct Pushed(u64);
 
-fn push_progress(client: &ReplicationClient, ckpt: &Checkpointer, metrics: &Metrics, pushed: &mut Pushed) {
+fn push_progress(
+    client: &ReplicationClient,
+    ckpt: &Checkpointer,
+    metrics: &Metrics,
+    pushed: &mut Pushed,
+) {
     let c = ckpt.confirmed();
     if c > pushed.0 {
         client.update_applied_lsn(Lsn::from_u64(c));
@@ -100,13 +105,21 @@ impl Listener<'_> {
             };
             let event = match event {
                 Ok(Some(ev)) => ev,
-                Ok(None) => return Err(RunError::Replication("the replication stream ended".into())),
+                Ok(None) => {
+                    return Err(RunError::Replication("the replication stream ended".into()));
+                }
                 Err(e) => return Err(RunError::from_pgwire(e)),
             };
             match event {
-                ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+                ReplicationEvent::Begin {
+                    final_lsn,
+                    xid,
+                    commit_time_micros,
+                } => {
                     if txn.is_some() {
-                        return Err(RunError::Protocol(format!("Begin of xid {xid} inside an open transaction")));
+                        return Err(RunError::Protocol(format!(
+                            "Begin of xid {xid} inside an open transaction"
+                        )));
                     }
                     txn = Some(OpenTxn {
                         id: self.checkpointer.begin(),
@@ -117,7 +130,11 @@ impl Listener<'_> {
                         sent: 0,
                     });
                 }
-                ReplicationEvent::Commit { end_lsn, commit_time_micros, .. } => {
+                ReplicationEvent::Commit {
+                    end_lsn,
+                    commit_time_micros,
+                    ..
+                } => {
                     let Some(t) = txn.take() else {
                         return Err(RunError::Protocol("Commit without Begin".into()));
                     };
@@ -143,14 +160,22 @@ impl Listener<'_> {
                         .replication_lag_bytes
                         .set(server.saturating_sub(self.checkpointer.confirmed()) as i64);
                 }
-                ReplicationEvent::XLogData { wal_start, data, .. } => {
+                ReplicationEvent::XLogData {
+                    wal_start, data, ..
+                } => {
                     let msg = pgoutput::decode(&data).map_err(|source| RunError::Decode {
                         lsn: wal_start.as_u64(),
                         source,
                     })?;
                     let lsn = wal_start.as_u64();
                     match msg {
-                        Message::Relation { oid, namespace, name, columns, .. } => {
+                        Message::Relation {
+                            oid,
+                            namespace,
+                            name,
+                            columns,
+                            ..
+                        } => {
                             let mut shaped = Vec::with_capacity(columns.len());
                             for c in &columns {
                                 let kind = self.catalog.kind(c.type_oid).await?;
@@ -164,7 +189,22 @@ impl Listener<'_> {
                             let shape = shape_of(&relations, oid)?;
                             t.seq += 1;
                             let meta = meta(t, Op::Create, lsn);
-                            self.emit(&mut key, &mut value, shape, &meta, None, Some(Image { cells: &new.0, identity_only: false }), &new.0, &mut pushed, t.id, None).await?;
+                            self.emit(
+                                &mut key,
+                                &mut value,
+                                shape,
+                                &meta,
+                                None,
+                                Some(Image {
+                                    cells: &new.0,
+                                    identity_only: false,
+                                }),
+                                &new.0,
+                                &mut pushed,
+                                t.id,
+                                None,
+                            )
+                            .await?;
                             t.sent += 1;
                         }
                         Message::Update { oid, old, mut new } => {
@@ -174,24 +214,62 @@ impl Listener<'_> {
                             // TOASTed value is known: fill it in instead of marking it.
                             if let Some((OldKind::Full, old_row)) = &old {
                                 for (i, cell) in new.0.iter_mut().enumerate() {
-                                    if let (Cell::UnchangedToast, Some(prev @ Cell::Text(_))) = (*cell, old_row.0.get(i)) {
+                                    if let (Cell::UnchangedToast, Some(prev @ Cell::Text(_))) =
+                                        (*cell, old_row.0.get(i))
+                                    {
                                         *cell = *prev;
                                     }
                                 }
                             }
                             t.seq += 1;
                             let meta = meta(t, Op::Update, lsn);
-                            let before = old.as_ref().map(|(k, row)| Image { cells: &row.0, identity_only: *k == OldKind::Key });
-                            self.emit(&mut key, &mut value, shape, &meta, before, Some(Image { cells: &new.0, identity_only: false }), &new.0, &mut pushed, t.id, None).await?;
+                            let before = old.as_ref().map(|(k, row)| Image {
+                                cells: &row.0,
+                                identity_only: *k == OldKind::Key,
+                            });
+                            self.emit(
+                                &mut key,
+                                &mut value,
+                                shape,
+                                &meta,
+                                before,
+                                Some(Image {
+                                    cells: &new.0,
+                                    identity_only: false,
+                                }),
+                                &new.0,
+                                &mut pushed,
+                                t.id,
+                                None,
+                            )
+                            .await?;
                             t.sent += 1;
                         }
-                        Message::Delete { oid, old: (kind, old_row) } => {
+                        Message::Delete {
+                            oid,
+                            old: (kind, old_row),
+                        } => {
                             let t = open(&mut txn)?;
                             let shape = shape_of(&relations, oid)?;
                             t.seq += 1;
                             let meta = meta(t, Op::Delete, lsn);
-                            let before = Image { cells: &old_row.0, identity_only: kind == OldKind::Key };
-                            self.emit(&mut key, &mut value, shape, &meta, Some(before), None, &old_row.0, &mut pushed, t.id, None).await?;
+                            let before = Image {
+                                cells: &old_row.0,
+                                identity_only: kind == OldKind::Key,
+                            };
+                            self.emit(
+                                &mut key,
+                                &mut value,
+                                shape,
+                                &meta,
+                                Some(before),
+                                None,
+                                &old_row.0,
+                                &mut pushed,
+                                t.id,
+                                None,
+                            )
+                            .await?;
                             t.sent += 1;
                         }
                         Message::Truncate { oids, .. } => {
@@ -203,25 +281,43 @@ impl Listener<'_> {
                                 // Under primary-key keying a table's rows are on every
                                 // partition: the truncate goes to each, so it is ordered
                                 // with all of them.
-                                let targets: Vec<Option<i32>> = if self.partition_key == PartitionKey::PrimaryKey {
-                                    (0..self.partitions).map(Some).collect()
-                                } else {
-                                    vec![None]
-                                };
+                                let targets: Vec<Option<i32>> =
+                                    if self.partition_key == PartitionKey::PrimaryKey {
+                                        (0..self.partitions).map(Some).collect()
+                                    } else {
+                                        vec![None]
+                                    };
                                 for p in targets {
-                                    self.emit(&mut key, &mut value, shape, &meta, None, None, &[], &mut pushed, t.id, p).await?;
+                                    self.emit(
+                                        &mut key,
+                                        &mut value,
+                                        shape,
+                                        &meta,
+                                        None,
+                                        None,
+                                        &[],
+                                        &mut pushed,
+                                        t.id,
+                                        p,
+                                    )
+                                    .await?;
                                     t.sent += 1;
                                 }
                             }
                         }
-                        Message::Type { .. } | Message::Origin { .. } | Message::Begin { .. } | Message::Commit { .. } => {}
+                        Message::Type { .. }
+                        | Message::Origin { .. }
+                        | Message::Begin { .. }
+                        | Message::Commit { .. } => {}
                         Message::LogicalMessage { .. } => {}
                     }
                 }
                 // Logical messages (DDL capture uses them) carry no row changes.
                 ReplicationEvent::Message { .. } => {}
                 ReplicationEvent::StoppedAt { .. } => {
-                    return Err(RunError::Replication("the stream stopped at a stop LSN walrelay never sets".into()));
+                    return Err(RunError::Replication(
+                        "the stream stopped at a stop LSN walrelay never sets".into(),
+                    ));
                 }
             }
         }
@@ -243,10 +339,17 @@ impl Listener<'_> {
     ) -> Result<(), RunError> {
         key.clear();
         value.clear();
-        let key_cells = if key_row.is_empty() { None } else { Some(key_row) };
+        let key_cells = if key_row.is_empty() {
+            None
+        } else {
+            Some(key_row)
+        };
         shape.write_key(key, self.partition_key, key_cells);
         self.envelope.write(value, shape, meta, before, after);
-        self.metrics.events.with_label_values(&[meta.op.code()]).inc();
+        self.metrics
+            .events
+            .with_label_values(&[meta.op.code()])
+            .inc();
         self.metrics.event_bytes.inc_by(value.len() as u64);
         let client: &ReplicationClient = self.client;
         let (ckpt, metrics) = (self.checkpointer, self.metrics);
@@ -264,9 +367,11 @@ fn open(txn: &mut Option<OpenTxn>) -> Result<&mut OpenTxn, RunError> {
 }
 
 fn shape_of(relations: &HashMap<u32, TableShape>, oid: u32) -> Result<&TableShape, RunError> {
-    relations
-        .get(&oid)
-        .ok_or_else(|| RunError::Protocol(format!("a change of relation {oid} before its Relation message")))
+    relations.get(&oid).ok_or_else(|| {
+        RunError::Protocol(format!(
+            "a change of relation {oid} before its Relation message"
+        ))
+    })
 }
 
 fn meta(t: &OpenTxn, op: Op, lsn: u64) -> EventMeta {

@@ -506,7 +506,10 @@ mod tests {
         else {
             panic!("not a relation");
         };
-        assert_eq!((oid, namespace, name, replica_identity), (16384, "public", "users", b'd'));
+        assert_eq!(
+            (oid, namespace, name, replica_identity),
+            (16384, "public", "users", b'd')
+        );
         assert_eq!(
             columns,
             vec![
@@ -593,12 +596,7 @@ mod tests {
 
     #[test]
     fn truncate_type_origin_and_message() {
-        let t = Fixture::default()
-            .tag(b'T')
-            .i32(2)
-            .u8(1)
-            .i32(10)
-            .i32(11);
+        let t = Fixture::default().tag(b'T').i32(2).u8(1).i32(10).i32(11);
         assert_eq!(
             decode(&t.0),
             Ok(Message::Truncate {
@@ -623,7 +621,12 @@ mod tests {
                 name: "origin1"
             })
         );
-        let mut m = Fixture::default().tag(b'M').u8(1).u64(77).s("walrelay.ddl").i32(3);
+        let mut m = Fixture::default()
+            .tag(b'M')
+            .u8(1)
+            .u64(77)
+            .s("walrelay.ddl")
+            .i32(3);
         m.0.extend_from_slice(b"abc");
         assert_eq!(
             decode(&m.0),
@@ -649,7 +652,13 @@ mod tests {
             decode(&bad_marker.0),
             Err(DecodeError::UnexpectedMarker { marker: 'X', .. })
         ));
-        let bad_len = Fixture::default().tag(b'I').i32(1).tag(b'N').i16(1).tag(b't').i32(100);
+        let bad_len = Fixture::default()
+            .tag(b'I')
+            .i32(1)
+            .tag(b'N')
+            .i16(1)
+            .tag(b't')
+            .i32(100);
         assert!(matches!(
             decode(&bad_len.0),
             Err(DecodeError::Truncated { .. })
@@ -670,7 +679,10 @@ mod tests {
             .i16(1)
             .text("2");
         for cut in 1..full.0.len() {
-            assert!(decode(&full.0[..cut]).is_err(), "prefix of {cut} bytes decoded");
+            assert!(
+                decode(&full.0[..cut]).is_err(),
+                "prefix of {cut} bytes decoded"
+            );
         }
     }
 }

@@ -146,14 +146,22 @@ pub async fn mark_pending(client: &Client, slot: &str, publication: &str) -> Res
         .await
         .map_err(PgError::query("writing walrelay.slot_state"))?;
     client
-        .execute("DELETE FROM walrelay.snapshot_progress WHERE slot_name = $1", &[&slot])
+        .execute(
+            "DELETE FROM walrelay.snapshot_progress WHERE slot_name = $1",
+            &[&slot],
+        )
         .await
         .map_err(PgError::query("clearing walrelay.snapshot_progress"))?;
     Ok(())
 }
 
 /// Records the slot's consistent point and snapshot start time.
-pub async fn mark_created(client: &Client, slot: &str, consistent_lsn: u64, started_ms: i64) -> Result<(), PgError> {
+pub async fn mark_created(
+    client: &Client,
+    slot: &str,
+    consistent_lsn: u64,
+    started_ms: i64,
+) -> Result<(), PgError> {
     client
         .execute(
             "UPDATE walrelay.slot_state SET consistent_lsn = $2::text::pg_lsn, \
@@ -203,7 +211,10 @@ pub async fn advance_slot(client: &Client, slot: &str, lsn: u64) -> Result<bool,
         return Ok(false);
     }
     client
-        .execute("SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)", &[&slot, &format_lsn(lsn)])
+        .execute(
+            "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
+            &[&slot, &format_lsn(lsn)],
+        )
         .await
         .map_err(PgError::query(format!("advancing slot {slot}")))?;
     Ok(true)
