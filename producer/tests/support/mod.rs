@@ -1,0 +1,137 @@
+//! A Postgres cluster, a tansu broker and the producer binary, for one test.
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use walrelay_tests::broker::Tansu;
+use walrelay_tests::postgres::PgCluster;
+use walrelay_tests::process::Proc;
+use walrelay_tests::topic::{self, Record};
+
+pub fn producer_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_walrelay-producer"))
+}
+
+pub struct Env {
+    pub pg: PgCluster,
+    pub broker: Tansu,
+    pub db: String,
+    pub topic: String,
+    pub slot: String,
+    pub logs: tempfile::TempDir,
+    spawned: u32,
+}
+
+impl Env {
+    /// A cluster with a fresh database, a broker, and unique topic and slot names.
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    pub async fn start_with(settings: &[(&str, &str)]) -> Self {
+        let pg = PgCluster::start_with(settings);
+        let db = pg.create_database("wr").await;
+        Self {
+            pg,
+            broker: Tansu::start(),
+            db,
+            topic: walrelay_tests::unique("events").replace('_', "."),
+            slot: walrelay_tests::unique("slot"),
+            logs: tempfile::tempdir().expect("log dir"),
+            spawned: 0,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        self.pg.url(&self.db)
+    }
+
+    /// Options every command gets.
+    pub fn common_args(&self) -> Vec<String> {
+        [
+            "--postgres-url", &self.url(),
+            "--kafka-brokers", &self.broker.brokers(),
+            "--topic", &self.topic,
+            "--slot", &self.slot,
+            "--publication", &self.slot,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// Runs a command to completion.
+    pub fn cmd(&self, command: &[&str]) -> Output {
+        let mut args = self.common_args();
+        args.extend(command.iter().map(|s| s.to_string()));
+        std::process::Command::new(producer_bin())
+            .args(&args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run walrelay-producer")
+    }
+
+    /// `init`, which must succeed.
+    pub fn init(&self) {
+        let out = self.cmd(&["init"]);
+        assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Starts `run` with extra options.
+    pub fn spawn(&mut self, extra: &[&str]) -> Proc {
+        self.spawned += 1;
+        let mut args = self.common_args();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push("run".into());
+        let log = self.logs.path().join(format!("producer-{}.log", self.spawned));
+        Proc::spawn(&producer_bin(), &args, &[], &log)
+    }
+
+    /// Reads the topic until `done` holds.
+    pub fn read_until(&self, timeout: Duration, done: impl Fn(&[Record]) -> bool) -> Vec<Record> {
+        topic::read_until(&self.broker.brokers(), &self.topic, timeout, done)
+    }
+
+    /// Every log written so far, for failure messages.
+    pub fn all_logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(dir) = std::fs::read_dir(self.logs.path()) {
+            let mut files: Vec<_> = dir.flatten().map(|e| e.path()).collect();
+            files.sort();
+            for f in files {
+                out.push_str(&format!("==== {}\n", f.display()));
+                let text = std::fs::read_to_string(&f).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                for l in tail.into_iter().rev() {
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+
+    /// Waits until the slot's confirmed position reaches the current WAL position taken now.
+    pub async fn wait_confirmed_current(&self, timeout: Duration) {
+        let c = self.pg.client(&self.db).await;
+        let target: String = c.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ok: Option<bool> = c
+                .query_one(
+                    "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&self.slot, &target],
+                )
+                .await
+                .ok()
+                .and_then(|r| r.get(0));
+            if ok == Some(true) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "slot never confirmed {target}\n{}", self.all_logs());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs walrelay's whole test suite on a fresh machine: installs what is missing (PostgreSQL 15
+# server binaries, curl, the tansu broker), then `cargo test --workspace`. Tests start their own
+# Postgres clusters and brokers on free loopback ports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+[ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql-15)
+command -v curl >/dev/null || need_apt+=(curl)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "installing ${need_apt[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+fi
+# A root session runs the servers as the postgres user, which must exist.
+id postgres >/dev/null 2>&1 || useradd --system --home /var/lib/postgresql postgres
+
+tansu_bin="${TANSU_BIN:-$HOME/.cargo/bin/tansu}"
+if ! [ -x "$tansu_bin" ] && ! command -v tansu >/dev/null; then
+  echo "installing tansu (a Kafka-compatible broker; about 13 minutes the first time)"
+  cargo install tansu --locked --features libsql
+fi
+
+cargo test --workspace "$@"
