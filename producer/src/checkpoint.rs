@@ -42,6 +42,8 @@ struct Txn {
     /// Events sent, known once committed.
     sent: Option<u64>,
     end_lsn: u64,
+    /// Commit time, µs since the Unix epoch (0 when unknown).
+    commit_us: i64,
 }
 
 #[derive(Debug, Default)]
@@ -52,11 +54,21 @@ struct Inner {
     confirmed: u64,
 }
 
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
 impl Inner {
-    fn advance(&mut self) {
+    fn advance(&mut self, latency: Option<&prometheus::Histogram>) {
         while let Some(front) = self.txns.front() {
             if front.sent != Some(front.acked) {
                 break;
+            }
+            if let (Some(h), true) = (latency, front.commit_us > 0 && front.sent != Some(0)) {
+                h.observe((now_us() - front.commit_us).max(0) as f64 / 1e6);
             }
             self.confirmed = self.confirmed.max(front.end_lsn);
             self.txns.pop_front();
@@ -74,6 +86,8 @@ impl Inner {
 #[derive(Debug, Default)]
 pub struct Checkpointer {
     inner: Mutex<Inner>,
+    /// Commit → last acknowledgement of each transaction that had events.
+    latency: Option<prometheus::Histogram>,
 }
 
 impl Checkpointer {
@@ -84,7 +98,14 @@ impl Checkpointer {
                 confirmed,
                 ..Inner::default()
             }),
+            latency: None,
         }
+    }
+
+    /// Observes each transaction's commit-to-acknowledgement time in `histogram`.
+    pub fn with_latency(mut self, histogram: prometheus::Histogram) -> Self {
+        self.latency = Some(histogram);
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -101,18 +122,26 @@ impl Checkpointer {
             acked: 0,
             sent: None,
             end_lsn: 0,
+            commit_us: 0,
         });
         id
     }
 
     /// The transaction committed at `end_lsn` after `sent` events were handed to Kafka.
     pub fn commit(&self, id: TxnId, end_lsn: u64, sent: u64) {
+        self.commit_at(id, end_lsn, sent, 0);
+    }
+
+    /// Like [`commit`](Self::commit), with the commit time (µs since the Unix epoch) for the
+    /// latency histogram.
+    pub fn commit_at(&self, id: TxnId, end_lsn: u64, sent: u64, commit_us: i64) {
         let mut inner = self.lock();
         if let Some(t) = inner.get(id) {
             t.sent = Some(sent);
             t.end_lsn = end_lsn;
+            t.commit_us = commit_us;
         }
-        inner.advance();
+        inner.advance(self.latency.as_ref());
     }
 
     /// Kafka acknowledged one event of transaction `id`.
@@ -121,7 +150,7 @@ impl Checkpointer {
         if let Some(t) = inner.get(id) {
             t.acked += 1;
         }
-        inner.advance();
+        inner.advance(self.latency.as_ref());
     }
 
     /// A keepalive reported the server at `server_lsn`: confirm it if nothing is open or in

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub buffer_capacity_bytes: IntGauge,
     /// Time from handing an event to Kafka until it was acknowledged.
     pub delivery_seconds: Histogram,
+    /// Commit time to Kafka's acknowledgement of the transaction's last event.
+    pub commit_to_ack_seconds: Histogram,
     /// Server WAL position minus the confirmed LSN.
     pub replication_lag_bytes: IntGauge,
     /// The LSN last confirmed to Postgres (as a number; exact below 2^53).
@@ -79,6 +81,16 @@ impl Metrics {
                 .buckets(vec![
                     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                     30.0,
+                ]),
+            )?,
+            commit_to_ack_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "walrelay_producer_commit_to_ack_seconds",
+                    "Time from a transaction's commit in Postgres until Kafka acknowledged its last event.",
+                )
+                .buckets(vec![
+                    0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
+                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                 ]),
             )?,
             replication_lag_bytes: IntGauge::new(

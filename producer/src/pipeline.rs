@@ -250,7 +250,8 @@ async fn prepare(ctx: &Context) -> Result<Prepared, RunError> {
         properties: s.kafka_properties.clone(),
     };
     ensure_topic(&writer_opts, s.topic_partitions).await?;
-    let checkpointer = Arc::new(Checkpointer::new(0));
+    let checkpointer =
+        Arc::new(Checkpointer::new(0).with_latency(ctx.metrics.commit_to_ack_seconds.clone()));
     let writer = Arc::new(Writer::new(
         &writer_opts,
         Arc::clone(&checkpointer),

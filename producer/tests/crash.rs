@@ -14,23 +14,30 @@ use crate::support::Env;
 async fn killed_at_random_moments_loses_no_committed_change() {
     let mut env = Env::start().await;
     env.pg
-        .exec(&env.db, "CREATE TABLE items (id bigint PRIMARY KEY, val int, note text);
+        .exec(
+            &env.db,
+            "CREATE TABLE items (id bigint PRIMARY KEY, val int, note text);
                         CREATE TABLE ledger (id bigserial PRIMARY KEY, amount int NOT NULL);
-                        INSERT INTO items SELECT g, g, 'row ' || g FROM generate_series(1, 500) g;")
+                        INSERT INTO items SELECT g, g, 'row ' || g FROM generate_series(1, 500) g;",
+        )
         .await;
     env.init();
     let load = tokio::spawn(write_load(env.url(), Duration::from_secs(25), 7));
     let url = env.url();
     let ledger = tokio::spawn(async move {
-        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
         tokio::spawn(conn);
         let start = std::time::Instant::now();
         let mut n = 0u64;
         while start.elapsed() < Duration::from_secs(25) {
             let rows = (n % 50) + 1;
-            c.batch_execute(&format!("INSERT INTO ledger (amount) SELECT g FROM generate_series(1, {rows}) g"))
-                .await
-                .expect("ledger");
+            c.batch_execute(&format!(
+                "INSERT INTO ledger (amount) SELECT g FROM generate_series(1, {rows}) g"
+            ))
+            .await
+            .expect("ledger");
             n += 1;
         }
     });
@@ -66,14 +73,29 @@ async fn killed_at_random_moments_loses_no_committed_change() {
     for r in &records {
         let e = r.envelope();
         if !e.source.snapshot {
-            copies.entry((e.source.commit_lsn, e.source.seq, r.key.clone())).or_default().insert(r.value.clone());
+            copies
+                .entry((e.source.commit_lsn, e.source.seq, r.key.clone()))
+                .or_default()
+                .insert(r.value.clone());
         }
     }
     for (k, v) in &copies {
-        assert_eq!(v.len(), 1, "re-delivery of {k:?} differs from the first copy: {v:?}");
+        assert_eq!(
+            v.len(),
+            1,
+            "re-delivery of {k:?} differs from the first copy: {v:?}"
+        );
     }
-    let streamed = records.iter().filter(|r| !r.envelope().source.snapshot).count();
+    let streamed = records
+        .iter()
+        .filter(|r| !r.envelope().source.snapshot)
+        .count();
     let duplicates = streamed - copies.len();
-    eprintln!("records {} streamed {} distinct {} duplicates {duplicates}", records.len(), streamed, copies.len());
+    eprintln!(
+        "records {} streamed {} distinct {} duplicates {duplicates}",
+        records.len(),
+        streamed,
+        copies.len()
+    );
     assert_eq!(producer.terminate(), Some(0), "{}", env.all_logs());
 }

@@ -19,7 +19,12 @@ async fn get(url: &str) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_down_for_thirty_seconds_loses_nothing() {
     let mut env = Env::start().await;
-    env.pg.exec(&env.db, "CREATE TABLE ledger (id bigserial PRIMARY KEY, amount int NOT NULL);").await;
+    env.pg
+        .exec(
+            &env.db,
+            "CREATE TABLE ledger (id bigserial PRIMARY KEY, amount int NOT NULL);",
+        )
+        .await;
     env.init();
     let metrics = format!("127.0.0.1:{}", walrelay_tests::free_port());
     let mut producer = env.spawn(&["--metrics-addr", &metrics, "--max-buffer-bytes", "2MiB"]);
@@ -35,11 +40,15 @@ async fn broker_down_for_thirty_seconds_loses_nothing() {
     assert!(ready, "producer never ready\n{}", env.all_logs());
     let url = env.url();
     let writer = tokio::spawn(async move {
-        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
         tokio::spawn(conn);
         let start = std::time::Instant::now();
         while start.elapsed() < Duration::from_secs(40) {
-            c.batch_execute("INSERT INTO ledger (amount) SELECT g FROM generate_series(1, 20) g").await.expect("insert");
+            c.batch_execute("INSERT INTO ledger (amount) SELECT g FROM generate_series(1, 20) g")
+                .await
+                .expect("insert");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     });
@@ -49,16 +58,30 @@ async fn broker_down_for_thirty_seconds_loses_nothing() {
     let (code, body) = get(&readyz).await;
     assert_eq!(code, 503, "not ready while Kafka is away: {body}");
     assert!(body.contains("kafka"), "{body}");
-    assert!(producer.try_exit().is_none(), "the producer keeps running\n{}", env.all_logs());
+    assert!(
+        producer.try_exit().is_none(),
+        "the producer keeps running\n{}",
+        env.all_logs()
+    );
     tokio::time::sleep(Duration::from_secs(15)).await;
     env.broker.restart();
     writer.await.expect("writer");
     let c = env.pg.client(&env.db).await;
-    let ids: BTreeSet<i64> = c.query("SELECT id FROM ledger", &[]).await.expect("ids").iter().map(|r| r.get(0)).collect();
+    let ids: BTreeSet<i64> = c
+        .query("SELECT id FROM ledger", &[])
+        .await
+        .expect("ids")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     env.read_until(Duration::from_secs(120), |r| {
         let seen: BTreeSet<i64> = r
             .iter()
-            .filter_map(|x| x.envelope().after.and_then(|a| a.get("id").and_then(|v| v.as_i64())))
+            .filter_map(|x| {
+                x.envelope()
+                    .after
+                    .and_then(|a| a.get("id").and_then(|v| v.as_i64()))
+            })
             .collect();
         seen.is_superset(&ids)
     });

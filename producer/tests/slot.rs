@@ -14,7 +14,14 @@ async fn killed_mid_snapshot_takes_the_snapshot_again() {
                         INSERT INTO big SELECT g, repeat('p', 200) FROM generate_series(1, 100000) g;")
         .await;
     env.init();
-    let mut p = env.spawn(&["--max-buffer-bytes", "1MiB", "--snapshot-chunk-pages", "64", "--snapshot-parallelism", "2"]);
+    let mut p = env.spawn(&[
+        "--max-buffer-bytes",
+        "1MiB",
+        "--snapshot-chunk-pages",
+        "64",
+        "--snapshot-parallelism",
+        "2",
+    ]);
     // Kill once some snapshot rows are in Kafka but not all.
     env.read_until(Duration::from_secs(60), |r| r.len() >= 2000);
     p.kill9();
@@ -24,12 +31,25 @@ async fn killed_mid_snapshot_takes_the_snapshot_again() {
     let mut p = env.spawn(&[]);
     // A complete second snapshot: every id among the snapshot rows with the newest consistent point.
     let records = env.read_until(Duration::from_secs(120), |r| {
-        let newest = r.iter().map(|x| x.envelope()).filter(|e| e.op == Op::Read).map(|e| e.source.lsn).max();
-        let n = r.iter().map(|x| x.envelope()).filter(|e| Some(e.source.lsn) == newest && e.op == Op::Read).count();
+        let newest = r
+            .iter()
+            .map(|x| x.envelope())
+            .filter(|e| e.op == Op::Read)
+            .map(|e| e.source.lsn)
+            .max();
+        let n = r
+            .iter()
+            .map(|x| x.envelope())
+            .filter(|e| Some(e.source.lsn) == newest && e.op == Op::Read)
+            .count();
         n == 100_000
     });
-    assert!(records.len() > 100_000, "the first, partial snapshot is in the topic too");
-    let st: serde_json::Value = serde_json::from_slice(&env.cmd(&["status", "--json"]).stdout).expect("status json");
+    assert!(
+        records.len() > 100_000,
+        "the first, partial snapshot is in the topic too"
+    );
+    let st: serde_json::Value =
+        serde_json::from_slice(&env.cmd(&["status", "--json"]).stdout).expect("status json");
     assert_eq!(st["snapshot_status"], "done", "{st}");
     assert_eq!(st["snapshot_tables"][0]["rows"], 100_000, "{st}");
     p.terminate();
@@ -38,19 +58,37 @@ async fn killed_mid_snapshot_takes_the_snapshot_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_dropped_after_its_snapshot_is_refused() {
     let mut env = Env::start().await;
-    env.pg.exec(&env.db, "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1);").await;
+    env.pg
+        .exec(
+            &env.db,
+            "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1);",
+        )
+        .await;
     env.init();
     let mut p = env.spawn(&[]);
     env.read_until(Duration::from_secs(60), |r| !r.is_empty());
     assert_eq!(p.terminate(), Some(0));
-    env.pg.exec(&env.db, &format!("SELECT pg_drop_replication_slot('{}')", env.slot)).await;
+    env.pg
+        .exec(
+            &env.db,
+            &format!("SELECT pg_drop_replication_slot('{}')", env.slot),
+        )
+        .await;
     let mut p = env.spawn(&[]);
     let code = p.wait();
-    assert_eq!(code, Some(3), "refuses with exit code 3\n{}", env.all_logs());
+    assert_eq!(
+        code,
+        Some(3),
+        "refuses with exit code 3\n{}",
+        env.all_logs()
+    );
     assert!(env.all_logs().contains("vanished"), "{}", env.all_logs());
     let c = env.pg.client(&env.db).await;
     let n: i64 = c
-        .query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1", &[&env.slot])
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&env.slot],
+        )
         .await
         .expect("slots")
         .get(0);

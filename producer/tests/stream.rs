@@ -28,13 +28,20 @@ pub async fn items_from_pg(env: &Env) -> BTreeMap<i64, (Option<i64>, Option<Stri
         .await
         .expect("select")
         .iter()
-        .map(|r| (r.get::<_, i64>(0), (r.get::<_, Option<i64>>(1), r.get::<_, Option<String>>(2))))
+        .map(|r| {
+            (
+                r.get::<_, i64>(0),
+                (r.get::<_, Option<i64>>(1), r.get::<_, Option<String>>(2)),
+            )
+        })
         .collect()
 }
 
 /// Random inserts, updates and deletes on `items` for `duration`, in small transactions.
 pub async fn write_load(env_url: String, duration: Duration, seed: u64) -> u64 {
-    let (client, conn) = tokio_postgres::connect(&env_url, tokio_postgres::NoTls).await.expect("connect");
+    let (client, conn) = tokio_postgres::connect(&env_url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
     tokio::spawn(conn);
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
     let start = std::time::Instant::now();
@@ -77,12 +84,26 @@ async fn snapshot_then_stream_under_concurrent_writes_rebuilds_the_table() {
     let expected = items_from_pg(&env).await;
     let records = env.read_until(Duration::from_secs(90), |r| items_from_topic(r) == expected);
     let ops: Vec<Op> = records.iter().map(|r| r.envelope().op).collect();
-    assert!(ops.iter().filter(|o| **o == Op::Read).count() >= 1900, "snapshot rows present");
+    assert!(
+        ops.iter().filter(|o| **o == Op::Read).count() >= 1900,
+        "snapshot rows present"
+    );
     for op in [Op::Create, Op::Update, Op::Delete] {
         assert!(ops.contains(&op), "streamed {op:?} present");
     }
     // Every snapshot row precedes every streamed change in the (single) partition.
-    let first_stream = ops.iter().position(|o| *o != Op::Read).expect("stream events");
-    assert!(ops[first_stream..].iter().all(|o| *o != Op::Read), "no snapshot row after a streamed change");
-    assert_eq!(producer.terminate(), Some(0), "SIGTERM exits 0\n{}", env.all_logs());
+    let first_stream = ops
+        .iter()
+        .position(|o| *o != Op::Read)
+        .expect("stream events");
+    assert!(
+        ops[first_stream..].iter().all(|o| *o != Op::Read),
+        "no snapshot row after a streamed change"
+    );
+    assert_eq!(
+        producer.terminate(),
+        Some(0),
+        "SIGTERM exits 0\n{}",
+        env.all_logs()
+    );
 }

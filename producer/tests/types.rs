@@ -40,7 +40,13 @@ fn after_of(records: &[Record], id: i64) -> Option<serde_json::Map<String, Value
     records
         .iter()
         .map(Record::envelope)
-        .find(|e| e.after.as_ref().and_then(|a| a.get("id")).and_then(Value::as_i64) == Some(id))
+        .find(|e| {
+            e.after
+                .as_ref()
+                .and_then(|a| a.get("id"))
+                .and_then(Value::as_i64)
+                == Some(id)
+        })
         .and_then(|e| e.after)
 }
 
@@ -56,19 +62,32 @@ async fn every_value_type_round_trips_through_snapshot_and_stream() {
     env.init();
     let mut producer = env.spawn(&[]);
     env.read_until(Duration::from_secs(60), |r| after_of(r, 1).is_some());
-    env.pg.exec(&env.db, &format!("INSERT INTO typed VALUES (2, {VALUES});")).await;
+    env.pg
+        .exec(&env.db, &format!("INSERT INTO typed VALUES (2, {VALUES});"))
+        .await;
     let records = env.read_until(Duration::from_secs(60), |r| after_of(r, 2).is_some());
     let expected = expected();
     for id in [1, 2] {
         let mut after = after_of(&records, id).expect("row");
         assert_eq!(after.remove("id"), Some(json!(id)));
         for (k, v) in expected.as_object().expect("object") {
-            assert_eq!(after.get(k), Some(v), "column {k} of row {id} (1 = snapshot, 2 = stream)");
+            assert_eq!(
+                after.get(k),
+                Some(v),
+                "column {k} of row {id} (1 = snapshot, 2 = stream)"
+            );
         }
-        assert_eq!(after.len(), expected.as_object().map_or(0, |o| o.len()), "no extra columns");
+        assert_eq!(
+            after.len(),
+            expected.as_object().map_or(0, |o| o.len()),
+            "no extra columns"
+        );
     }
     // int8 is written as exact digits, never through a float.
-    let raw = records.iter().find(|r| r.envelope().source.snapshot).expect("snapshot row");
+    let raw = records
+        .iter()
+        .find(|r| r.envelope().source.snapshot)
+        .expect("snapshot row");
     assert!(String::from_utf8_lossy(&raw.value).contains("\"i8\":9223372036854775807"));
     producer.terminate();
 }
@@ -77,39 +96,71 @@ async fn every_value_type_round_trips_through_snapshot_and_stream() {
 async fn unchanged_toast_is_marked_and_full_identity_fills_it() {
     let mut env = Env::start().await;
     env.pg
-        .exec(&env.db, "CREATE TABLE docs (id int PRIMARY KEY, n int, body text);
+        .exec(
+            &env.db,
+            "CREATE TABLE docs (id int PRIMARY KEY, n int, body text);
                         CREATE TABLE docs_full (id int PRIMARY KEY, n int, body text);
-                        ALTER TABLE docs_full REPLICA IDENTITY FULL;")
+                        ALTER TABLE docs_full REPLICA IDENTITY FULL;",
+        )
         .await;
     env.init();
     let mut producer = env.spawn(&[]);
     // Incompressible, so it is stored out of line (TOASTed).
     let body = "(SELECT string_agg(md5(g::text), '') FROM generate_series(1, 700) g)";
     env.pg
-        .exec(&env.db, &format!(
+        .exec(
+            &env.db,
+            &format!(
             "INSERT INTO docs VALUES (1, 0, {body}); INSERT INTO docs_full VALUES (1, 0, {body});
-             UPDATE docs SET n = 1; UPDATE docs_full SET n = 1; DELETE FROM docs;"))
+             UPDATE docs SET n = 1; UPDATE docs_full SET n = 1; DELETE FROM docs;"),
+        )
         .await;
     let records = env.read_until(Duration::from_secs(60), |r| {
-        r.iter().any(|x| x.envelope().op == walrelay_common::event::Op::Delete)
+        r.iter()
+            .any(|x| x.envelope().op == walrelay_common::event::Op::Delete)
     });
     let updates: Vec<_> = records
         .iter()
         .map(Record::envelope)
         .filter(|e| e.op == walrelay_common::event::Op::Update)
         .collect();
-    let docs = updates.iter().find(|e| e.source.table == "docs").expect("docs update");
+    let docs = updates
+        .iter()
+        .find(|e| e.source.table == "docs")
+        .expect("docs update");
     assert_eq!(docs.unchanged_toast, vec!["body".to_string()]);
     assert_eq!(
         docs.after.as_ref().and_then(|a| a.get("body")),
         Some(&json!(walrelay_common::event::UNCHANGED_TOAST)),
         "marked, never null"
     );
-    let full = updates.iter().find(|e| e.source.table == "docs_full").expect("docs_full update");
+    let full = updates
+        .iter()
+        .find(|e| e.source.table == "docs_full")
+        .expect("docs_full update");
     assert!(full.unchanged_toast.is_empty());
-    assert_eq!(full.after.as_ref().and_then(|a| a.get("body")).and_then(Value::as_str).map(str::len), Some(700 * 32));
-    assert_eq!(full.before.as_ref().and_then(|b| b.get("n")), Some(&json!(0)), "full old row");
-    let delete = records.iter().map(Record::envelope).find(|e| e.op == walrelay_common::event::Op::Delete).expect("delete");
-    assert_eq!(delete.before.map(|b| b.into_iter().collect::<Vec<_>>()), Some(vec![("id".to_string(), json!(1))]), "key only");
+    assert_eq!(
+        full.after
+            .as_ref()
+            .and_then(|a| a.get("body"))
+            .and_then(Value::as_str)
+            .map(str::len),
+        Some(700 * 32)
+    );
+    assert_eq!(
+        full.before.as_ref().and_then(|b| b.get("n")),
+        Some(&json!(0)),
+        "full old row"
+    );
+    let delete = records
+        .iter()
+        .map(Record::envelope)
+        .find(|e| e.op == walrelay_common::event::Op::Delete)
+        .expect("delete");
+    assert_eq!(
+        delete.before.map(|b| b.into_iter().collect::<Vec<_>>()),
+        Some(vec![("id".to_string(), json!(1))]),
+        "key only"
+    );
     producer.terminate();
 }

@@ -8,11 +8,18 @@ use crate::support::Env;
 async fn writes_to_an_uncaptured_table_do_not_grow_retained_wal() {
     let mut env = Env::start().await;
     env.pg
-        .exec(&env.db, "CREATE TABLE captured (id int PRIMARY KEY); CREATE TABLE other (id serial, pad text);
-                        INSERT INTO captured VALUES (1);")
+        .exec(
+            &env.db,
+            "CREATE TABLE captured (id int PRIMARY KEY); CREATE TABLE other (id serial, pad text);
+                        INSERT INTO captured VALUES (1);",
+        )
         .await;
     let out = env.cmd(&["--tables", "public.captured", "init"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut producer = env.spawn(&["--tables", "public.captured"]);
     env.read_until(Duration::from_secs(60), |r| !r.is_empty());
     // About 64 MiB of WAL in a table outside the publication.
@@ -39,6 +46,10 @@ async fn writes_to_an_uncaptured_table_do_not_grow_retained_wal() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert!(retained < 2 * 16 * 1024 * 1024, "slot retains {retained} bytes of WAL\n{}", env.all_logs());
+    assert!(
+        retained < 2 * 16 * 1024 * 1024,
+        "slot retains {retained} bytes of WAL\n{}",
+        env.all_logs()
+    );
     producer.terminate();
 }

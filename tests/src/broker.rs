@@ -110,10 +110,11 @@ pub struct MockBroker {
 }
 
 impl MockBroker {
-    /// Starts `bin` and reads its bootstrap servers.
-    pub fn start(bin: &std::path::Path) -> Self {
+    /// Starts `bin` with `topics` (`NAME:PARTITIONS`) created, and reads its bootstrap servers.
+    pub fn start(bin: &std::path::Path, topics: &[&str]) -> Self {
         use std::io::BufRead;
         let mut child = Command::new(bin)
+            .args(topics)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

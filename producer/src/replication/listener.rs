@@ -138,7 +138,9 @@ impl Listener<'_> {
                     let Some(t) = txn.take() else {
                         return Err(RunError::Protocol("Commit without Begin".into()));
                     };
-                    self.checkpointer.commit(t.id, end_lsn.as_u64(), t.sent);
+                    let commit_us = commit_time_micros + PG_EPOCH_OFFSET_MICROS;
+                    self.checkpointer
+                        .commit_at(t.id, end_lsn.as_u64(), t.sent, commit_us);
                     self.metrics.transactions.inc();
                     let now_ms = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)

@@ -50,11 +50,16 @@ impl Env {
     /// Options every command gets.
     pub fn common_args(&self) -> Vec<String> {
         [
-            "--postgres-url", &self.url(),
-            "--kafka-brokers", &self.broker.brokers(),
-            "--topic", &self.topic,
-            "--slot", &self.slot,
-            "--publication", &self.slot,
+            "--postgres-url",
+            &self.url(),
+            "--kafka-brokers",
+            &self.broker.brokers(),
+            "--topic",
+            &self.topic,
+            "--slot",
+            &self.slot,
+            "--publication",
+            &self.slot,
         ]
         .iter()
         .map(|s| s.to_string())
@@ -75,7 +80,11 @@ impl Env {
     /// `init`, which must succeed.
     pub fn init(&self) {
         let out = self.cmd(&["init"]);
-        assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Starts `run` with extra options.
@@ -84,7 +93,10 @@ impl Env {
         let mut args = self.common_args();
         args.extend(extra.iter().map(|s| s.to_string()));
         args.push("run".into());
-        let log = self.logs.path().join(format!("producer-{}.log", self.spawned));
+        let log = self
+            .logs
+            .path()
+            .join(format!("producer-{}.log", self.spawned));
         Proc::spawn(&producer_bin(), &args, &[], &log)
     }
 
@@ -115,7 +127,11 @@ impl Env {
     /// Waits until the slot's confirmed position reaches the current WAL position taken now.
     pub async fn wait_confirmed_current(&self, timeout: Duration) {
         let c = self.pg.client(&self.db).await;
-        let target: String = c.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0);
+        let target: String = c
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .expect("lsn")
+            .get(0);
         let deadline = Instant::now() + timeout;
         loop {
             let ok: Option<bool> = c
@@ -129,9 +145,12 @@ impl Env {
             if ok == Some(true) {
                 return;
             }
-            assert!(Instant::now() < deadline, "slot never confirmed {target}\n{}", self.all_logs());
+            assert!(
+                Instant::now() < deadline,
+                "slot never confirmed {target}\n{}",
+                self.all_logs()
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 }
-
