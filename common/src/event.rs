@@ -172,6 +172,55 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_json_schema_names_every_field() {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../envelope.schema.json")).expect("schema is JSON");
+        let required = |v: &serde_json::Value| -> Vec<String> {
+            v["required"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            required(&schema),
+            ["op", "before", "after", "source", "ts_ms"]
+        );
+        let source = required(&schema["properties"]["source"]);
+        let env = Envelope {
+            op: Op::Read,
+            before: None,
+            after: None,
+            source: Source {
+                version: "v".into(),
+                connector: CONNECTOR.into(),
+                db: "d".into(),
+                schema: "s".into(),
+                table: "t".into(),
+                lsn: 1,
+                commit_lsn: 1,
+                txid: 0,
+                ts_ms: 0,
+                snapshot: true,
+                seq: 0,
+            },
+            ts_ms: 0,
+            unchanged_toast: vec![],
+        };
+        let json = serde_json::to_value(&env).expect("serialize");
+        for f in source {
+            assert!(
+                json["source"].get(&f).is_some(),
+                "source.{f} in the schema but not the model"
+            );
+        }
+        assert_eq!(json["source"].as_object().map(|o| o.len()), Some(11));
+    }
+
+    #[test]
     fn envelope_parses_with_and_without_unchanged_list() {
         let json = br#"{"op":"u","before":null,"after":{"id":1,"big":"__debezium_unavailable_value"},
             "source":{"version":"0.1.0","connector":"walrelay","db":"d","schema":"public","table":"t",

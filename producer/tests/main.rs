@@ -5,6 +5,7 @@ mod support;
 
 mod cli;
 mod crash;
+mod memory;
 mod outage;
 mod slot;
 mod stream;

@@ -1,0 +1,76 @@
+//! A one-million-row transaction flows through with memory bounded by the buffer, not by the
+//! transaction.
+
+use std::time::Duration;
+
+use crate::support::Env;
+
+const ROWS: i64 = 1_000_000;
+const BUFFER_MIB: u64 = 8;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_million_row_transaction_flows_with_bounded_rss() {
+    let mut env = Env::start_with(&[("logical_decoding_work_mem", "64MB")]).await;
+    env.pg
+        .exec(
+            &env.db,
+            "CREATE TABLE wide (id bigint PRIMARY KEY, t text, n int, ts timestamptz)",
+        )
+        .await;
+    env.init();
+    let mut producer = env.spawn(&["--max-buffer-bytes", &format!("{BUFFER_MIB}MiB")]);
+    env.read_until(Duration::from_secs(60), |_| true);
+    env.pg
+        .exec(&env.db, &format!(
+            "INSERT INTO wide SELECT g, md5(g::text), g, now() FROM generate_series(1, {ROWS}) g"))
+        .await;
+    let mut peak = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(900);
+    let c = env.pg.client(&env.db).await;
+    let target: String = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
+    loop {
+        peak = peak.max(producer.peak_rss_bytes().unwrap_or(0));
+        let done: Option<bool> = c
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+                &[&env.slot, &target],
+            )
+            .await
+            .ok()
+            .and_then(|r| r.get(0));
+        if done == Some(true) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the transaction was not confirmed in time\n{}",
+            env.all_logs()
+        );
+        assert!(
+            producer.try_exit().is_none(),
+            "producer exited\n{}",
+            env.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    peak = peak.max(producer.peak_rss_bytes().unwrap_or(0));
+    let limit = (BUFFER_MIB + 64) << 20;
+    eprintln!("peak RSS {} MiB, limit {} MiB", peak >> 20, limit >> 20);
+    assert!(peak > 0, "RSS was read");
+    assert!(
+        peak <= limit,
+        "peak RSS {peak} bytes over buffer + 64 MiB ({limit})"
+    );
+    // Every row is in the topic (the confirmed LSN says Kafka acknowledged them all).
+    let records = env.read_until(Duration::from_secs(600), |r| r.len() as i64 >= ROWS);
+    assert_eq!(
+        records.len() as i64,
+        ROWS,
+        "exactly one event per row (no duplicates without a crash)"
+    );
+    assert_eq!(producer.terminate(), Some(0));
+}
