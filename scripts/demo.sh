@@ -30,7 +30,7 @@ as_pg $PG/pg_ctl -D "$work/data" -l "$work/pg.log" -w \
   -o "-p $pg_port -c listen_addresses=127.0.0.1 -c unix_socket_directories=$work -c wal_level=logical" start >/dev/null
 echo "== tansu broker on 127.0.0.1:$kafka_port"
 "$tansu_bin" broker --listener-url "tcp://127.0.0.1:$kafka_port" --advertised-listener-url "tcp://127.0.0.1:$kafka_port" \
-  --storage-engine "sqlite://$work/tansu.db" >"$work/tansu.log" 2>&1 &
+  --storage-engine "sqlite:///$work/tansu.db" >"$work/tansu.log" 2>&1 &
 tansu_pid=$!
 sleep 2
 

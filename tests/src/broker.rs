@@ -71,7 +71,8 @@ impl Tansu {
             .arg("--advertised-listener-url")
             .arg(&url)
             .arg("--storage-engine")
-            .arg(format!("sqlite://{}/tansu.db", self.dir.path().display()))
+            // Four slashes: tansu reads `sqlite:///tmp/x` as the relative path `tmp/x`.
+            .arg(format!("sqlite:///{}/tansu.db", self.dir.path().display()))
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
