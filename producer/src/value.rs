@@ -81,11 +81,10 @@ impl Kind {
 
 /// Appends the JSON form of `text` (a value of kind `kind`) to `out`.
 pub fn write(out: &mut Vec<u8>, kind: &Kind, text: &[u8]) {
-    let s = match std::str::from_utf8(text) {
-        Ok(s) => s,
-        // Only a SQL_ASCII database can send bytes that are not UTF-8: keep them, replacing
-        // what cannot be represented.
-        Err(_) => return write_json_str(out, &String::from_utf8_lossy(text)),
+    // Only a SQL_ASCII database can send bytes that are not UTF-8: keep them, replacing what
+    // cannot be represented.
+    let Ok(s) = std::str::from_utf8(text) else {
+        return write_json_str(out, &String::from_utf8_lossy(text));
     };
     match kind {
         Kind::Bool => out.extend_from_slice(if s == "t" { b"true" } else { b"false" }),

@@ -32,15 +32,21 @@ async fn killed_at_random_moments_loses_no_committed_change() {
         let start = std::time::Instant::now();
         let mut n = 0u64;
         while start.elapsed() < Duration::from_secs(25) {
-            let rows = (n % 50) + 1;
+            let rows = (n % 10) + 1;
             c.batch_execute(&format!(
                 "INSERT INTO ledger (amount) SELECT g FROM generate_series(1, {rows}) g"
             ))
             .await
             .expect("ledger");
             n += 1;
+            // Paced, so the topic stays small enough for tansu to serve from offset zero.
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     });
+    // The first run takes the snapshot; then SIGKILL at random moments of the stream.
+    let mut first = env.spawn(&["--max-buffer-bytes", "1MiB"]);
+    env.wait_streaming(Duration::from_secs(60)).await;
+    first.kill9();
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(42);
     for _ in 0..8 {
         let mut p = env.spawn(&["--max-buffer-bytes", "1MiB"]);

@@ -19,7 +19,7 @@ async fn a_million_row_transaction_flows_with_bounded_rss() {
         .await;
     env.init();
     let mut producer = env.spawn(&["--max-buffer-bytes", &format!("{BUFFER_MIB}MiB")]);
-    env.read_until(Duration::from_secs(60), |_| true);
+    env.wait_streaming(Duration::from_secs(60)).await;
     env.pg
         .exec(&env.db, &format!(
             "INSERT INTO wide SELECT g, md5(g::text), g, now() FROM generate_series(1, {ROWS}) g"))

@@ -27,12 +27,12 @@ fn expected() -> Value {
         "i2": 32767, "i4": 2147483647, "i8": 9223372036854775807i64,
         "num": "12345678901234567890.123456789", "f4": 1.5, "f8": 0.1, "f_nan": "NaN", "f_inf": "-Infinity",
         "b": true, "t": "line\n\"quoted\"", "vc": "varchar", "ch": "ab ",
-        "j": {"k": [1, 2.50]}, "jb": {"a": 1, "z": null}, "by": "3q2+7w==",
+        "j": serde_json::from_str::<Value>(r#"{"k": [1, 2.50]}"#).expect("json"), "jb": {"a": 1, "z": null}, "by": "3q2+7w==",
         "u": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
         "d": "2024-02-29", "tm": "13:14:15.5", "tmz": "13:14:15+02:00",
         "ts": "2024-01-02T03:04:05.123456", "tstz": "2024-01-02T01:04:05+00:00",
         "iv": "P1Y2M3DT4H5M6S", "ai": [1, null, 3], "at": ["a,b", null, "NULL"], "a2": [[1, 2], [3, 4]],
-        "mood": "happy", "dom": 7, "ip": "10.0.0.1/32", "big": "x".repeat(5000)
+        "mood": "happy", "dom": 7, "ip": "10.0.0.1", "big": "x".repeat(5000)
     })
 }
 
@@ -105,6 +105,7 @@ async fn unchanged_toast_is_marked_and_full_identity_fills_it() {
         .await;
     env.init();
     let mut producer = env.spawn(&[]);
+    env.wait_streaming(Duration::from_secs(60)).await;
     // Incompressible, so it is stored out of line (TOASTed).
     let body = "(SELECT string_agg(md5(g::text), '') FROM generate_series(1, 700) g)";
     env.pg

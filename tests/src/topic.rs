@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::{Map, Value};
 use walrelay_common::event::{Envelope, Op, UNCHANGED_TOAST};
@@ -38,6 +39,19 @@ pub fn read_until(
     timeout: Duration,
     done: impl Fn(&[Record]) -> bool,
 ) -> Vec<Record> {
+    match try_read_until(brokers, topic, timeout, done) {
+        Ok(r) => r,
+        Err(r) => panic!("timed out reading {topic}: {} records so far", r.len()),
+    }
+}
+
+/// Like [`read_until`], returning what was read as the error on timeout.
+pub fn try_read_until(
+    brokers: &str,
+    topic: &str,
+    timeout: Duration,
+    done: impl Fn(&[Record]) -> bool,
+) -> Result<Vec<Record>, Vec<Record>> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", crate::unique("reader"))
@@ -53,7 +67,9 @@ pub fn read_until(
                 break n;
             }
         }
-        assert!(Instant::now() < deadline, "topic {topic} never appeared");
+        if Instant::now() > deadline {
+            return Err(Vec::new());
+        }
         std::thread::sleep(Duration::from_millis(200));
     };
     let mut tpl = TopicPartitionList::new();
@@ -65,10 +81,10 @@ pub fn read_until(
     let mut out = Vec::new();
     loop {
         if done(&out) {
-            return out;
+            return Ok(out);
         }
         if Instant::now() > deadline {
-            panic!("timed out reading {topic}: {} records so far", out.len());
+            return Err(out);
         }
         for _ in 0..10_000 {
             match consumer.poll(Duration::from_millis(100)) {
@@ -114,10 +130,14 @@ pub fn table_state(
                     }
                 }
                 // An update that changed the key removes the old row.
-                if let Some(old) = e.before.as_ref().and_then(|b| b.get(pk)) {
-                    if old.to_string() != id {
-                        rows.remove(&old.to_string());
-                    }
+                if let Some(old) = e
+                    .before
+                    .as_ref()
+                    .and_then(|b| b.get(pk))
+                    .map(Value::to_string)
+                    && old != id
+                {
+                    rows.remove(&old);
                 }
                 rows.insert(id, after);
             }
@@ -134,4 +154,55 @@ pub fn table_state(
         }
     }
     rows
+}
+
+/// Sum of the partitions' high watermarks: how many records the broker holds.
+pub fn record_count(brokers: &str, topic: &str) -> i64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", crate::unique("counter"))
+        .create()
+        .expect("consumer");
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let n = md.topics().first().map_or(0, |t| t.partitions().len());
+    (0..n)
+        .map(|p| {
+            let (lo, hi) = consumer
+                .fetch_watermarks(topic, p as i32, Timeout::After(Duration::from_secs(10)))
+                .expect("watermarks");
+            hi - lo
+        })
+        .sum()
+}
+
+/// The last `n` records of partition `partition`.
+pub fn tail(brokers: &str, topic: &str, partition: i32, n: i64) -> Vec<Record> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", crate::unique("tail"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let (_, hi) = consumer
+        .fetch_watermarks(topic, partition, Timeout::After(Duration::from_secs(10)))
+        .expect("watermarks");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset((hi - n).max(0)))
+        .expect("tpl");
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (out.len() as i64) < n.min(hi) && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            out.push(Record {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().unwrap_or_default().to_vec(),
+                value: m.payload().unwrap_or_default().to_vec(),
+            });
+        }
+    }
+    out
 }

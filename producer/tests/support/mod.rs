@@ -102,7 +102,28 @@ impl Env {
 
     /// Reads the topic until `done` holds.
     pub fn read_until(&self, timeout: Duration, done: impl Fn(&[Record]) -> bool) -> Vec<Record> {
-        topic::read_until(&self.broker.brokers(), &self.topic, timeout, done)
+        match topic::try_read_until(&self.broker.brokers(), &self.topic, timeout, done) {
+            Ok(r) => r,
+            Err(r) => {
+                let last: Vec<String> = r
+                    .iter()
+                    .rev()
+                    .take(5)
+                    .map(|x| {
+                        String::from_utf8_lossy(&x.value)
+                            .chars()
+                            .take(300)
+                            .collect()
+                    })
+                    .collect();
+                panic!(
+                    "timed out reading {}: {} records so far; last: {last:#?}\n{}",
+                    self.topic,
+                    r.len(),
+                    self.all_logs()
+                )
+            }
+        }
     }
 
     /// Every log written so far, for failure messages.
@@ -122,6 +143,32 @@ impl Env {
             }
         }
         out
+    }
+
+    /// Waits until the producer streams: its snapshot is done and the slot is active.
+    pub async fn wait_streaming(&self, timeout: Duration) {
+        let c = self.pg.client(&self.db).await;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ok: Option<bool> = c
+                .query_one(
+                    "SELECT s.snapshot_status = 'done' AND r.active FROM walrelay.slot_state s \
+                     JOIN pg_replication_slots r ON r.slot_name = s.slot_name WHERE s.slot_name = $1",
+                    &[&self.slot],
+                )
+                .await
+                .ok()
+                .and_then(|r| r.get(0));
+            if ok == Some(true) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "producer never streamed\n{}",
+                self.all_logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Waits until the slot's confirmed position reaches the current WAL position taken now.
