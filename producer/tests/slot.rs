@@ -94,3 +94,45 @@ async fn a_slot_dropped_after_its_snapshot_is_refused() {
         .get(0);
     assert_eq!(n, 0, "never recreated silently");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_larger_than_kafka_accepts_stops_loudly_and_is_not_confirmed() {
+    let mut env = Env::start().await;
+    env.pg
+        .exec(
+            &env.db,
+            "CREATE TABLE notes (id int PRIMARY KEY, body text);",
+        )
+        .await;
+    env.init();
+    let mut p = env.spawn(&["--kafka-property", "message.max.bytes=20000"]);
+    env.wait_streaming(Duration::from_secs(60)).await;
+    env.pg
+        .exec(&env.db, "INSERT INTO notes VALUES (1, repeat('x', 50000));")
+        .await;
+    let c = env.pg.client(&env.db).await;
+    let committed: String = c
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
+    let code = p.wait();
+    assert_eq!(code, Some(1), "stops with an error\n{}", env.all_logs());
+    let logs = env.all_logs();
+    assert!(
+        logs.contains("notes") && logs.contains("message.max.bytes"),
+        "names the table and the setting\n{logs}"
+    );
+    let unconfirmed: bool = c
+        .query_one(
+            "SELECT confirmed_flush_lsn < $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+            &[&env.slot, &committed],
+        )
+        .await
+        .expect("slot")
+        .get(0);
+    assert!(
+        unconfirmed,
+        "the transaction stays unconfirmed, so a fixed producer re-reads it"
+    );
+}

@@ -135,7 +135,15 @@ impl Env {
             for f in files {
                 out.push_str(&format!("==== {}\n", f.display()));
                 let text = std::fs::read_to_string(&f).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                let tail: Vec<&str> = text
+                    .lines()
+                    .rev()
+                    .take(if std::env::var_os("WALRELAY_TEST_TRACE").is_some() {
+                        400
+                    } else {
+                        40
+                    })
+                    .collect();
                 for l in tail.into_iter().rev() {
                     out.push_str(l);
                     out.push('\n');
@@ -171,11 +179,13 @@ impl Env {
         }
     }
 
-    /// Waits until the slot's confirmed position reaches the current WAL position taken now.
+    /// Waits until the slot's confirmed position reaches the WAL insert position taken now
+    /// (the insert position: the test cluster commits asynchronously, so the write position
+    /// can lag a commit that has returned).
     pub async fn wait_confirmed_current(&self, timeout: Duration) {
         let c = self.pg.client(&self.db).await;
         let target: String = c
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
             .await
             .expect("lsn")
             .get(0);

@@ -1,5 +1,6 @@
 //! Prints every record of a topic as it arrives, one line each: `partition/offset key value`.
-//! Usage: `walrelay-tail BROKERS TOPIC`.
+//! Usage: `walrelay-tail BROKERS TOPIC`, or `walrelay-tail BROKERS TOPIC --count` to print each
+//! partition's low and high watermarks and exit.
 
 use std::time::Duration;
 
@@ -24,6 +25,14 @@ fn main() -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(500));
     };
+    if args.next().as_deref() == Some("--count") {
+        for p in 0..partitions {
+            let (lo, hi) =
+                consumer.fetch_watermarks(&topic, i32::try_from(p)?, Duration::from_secs(10))?;
+            println!("partition {p}: low {lo} high {hi}");
+        }
+        return Ok(());
+    }
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
         tpl.add_partition_offset(&topic, i32::try_from(p)?, Offset::Beginning)?;
