@@ -140,25 +140,27 @@ impl Metrics {
             )?,
             registry,
         };
-        m.registry.register(Box::new(m.events.clone()))?;
-        m.registry.register(Box::new(m.event_bytes.clone()))?;
-        m.registry.register(Box::new(m.transactions.clone()))?;
-        m.registry.register(Box::new(m.buffer_bytes.clone()))?;
-        m.registry
-            .register(Box::new(m.buffer_capacity_bytes.clone()))?;
-        m.registry.register(Box::new(m.delivery_seconds.clone()))?;
-        m.registry
-            .register(Box::new(m.replication_lag_bytes.clone()))?;
-        m.registry.register(Box::new(m.confirmed_lsn.clone()))?;
-        m.registry
-            .register(Box::new(m.source_lag_seconds.clone()))?;
-        m.registry.register(Box::new(m.snapshot_rows.clone()))?;
-        m.registry.register(Box::new(m.snapshot_progress.clone()))?;
-        m.registry.register(Box::new(m.errors.clone()))?;
-        m.registry
-            .register(Box::new(m.slot_retained_wal_bytes.clone()))?;
-        m.registry.register(Box::new(m.slot_active.clone()))?;
-        m.registry.register(Box::new(m.build_info.clone()))?;
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.events.clone()),
+            Box::new(m.event_bytes.clone()),
+            Box::new(m.transactions.clone()),
+            Box::new(m.buffer_bytes.clone()),
+            Box::new(m.buffer_capacity_bytes.clone()),
+            Box::new(m.delivery_seconds.clone()),
+            Box::new(m.commit_to_ack_seconds.clone()),
+            Box::new(m.replication_lag_bytes.clone()),
+            Box::new(m.confirmed_lsn.clone()),
+            Box::new(m.source_lag_seconds.clone()),
+            Box::new(m.snapshot_rows.clone()),
+            Box::new(m.snapshot_progress.clone()),
+            Box::new(m.errors.clone()),
+            Box::new(m.slot_retained_wal_bytes.clone()),
+            Box::new(m.slot_active.clone()),
+            Box::new(m.build_info.clone()),
+        ];
+        for c in collectors {
+            m.registry.register(c)?;
+        }
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION"), "producer"])
             .set(1);
@@ -167,5 +169,44 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every metric the README documents is registered and exposed.
+    #[test]
+    fn every_documented_metric_is_exposed() {
+        let m = Metrics::new().expect("metrics");
+        m.events.with_label_values(&["c"]).inc();
+        m.snapshot_rows.with_label_values(&["public.t"]).inc();
+        m.snapshot_progress
+            .with_label_values(&["public.t"])
+            .set(1.0);
+        m.errors.with_label_values(&["postgres"]).inc();
+        let names: Vec<String> = m
+            .registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect();
+        let readme = include_str!("../../README.md");
+        let documented: Vec<&str> = readme
+            .split('`')
+            .filter(|w| w.starts_with("walrelay_producer_") || w.starts_with("walrelay_build_info"))
+            .map(|w| w.split('{').next().unwrap_or(w))
+            .collect();
+        assert!(
+            documented.len() >= 15,
+            "README lists the metrics: {documented:?}"
+        );
+        for name in documented {
+            assert!(
+                names.iter().any(|n| n == name),
+                "{name} is documented but not exposed; exposed: {names:?}"
+            );
+        }
     }
 }

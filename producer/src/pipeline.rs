@@ -267,7 +267,7 @@ async fn prepare(ctx: &Context) -> Result<Prepared, RunError> {
     let mut client = ReplicationClient::connect_gated(replication_config(s)?)
         .await
         .map_err(RunError::from_pgwire)?;
-    match (&info, state.as_ref().map(|st| st.status)) {
+    let new_slot = match (&info, state.as_ref().map(|st| st.status)) {
         (Some(i), Some(SnapshotStatus::Done)) => {
             if i.wal_status.as_deref() == Some("lost") {
                 return Err(RunError::Slot {
@@ -278,6 +278,7 @@ async fn prepare(ctx: &Context) -> Result<Prepared, RunError> {
                 });
             }
             tracing::info!(slot = %s.slot, confirmed_flush_lsn = ?i.confirmed_flush_lsn, "Resuming from the slot.");
+            false
         }
         (None, Some(SnapshotStatus::Done)) => {
             return Err(RunError::Slot {
@@ -307,27 +308,20 @@ async fn prepare(ctx: &Context) -> Result<Prepared, RunError> {
             }
             tracing::warn!(slot = %s.slot, "A previous snapshot did not complete: dropping the slot and taking a new snapshot.");
             slot::drop_slot(&ctl, &s.slot).await?;
-            create_and_snapshot(
-                ctx,
-                &ctl,
-                &mut client,
-                Arc::clone(&writer),
-                Arc::clone(&checkpointer),
-                envelope.clone(),
-            )
-            .await?;
+            true
         }
-        (None, _) => {
-            create_and_snapshot(
-                ctx,
-                &ctl,
-                &mut client,
-                Arc::clone(&writer),
-                Arc::clone(&checkpointer),
-                envelope.clone(),
-            )
-            .await?;
-        }
+        (None, _) => true,
+    };
+    if new_slot {
+        create_and_snapshot(
+            ctx,
+            &ctl,
+            &mut client,
+            Arc::clone(&writer),
+            Arc::clone(&checkpointer),
+            envelope.clone(),
+        )
+        .await?;
     }
     client.start().await.map_err(RunError::from_pgwire)?;
     client.wait_started().await.map_err(RunError::from_pgwire)?;

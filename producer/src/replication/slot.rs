@@ -6,6 +6,7 @@ use crate::catalog::PgError;
 
 /// The statements `init` runs to create walrelay's state (idempotent).
 pub const STATE_SCHEMA: &str = "
+SET client_min_messages = warning;
 CREATE SCHEMA IF NOT EXISTS walrelay;
 CREATE TABLE IF NOT EXISTS walrelay.slot_state (
     slot_name text PRIMARY KEY,
