@@ -371,18 +371,48 @@ async fn main() -> anyhow::Result<()> {
         &metrics_addr,
     ]);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let c = b.pg.client(DB).await;
+    // pgbench paces the writes from outside this process: `rate / 100` transactions of 100
+    // rows a second.
     let per_txn = 100u64;
-    let interval = Duration::from_secs_f64(per_txn as f64 / args.rate as f64);
-    let mut next = Instant::now();
-    let mut id = 2 * args.rows;
-    let stop = Instant::now() + Duration::from_secs(args.seconds);
-    while Instant::now() < stop {
-        c.batch_execute(&format!("INSERT INTO items SELECT g, md5(g::text), 1, now(), '{{}}' FROM generate_series({id}, {} - 1) g", id + per_txn)).await?;
-        id += per_txn;
-        next += interval;
-        tokio::time::sleep_until(tokio::time::Instant::from_std(next)).await;
+    let script = b.logs.path().join("pace.sql");
+    std::fs::write(
+        &script,
+        format!(
+            "\\set base random(1, 100000000)\n\
+             INSERT INTO items SELECT g, md5(g::text), 1, now(), '{{}}' \
+             FROM generate_series({off} + :base::bigint * {per_txn}, {off} + :base::bigint * {per_txn} + {last}) g \
+             ON CONFLICT DO NOTHING;\n",
+            off = 100 * args.rows,
+            last = per_txn - 1
+        ),
+    )?;
+    let st = Command::new(bin_dir().join("pgbench"))
+        .args([
+            "-n",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &b.pg.port().to_string(),
+            "-U",
+            "postgres",
+            "-c",
+            "1",
+        ])
+        .args([
+            "-R",
+            &(args.rate / per_txn).to_string(),
+            "-T",
+            &args.seconds.to_string(),
+            "-f",
+        ])
+        .arg(&script)
+        .arg(DB)
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("pgbench failed");
     }
+    let id = 200 * args.rows;
     let end = b.scalar("SELECT pg_current_wal_lsn()::text").await;
     b.wait_confirmed(&end, Duration::from_secs(60)).await?;
     let metrics = Command::new("curl")
