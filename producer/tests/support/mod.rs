@@ -153,6 +153,20 @@ impl Env {
         out
     }
 
+    /// Whether the test's slot exists.
+    pub async fn slot_exists(&self) -> bool {
+        self.pg
+            .client(&self.db)
+            .await
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+                &[&self.slot],
+            )
+            .await
+            .expect("pg_replication_slots")
+            .get(0)
+    }
+
     /// Waits until the producer streams: its snapshot is done and the slot is active.
     pub async fn wait_streaming(&self, timeout: Duration) {
         let c = self.pg.client(&self.db).await;
