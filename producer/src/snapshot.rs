@@ -333,7 +333,7 @@ impl Worker {
                         .send_to(&label, &key, &value, self.txn, None, &mut || {})
                         .await?;
                     self.sent.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.events.with_label_values(&["r"]).inc();
+                    self.metrics.events_of(Op::Read).inc();
                     self.metrics.event_bytes.inc_by(value.len() as u64);
                     rows += 1;
                     line.clear();

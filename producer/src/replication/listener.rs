@@ -348,10 +348,7 @@ impl Listener<'_> {
         };
         shape.write_key(key, self.partition_key, key_cells);
         self.envelope.write(value, shape, meta, before, after);
-        self.metrics
-            .events
-            .with_label_values(&[meta.op.code()])
-            .inc();
+        self.metrics.events_of(meta.op).inc();
         self.metrics.event_bytes.inc_by(value.len() as u64);
         let client: &ReplicationClient = self.client;
         let (ckpt, metrics) = (self.checkpointer, self.metrics);
