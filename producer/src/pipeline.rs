@@ -102,7 +102,8 @@ impl RunError {
             PgWireError::Server(m) if m.contains("is active for PID") => RunError::Replication(
                 format!("{m} (another producer holds the slot; waiting for it)"),
             ),
-            PgWireError::Server(m) if m.contains("does not exist") => {
+            // The slot was invalidated (its WAL removed) or dropped: changes may be missing.
+            PgWireError::Server(m) if m.contains("invalidated") || m.contains("does not exist") => {
                 RunError::ReplicationRefused(m.clone())
             }
             PgWireError::Auth(m) => RunError::Setup(format!("replication login refused: {m}")),

@@ -75,7 +75,7 @@ async fn a_slot_dropped_after_its_snapshot_is_refused() {
         )
         .await;
     let mut p = env.spawn(&[]);
-    let code = p.wait();
+    let code = env.exit_code(&mut p, Duration::from_secs(60)).await;
     assert_eq!(
         code,
         Some(3),
@@ -107,7 +107,7 @@ async fn an_event_larger_than_kafka_accepts_stops_loudly_and_is_not_confirmed() 
         .await
         .expect("lsn")
         .get(0);
-    let code = p.wait();
+    let code = env.exit_code(&mut p, Duration::from_secs(60)).await;
     assert_eq!(code, Some(1), "stops with an error\n{}", env.all_logs());
     let logs = env.all_logs();
     assert!(
@@ -125,5 +125,57 @@ async fn an_event_larger_than_kafka_accepts_stops_loudly_and_is_not_confirmed() 
     assert!(
         unconfirmed,
         "the transaction stays unconfirmed, so a fixed producer re-reads it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_whose_wal_was_removed_is_refused() {
+    let mut env = Env::start_with(&[("max_slot_wal_keep_size", "1MB")]).await;
+    env.pg
+        .exec(
+            &env.db,
+            "CREATE TABLE t (id int PRIMARY KEY, pad text); INSERT INTO t VALUES (1, 'x');",
+        )
+        .await;
+    env.init();
+    let mut p = env.spawn(&[]);
+    env.wait_streaming(Duration::from_secs(60)).await;
+    assert_eq!(p.terminate(), Some(0));
+    // With the producer stopped, WAL past max_slot_wal_keep_size and a checkpoint remove what
+    // the slot still needed.
+    let c = env.pg.client(&env.db).await;
+    let mut status = String::new();
+    for _ in 0..10 {
+        c.batch_execute(
+            "INSERT INTO t SELECT g, repeat(md5(g::text), 20) FROM generate_series(2, 20000) g ON CONFLICT (id) DO UPDATE SET pad = EXCLUDED.pad;
+             SELECT pg_switch_wal(); CHECKPOINT;",
+        )
+        .await
+        .expect("generate WAL");
+        status = c
+            .query_one(
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+                &[&env.slot],
+            )
+            .await
+            .expect("slot")
+            .get::<_, Option<String>>(0)
+            .unwrap_or_default();
+        if status == "lost" {
+            break;
+        }
+    }
+    assert_eq!(status, "lost", "the test could not invalidate the slot");
+    let mut p = env.spawn(&[]);
+    assert_eq!(
+        env.exit_code(&mut p, Duration::from_secs(60)).await,
+        Some(3),
+        "refuses with exit code 3\n{}",
+        env.all_logs()
+    );
+    assert!(
+        env.all_logs().contains("wal_status = lost"),
+        "{}",
+        env.all_logs()
     );
 }

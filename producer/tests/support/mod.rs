@@ -153,6 +153,22 @@ impl Env {
         out
     }
 
+    /// Waits up to `timeout` for `p` to exit; its exit code.
+    pub async fn exit_code(&self, p: &mut Proc, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(code) = p.try_exit() {
+                return code;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the producer did not exit\n{}",
+                self.all_logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Whether the test's slot exists.
     pub async fn slot_exists(&self) -> bool {
         self.pg
