@@ -26,35 +26,10 @@ async fn a_million_row_transaction_flows_with_bounded_rss() {
         .await;
     let mut peak = 0;
     let deadline = std::time::Instant::now() + Duration::from_secs(900);
-    let c = env.pg.client(&env.db).await;
-    let target: String = c
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .expect("lsn")
-        .get(0);
+    let target = env.insert_lsn().await;
     loop {
         peak = peak.max(producer.peak_rss_bytes().unwrap_or(0));
-        let done: Option<bool> = c
-            .query_one(
-                "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
-                &[&env.slot, &target],
-            )
-            .await
-            .ok()
-            .and_then(|r| r.get(0));
-        if std::env::var_os("WALRELAY_TEST_TRACE").is_some() {
-            let row = c
-                .query_one("SELECT confirmed_flush_lsn::text, pg_current_wal_lsn()::text FROM pg_replication_slots WHERE slot_name = $1", &[&env.slot])
-                .await
-                .expect("slot");
-            eprintln!(
-                "target {target} confirmed {:?} current {:?} done {done:?} broker {}",
-                row.get::<_, Option<String>>(0),
-                row.get::<_, Option<String>>(1),
-                walrelay_tests::topic::record_count(&env.broker.brokers(), &env.topic)
-            );
-        }
-        if done == Some(true) {
+        if env.confirmed_past(&target).await {
             break;
         }
         assert!(

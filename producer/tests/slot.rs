@@ -101,12 +101,8 @@ async fn an_event_larger_than_kafka_accepts_stops_loudly_and_is_not_confirmed() 
     env.pg
         .exec(&env.db, "INSERT INTO notes VALUES (1, repeat('x', 50000));")
         .await;
+    let committed = env.insert_lsn().await;
     let c = env.pg.client(&env.db).await;
-    let committed: String = c
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .expect("lsn")
-        .get(0);
     let code = env.exit_code(&mut p, Duration::from_secs(60)).await;
     assert_eq!(code, Some(1), "stops with an error\n{}", env.all_logs());
     let logs = env.all_logs();

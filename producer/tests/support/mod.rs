@@ -135,15 +135,7 @@ impl Env {
             for f in files {
                 out.push_str(&format!("==== {}\n", f.display()));
                 let text = std::fs::read_to_string(&f).unwrap_or_default();
-                let tail: Vec<&str> = text
-                    .lines()
-                    .rev()
-                    .take(if std::env::var_os("WALRELAY_TEST_TRACE").is_some() {
-                        400
-                    } else {
-                        40
-                    })
-                    .collect();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
                 for l in tail.into_iter().rev() {
                     out.push_str(l);
                     out.push('\n');
@@ -183,61 +175,71 @@ impl Env {
             .get(0)
     }
 
-    /// Waits until the producer streams: its snapshot is done and the slot is active.
-    pub async fn wait_streaming(&self, timeout: Duration) {
+    /// Polls `sql` (one boolean, `$1` = the slot, then `extra`) until it is true.
+    async fn wait_until(&self, what: &str, sql: &str, extra: Option<&str>, timeout: Duration) {
         let c = self.pg.client(&self.db).await;
         let deadline = Instant::now() + timeout;
         loop {
-            let ok: Option<bool> = c
-                .query_one(
-                    "SELECT s.snapshot_status = 'done' AND r.active FROM walrelay.slot_state s \
-                     JOIN pg_replication_slots r ON r.slot_name = s.slot_name WHERE s.slot_name = $1",
-                    &[&self.slot],
-                )
-                .await
-                .ok()
-                .and_then(|r| r.get(0));
-            if ok == Some(true) {
+            let row = match extra {
+                Some(x) => c.query_one(sql, &[&self.slot, &x]).await,
+                None => c.query_one(sql, &[&self.slot]).await,
+            };
+            if row.ok().and_then(|r| r.get::<_, Option<bool>>(0)) == Some(true) {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "producer never streamed\n{}",
-                self.all_logs()
-            );
+            assert!(Instant::now() < deadline, "{what}\n{}", self.all_logs());
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
-    /// Waits until the slot's confirmed position reaches the WAL insert position taken now
-    /// (the insert position: the test cluster commits asynchronously, so the write position
-    /// can lag a commit that has returned).
-    pub async fn wait_confirmed_current(&self, timeout: Duration) {
-        let c = self.pg.client(&self.db).await;
-        let target: String = c
+    /// Waits until the producer streams: its snapshot is done and the slot is active.
+    pub async fn wait_streaming(&self, timeout: Duration) {
+        self.wait_until(
+            "producer never streamed",
+            "SELECT s.snapshot_status = 'done' AND r.active FROM walrelay.slot_state s \
+             JOIN pg_replication_slots r ON r.slot_name = s.slot_name WHERE s.slot_name = $1",
+            None,
+            timeout,
+        )
+        .await;
+    }
+
+    /// The WAL insert position now. (The insert position, not the write position: the test
+    /// cluster commits asynchronously, so the write position can lag a commit that returned.)
+    pub async fn insert_lsn(&self) -> String {
+        self.pg
+            .client(&self.db)
+            .await
             .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
             .await
             .expect("lsn")
-            .get(0);
-        let deadline = Instant::now() + timeout;
-        loop {
-            let ok: Option<bool> = c
-                .query_one(
-                    "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&self.slot, &target],
-                )
-                .await
-                .ok()
-                .and_then(|r| r.get(0));
-            if ok == Some(true) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "slot never confirmed {target}\n{}",
-                self.all_logs()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            .get(0)
+    }
+
+    /// Whether the slot's confirmed position is at or past `lsn`.
+    pub async fn confirmed_past(&self, lsn: &str) -> bool {
+        self.pg
+            .client(&self.db)
+            .await
+            .query_one(CONFIRMED_PAST, &[&self.slot, &lsn])
+            .await
+            .ok()
+            .and_then(|r| r.get::<_, Option<bool>>(0))
+            == Some(true)
+    }
+
+    /// Waits until the slot's confirmed position reaches the WAL insert position taken now.
+    pub async fn wait_confirmed_current(&self, timeout: Duration) {
+        let target = self.insert_lsn().await;
+        self.wait_until(
+            &format!("slot never confirmed {target}"),
+            CONFIRMED_PAST,
+            Some(&target),
+            timeout,
+        )
+        .await;
     }
 }
+
+const CONFIRMED_PAST: &str =
+    "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1";
