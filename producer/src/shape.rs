@@ -137,6 +137,16 @@ pub struct Image<'a, 'b> {
     pub identity_only: bool,
 }
 
+impl<'a, 'b> Image<'a, 'b> {
+    /// Every column of `cells`.
+    pub fn full(cells: &'b [Cell<'a>]) -> Self {
+        Self {
+            cells,
+            identity_only: false,
+        }
+    }
+}
+
 /// Metadata of one event.
 #[derive(Debug, Clone, Copy)]
 pub struct EventMeta {

@@ -324,10 +324,7 @@ impl Worker {
                         &task.shape,
                         &meta,
                         None,
-                        Some(Image {
-                            cells: &cells,
-                            identity_only: false,
-                        }),
+                        Some(Image::full(&cells)),
                     );
                     self.writer
                         .send_to(&label, &key, &value, self.txn, None, &mut || {})

@@ -23,6 +23,22 @@ const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 /// How often the confirmed LSN is pushed to the replication client when nothing else does.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
+/// One event to hand to Kafka.
+struct Change<'a, 'b> {
+    before: Option<Image<'a, 'b>>,
+    after: Option<Image<'a, 'b>>,
+    /// The row the key is taken from; empty when there is none (a truncate).
+    key_row: &'b [Cell<'a>],
+    /// An explicit partition (a truncate under primary-key keying), else the key decides.
+    partition: Option<i32>,
+}
+
+/// Encoding buffers reused for every event.
+struct Buffers {
+    key: Vec<u8>,
+    value: Vec<u8>,
+}
+
 struct OpenTxn {
     id: TxnId,
     xid: u32,
@@ -78,8 +94,10 @@ impl Listener<'_> {
     pub async fn run(mut self, shutdown: &CancellationToken) -> Result<(), RunError> {
         let mut relations: HashMap<u32, TableShape> = HashMap::new();
         let mut txn: Option<OpenTxn> = None;
-        let mut key = Vec::with_capacity(256);
-        let mut value = Vec::with_capacity(4096);
+        let mut bufs = Buffers {
+            key: Vec::with_capacity(256),
+            value: Vec::with_capacity(4096),
+        };
         let mut pushed = Pushed(self.checkpointer.confirmed());
         let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
         let mut batch_events = 0u64;
@@ -191,23 +209,14 @@ impl Listener<'_> {
                             let shape = shape_of(&relations, oid)?;
                             t.seq += 1;
                             let meta = meta(t, Op::Create, lsn);
-                            self.emit(
-                                &mut key,
-                                &mut value,
-                                shape,
-                                &meta,
-                                None,
-                                Some(Image {
-                                    cells: &new.0,
-                                    identity_only: false,
-                                }),
-                                &new.0,
-                                &mut pushed,
-                                t.id,
-                                None,
-                            )
-                            .await?;
-                            t.sent += 1;
+                            let change = Change {
+                                before: None,
+                                after: Some(Image::full(&new.0)),
+                                key_row: &new.0,
+                                partition: None,
+                            };
+                            self.emit(&mut bufs, shape, &meta, &change, t, &mut pushed)
+                                .await?;
                         }
                         Message::Update { oid, old, mut new } => {
                             let t = open(&mut txn)?;
@@ -229,23 +238,14 @@ impl Listener<'_> {
                                 cells: &row.0,
                                 identity_only: *k == OldKind::Key,
                             });
-                            self.emit(
-                                &mut key,
-                                &mut value,
-                                shape,
-                                &meta,
+                            let change = Change {
                                 before,
-                                Some(Image {
-                                    cells: &new.0,
-                                    identity_only: false,
-                                }),
-                                &new.0,
-                                &mut pushed,
-                                t.id,
-                                None,
-                            )
-                            .await?;
-                            t.sent += 1;
+                                after: Some(Image::full(&new.0)),
+                                key_row: &new.0,
+                                partition: None,
+                            };
+                            self.emit(&mut bufs, shape, &meta, &change, t, &mut pushed)
+                                .await?;
                         }
                         Message::Delete {
                             oid,
@@ -255,24 +255,17 @@ impl Listener<'_> {
                             let shape = shape_of(&relations, oid)?;
                             t.seq += 1;
                             let meta = meta(t, Op::Delete, lsn);
-                            let before = Image {
-                                cells: &old_row.0,
-                                identity_only: kind == OldKind::Key,
+                            let change = Change {
+                                before: Some(Image {
+                                    cells: &old_row.0,
+                                    identity_only: kind == OldKind::Key,
+                                }),
+                                after: None,
+                                key_row: &old_row.0,
+                                partition: None,
                             };
-                            self.emit(
-                                &mut key,
-                                &mut value,
-                                shape,
-                                &meta,
-                                Some(before),
-                                None,
-                                &old_row.0,
-                                &mut pushed,
-                                t.id,
-                                None,
-                            )
-                            .await?;
-                            t.sent += 1;
+                            self.emit(&mut bufs, shape, &meta, &change, t, &mut pushed)
+                                .await?;
                         }
                         Message::Truncate { oids, .. } => {
                             let t = open(&mut txn)?;
@@ -289,21 +282,15 @@ impl Listener<'_> {
                                     } else {
                                         vec![None]
                                     };
-                                for p in targets {
-                                    self.emit(
-                                        &mut key,
-                                        &mut value,
-                                        shape,
-                                        &meta,
-                                        None,
-                                        None,
-                                        &[],
-                                        &mut pushed,
-                                        t.id,
-                                        p,
-                                    )
-                                    .await?;
-                                    t.sent += 1;
+                                for partition in targets {
+                                    let change = Change {
+                                        before: None,
+                                        after: None,
+                                        key_row: &[],
+                                        partition,
+                                    };
+                                    self.emit(&mut bufs, shape, &meta, &change, t, &mut pushed)
+                                        .await?;
                                 }
                             }
                         }
@@ -325,37 +312,39 @@ impl Listener<'_> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Encodes one change and hands it to Kafka; counts it as sent by `txn`.
     async fn emit(
         &self,
-        key: &mut Vec<u8>,
-        value: &mut Vec<u8>,
+        bufs: &mut Buffers,
         shape: &TableShape,
         meta: &EventMeta,
-        before: Option<Image<'_, '_>>,
-        after: Option<Image<'_, '_>>,
-        key_row: &[Cell<'_>],
+        change: &Change<'_, '_>,
+        txn: &mut OpenTxn,
         pushed: &mut Pushed,
-        txn: TxnId,
-        partition: Option<i32>,
     ) -> Result<(), RunError> {
+        let Buffers { key, value } = bufs;
         key.clear();
         value.clear();
-        let key_cells = if key_row.is_empty() {
-            None
-        } else {
-            Some(key_row)
-        };
+        let key_cells = (!change.key_row.is_empty()).then_some(change.key_row);
         shape.write_key(key, self.partition_key, key_cells);
-        self.envelope.write(value, shape, meta, before, after);
+        self.envelope
+            .write(value, shape, meta, change.before, change.after);
         self.metrics.events_of(meta.op).inc();
         self.metrics.event_bytes.inc_by(value.len() as u64);
         let client: &ReplicationClient = self.client;
         let (ckpt, metrics) = (self.checkpointer, self.metrics);
         let mut on_wait = || push_progress(client, ckpt, metrics, pushed);
         self.writer
-            .send_to(&shape.table, key, value, txn, partition, &mut on_wait)
+            .send_to(
+                &shape.table,
+                key,
+                value,
+                txn.id,
+                change.partition,
+                &mut on_wait,
+            )
             .await?;
+        txn.sent += 1;
         Ok(())
     }
 }
