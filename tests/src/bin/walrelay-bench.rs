@@ -94,6 +94,20 @@ const DB: &str = "bench";
 const TOPIC: &str = "walrelay.bench";
 
 impl Bench {
+    /// A Postgres client tool connected to the benchmark cluster.
+    fn pg_tool(&self, name: &str) -> Command {
+        let mut c = Command::new(bin_dir().join(name));
+        c.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.pg.port().to_string(),
+            "-U",
+            "postgres",
+        ]);
+        c
+    }
+
     fn url(&self) -> String {
         self.pg.url(DB)
     }
@@ -321,21 +335,9 @@ async fn main() -> anyhow::Result<()> {
     b.load(args.rows, args.txn_rows, args.rows).await;
     let end = b.scalar("SELECT pg_current_wal_lsn()::text").await;
     let t = Instant::now();
-    let st = Command::new(bin_dir().join("pg_recvlogical"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &b.pg.port().to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            DB,
-            "--slot",
-            "bench_recv",
-            "--start",
-            "--no-loop",
-        ])
+    let st = b
+        .pg_tool("pg_recvlogical")
+        .args(["-d", DB, "--slot", "bench_recv", "--start", "--no-loop"])
         .args([
             "--endpos",
             &end,
@@ -386,18 +388,9 @@ async fn main() -> anyhow::Result<()> {
             last = per_txn - 1
         ),
     )?;
-    let st = Command::new(bin_dir().join("pgbench"))
-        .args([
-            "-n",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &b.pg.port().to_string(),
-            "-U",
-            "postgres",
-            "-c",
-            "1",
-        ])
+    let st = b
+        .pg_tool("pgbench")
+        .args(["-n", "-c", "1"])
         .args([
             "-R",
             &(args.rate / per_txn).to_string(),
