@@ -7,8 +7,11 @@
 //!  "source":{"version":"0.1.0","connector":"walrelay","db":"app","schema":"public",
 //!            "table":"users","lsn":23905680,"commit_lsn":23905744,"txid":742,
 //!            "ts_ms":1700000000123,"snapshot":false,"seq":1},
-//!  "ts_ms":1700000000123}
+//!  "ts_ms":1700000000123,"key":["id"],"types":{"id":"integer","name":"text"}}
 //! ```
+//!
+//! `key` names the row's key columns and `types` gives each column's logical type, so a
+//! consumer can address documents and derive index mappings without access to Postgres.
 //!
 //! `ts_ms` at the top level is the commit time, not the time the producer handled the event:
 //! a re-delivery after a crash must be byte-identical to the first copy, so nothing in the
@@ -104,6 +107,14 @@ pub struct Envelope {
     /// Columns of `after` whose value was not sent because it is an unchanged TOASTed value.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unchanged_toast: Vec<String>,
+    /// The row's key columns (primary key, else replica-identity index), in key order; empty
+    /// for a table with neither.
+    #[serde(default)]
+    pub key: Vec<String>,
+    /// Every column's type, as a logical name (`integer`, `text`, `timestamptz`, `text[]`, …;
+    /// see `envelope.schema.json`).
+    #[serde(default)]
+    pub types: Map<String, Value>,
 }
 
 impl Envelope {
@@ -187,7 +198,7 @@ mod tests {
         };
         assert_eq!(
             required(&schema),
-            ["op", "before", "after", "source", "ts_ms"]
+            ["op", "before", "after", "source", "ts_ms", "key", "types"]
         );
         let source = required(&schema["properties"]["source"]);
         let env = Envelope {
@@ -209,6 +220,8 @@ mod tests {
             },
             ts_ms: 0,
             unchanged_toast: vec![],
+            key: vec!["id".into()],
+            types: Map::new(),
         };
         let json = serde_json::to_value(&env).expect("serialize");
         for f in source {
@@ -218,6 +231,9 @@ mod tests {
             );
         }
         assert_eq!(json["source"].as_object().map(|o| o.len()), Some(11));
+        for f in required(&schema) {
+            assert!(json.get(&f).is_some(), "{f} in the schema but not the model");
+        }
     }
 
     #[test]

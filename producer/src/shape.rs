@@ -60,6 +60,9 @@ pub struct TableShape {
     pub key_columns: Vec<usize>,
     /// `"schema":"…","table":"…"`, pre-encoded.
     source_names: Vec<u8>,
+    /// `,"key":[…],"types":{…}`, pre-encoded: what a consumer needs to address a row and to
+    /// map its columns without asking Postgres.
+    table_facts: Vec<u8>,
 }
 
 impl TableShape {
@@ -75,12 +78,31 @@ impl TableShape {
         write_json_str(&mut source_names, schema);
         source_names.extend_from_slice(b",\"table\":");
         write_json_str(&mut source_names, table);
+        let mut table_facts = b",\"key\":[".to_vec();
+        for (n, &i) in key_columns.iter().enumerate() {
+            if n > 0 {
+                table_facts.push(b',');
+            }
+            if let Some(col) = columns.get(i) {
+                write_json_str(&mut table_facts, &col.name);
+            }
+        }
+        table_facts.extend_from_slice(b"],\"types\":{");
+        for (n, col) in columns.iter().enumerate() {
+            if n > 0 {
+                table_facts.push(b',');
+            }
+            table_facts.extend_from_slice(&col.name_json);
+            write_json_str(&mut table_facts, &col.kind.label());
+        }
+        table_facts.push(b'}');
         Self {
             schema: schema.to_string(),
             table: table.to_string(),
             columns,
             key_columns,
             source_names,
+            table_facts,
         }
     }
 
@@ -223,6 +245,7 @@ impl EnvelopeWriter {
         out.extend_from_slice(num.u64(meta.seq));
         out.extend_from_slice(b"},\"ts_ms\":");
         out.extend_from_slice(num.i64(meta.ts_ms));
+        out.extend_from_slice(&shape.table_facts);
         if let Some(cols) = unchanged.filter(|c| !c.is_empty()) {
             out.extend_from_slice(b",\"unchanged_toast\":[");
             for (n, i) in cols.into_iter().enumerate() {
@@ -371,6 +394,11 @@ mod tests {
             (100, 200, 3, -5)
         );
         assert_eq!(env.source.db, "app");
+        assert_eq!(env.key, vec!["id"]);
+        assert_eq!(
+            serde_json::Value::Object(env.types),
+            serde_json::json!({"id": "integer", "name": "text", "bio": "text"})
+        );
     }
 
     #[test]

@@ -40,8 +40,12 @@ pub enum Kind {
     Json,
     /// bytea: base64.
     Bytea,
-    /// date and time without zone: text as is.
-    Temporal,
+    /// date: text as is.
+    Date,
+    /// time without zone: text as is.
+    Time,
+    /// interval (ISO 8601): text as is.
+    Interval,
     /// timetz.
     TimeTz,
     /// timestamp without zone.
@@ -69,13 +73,39 @@ impl Kind {
             1700 => Kind::Numeric,
             114 | 3802 => Kind::Json,
             17 => Kind::Bytea,
-            1082 | 1083 | 1186 => Kind::Temporal,
+            1082 => Kind::Date,
+            1083 => Kind::Time,
+            1186 => Kind::Interval,
             1266 => Kind::TimeTz,
             1114 => Kind::Timestamp,
             1184 => Kind::TimestampTz,
             25 | 1043 | 1042 | 19 | 18 | 2950 => Kind::Text,
             _ => return None,
         })
+    }
+
+    /// The column type as the envelope's `types` names it (what consumers derive index
+    /// mappings from): `boolean`, `integer`, `float`, `numeric`, `json`, `bytea`, `date`,
+    /// `time`, `interval`, `timetz`, `timestamp`, `timestamptz`, `text`, or an element type
+    /// followed by `[]`.
+    pub fn label(&self) -> String {
+        let base = match self {
+            Kind::Bool => "boolean",
+            Kind::Int => "integer",
+            Kind::Float => "float",
+            Kind::Numeric => "numeric",
+            Kind::Json => "json",
+            Kind::Bytea => "bytea",
+            Kind::Date => "date",
+            Kind::Time => "time",
+            Kind::Interval => "interval",
+            Kind::TimeTz => "timetz",
+            Kind::Timestamp => "timestamp",
+            Kind::TimestampTz => "timestamptz",
+            Kind::Text => "text",
+            Kind::Array { elem, .. } => return format!("{}[]", elem.label()),
+        };
+        base.to_string()
     }
 }
 
@@ -121,7 +151,13 @@ pub fn write(out: &mut Vec<u8>, kind: &Kind, text: &[u8]) {
                 write_json_str(out, s);
             }
         }
-        Kind::Int | Kind::Float | Kind::Numeric | Kind::Temporal | Kind::Text => {
+        Kind::Int
+        | Kind::Float
+        | Kind::Numeric
+        | Kind::Date
+        | Kind::Time
+        | Kind::Interval
+        | Kind::Text => {
             write_json_str(out, s)
         }
     }
@@ -332,7 +368,7 @@ mod tests {
         assert_eq!(json(&Kind::TimeTz, "03:04:05+02"), "\"03:04:05+02:00\"");
         assert_eq!(json(&Kind::TimeTz, "03:04:05+05:30"), "\"03:04:05+05:30\"");
         assert_eq!(
-            json(&Kind::Temporal, "P1Y2M3DT4H5M6S"),
+            json(&Kind::Interval, "P1Y2M3DT4H5M6S"),
             "\"P1Y2M3DT4H5M6S\""
         );
     }
