@@ -232,7 +232,10 @@ mod tests {
         }
         assert_eq!(json["source"].as_object().map(|o| o.len()), Some(11));
         for f in required(&schema) {
-            assert!(json.get(&f).is_some(), "{f} in the schema but not the model");
+            assert!(
+                json.get(&f).is_some(),
+                "{f} in the schema but not the model"
+            );
         }
     }
 

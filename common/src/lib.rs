@@ -4,6 +4,8 @@
 //!
 //! - [`event`]: the change-event envelope as it travels through Kafka (Debezium-shaped JSON), the
 //!   operation codes, and how an envelope is read back.
+//! - [`options`]: what every binary's options share: the error naming a bad option, sizes,
+//!   durations, the TOML file, Kafka properties and topic names.
 //! - [`telemetry`]: the Prometheus registry, the `/metrics`, `/healthz` and `/readyz` server, and
 //!   logging set-up.
 //!
@@ -16,4 +18,5 @@
 //! ```
 
 pub mod event;
+pub mod options;
 pub mod telemetry;

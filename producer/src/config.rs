@@ -9,6 +9,8 @@ use std::str::FromStr;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
+use walrelay_common::options::{self, ConfigError, parse_bytes};
+use walrelay_common::telemetry::LogFormat;
 
 use crate::catalog::TablePatterns;
 use crate::shape::PartitionKey;
@@ -72,17 +74,6 @@ pub enum SnapshotMode {
     Never,
 }
 
-/// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum LogFormatArg {
-    /// Text.
-    #[default]
-    Text,
-    /// JSON lines.
-    Json,
-}
-
 /// Every option, each unset unless given.
 #[derive(Debug, Clone, Default, Args, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -120,7 +111,7 @@ pub struct Options {
     /// Cap on bytes read from Postgres and not yet acknowledged by Kafka, e.g. 64MiB
     /// [default: 64MiB].
     #[arg(long, env = "WALRELAY_MAX_BUFFER_BYTES", global = true, value_parser = parse_bytes)]
-    #[serde(default, deserialize_with = "de_bytes")]
+    #[serde(default, deserialize_with = "options::deserialize_bytes")]
     pub max_buffer_bytes: Option<u64>,
     /// Address of /metrics, /healthz and /readyz, e.g. 0.0.0.0:9187 [default: off].
     #[arg(long, env = "WALRELAY_METRICS_ADDR", global = true)]
@@ -150,81 +141,17 @@ pub struct Options {
     pub kafka_properties: BTreeMap<String, String>,
     /// Log format [default: text].
     #[arg(long, env = "WALRELAY_LOG_FORMAT", global = true, value_enum)]
-    pub log_format: Option<LogFormatArg>,
-}
-
-/// A bad option.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid {option}: {message}")]
-pub struct ConfigError {
-    /// The option, as a flag.
-    pub option: String,
-    /// What is wrong and how to fix it.
-    pub message: String,
+    pub log_format: Option<LogFormat>,
 }
 
 fn bad(option: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        option: option.to_string(),
-        message: message.into(),
-    }
-}
-
-/// Parses `64MiB`, `10MB`, `512KiB` or a plain number of bytes.
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size such as 64MiB or 1048576"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kb" => 1000,
-        "kib" | "k" => 1 << 10,
-        "mb" => 1_000_000,
-        "mib" | "m" => 1 << 20,
-        "gb" => 1_000_000_000,
-        "gib" | "g" => 1 << 30,
-        other => {
-            return Err(format!(
-                "unknown size unit {other:?} in {s:?} (use KiB, MiB or GiB)"
-            ));
-        }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
-}
-
-fn de_bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        N(u64),
-        S(String),
-    }
-    match Option::<Raw>::deserialize(d)? {
-        None => Ok(None),
-        Some(Raw::N(n)) => Ok(Some(n)),
-        Some(Raw::S(s)) => parse_bytes(&s).map(Some).map_err(serde::de::Error::custom),
-    }
+    ConfigError::new(option, message)
 }
 
 impl Options {
     /// Reads a TOML config file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| bad("--config", format!("cannot read {}: {e}", path.display())))?;
-        toml::from_str(&text).map_err(|e| {
-            bad(
-                "--config",
-                format!(
-                    "{}: {} (keys are the long option names with _ for -, e.g. postgres_url)",
-                    path.display(),
-                    e.message()
-                ),
-            )
-        })
+        options::read_file(path)
     }
 
     /// `self` where set, else `file`.
@@ -288,7 +215,7 @@ pub struct Settings {
     /// librdkafka properties.
     pub kafka_properties: BTreeMap<String, String>,
     /// Log format.
-    pub log_format: LogFormatArg,
+    pub log_format: LogFormat,
 }
 
 fn valid_name(s: &str, max: usize, extra: &[char]) -> bool {
@@ -301,9 +228,9 @@ fn valid_name(s: &str, max: usize, extra: &[char]) -> bool {
 impl Settings {
     /// Applies defaults and validates.
     pub fn from_options(o: Options) -> Result<Self, ConfigError> {
-        let url = o.postgres_url.ok_or_else(|| {
-            bad("--postgres-url", "missing: give --postgres-url, WALRELAY_POSTGRES_URL or postgres_url in the config file")
-        })?;
+        let url = o
+            .postgres_url
+            .ok_or_else(|| ConfigError::missing("--postgres-url"))?;
         let postgres = tokio_postgres::Config::from_str(&url).map_err(|e| {
             bad(
                 "--postgres-url",
@@ -316,12 +243,7 @@ impl Settings {
             return Err(bad("--postgres-url", "no host given"));
         }
         let topic = o.topic.unwrap_or_else(|| "walrelay.events".into());
-        if !valid_name(&topic, 249, &['.', '-']) {
-            return Err(bad(
-                "--topic",
-                format!("{topic:?}: a Kafka topic name is 1-249 of [A-Za-z0-9._-]"),
-            ));
-        }
+        options::check_topic("--topic", &topic)?;
         let slot = o.slot.unwrap_or_else(|| "walrelay".into());
         if !valid_name(&slot, 63, &[]) || slot.chars().any(|c| c.is_ascii_uppercase()) {
             return Err(bad(
@@ -353,14 +275,7 @@ impl Settings {
         if snapshot_chunk_pages < 1 {
             return Err(bad("--snapshot-chunk-pages", "must be at least 1"));
         }
-        let mut kafka_properties = o.kafka_properties;
-        for p in o.kafka_property {
-            let (k, v) = p
-                .split_once('=')
-                .filter(|(k, _)| !k.trim().is_empty())
-                .ok_or_else(|| bad("--kafka-property", format!("{p:?} is not KEY=VALUE")))?;
-            kafka_properties.insert(k.trim().to_string(), v.trim().to_string());
-        }
+        let kafka_properties = options::kafka_properties(o.kafka_properties, &o.kafka_property)?;
         Ok(Self {
             postgres,
             kafka_brokers: o.kafka_brokers.filter(|b| !b.trim().is_empty()),
@@ -382,9 +297,9 @@ impl Settings {
 
     /// The brokers, or an error naming the option.
     pub fn require_brokers(&self) -> Result<&str, ConfigError> {
-        self.kafka_brokers.as_deref().ok_or_else(|| {
-            bad("--kafka-brokers", "missing: give --kafka-brokers, WALRELAY_KAFKA_BROKERS or kafka_brokers in the config file")
-        })
+        self.kafka_brokers
+            .as_deref()
+            .ok_or_else(|| ConfigError::missing("--kafka-brokers"))
     }
 
     /// Database name.
@@ -406,14 +321,6 @@ mod tests {
             postgres_url: Some(url.into()),
             ..Options::default()
         }
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_bytes("64MiB"), Ok(64 << 20));
-        assert_eq!(parse_bytes("10MB"), Ok(10_000_000));
-        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
-        assert!(parse_bytes("12 parsecs").is_err());
     }
 
     #[test]

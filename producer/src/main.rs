@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
-use walrelay_common::telemetry::{self, LogFormat, Readiness};
+use walrelay_common::telemetry::{self, Readiness};
 use walrelay_producer::commands;
-use walrelay_producer::config::{Cli, Command, LogFormatArg, Options, Settings};
+use walrelay_producer::config::{Cli, Command, Options, Settings};
 use walrelay_producer::metrics::Metrics;
 use walrelay_producer::pipeline::{self, Context, RunError};
 
@@ -24,10 +24,7 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => return usage(&e),
     };
-    telemetry::init_logging(match settings.log_format {
-        LogFormatArg::Text => LogFormat::Text,
-        LogFormatArg::Json => LogFormat::Json,
-    });
+    telemetry::init_logging(settings.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

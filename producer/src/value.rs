@@ -157,9 +157,7 @@ pub fn write(out: &mut Vec<u8>, kind: &Kind, text: &[u8]) {
         | Kind::Date
         | Kind::Time
         | Kind::Interval
-        | Kind::Text => {
-            write_json_str(out, s)
-        }
+        | Kind::Text => write_json_str(out, s),
     }
 }
 
