@@ -4,6 +4,7 @@
 //!
 //! - [`event`]: the change-event envelope as it travels through Kafka (Debezium-shaped JSON), the
 //!   operation codes, and how an envelope is read back.
+//! - [`kafka`]: a quiet librdkafka client context and topic creation with unlimited retention.
 //! - [`options`]: what every binary's options share: the error naming a bad option, sizes,
 //!   durations, the TOML file, Kafka properties and topic names.
 //! - [`telemetry`]: the Prometheus registry, the `/metrics`, `/healthz` and `/readyz` server, and
@@ -18,5 +19,6 @@
 //! ```
 
 pub mod event;
+pub mod kafka;
 pub mod options;
 pub mod telemetry;

@@ -9,10 +9,12 @@
 //!   same port and data), or the mock cluster host.
 //! - [`topic`]: reads every record of a topic and rebuilds table state from envelopes.
 //! - [`process`]: spawns walrelay binaries with logs in a file; SIGTERM and SIGKILL.
+//! - [`search`]: an Elasticsearch/OpenSearch stand-in over HTTP with injectable faults.
 
 pub mod broker;
 pub mod postgres;
 pub mod process;
+pub mod search;
 pub mod topic;
 
 /// A port nobody listens on right now.

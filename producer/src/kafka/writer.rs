@@ -4,12 +4,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use tokio::sync::{Notify, Semaphore};
+use walrelay_common::kafka::{self, QuietContext, quiet_log};
 use walrelay_common::telemetry::Readiness;
 
 use crate::checkpoint::{Checkpointer, TxnId};
@@ -137,35 +137,6 @@ pub struct DeliveryContext {
     failure: Mutex<Option<WriteError>>,
     failed: Notify,
     kafka_up: AtomicBool,
-}
-
-/// librdkafka logs every failed connection attempt; while a broker is away that is many lines
-/// a second. Its own lines go to `debug`; state changes are logged once by the contexts.
-fn quiet_log(level: RDKafkaLogLevel, fac: &str, message: &str) {
-    match level {
-        RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical => {
-            tracing::error!(target: "librdkafka", fac, message)
-        }
-        _ => tracing::debug!(target: "librdkafka", fac, message),
-    }
-}
-
-/// Context of short-lived clients (topic creation, reachability checks).
-pub struct QuietContext;
-
-impl ClientContext for QuietContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        quiet_log(level, fac, message);
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        tracing::debug!(%error, reason, "Kafka client error.");
-    }
-}
-
-impl rdkafka::producer::ProducerContext for QuietContext {
-    type DeliveryOpaque = ();
-    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
 }
 
 impl ClientContext for DeliveryContext {
@@ -427,51 +398,15 @@ impl Writer {
     }
 }
 
-/// Creates `topic` with `partitions` if it does not exist (unlimited retention, so consumers
-/// can replay from offset zero); an existing topic is used as it is.
+/// Creates the topic with `partitions` if it does not exist (unlimited retention, so
+/// consumers can replay from offset zero); an existing topic is used as it is.
 pub async fn ensure_topic(options: &WriterOptions, partitions: i32) -> Result<(), WriteError> {
-    let admin: AdminClient<QuietContext> = options
-        .client_config()
-        .create_with_context(QuietContext)
-        .map_err(|e| WriteError::Client(e.to_string()))?;
-    let existing = admin
-        .inner()
-        .fetch_metadata(Some(&options.topic), Duration::from_secs(10))
-        .map_err(|e| WriteError::Delivery {
-            message: format!("reading metadata of topic {}: {e}", options.topic),
-            transient: true,
-        })?;
-    let exists = existing
-        .topics()
-        .first()
-        .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty());
-    if exists {
-        return Ok(());
-    }
-    let topic = NewTopic::new(&options.topic, partitions, TopicReplication::Fixed(-1))
-        .set("retention.ms", "-1")
-        .set("retention.bytes", "-1");
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let results = admin
-        .create_topics([&topic], &opts)
+    kafka::ensure_topic(&options.client_config(), &options.topic, partitions)
         .await
         .map_err(|e| WriteError::Delivery {
-            message: format!("creating topic {}: {e}", options.topic),
+            message: e.to_string(),
             transient: true,
-        })?;
-    for r in results {
-        match r {
-            Ok(_) => tracing::info!(topic = %options.topic, partitions, "Created the topic."),
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((name, code)) => {
-                return Err(WriteError::Delivery {
-                    message: format!("creating topic {name}: {code}"),
-                    transient: true,
-                });
-            }
-        }
-    }
-    Ok(())
+        })
 }
 
 /// Whether the brokers answer a metadata request within `timeout`.

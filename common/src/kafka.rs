@@ -1,0 +1,97 @@
+//! Kafka plumbing every binary needs: a client context that keeps librdkafka's connection
+//! chatter at `debug`, and topic creation.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::ConsumerContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryResult, ProducerContext};
+
+/// librdkafka logs every failed connection attempt; while a broker is away that is many lines
+/// a second. Its own lines go to `debug` (critical ones to `error`); the binaries log state
+/// changes once themselves.
+pub fn quiet_log(level: RDKafkaLogLevel, fac: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical => {
+            tracing::error!(target: "librdkafka", fac, message)
+        }
+        _ => tracing::debug!(target: "librdkafka", fac, message),
+    }
+}
+
+/// Context of short-lived clients (topic creation, metadata and offset queries).
+pub struct QuietContext;
+
+impl ClientContext for QuietContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        quiet_log(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!(%error, reason, "Kafka client error.");
+    }
+}
+
+impl ProducerContext for QuietContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
+}
+
+impl ConsumerContext for QuietContext {}
+
+/// A failure to create a topic. Always worth a retry: the broker may be starting.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("topic {topic}: {message}")]
+pub struct TopicError {
+    /// The topic.
+    pub topic: String,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// Creates `topic` with `partitions` if it does not exist, with unlimited retention (so
+/// consumers can replay it from offset zero); an existing topic is used as it is.
+pub async fn ensure_topic(
+    config: &ClientConfig,
+    topic: &str,
+    partitions: i32,
+) -> Result<(), TopicError> {
+    let fail = |message: String| TopicError {
+        topic: topic.to_string(),
+        message,
+    };
+    let admin: AdminClient<QuietContext> = config
+        .create_with_context(QuietContext)
+        .map_err(|e| fail(e.to_string()))?;
+    let existing = admin
+        .inner()
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| fail(format!("reading metadata: {e}")))?;
+    let exists = existing
+        .topics()
+        .first()
+        .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty());
+    if exists {
+        return Ok(());
+    }
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1))
+        .set("retention.ms", "-1")
+        .set("retention.bytes", "-1");
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .create_topics([&new], &opts)
+        .await
+        .map_err(|e| fail(format!("creating: {e}")))?;
+    for r in results {
+        match r {
+            Ok(_) => tracing::info!(topic, partitions, "Created the topic."),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => return Err(fail(format!("creating: {code}"))),
+        }
+    }
+    Ok(())
+}
