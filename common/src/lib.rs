@@ -7,6 +7,7 @@
 //! - [`kafka`]: a quiet librdkafka client context and topic creation with unlimited retention.
 //! - [`options`]: what every binary's options share: the error naming a bad option, sizes,
 //!   durations, the TOML file, Kafka properties and topic names.
+//! - [`signal`]: a cancellation token for SIGTERM/SIGINT.
 //! - [`telemetry`]: the Prometheus registry, the `/metrics`, `/healthz` and `/readyz` server, and
 //!   logging set-up.
 //!
@@ -21,4 +22,5 @@
 pub mod event;
 pub mod kafka;
 pub mod options;
+pub mod signal;
 pub mod telemetry;

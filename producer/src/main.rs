@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 use walrelay_common::telemetry::{self, Readiness};
 use walrelay_producer::commands;
 use walrelay_producer::config::{Cli, Command, Options, Settings};
@@ -145,13 +144,7 @@ async fn run(settings: Settings) -> ExitCode {
             }
         });
     }
-    let shutdown = CancellationToken::new();
-    let signal_token = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("Signal received: stopping.");
-        signal_token.cancel();
-    });
+    let shutdown = walrelay_common::signal::shutdown_token();
     let ctx = Context {
         settings,
         metrics,
@@ -167,24 +160,4 @@ async fn run(settings: Settings) -> ExitCode {
         }
         Err(e) => fail(&e),
     }
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
 }

@@ -13,6 +13,8 @@
 //! It also watches for what a correct indexer never does: a document write without an external
 //! version, and a stored version going down.
 
+#![allow(clippy::result_large_err)] // handlers return ready-made error responses
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -465,7 +467,7 @@ async fn handle(
         .path()
         .split('/')
         .filter(|s| !s.is_empty())
-        .map(|s| percent_decode(s))
+        .map(percent_decode)
         .collect();
     let is_bulk = path.last().is_some_and(|p| p == "_bulk");
     if is_bulk && request_429 > 0.0 && rand::thread_rng().gen_bool(request_429.min(1.0)) {
@@ -830,9 +832,8 @@ fn bulk(st: &mut State, path_index: Option<&str>, body: &[u8]) -> Response {
             // action.auto_create_index: a write to a missing index creates it.
             st.create_index(&name, &json!({}));
         }
-        let index = match st.resolve_one(&name) {
-            Ok(i) => i,
-            Err(_) => {
+        let Ok(index) = st.resolve_one(&name) else {
+            {
                 errors = true;
                 items.push(item_error(
                     &kind,

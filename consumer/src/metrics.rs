@@ -1,0 +1,191 @@
+//! The consumer's metric catalogue. Names follow Prometheus rules: `walrelay_consumer_` prefix,
+//! base units, `_total` on counters, bounded labels only (`op`; `table`, bounded by the
+//! captured tables; `partition`, bounded by the topic; `sink`, `kind` and `reason` from fixed
+//! lists).
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+/// Handles to every consumer metric.
+pub struct Metrics {
+    /// The registry served on `/metrics`.
+    pub registry: Registry,
+    /// Events the sink handled, by op and table.
+    pub events: IntCounterVec,
+    /// Events sent to the dead-letter topic, by reason (`decode`, `rejected`).
+    pub dead_letters: IntCounterVec,
+    /// Sink errors by sink and kind (`throttled`, `server`, `connection`, `rejected`, …).
+    pub sink_errors: IntCounterVec,
+    /// Writes the sink answered with a version conflict: a stale or repeated event, skipped.
+    pub version_conflicts: IntCounter,
+    /// Time to apply one batch to the sink, retries included.
+    pub batch_seconds: Histogram,
+    /// Events per batch.
+    pub batch_events: Histogram,
+    /// Commit time in Postgres to the sink having applied the event.
+    pub end_to_end_seconds: Histogram,
+    /// Messages behind the end of each assigned partition (librdkafka statistics).
+    pub lag_messages: IntGaugeVec,
+    /// Partitions assigned to this process.
+    pub assigned_partitions: IntGauge,
+    /// Rebalances this process took part in.
+    pub rebalances: IntCounter,
+    /// reindex: events left to read before the new indexes are caught up.
+    pub reindex_lag_messages: IntGauge,
+    /// Build information (always 1).
+    pub build_info: IntGaugeVec,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let seconds = |name: &str, help: &str, buckets: Vec<f64>| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        };
+        let m = Self {
+            events: IntCounterVec::new(
+                Opts::new(
+                    "walrelay_consumer_events_total",
+                    "Change events the sink handled (applied, or skipped as stale), by op and table.",
+                ),
+                &["op", "table"],
+            )?,
+            dead_letters: IntCounterVec::new(
+                Opts::new(
+                    "walrelay_consumer_dead_letters_total",
+                    "Events written to the dead-letter topic, by reason.",
+                ),
+                &["reason"],
+            )?,
+            sink_errors: IntCounterVec::new(
+                Opts::new(
+                    "walrelay_consumer_sink_errors_total",
+                    "Failed sink requests or items, by sink and kind.",
+                ),
+                &["sink", "kind"],
+            )?,
+            version_conflicts: IntCounter::new(
+                "walrelay_consumer_version_conflicts_total",
+                "Writes refused because the stored document is as new or newer (stale or repeated events; expected after restarts).",
+            )?,
+            batch_seconds: seconds(
+                "walrelay_consumer_batch_duration_seconds",
+                "Time to apply one batch to the sink, retries included.",
+                vec![
+                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ],
+            )?,
+            batch_events: Histogram::with_opts(
+                HistogramOpts::new("walrelay_consumer_batch_events", "Events per batch.").buckets(
+                    vec![1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0],
+                ),
+            )?,
+            end_to_end_seconds: seconds(
+                "walrelay_consumer_end_to_end_latency_seconds",
+                "Commit time in Postgres to the sink having applied the event.",
+                vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 300.0],
+            )?,
+            lag_messages: IntGaugeVec::new(
+                Opts::new(
+                    "walrelay_consumer_lag_messages",
+                    "Messages between this consumer's position and the end of the partition.",
+                ),
+                &["partition"],
+            )?,
+            assigned_partitions: IntGauge::new(
+                "walrelay_consumer_assigned_partitions",
+                "Partitions assigned to this process.",
+            )?,
+            rebalances: IntCounter::new(
+                "walrelay_consumer_rebalances_total",
+                "Consumer-group rebalances this process took part in.",
+            )?,
+            reindex_lag_messages: IntGauge::new(
+                "walrelay_consumer_reindex_lag_messages",
+                "reindex: messages left before the new indexes are caught up.",
+            )?,
+            build_info: IntGaugeVec::new(
+                Opts::new(
+                    "walrelay_consumer_build_info",
+                    "Build information (always 1).",
+                ),
+                &["version"],
+            )?,
+            registry,
+        };
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for c in m.collectors() {
+            m.registry.register(c)?;
+        }
+        Ok(m)
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.events.clone()),
+            Box::new(self.dead_letters.clone()),
+            Box::new(self.sink_errors.clone()),
+            Box::new(self.version_conflicts.clone()),
+            Box::new(self.batch_seconds.clone()),
+            Box::new(self.batch_events.clone()),
+            Box::new(self.end_to_end_seconds.clone()),
+            Box::new(self.lag_messages.clone()),
+            Box::new(self.assigned_partitions.clone()),
+            Box::new(self.rebalances.clone()),
+            Box::new(self.reindex_lag_messages.clone()),
+            Box::new(self.build_info.clone()),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_readme_metric_is_registered() {
+        let m = Metrics::new().expect("metrics");
+        // Labelled families only appear once a child exists.
+        m.events.with_label_values(&["c", "public.t"]).inc();
+        m.dead_letters.with_label_values(&["decode"]).inc();
+        m.sink_errors
+            .with_label_values(&["search", "throttled"])
+            .inc();
+        m.lag_messages.with_label_values(&["0"]).set(0);
+        let names: Vec<String> = m
+            .registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect();
+        let readme = include_str!("../../README.md");
+        let documented: Vec<&str> = readme
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("walrelay_consumer_"))
+            .collect();
+        assert!(
+            !documented.is_empty(),
+            "the README lists the consumer metrics"
+        );
+        for name in documented {
+            let base = name
+                .trim_end_matches("_bucket")
+                .trim_end_matches("_count")
+                .trim_end_matches("_sum");
+            assert!(
+                names.iter().any(|n| n == base),
+                "{name} documented but not registered"
+            );
+        }
+        for n in &names {
+            assert!(
+                readme.contains(n.as_str()),
+                "{n} registered but not documented"
+            );
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! The dead-letter topic: events a sink rejected definitively, or that could not be decoded,
+//! copied byte for byte with their origin and the error in headers.
+//!
+//! Headers: `walrelay.dlq.topic`, `walrelay.dlq.partition`, `walrelay.dlq.offset` (where the
+//! event was), `walrelay.dlq.reason` (`decode` or `rejected`), `walrelay.dlq.error` (why),
+//! `walrelay.dlq.sink` and `walrelay.dlq.group`. Nothing is skipped silently: the batch's
+//! offsets are stored only after the dead-letter topic acknowledged every copy.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use tokio_util::sync::CancellationToken;
+use walrelay_common::kafka::{self, QuietContext};
+
+use crate::config::RuntimeSettings;
+
+/// A failure to dead-letter an event.
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    /// The producer could not be created. Definite.
+    #[error("dead-letter producer: {0}")]
+    Client(String),
+    /// Kafka refused the copy for good (too large, not authorised). Definite: stopping is the
+    /// only way not to lose the event.
+    #[error("dead-letter topic {topic} refused an event from offset {offset}: {message}")]
+    Refused {
+        /// Dead-letter topic.
+        topic: String,
+        /// Offset of the original.
+        offset: i64,
+        /// What Kafka said.
+        message: String,
+    },
+    /// Shutdown came while retrying; the batch is not committed.
+    #[error("interrupted while writing dead letters")]
+    Interrupted,
+}
+
+/// One event to dead-letter.
+pub struct DeadLetter<'a> {
+    /// Partition of the original.
+    pub partition: i32,
+    /// Offset of the original.
+    pub offset: i64,
+    /// Key of the original.
+    pub key: Option<&'a [u8]>,
+    /// Value of the original, unchanged.
+    pub payload: &'a [u8],
+    /// `decode` or `rejected`.
+    pub reason: &'static str,
+    /// Why.
+    pub message: String,
+    /// The sink that rejected it.
+    pub sink: &'static str,
+}
+
+/// Writes dead letters.
+pub struct DeadLetters {
+    producer: FutureProducer<QuietContext>,
+    topic: String,
+    group: String,
+}
+
+impl DeadLetters {
+    /// A producer for the dead-letter topic, which is created when missing.
+    pub async fn new(settings: &RuntimeSettings, group: &str) -> Result<Self, DeadLetterError> {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &settings.kafka_brokers)
+            .set("client.id", "walrelay-consumer-dlq")
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("message.timeout.ms", "30000");
+        let mut attempt = 0u32;
+        loop {
+            match kafka::ensure_topic(&cfg, &settings.dead_letter_topic, 1).await {
+                Ok(()) => break,
+                Err(e) if attempt < 5 => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, "Could not create the dead-letter topic yet; retrying.");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(DeadLetterError::Client(e.to_string())),
+            }
+        }
+        let producer = cfg
+            .create_with_context(QuietContext)
+            .map_err(|e| DeadLetterError::Client(e.to_string()))?;
+        Ok(Self {
+            producer,
+            topic: settings.dead_letter_topic.clone(),
+            group: group.to_string(),
+        })
+    }
+
+    /// The dead-letter topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Writes every letter and waits for Kafka's acknowledgements, retrying transient
+    /// failures until `shutdown`.
+    pub async fn send(
+        &self,
+        source_topic: &str,
+        letters: &[DeadLetter<'_>],
+        shutdown: &CancellationToken,
+    ) -> Result<(), DeadLetterError> {
+        for letter in letters {
+            let partition = letter.partition.to_string();
+            let offset = letter.offset.to_string();
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                let headers = OwnedHeaders::new()
+                    .insert(Header {
+                        key: "walrelay.dlq.topic",
+                        value: Some(source_topic),
+                    })
+                    .insert(Header {
+                        key: "walrelay.dlq.partition",
+                        value: Some(&partition),
+                    })
+                    .insert(Header {
+                        key: "walrelay.dlq.offset",
+                        value: Some(&offset),
+                    })
+                    .insert(Header {
+                        key: "walrelay.dlq.reason",
+                        value: Some(letter.reason),
+                    })
+                    .insert(Header {
+                        key: "walrelay.dlq.error",
+                        value: Some(&letter.message),
+                    })
+                    .insert(Header {
+                        key: "walrelay.dlq.sink",
+                        value: Some(letter.sink),
+                    })
+                    .insert(Header {
+                        key: "walrelay.dlq.group",
+                        value: Some(&self.group),
+                    });
+                let mut record = FutureRecord::to(&self.topic)
+                    .payload(letter.payload)
+                    .headers(headers);
+                if let Some(k) = letter.key {
+                    record = record.key(k);
+                }
+                let sent = tokio::select! {
+                    () = shutdown.cancelled() => return Err(DeadLetterError::Interrupted),
+                    r = self.producer.send(record, Timeout::After(Duration::from_secs(30))) => r,
+                };
+                match sent {
+                    Ok(_) => break,
+                    Err((e, _)) => {
+                        use rdkafka::error::RDKafkaErrorCode as C;
+                        let definite = matches!(
+                            e.rdkafka_error_code(),
+                            Some(
+                                C::MessageSizeTooLarge
+                                    | C::TopicAuthorizationFailed
+                                    | C::ClusterAuthorizationFailed
+                                    | C::InvalidRecord
+                            )
+                        );
+                        if definite {
+                            return Err(DeadLetterError::Refused {
+                                topic: self.topic.clone(),
+                                offset: letter.offset,
+                                message: e.to_string(),
+                            });
+                        }
+                        tracing::warn!(error = %e, "Dead-letter write failed; retrying.");
+                        tokio::select! {
+                            () = shutdown.cancelled() => return Err(DeadLetterError::Interrupted),
+                            () = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,392 @@
+//! The consumer runtime every sink shares: a Kafka consumer group, batches, the dead-letter
+//! topic and offset progress.
+//!
+//! # Offset progress
+//!
+//! ```text
+//!  Kafka ─fetch─▶ librdkafka queue ─recv─▶ Batch ─write─▶ Sink ─verdicts─▶ dead letters (acked)
+//!   ▲   (≤ --max-queued-bytes)        (≤ events, bytes, wait)                   │
+//!   └──── auto-commit (1 s, on revoke, on close) ◀── store offset+1 per partition ◀┘
+//! ```
+//!
+//! An offset is stored, and so becomes eligible for commit, only after the sink returned a
+//! verdict for every event of the batch and every rejected or undecodable event of it was
+//! acknowledged by the dead-letter topic. A batch holds a prefix-closed run of each partition
+//! (events are fetched in order), so storing `last offset + 1` of a partition never covers an
+//! unfinished event. librdkafka commits stored offsets every second, before a partition is
+//! revoked, and on close; nothing else commits.
+//!
+//! A revoke can happen while a batch fills (rebalances run inside `recv`). Events fetched under
+//! an assignment that was revoked since are dropped before the sink sees them: the partition's
+//! next owner (maybe us again) reads them from the committed offset. A revoke during the sink
+//! write is harmless: the write finishes, storing the offset fails quietly, and the new owner
+//! re-applies events the sink tolerates as duplicates.
+//!
+//! On shutdown (SIGTERM) the batch being filled is written, dead letters are flushed and
+//! offsets are committed synchronously before the consumer leaves the group; a sink still
+//! retrying after the drain deadline is interrupted and its batch is not committed.
+
+mod dead_letter;
+mod group;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+use walrelay_common::event::Envelope;
+use walrelay_common::telemetry::Readiness;
+
+use crate::config::RuntimeSettings;
+use crate::metrics::Metrics;
+
+pub use dead_letter::DeadLetterError;
+use dead_letter::{DeadLetter, DeadLetters};
+use group::Group;
+pub use group::{GroupError, consumer_config};
+
+/// One decoded change event and where it came from.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// Partition of the topic.
+    pub partition: i32,
+    /// Offset in the partition.
+    pub offset: i64,
+    /// The decoded envelope.
+    pub envelope: Envelope,
+}
+
+/// What a sink did with one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Applied, or found already applied.
+    Applied,
+    /// The sink holds a newer version; nothing was written (a stale or repeated event).
+    Stale,
+    /// Definitively refused (bad document, mapping conflict, no key): dead-lettered with the
+    /// reason.
+    Rejected(String),
+}
+
+/// Why a sink could not finish a batch.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// Shutdown interrupted retries; the batch is not committed and will be read again.
+    #[error("interrupted while retrying")]
+    Interrupted,
+    /// A failure that retrying will not fix (credentials, permissions, configuration): the
+    /// process stops so that nothing is skipped.
+    #[error("{0}")]
+    Definite(String),
+}
+
+/// A destination for change events.
+///
+/// # Contract
+///
+/// - **Call order.** `write` is called with batches in fetch order; within a batch, the events
+///   of one partition are in offset order. Events of different partitions may interleave.
+/// - **Concurrency.** One call at a time per process (`&mut self`). Several processes of one
+///   group write concurrently, each for its own partitions; a row's changes are always in one
+///   partition, so concurrent writers never race on one row's order.
+/// - **Duplicates.** At-least-once: after a crash, a rebalance or a re-index, any event may be
+///   delivered again, before or after newer events of the same row. A sink must make a
+///   repeated or older event a no-op (the search sink uses external versions) and answer
+///   [`Verdict::Stale`] or [`Verdict::Applied`] for it.
+/// - **Result.** One verdict per event, in order. A transient failure (throttling, 5xx, a
+///   connection error) is the sink's to retry, with backoff, until it succeeds or `shutdown`
+///   fires ([`SinkError::Interrupted`]). [`Verdict::Rejected`] only for events that would fail
+///   again in the same way; they go to the dead-letter topic and the stream moves on.
+pub trait Sink: Send {
+    /// Short name for metrics and logs.
+    fn name(&self) -> &'static str;
+
+    /// Applies `events`; see the trait's contract.
+    fn write(
+        &mut self,
+        events: &[Event],
+        shutdown: &CancellationToken,
+    ) -> impl Future<Output = Result<Vec<Verdict>, SinkError>> + Send;
+}
+
+/// Why the runtime stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// Kafka client set-up or subscription failed.
+    #[error(transparent)]
+    Group(#[from] GroupError),
+    /// The dead-letter topic could not take an event.
+    #[error(transparent)]
+    DeadLetter(#[from] DeadLetterError),
+    /// The sink failed definitively.
+    #[error("sink {sink}: {error}")]
+    Sink {
+        /// Which sink.
+        sink: &'static str,
+        /// What it said.
+        error: SinkError,
+    },
+}
+
+/// How long the final batch may take after a shutdown request before it is abandoned.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// An event in a batch, with what the runtime needs beyond the sink's view.
+struct Pending {
+    event: Option<Event>,
+    partition: i32,
+    offset: i64,
+    epoch: u64,
+    key: Option<Vec<u8>>,
+    raw: Vec<u8>,
+    decode_error: Option<String>,
+}
+
+/// A consumer group member feeding one sink.
+pub struct Runtime {
+    group: Group,
+    dead_letters: DeadLetters,
+    settings: RuntimeSettings,
+    metrics: Arc<Metrics>,
+}
+
+impl Runtime {
+    /// Joins `group_id` on the configured topic and prepares the dead-letter topic.
+    pub async fn new(
+        settings: &RuntimeSettings,
+        group_id: &str,
+        metrics: Arc<Metrics>,
+        readiness: Readiness,
+    ) -> Result<Self, RuntimeError> {
+        let group = Group::join(settings, group_id, Arc::clone(&metrics), readiness)?;
+        let dead_letters = DeadLetters::new(settings, group_id).await?;
+        Ok(Self {
+            group,
+            dead_letters,
+            settings: settings.clone(),
+            metrics,
+        })
+    }
+
+    /// Reads, batches and writes until `shutdown`, then drains and commits.
+    pub async fn run<S: Sink>(
+        &self,
+        sink: &mut S,
+        shutdown: &CancellationToken,
+    ) -> Result<(), RuntimeError> {
+        let mut batch: Vec<Pending> = Vec::new();
+        let mut bytes = 0usize;
+        let mut started: Option<Instant> = None;
+        loop {
+            let deadline = started.map(|t| t + self.settings.batch_max_wait);
+            let received = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                r = self.group.recv(deadline) => r,
+            };
+            if let Some(p) = received {
+                bytes += p.raw.len() + p.key.as_ref().map_or(0, Vec::len);
+                started.get_or_insert_with(Instant::now);
+                batch.push(p);
+            }
+            let full = batch.len() >= self.settings.batch_max_events
+                || bytes >= self.settings.batch_max_bytes;
+            let due = deadline.is_some_and(|d| Instant::now() >= d);
+            if !batch.is_empty() && (full || due) {
+                self.flush(sink, std::mem::take(&mut batch), shutdown)
+                    .await?;
+                bytes = 0;
+                started = None;
+            }
+        }
+        // Drain: write what was read, under a deadline of its own.
+        let drain = CancellationToken::new();
+        let guard = {
+            let drain = drain.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(DRAIN_DEADLINE).await;
+                drain.cancel();
+            })
+        };
+        let drained = if batch.is_empty() {
+            Ok(())
+        } else {
+            self.flush(sink, batch, &drain).await
+        };
+        guard.abort();
+        if let Err(e) = self
+            .group
+            .consumer()
+            .commit_consumer_state(CommitMode::Sync)
+        {
+            tracing::debug!(error = %e, "Final commit had nothing to commit or failed.");
+        }
+        tracing::info!("Drained and committed; leaving the consumer group.");
+        drained
+    }
+
+    async fn flush<S: Sink>(
+        &self,
+        sink: &mut S,
+        batch: Vec<Pending>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), RuntimeError> {
+        let started = Instant::now();
+        // Drop what was fetched under an assignment revoked since.
+        let batch: Vec<Pending> = batch
+            .into_iter()
+            .filter(|p| self.group.epoch(p.partition) == Some(p.epoch))
+            .collect();
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let events: Vec<Event> = batch.iter().filter_map(|p| p.event.clone()).collect();
+        let verdicts = if events.is_empty() {
+            Vec::new()
+        } else {
+            sink.write(&events, shutdown)
+                .await
+                .map_err(|error| RuntimeError::Sink {
+                    sink: sink.name(),
+                    error,
+                })?
+        };
+        if verdicts.len() != events.len() {
+            return Err(RuntimeError::Sink {
+                sink: sink.name(),
+                error: SinkError::Definite(format!(
+                    "returned {} verdicts for {} events (a sink bug)",
+                    verdicts.len(),
+                    events.len()
+                )),
+            });
+        }
+        let mut verdicts = verdicts.into_iter();
+        let mut dead = Vec::new();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        for p in &batch {
+            let (reason, message) = match (&p.event, &p.decode_error) {
+                (None, Some(err)) => ("decode", err.clone()),
+                (Some(event), _) => match verdicts.next() {
+                    Some(Verdict::Rejected(why)) => ("rejected", why),
+                    Some(v) => {
+                        if v == Verdict::Stale {
+                            self.metrics.version_conflicts.inc();
+                        }
+                        let env = &event.envelope;
+                        self.metrics
+                            .events
+                            .with_label_values(&[
+                                env.op.code(),
+                                &format!("{}.{}", env.source.schema, env.source.table),
+                            ])
+                            .inc();
+                        let age_ms = now_ms.saturating_sub(env.ts_ms);
+                        self.metrics
+                            .end_to_end_seconds
+                            .observe(age_ms.max(0) as f64 / 1000.0);
+                        continue;
+                    }
+                    None => continue,
+                },
+                (None, None) => continue,
+            };
+            dead.push(DeadLetter {
+                partition: p.partition,
+                offset: p.offset,
+                key: p.key.as_deref(),
+                payload: &p.raw,
+                reason,
+                message,
+                sink: sink.name(),
+            });
+        }
+        if !dead.is_empty() {
+            self.dead_letters
+                .send(&self.settings.topic, &dead, shutdown)
+                .await?;
+            for d in &dead {
+                self.metrics
+                    .dead_letters
+                    .with_label_values(&[d.reason])
+                    .inc();
+            }
+            tracing::warn!(
+                count = dead.len(),
+                topic = %self.dead_letters.topic(),
+                first_offset = dead[0].offset,
+                first_error = %dead[0].message,
+                "Dead-lettered events."
+            );
+        }
+        self.store_offsets(&batch);
+        self.metrics
+            .batch_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.batch_events.observe(batch.len() as f64);
+        tracing::debug!(
+            events = batch.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "Batch applied."
+        );
+        Ok(())
+    }
+
+    fn store_offsets(&self, batch: &[Pending]) {
+        let mut next: std::collections::BTreeMap<i32, i64> = Default::default();
+        for p in batch {
+            let e = next.entry(p.partition).or_insert(0);
+            *e = (*e).max(p.offset + 1);
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (partition, offset) in next {
+            if tpl
+                .add_partition_offset(&self.settings.topic, partition, Offset::Offset(offset))
+                .is_err()
+            {
+                continue;
+            }
+        }
+        if let Err(e) = self.group.consumer().store_offsets(&tpl) {
+            // A partition revoked during the write: its next owner re-applies the events.
+            tracing::debug!(error = %e, "Could not store offsets (partition revoked?).");
+        }
+    }
+}
+
+/// Builds a batch entry from a fetched message.
+fn pending<M: Message>(m: &M, epoch: u64) -> Pending {
+    let raw = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
+    let (event, decode_error) = if m.payload().is_none() {
+        (
+            None,
+            Some("record has no value (a tombstone is not a walrelay event)".to_string()),
+        )
+    } else {
+        match Envelope::from_slice(&raw) {
+            Ok(envelope) => (
+                Some(Event {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    envelope,
+                }),
+                None,
+            ),
+            Err(e) => (None, Some(format!("not a walrelay change event: {e}"))),
+        }
+    };
+    Pending {
+        event,
+        partition: m.partition(),
+        offset: m.offset(),
+        epoch,
+        key: m.key().map(<[u8]>::to_vec),
+        raw,
+        decode_error,
+    }
+}

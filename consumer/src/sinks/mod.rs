@@ -1,0 +1,7 @@
+//! Sinks: where change events go. Each sits in its own folder (`mod.rs` for the sink itself,
+//! `client.rs` for the service it talks to, `document.rs` for how an event becomes what the
+//! service stores) and implements [`crate::runtime::Sink`].
+//!
+//! - [`search`]: Elasticsearch and OpenSearch indexes, one per table, behind aliases.
+
+pub mod search;

@@ -1,0 +1,243 @@
+//! How a change event becomes a search document: index names, document ids, versions and
+//! mappings.
+//!
+//! # Versions
+//!
+//! Every write carries `version_type=external` and a version derived from the LSN, so the
+//! search engine itself refuses anything older than what it stores (409, counted as success):
+//!
+//! - a streamed change: its own WAL position, `source.lsn`. For one row this orders changes
+//!   exactly as (commit LSN, sequence) does: within a transaction, later changes sit later in
+//!   the WAL; across transactions, a writer must wait for the row lock (or the unique-index
+//!   entry) of the previous writer, which is released only after that writer's commit record,
+//!   so its own change record comes after that commit. It needs no packing of two numbers into
+//!   63 bits, so it never overflows or ties.
+//! - a snapshot row: 1, lower than any change. The producer sends a row's snapshot event before
+//!   any change of it, and every streamed change is newer than the snapshot (its transaction
+//!   committed after the snapshot's consistent point), so a snapshot row never overwrites a
+//!   change, even when it is delivered again later.
+//!
+//! The version is also stored in the document as `walrelay_version`, which lets a truncate
+//! delete exactly the documents older than itself.
+//!
+//! # Document ids
+//!
+//! The key columns' values (`key` in the envelope), strings as they are and other values as
+//! JSON text, joined with `|`; `\` and `|` inside values are escaped with `\`. Ids longer than
+//! 512 bytes (the engines' limit) become `sha256:` and the hex digest.
+
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+use walrelay_common::event::Envelope;
+
+/// Field holding the document's version.
+pub const VERSION_FIELD: &str = "walrelay_version";
+
+/// Longest document id the engines accept.
+const MAX_ID_BYTES: usize = 512;
+
+/// The external version of an event's writes.
+pub fn version(env: &Envelope) -> i64 {
+    if env.source.snapshot {
+        1
+    } else {
+        i64::try_from(env.source.lsn).unwrap_or(i64::MAX).max(2)
+    }
+}
+
+/// The document id of a row image, or why there is none.
+pub fn document_id(key: &[String], row: &Map<String, Value>) -> Result<String, String> {
+    if key.is_empty() {
+        return Err("the table has no primary key or replica-identity index, so its rows cannot be addressed as documents; add a primary key (or REPLICA IDENTITY USING INDEX on a unique index)".into());
+    }
+    let mut id = String::new();
+    for (n, col) in key.iter().enumerate() {
+        if n > 0 {
+            id.push('|');
+        }
+        let text = match row.get(col) {
+            None | Some(Value::Null) => {
+                return Err(format!("key column {col:?} has no value in the event"));
+            }
+            Some(Value::String(s)) => s.clone(),
+            Some(v) => v.to_string(),
+        };
+        if key.len() == 1 {
+            id.push_str(&text);
+        } else {
+            for c in text.chars() {
+                if c == '|' || c == '\\' {
+                    id.push('\\');
+                }
+                id.push(c);
+            }
+        }
+    }
+    if id.len() > MAX_ID_BYTES {
+        let digest = Sha256::digest(id.as_bytes());
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        return Ok(format!("sha256:{hex}"));
+    }
+    Ok(id)
+}
+
+/// The alias of a table: the template with `{db}`, `{schema}` and `{table}` replaced,
+/// lowercased, with characters index names cannot hold replaced by `_`.
+pub fn alias_name(template: &str, env: &Envelope) -> Result<String, String> {
+    let raw = template
+        .replace("{db}", &env.source.db)
+        .replace("{schema}", &env.source.schema)
+        .replace("{table}", &env.source.table);
+    let mut name: String = raw
+        .to_lowercase()
+        .chars()
+        .map(|c| {
+            if matches!(
+                c,
+                '\\' | '/' | '*' | '?' | '"' | '<' | '>' | '|' | ' ' | ',' | '#' | ':'
+            ) {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    while name.starts_with(['_', '-', '+']) {
+        name.remove(0);
+    }
+    // Room for "-v" and a generation number.
+    if name.is_empty() || name == "." || name == ".." || name.len() > 240 {
+        return Err(format!(
+            "--index-template {template:?} gives {raw:?} for {}.{}, which is not a valid index name (1-240 bytes after lowercasing)",
+            env.source.schema, env.source.table
+        ));
+    }
+    Ok(name)
+}
+
+/// The versioned index behind an alias.
+pub fn versioned(alias: &str, generation: u32) -> String {
+    format!("{alias}-v{generation}")
+}
+
+/// The generation of `index` when it is `<alias>-v<N>`.
+pub fn generation_of(alias: &str, index: &str) -> Option<u32> {
+    index.strip_prefix(alias)?.strip_prefix("-v")?.parse().ok()
+}
+
+/// The mapping of one column from its logical type (see the README's table).
+pub fn field_mapping(logical_type: &str) -> Value {
+    let base = logical_type.trim_end_matches("[]");
+    match base {
+        "integer" => json!({"type": "long"}),
+        "float" | "numeric" => json!({"type": "double"}),
+        "boolean" => json!({"type": "boolean"}),
+        "json" => json!({"type": "object", "enabled": false}),
+        "bytea" => json!({"type": "binary"}),
+        "date" | "timestamp" | "timestamptz" => {
+            json!({"type": "date", "format": "strict_date_optional_time||epoch_millis"})
+        }
+        "time" | "timetz" | "interval" => json!({"type": "keyword"}),
+        _ => {
+            json!({"type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": 256}}})
+        }
+    }
+}
+
+/// Mappings for every column in `types` that `known` lacks.
+pub fn missing_fields(
+    types: &Map<String, Value>,
+    known: &Map<String, Value>,
+) -> Map<String, Value> {
+    let mut out = Map::new();
+    for (col, ty) in types {
+        if !known.contains_key(col) {
+            out.insert(col.clone(), field_mapping(ty.as_str().unwrap_or("text")));
+        }
+    }
+    if !known.contains_key(VERSION_FIELD) {
+        out.insert(VERSION_FIELD.into(), json!({"type": "long"}));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn ids() {
+        let key = vec!["id".to_string()];
+        assert_eq!(
+            document_id(&key, &row(json!({"id": 42, "x": 1}))),
+            Ok("42".into())
+        );
+        assert_eq!(
+            document_id(&key, &row(json!({"id": "a|b"}))),
+            Ok("a|b".into())
+        );
+        let two = vec!["a".to_string(), "b".to_string()];
+        assert_eq!(
+            document_id(&two, &row(json!({"a": "x|y", "b": 7}))),
+            Ok("x\\|y|7".into())
+        );
+        // Escaping keeps distinct keys distinct.
+        assert_ne!(
+            document_id(&two, &row(json!({"a": "x|", "b": "y"}))),
+            document_id(&two, &row(json!({"a": "x", "b": "|y"})))
+        );
+        assert!(document_id(&key, &row(json!({"id": null}))).is_err());
+        assert!(document_id(&[], &row(json!({"id": 1}))).is_err());
+        let long = "z".repeat(600);
+        let id = document_id(&key, &row(json!({ "id": long }))).expect("hashed");
+        assert!(id.starts_with("sha256:") && id.len() == 7 + 64);
+    }
+
+    #[test]
+    fn names_and_generations() {
+        let env: Envelope = serde_json::from_value(json!({
+            "op": "c", "before": null, "after": {"id": 1},
+            "source": {"version": "v", "connector": "walrelay", "db": "App", "schema": "Sales",
+                       "table": "Order Lines", "lsn": 5, "commit_lsn": 9, "txid": 1, "ts_ms": 0,
+                       "snapshot": false, "seq": 1},
+            "ts_ms": 0, "key": ["id"], "types": {"id": "integer"}
+        }))
+        .expect("envelope");
+        assert_eq!(
+            alias_name("{schema}.{table}", &env),
+            Ok("sales.order_lines".into())
+        );
+        assert_eq!(
+            alias_name("_{db}-{table}", &env),
+            Ok("app-order_lines".into())
+        );
+        assert_eq!(versioned("sales.orders", 3), "sales.orders-v3");
+        assert_eq!(generation_of("sales.orders", "sales.orders-v12"), Some(12));
+        assert_eq!(generation_of("sales.orders", "sales.orders-v1x"), None);
+        assert_eq!(
+            generation_of("sales.orders", "sales.orders_archive-v1"),
+            None
+        );
+        assert_eq!(version(&env), 5);
+    }
+
+    #[test]
+    fn mappings() {
+        assert_eq!(field_mapping("integer")["type"], "long");
+        assert_eq!(field_mapping("text[]")["type"], "text");
+        assert_eq!(field_mapping("timestamptz")["type"], "date");
+        assert_eq!(field_mapping("json")["enabled"], false);
+        assert_eq!(field_mapping("some_enum")["type"], "text");
+        let types = row(json!({"id": "integer", "name": "text"}));
+        let known = row(json!({"id": {"type": "long"}}));
+        let missing = missing_fields(&types, &known);
+        assert_eq!(
+            missing.keys().cloned().collect::<Vec<_>>(),
+            vec!["name", VERSION_FIELD]
+        );
+    }
+}

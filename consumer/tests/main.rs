@@ -1,0 +1,556 @@
+//! End-to-end tests of walrelay-consumer: a real Postgres 15, the producer, tansu and the
+//! search stand-in, each started by the test.
+//!
+//! The producer binary is taken from the same target folder as the consumer's; `cargo test
+//! --workspace` builds both.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{Map, Value};
+use walrelay_tests::broker::Tansu;
+use walrelay_tests::postgres::PgCluster;
+use walrelay_tests::process::Proc;
+use walrelay_tests::search::{Faults, SearchStandIn};
+
+fn consumer_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_walrelay-consumer"))
+}
+
+fn producer_bin() -> PathBuf {
+    let p = consumer_bin().with_file_name("walrelay-producer");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build -p walrelay-producer` (cargo test --workspace builds it)",
+        p.display()
+    );
+    p
+}
+
+/// Postgres, tansu, the stand-in, and the producer streaming one database into one topic.
+struct Stack {
+    pg: PgCluster,
+    broker: Tansu,
+    search: SearchStandIn,
+    db: String,
+    topic: String,
+    slot: String,
+    group: String,
+    logs: tempfile::TempDir,
+    spawned: u32,
+    producer: Option<Proc>,
+}
+
+impl Stack {
+    /// Starts everything; `schema_sql` runs before the producer's `init`.
+    async fn start(schema_sql: &str) -> Self {
+        let pg = PgCluster::start();
+        let db = pg.create_database("wrc").await;
+        pg.exec(&db, schema_sql).await;
+        let mut s = Self {
+            pg,
+            broker: Tansu::start(),
+            search: SearchStandIn::start().await,
+            db,
+            topic: walrelay_tests::unique("ev").replace('_', "."),
+            slot: walrelay_tests::unique("slot"),
+            group: walrelay_tests::unique("grp"),
+            logs: tempfile::tempdir().expect("log dir"),
+            spawned: 0,
+            producer: None,
+        };
+        let args = s.producer_args(&["init"]);
+        let out = std::process::Command::new(producer_bin())
+            .args(&args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run walrelay-producer init");
+        assert!(
+            out.status.success(),
+            "init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let log = s.log_path("producer");
+        s.producer = Some(Proc::spawn(
+            &producer_bin(),
+            &s.producer_args(&["run"]),
+            &[],
+            &log,
+        ));
+        s
+    }
+
+    fn log_path(&mut self, what: &str) -> PathBuf {
+        self.spawned += 1;
+        self.logs
+            .path()
+            .join(format!("{:02}-{what}.log", self.spawned))
+    }
+
+    fn producer_args(&self, command: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "--postgres-url",
+            &self.pg.url(&self.db),
+            "--kafka-brokers",
+            &self.broker.brokers(),
+            "--topic",
+            &self.topic,
+            "--slot",
+            &self.slot,
+            "--publication",
+            &self.slot,
+            "--topic-partitions",
+            "2",
+            "--partition-key",
+            "primary-key",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(command.iter().map(|s| s.to_string()));
+        args
+    }
+
+    fn consumer_args(&self, command: &str, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "--kafka-brokers",
+            &self.broker.brokers(),
+            "--topic",
+            &self.topic,
+            "--group",
+            &self.group,
+            "--search-url",
+            &self.search.url(),
+            "--batch-max-wait",
+            "100ms",
+            "--retry-initial-backoff",
+            "20ms",
+            "--retry-max-backoff",
+            "500ms",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push(command.into());
+        args
+    }
+
+    fn indexer(&mut self) -> Proc {
+        let log = self.log_path("index");
+        Proc::spawn(
+            &consumer_bin(),
+            &self.consumer_args("index", &[]),
+            &[],
+            &log,
+        )
+    }
+
+    async fn exec(&self, sql: &str) {
+        self.pg.exec(&self.db, sql).await;
+    }
+
+    /// Rows of `table` as JSON objects by `id` text.
+    async fn rows(&self, table: &str) -> BTreeMap<String, Value> {
+        let c = self.pg.client(&self.db).await;
+        let rows = c
+            .query(
+                &format!("SELECT id::text, row_to_json(t)::text FROM {table} t"),
+                &[],
+            )
+            .await
+            .expect("read rows");
+        rows.iter()
+            .map(|r| {
+                let json: String = r.get(1);
+                (
+                    r.get::<_, String>(0),
+                    serde_json::from_str(&json).expect("row json"),
+                )
+            })
+            .collect()
+    }
+
+    /// Documents of an alias without walrelay's version field.
+    fn docs(&self, alias: &str) -> BTreeMap<String, Value> {
+        self.search
+            .documents(alias)
+            .into_iter()
+            .map(|(id, mut d)| {
+                if let Some(o) = d.as_object_mut() {
+                    o.remove("walrelay_version");
+                }
+                (id, d)
+            })
+            .collect()
+    }
+
+    fn all_logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(dir) = std::fs::read_dir(self.logs.path()) {
+            let mut files: Vec<_> = dir.flatten().map(|e| e.path()).collect();
+            files.sort();
+            for f in files {
+                out.push_str(&format!("==== {}\n", f.display()));
+                let text = std::fs::read_to_string(&f).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                for l in tail.into_iter().rev() {
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+
+    /// Waits until the alias holds exactly the table's rows.
+    async fn wait_equal(&self, table: &str, alias: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let rows = self.rows(table).await;
+            let docs = self.docs(alias);
+            if rows == docs {
+                return;
+            }
+            if Instant::now() > deadline {
+                let missing: Vec<_> = rows
+                    .keys()
+                    .filter(|k| !docs.contains_key(*k))
+                    .take(5)
+                    .collect();
+                let extra: Vec<_> = docs
+                    .keys()
+                    .filter(|k| !rows.contains_key(*k))
+                    .take(5)
+                    .collect();
+                let differ: Vec<_> = rows
+                    .iter()
+                    .filter(|(k, v)| docs.get(*k).is_some_and(|d| d != *v))
+                    .take(3)
+                    .map(|(k, v)| format!("{k}: table {v} / index {}", docs[k]))
+                    .collect();
+                panic!(
+                    "{alias} never matched {table}: {} rows, {} docs; missing {missing:?}, extra {extra:?}, differing {differ:#?}\n{}",
+                    rows.len(),
+                    docs.len(),
+                    self.all_logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Asserts what a correct indexer never does.
+    fn assert_clean(&self) {
+        assert_eq!(
+            self.search.unversioned_writes(),
+            0,
+            "a document write without an external version"
+        );
+        assert_eq!(
+            self.search.regressions(),
+            Vec::<String>::new(),
+            "a stored version went down"
+        );
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if let Some(p) = self.producer.as_mut() {
+            p.kill9();
+        }
+    }
+}
+
+const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, name text, qty int, tags text[], doc jsonb, big text);
+    ALTER TABLE items ALTER COLUMN big SET STORAGE EXTERNAL;
+    INSERT INTO items SELECT g, 'item ' || g, g * 10, ARRAY['a', 'b' || g], jsonb_build_object('n', g), NULL
+        FROM generate_series(1, 200) g;";
+
+/// A background writer touching `items`: updates, deletes and inserts, until stopped.
+fn writer(url: String, stop: tokio_util::sync::CancellationToken) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(conn);
+        let mut n: u64 = 0;
+        while !stop.is_cancelled() {
+            n += 1;
+            let id = (n % 300) as i32 + 1;
+            let sql = match n % 5 {
+                0 => format!("DELETE FROM items WHERE id = {id}"),
+                1 | 2 => format!(
+                    "INSERT INTO items VALUES ({id}, 'w{n}', {n}, ARRAY['x'], '{{\"w\": {n}}}', NULL) \
+                     ON CONFLICT (id) DO UPDATE SET name = excluded.name, qty = excluded.qty"
+                ),
+                _ => format!("UPDATE items SET qty = qty + 1, name = 'u{n}' WHERE id = {id}"),
+            };
+            client.batch_execute(&sql).await.expect("write");
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        n
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_follows_inserts_updates_deletes_truncate_and_toast() {
+    let mut s = Stack::start(ITEMS).await;
+    s.exec("CREATE TABLE pairs (a text, b int, v text, PRIMARY KEY (a, b)); INSERT INTO pairs VALUES ('x|y', 1, 'one'), ('x', 2, 'two');")
+        .await;
+    // pairs was created after init: add it to the publication by running init again.
+    let out = std::process::Command::new(producer_bin())
+        .args(s.producer_args(&["init"]))
+        .output()
+        .expect("init");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut indexer = s.indexer();
+    s.wait_equal("items", "public.items", Duration::from_secs(60))
+        .await;
+
+    // Mappings come from the column types.
+    let props = s.search.properties("public.items");
+    assert_eq!(props["id"]["type"], "long");
+    assert_eq!(props["name"]["type"], "text");
+    assert_eq!(props["doc"]["enabled"], false);
+    assert_eq!(
+        s.search.alias_targets("public.items"),
+        vec!["public.items-v1"]
+    );
+
+    // A large value stored out of line, then an update that leaves it untouched.
+    s.exec("UPDATE items SET big = repeat('0123456789', 20000) WHERE id = 7")
+        .await;
+    s.exec("UPDATE items SET qty = -7 WHERE id = 7").await;
+    s.exec("UPDATE items SET name = 'renamed', qty = qty + 1 WHERE id BETWEEN 10 AND 20; DELETE FROM items WHERE id > 150;")
+        .await;
+    s.exec("UPDATE items SET id = 1000 WHERE id = 3").await;
+    s.wait_equal("items", "public.items", Duration::from_secs(60))
+        .await;
+    let seven = &s.search.documents("public.items")["7"];
+    assert_eq!(seven["qty"], -7);
+    assert_eq!(
+        seven["big"].as_str().map(str::len),
+        Some(200_000),
+        "unchanged TOAST value kept"
+    );
+
+    // Truncate, then new rows.
+    s.exec("TRUNCATE items; INSERT INTO items VALUES (1, 'after', 1, NULL, NULL, NULL);")
+        .await;
+    s.wait_equal("items", "public.items", Duration::from_secs(60))
+        .await;
+
+    // Composite keys with the separator inside a value stay distinct.
+    let pairs = s.search.documents("public.pairs");
+    assert_eq!(pairs.len(), 2, "{pairs:?}");
+    assert!(
+        pairs.contains_key("x\\|y|1") && pairs.contains_key("x|2"),
+        "{pairs:?}"
+    );
+    s.assert_clean();
+    assert_eq!(
+        indexer.terminate(),
+        Some(0),
+        "SIGTERM drains and exits 0\n{}",
+        s.all_logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_indexer_and_failing_bulk_items_lose_nothing() {
+    let mut s = Stack::start(ITEMS).await;
+    s.search.set_faults(Faults {
+        item_error_ratio: 0.3,
+        request_429_ratio: 0.1,
+        ..Faults::default()
+    });
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = writer(s.pg.url(&s.db), stop.clone());
+    let mut indexer = s.indexer();
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1500 + 700 * round)).await;
+        indexer.kill9();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        indexer = s.indexer();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    let writes = load.await.expect("writer");
+    assert!(writes > 100, "the writer made only {writes} changes");
+    s.wait_equal("items", "public.items", Duration::from_secs(90))
+        .await;
+    let (items, injected) = s.search.bulk_stats();
+    assert!(
+        injected * 5 > items,
+        "about 30% of {items} items failed, got {injected}"
+    );
+    s.assert_clean();
+    indexer.kill9();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_events_go_to_the_dead_letter_topic_and_the_rest_flows() {
+    let mut s = Stack::start(
+        "CREATE TABLE items (id int PRIMARY KEY, name text, qty int, tags text[], doc jsonb, big text);
+         CREATE TABLE keyless (v text); ALTER TABLE keyless REPLICA IDENTITY FULL;",
+    )
+    .await;
+    let mut indexer = s.indexer();
+    s.exec("INSERT INTO items VALUES (1, 'one', 1, NULL, NULL, NULL)")
+        .await;
+    s.wait_equal("items", "public.items", Duration::from_secs(60))
+        .await;
+    // Not an envelope at all, written straight into the topic.
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", s.broker.brokers())
+        .create()
+        .expect("producer");
+    producer
+        .send(
+            FutureRecord::to(&s.topic)
+                .key("junk")
+                .payload("{not json")
+                .partition(0),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("produce junk");
+    // A table without a key cannot be addressed as documents.
+    s.exec("INSERT INTO keyless VALUES ('no key')").await;
+    s.exec("INSERT INTO items VALUES (2, 'two', 2, NULL, NULL, NULL)")
+        .await;
+    s.wait_equal("items", "public.items", Duration::from_secs(60))
+        .await;
+
+    let dlq = format!("{}.dlq", s.topic);
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", s.broker.brokers())
+        .set("group.id", walrelay_tests::unique("dlqreader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    c.subscribe(&[&dlq]).expect("subscribe");
+    let mut letters: Vec<(Vec<u8>, BTreeMap<String, String>)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while letters.len() < 2 && Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(500)) {
+            let mut headers = BTreeMap::new();
+            if let Some(h) = m.headers() {
+                for x in h.iter() {
+                    headers.insert(
+                        x.key.to_string(),
+                        String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
+                    );
+                }
+            }
+            letters.push((m.payload().unwrap_or_default().to_vec(), headers));
+        }
+    }
+    assert_eq!(letters.len(), 2, "two dead letters\n{}", s.all_logs());
+    let junk = letters
+        .iter()
+        .find(|(p, _)| p == b"{not json")
+        .expect("the junk record, byte for byte");
+    assert_eq!(junk.1["walrelay.dlq.reason"], "decode");
+    assert_eq!(junk.1["walrelay.dlq.topic"], s.topic);
+    assert_eq!(junk.1["walrelay.dlq.partition"], "0");
+    assert!(junk.1["walrelay.dlq.offset"].parse::<i64>().is_ok());
+    let keyless = letters
+        .iter()
+        .find(|(p, _)| p != b"{not json")
+        .expect("the keyless event");
+    assert_eq!(keyless.1["walrelay.dlq.reason"], "rejected");
+    assert!(
+        keyless.1["walrelay.dlq.error"].contains("primary key"),
+        "{:?}",
+        keyless.1
+    );
+    let metrics_ok = indexer.try_exit().is_none();
+    assert!(metrics_ok, "the indexer keeps running\n{}", s.all_logs());
+    s.assert_clean();
+    indexer.kill9();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reindex_under_writes_swaps_to_an_exact_new_index() {
+    let mut s = Stack::start(ITEMS).await;
+    let mut indexer = s.indexer();
+    s.wait_equal("items", "public.items", Duration::from_secs(60))
+        .await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = writer(s.pg.url(&s.db), stop.clone());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let log = s.log_path("reindex");
+    let mut reindex = Proc::spawn(
+        &consumer_bin(),
+        &s.consumer_args(
+            "reindex",
+            &["--grace-period", "1s", "--progress-interval", "1s"],
+        ),
+        &[],
+        &log,
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let code = loop {
+        if let Some(code) = reindex.try_exit() {
+            break code;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "reindex did not finish\n{}",
+            s.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(code, Some(0), "reindex failed\n{}", s.all_logs());
+    // Writes continue after the swap; the running indexer now keeps the new index current.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.cancel();
+    load.await.expect("writer");
+    assert_eq!(
+        s.search.alias_targets("public.items"),
+        vec!["public.items-v2"]
+    );
+    assert!(
+        !s.search.indices().contains(&"public.items-v1".to_string()),
+        "old index deleted: {:?}",
+        s.search.indices()
+    );
+    s.wait_equal("items", "public.items", Duration::from_secs(60))
+        .await;
+    let log_text = reindex.log();
+    assert!(
+        log_text.contains("Re-index progress"),
+        "progress is shown\n{log_text}"
+    );
+    s.assert_clean();
+    indexer.kill9();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_options_exit_2_naming_the_option() {
+    let out = std::process::Command::new(consumer_bin())
+        .args([
+            "--kafka-brokers",
+            "127.0.0.1:1",
+            "--search-url",
+            "ftp://nope",
+            "index",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--search-url"));
+    let _ = Map::<String, Value>::new();
+}
