@@ -132,6 +132,11 @@ impl Stack {
             "20ms",
             "--retry-max-backoff",
             "500ms",
+            // A killed member's partitions move after this long.
+            "--kafka-property",
+            "session.timeout.ms=6000",
+            "--kafka-property",
+            "heartbeat.interval.ms=500",
         ]
         .iter()
         .map(|s| s.to_string())

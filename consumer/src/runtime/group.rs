@@ -64,7 +64,8 @@ pub fn consumer_config(settings: &RuntimeSettings, group_id: &str) -> ClientConf
         ),
         ("fetch.wait.max.ms", "100".into()),
         ("statistics.interval.ms", "5000".into()),
-        ("session.timeout.ms", "30000".into()),
+        ("session.timeout.ms", "10000".into()),
+        ("heartbeat.interval.ms", "1000".into()),
         ("max.poll.interval.ms", "600000".into()),
     ] {
         cfg.set(k, v);
