@@ -112,7 +112,8 @@ pub struct Options {
     #[arg(long, env = "WALRELAY_RETRY_MAX_BACKOFF", global = true, value_parser = parse_duration)]
     #[serde(default, deserialize_with = "options::deserialize_duration")]
     pub retry_max_backoff: Option<Duration>,
-    /// reindex: lag (events) at or under which the new indexes count as caught up [default: 0].
+    /// reindex: lag (events) at or under which the new indexes count as caught up and the
+    /// aliases swap; the hand-over after the swap covers the rest [default: 1000].
     #[arg(long, env = "WALRELAY_CAUGHT_UP_LAG", global = true)]
     pub caught_up_lag: Option<u64>,
     /// reindex: wait between the alias swap and deleting the old indexes [default: 60s].
@@ -424,7 +425,7 @@ impl Settings {
                 retry_max_backoff,
             },
             reindex: ReindexSettings {
-                caught_up_lag: o.caught_up_lag.unwrap_or(0),
+                caught_up_lag: o.caught_up_lag.unwrap_or(1000),
                 grace_period: o.grace_period.unwrap_or(Duration::from_secs(60)),
                 keep_old: o.keep_old,
                 progress_interval: o.progress_interval.unwrap_or(Duration::from_secs(5)),
