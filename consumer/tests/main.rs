@@ -386,7 +386,10 @@ async fn killed_indexer_and_failing_bulk_items_lose_nothing() {
     for round in 0..3 {
         tokio::time::sleep(Duration::from_millis(1500 + 700 * round)).await;
         indexer.kill9();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Restart once the dead member's session (6 s here) has expired: tansu's group
+        // coordinator does not reliably hand a dead member's partitions to a member that joined
+        // while it was still registered (Kafka does; see the README's known gaps).
+        tokio::time::sleep(Duration::from_secs(8)).await;
         indexer = s.indexer();
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
