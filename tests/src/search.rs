@@ -740,6 +740,9 @@ fn bulk(st: &mut State, path_index: Option<&str>, body: &[u8]) -> Response {
     let mut items = Vec::new();
     let mut errors = false;
     let (item_error_ratio, discard) = (st.faults.item_error_ratio, st.faults.discard);
+    if discard {
+        return discard_bulk(st, body);
+    }
     let mut rng = rand::thread_rng();
     while let Some(line) = lines.next() {
         let action: Value = match serde_json::from_slice(line) {
@@ -1031,4 +1034,52 @@ fn bulk(st: &mut State, path_index: Option<&str>, body: &[u8]) -> Response {
         }
     }
     ok(json!({"took": 1, "errors": errors, "items": items}))
+}
+
+/// Acknowledges a bulk request without storing it: the action of each line is read from its
+/// first key, source lines are skipped unparsed, and the answer is written directly.
+fn discard_bulk(st: &mut State, body: &[u8]) -> Response {
+    let mut out = Vec::with_capacity(body.len() / 8);
+    out.extend_from_slice(b"{\"took\":0,\"errors\":false,\"items\":[");
+    let mut lines = body.split(|b| *b == b'\n').filter(|l| !l.is_empty());
+    let mut n = 0u64;
+    while let Some(line) = lines.next() {
+        let kind: &[u8] = if line.starts_with(b"{\"delete\"") {
+            b"delete"
+        } else if line.starts_with(b"{\"index\"") {
+            b"index"
+        } else if line.starts_with(b"{\"create\"") {
+            b"create"
+        } else if line.starts_with(b"{\"update\"") {
+            b"update"
+        } else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "illegal_argument_exception",
+                "Malformed action/metadata line",
+            );
+        };
+        if kind != b"delete" && lines.next().is_none() {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "illegal_argument_exception",
+                "The bulk request must be terminated by a newline [\\n]",
+            );
+        }
+        if n > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"");
+        out.extend_from_slice(kind);
+        out.extend_from_slice(b"\":{\"status\":201,\"result\":\"created\",\"_version\":1}}");
+        n += 1;
+    }
+    out.extend_from_slice(b"]}");
+    st.bulk_items += n;
+    (
+        StatusCode::OK,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        out,
+    )
+        .into_response()
 }

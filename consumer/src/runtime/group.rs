@@ -56,7 +56,6 @@ pub fn consumer_config(settings: &RuntimeSettings, group_id: &str) -> ClientConf
         ("enable.partition.eof", "false".into()),
         // Bounded prefetch, whatever the backlog.
         ("queued.max.messages.kbytes", queued_kbytes.to_string()),
-        ("queued.min.messages", "1000".into()),
         ("fetch.max.bytes", fetch_max.to_string()),
         (
             "max.partition.fetch.bytes",
@@ -220,6 +219,21 @@ impl Group {
             .unwrap_or_else(|p| p.into_inner())
             .get(&partition)
             .copied()
+    }
+
+    /// A message that is already fetched, without waiting.
+    pub(super) fn try_recv(&self) -> Option<Pending> {
+        use futures_util::FutureExt as _;
+        match self.consumer.recv().now_or_never()? {
+            Ok(m) => {
+                let epoch = self.epoch(m.partition()).unwrap_or(0);
+                Some(pending(&m, epoch))
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "Kafka consumer error.");
+                None
+            }
+        }
     }
 
     /// The next message, or `None` when `deadline` passes first (or after a client error).

@@ -29,6 +29,7 @@
 mod dead_letter;
 mod group;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,7 +38,7 @@ use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
-use walrelay_common::event::Envelope;
+use walrelay_common::event::{Envelope, Op};
 use walrelay_common::telemetry::Readiness;
 
 use crate::config::RuntimeSettings;
@@ -96,6 +97,8 @@ pub enum SinkError {
 ///   delivered again, before or after newer events of the same row. A sink must make a
 ///   repeated or older event a no-op (the search sink uses external versions) and answer
 ///   [`Verdict::Stale`] or [`Verdict::Applied`] for it.
+/// - **Images.** The sink may take `before` and `after` out of the events (to avoid copies);
+///   the runtime reads only `op`, `source` and `ts_ms` afterwards.
 /// - **Result.** One verdict per event, in order. A transient failure (throttling, 5xx, a
 ///   connection error) is the sink's to retry, with backoff, until it succeeds or `shutdown`
 ///   fires ([`SinkError::Interrupted`]). [`Verdict::Rejected`] only for events that would fail
@@ -107,7 +110,7 @@ pub trait Sink: Send {
     /// Applies `events`; see the trait's contract.
     fn write(
         &mut self,
-        events: &[Event],
+        events: &mut [Event],
         shutdown: &CancellationToken,
     ) -> impl Future<Output = Result<Vec<Verdict>, SinkError>> + Send;
 }
@@ -187,10 +190,18 @@ impl Runtime {
                 () = shutdown.cancelled() => break,
                 r = self.group.recv(deadline) => r,
             };
-            if let Some(p) = received {
+            // Take what is already fetched without a timer per message.
+            let mut next = received;
+            while let Some(p) = next {
                 bytes += p.raw.len() + p.key.as_ref().map_or(0, Vec::len);
                 started.get_or_insert_with(Instant::now);
                 batch.push(p);
+                if batch.len() >= self.settings.batch_max_events
+                    || bytes >= self.settings.batch_max_bytes
+                {
+                    break;
+                }
+                next = self.group.try_recv();
             }
             let full = batch.len() >= self.settings.batch_max_events
                 || bytes >= self.settings.batch_max_bytes;
@@ -236,18 +247,18 @@ impl Runtime {
     ) -> Result<(), RuntimeError> {
         let started = Instant::now();
         // Drop what was fetched under an assignment revoked since.
-        let batch: Vec<Pending> = batch
+        let mut batch: Vec<Pending> = batch
             .into_iter()
             .filter(|p| self.group.epoch(p.partition) == Some(p.epoch))
             .collect();
         if batch.is_empty() {
             return Ok(());
         }
-        let events: Vec<Event> = batch.iter().filter_map(|p| p.event.clone()).collect();
+        let mut events: Vec<Event> = batch.iter_mut().filter_map(|p| p.event.take()).collect();
         let verdicts = if events.is_empty() {
             Vec::new()
         } else {
-            sink.write(&events, shutdown)
+            sink.write(&mut events, shutdown)
                 .await
                 .map_err(|error| RuntimeError::Sink {
                     sink: sink.name(),
@@ -264,28 +275,25 @@ impl Runtime {
                 )),
             });
         }
-        let mut verdicts = verdicts.into_iter();
+        let mut verdicts = verdicts.into_iter().zip(events.iter());
         let mut dead = Vec::new();
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
+        // Counted per batch: one label lookup per (op, table), not per event.
+        let mut counts: HashMap<(Op, &str, &str), u64> = HashMap::new();
+        let mut stale = 0u64;
         for p in &batch {
-            let (reason, message) = match (&p.event, &p.decode_error) {
-                (None, Some(err)) => ("decode", err.clone()),
-                (Some(event), _) => match verdicts.next() {
-                    Some(Verdict::Rejected(why)) => ("rejected", why),
-                    Some(v) => {
-                        if v == Verdict::Stale {
-                            self.metrics.version_conflicts.inc();
-                        }
+            let (reason, message) = match &p.decode_error {
+                Some(err) => ("decode", err.clone()),
+                None => match verdicts.next() {
+                    Some((Verdict::Rejected(why), _)) => ("rejected", why),
+                    Some((v, event)) => {
+                        stale += u64::from(v == Verdict::Stale);
                         let env = &event.envelope;
-                        self.metrics
-                            .events
-                            .with_label_values(&[
-                                env.op.code(),
-                                &format!("{}.{}", env.source.schema, env.source.table),
-                            ])
-                            .inc();
+                        *counts
+                            .entry((env.op, &env.source.schema, &env.source.table))
+                            .or_default() += 1;
                         let age_ms = now_ms.saturating_sub(env.ts_ms);
                         self.metrics
                             .end_to_end_seconds
@@ -294,7 +302,6 @@ impl Runtime {
                     }
                     None => continue,
                 },
-                (None, None) => continue,
             };
             dead.push(DeadLetter {
                 partition: p.partition,
@@ -305,6 +312,13 @@ impl Runtime {
                 message,
                 sink: sink.name(),
             });
+        }
+        self.metrics.version_conflicts.inc_by(stale);
+        for ((op, schema, table), n) in counts {
+            self.metrics
+                .events
+                .with_label_values(&[op.code(), &format!("{schema}.{table}")])
+                .inc_by(n);
         }
         if !dead.is_empty() {
             self.dead_letters

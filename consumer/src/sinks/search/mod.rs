@@ -27,7 +27,7 @@ use std::time::Duration;
 use rand::Rng;
 use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
-use walrelay_common::event::{Envelope, Op};
+use walrelay_common::event::{Envelope, Op, write_json_str};
 use walrelay_common::telemetry::Readiness;
 
 pub use client::{Created, SearchClient, SearchError};
@@ -72,6 +72,8 @@ pub struct SearchSink {
     settings: SearchSettings,
     mode: Mode,
     tables: HashMap<String, TableIndex>,
+    /// Alias per schema and table, rendered once.
+    aliases: HashMap<String, HashMap<String, String>>,
     seen: Arc<Mutex<BTreeMap<String, String>>>,
     metrics: Arc<Metrics>,
     readiness: Readiness,
@@ -95,6 +97,7 @@ impl SearchSink {
             settings: settings.clone(),
             mode,
             tables: HashMap::new(),
+            aliases: HashMap::new(),
             seen: Arc::default(),
             metrics,
             readiness,
@@ -162,9 +165,23 @@ impl SearchSink {
         env: &Envelope,
         shutdown: &CancellationToken,
     ) -> Result<Result<String, String>, SinkError> {
-        let alias = match alias_name(&self.settings.index_template, env) {
-            Ok(a) => a,
-            Err(why) => return Ok(Err(why)),
+        let cached = self
+            .aliases
+            .get(&env.source.schema)
+            .and_then(|t| t.get(&env.source.table));
+        let alias = match cached {
+            Some(a) => a.clone(),
+            None => {
+                let a = match alias_name(&self.settings.index_template, env) {
+                    Ok(a) => a,
+                    Err(why) => return Ok(Err(why)),
+                };
+                self.aliases
+                    .entry(env.source.schema.clone())
+                    .or_default()
+                    .insert(env.source.table.clone(), a.clone());
+                a
+            }
         };
         if !self.tables.contains_key(&alias) {
             let t = self.open_table(&alias, env, shutdown).await?;
@@ -177,7 +194,12 @@ impl SearchSink {
         let Some(t) = self.tables.get(&alias) else {
             return Ok(Err(format!("index for {alias} missing")));
         };
-        let missing = missing_fields(&env.types, &t.mapped);
+        let all_mapped = env.types.keys().all(|c| t.mapped.contains_key(c));
+        let missing = if all_mapped {
+            Map::new()
+        } else {
+            missing_fields(&env.types, &t.mapped)
+        };
         if !missing.is_empty() {
             let target = t.target.clone();
             let client = self.client.clone();
@@ -418,11 +440,17 @@ impl SearchSink {
     }
 }
 
+/// Appends `{"<kind>":{"_index":…,"_id":…,"version":…,"version_type":"external"}}` and a newline.
 fn action_line(out: &mut Vec<u8>, kind: &str, index: &str, id: &str, version: i64) {
-    let meta =
-        json!({kind: {"_index": index, "_id": id, "version": version, "version_type": "external"}});
-    out.extend_from_slice(meta.to_string().as_bytes());
-    out.push(b'\n');
+    out.extend_from_slice(b"{\"");
+    out.extend_from_slice(kind.as_bytes());
+    out.extend_from_slice(b"\":{\"_index\":");
+    write_json_str(out, index);
+    out.extend_from_slice(b",\"_id\":");
+    write_json_str(out, id);
+    out.extend_from_slice(b",\"version\":");
+    out.extend_from_slice(version.to_string().as_bytes());
+    out.extend_from_slice(b",\"version_type\":\"external\"}}\n");
 }
 
 impl Sink for SearchSink {
@@ -432,14 +460,15 @@ impl Sink for SearchSink {
 
     async fn write(
         &mut self,
-        events: &[Event],
+        events: &mut [Event],
         shutdown: &CancellationToken,
     ) -> Result<Vec<Verdict>, SinkError> {
         let mut verdicts: Vec<Option<Verdict>> = vec![None; events.len()];
         let mut actions: Vec<Action> = Vec::new();
         // The latest source written in this batch per (index, id); `None` once deleted.
         let mut written: HashMap<(String, String), Option<Map<String, Value>>> = HashMap::new();
-        for (i, event) in events.iter().enumerate() {
+        for (i, event) in events.iter_mut().enumerate() {
+            let taken_after = event.envelope.after.take();
             let env = &event.envelope;
             let target = match self.table(env, shutdown).await? {
                 Ok(t) => t,
@@ -477,20 +506,19 @@ impl Sink for SearchSink {
                     written.insert((target, id), None);
                 }
                 Op::Create | Op::Update | Op::Read => {
-                    let Some(after) = env.after.as_ref() else {
+                    let Some(mut source) = taken_after else {
                         verdicts[i] = Some(Verdict::Rejected(
                             "insert or update without an after image".into(),
                         ));
                         continue;
                     };
-                    let id = match document_id(&env.key, after) {
+                    let id = match document_id(&env.key, &source) {
                         Ok(id) => id,
                         Err(why) => {
                             verdicts[i] = Some(Verdict::Rejected(why));
                             continue;
                         }
                     };
-                    let mut source = after.clone();
                     if !env.unchanged_toast.is_empty() {
                         let stored = match written.get(&(target.clone(), id.clone())) {
                             Some(known) => known.clone(),
@@ -543,7 +571,12 @@ impl Sink for SearchSink {
                     }
                     source.insert(VERSION_FIELD.into(), json!(v));
                     action_line(&mut lines, "index", &target, &id, v);
-                    lines.extend_from_slice(Value::Object(source.clone()).to_string().as_bytes());
+                    if let Err(e) = serde_json::to_writer(&mut lines, &source) {
+                        verdicts[i] = Some(Verdict::Rejected(format!(
+                            "cannot encode the document: {e}"
+                        )));
+                        continue;
+                    }
                     lines.push(b'\n');
                     actions.push(Action { event: i, lines });
                     written.insert((target, id), Some(source));
