@@ -114,7 +114,40 @@ pub struct Envelope {
     /// Every column's type, as a logical name (`integer`, `text`, `timestamptz`, `text[]`, …;
     /// see `envelope.schema.json`).
     #[serde(default)]
-    pub types: Map<String, Value>,
+    pub types: ColumnTypes,
+}
+
+/// The envelope's `types` object, kept as it arrived and parsed only on demand: it is the same
+/// for every event of a table, so consumers compare it as text and parse it once per change.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ColumnTypes(Box<serde_json::value::RawValue>);
+
+impl ColumnTypes {
+    /// The JSON text.
+    pub fn raw(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Column name to logical type.
+    pub fn parse(&self) -> Map<String, Value> {
+        serde_json::from_str(self.0.get()).unwrap_or_default()
+    }
+}
+
+impl Default for ColumnTypes {
+    fn default() -> Self {
+        Self(
+            serde_json::value::RawValue::from_string("{}".into())
+                .unwrap_or_else(|_| unreachable!("{{}} is JSON")),
+        )
+    }
+}
+
+impl PartialEq for ColumnTypes {
+    fn eq(&self, other: &Self) -> bool {
+        self.raw() == other.raw()
+    }
 }
 
 impl Envelope {
@@ -221,7 +254,7 @@ mod tests {
             ts_ms: 0,
             unchanged_toast: vec![],
             key: vec!["id".into()],
-            types: Map::new(),
+            types: ColumnTypes::default(),
         };
         let json = serde_json::to_value(&env).expect("serialize");
         for f in source {

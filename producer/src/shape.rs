@@ -396,7 +396,7 @@ mod tests {
         assert_eq!(env.source.db, "app");
         assert_eq!(env.key, vec!["id"]);
         assert_eq!(
-            serde_json::Value::Object(env.types),
+            serde_json::Value::Object(env.types.parse()),
             serde_json::json!({"id": "integer", "name": "text", "bio": "text"})
         );
     }

@@ -22,9 +22,12 @@
 //! write is harmless: the write finishes, storing the offset fails quietly, and the new owner
 //! re-applies events the sink tolerates as duplicates.
 //!
-//! On shutdown (SIGTERM) the batch being filled is written, dead letters are flushed and
+//! Reading and writing overlap: one task half fetches, decodes and cuts batches while the
+//! other writes the previous batch, with at most one finished batch waiting between them.
+//!
+//! On shutdown (SIGTERM) the batches already read are written, dead letters are flushed and
 //! offsets are committed synchronously before the consumer leaves the group; a sink still
-//! retrying after the drain deadline is interrupted and its batch is not committed.
+//! retrying 30 s after the signal is interrupted and its batch is not committed.
 
 mod dead_letter;
 mod group;
@@ -150,7 +153,7 @@ struct Pending {
 
 /// A consumer group member feeding one sink.
 pub struct Runtime {
-    group: Group,
+    group: Arc<Group>,
     dead_letters: DeadLetters,
     settings: RuntimeSettings,
     metrics: Arc<Metrics>,
@@ -164,7 +167,12 @@ impl Runtime {
         metrics: Arc<Metrics>,
         readiness: Readiness,
     ) -> Result<Self, RuntimeError> {
-        let group = Group::join(settings, group_id, Arc::clone(&metrics), readiness)?;
+        let group = Arc::new(Group::join(
+            settings,
+            group_id,
+            Arc::clone(&metrics),
+            readiness,
+        )?);
         let dead_letters = DeadLetters::new(settings, group_id).await?;
         Ok(Self {
             group,
@@ -175,59 +183,48 @@ impl Runtime {
     }
 
     /// Reads, batches and writes until `shutdown`, then drains and commits.
+    ///
+    /// Reading and writing overlap: while the sink writes one batch, the next one is fetched
+    /// and decoded (at most one batch waits in between, so memory stays at about three
+    /// batches).
     pub async fn run<S: Sink>(
         &self,
         sink: &mut S,
         shutdown: &CancellationToken,
     ) -> Result<(), RuntimeError> {
-        let mut batch: Vec<Pending> = Vec::new();
-        let mut bytes = 0usize;
-        let mut started: Option<Instant> = None;
-        loop {
-            let deadline = started.map(|t| t + self.settings.batch_max_wait);
-            let received = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => break,
-                r = self.group.recv(deadline) => r,
-            };
-            // Take what is already fetched without a timer per message.
-            let mut next = received;
-            while let Some(p) = next {
-                bytes += p.raw.len() + p.key.as_ref().map_or(0, Vec::len);
-                started.get_or_insert_with(Instant::now);
-                batch.push(p);
-                if batch.len() >= self.settings.batch_max_events
-                    || bytes >= self.settings.batch_max_bytes
-                {
-                    break;
-                }
-                next = self.group.try_recv();
-            }
-            let full = batch.len() >= self.settings.batch_max_events
-                || bytes >= self.settings.batch_max_bytes;
-            let due = deadline.is_some_and(|d| Instant::now() >= d);
-            if !batch.is_empty() && (full || due) {
-                self.flush(sink, std::mem::take(&mut batch), shutdown)
-                    .await?;
-                bytes = 0;
-                started = None;
-            }
-        }
-        // Drain: write what was read, under a deadline of its own.
+        // Retries go on after a shutdown request for at most DRAIN_DEADLINE.
         let drain = CancellationToken::new();
-        let guard = {
-            let drain = drain.clone();
+        let deadline_guard = {
+            let (drain, shutdown) = (drain.clone(), shutdown.clone());
             tokio::spawn(async move {
+                shutdown.cancelled().await;
                 tokio::time::sleep(DRAIN_DEADLINE).await;
                 drain.cancel();
             })
         };
-        let drained = if batch.is_empty() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Pending>>(1);
+        let writer = async {
+            while let Some(batch) = rx.recv().await {
+                if let Err(e) = self.flush(sink, batch, &drain).await {
+                    // Stop reading; the batches after this one are not committed.
+                    rx.close();
+                    return Err(e);
+                }
+            }
             Ok(())
-        } else {
-            self.flush(sink, batch, &drain).await
         };
-        guard.abort();
+        // The reader runs as its own task, so decoding uses another core than the writer.
+        let reader = tokio::spawn(read(
+            Arc::clone(&self.group),
+            self.settings.clone(),
+            tx,
+            shutdown.clone(),
+        ));
+        let written = writer.await;
+        if let Err(e) = reader.await {
+            tracing::error!(error = %e, "The reader task failed.");
+        }
+        deadline_guard.abort();
         if let Err(e) = self
             .group
             .consumer()
@@ -236,7 +233,7 @@ impl Runtime {
             tracing::debug!(error = %e, "Final commit had nothing to commit or failed.");
         }
         tracing::info!("Drained and committed; leaving the consumer group.");
-        drained
+        written
     }
 
     async fn flush<S: Sink>(
@@ -370,6 +367,51 @@ impl Runtime {
             // A partition revoked during the write: its next owner re-applies the events.
             tracing::debug!(error = %e, "Could not store offsets (partition revoked?).");
         }
+    }
+}
+
+/// Fetches, decodes and cuts batches until `shutdown` (then hands over the partial batch)
+/// or until the writer stops.
+async fn read(
+    group: Arc<Group>,
+    settings: RuntimeSettings,
+    tx: tokio::sync::mpsc::Sender<Vec<Pending>>,
+    shutdown: CancellationToken,
+) {
+    let mut batch: Vec<Pending> = Vec::new();
+    let mut bytes = 0usize;
+    let mut started: Option<Instant> = None;
+    loop {
+        let deadline = started.map(|t| t + settings.batch_max_wait);
+        let received = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            () = tx.closed() => return,
+            r = group.recv(deadline) => r,
+        };
+        // Take what is already fetched without a timer per message.
+        let mut next = received;
+        while let Some(p) = next {
+            bytes += p.raw.len() + p.key.as_ref().map_or(0, Vec::len);
+            started.get_or_insert_with(Instant::now);
+            batch.push(p);
+            if batch.len() >= settings.batch_max_events || bytes >= settings.batch_max_bytes {
+                break;
+            }
+            next = group.try_recv();
+        }
+        let full = batch.len() >= settings.batch_max_events || bytes >= settings.batch_max_bytes;
+        let due = deadline.is_some_and(|d| Instant::now() >= d);
+        if !batch.is_empty() && (full || due) {
+            if tx.send(std::mem::take(&mut batch)).await.is_err() {
+                return;
+            }
+            bytes = 0;
+            started = None;
+        }
+    }
+    if !batch.is_empty() {
+        let _ = tx.send(batch).await;
     }
 }
 

@@ -22,7 +22,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use walrelay_tests::broker::MockBroker;
-use walrelay_tests::process::Proc;
+use walrelay_tests::process::{Proc, cpu_seconds_of};
 use walrelay_tests::search::{Faults, SearchStandIn};
 
 const TOPIC: &str = "walrelay.benchc";
@@ -51,7 +51,7 @@ fn envelope(i: u64) -> String {
             r#""snapshot":false,"seq":1}},"ts_ms":1700000000000,"key":["id"],"#,
             r#""types":{{"id":"integer","email":"text","name":"text","balance":"numeric","tags":"text[]","active":"boolean"}}}}"#
         ),
-        op = if i % 10 == 0 { "u" } else { "c" },
+        op = if i.is_multiple_of(10) { "u" } else { "c" },
         id = i % 500_000,
         bal = i % 10_000,
         t = i % 7,
@@ -139,7 +139,10 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     if events > 100_000 * PARTITIONS as u64 {
-        bail!("at most {} events: the mock cluster keeps 100k per partition", 100_000 * PARTITIONS);
+        bail!(
+            "at most {} events: the mock cluster keeps 100k per partition",
+            100_000 * PARTITIONS
+        );
     }
     let broker = MockBroker::start(
         &sibling("walrelay-mock-broker")?,
@@ -168,6 +171,7 @@ async fn main() -> anyhow::Result<()> {
 
     // Index.
     let group = "bench-indexer";
+    let harness_cpu_before = cpu_seconds_of(std::process::id()).unwrap_or(0.0);
     let t = Instant::now();
     let mut p = Proc::spawn(
         &consumer,
@@ -195,6 +199,8 @@ async fn main() -> anyhow::Result<()> {
     }
     let secs = t.elapsed().as_secs_f64();
     let rss = p.peak_rss_bytes().unwrap_or(0);
+    let consumer_cpu = p.cpu_seconds().unwrap_or(0.0);
+    let harness_cpu = cpu_seconds_of(std::process::id()).unwrap_or(0.0) - harness_cpu_before;
     p.terminate();
     if std::env::var_os("WALRELAY_BENCH_SHOW_LOGS").is_some() {
         let log = p.log();
@@ -216,6 +222,11 @@ async fn main() -> anyhow::Result<()> {
             "NOT met"
         },
         rss as f64 / (1 << 20) as f64
+    );
+    println!(
+        "index CPU: consumer {consumer_cpu:.1} s ({:.1} µs/event), harness with the stand-in {harness_cpu:.1} s, {} cores",
+        consumer_cpu * 1e6 / events as f64,
+        std::thread::available_parallelism().map_or(1, |n| n.get())
     );
 
     // Re-index over the same history.

@@ -146,6 +146,22 @@ impl SearchClient {
         query: &[(&str, &str)],
         body: Option<(Vec<u8>, &'static str)>,
     ) -> Result<(StatusCode, Value), SearchError> {
+        let (status, bytes) = self.call_raw(method, segments, query, body).await?;
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        ))
+    }
+
+    /// Sends a request; returns status and body bytes, with 429, 5xx, 401 and 403 turned into
+    /// errors.
+    async fn call_raw(
+        &self,
+        method: Method,
+        segments: &[&str],
+        query: &[(&str, &str)],
+        body: Option<(Vec<u8>, &'static str)>,
+    ) -> Result<(StatusCode, bytes::Bytes), SearchError> {
         let what = format!("{method} /{}", segments.join("/"));
         let mut req = self.http.request(method, self.url(segments));
         if !query.is_empty() {
@@ -176,7 +192,15 @@ impl SearchClient {
             kind: "connection",
             retry_after: None,
         })?;
-        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        let failed = status == StatusCode::TOO_MANY_REQUESTS
+            || status.is_server_error()
+            || status == StatusCode::UNAUTHORIZED
+            || status == StatusCode::FORBIDDEN;
+        let value: Value = if failed {
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+        } else {
+            Value::Null
+        };
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
             return Err(SearchError::Transient {
                 what,
@@ -198,7 +222,7 @@ impl SearchClient {
                 ),
             });
         }
-        Ok((status, value))
+        Ok((status, bytes))
     }
 
     fn refused(what: &str, status: StatusCode, body: &Value) -> SearchError {
@@ -358,8 +382,20 @@ impl SearchClient {
 
     /// Sends an NDJSON bulk body; one item per action, in order.
     pub async fn bulk(&self, body: Vec<u8>, actions: usize) -> Result<Vec<BulkItem>, SearchError> {
-        let (status, resp) = self
-            .call(
+        /// Only what the sink reads of a bulk answer (the rest is skipped unparsed).
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            #[serde(default)]
+            items: Vec<std::collections::HashMap<String, Item>>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Item {
+            status: u16,
+            #[serde(default)]
+            error: Option<Value>,
+        }
+        let (status, bytes) = self
+            .call_raw(
                 Method::POST,
                 &["_bulk"],
                 &[],
@@ -367,37 +403,42 @@ impl SearchClient {
             )
             .await?;
         if !status.is_success() {
-            return Err(Self::refused("POST /_bulk", status, &resp));
+            let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            return Err(Self::refused("POST /_bulk", status, &value));
         }
-        let items = resp["items"].as_array().cloned().unwrap_or_default();
-        if items.len() != actions {
+        let answer: Answer =
+            serde_json::from_slice(&bytes).map_err(|e| SearchError::Transient {
+                what: "POST /_bulk".into(),
+                message: format!("unreadable answer: {e}"),
+                kind: "server",
+                retry_after: None,
+            })?;
+        if answer.items.len() != actions {
             return Err(SearchError::Transient {
                 what: "POST /_bulk".into(),
-                message: format!("answered {} items for {actions} actions", items.len()),
+                message: format!(
+                    "answered {} items for {actions} actions",
+                    answer.items.len()
+                ),
                 kind: "server",
                 retry_after: None,
             });
         }
-        Ok(items
-            .iter()
-            .map(|item| {
-                let inner = item
-                    .as_object()
-                    .and_then(|o| o.values().next())
-                    .cloned()
-                    .unwrap_or(Value::Null);
-                BulkItem {
-                    status: inner["status"]
-                        .as_u64()
-                        .and_then(|s| u16::try_from(s).ok())
-                        .unwrap_or(500),
-                    error: inner.get("error").map(|e| {
-                        match (e["type"].as_str(), e["reason"].as_str()) {
-                            (Some(t), Some(r)) => format!("{t}: {r}"),
-                            _ => e.to_string(),
-                        }
+        Ok(answer
+            .items
+            .into_iter()
+            .map(|item| match item.into_values().next() {
+                Some(Item { status, error }) => BulkItem {
+                    status,
+                    error: error.map(|e| match (e["type"].as_str(), e["reason"].as_str()) {
+                        (Some(t), Some(r)) => format!("{t}: {r}"),
+                        _ => e.to_string(),
                     }),
-                }
+                },
+                None => BulkItem {
+                    status: 500,
+                    error: Some("empty bulk item".into()),
+                },
             })
             .collect())
     }

@@ -58,6 +58,8 @@ struct TableIndex {
     target: String,
     /// Fields mapped so far.
     mapped: Map<String, Value>,
+    /// The envelope `types` text last checked against `mapped`.
+    checked_types: String,
 }
 
 /// One bulk action and the event it serves.
@@ -194,11 +196,11 @@ impl SearchSink {
         let Some(t) = self.tables.get(&alias) else {
             return Ok(Err(format!("index for {alias} missing")));
         };
-        let all_mapped = env.types.keys().all(|c| t.mapped.contains_key(c));
-        let missing = if all_mapped {
+        // The same `types` text as last time: nothing new to map.
+        let missing = if t.checked_types == env.types.raw() {
             Map::new()
         } else {
-            missing_fields(&env.types, &t.mapped)
+            missing_fields(&env.types.parse(), &t.mapped)
         };
         if !missing.is_empty() {
             let target = t.target.clone();
@@ -225,6 +227,11 @@ impl SearchSink {
                 t.mapped.extend(missing);
             }
         }
+        if let Some(t) = self.tables.get_mut(&alias)
+            && t.checked_types != env.types.raw()
+        {
+            t.checked_types = env.types.raw().to_string();
+        }
         Ok(Ok(self
             .tables
             .get(&alias)
@@ -239,7 +246,7 @@ impl SearchSink {
         shutdown: &CancellationToken,
     ) -> Result<TableIndex, SinkError> {
         let client = self.client.clone();
-        let mappings = missing_fields(&env.types, &Map::new());
+        let mappings = missing_fields(&env.types.parse(), &Map::new());
         match self.mode {
             Mode::Live => {
                 loop {
@@ -256,6 +263,7 @@ impl SearchSink {
                             return Ok(TableIndex {
                                 target: alias.to_string(),
                                 mapped: props,
+                                checked_types: String::new(),
                             });
                         }
                         Some(many) => {
@@ -287,6 +295,7 @@ impl SearchSink {
                         return Ok(TableIndex {
                             target: alias.to_string(),
                             mapped: mappings,
+                            checked_types: String::new(),
                         });
                     }
                     // It existed without the alias (a crash between the two, or a race with
@@ -311,6 +320,7 @@ impl SearchSink {
                     return Ok(TableIndex {
                         target: index,
                         mapped: props,
+                        checked_types: String::new(),
                     });
                 }
                 let body = json!({"mappings": {"properties": mappings}});
@@ -320,6 +330,7 @@ impl SearchSink {
                 Ok(TableIndex {
                     target: index,
                     mapped: mappings,
+                    checked_types: String::new(),
                 })
             }
         }
