@@ -22,8 +22,8 @@
 //! write is harmless: the write finishes, storing the offset fails quietly, and the new owner
 //! re-applies events the sink tolerates as duplicates.
 //!
-//! Reading and writing overlap: one task half fetches, decodes and cuts batches while the
-//! other writes the previous batch, with at most one finished batch waiting between them.
+//! Reading and writing overlap: one task fetches and cuts batches, blocking threads decode
+//! them (two at a time at most), and the writer applies them in order.
 //!
 //! On shutdown (SIGTERM) the batches already read are written, dead letters are flushed and
 //! offsets are committed synchronously before the consumer leaves the group; a sink still
@@ -184,9 +184,8 @@ impl Runtime {
 
     /// Reads, batches and writes until `shutdown`, then drains and commits.
     ///
-    /// Reading and writing overlap: while the sink writes one batch, the next one is fetched
-    /// and decoded (at most one batch waits in between, so memory stays at about three
-    /// batches).
+    /// Reading and writing overlap: while the sink writes one batch, the next ones are fetched
+    /// and decoded (at most two wait in between, so memory stays at about four batches).
     pub async fn run<S: Sink>(
         &self,
         sink: &mut S,
@@ -202,9 +201,18 @@ impl Runtime {
                 drain.cancel();
             })
         };
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Pending>>(1);
+        // Batches decode on blocking threads; the writer takes them in order. Two may decode
+        // while one is written.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Decoding>(2);
         let writer = async {
-            while let Some(batch) = rx.recv().await {
+            while let Some(decoding) = rx.recv().await {
+                let Ok(batch) = decoding.await else {
+                    rx.close();
+                    return Err(RuntimeError::Sink {
+                        sink: sink.name(),
+                        error: SinkError::Definite("a decoding task failed".into()),
+                    });
+                };
                 if let Err(e) = self.flush(sink, batch, &drain).await {
                     // Stop reading; the batches after this one are not committed.
                     rx.close();
@@ -375,7 +383,7 @@ impl Runtime {
 async fn read(
     group: Arc<Group>,
     settings: RuntimeSettings,
-    tx: tokio::sync::mpsc::Sender<Vec<Pending>>,
+    tx: tokio::sync::mpsc::Sender<Decoding>,
     shutdown: CancellationToken,
 ) {
     let mut batch: Vec<Pending> = Vec::new();
@@ -403,7 +411,7 @@ async fn read(
         let full = batch.len() >= settings.batch_max_events || bytes >= settings.batch_max_bytes;
         let due = deadline.is_some_and(|d| Instant::now() >= d);
         if !batch.is_empty() && (full || due) {
-            if tx.send(std::mem::take(&mut batch)).await.is_err() {
+            if tx.send(decoding(std::mem::take(&mut batch))).await.is_err() {
                 return;
             }
             bytes = 0;
@@ -411,38 +419,52 @@ async fn read(
         }
     }
     if !batch.is_empty() {
-        let _ = tx.send(batch).await;
+        let _ = tx.send(decoding(batch)).await;
     }
 }
 
-/// Builds a batch entry from a fetched message.
+/// A batch being decoded.
+type Decoding = tokio::task::JoinHandle<Vec<Pending>>;
+
+fn decoding(mut batch: Vec<Pending>) -> Decoding {
+    tokio::task::spawn_blocking(move || {
+        decode(&mut batch);
+        batch
+    })
+}
+
+/// Builds a batch entry from a fetched message: its bytes only; [`decode`] comes later, off
+/// the fetching task.
 fn pending<M: Message>(m: &M, epoch: u64) -> Pending {
-    let raw = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
-    let (event, decode_error) = if m.payload().is_none() {
-        (
-            None,
-            Some("record has no value (a tombstone is not a walrelay event)".to_string()),
-        )
-    } else {
-        match Envelope::from_slice(&raw) {
-            Ok(envelope) => (
-                Some(Event {
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    envelope,
-                }),
-                None,
-            ),
-            Err(e) => (None, Some(format!("not a walrelay change event: {e}"))),
-        }
-    };
+    let payload = m.payload();
     Pending {
-        event,
+        event: None,
         partition: m.partition(),
         offset: m.offset(),
         epoch,
         key: m.key().map(<[u8]>::to_vec),
-        raw,
-        decode_error,
+        raw: payload.map(<[u8]>::to_vec).unwrap_or_default(),
+        decode_error: payload
+            .is_none()
+            .then(|| "record has no value (a tombstone is not a walrelay event)".to_string()),
+    }
+}
+
+/// Decodes every entry of a batch (undecodable ones get their error).
+fn decode(batch: &mut [Pending]) {
+    for p in batch {
+        if p.decode_error.is_some() {
+            continue;
+        }
+        match Envelope::from_slice(&p.raw) {
+            Ok(envelope) => {
+                p.event = Some(Event {
+                    partition: p.partition,
+                    offset: p.offset,
+                    envelope,
+                });
+            }
+            Err(e) => p.decode_error = Some(format!("not a walrelay change event: {e}")),
+        }
     }
 }

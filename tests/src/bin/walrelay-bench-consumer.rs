@@ -183,10 +183,15 @@ async fn main() -> anyhow::Result<()> {
         &[],
         &logs.path().join("index.log"),
     );
+    // The first commit marks the end of start-up (process start, group join, first fetch).
+    let mut first: Option<(Instant, i64)> = None;
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let b = brokers.clone();
         let done = tokio::task::spawn_blocking(move || committed(&b, group)).await??;
+        if done > 0 && first.is_none() {
+            first = Some((Instant::now(), done));
+        }
         if done >= events as i64 {
             break;
         }
@@ -198,6 +203,8 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let secs = t.elapsed().as_secs_f64();
+    let steady =
+        first.map(|(at, n)| (events as i64 - n) as f64 / at.elapsed().as_secs_f64().max(0.001));
     let rss = p.peak_rss_bytes().unwrap_or(0);
     let consumer_cpu = p.cpu_seconds().unwrap_or(0.0);
     let harness_cpu = cpu_seconds_of(std::process::id()).unwrap_or(0.0) - harness_cpu_before;
@@ -223,6 +230,12 @@ async fn main() -> anyhow::Result<()> {
         },
         rss as f64 / (1 << 20) as f64
     );
+    if let Some(rate) = steady {
+        println!(
+            "index steady state (first commit to last): {rate:.0} events/s (target >= 100000: {})",
+            if rate >= 100_000.0 { "met" } else { "NOT met" }
+        );
+    }
     println!(
         "index CPU: consumer {consumer_cpu:.1} s ({:.1} µs/event), harness with the stand-in {harness_cpu:.1} s, {} cores",
         consumer_cpu * 1e6 / events as f64,
