@@ -562,3 +562,146 @@ async fn bad_options_exit_2_naming_the_option() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--search-url"));
     let _ = Map::<String, Value>::new();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reindex_refuses_when_the_topic_history_was_deleted() {
+    // librdkafka's mock cluster keeps a bounded number of messages per partition, so writing
+    // past it moves the partition's earliest offset above zero, as retention would.
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    let topic = walrelay_tests::unique("hist").replace('_', ".");
+    cluster.create_topic(&topic, 1, 1).expect("topic");
+    cluster
+        .create_topic(&format!("{topic}.dlq"), 1, 1)
+        .expect("dlq topic");
+    let brokers = cluster.bootstrap_servers();
+    let producer: rdkafka::producer::ThreadedProducer<_> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("linger.ms", "20")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .expect("producer");
+    // It trims by bytes: 40k records of 2 KiB are well past what it keeps.
+    let filler = "x".repeat(2048);
+    for i in 0..40_000u32 {
+        let payload = format!("{i}{filler}");
+        while producer
+            .send(rdkafka::producer::BaseRecord::<(), String>::to(&topic).payload(&payload))
+            .is_err()
+        {
+            producer.poll(Duration::from_millis(10));
+        }
+    }
+    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(60)).expect("flush");
+    let probe: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "probe")
+        .create()
+        .expect("consumer");
+    let (earliest, _) = probe
+        .fetch_watermarks(&topic, 0, Duration::from_secs(10))
+        .expect("watermarks");
+    assert!(
+        earliest > 0,
+        "the mock cluster kept the whole history; the test needs it trimmed"
+    );
+
+    let search = SearchStandIn::start().await;
+    let out = tokio::process::Command::new(consumer_bin())
+        .args([
+            "--kafka-brokers",
+            &brokers,
+            "--topic",
+            &topic,
+            "--search-url",
+            &search.url(),
+            "reindex",
+        ])
+        .output()
+        .await
+        .expect("run reindex");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains(&format!("starts at offset {earliest}, not 0"))
+            && stderr.contains("history was deleted"),
+        "{stderr}"
+    );
+    assert!(
+        search.indices().iter().all(|i| !i.contains("-v")),
+        "nothing was built: {:?}",
+        search.indices()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_reindex_never_exposes_a_half_built_index_and_a_rerun_finishes() {
+    let mut s = Stack::start(ITEMS).await;
+    let mut indexer = s.indexer();
+    s.wait_equal("items", "public.items", Duration::from_secs(60))
+        .await;
+    indexer.kill9();
+    // Slow every request down so the build is still running when it is killed.
+    s.search.set_faults(Faults {
+        delay: Duration::from_millis(150),
+        ..Faults::default()
+    });
+    let args = s.consumer_args(
+        "reindex",
+        &["--grace-period", "0s", "--batch-max-events", "10"],
+    );
+    let log = s.log_path("reindex-killed");
+    let mut first = Proc::spawn(&consumer_bin(), &args, &[], &log);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !s.search.indices().contains(&"public.items-v2".to_string()) {
+        assert!(
+            Instant::now() < deadline,
+            "the build never started\n{}",
+            s.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first.kill9();
+    assert_eq!(
+        s.search.alias_targets("public.items"),
+        vec!["public.items-v1"],
+        "the alias moved before the build finished"
+    );
+    let partial = s.search.documents("public.items-v2").len();
+    assert!(
+        partial < 200,
+        "the build had finished ({partial} documents); the test needs it cut short"
+    );
+
+    s.search.set_faults(Faults::default());
+    s.exec("UPDATE items SET name = 'after the interruption' WHERE id <= 5")
+        .await;
+    let log = s.log_path("reindex-rerun");
+    let mut rerun = Proc::spawn(&consumer_bin(), &args, &[], &log);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let code = loop {
+        if let Some(code) = rerun.try_exit() {
+            break code;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rerun did not finish\n{}",
+            s.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(code, Some(0), "rerun failed\n{}", s.all_logs());
+    assert!(
+        rerun.log().contains("Resuming the re-index"),
+        "{}",
+        rerun.log()
+    );
+    assert_eq!(
+        s.search.alias_targets("public.items"),
+        vec!["public.items-v2"]
+    );
+    assert!(!s.search.indices().contains(&"public.items-v1".to_string()));
+    s.wait_equal("items", "public.items", Duration::from_secs(30))
+        .await;
+    s.assert_clean();
+}
