@@ -61,7 +61,10 @@ pub fn consumer_config(settings: &RuntimeSettings, group_id: &str) -> ClientConf
             "max.partition.fetch.bytes",
             (1usize << 20).min(fetch_max).to_string(),
         ),
-        ("fetch.wait.max.ms", "100".into()),
+        ("fetch.wait.max.ms", "20".into()),
+        // librdkafka postpones a partition's next fetch by this much once the queue is full
+        // (default 1 s): with a bounded queue that stalled the consumer every half second.
+        ("fetch.queue.backoff.ms", "5".into()),
         ("statistics.interval.ms", "5000".into()),
         ("session.timeout.ms", "10000".into()),
         ("heartbeat.interval.ms", "1000".into()),

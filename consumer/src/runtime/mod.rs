@@ -40,8 +40,10 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
-use walrelay_common::event::{Envelope, Op};
+use walrelay_common::event::{ColumnTypes, Envelope, Op, Source};
 use walrelay_common::telemetry::Readiness;
 
 use crate::config::RuntimeSettings;
@@ -59,8 +61,37 @@ pub struct Event {
     pub partition: i32,
     /// Offset in the partition.
     pub offset: i64,
-    /// The decoded envelope.
+    /// The decoded envelope, except `after`, which is left `None`: see [`Event::after_json`].
     pub envelope: Envelope,
+    /// The `after` image as it arrived (JSON text), so a sink that only forwards it need not
+    /// build a map of it; [`Event::after_image`] parses it.
+    pub after_json: Option<Box<RawValue>>,
+}
+
+impl Event {
+    /// The `after` image as a map (parsed from [`Event::after_json`]); `None` when the event has
+    /// none.
+    pub fn after_image(&self) -> Option<Map<String, Value>> {
+        self.after_json
+            .as_ref()
+            .and_then(|raw| serde_json::from_str(raw.get()).ok())
+    }
+}
+
+/// The envelope as decoded off the wire: `after` stays JSON text.
+#[derive(serde::Deserialize)]
+struct Wire {
+    op: Op,
+    before: Option<Map<String, Value>>,
+    after: Option<Box<RawValue>>,
+    source: Source,
+    ts_ms: i64,
+    #[serde(default)]
+    unchanged_toast: Vec<String>,
+    #[serde(default)]
+    key: Vec<String>,
+    #[serde(default)]
+    types: ColumnTypes,
 }
 
 /// What a sink did with one event.
@@ -100,8 +131,9 @@ pub enum SinkError {
 ///   delivered again, before or after newer events of the same row. A sink must make a
 ///   repeated or older event a no-op (the search sink uses external versions) and answer
 ///   [`Verdict::Stale`] or [`Verdict::Applied`] for it.
-/// - **Images.** The sink may take `before` and `after` out of the events (to avoid copies);
-///   the runtime reads only `op`, `source` and `ts_ms` afterwards.
+/// - **Images.** `after` arrives as JSON text in [`Event::after_json`] (`envelope.after` is
+///   `None`), so a sink that forwards it needs no map of it. The sink may take images out of
+///   the events; the runtime reads only `op`, `source` and `ts_ms` afterwards.
 /// - **Result.** One verdict per event, in order. A transient failure (throttling, 5xx, a
 ///   connection error) is the sink's to retry, with backoff, until it succeeds or `shutdown`
 ///   fires ([`SinkError::Interrupted`]). [`Verdict::Rejected`] only for events that would fail
@@ -205,6 +237,7 @@ impl Runtime {
         // while one is written.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Decoding>(2);
         let writer = async {
+            let mut idle_since = Instant::now();
             while let Some(decoding) = rx.recv().await {
                 let Ok(batch) = decoding.await else {
                     rx.close();
@@ -213,11 +246,14 @@ impl Runtime {
                         error: SinkError::Definite("a decoding task failed".into()),
                     });
                 };
+                let waited = idle_since.elapsed();
                 if let Err(e) = self.flush(sink, batch, &drain).await {
                     // Stop reading; the batches after this one are not committed.
                     rx.close();
                     return Err(e);
                 }
+                tracing::trace!(waited_ms = waited.as_millis() as u64, "Writer waited for the batch.");
+                idle_since = Instant::now();
             }
             Ok(())
         };
@@ -456,12 +492,27 @@ fn decode(batch: &mut [Pending]) {
         if p.decode_error.is_some() {
             continue;
         }
-        match Envelope::from_slice(&p.raw) {
-            Ok(envelope) => {
+        match serde_json::from_slice::<Wire>(&p.raw) {
+            Ok(w) => {
+                if w.after.as_ref().is_some_and(|a| !a.get().starts_with('{')) {
+                    p.decode_error =
+                        Some("not a walrelay change event: after is not an object".into());
+                    continue;
+                }
                 p.event = Some(Event {
                     partition: p.partition,
                     offset: p.offset,
-                    envelope,
+                    envelope: Envelope {
+                        op: w.op,
+                        before: w.before,
+                        after: None,
+                        source: w.source,
+                        ts_ms: w.ts_ms,
+                        unchanged_toast: w.unchanged_toast,
+                        key: w.key,
+                        types: w.types,
+                    },
+                    after_json: w.after,
                 });
             }
             Err(e) => p.decode_error = Some(format!("not a walrelay change event: {e}")),

@@ -212,7 +212,7 @@ async fn main() -> anyhow::Result<()> {
     if std::env::var_os("WALRELAY_BENCH_SHOW_LOGS").is_some() {
         let log = p.log();
         let lines: Vec<&str> = log.lines().collect();
-        for l in &lines[lines.len().saturating_sub(40)..] {
+        for l in &lines {
             eprintln!("{l}");
         }
     }

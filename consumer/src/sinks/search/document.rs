@@ -26,6 +26,10 @@
 //! JSON text, joined with `|`; `\` and `|` inside values are escaped with `\`. Ids longer than
 //! 512 bytes (the engines' limit) become `sha256:` and the hex digest.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use walrelay_common::event::Envelope;
@@ -47,6 +51,33 @@ pub fn version(env: &Envelope) -> i64 {
 
 /// The document id of a row image, or why there is none.
 pub fn document_id(key: &[String], row: &Map<String, Value>) -> Result<String, String> {
+    document_id_by(key, |col| match row.get(col) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(v) => Some(v.to_string()),
+    })
+}
+
+/// The document id of a row image given as JSON text, read without building a map of it.
+pub fn document_id_raw(
+    key: &[String],
+    row: &HashMap<Cow<'_, str>, &RawValue>,
+) -> Result<String, String> {
+    document_id_by(key, |col| {
+        let raw = row.get(col)?.get();
+        match raw.as_bytes().first() {
+            Some(b'"') => serde_json::from_str::<String>(raw).ok(),
+            _ if raw == "null" => None,
+            _ => Some(raw.to_string()),
+        }
+    })
+}
+
+/// The id from each key column's text (`None`: no value).
+fn document_id_by(
+    key: &[String],
+    text_of: impl Fn(&str) -> Option<String>,
+) -> Result<String, String> {
     if key.is_empty() {
         return Err("the table has no primary key or replica-identity index, so its rows cannot be addressed as documents; add a primary key (or REPLICA IDENTITY USING INDEX on a unique index)".into());
     }
@@ -55,12 +86,8 @@ pub fn document_id(key: &[String], row: &Map<String, Value>) -> Result<String, S
         if n > 0 {
             id.push('|');
         }
-        let text = match row.get(col) {
-            None | Some(Value::Null) => {
-                return Err(format!("key column {col:?} has no value in the event"));
-            }
-            Some(Value::String(s)) => s.clone(),
-            Some(v) => v.to_string(),
+        let Some(text) = text_of(col) else {
+            return Err(format!("key column {col:?} has no value in the event"));
         };
         if key.len() == 1 {
             id.push_str(&text);
@@ -192,6 +219,21 @@ mod tests {
         );
         assert!(document_id(&key, &row(json!({"id": null}))).is_err());
         assert!(document_id(&[], &row(json!({"id": 1}))).is_err());
+        // The same ids from the JSON text, without a map.
+        for (key, text) in [
+            (&key, r#"{"id":42,"x":1}"#),
+            (&key, r#"{"id":"a|b"}"#),
+            (&two, r#"{"a":"x|y","b":7}"#),
+            (&two, r#"{"a":"x\"q","b":true}"#),
+            (&key, r#"{"id":12345678901234567890.5}"#),
+        ] {
+            let raw: HashMap<Cow<'_, str>, &RawValue> = serde_json::from_str(text).expect("json");
+            let map: Map<String, Value> = serde_json::from_str(text).expect("json");
+            assert_eq!(document_id_raw(key, &raw), document_id(key, &map), "{text}");
+        }
+        let raw: HashMap<Cow<'_, str>, &RawValue> =
+            serde_json::from_str(r#"{"id":null}"#).expect("json");
+        assert!(document_id_raw(&key, &raw).is_err());
         let long = "z".repeat(600);
         let id = document_id(&key, &row(json!({ "id": long }))).expect("hashed");
         assert!(id.starts_with("sha256:") && id.len() == 7 + 64);

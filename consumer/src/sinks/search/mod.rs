@@ -20,11 +20,13 @@
 mod client;
 mod document;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 use walrelay_common::event::{Envelope, Op, write_json_str};
@@ -32,7 +34,7 @@ use walrelay_common::telemetry::Readiness;
 
 pub use client::{Created, SearchClient, SearchError};
 pub use document::{VERSION_FIELD, alias_name, generation_of, versioned};
-use document::{document_id, missing_fields, version};
+use document::{document_id, document_id_raw, missing_fields, version};
 
 use crate::config::SearchSettings;
 use crate::metrics::Metrics;
@@ -477,9 +479,9 @@ impl Sink for SearchSink {
         let mut verdicts: Vec<Option<Verdict>> = vec![None; events.len()];
         let mut actions: Vec<Action> = Vec::new();
         // The latest source written in this batch per (index, id); `None` once deleted.
-        let mut written: HashMap<(String, String), Option<Map<String, Value>>> = HashMap::new();
+        let mut written: HashMap<(String, String), Option<Box<RawValue>>> = HashMap::new();
         for (i, event) in events.iter_mut().enumerate() {
-            let taken_after = event.envelope.after.take();
+            let taken_after = event.after_json.take();
             let env = &event.envelope;
             let target = match self.table(env, shutdown).await? {
                 Ok(t) => t,
@@ -517,9 +519,59 @@ impl Sink for SearchSink {
                     written.insert((target, id), None);
                 }
                 Op::Create | Op::Update | Op::Read => {
-                    let Some(mut source) = taken_after else {
+                    let Some(raw) = taken_after else {
                         verdicts[i] = Some(Verdict::Rejected(
                             "insert or update without an after image".into(),
+                        ));
+                        continue;
+                    };
+                    // The common case: forward the image's text, adding the version field.
+                    if env.unchanged_toast.is_empty()
+                        && let Ok(fields) =
+                            serde_json::from_str::<HashMap<Cow<'_, str>, &RawValue>>(raw.get())
+                        && !fields.contains_key(VERSION_FIELD)
+                    {
+                        let id = match document_id_raw(&env.key, &fields) {
+                            Ok(id) => id,
+                            Err(why) => {
+                                verdicts[i] = Some(Verdict::Rejected(why));
+                                continue;
+                            }
+                        };
+                        let mut lines = Vec::new();
+                        if env.op == Op::Update
+                            && let Some(Ok(old)) =
+                                env.before.as_ref().map(|b| document_id(&env.key, b))
+                            && old != id
+                        {
+                            action_line(&mut lines, "delete", &target, &old, v);
+                            actions.push(Action {
+                                event: i,
+                                lines: std::mem::take(&mut lines),
+                            });
+                            written.insert((target.clone(), old), None);
+                        }
+                        action_line(&mut lines, "index", &target, &id, v);
+                        let text = raw.get().trim_end();
+                        let inner = text.strip_suffix('}').unwrap_or(text);
+                        lines.extend_from_slice(inner.as_bytes());
+                        if !fields.is_empty() {
+                            lines.push(b',');
+                        }
+                        lines.extend_from_slice(b"\"");
+                        lines.extend_from_slice(VERSION_FIELD.as_bytes());
+                        lines.extend_from_slice(b"\":");
+                        lines.extend_from_slice(v.to_string().as_bytes());
+                        lines.extend_from_slice(b"}\n");
+                        actions.push(Action { event: i, lines });
+                        drop(fields);
+                        written.insert((target, id), Some(raw));
+                        continue;
+                    }
+                    let Ok(mut source) = serde_json::from_str::<Map<String, Value>>(raw.get())
+                    else {
+                        verdicts[i] = Some(Verdict::Rejected(
+                            "the after image is not a JSON object".into(),
                         ));
                         continue;
                     };
@@ -532,7 +584,9 @@ impl Sink for SearchSink {
                     };
                     if !env.unchanged_toast.is_empty() {
                         let stored = match written.get(&(target.clone(), id.clone())) {
-                            Some(known) => known.clone(),
+                            Some(known) => known.as_ref().and_then(|r| {
+                                serde_json::from_str::<Map<String, Value>>(r.get()).ok()
+                            }),
                             None => {
                                 // The stored document must reflect everything before this event.
                                 self.send(std::mem::take(&mut actions), &mut verdicts, shutdown)
@@ -590,7 +644,7 @@ impl Sink for SearchSink {
                     }
                     lines.push(b'\n');
                     actions.push(Action { event: i, lines });
-                    written.insert((target, id), Some(source));
+                    written.insert((target, id), serde_json::value::to_raw_value(&source).ok());
                 }
             }
         }
