@@ -324,12 +324,13 @@ async fn build(
         let started = Instant::now();
         let mut last_log = Instant::now();
         let mut last_behind: Option<(Instant, u64)> = None;
+        let mut previous_targets: Option<BTreeMap<i32, i64>> = None;
         loop {
             tokio::select! {
                 () = stop.cancelled() => return Err(ReindexError::Interrupted),
                 () = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
-            let targets = if state.phase == "building" {
+            let targets: BTreeMap<i32, i64> = if state.phase == "building" {
                 offsets
                     .watermarks()?
                     .into_iter()
@@ -355,7 +356,15 @@ async fn build(
             } else if last_behind.is_none() {
                 last_behind = Some((Instant::now(), behind));
             }
-            if state.phase == "building" && behind <= settings.reindex.caught_up_lag {
+            // Caught up: everything that existed at the previous check is built, and what came
+            // since is within --caught-up-lag.
+            let reached_previous = match &previous_targets {
+                Some(prev) => offsets.behind(prev)? == 0,
+                None => false,
+            };
+            let caught_up = reached_previous && behind <= settings.reindex.caught_up_lag;
+            previous_targets = Some(targets);
+            if state.phase == "building" && caught_up {
                 swap(client, &tables_snapshot(&tables), state).await?;
                 state.handover = offsets
                     .watermarks()?

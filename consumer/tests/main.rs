@@ -705,3 +705,74 @@ async fn interrupted_reindex_never_exposes_a_half_built_index_and_a_rerun_finish
         .await;
     s.assert_clean();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_indexer_started_before_the_topic_exists_picks_it_up() {
+    let pg = PgCluster::start();
+    let db = pg.create_database("wrc").await;
+    pg.exec(&db, ITEMS).await;
+    let broker = Tansu::start();
+    let search = SearchStandIn::start().await;
+    let topic = walrelay_tests::unique("late").replace('_', ".");
+    let logs = tempfile::tempdir().expect("logs");
+    let mut indexer = Proc::spawn(
+        &consumer_bin(),
+        &[
+            "--kafka-brokers",
+            &broker.brokers(),
+            "--topic",
+            &topic,
+            "--group",
+            &walrelay_tests::unique("grp"),
+            "--search-url",
+            &search.url(),
+            "index",
+        ]
+        .map(String::from),
+        &[],
+        &logs.path().join("index.log"),
+    );
+    // The indexer subscribes to a topic nobody has created yet; the producer comes later.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let slot = walrelay_tests::unique("slot");
+    let args: Vec<String> = [
+        "--postgres-url",
+        &pg.url(&db),
+        "--kafka-brokers",
+        &broker.brokers(),
+        "--topic",
+        &topic,
+        "--slot",
+        &slot,
+        "--publication",
+        &slot,
+    ]
+    .map(String::from)
+    .to_vec();
+    let init = std::process::Command::new(producer_bin())
+        .args(args.iter().chain([&"init".to_string()]))
+        .output()
+        .expect("init");
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let mut producer = Proc::spawn(
+        &producer_bin(),
+        &[args.clone(), vec!["run".into()]].concat(),
+        &[],
+        &logs.path().join("producer.log"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while search.documents("public.items").len() < 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the indexer never picked up the new topic:\n{}",
+            indexer.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    producer.kill9();
+    indexer.kill9();
+}

@@ -66,6 +66,9 @@ pub fn consumer_config(settings: &RuntimeSettings, group_id: &str) -> ClientConf
         // (default 1 s): with a bounded queue that stalled the consumer every half second.
         ("fetch.queue.backoff.ms", "5".into()),
         ("statistics.interval.ms", "5000".into()),
+        // A topic created after the consumer subscribed (the producer started later) is seen,
+        // and assigned, within seconds instead of librdkafka's default 5 minutes.
+        ("topic.metadata.refresh.interval.ms", "5000".into()),
         ("session.timeout.ms", "10000".into()),
         ("heartbeat.interval.ms", "1000".into()),
         ("max.poll.interval.ms", "600000".into()),

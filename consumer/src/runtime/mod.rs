@@ -252,7 +252,10 @@ impl Runtime {
                     rx.close();
                     return Err(e);
                 }
-                tracing::trace!(waited_ms = waited.as_millis() as u64, "Writer waited for the batch.");
+                tracing::trace!(
+                    waited_ms = waited.as_millis() as u64,
+                    "Writer waited for the batch."
+                );
                 idle_since = Instant::now();
             }
             Ok(())
