@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs walrelay's whole test suite on a fresh machine: installs what is missing (PostgreSQL 15
-# server binaries, curl, the tansu broker), then `cargo test --workspace`. Tests start their own
+# server binaries, curl, a C toolchain, the tansu broker), then `cargo test --workspace`. Tests start their own
 # Postgres clusters and brokers on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 need_apt=()
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql-15)
 command -v curl >/dev/null || need_apt+=(curl)
+# librdkafka, ring and mimalloc are compiled from C sources by their crates.
+{ command -v cc >/dev/null && command -v make >/dev/null; } || need_apt+=(build-essential)
+command -v perl >/dev/null || need_apt+=(perl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]}"
   apt-get update -qq

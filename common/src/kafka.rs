@@ -1,6 +1,7 @@
 //! Kafka plumbing every binary needs: a client context that keeps librdkafka's connection
 //! chatter at `debug`, and topic creation.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -11,6 +12,8 @@ use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryResult, ProducerContext};
 
+use crate::telemetry::Readiness;
+
 /// librdkafka logs every failed connection attempt; while a broker is away that is many lines
 /// a second. Its own lines go to `debug` (critical ones to `error`); the binaries log state
 /// changes once themselves.
@@ -20,6 +23,47 @@ pub fn quiet_log(level: RDKafkaLogLevel, fac: &str, message: &str) {
             tracing::error!(target: "librdkafka", fac, message)
         }
         _ => tracing::debug!(target: "librdkafka", fac, message),
+    }
+}
+
+/// Whether the brokers answer, as seen by a client context: the `kafka` readiness condition,
+/// with one log line per change instead of one per failed connection.
+pub struct Reachability {
+    up: AtomicBool,
+    readiness: Readiness,
+}
+
+impl Reachability {
+    /// Starts as reachable; `readiness` gets the `kafka` condition.
+    pub fn new(readiness: Readiness) -> Self {
+        Self {
+            up: AtomicBool::new(true),
+            readiness,
+        }
+    }
+
+    /// Feeds a client error; returns true when it says every broker is down.
+    pub fn on_error(&self, error: &KafkaError, reason: &str, consequence: &str) -> bool {
+        if !matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::AllBrokersDown)
+        ) {
+            tracing::debug!(%error, reason, "Kafka client error.");
+            return false;
+        }
+        if self.up.swap(false, Ordering::Relaxed) {
+            tracing::warn!(reason, "Kafka is unreachable; {consequence}.");
+        }
+        self.readiness.set("kafka", false);
+        true
+    }
+
+    /// A broker answered (a delivery report, a fetched message).
+    pub fn answered(&self) {
+        if !self.up.swap(true, Ordering::Relaxed) {
+            tracing::info!("Kafka answers again.");
+            self.readiness.set("kafka", true);
+        }
     }
 }
 

@@ -196,21 +196,7 @@ impl Stack {
     }
 
     fn all_logs(&self) -> String {
-        let mut out = String::new();
-        if let Ok(dir) = std::fs::read_dir(self.logs.path()) {
-            let mut files: Vec<_> = dir.flatten().map(|e| e.path()).collect();
-            files.sort();
-            for f in files {
-                out.push_str(&format!("==== {}\n", f.display()));
-                let text = std::fs::read_to_string(&f).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(30).collect();
-                for l in tail.into_iter().rev() {
-                    out.push_str(l);
-                    out.push('\n');
-                }
-            }
-        }
-        out
+        walrelay_tests::process::logs_tail(self.logs.path(), 30)
     }
 
     /// Waits until the alias holds exactly the table's rows.

@@ -40,3 +40,19 @@ pub fn unique(prefix: &str) -> String {
         nanos % 100_000
     )
 }
+
+/// A walrelay binary built next to the running one (`cargo build --workspace --bins` puts them
+/// together), or an error saying how to build it.
+pub fn sibling_bin(name: &str) -> Result<std::path::PathBuf, String> {
+    let p = std::env::current_exe()
+        .map_err(|e| e.to_string())?
+        .with_file_name(name);
+    if p.exists() {
+        Ok(p)
+    } else {
+        Err(format!(
+            "{} is missing: build with `cargo build --release --workspace --bins`",
+            p.display()
+        ))
+    }
+}

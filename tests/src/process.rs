@@ -104,3 +104,24 @@ pub fn cpu_seconds_of(pid: u32) -> Option<f64> {
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
     Some(ticks / 100.0)
 }
+
+/// The last `lines` lines of every log file in `dir`, each under a `==== path` header, for
+/// failure messages.
+pub fn logs_tail(dir: &Path, lines: usize) -> String {
+    let mut out = String::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    files.sort();
+    for f in files {
+        out.push_str(&format!("==== {}\n", f.display()));
+        let text = std::fs::read_to_string(&f).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+        for l in tail.into_iter().rev() {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
+}

@@ -2,7 +2,7 @@
 //! bookkeeping and lag from librdkafka's statistics.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, Stre
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
 use rdkafka::statistics::Statistics;
-use walrelay_common::kafka::quiet_log;
+use walrelay_common::kafka::{Reachability, quiet_log};
 use walrelay_common::telemetry::Readiness;
 
 use super::{Pending, pending};
@@ -88,7 +88,7 @@ pub struct GroupContext {
     /// Current assignment epoch per assigned partition.
     epochs: Mutex<HashMap<i32, u64>>,
     next_epoch: AtomicU64,
-    kafka_up: AtomicBool,
+    reachability: Reachability,
 }
 
 impl ClientContext for GroupContext {
@@ -97,17 +97,8 @@ impl ClientContext for GroupContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        if matches!(
-            error.rdkafka_error_code(),
-            Some(RDKafkaErrorCode::AllBrokersDown)
-        ) {
-            if self.kafka_up.swap(false, Ordering::Relaxed) {
-                tracing::warn!(reason, "Kafka is unreachable.");
-            }
-            self.readiness.set("kafka", false);
-        } else {
-            tracing::debug!(%error, reason, "Kafka client error.");
-        }
+        self.reachability
+            .on_error(&error, reason, "consuming resumes when it is back");
     }
 
     fn stats(&self, statistics: Statistics) {
@@ -190,10 +181,10 @@ impl Group {
         readiness.set("kafka", false);
         let context = GroupContext {
             metrics,
+            reachability: Reachability::new(readiness.clone()),
             readiness,
             epochs: Mutex::new(HashMap::new()),
             next_epoch: AtomicU64::new(1),
-            kafka_up: AtomicBool::new(true),
         };
         let consumer: StreamConsumer<GroupContext> = consumer_config(settings, group_id)
             .create_with_context(context)
@@ -250,11 +241,7 @@ impl Group {
         match tokio::time::timeout(wait, self.consumer.recv()).await {
             Err(_) => None,
             Ok(Ok(m)) => {
-                let ctx = self.consumer.context();
-                if !ctx.kafka_up.swap(true, Ordering::Relaxed) {
-                    tracing::info!("Kafka is reachable again.");
-                    ctx.readiness.set("kafka", true);
-                }
+                self.consumer.context().reachability.answered();
                 let epoch = self.epoch(m.partition()).unwrap_or(0);
                 Some(pending(&m, epoch))
             }

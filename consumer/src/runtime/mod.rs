@@ -64,18 +64,8 @@ pub struct Event {
     /// The decoded envelope, except `after`, which is left `None`: see [`Event::after_json`].
     pub envelope: Envelope,
     /// The `after` image as it arrived (JSON text), so a sink that only forwards it need not
-    /// build a map of it; [`Event::after_image`] parses it.
+    /// build a map of it.
     pub after_json: Option<Box<RawValue>>,
-}
-
-impl Event {
-    /// The `after` image as a map (parsed from [`Event::after_json`]); `None` when the event has
-    /// none.
-    pub fn after_image(&self) -> Option<Map<String, Value>> {
-        self.after_json
-            .as_ref()
-            .and_then(|raw| serde_json::from_str(raw.get()).ok())
-    }
 }
 
 /// The envelope as decoded off the wire: `after` stays JSON text.

@@ -1,5 +1,4 @@
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -9,7 +8,7 @@ use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use tokio::sync::{Notify, Semaphore};
-use walrelay_common::kafka::{self, QuietContext, quiet_log};
+use walrelay_common::kafka::{self, QuietContext, Reachability, quiet_log};
 use walrelay_common::telemetry::Readiness;
 
 use crate::checkpoint::{Checkpointer, TxnId};
@@ -133,10 +132,9 @@ pub struct DeliveryContext {
     checkpointer: Arc<Checkpointer>,
     budget: Semaphore,
     metrics: Arc<Metrics>,
-    readiness: Readiness,
+    reachability: Reachability,
     failure: Mutex<Option<WriteError>>,
     failed: Notify,
-    kafka_up: AtomicBool,
 }
 
 impl ClientContext for DeliveryContext {
@@ -145,20 +143,14 @@ impl ClientContext for DeliveryContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        if matches!(
-            error.rdkafka_error_code(),
-            Some(RDKafkaErrorCode::AllBrokersDown)
-        ) {
-            if self.kafka_up.swap(false, Ordering::Relaxed) {
-                tracing::warn!(reason, "Kafka is unreachable; events wait in the buffer.");
-            }
-            self.readiness.set("kafka", false);
+        if self
+            .reachability
+            .on_error(&error, reason, "events wait in the buffer")
+        {
             self.metrics
                 .errors
                 .with_label_values(&["kafka_unreachable"])
                 .inc();
-        } else {
-            tracing::debug!(%error, reason, "Kafka client error.");
         }
     }
 }
@@ -175,10 +167,7 @@ impl ProducerContext for DeliveryContext {
                     .delivery_seconds
                     .observe(token.queued.elapsed().as_secs_f64());
                 self.checkpointer.acked(token.txn);
-                if !self.kafka_up.swap(true, Ordering::Relaxed) {
-                    tracing::info!("Kafka acknowledges events again.");
-                    self.readiness.set("kafka", true);
-                }
+                self.reachability.answered();
             }
             Err((error, _)) => {
                 let transient = !matches!(
@@ -232,10 +221,9 @@ impl Writer {
             checkpointer,
             budget: Semaphore::new(capacity),
             metrics,
-            readiness,
+            reachability: Reachability::new(readiness),
             failure: Mutex::new(None),
             failed: Notify::new(),
-            kafka_up: AtomicBool::new(true),
         };
         let producer = options
             .client_config()

@@ -128,21 +128,7 @@ impl Env {
 
     /// Every log written so far, for failure messages.
     pub fn all_logs(&self) -> String {
-        let mut out = String::new();
-        if let Ok(dir) = std::fs::read_dir(self.logs.path()) {
-            let mut files: Vec<_> = dir.flatten().map(|e| e.path()).collect();
-            files.sort();
-            for f in files {
-                out.push_str(&format!("==== {}\n", f.display()));
-                let text = std::fs::read_to_string(&f).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(40).collect();
-                for l in tail.into_iter().rev() {
-                    out.push_str(l);
-                    out.push('\n');
-                }
-            }
-        }
-        out
+        walrelay_tests::process::logs_tail(self.logs.path(), 40)
     }
 
     /// Waits up to `timeout` for `p` to exit; its exit code.

@@ -30,14 +30,7 @@ const TOPIC: &str = "walrelay.benchc";
 const PARTITIONS: i32 = 16;
 
 fn sibling(name: &str) -> anyhow::Result<PathBuf> {
-    let p = std::env::current_exe()?.with_file_name(name);
-    if !p.exists() {
-        bail!(
-            "{} is missing: build with `cargo build --release --workspace --bins`",
-            p.display()
-        );
-    }
-    Ok(p)
+    walrelay_tests::sibling_bin(name).map_err(anyhow::Error::msg)
 }
 
 fn envelope(i: u64) -> String {

@@ -60,14 +60,7 @@ fn parse_args() -> anyhow::Result<Args> {
 }
 
 fn sibling(name: &str) -> anyhow::Result<PathBuf> {
-    let p = std::env::current_exe()?.with_file_name(name);
-    if !p.exists() {
-        bail!(
-            "{} is missing: build with `cargo build --release --workspace --bins`",
-            p.display()
-        );
-    }
-    Ok(p)
+    walrelay_tests::sibling_bin(name).map_err(anyhow::Error::msg)
 }
 
 fn parse_size(s: &str) -> u64 {

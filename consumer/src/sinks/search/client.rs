@@ -1,6 +1,6 @@
 //! A thin REST client for the parts of the Elasticsearch 7/8 and OpenSearch 1/2 API the sink
 //! uses (they are the same there): `_bulk`, index create/get/delete, `_mapping`, `_aliases`,
-//! `_alias`, `_doc`, `_refresh`, `_delete_by_query`, `_count`.
+//! `_alias`, `_doc`, `_refresh`, `_delete_by_query`.
 
 use std::time::Duration;
 
@@ -516,21 +516,6 @@ impl SearchClient {
             &format!("POST /{index}/_delete_by_query"),
             status,
             &resp,
-        ))
-    }
-
-    /// Live documents in an index or alias.
-    pub async fn count(&self, index: &str) -> Result<u64, SearchError> {
-        let (status, body) = self
-            .call(Method::GET, &[index, "_count"], &[], None)
-            .await?;
-        if status.is_success() {
-            return Ok(body["count"].as_u64().unwrap_or(0));
-        }
-        Err(Self::refused(
-            &format!("GET /{index}/_count"),
-            status,
-            &body,
         ))
     }
 }

@@ -466,6 +466,25 @@ fn action_line(out: &mut Vec<u8>, kind: &str, index: &str, id: &str, version: i6
     out.extend_from_slice(b",\"version_type\":\"external\"}}\n");
 }
 
+/// For an update that changed the row's key: the old document's id and the action deleting it.
+fn old_key_delete(
+    env: &Envelope,
+    id: &str,
+    target: &str,
+    version: i64,
+) -> Option<(String, Vec<u8>)> {
+    if env.op != Op::Update {
+        return None;
+    }
+    let old = document_id(&env.key, env.before.as_ref()?).ok()?;
+    if old == id {
+        return None;
+    }
+    let mut lines = Vec::new();
+    action_line(&mut lines, "delete", target, &old, version);
+    Some((old, lines))
+}
+
 impl Sink for SearchSink {
     fn name(&self) -> &'static str {
         "search"
@@ -538,19 +557,11 @@ impl Sink for SearchSink {
                                 continue;
                             }
                         };
-                        let mut lines = Vec::new();
-                        if env.op == Op::Update
-                            && let Some(Ok(old)) =
-                                env.before.as_ref().map(|b| document_id(&env.key, b))
-                            && old != id
-                        {
-                            action_line(&mut lines, "delete", &target, &old, v);
-                            actions.push(Action {
-                                event: i,
-                                lines: std::mem::take(&mut lines),
-                            });
+                        if let Some((old, lines)) = old_key_delete(env, &id, &target, v) {
+                            actions.push(Action { event: i, lines });
                             written.insert((target.clone(), old), None);
                         }
+                        let mut lines = Vec::new();
                         action_line(&mut lines, "index", &target, &id, v);
                         let text = raw.get().trim_end();
                         let inner = text.strip_suffix('}').unwrap_or(text);
@@ -622,18 +633,11 @@ impl Sink for SearchSink {
                             }
                         }
                     }
-                    let mut lines = Vec::new();
-                    if env.op == Op::Update
-                        && let Some(Ok(old)) = env.before.as_ref().map(|b| document_id(&env.key, b))
-                        && old != id
-                    {
-                        action_line(&mut lines, "delete", &target, &old, v);
-                        actions.push(Action {
-                            event: i,
-                            lines: std::mem::take(&mut lines),
-                        });
+                    if let Some((old, lines)) = old_key_delete(env, &id, &target, v) {
+                        actions.push(Action { event: i, lines });
                         written.insert((target.clone(), old), None);
                     }
+                    let mut lines = Vec::new();
                     source.insert(VERSION_FIELD.into(), json!(v));
                     action_line(&mut lines, "index", &target, &id, v);
                     if let Err(e) = serde_json::to_writer(&mut lines, &source) {
