@@ -48,6 +48,9 @@ pub enum Op {
     /// The table was truncated.
     #[serde(rename = "t")]
     Truncate,
+    /// A schema event: the table's schema from here on (`ddl` holds it).
+    #[serde(rename = "ddl")]
+    Ddl,
 }
 
 impl Op {
@@ -59,6 +62,7 @@ impl Op {
             Op::Delete => "d",
             Op::Read => "r",
             Op::Truncate => "t",
+            Op::Ddl => "ddl",
         }
     }
 }
@@ -115,6 +119,110 @@ pub struct Envelope {
     /// see `envelope.schema.json`).
     #[serde(default)]
     pub types: ColumnTypes,
+    /// The version of the table's schema the row was written under (for a schema event: the
+    /// version it starts). Versions of a table only grow; 0 from producers before schema events.
+    #[serde(default)]
+    pub schema_version: u64,
+    /// Every column's stable id (its `attnum`): a rename keeps it, a drop retires it, an added
+    /// column gets a new one.
+    #[serde(default)]
+    pub column_ids: ColumnIds,
+    /// What a schema event (`op: "ddl"`) says; absent on row events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ddl: Option<SchemaChange>,
+}
+
+/// The envelope's `column_ids` object (column name to stable id), kept as text like
+/// [`ColumnTypes`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ColumnIds(Box<serde_json::value::RawValue>);
+
+impl ColumnIds {
+    /// The JSON text.
+    pub fn raw(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Column name to id.
+    pub fn parse(&self) -> std::collections::HashMap<String, i32> {
+        serde_json::from_str(self.0.get()).unwrap_or_default()
+    }
+}
+
+impl Default for ColumnIds {
+    fn default() -> Self {
+        Self(
+            serde_json::value::RawValue::from_string("{}".into())
+                .unwrap_or_else(|_| unreachable!("{{}} is JSON")),
+        )
+    }
+}
+
+impl PartialEq for ColumnIds {
+    fn eq(&self, other: &Self) -> bool {
+        self.raw() == other.raw()
+    }
+}
+
+/// A table's name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableName {
+    /// Schema.
+    pub schema: String,
+    /// Table.
+    pub table: String,
+}
+
+/// The body of a schema event: the table's whole schema from this version on, and what
+/// changed it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SchemaChange {
+    /// `trigger` (walrelay's event triggers saw the DDL), `relation` (no trigger message:
+    /// derived from pgoutput's Relation message at the next row), `snapshot` (the schema the
+    /// initial snapshot read).
+    pub origin: String,
+    /// Command tag (`ALTER TABLE`, `CREATE TABLE`, `DROP TABLE`, ...) when known.
+    pub command: Option<String>,
+    /// The object the command named, when known.
+    pub object: Option<String>,
+    /// The statement's text, when known (a multi-statement query string is sent whole).
+    pub sql: Option<String>,
+    /// The table's name before this change, when it was renamed or moved.
+    pub previous: Option<TableName>,
+    /// The table was dropped: no rows follow under this name and id.
+    pub dropped: bool,
+    /// The table's OID (stable across renames).
+    pub table_oid: u32,
+    /// Every column, in `attnum` order (generated columns included, flagged).
+    pub columns: Vec<ColumnSchema>,
+}
+
+/// One column of a schema event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ColumnSchema {
+    /// Stable id (the column's `attnum`).
+    pub id: i32,
+    /// Name.
+    pub name: String,
+    /// The SQL type, as `format_type` writes it (`character varying(20)`, `integer[]`).
+    #[serde(rename = "type")]
+    pub type_name: String,
+    /// The type's OID.
+    pub type_oid: u32,
+    /// The logical type, as in the envelope's `types`.
+    #[serde(default)]
+    pub logical: String,
+    /// Accepts nulls.
+    pub nullable: bool,
+    /// Default expression.
+    pub default: Option<String>,
+    /// 1-based position in the primary key (else replica-identity index); null otherwise.
+    pub key_position: Option<i32>,
+    /// A generated column (`GENERATED ALWAYS AS (...) STORED`): never in row images.
+    pub generated: bool,
+    /// An identity column.
+    pub identity: bool,
 }
 
 /// The envelope's `types` object, kept as it arrived and parsed only on demand: it is the same
@@ -231,7 +339,17 @@ mod tests {
         };
         assert_eq!(
             required(&schema),
-            ["op", "before", "after", "source", "ts_ms", "key", "types"]
+            [
+                "op",
+                "before",
+                "after",
+                "source",
+                "ts_ms",
+                "key",
+                "types",
+                "schema_version",
+                "column_ids"
+            ]
         );
         let source = required(&schema["properties"]["source"]);
         let env = Envelope {
@@ -255,6 +373,9 @@ mod tests {
             unchanged_toast: vec![],
             key: vec!["id".into()],
             types: ColumnTypes::default(),
+            schema_version: 1,
+            column_ids: ColumnIds::default(),
+            ddl: None,
         };
         let json = serde_json::to_value(&env).expect("serialize");
         for f in source {

@@ -131,6 +131,11 @@ impl<'c> Catalog<'c> {
         }
     }
 
+    /// The connection.
+    pub fn client(&self) -> &'c Client {
+        self.client
+    }
+
     /// How values of type `oid` convert; domains resolve to their base type.
     pub async fn kind(&mut self, oid: u32) -> Result<Kind, PgError> {
         if let Some(k) = Kind::builtin(oid) {
@@ -330,6 +335,11 @@ impl TablePatterns {
             }
         }
         Ok(Self(out))
+    }
+
+    /// The (schema, table) globs.
+    pub fn patterns(&self) -> &[(String, String)] {
+        &self.0
     }
 
     /// Whether `table` matches any pattern.

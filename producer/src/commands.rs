@@ -7,6 +7,7 @@ use tokio_postgres::Client;
 
 use crate::catalog::{self, PgError, TableRef, quote_ident};
 use crate::config::Settings;
+use crate::ddl::capture;
 use crate::kafka::{WriterOptions, broker_reachable};
 use crate::replication::slot::{self, STATE_SCHEMA};
 
@@ -141,6 +142,27 @@ async fn check_postgres(c: &Client, s: &Settings, out: &mut Vec<CheckItem>) -> R
         .await
         .map_err(q("reading the role"))?;
     let (repl, sup): (bool, bool) = (row.get(0), row.get(1));
+    let triggers: bool = c
+        .query_one(capture::TRIGGERS_ACTIVE, &[])
+        .await
+        .map_err(q("reading pg_event_trigger"))?
+        .get(0);
+    out.push(match (triggers, sup) {
+        (true, _) => item("ddl capture", "ok", "event triggers installed"),
+        (false, true) => item(
+            "ddl capture",
+            "warn",
+            "event triggers not installed yet: `walrelay-producer init` installs them",
+        ),
+        (false, false) => item(
+            "ddl capture",
+            "warn",
+            format!(
+                "installing the DDL event triggers needs a superuser (run `init` once as one); {}",
+                capture::WITHOUT_TRIGGERS
+            ),
+        ),
+    });
     out.push(if repl || sup {
         item(
             "replication privilege",
@@ -198,12 +220,52 @@ async fn check_postgres(c: &Client, s: &Settings, out: &mut Vec<CheckItem>) -> R
     Ok(())
 }
 
-/// Creates walrelay's state and the publication; re-running adds newly matching tables.
-pub async fn init(s: &Settings) -> Result<Vec<String>, PgError> {
+/// What `init` did.
+#[derive(Debug)]
+pub struct InitReport {
+    /// Captured tables.
+    pub tables: Vec<String>,
+    /// `None` when the DDL event triggers are installed, else why not.
+    pub triggers_missing: Option<String>,
+}
+
+/// Creates walrelay's state, the DDL capture and the publication; re-running adds newly
+/// matching tables and reinstalls the triggers.
+pub async fn init(s: &Settings) -> Result<InitReport, PgError> {
     let c = catalog::connect(&s.postgres).await?;
     c.batch_execute(STATE_SCHEMA)
         .await
         .map_err(PgError::query("creating walrelay's state schema"))?;
+    c.batch_execute(capture::FUNCTIONS)
+        .await
+        .map_err(PgError::query("creating walrelay's schema functions"))?;
+    c.execute(
+        "DELETE FROM walrelay.capture_rule WHERE publication = $1",
+        &[&s.publication],
+    )
+    .await
+    .map_err(PgError::query("writing walrelay.capture_rule"))?;
+    for (schema, table) in s.tables.patterns() {
+        c.execute(
+            "INSERT INTO walrelay.capture_rule (publication, schema_like, table_like)              VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            &[
+                &s.publication,
+                &capture::like_pattern(schema),
+                &capture::like_pattern(table),
+            ],
+        )
+        .await
+        .map_err(PgError::query("writing walrelay.capture_rule"))?;
+    }
+    let triggers_missing = match c.batch_execute(capture::TRIGGERS).await {
+        Ok(()) => None,
+        Err(e) if e.as_db_error().map(|d| d.code().code()) == Some("42501") => Some(format!(
+            "DDL event triggers not installed ({}): they need a superuser; {}",
+            catalog::describe(&e),
+            capture::WITHOUT_TRIGGERS
+        )),
+        Err(e) => return Err(PgError::query("installing the DDL event triggers")(e)),
+    };
     let tables: Vec<TableRef> = catalog::user_tables(&c)
         .await?
         .into_iter()
@@ -242,7 +304,10 @@ pub async fn init(s: &Settings) -> Result<Vec<String>, PgError> {
         "creating publication {}",
         s.publication
     )))?;
-    Ok(tables.iter().map(TableRef::qualified).collect())
+    Ok(InitReport {
+        tables: tables.iter().map(TableRef::qualified).collect(),
+        triggers_missing,
+    })
 }
 
 /// What `status` reports.
@@ -388,12 +453,37 @@ pub async fn destroy(s: &Settings, force: bool) -> Result<Vec<String>, DestroyEr
         )
         .await
         .map_err(PgError::query("clearing walrelay.snapshot_progress"))?;
+        if schema_functions_exist(&c).await? {
+            c.execute(
+                "DELETE FROM walrelay.schema_history WHERE slot_name = $1",
+                &[&s.slot],
+            )
+            .await
+            .map_err(PgError::query("clearing walrelay.schema_history"))?;
+            c.execute(
+                "DELETE FROM walrelay.capture_rule WHERE publication = $1",
+                &[&s.publication],
+            )
+            .await
+            .map_err(PgError::query("clearing walrelay.capture_rule"))?;
+        }
         let left: i64 = c
             .query_one("SELECT count(*) FROM walrelay.slot_state", &[])
             .await
             .map_err(PgError::query("reading walrelay.slot_state"))?
             .get(0);
         if left == 0 {
+            let triggers: bool = c
+                .query_one(capture::TRIGGERS_ACTIVE, &[])
+                .await
+                .map_err(PgError::query("reading pg_event_trigger"))?
+                .get(0);
+            if triggers {
+                c.batch_execute(capture::REMOVE_TRIGGERS)
+                    .await
+                    .map_err(PgError::query("removing the DDL event triggers"))?;
+                done.push("removed the DDL event triggers".into());
+            }
             c.batch_execute("DROP SCHEMA walrelay CASCADE")
                 .await
                 .map_err(PgError::query("dropping schema walrelay"))?;
@@ -406,4 +496,16 @@ pub async fn destroy(s: &Settings, force: bool) -> Result<Vec<String>, DestroyEr
         }
     }
     Ok(done)
+}
+
+/// Whether `init` of this version ran (the schema functions and history exist).
+pub async fn schema_functions_exist(c: &Client) -> Result<bool, PgError> {
+    Ok(c.query_one(
+        "SELECT to_regclass('walrelay.schema_history') IS NOT NULL \
+                AND to_regprocedure('walrelay.table_schema(oid)') IS NOT NULL",
+        &[],
+    )
+    .await
+    .map_err(PgError::query("looking for walrelay.table_schema"))?
+    .get(0))
 }

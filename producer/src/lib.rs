@@ -8,6 +8,7 @@
 //! - [`replication`]: the LSN-progress essay, slot state, pgoutput decoder, listener.
 //! - [`snapshot`]: the initial snapshot under the slot's exported snapshot.
 //! - [`checkpoint`]: which LSN may be confirmed (only what Kafka acknowledged).
+//! - [`ddl`]: schema events: event-trigger capture, the schema registry, the Relation fallback.
 //! - [`kafka`]: client config, topic creation, the byte-bounded writer.
 //! - [`shape`], [`value`], [`catalog`]: table shapes, value conversion, catalog reads.
 //! - [`metrics`]: the metric catalogue.
@@ -22,6 +23,7 @@ pub mod catalog;
 pub mod checkpoint;
 pub mod commands;
 pub mod config;
+pub mod ddl;
 pub mod kafka;
 pub mod metrics;
 pub mod pipeline;

@@ -65,13 +65,19 @@ async fn try_main(command: Command, settings: Settings) -> ExitCode {
             ExitCode::from(u8::from(failed))
         }
         Command::Init => match commands::init(&settings).await {
-            Ok(tables) => {
+            Ok(report) => {
                 println!(
                     "publication {} captures {} table(s): {}",
                     settings.publication,
-                    tables.len(),
-                    tables.join(", ")
+                    report.tables.len(),
+                    report.tables.join(", ")
                 );
+                match report.triggers_missing {
+                    None => println!(
+                        "DDL capture: event triggers installed (schema events carry the DDL; new matching tables join the publication)"
+                    ),
+                    Some(why) => println!("warning: {why}"),
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => fail(&e),

@@ -15,7 +15,7 @@ pub struct Metrics {
     /// Events handed to Kafka, by op.
     pub events: IntCounterVec,
     /// `events` per op, resolved once (the hot path skips the label lookup).
-    events_by_op: [IntCounter; 5],
+    events_by_op: [IntCounter; 6],
     /// Bytes of event values handed to Kafka.
     pub event_bytes: IntCounter,
     /// Transactions seen on the stream.
@@ -40,6 +40,8 @@ pub struct Metrics {
     pub snapshot_progress: GaugeVec,
     /// Errors by kind.
     pub errors: IntCounterVec,
+    /// Schema events, by origin (`trigger`, `relation`, `snapshot`).
+    pub schema_events: IntCounterVec,
     /// WAL the slot retains (current position minus `restart_lsn`).
     pub slot_retained_wal_bytes: IntGauge,
     /// 1 while the slot is active.
@@ -57,6 +59,7 @@ impl Metrics {
             Op::Delete => 2,
             Op::Read => 3,
             Op::Truncate => 4,
+            Op::Ddl => 5,
         };
         &self.events_by_op[i]
     }
@@ -71,8 +74,15 @@ impl Metrics {
             ),
             &["op"],
         )?;
-        let events_by_op = [Op::Create, Op::Update, Op::Delete, Op::Read, Op::Truncate]
-            .map(|op| events.with_label_values(&[op.code()]));
+        let events_by_op = [
+            Op::Create,
+            Op::Update,
+            Op::Delete,
+            Op::Read,
+            Op::Truncate,
+            Op::Ddl,
+        ]
+        .map(|op| events.with_label_values(&[op.code()]));
         let m = Self {
             events,
             events_by_op,
@@ -142,6 +152,13 @@ impl Metrics {
                 Opts::new("walrelay_producer_errors_total", "Errors, by kind."),
                 &["kind"],
             )?,
+            schema_events: IntCounterVec::new(
+                Opts::new(
+                    "walrelay_producer_schema_events_total",
+                    "Schema changes turned into schema events (each sent to every partition), by origin.",
+                ),
+                &["origin"],
+            )?,
             slot_retained_wal_bytes: IntGauge::new(
                 "walrelay_producer_slot_retained_wal_bytes",
                 "WAL retained by the slot: current WAL position minus restart_lsn.",
@@ -173,6 +190,7 @@ impl Metrics {
             Box::new(m.snapshot_rows.clone()),
             Box::new(m.snapshot_progress.clone()),
             Box::new(m.errors.clone()),
+            Box::new(m.schema_events.clone()),
             Box::new(m.slot_retained_wal_bytes.clone()),
             Box::new(m.slot_active.clone()),
             Box::new(m.build_info.clone()),
@@ -205,6 +223,7 @@ mod tests {
             .with_label_values(&["public.t"])
             .set(1.0);
         m.errors.with_label_values(&["postgres"]).inc();
+        m.schema_events.with_label_values(&["trigger"]).inc();
         let names: Vec<String> = m
             .registry
             .gather()

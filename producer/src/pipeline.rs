@@ -20,6 +20,7 @@ use walrelay_common::telemetry::Readiness;
 use crate::catalog::{self, Catalog, PgError};
 use crate::checkpoint::Checkpointer;
 use crate::config::{Settings, SnapshotMode};
+use crate::ddl::Registry;
 use crate::kafka::{WriteError, Writer, WriterOptions, ensure_topic};
 use crate::metrics::Metrics;
 use crate::replication::listener::Listener;
@@ -227,6 +228,25 @@ async fn prepare(ctx: &Context) -> Result<Prepared, RunError> {
             "walrelay's state is missing: run `walrelay-producer init` first".into(),
         ));
     }
+    if !crate::commands::schema_functions_exist(&ctl).await? {
+        return Err(RunError::Setup(
+            "walrelay's schema functions are missing (state from an older version): run `walrelay-producer init` again"
+                .into(),
+        ));
+    }
+    let triggers: bool = ctl
+        .query_one(crate::ddl::capture::TRIGGERS_ACTIVE, &[])
+        .await
+        .map_err(PgError::query("reading pg_event_trigger"))?
+        .get(0);
+    if triggers {
+        tracing::info!("DDL capture: event triggers active.");
+    } else {
+        tracing::warn!(
+            "DDL capture: event triggers missing, schema events come from Relation messages; {}",
+            crate::ddl::capture::WITHOUT_TRIGGERS
+        );
+    }
     let pub_exists: bool = ctl
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
@@ -321,6 +341,7 @@ async fn prepare(ctx: &Context) -> Result<Prepared, RunError> {
             Arc::clone(&writer),
             Arc::clone(&checkpointer),
             envelope.clone(),
+            partitions,
         )
         .await?;
     }
@@ -355,9 +376,18 @@ async fn stream(ctx: &Context, p: Prepared) -> Result<(), RunError> {
         s.slot.clone(),
         Arc::clone(&ctx.metrics),
     ));
+    let confirmed = slot::slot_info(&ctl, &s.slot)
+        .await?
+        .and_then(|i| i.confirmed_flush_lsn)
+        .as_deref()
+        .and_then(parse_lsn)
+        .unwrap_or(0);
+    let registry = Registry::load(&ctl, &s.slot, confirmed).await?;
     let listener = Listener {
         client: &mut client,
         catalog: Catalog::new(&ctl),
+        registry,
+        publication: s.publication.clone(),
         writer: &writer,
         checkpointer: &checkpointer,
         metrics: &ctx.metrics,
@@ -381,6 +411,7 @@ async fn create_and_snapshot(
     writer: Arc<Writer>,
     checkpointer: Arc<Checkpointer>,
     envelope: EnvelopeWriter,
+    partitions: i32,
 ) -> Result<(), RunError> {
     let s = &ctx.settings;
     slot::mark_pending(ctl, &s.slot, &s.publication).await?;
@@ -424,6 +455,7 @@ async fn create_and_snapshot(
             parallelism: s.snapshot_parallelism,
             chunk_pages: s.snapshot_chunk_pages,
             partition_key: s.partition_key,
+            partitions,
         };
         snapshot::run(
             job,

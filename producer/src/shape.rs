@@ -60,8 +60,12 @@ pub struct TableShape {
     pub key_columns: Vec<usize>,
     /// `"schema":"…","table":"…"`, pre-encoded.
     source_names: Vec<u8>,
-    /// `,"key":[…],"types":{…}`, pre-encoded: what a consumer needs to address a row and to
-    /// map its columns without asking Postgres.
+    /// Version of the table's schema these columns belong to (0 until known).
+    pub schema_version: u64,
+    /// Stable id of each column (its `attnum`), in column order; empty until known.
+    pub column_ids: Vec<i32>,
+    /// `,"key":[…],"types":{…},"schema_version":…,"column_ids":{…}`, pre-encoded: what a
+    /// consumer needs to address a row and to map its columns without asking Postgres.
     table_facts: Vec<u8>,
 }
 
@@ -78,32 +82,58 @@ impl TableShape {
         write_json_str(&mut source_names, schema);
         source_names.extend_from_slice(b",\"table\":");
         write_json_str(&mut source_names, table);
-        let mut table_facts = b",\"key\":[".to_vec();
-        for (n, &i) in key_columns.iter().enumerate() {
-            if n > 0 {
-                table_facts.push(b',');
-            }
-            if let Some(col) = columns.get(i) {
-                write_json_str(&mut table_facts, &col.name);
-            }
-        }
-        table_facts.extend_from_slice(b"],\"types\":{");
-        for (n, col) in columns.iter().enumerate() {
-            if n > 0 {
-                table_facts.push(b',');
-            }
-            table_facts.extend_from_slice(&col.name_json);
-            write_json_str(&mut table_facts, &col.kind.label());
-        }
-        table_facts.push(b'}');
-        Self {
+        let mut shape = Self {
             schema: schema.to_string(),
             table: table.to_string(),
             columns,
             key_columns,
             source_names,
-            table_facts,
+            schema_version: 0,
+            column_ids: Vec::new(),
+            table_facts: Vec::new(),
+        };
+        shape.encode_facts();
+        shape
+    }
+
+    /// Tags the shape with its schema version and column ids (in column order).
+    pub fn set_schema(&mut self, version: u64, column_ids: Vec<i32>) {
+        self.schema_version = version;
+        self.column_ids = column_ids;
+        self.encode_facts();
+    }
+
+    fn encode_facts(&mut self) {
+        let out = &mut self.table_facts;
+        out.clear();
+        out.extend_from_slice(b",\"key\":[");
+        for (n, &i) in self.key_columns.iter().enumerate() {
+            if n > 0 {
+                out.push(b',');
+            }
+            if let Some(col) = self.columns.get(i) {
+                write_json_str(out, &col.name);
+            }
         }
+        out.extend_from_slice(b"],\"types\":{");
+        for (n, col) in self.columns.iter().enumerate() {
+            if n > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(&col.name_json);
+            write_json_str(out, &col.kind.label());
+        }
+        out.extend_from_slice(b"},\"schema_version\":");
+        out.extend_from_slice(self.schema_version.to_string().as_bytes());
+        out.extend_from_slice(b",\"column_ids\":{");
+        for (n, (col, id)) in self.columns.iter().zip(&self.column_ids).enumerate() {
+            if n > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(&col.name_json);
+            out.extend_from_slice(id.to_string().as_bytes());
+        }
+        out.push(b'}');
     }
 
     /// `schema.table`, for logs and metric labels.
@@ -257,6 +287,25 @@ impl EnvelopeWriter {
             out.push(b']');
         }
         out.push(b'}');
+    }
+}
+
+impl EnvelopeWriter {
+    /// Appends a schema event (`op: "ddl"`) for `shape` (tagged with the new version) carrying
+    /// `change`.
+    pub fn write_schema_event(
+        &self,
+        out: &mut Vec<u8>,
+        shape: &TableShape,
+        meta: &EventMeta,
+        change: &walrelay_common::event::SchemaChange,
+    ) -> Result<(), serde_json::Error> {
+        self.write(out, shape, meta, None, None);
+        out.pop();
+        out.extend_from_slice(b",\"ddl\":");
+        serde_json::to_writer(&mut *out, change)?;
+        out.push(b'}');
+        Ok(())
     }
 }
 

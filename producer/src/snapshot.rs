@@ -10,6 +10,8 @@
 //! The snapshot is one pseudo-transaction for the checkpointer; it is complete only when Kafka
 //! acknowledged every row, and only then is the slot's state set to `done` and streaming
 //! started. So no streamed change of a row reaches Kafka before that row's snapshot event.
+//! Each table's schema event (`origin: "snapshot"`, version = the consistent point) is sent to
+//! every partition before the first chunk is read, so it precedes the table's rows everywhere.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +25,7 @@ use walrelay_common::event::Op;
 
 use crate::catalog::{self, Catalog, PgError, TableRef, quote_ident, quote_literal};
 use crate::checkpoint::{Checkpointer, TxnId};
+use crate::ddl::{self, Origin, Registry};
 use crate::kafka::Writer;
 use crate::metrics::Metrics;
 use crate::pipeline::RunError;
@@ -47,6 +50,8 @@ pub struct SnapshotJob {
     pub chunk_pages: u32,
     /// Keying.
     pub partition_key: PartitionKey,
+    /// Partitions of the topic (each table's schema event goes to each).
+    pub partitions: i32,
 }
 
 struct TableTask {
@@ -152,10 +157,56 @@ pub async fn run(
         parallelism = job.parallelism,
         "Snapshot started."
     );
+    let snap_txn = checkpointer.begin();
+    let mut schema_events = 0;
+    let mut registry = Registry::new(&job.slot);
+    for task in &mut tasks {
+        let Some(schema) = ddl::read_schema(ctl, task.table.oid).await? else {
+            return Err(PgError::Catalog(format!(
+                "{} was dropped while the snapshot started",
+                task.table.qualified()
+            ))
+            .into());
+        };
+        let origin = Origin {
+            kind: "snapshot",
+            message: None,
+            before: None,
+        };
+        let version = job.consistent_lsn;
+        let event = ddl::schema_event(&mut catalog, &schema, version, origin, false).await?;
+        registry
+            .record(ctl, version, 0, schema.clone(), false)
+            .await?;
+        let ids = schema.ids_of(task.shape.columns.iter().map(|c| c.name.as_str()));
+        task.shape.set_schema(version, ids);
+        let meta = EventMeta {
+            op: Op::Ddl,
+            lsn: version,
+            commit_lsn: version,
+            txid: 0,
+            ts_ms: job.started_ms,
+            snapshot: true,
+            seq: 0,
+        };
+        let n = ddl::send_schema_event(
+            &writer,
+            &envelope,
+            &event,
+            &meta,
+            job.partition_key,
+            job.partitions,
+            snap_txn,
+            &mut || {},
+        )
+        .await?;
+        schema_events += n;
+        metrics.events_of(Op::Ddl).inc_by(n);
+        metrics.schema_events.with_label_values(&["snapshot"]).inc();
+    }
     let tasks = Arc::new(tasks);
     let queue = Arc::new(Mutex::new(chunks));
-    let snap_txn = checkpointer.begin();
-    let sent = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(AtomicU64::new(schema_events));
     let job = Arc::new(job);
     let mut workers = Vec::new();
     for _ in 0..job

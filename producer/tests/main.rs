@@ -5,6 +5,7 @@ mod support;
 
 mod cli;
 mod crash;
+mod ddl;
 mod memory;
 mod outage;
 mod slot;

@@ -102,17 +102,24 @@ pub fn try_read_until(
 }
 
 /// The rows of `schema.table` as the events describe them, by the JSON of column `pk`.
-/// Applies events in topic order per partition (all of one row are in one partition).
+/// Applies events in topic order per partition (all of one row are in one partition; a
+/// truncate sent to every partition clears each partition's rows there).
 pub fn table_state(
     records: &[Record],
     schema: &str,
     table: &str,
     pk: &str,
 ) -> BTreeMap<String, Map<String, Value>> {
+    let mut all = BTreeMap::new();
     let mut rows: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
     let mut sorted: Vec<&Record> = records.iter().collect();
     sorted.sort_by_key(|r| (r.partition, r.offset));
+    let mut partition = sorted.first().map_or(0, |r| r.partition);
     for r in sorted {
+        if r.partition != partition {
+            all.append(&mut rows);
+            partition = r.partition;
+        }
         let e = r.envelope();
         if e.source.schema != schema || e.source.table != table {
             continue;
@@ -151,9 +158,75 @@ pub fn table_state(
                 rows.remove(&id);
             }
             Op::Truncate => rows.clear(),
+            Op::Ddl => {}
         }
     }
-    rows
+    all.append(&mut rows);
+    all
+}
+
+/// Checks, partition by partition in offset order, that every row event comes after the
+/// schema event of the version it carries, for its table, and that its columns and column ids
+/// are that schema's. Returns the number of row events checked.
+pub fn check_schema_order(records: &[Record]) -> Result<usize, String> {
+    use std::collections::HashMap;
+    let mut sorted: Vec<&Record> = records.iter().collect();
+    sorted.sort_by_key(|r| (r.partition, r.offset));
+    // (partition, schema, table, version) -> column name -> id
+    let mut seen: HashMap<(i32, String, String, u64), BTreeMap<String, i32>> = HashMap::new();
+    let mut checked = 0;
+    for r in sorted {
+        let e = r.envelope();
+        let at = format!(
+            "partition {} offset {} ({}.{} {:?} version {})",
+            r.partition, r.offset, e.source.schema, e.source.table, e.op, e.schema_version
+        );
+        let key = (
+            r.partition,
+            e.source.schema.clone(),
+            e.source.table.clone(),
+            e.schema_version,
+        );
+        if e.op == Op::Ddl {
+            let ddl = e
+                .ddl
+                .as_ref()
+                .ok_or_else(|| format!("{at}: ddl event without ddl"))?;
+            let cols: BTreeMap<String, i32> = ddl
+                .columns
+                .iter()
+                .filter(|c| !c.generated)
+                .map(|c| (c.name.clone(), c.id))
+                .collect();
+            let ids: BTreeMap<String, i32> = e.column_ids.parse().into_iter().collect();
+            if !ddl.dropped && ids != cols {
+                return Err(format!(
+                    "{at}: column_ids {ids:?} differ from the columns {cols:?}"
+                ));
+            }
+            seen.insert(key, cols);
+            continue;
+        }
+        let Some(cols) = seen.get(&key) else {
+            return Err(format!("{at}: row before its schema event"));
+        };
+        let ids: BTreeMap<String, i32> = e.column_ids.parse().into_iter().collect();
+        if &ids != cols {
+            return Err(format!(
+                "{at}: column_ids {ids:?}, schema event said {cols:?}"
+            ));
+        }
+        for image in [&e.before, &e.after].into_iter().flatten() {
+            if let Some(extra) = image.keys().find(|k| !cols.contains_key(*k)) {
+                return Err(format!("{at}: column {extra} not in its schema {cols:?}"));
+            }
+        }
+        if e.op != Op::Truncate && e.after.as_ref().is_some_and(|a| a.len() != cols.len()) {
+            return Err(format!("{at}: after image lacks columns of {cols:?}"));
+        }
+        checked += 1;
+    }
+    Ok(checked)
 }
 
 /// Sum of the partitions' high watermarks: how many records the broker holds.

@@ -43,7 +43,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
-use walrelay_common::event::{ColumnTypes, Envelope, Op, Source};
+use walrelay_common::event::{ColumnIds, ColumnTypes, Envelope, Op, SchemaChange, Source};
 use walrelay_common::telemetry::Readiness;
 
 use crate::config::RuntimeSettings;
@@ -82,6 +82,12 @@ struct Wire {
     key: Vec<String>,
     #[serde(default)]
     types: ColumnTypes,
+    #[serde(default)]
+    schema_version: u64,
+    #[serde(default)]
+    column_ids: ColumnIds,
+    #[serde(default)]
+    ddl: Option<SchemaChange>,
 }
 
 /// What a sink did with one event.
@@ -504,6 +510,9 @@ fn decode(batch: &mut [Pending]) {
                         unchanged_toast: w.unchanged_toast,
                         key: w.key,
                         types: w.types,
+                        schema_version: w.schema_version,
+                        column_ids: w.column_ids,
+                        ddl: w.ddl,
                     },
                     after_json: w.after,
                 });

@@ -12,6 +12,8 @@ use walrelay_common::event::Op;
 use super::pgoutput::{self, Cell, Message, OldKind};
 use crate::catalog::{Catalog, build_shape};
 use crate::checkpoint::{Checkpointer, TxnId};
+use crate::ddl::capture::MESSAGE_PREFIX;
+use crate::ddl::{self, Origin, Registry, TableSchema, TriggerMessage};
 use crate::kafka::Writer;
 use crate::metrics::Metrics;
 use crate::pipeline::RunError;
@@ -69,8 +71,25 @@ pub struct Listener<'a> {
     pub envelope: EnvelopeWriter,
     /// Keying.
     pub partition_key: PartitionKey,
-    /// Partitions of the topic (a truncate goes to each under primary-key keying).
+    /// Partitions of the topic (a truncate goes to each under primary-key keying; a schema
+    /// event to each always).
     pub partitions: i32,
+    /// Schemas of the captured tables as of the stream position.
+    pub registry: Registry,
+    /// The publication streamed (schema messages of other publications are skipped).
+    pub publication: String,
+}
+
+/// A table as the last Relation message described it.
+struct Relation {
+    namespace: String,
+    name: String,
+    /// Published columns: name and type OID.
+    columns: Vec<(String, u32)>,
+    shape: TableShape,
+    /// A schema the registry does not know yet (fallback): its event goes out at the next
+    /// change of the table, whose LSN becomes its version.
+    pending: Option<TableSchema>,
 }
 
 struct Pushed(u64);
@@ -92,7 +111,7 @@ fn push_progress(
 impl Listener<'_> {
     /// Runs until `shutdown` is cancelled (returns `Ok`) or a failure.
     pub async fn run(mut self, shutdown: &CancellationToken) -> Result<(), RunError> {
-        let mut relations: HashMap<u32, TableShape> = HashMap::new();
+        let mut relations: HashMap<u32, Relation> = HashMap::new();
         let mut txn: Option<OpenTxn> = None;
         let mut bufs = Buffers {
             key: Vec::with_capacity(256),
@@ -202,9 +221,22 @@ impl Listener<'_> {
                                 shaped.push(ColumnShape::new(c.name, kind, c.is_key));
                             }
                             let keys = self.catalog.key_columns(oid).await?;
-                            relations.insert(oid, build_shape(namespace, name, shaped, &keys));
+                            let mut rel = Relation {
+                                namespace: namespace.to_string(),
+                                name: name.to_string(),
+                                columns: columns
+                                    .iter()
+                                    .map(|c| (c.name.to_string(), c.type_oid))
+                                    .collect(),
+                                shape: build_shape(namespace, name, shaped, &keys),
+                                pending: None,
+                            };
+                            self.tag_relation(oid, &mut rel).await?;
+                            relations.insert(oid, rel);
                         }
                         Message::Insert { oid, new } => {
+                            self.settle(oid, lsn, &mut txn, &mut relations, &mut pushed)
+                                .await?;
                             let t = open(&mut txn)?;
                             let shape = shape_of(&relations, oid)?;
                             t.seq += 1;
@@ -219,6 +251,8 @@ impl Listener<'_> {
                                 .await?;
                         }
                         Message::Update { oid, old, mut new } => {
+                            self.settle(oid, lsn, &mut txn, &mut relations, &mut pushed)
+                                .await?;
                             let t = open(&mut txn)?;
                             let shape = shape_of(&relations, oid)?;
                             // With the full old row (REPLICA IDENTITY FULL), an unchanged
@@ -251,6 +285,8 @@ impl Listener<'_> {
                             oid,
                             old: (kind, old_row),
                         } => {
+                            self.settle(oid, lsn, &mut txn, &mut relations, &mut pushed)
+                                .await?;
                             let t = open(&mut txn)?;
                             let shape = shape_of(&relations, oid)?;
                             t.seq += 1;
@@ -268,6 +304,10 @@ impl Listener<'_> {
                                 .await?;
                         }
                         Message::Truncate { oids, .. } => {
+                            for &oid in &oids {
+                                self.settle(oid, lsn, &mut txn, &mut relations, &mut pushed)
+                                    .await?;
+                            }
                             let t = open(&mut txn)?;
                             for oid in oids {
                                 let shape = shape_of(&relations, oid)?;
@@ -301,7 +341,29 @@ impl Listener<'_> {
                         Message::LogicalMessage { .. } => {}
                     }
                 }
-                // Logical messages (DDL capture uses them) carry no row changes.
+                ReplicationEvent::Message {
+                    prefix,
+                    content,
+                    lsn,
+                    transactional: true,
+                } if prefix == MESSAGE_PREFIX => {
+                    let message: TriggerMessage =
+                        serde_json::from_slice(&content).map_err(|e| {
+                            RunError::Protocol(format!(
+                                "the {MESSAGE_PREFIX} message at {lsn} is not what walrelay's trigger writes ({e}); \
+                                 run `walrelay-producer init` with this version to reinstall the triggers"
+                            ))
+                        })?;
+                    self.apply_ddl(
+                        &message,
+                        lsn.as_u64(),
+                        &mut txn,
+                        &mut relations,
+                        &mut pushed,
+                    )
+                    .await?;
+                }
+                // Other logical messages carry no row changes.
                 ReplicationEvent::Message { .. } => {}
                 ReplicationEvent::StoppedAt { .. } => {
                     return Err(RunError::Replication(
@@ -310,6 +372,152 @@ impl Listener<'_> {
                 }
             }
         }
+    }
+
+    /// Tags a Relation's shape with the registry's schema when they agree; otherwise the schema
+    /// changed without a trigger message (or the table is new to walrelay): the schema the
+    /// Relation shows waits for the table's next change ([`Self::settle`]).
+    async fn tag_relation(&mut self, oid: u32, rel: &mut Relation) -> Result<(), RunError> {
+        if let Some(v) = self.registry.get(oid)
+            && v.schema.matches(&rel.namespace, &rel.name, &rel.columns)
+        {
+            let ids = v.schema.ids_of(rel.columns.iter().map(|(n, _)| n.as_str()));
+            rel.shape.set_schema(v.version, ids);
+            return Ok(());
+        }
+        let current = ddl::read_schema(self.catalog.client(), oid).await?;
+        rel.pending = Some(TableSchema::from_relation(
+            oid,
+            &rel.namespace,
+            &rel.name,
+            &rel.columns,
+            current.as_ref(),
+        ));
+        Ok(())
+    }
+
+    /// Before a change of `oid`: emits the schema event of a pending (fallback) schema, with
+    /// the change's LSN as its version (a Relation message has no LSN of its own; the first
+    /// change under a schema is the same on every replay).
+    async fn settle(
+        &mut self,
+        oid: u32,
+        lsn: u64,
+        txn: &mut Option<OpenTxn>,
+        relations: &mut HashMap<u32, Relation>,
+        pushed: &mut Pushed,
+    ) -> Result<(), RunError> {
+        let Some(schema) = relations.get_mut(&oid).and_then(|r| r.pending.take()) else {
+            return Ok(());
+        };
+        let t = open(txn)?;
+        let before = self.registry.get(oid).map(|v| v.schema.clone());
+        let origin = Origin {
+            kind: "relation",
+            message: None,
+            before: before.as_ref(),
+        };
+        let ctl = self.catalog.client();
+        let event = ddl::schema_event(&mut self.catalog, &schema, lsn, origin, false).await?;
+        self.registry
+            .record(ctl, lsn, t.commit_lsn, schema, false)
+            .await?;
+        if before.is_some() {
+            tracing::info!(table = %event.shape.qualified(), "A schema change without a trigger message: derived from the Relation message.");
+        }
+        self.send_schema(&event, lsn, t, pushed).await?;
+        if let Some(rel) = relations.get_mut(&oid) {
+            rel.shape.set_schema(lsn, event.shape.column_ids.clone());
+        }
+        Ok(())
+    }
+
+    /// Applies a trigger message: records the table's new schema and emits its schema event.
+    async fn apply_ddl(
+        &mut self,
+        message: &TriggerMessage,
+        lsn: u64,
+        txn: &mut Option<OpenTxn>,
+        relations: &mut HashMap<u32, Relation>,
+        pushed: &mut Pushed,
+    ) -> Result<(), RunError> {
+        let t = open(txn)?;
+        let oid = message.table.table_oid;
+        let before = self.registry.get(oid).map(|v| v.schema.clone());
+        let captured = if message.dropped {
+            before.is_some()
+        } else {
+            message.publications.contains(&self.publication)
+        };
+        if !captured || (!message.dropped && before.as_ref() == Some(&message.table)) {
+            // Another publication's table, or nothing a consumer sees changed (an index, a
+            // comment, a partition attached).
+            return Ok(());
+        }
+        let schema = match (&before, message.dropped) {
+            // A drop carries only names: keep the last columns for the event.
+            (Some(b), true) => TableSchema {
+                columns: Vec::new(),
+                ..b.clone()
+            },
+            _ => message.table.clone(),
+        };
+        let origin = Origin {
+            kind: "trigger",
+            message: Some(message),
+            before: before.as_ref(),
+        };
+        let ctl = self.catalog.client();
+        let event =
+            ddl::schema_event(&mut self.catalog, &schema, lsn, origin, message.dropped).await?;
+        self.registry
+            .record(ctl, lsn, t.commit_lsn, schema.clone(), message.dropped)
+            .await?;
+        self.send_schema(&event, lsn, t, pushed).await?;
+        if message.dropped {
+            relations.remove(&oid);
+        } else if let Some(rel) = relations.get_mut(&oid)
+            && schema.matches(&rel.namespace, &rel.name, &rel.columns)
+        {
+            // Columns unchanged for pgoutput (a rename of the table arrives with a new
+            // Relation anyway): later rows carry the new version even without one.
+            let ids = schema.ids_of(rel.columns.iter().map(|(n, _)| n.as_str()));
+            rel.shape.set_schema(lsn, ids);
+            rel.pending = None;
+        }
+        Ok(())
+    }
+
+    async fn send_schema(
+        &self,
+        event: &ddl::SchemaEvent,
+        lsn: u64,
+        t: &mut OpenTxn,
+        pushed: &mut Pushed,
+    ) -> Result<(), RunError> {
+        t.seq += 1;
+        let meta = meta(t, Op::Ddl, lsn);
+        let client: &ReplicationClient = self.client;
+        let (ckpt, metrics) = (self.checkpointer, self.metrics);
+        let mut on_wait = || push_progress(client, ckpt, metrics, pushed);
+        let sent = ddl::send_schema_event(
+            self.writer,
+            &self.envelope,
+            event,
+            &meta,
+            self.partition_key,
+            self.partitions,
+            t.id,
+            &mut on_wait,
+        )
+        .await?;
+        t.sent += sent;
+        self.metrics.events_of(Op::Ddl).inc_by(sent);
+        self.metrics
+            .schema_events
+            .with_label_values(&[&event.change.origin])
+            .inc();
+        Ok(())
     }
 
     /// Encodes one change and hands it to Kafka; counts it as sent by `txn`.
@@ -354,8 +562,8 @@ fn open(txn: &mut Option<OpenTxn>) -> Result<&mut OpenTxn, RunError> {
         .ok_or_else(|| RunError::Protocol("a change outside a transaction".into()))
 }
 
-fn shape_of(relations: &HashMap<u32, TableShape>, oid: u32) -> Result<&TableShape, RunError> {
-    relations.get(&oid).ok_or_else(|| {
+fn shape_of(relations: &HashMap<u32, Relation>, oid: u32) -> Result<&TableShape, RunError> {
+    relations.get(&oid).map(|r| &r.shape).ok_or_else(|| {
         RunError::Protocol(format!(
             "a change of relation {oid} before its Relation message"
         ))

@@ -153,6 +153,13 @@ pub async fn mark_pending(client: &Client, slot: &str, publication: &str) -> Res
         )
         .await
         .map_err(PgError::query("clearing walrelay.snapshot_progress"))?;
+    client
+        .execute(
+            "DELETE FROM walrelay.schema_history WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(PgError::query("clearing walrelay.schema_history"))?;
     Ok(())
 }
 

@@ -20,6 +20,8 @@ pub struct Env {
     pub topic: String,
     pub slot: String,
     pub logs: tempfile::TempDir,
+    /// The role the producer connects as.
+    pub user: String,
     spawned: u32,
 }
 
@@ -39,12 +41,18 @@ impl Env {
             topic: walrelay_tests::unique("events").replace('_', "."),
             slot: walrelay_tests::unique("slot"),
             logs: tempfile::tempdir().expect("log dir"),
+            user: "postgres".into(),
             spawned: 0,
         }
     }
 
     pub fn url(&self) -> String {
-        self.pg.url(&self.db)
+        format!(
+            "postgres://{}@127.0.0.1:{}/{}",
+            self.user,
+            self.pg.port(),
+            self.db
+        )
     }
 
     /// Options every command gets.
