@@ -89,6 +89,9 @@ pub struct Options {
     /// lowercased [default: {schema}.{table}].
     #[arg(long, env = "WALRELAY_INDEX_TEMPLATE", global = true)]
     pub index_template: Option<String>,
+    /// What a dropped table does to its index: `delete` it, or `keep` it [default: delete].
+    #[arg(long, env = "WALRELAY_ON_DROP_TABLE", global = true, value_enum)]
+    pub on_drop_table: Option<OnDropTable>,
     /// Most events per sink batch [default: 5000].
     #[arg(long, env = "WALRELAY_BATCH_MAX_EVENTS", global = true)]
     pub batch_max_events: Option<usize>,
@@ -171,6 +174,7 @@ impl Options {
             search_api_key: self.search_api_key.or(file.search_api_key),
             search_ca_file: self.search_ca_file.or(file.search_ca_file),
             index_template: self.index_template.or(file.index_template),
+            on_drop_table: self.on_drop_table.or(file.on_drop_table),
             batch_max_events: self.batch_max_events.or(file.batch_max_events),
             batch_max_bytes: self.batch_max_bytes.or(file.batch_max_bytes),
             batch_max_wait: self.batch_max_wait.or(file.batch_max_wait),
@@ -254,10 +258,23 @@ pub struct SearchSettings {
     pub ca_pem: Option<Vec<u8>>,
     /// Alias template.
     pub index_template: String,
+    /// What a dropped table does to its index.
+    pub on_drop_table: OnDropTable,
     /// Retry backoff: first wait.
     pub retry_initial_backoff: Duration,
     /// Retry backoff: cap.
     pub retry_max_backoff: Duration,
+}
+
+/// What a dropped table does to its index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnDropTable {
+    /// Delete the table's index (and so its alias).
+    #[default]
+    Delete,
+    /// Keep the index as it was.
+    Keep,
 }
 
 /// Settings of `reindex`.
@@ -421,6 +438,7 @@ impl Settings {
                 auth,
                 ca_pem,
                 index_template,
+                on_drop_table: o.on_drop_table.unwrap_or_default(),
                 retry_initial_backoff,
                 retry_max_backoff,
             },

@@ -19,6 +19,10 @@ pub struct Metrics {
     pub sink_errors: IntCounterVec,
     /// Writes the sink answered with a version conflict: a stale or repeated event, skipped.
     pub version_conflicts: IntCounter,
+    /// Schema events by what the sink did (`applied`, `stale`, `renamed`, `dropped`, `kept`).
+    pub schema_events: IntCounterVec,
+    /// Schema changes an index could not follow, by kind (`type_change`, `name_taken`).
+    pub schema_conflicts: IntCounterVec,
     /// Time to apply one batch to the sink, retries included.
     pub batch_seconds: Histogram,
     /// Events per batch.
@@ -65,6 +69,20 @@ impl Metrics {
                     "Failed sink requests or items, by sink and kind.",
                 ),
                 &["sink", "kind"],
+            )?,
+            schema_events: IntCounterVec::new(
+                Opts::new(
+                    "walrelay_consumer_schema_events_total",
+                    "Schema events handled by the sink, by outcome.",
+                ),
+                &["outcome"],
+            )?,
+            schema_conflicts: IntCounterVec::new(
+                Opts::new(
+                    "walrelay_consumer_schema_conflicts_total",
+                    "Schema changes the index mapping could not follow (a re-index resolves them), by kind.",
+                ),
+                &["kind"],
             )?,
             version_conflicts: IntCounter::new(
                 "walrelay_consumer_version_conflicts_total",
@@ -130,6 +148,8 @@ impl Metrics {
             Box::new(self.dead_letters.clone()),
             Box::new(self.sink_errors.clone()),
             Box::new(self.version_conflicts.clone()),
+            Box::new(self.schema_events.clone()),
+            Box::new(self.schema_conflicts.clone()),
             Box::new(self.batch_seconds.clone()),
             Box::new(self.batch_events.clone()),
             Box::new(self.end_to_end_seconds.clone()),
@@ -152,6 +172,8 @@ mod tests {
         // Labelled families only appear once a child exists.
         m.events.with_label_values(&["c", "public.t"]).inc();
         m.dead_letters.with_label_values(&["decode"]).inc();
+        m.schema_events.with_label_values(&["applied"]).inc();
+        m.schema_conflicts.with_label_values(&["type_change"]).inc();
         m.sink_errors
             .with_label_values(&["search", "throttled"])
             .inc();

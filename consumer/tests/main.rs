@@ -762,3 +762,191 @@ async fn an_indexer_started_before_the_topic_exists_picks_it_up() {
     producer.kill9();
     indexer.kill9();
 }
+
+/// The table's rows as the index should hold them: each column under its field (a renamed
+/// column under the field its alias points at).
+async fn rows_as_fields(s: &Stack, table: &str, alias: &str) -> BTreeMap<String, Value> {
+    let props = s.search.properties(alias);
+    let field_of = |col: &str| -> String {
+        match props.get(col) {
+            Some(m) if m["type"] == "alias" => m["path"].as_str().unwrap_or(col).to_string(),
+            _ => col.to_string(),
+        }
+    };
+    s.rows(table)
+        .await
+        .into_iter()
+        .map(|(id, row)| {
+            let row = row
+                .as_object()
+                .map(|o| {
+                    o.iter()
+                        .map(|(k, v)| (field_of(k), v.clone()))
+                        .collect::<Map<_, _>>()
+                })
+                .unwrap_or_default();
+            (id, Value::Object(row))
+        })
+        .collect()
+}
+
+/// Waits until every row of `table` is in `alias` with the same values under its fields, and
+/// nothing else is (fields of dropped columns left in old documents are ignored).
+async fn wait_equal_fields(s: &Stack, table: &str, alias: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let rows = rows_as_fields(s, table, alias).await;
+        let docs = s.docs(alias);
+        let same = rows.len() == docs.len()
+            && rows.iter().all(|(id, row)| {
+                docs.get(id).is_some_and(|d| {
+                    row.as_object().is_some_and(|r| {
+                        r.iter().all(|(k, v)| d.get(k).unwrap_or(&Value::Null) == v)
+                    })
+                })
+            });
+        if same {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{alias} never matched {table}:\nrows {rows:?}\ndocs {docs:?}\n{}",
+            s.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_follows_schema_changes_and_a_reindex_resolves_a_type_conflict() {
+    let mut s = Stack::start(
+        "CREATE TABLE prods (id int PRIMARY KEY, name text, price int, qty int);
+         INSERT INTO prods SELECT g, 'p' || g, g * 3, g FROM generate_series(1, 40) g;
+         CREATE TABLE doomed (id int PRIMARY KEY, v text); INSERT INTO doomed VALUES (1, 'x');
+         CREATE TABLE ev (id int, day date, note text, PRIMARY KEY (id, day)) PARTITION BY RANGE (day);
+         CREATE TABLE ev_2024 PARTITION OF ev FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+         INSERT INTO ev VALUES (1, '2024-02-02', 'one');",
+    )
+    .await;
+    let mut indexer = s.indexer();
+    s.wait_equal("prods", "public.prods", Duration::from_secs(60))
+        .await;
+    s.wait_equal("doomed", "public.doomed", Duration::from_secs(30))
+        .await;
+
+    // Add, rename, drop, and DDL with DML in one transaction.
+    s.exec("ALTER TABLE prods ADD COLUMN color text; UPDATE prods SET color = 'red' WHERE id <= 5")
+        .await;
+    s.exec("ALTER TABLE prods RENAME COLUMN name TO title; UPDATE prods SET title = 't' || id WHERE id <= 10").await;
+    s.exec("BEGIN; ALTER TABLE prods DROP COLUMN price; INSERT INTO prods (id, title, qty) VALUES (100, 'new', 1); COMMIT").await;
+    // A new table, renamed, truncated; a dropped table; a partitioned table's new column.
+    s.exec("CREATE TABLE fresh (id int PRIMARY KEY, v text); INSERT INTO fresh VALUES (1, 'one')")
+        .await;
+    s.exec("ALTER TABLE fresh RENAME TO fresh2; INSERT INTO fresh2 VALUES (2, 'two')")
+        .await;
+    s.exec("TRUNCATE fresh2; INSERT INTO fresh2 VALUES (3, 'three')")
+        .await;
+    s.exec("DROP TABLE doomed").await;
+    s.exec(
+        "ALTER TABLE ev ADD COLUMN tag text; INSERT INTO ev VALUES (2, '2024-03-03', 'two', 't')",
+    )
+    .await;
+
+    wait_equal_fields(&s, "prods", "public.prods", Duration::from_secs(60)).await;
+    let props = s.search.properties("public.prods");
+    assert_eq!(
+        props["title"],
+        serde_json::json!({"type": "alias", "path": "name"}),
+        "{props:?}"
+    );
+    assert_eq!(props["color"]["type"], "text");
+    let docs = s.docs("public.prods");
+    assert!(
+        docs["100"].get("price").is_none(),
+        "a dropped column is not written"
+    );
+    assert_eq!(
+        docs["3"]["name"], "t3",
+        "rows written under the new name land in the old field"
+    );
+    s.wait_equal("fresh2", "public.fresh2", Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        s.search.alias_targets("public.fresh2"),
+        vec!["public.fresh-v1"]
+    );
+    assert!(
+        s.search.alias_targets("public.fresh").is_empty(),
+        "the old alias moved"
+    );
+    wait_equal_fields(&s, "ev", "public.ev", Duration::from_secs(30)).await;
+    assert!(
+        !s.search
+            .indices()
+            .iter()
+            .any(|i| i.starts_with("public.doomed")),
+        "a dropped table's index is deleted: {:?}",
+        s.search.indices()
+    );
+    let meta = s.search.meta("public.prods");
+    assert_eq!(
+        meta["walrelay"]["fields"]["2"], "name",
+        "column ids kept in _meta: {meta}"
+    );
+
+    // A type the mapping cannot take: logged and counted; the rows it refuses are
+    // dead-lettered, and a re-index maps the column anew.
+    s.exec(
+        "ALTER TABLE prods ALTER COLUMN qty TYPE text; UPDATE prods SET qty = 'many' WHERE id = 1",
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !indexer.log().contains("type_change") {
+        assert!(
+            Instant::now() < deadline,
+            "no conflict logged\n{}",
+            s.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = s.log_path("reindex");
+    let mut reindex = Proc::spawn(
+        &consumer_bin(),
+        &s.consumer_args(
+            "reindex",
+            &["--grace-period", "1s", "--progress-interval", "1s"],
+        ),
+        &[],
+        &log,
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let code = loop {
+        if let Some(code) = reindex.try_exit() {
+            break code;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "reindex did not finish\n{}",
+            s.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(code, Some(0), "reindex failed\n{}", s.all_logs());
+    assert_eq!(
+        s.search.alias_targets("public.prods"),
+        vec!["public.prods-v2"]
+    );
+    let props = s.search.properties("public.prods");
+    assert_eq!(
+        props["qty"]["type"], "text",
+        "the build maps the current type"
+    );
+    assert_eq!(
+        props["title"]["type"], "text",
+        "the build stores the column under its current name"
+    );
+    wait_equal_fields(&s, "prods", "public.prods", Duration::from_secs(60)).await;
+    assert_eq!(s.docs("public.prods")["1"]["qty"], "many");
+    s.assert_clean();
+    indexer.kill9();
+}

@@ -335,10 +335,10 @@ async fn ddl_under(mode: &str) {
             && schema_events(&records, "events_2025").is_empty(),
         "partitions are published through their root"
     );
-    stop_producer(&env, &mut producer).await;
+    stop_producer(&env, &mut producer);
 }
 
-async fn stop_producer(env: &Env, producer: &mut Proc) {
+fn stop_producer(env: &Env, producer: &mut Proc) {
     assert_eq!(
         producer.terminate(),
         Some(0),
@@ -450,5 +450,5 @@ async fn without_event_triggers_relation_messages_give_schema_events() {
     let quiet = schema_events(&records, "quiet");
     assert_eq!(quiet.len(), 2);
     assert!(ids(&quiet[1]).contains_key("w"));
-    stop_producer(&env, &mut producer).await;
+    stop_producer(&env, &mut producer);
 }

@@ -50,6 +50,8 @@ struct Doc {
 struct Index {
     settings: Value,
     properties: Map<String, Value>,
+    /// The mapping's `_meta` (null when unset).
+    meta: Value,
     docs: HashMap<String, Doc>,
 }
 
@@ -144,6 +146,16 @@ impl SearchStandIn {
             .get(alias)
             .map(|s| s.iter().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// The mapping's `_meta` of an index or alias (null when unset).
+    pub fn meta(&self, name: &str) -> Value {
+        let st = self.lock();
+        st.resolve_one(name)
+            .ok()
+            .and_then(|i| st.indices.get(&i))
+            .map(|i| i.meta.clone())
+            .unwrap_or(Value::Null)
     }
 
     /// The mapped properties of an index or alias.
@@ -297,6 +309,7 @@ impl State {
             Index {
                 settings: body.get("settings").cloned().unwrap_or(json!({})),
                 properties,
+                meta: body["mappings"]["_meta"].clone(),
                 docs: HashMap::new(),
             },
         );
@@ -399,6 +412,14 @@ impl State {
     }
 }
 
+fn mappings_of(i: &Index) -> Value {
+    let mut m = json!({"properties": i.properties});
+    if !i.meta.is_null() {
+        m["_meta"] = i.meta.clone();
+    }
+    m
+}
+
 fn check_mapping(
     properties: &Map<String, Value>,
     source: &Map<String, Value>,
@@ -407,6 +428,9 @@ fn check_mapping(
         let Some(ty) = properties.get(field).and_then(|m| m["type"].as_str()) else {
             continue;
         };
+        if ty == "alias" {
+            return Err(format!("Cannot write to a field alias [{field}]."));
+        }
         if properties[field]["enabled"] == json!(false) || value.is_null() {
             continue;
         }
@@ -529,7 +553,7 @@ async fn handle(
                     let i = &st.indices[&t];
                     out.insert(
                         t.clone(),
-                        json!({"aliases": st.aliases_of(&t), "mappings": {"properties": i.properties}, "settings": {"index": i.settings.get("index").cloned().unwrap_or(i.settings.clone())}}),
+                        json!({"aliases": st.aliases_of(&t), "mappings": mappings_of(i), "settings": {"index": i.settings.get("index").cloned().unwrap_or(i.settings.clone())}}),
                     );
                 }
                 ok(Value::Object(out))
@@ -537,10 +561,29 @@ async fn handle(
             (&Method::PUT, [index, "_mapping"]) => {
                 let t = st.resolve_one(index)?;
                 let body = json_body()?;
+                if let Some(i) = st.indices.get_mut(&t)
+                    && !body["_meta"].is_null()
+                {
+                    i.meta = body["_meta"].clone();
+                }
                 if let (Some(i), Some(props)) =
                     (st.indices.get_mut(&t), body["properties"].as_object())
                 {
                     for (k, v) in props {
+                        // A field alias must point at a concrete field (ES checks the same).
+                        if v["type"] == "alias" {
+                            let path = v["path"].as_str().unwrap_or_default();
+                            let target = props.get(path).or(i.properties.get(path));
+                            if target.is_none_or(|m| m["type"] == "alias") {
+                                return Err(error(
+                                    StatusCode::BAD_REQUEST,
+                                    "mapper_parsing_exception",
+                                    format!(
+                                        "Invalid [path] value [{path}] for field alias [{k}]: an alias must refer to an existing field in the mappings."
+                                    ),
+                                ));
+                            }
+                        }
                         if let Some(old) = i.properties.get(k)
                             && old["type"] != v["type"]
                         {

@@ -62,6 +62,17 @@ pub struct SearchClient {
     auth: Option<HeaderValue>,
 }
 
+/// An index's mapping.
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    /// The concrete index.
+    pub index: String,
+    /// Mapped fields.
+    pub properties: Map<String, Value>,
+    /// `_meta` (null when unset).
+    pub meta: Value,
+}
+
 /// The result of creating an index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Created {
@@ -289,6 +300,12 @@ impl SearchClient {
         &self,
         name: &str,
     ) -> Result<Option<(String, Map<String, Value>)>, SearchError> {
+        Ok(self.mapping(name).await?.map(|m| (m.index, m.properties)))
+    }
+
+    /// The mapping of an index (or of the index an alias points at); `None` when it does not
+    /// exist.
+    pub async fn mapping(&self, name: &str) -> Result<Option<Mapping>, SearchError> {
         let (status, body) = self.call(Method::GET, &[name], &[], None).await?;
         if status == StatusCode::NOT_FOUND {
             return Ok(None);
@@ -299,14 +316,13 @@ impl SearchClient {
         Ok(body
             .as_object()
             .and_then(|o| o.iter().next())
-            .map(|(index, v)| {
-                (
-                    index.clone(),
-                    v["mappings"]["properties"]
-                        .as_object()
-                        .cloned()
-                        .unwrap_or_default(),
-                )
+            .map(|(index, v)| Mapping {
+                index: index.clone(),
+                properties: v["mappings"]["properties"]
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
+                meta: v["mappings"]["_meta"].clone(),
             }))
     }
 
@@ -338,13 +354,18 @@ impl SearchClient {
         Err(Self::refused(&format!("DELETE /{name}"), status, &body))
     }
 
-    /// Adds fields to a mapping.
+    /// Adds fields to a mapping; `meta`, when given, replaces the mapping's `_meta`.
     pub async fn put_mapping(
         &self,
         index: &str,
         properties: Map<String, Value>,
+        meta: Option<&Value>,
     ) -> Result<(), SearchError> {
-        let body = json!({ "properties": properties }).to_string().into_bytes();
+        let mut body = json!({ "properties": properties });
+        if let Some(meta) = meta {
+            body["_meta"] = meta.clone();
+        }
+        let body = body.to_string().into_bytes();
         let (status, resp) = self
             .call(
                 Method::PUT,

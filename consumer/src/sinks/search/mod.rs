@@ -19,6 +19,7 @@
 
 mod client;
 mod document;
+mod schema;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -35,6 +36,9 @@ use walrelay_common::telemetry::Readiness;
 pub use client::{Created, SearchClient, SearchError};
 pub use document::{VERSION_FIELD, alias_name, generation_of, versioned};
 use document::{document_id, document_id_raw, missing_fields, version};
+use schema::FieldMap;
+
+use crate::config::OnDropTable;
 
 use crate::config::SearchSettings;
 use crate::metrics::Metrics;
@@ -62,6 +66,37 @@ struct TableIndex {
     mapped: Map<String, Value>,
     /// The envelope `types` text last checked against `mapped`.
     checked_types: String,
+    /// Column ids to fields (from the mapping's `_meta`).
+    columns: FieldMap,
+    /// Per `column_ids` text: the renames its rows need (`None`: names are fields).
+    renames: HashMap<String, Option<Arc<HashMap<String, String>>>>,
+}
+
+impl TableIndex {
+    fn new(target: String, mapped: Map<String, Value>, columns: FieldMap) -> Self {
+        Self {
+            target,
+            mapped,
+            checked_types: String::new(),
+            columns,
+            renames: HashMap::new(),
+        }
+    }
+
+    /// The renames rows written with `env`'s column ids need.
+    fn renames_for(&mut self, env: &Envelope) -> Option<Arc<HashMap<String, String>>> {
+        if self.columns.fields.is_empty() {
+            return None;
+        }
+        let raw = env.column_ids.raw();
+        if let Some(known) = self.renames.get(raw) {
+            return known.clone();
+        }
+        let map = self.columns.renames(&env.column_ids.parse());
+        let entry = (!map.is_empty()).then(|| Arc::new(map));
+        self.renames.insert(raw.to_string(), entry.clone());
+        entry
+    }
 }
 
 /// One bulk action and the event it serves.
@@ -163,8 +198,8 @@ impl SearchSink {
         }
     }
 
-    /// Makes sure the table's index exists and maps every column of `env`; returns its target.
-    async fn table(
+    /// The alias of `env`'s table, opening (or creating) its index on first use.
+    async fn open(
         &mut self,
         env: &Envelope,
         shutdown: &CancellationToken,
@@ -195,20 +230,44 @@ impl SearchSink {
                 .insert(alias.clone(), t.target.clone());
             self.tables.insert(alias.clone(), t);
         }
-        let Some(t) = self.tables.get(&alias) else {
+        Ok(Ok(alias))
+    }
+
+    /// Makes sure the table's index exists and maps every column of `env`; returns its target
+    /// and the renames its rows need.
+    async fn table(
+        &mut self,
+        env: &Envelope,
+        shutdown: &CancellationToken,
+    ) -> Result<Result<(String, Option<Arc<HashMap<String, String>>>), String>, SinkError> {
+        let alias = match self.open(env, shutdown).await? {
+            Ok(a) => a,
+            Err(why) => return Ok(Err(why)),
+        };
+        let Some(t) = self.tables.get_mut(&alias) else {
             return Ok(Err(format!("index for {alias} missing")));
         };
+        let renames = t.renames_for(env);
         // The same `types` text as last time: nothing new to map.
         let missing = if t.checked_types == env.types.raw() {
             Map::new()
         } else {
-            missing_fields(&env.types.parse(), &t.mapped)
+            let mut types = env.types.parse();
+            if let Some(r) = &renames {
+                types = types
+                    .into_iter()
+                    .map(|(k, v)| (r.get(&k).cloned().unwrap_or(k), v))
+                    .collect();
+            }
+            missing_fields(&types, &t.mapped)
         };
         if !missing.is_empty() {
             let target = t.target.clone();
             let client = self.client.clone();
             let put = self
-                .retrying(shutdown, || client.put_mapping(&target, missing.clone()))
+                .retrying(shutdown, || {
+                    client.put_mapping(&target, missing.clone(), None)
+                })
                 .await;
             match put {
                 Ok(()) => {
@@ -229,16 +288,205 @@ impl SearchSink {
                 t.mapped.extend(missing);
             }
         }
-        if let Some(t) = self.tables.get_mut(&alias)
-            && t.checked_types != env.types.raw()
-        {
+        let Some(t) = self.tables.get_mut(&alias) else {
+            return Ok(Err(format!("index for {alias} missing")));
+        };
+        if t.checked_types != env.types.raw() {
             t.checked_types = env.types.raw().to_string();
         }
-        Ok(Ok(self
-            .tables
-            .get(&alias)
-            .map(|t| t.target.clone())
-            .unwrap_or_default()))
+        Ok(Ok((t.target.clone(), renames)))
+    }
+
+    /// Applies a schema event: maps added columns, aliases renamed ones, moves the alias of a
+    /// renamed table, deletes a dropped table's index (see [`schema`]).
+    async fn apply_schema(
+        &mut self,
+        env: &Envelope,
+        shutdown: &CancellationToken,
+    ) -> Result<Verdict, SinkError> {
+        let Some(ddl) = env.ddl.as_ref() else {
+            return Ok(Verdict::Rejected(
+                "a schema event (op ddl) without its ddl body".into(),
+            ));
+        };
+        let outcome =
+            |this: &Self, o: &str| this.metrics.schema_events.with_label_values(&[o]).inc();
+        if ddl.dropped {
+            let v = self.drop_table(env, shutdown).await?;
+            return Ok(v);
+        }
+        if let Some(prev) = &ddl.previous
+            && self.rename_table(env, prev, shutdown).await?
+        {
+            outcome(self, "renamed");
+        }
+        let alias = match self.open(env, shutdown).await? {
+            Ok(a) => a,
+            Err(why) => return Ok(Verdict::Rejected(why)),
+        };
+        let Some(t) = self.tables.get(&alias) else {
+            return Ok(Verdict::Rejected(format!("index for {alias} missing")));
+        };
+        if env.schema_version <= t.columns.schema_version {
+            // Another partition's copy, or a replay: already applied.
+            outcome(self, "stale");
+            return Ok(Verdict::Stale);
+        }
+        let plan = t.columns.plan(&ddl.columns, env.schema_version, &t.mapped);
+        let target = t.target.clone();
+        for c in &plan.conflicts {
+            tracing::error!(index = %target, kind = c.kind, "{}", c.message);
+            self.metrics
+                .schema_conflicts
+                .with_label_values(&[c.kind])
+                .inc();
+        }
+        let meta = plan.next.to_meta();
+        let client = self.client.clone();
+        let props = plan.properties.clone();
+        match self
+            .retrying(shutdown, || {
+                client.put_mapping(&target, props.clone(), Some(&meta))
+            })
+            .await
+        {
+            Ok(()) => {}
+            Err(SinkError::Definite(why)) => {
+                self.metrics
+                    .schema_conflicts
+                    .with_label_values(&["mapping_refused"])
+                    .inc();
+                return Ok(Verdict::Rejected(format!(
+                    "the index refused the mapping of schema version {}: {why}",
+                    env.schema_version
+                )));
+            }
+            Err(e) => return Err(e),
+        }
+        tracing::info!(index = %target, version = env.schema_version, added = ?plan.properties.keys().collect::<Vec<_>>(),
+            command = ddl.command.as_deref().unwrap_or(""), "Applied a schema event.");
+        if let Some(t) = self.tables.get_mut(&alias) {
+            t.mapped.extend(plan.properties);
+            t.columns = plan.next;
+            t.renames.clear();
+            t.checked_types.clear();
+        }
+        outcome(self, "applied");
+        Ok(Verdict::Applied)
+    }
+
+    /// Moves a renamed table's alias (live) or build index (build) to its new name; whether
+    /// anything moved.
+    async fn rename_table(
+        &mut self,
+        env: &Envelope,
+        previous: &walrelay_common::event::TableName,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, SinkError> {
+        let Ok(new_alias) = alias_name(&self.settings.index_template, env) else {
+            return Ok(false);
+        };
+        let mut old_env = env.clone();
+        old_env.source.schema.clone_from(&previous.schema);
+        old_env.source.table.clone_from(&previous.table);
+        let Ok(old_alias) = alias_name(&self.settings.index_template, &old_env) else {
+            return Ok(false);
+        };
+        if old_alias == new_alias {
+            return Ok(false);
+        }
+        let moved = match self.mode {
+            Mode::Live => {
+                let client = self.client.clone();
+                let new_targets = self
+                    .retrying(shutdown, || client.alias_targets(&new_alias))
+                    .await?;
+                let old_targets = self
+                    .retrying(shutdown, || client.alias_targets(&old_alias))
+                    .await?;
+                match (new_targets, old_targets) {
+                    (None, Some(old)) => {
+                        let mut actions = Vec::new();
+                        for index in &old {
+                            actions.push(json!({"remove": {"index": index, "alias": old_alias}}));
+                            actions.push(json!({"add": {"index": index, "alias": new_alias}}));
+                        }
+                        self.retrying(shutdown, || client.update_aliases(actions.clone()))
+                            .await?;
+                        tracing::info!(from = %old_alias, to = %new_alias, indexes = ?old, "Table renamed: moved its alias.");
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            Mode::Build { .. } => self.tables.contains_key(&old_alias),
+        };
+        if let Some(mut t) = self.tables.remove(&old_alias) {
+            if self.mode == Mode::Live {
+                t.target.clone_from(&new_alias);
+            }
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            seen.remove(&old_alias);
+            seen.insert(new_alias.clone(), t.target.clone());
+            drop(seen);
+            self.tables.insert(new_alias, t);
+        }
+        Ok(moved)
+    }
+
+    /// A dropped table: deletes its index unless `--on-drop-table keep`, and only when the
+    /// index is not newer than the drop (a copy of the drop read after the table was created
+    /// again must not delete the new index).
+    async fn drop_table(
+        &mut self,
+        env: &Envelope,
+        shutdown: &CancellationToken,
+    ) -> Result<Verdict, SinkError> {
+        let alias = match alias_name(&self.settings.index_template, env) {
+            Ok(a) => a,
+            Err(why) => return Ok(Verdict::Rejected(why)),
+        };
+        if self.settings.on_drop_table == OnDropTable::Keep {
+            self.metrics
+                .schema_events
+                .with_label_values(&["kept"])
+                .inc();
+            tracing::info!(%alias, "Table dropped; its index is kept (--on-drop-table keep).");
+            return Ok(Verdict::Applied);
+        }
+        let name = match self.mode {
+            Mode::Live => alias.clone(),
+            Mode::Build { generation } => versioned(&alias, generation),
+        };
+        let client = self.client.clone();
+        let Some(mapping) = self.retrying(shutdown, || client.mapping(&name)).await? else {
+            self.metrics
+                .schema_events
+                .with_label_values(&["stale"])
+                .inc();
+            return Ok(Verdict::Stale);
+        };
+        if FieldMap::from_meta(&mapping.meta).schema_version > env.schema_version {
+            self.metrics
+                .schema_events
+                .with_label_values(&["stale"])
+                .inc();
+            return Ok(Verdict::Stale);
+        }
+        let index = mapping.index;
+        self.retrying(shutdown, || client.delete_index(&index))
+            .await?;
+        self.tables.remove(&alias);
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&alias);
+        self.metrics
+            .schema_events
+            .with_label_values(&["dropped"])
+            .inc();
+        tracing::info!(%alias, %index, "Table dropped: deleted its index (--on-drop-table delete).");
+        Ok(Verdict::Applied)
     }
 
     async fn open_table(
@@ -257,16 +505,12 @@ impl SearchSink {
                         .await?;
                     match targets.as_deref() {
                         Some([_]) => {
-                            let props = self
-                                .retrying(shutdown, || client.properties(alias))
+                            let (props, columns) = self
+                                .retrying(shutdown, || client.mapping(alias))
                                 .await?
-                                .map(|(_, p)| p)
+                                .map(|m| (m.properties, FieldMap::from_meta(&m.meta)))
                                 .unwrap_or_default();
-                            return Ok(TableIndex {
-                                target: alias.to_string(),
-                                mapped: props,
-                                checked_types: String::new(),
-                            });
+                            return Ok(TableIndex::new(alias.to_string(), props, columns));
                         }
                         Some(many) => {
                             return Err(SinkError::Definite(format!(
@@ -294,11 +538,11 @@ impl SearchSink {
                         .await?;
                     if created == Created::New {
                         tracing::info!(%index, %alias, "Created the index and its alias.");
-                        return Ok(TableIndex {
-                            target: alias.to_string(),
-                            mapped: mappings,
-                            checked_types: String::new(),
-                        });
+                        return Ok(TableIndex::new(
+                            alias.to_string(),
+                            mappings,
+                            FieldMap::default(),
+                        ));
                     }
                     // It existed without the alias (a crash between the two, or a race with
                     // another process): attach the alias if it is still missing, then look again.
@@ -315,25 +559,30 @@ impl SearchSink {
             }
             Mode::Build { generation } => {
                 let index = versioned(alias, generation);
-                if let Some((_, props)) = self
-                    .retrying(shutdown, || client.properties(&index))
-                    .await?
-                {
-                    return Ok(TableIndex {
-                        target: index,
-                        mapped: props,
-                        checked_types: String::new(),
-                    });
+                if let Some(m) = self.retrying(shutdown, || client.mapping(&index)).await? {
+                    let columns = FieldMap::from_meta(&m.meta);
+                    return Ok(TableIndex::new(index, m.properties, columns));
                 }
-                let body = json!({"mappings": {"properties": mappings}});
+                // Seed the build with the live index's current columns: current names as
+                // fields, current types, no aliases (see `schema`).
+                let live = self
+                    .retrying(shutdown, || client.mapping(alias))
+                    .await?
+                    .map(|m| FieldMap::from_meta(&m.meta))
+                    .unwrap_or_default();
+                let (columns, mappings) = if live.current.is_empty() {
+                    (FieldMap::default(), mappings)
+                } else {
+                    let (seed, mut props) = FieldMap::seed(&live);
+                    props.extend(missing_fields(&Map::new(), &props));
+                    (seed, props)
+                };
+                let body =
+                    json!({"mappings": {"properties": mappings, "_meta": columns.to_meta()}});
                 self.retrying(shutdown, || client.create_index(&index, &body))
                     .await?;
-                tracing::info!(%index, "Created a new index version to build.");
-                Ok(TableIndex {
-                    target: index,
-                    mapped: mappings,
-                    checked_types: String::new(),
-                })
+                tracing::info!(%index, seeded_columns = columns.fields.len(), "Created a new index version to build.");
+                Ok(TableIndex::new(index, mappings, columns))
             }
         }
     }
@@ -502,7 +751,15 @@ impl Sink for SearchSink {
         for (i, event) in events.iter_mut().enumerate() {
             let taken_after = event.after_json.take();
             let env = &event.envelope;
-            let target = match self.table(env, shutdown).await? {
+            if env.op == Op::Ddl {
+                // Rows before it in this batch are written first; rows after it may need
+                // the fields it maps.
+                self.send(std::mem::take(&mut actions), &mut verdicts, shutdown)
+                    .await?;
+                verdicts[i] = Some(self.apply_schema(env, shutdown).await?);
+                continue;
+            }
+            let (target, renames) = match self.table(env, shutdown).await? {
                 Ok(t) => t,
                 Err(why) => {
                     verdicts[i] = Some(Verdict::Rejected(why));
@@ -511,10 +768,7 @@ impl Sink for SearchSink {
             };
             let v = version(env);
             match env.op {
-                Op::Ddl => {
-                    // Interim: the index exists and maps the schema's columns.
-                    verdicts[i] = Some(Verdict::Applied);
-                }
+                Op::Ddl => {}
                 Op::Truncate => {
                     self.send(std::mem::take(&mut actions), &mut verdicts, shutdown)
                         .await?;
@@ -550,6 +804,7 @@ impl Sink for SearchSink {
                     };
                     // The common case: forward the image's text, adding the version field.
                     if env.unchanged_toast.is_empty()
+                        && renames.is_none()
                         && let Ok(fields) =
                             serde_json::from_str::<HashMap<Cow<'_, str>, &RawValue>>(raw.get())
                         && !fields.contains_key(VERSION_FIELD)
@@ -597,6 +852,16 @@ impl Sink for SearchSink {
                             continue;
                         }
                     };
+                    // Renamed columns are stored in their original field.
+                    let field_of = |col: &str| -> String {
+                        renames
+                            .as_ref()
+                            .and_then(|r| r.get(col).cloned())
+                            .unwrap_or_else(|| col.to_string())
+                    };
+                    if renames.is_some() {
+                        source = source.into_iter().map(|(k, v)| (field_of(&k), v)).collect();
+                    }
                     if !env.unchanged_toast.is_empty() {
                         let stored = match written.get(&(target.clone(), id.clone())) {
                             Some(known) => known.as_ref().and_then(|r| {
@@ -619,15 +884,15 @@ impl Sink for SearchSink {
                                 }
                             }
                         };
-                        for col in &env.unchanged_toast {
-                            match stored.as_ref().and_then(|s| s.get(col)) {
+                        for col in env.unchanged_toast.iter().map(|c| field_of(c)) {
+                            match stored.as_ref().and_then(|s| s.get(&col)) {
                                 Some(value) => {
                                     source.insert(col.clone(), value.clone());
                                 }
                                 None => {
                                     // Nothing stored to keep: leave the field out rather
                                     // than write the placeholder or a null.
-                                    source.remove(col);
+                                    source.remove(&col);
                                     self.metrics
                                         .sink_errors
                                         .with_label_values(&["search", "toast_unresolved"])
