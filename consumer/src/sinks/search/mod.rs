@@ -320,10 +320,31 @@ impl SearchSink {
         {
             outcome(self, "renamed");
         }
-        let alias = match self.open(env, shutdown).await? {
+        let mut alias = match self.open(env, shutdown).await? {
             Ok(a) => a,
             Err(why) => return Ok(Verdict::Rejected(why)),
         };
+        if self
+            .tables
+            .get(&alias)
+            .is_some_and(|t| t.columns.table_oid != 0 && t.columns.table_oid != ddl.table_oid)
+        {
+            if let Mode::Build { .. } = self.mode {
+                // A build names its indexes after the tables: two tables under one name in
+                // the topic's history cannot both be rebuilt. Stop rather than mix them.
+                return Err(SinkError::Definite(format!(
+                    "the topic's history has two tables under the name behind {alias} (a table renamed or dropped, then another created with its name, OID {}): a re-index cannot rebuild both into one index version; keep the current indexes, or re-index after the old table's events have left the topic",
+                    ddl.table_oid
+                )));
+            }
+            // The name belonged to another table (dropped or renamed away): this one gets an
+            // index of its own.
+            self.tables.remove(&alias);
+            alias = match self.open(env, shutdown).await? {
+                Ok(a) => a,
+                Err(why) => return Ok(Verdict::Rejected(why)),
+            };
+        }
         let Some(t) = self.tables.get(&alias) else {
             return Ok(Verdict::Rejected(format!("index for {alias} missing")));
         };
@@ -332,7 +353,9 @@ impl SearchSink {
             outcome(self, "stale");
             return Ok(Verdict::Stale);
         }
-        let plan = t.columns.plan(&ddl.columns, env.schema_version, &t.mapped);
+        let plan = t
+            .columns
+            .plan(ddl.table_oid, &ddl.columns, env.schema_version, &t.mapped);
         let target = t.target.clone();
         for c in &plan.conflicts {
             tracing::error!(index = %target, kind = c.kind, "{}", c.message);
@@ -528,7 +551,33 @@ impl SearchSink {
                             "{index} is an index, not an alias; walrelay writes through the alias {alias} -> {alias}-v<N>: reindex it into {alias}-v1 and make {alias} an alias, or choose another --index-template"
                         )));
                     }
-                    let index = versioned(alias, 1);
+                    // An index of this name another alias holds was taken along by a renamed
+                    // table: rows and schema events of that table still under the old name (a
+                    // partition that had not reached the rename yet) go there without bringing
+                    // the old alias back; a new table under the old name (another OID) gets an
+                    // index version of its own.
+                    let held: Vec<(u32, String)> = self
+                        .retrying(shutdown, || client.all_aliases())
+                        .await?
+                        .into_iter()
+                        .filter_map(|(index, _)| generation_of(alias, &index).map(|g| (g, index)))
+                        .collect();
+                    let newest = held.iter().max().cloned();
+                    if let Some((_, index)) = &newest
+                        && let Some(m) = self.retrying(shutdown, || client.mapping(index)).await?
+                        && env
+                            .ddl
+                            .as_ref()
+                            .is_none_or(|d| FieldMap::from_meta(&m.meta).table_oid == d.table_oid)
+                    {
+                        tracing::info!(%alias, %index, "Rows under a renamed table's old name: writing them to the index it took along.");
+                        return Ok(TableIndex::new(
+                            index.clone(),
+                            m.properties,
+                            FieldMap::from_meta(&m.meta),
+                        ));
+                    }
+                    let index = versioned(alias, newest.map_or(1, |(g, _)| g + 1));
                     let body = json!({
                         "mappings": {"properties": mappings},
                         "aliases": {alias: {}}

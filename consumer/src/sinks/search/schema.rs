@@ -44,6 +44,9 @@ pub struct FieldMap {
     pub current: BTreeMap<i32, Current>,
     /// The last schema version applied.
     pub schema_version: u64,
+    /// The table's OID (0 before the first schema event).
+    #[serde(default)]
+    pub table_oid: u32,
     /// Schema events older than this only map columns the seed did not know (a build seeded
     /// from the live index's current columns).
     #[serde(default)]
@@ -85,6 +88,7 @@ impl FieldMap {
     pub fn seed(live: &FieldMap) -> (Self, Map<String, Value>) {
         let mut seeded = FieldMap {
             seeded_at: live.schema_version,
+            table_oid: live.table_oid,
             ..FieldMap::default()
         };
         let mut properties = Map::new();
@@ -112,6 +116,7 @@ impl FieldMap {
     /// Plans applying the schema `columns` at `version` to an index mapped as `mapped`.
     pub fn plan(
         &self,
+        table_oid: u32,
         columns: &[ColumnSchema],
         version: u64,
         mapped: &Map<String, Value>,
@@ -120,6 +125,7 @@ impl FieldMap {
         let live: Vec<&ColumnSchema> = columns.iter().filter(|c| !c.generated).collect();
         let mut next = FieldMap {
             schema_version: version.max(self.schema_version),
+            table_oid,
             seeded_at: self.seeded_at,
             ..FieldMap::default()
         };
@@ -245,7 +251,7 @@ mod tests {
         cols: &[ColumnSchema],
         v: u64,
     ) -> Plan {
-        let plan = map.plan(cols, v, mapped);
+        let plan = map.plan(7, cols, v, mapped);
         mapped.extend(plan.properties.clone());
         plan
     }
