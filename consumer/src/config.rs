@@ -41,6 +41,25 @@ pub enum Command {
     /// Build new versioned indexes from offset zero, swap the aliases when caught up, then
     /// delete the old indexes.
     Reindex,
+    /// Deliver events to the subscribed webhook endpoints, and serve the subscriptions API.
+    Notify,
+    /// Deliver the webhook dead letters again, each to the subscription its headers name,
+    /// then exit.
+    ReplayDeadLetters,
+}
+
+impl Command {
+    fn needs_search(self) -> bool {
+        matches!(self, Command::Index | Command::Reindex)
+    }
+
+    fn default_group(self) -> &'static str {
+        match self {
+            Command::Index | Command::Reindex => "walrelay-indexer",
+            Command::Notify => "walrelay-notifier",
+            Command::ReplayDeadLetters => "walrelay-notifier.replay",
+        }
+    }
 }
 
 /// Every option, each unset unless given.
@@ -92,6 +111,42 @@ pub struct Options {
     /// What a dropped table does to its index: `delete` it, or `keep` it [default: delete].
     #[arg(long, env = "WALRELAY_ON_DROP_TABLE", global = true, value_enum)]
     pub on_drop_table: Option<OnDropTable>,
+    /// notify: Postgres holding the subscriptions (schema `walrelay`, created when missing).
+    #[arg(long, env = "WALRELAY_POSTGRES_URL", global = true, value_name = "URL")]
+    pub postgres_url: Option<String>,
+    /// notify: address of the subscriptions API [default: 127.0.0.1:8089].
+    #[arg(long, env = "WALRELAY_API_ADDR", global = true)]
+    pub api_addr: Option<SocketAddr>,
+    /// notify: bearer token the API requires (at least 16 characters).
+    #[arg(
+        long,
+        env = "WALRELAY_API_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
+    pub api_token: Option<String>,
+    /// notify: CIDRs, addresses or host names endpoints may resolve to despite the SSRF guard,
+    /// comma-separated [default: none].
+    #[arg(long, env = "WALRELAY_ALLOW_TARGETS", global = true)]
+    pub allow_targets: Option<String>,
+    /// notify: timeout of one delivery attempt, e.g. 10s [default: 10s].
+    #[arg(long, env = "WALRELAY_DELIVERY_TIMEOUT", global = true, value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "options::deserialize_duration")]
+    pub delivery_timeout: Option<Duration>,
+    /// notify: attempts per event and subscription before dead-lettering [default: 8].
+    #[arg(long, env = "WALRELAY_MAX_ATTEMPTS", global = true)]
+    pub max_attempts: Option<u32>,
+    /// notify: requests in flight at most [default: 64].
+    #[arg(long, env = "WALRELAY_MAX_CONCURRENT_DELIVERIES", global = true)]
+    pub max_concurrent_deliveries: Option<usize>,
+    /// notify: what a delivery that failed for good does: `dead-letter` and go on, or `stop`
+    /// (strict) [default: dead-letter].
+    #[arg(long, env = "WALRELAY_ON_DELIVERY_FAILURE", global = true, value_enum)]
+    pub on_delivery_failure: Option<crate::sinks::webhook::OnFailure>,
+    /// notify: how often subscriptions are reloaded from Postgres, e.g. 2s [default: 2s].
+    #[arg(long, env = "WALRELAY_SUBSCRIPTIONS_REFRESH", global = true, value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "options::deserialize_duration")]
+    pub subscriptions_refresh: Option<Duration>,
     /// Most events per sink batch [default: 5000].
     #[arg(long, env = "WALRELAY_BATCH_MAX_EVENTS", global = true)]
     pub batch_max_events: Option<usize>,
@@ -175,6 +230,17 @@ impl Options {
             search_ca_file: self.search_ca_file.or(file.search_ca_file),
             index_template: self.index_template.or(file.index_template),
             on_drop_table: self.on_drop_table.or(file.on_drop_table),
+            postgres_url: self.postgres_url.or(file.postgres_url),
+            api_addr: self.api_addr.or(file.api_addr),
+            api_token: self.api_token.or(file.api_token),
+            allow_targets: self.allow_targets.or(file.allow_targets),
+            delivery_timeout: self.delivery_timeout.or(file.delivery_timeout),
+            max_attempts: self.max_attempts.or(file.max_attempts),
+            max_concurrent_deliveries: self
+                .max_concurrent_deliveries
+                .or(file.max_concurrent_deliveries),
+            on_delivery_failure: self.on_delivery_failure.or(file.on_delivery_failure),
+            subscriptions_refresh: self.subscriptions_refresh.or(file.subscriptions_refresh),
             batch_max_events: self.batch_max_events.or(file.batch_max_events),
             batch_max_bytes: self.batch_max_bytes.or(file.batch_max_bytes),
             batch_max_wait: self.batch_max_wait.or(file.batch_max_wait),
@@ -266,6 +332,33 @@ pub struct SearchSettings {
     pub retry_max_backoff: Duration,
 }
 
+/// The API's bearer token (kept out of debug output).
+#[derive(Clone)]
+pub struct ApiToken(pub String);
+
+impl std::fmt::Debug for ApiToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiToken(…)")
+    }
+}
+
+/// Settings of `notify` and `replay-dead-letters`.
+#[derive(Debug, Clone)]
+pub struct NotifySettings {
+    /// Subscriptions database.
+    pub postgres: tokio_postgres::Config,
+    /// API address.
+    pub api_addr: SocketAddr,
+    /// API token.
+    pub api_token: ApiToken,
+    /// Allowed targets.
+    pub guard: crate::sinks::webhook::guard::Guard,
+    /// Delivery.
+    pub delivery: crate::sinks::webhook::WebhookSettings,
+    /// Subscriptions reload interval.
+    pub subscriptions_refresh: Duration,
+}
+
 /// What a dropped table does to its index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -295,8 +388,10 @@ pub struct ReindexSettings {
 pub struct Settings {
     /// Kafka side.
     pub runtime: RuntimeSettings,
-    /// Search sink.
-    pub search: SearchSettings,
+    /// Search sink (`index`, `reindex`).
+    pub search: Option<SearchSettings>,
+    /// Webhook sink (`notify`, `replay-dead-letters`).
+    pub webhook: Option<NotifySettings>,
     /// Re-index.
     pub reindex: ReindexSettings,
     /// Probe and metrics address.
@@ -307,14 +402,26 @@ pub struct Settings {
 
 impl Settings {
     /// Applies defaults and validates.
-    pub fn from_options(o: Options) -> Result<Self, ConfigError> {
+    pub fn from_options(o: Options, command: Command) -> Result<Self, ConfigError> {
+        let webhook = match command {
+            Command::Notify | Command::ReplayDeadLetters => Some(notify_settings(&o)?),
+            Command::Index | Command::Reindex => None,
+        };
+        let search = match o.search_url.clone() {
+            None if command.needs_search() => return Err(ConfigError::missing("--search-url")),
+            None => None,
+            Some(url) => Some(search_settings(o.clone(), url)?),
+        };
         let kafka_brokers = o
             .kafka_brokers
             .filter(|b| !b.trim().is_empty())
             .ok_or_else(|| ConfigError::missing("--kafka-brokers"))?;
         let topic = o.topic.unwrap_or_else(|| "walrelay.events".into());
         options::check_topic("--topic", &topic)?;
-        let group = o.group.unwrap_or_else(|| "walrelay-indexer".into());
+        let group = o
+            .group
+            .clone()
+            .unwrap_or_else(|| command.default_group().into());
         if group.trim().is_empty() || group.len() > 200 {
             return Err(ConfigError::new(
                 "--group",
@@ -323,70 +430,13 @@ impl Settings {
         }
         let dead_letter_topic = o
             .dead_letter_topic
+            .clone()
             .unwrap_or_else(|| format!("{topic}.dlq"));
         options::check_topic("--dead-letter-topic", &dead_letter_topic)?;
         if dead_letter_topic == topic {
             return Err(ConfigError::new(
                 "--dead-letter-topic",
                 "must differ from --topic, or rejected events would be read again",
-            ));
-        }
-        let url = o
-            .search_url
-            .ok_or_else(|| ConfigError::missing("--search-url"))?;
-        let url = reqwest::Url::parse(&url)
-            .ok()
-            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
-            .ok_or_else(|| {
-                ConfigError::new(
-                    "--search-url",
-                    format!("{url:?} is not an http(s) URL such as https://search:9200"),
-                )
-            })?;
-        let auth = match (o.search_username, o.search_password, o.search_api_key) {
-            (None, None, None) => SearchAuth::None,
-            (Some(username), Some(password), None) => SearchAuth::Basic { username, password },
-            (None, None, Some(key)) => SearchAuth::ApiKey(key),
-            (Some(_), None, _) | (None, Some(_), _) => {
-                return Err(ConfigError::new(
-                    "--search-username",
-                    "basic authentication needs both --search-username and --search-password",
-                ));
-            }
-            (Some(_), Some(_), Some(_)) => {
-                return Err(ConfigError::new(
-                    "--search-api-key",
-                    "give either an API key or a username and password, not both",
-                ));
-            }
-        };
-        let ca_pem = match o.search_ca_file {
-            None => None,
-            Some(path) => {
-                let pem = std::fs::read(&path).map_err(|e| {
-                    ConfigError::new(
-                        "--search-ca-file",
-                        format!("cannot read {}: {e}", path.display()),
-                    )
-                })?;
-                reqwest::Certificate::from_pem(&pem).map_err(|e| {
-                    ConfigError::new(
-                        "--search-ca-file",
-                        format!("{} is not a PEM certificate: {e}", path.display()),
-                    )
-                })?;
-                Some(pem)
-            }
-        };
-        let index_template = o
-            .index_template
-            .unwrap_or_else(|| "{schema}.{table}".into());
-        if !index_template.contains("{table}") {
-            return Err(ConfigError::new(
-                "--index-template",
-                format!(
-                    "{index_template:?} must contain {{table}}, or every table would share one index"
-                ),
             ));
         }
         let batch_max_events = o.batch_max_events.unwrap_or(5000);
@@ -410,16 +460,6 @@ impl Settings {
                 "must be at least 1MiB",
             ));
         }
-        let retry_initial_backoff = o
-            .retry_initial_backoff
-            .unwrap_or(Duration::from_millis(100));
-        let retry_max_backoff = o.retry_max_backoff.unwrap_or(Duration::from_secs(30));
-        if retry_initial_backoff.is_zero() || retry_max_backoff < retry_initial_backoff {
-            return Err(ConfigError::new(
-                "--retry-max-backoff",
-                "backoffs must be positive and the maximum at least the initial one",
-            ));
-        }
         let kafka_properties = options::kafka_properties(o.kafka_properties, &o.kafka_property)?;
         Ok(Self {
             runtime: RuntimeSettings {
@@ -433,15 +473,8 @@ impl Settings {
                 max_queued_bytes: usize::try_from(max_queued_bytes).unwrap_or(usize::MAX),
                 kafka_properties,
             },
-            search: SearchSettings {
-                url,
-                auth,
-                ca_pem,
-                index_template,
-                on_drop_table: o.on_drop_table.unwrap_or_default(),
-                retry_initial_backoff,
-                retry_max_backoff,
-            },
+            search,
+            webhook,
             reindex: ReindexSettings {
                 caught_up_lag: o.caught_up_lag.unwrap_or(1000),
                 grace_period: o.grace_period.unwrap_or(Duration::from_secs(60)),
@@ -452,6 +485,150 @@ impl Settings {
             log_format: o.log_format.unwrap_or_default(),
         })
     }
+}
+
+fn backoffs(o: &Options) -> Result<(Duration, Duration), ConfigError> {
+    let retry_initial_backoff = o
+        .retry_initial_backoff
+        .unwrap_or(Duration::from_millis(100));
+    let retry_max_backoff = o.retry_max_backoff.unwrap_or(Duration::from_secs(30));
+    if retry_initial_backoff.is_zero() || retry_max_backoff < retry_initial_backoff {
+        return Err(ConfigError::new(
+            "--retry-max-backoff",
+            "backoffs must be positive and the maximum at least the initial one",
+        ));
+    }
+    Ok((retry_initial_backoff, retry_max_backoff))
+}
+
+fn notify_settings(o: &Options) -> Result<NotifySettings, ConfigError> {
+    let url = o
+        .postgres_url
+        .as_deref()
+        .ok_or_else(|| ConfigError::missing("--postgres-url"))?;
+    let postgres: tokio_postgres::Config = url.parse().map_err(|e| {
+        ConfigError::new(
+            "--postgres-url",
+            format!("not a Postgres URL or key=value string: {e}"),
+        )
+    })?;
+    let api_token = o
+        .api_token
+        .clone()
+        .ok_or_else(|| ConfigError::missing("--api-token"))?;
+    if api_token.len() < 16 {
+        return Err(ConfigError::new(
+            "--api-token",
+            "use at least 16 random characters (e.g. openssl rand -hex 24)",
+        ));
+    }
+    let guard = crate::sinks::webhook::guard::Guard::parse(o.allow_targets.as_deref())
+        .map_err(|m| ConfigError::new("--allow-targets", m))?;
+    let max_attempts = o.max_attempts.unwrap_or(8);
+    if !(1..=100).contains(&max_attempts) {
+        return Err(ConfigError::new(
+            "--max-attempts",
+            "must be between 1 and 100",
+        ));
+    }
+    let max_concurrent_deliveries = o.max_concurrent_deliveries.unwrap_or(64);
+    if !(1..=10_000).contains(&max_concurrent_deliveries) {
+        return Err(ConfigError::new(
+            "--max-concurrent-deliveries",
+            "must be between 1 and 10000",
+        ));
+    }
+    let delivery_timeout = o.delivery_timeout.unwrap_or(Duration::from_secs(10));
+    if delivery_timeout.is_zero() {
+        return Err(ConfigError::new("--delivery-timeout", "must be positive"));
+    }
+    let (retry_initial_backoff, retry_max_backoff) = backoffs(o)?;
+    Ok(NotifySettings {
+        postgres,
+        api_addr: o
+            .api_addr
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8089))),
+        api_token: ApiToken(api_token),
+        guard,
+        delivery: crate::sinks::webhook::WebhookSettings {
+            delivery_timeout,
+            max_attempts,
+            retry_initial_backoff,
+            retry_max_backoff,
+            max_concurrent_deliveries,
+            on_failure: o.on_delivery_failure.unwrap_or_default(),
+        },
+        subscriptions_refresh: o.subscriptions_refresh.unwrap_or(Duration::from_secs(2)),
+    })
+}
+
+fn search_settings(o: Options, url: String) -> Result<SearchSettings, ConfigError> {
+    let (retry_initial_backoff, retry_max_backoff) = backoffs(&o)?;
+    let url = reqwest::Url::parse(&url)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+        .ok_or_else(|| {
+            ConfigError::new(
+                "--search-url",
+                format!("{url:?} is not an http(s) URL such as https://search:9200"),
+            )
+        })?;
+    let auth = match (o.search_username, o.search_password, o.search_api_key) {
+        (None, None, None) => SearchAuth::None,
+        (Some(username), Some(password), None) => SearchAuth::Basic { username, password },
+        (None, None, Some(key)) => SearchAuth::ApiKey(key),
+        (Some(_), None, _) | (None, Some(_), _) => {
+            return Err(ConfigError::new(
+                "--search-username",
+                "basic authentication needs both --search-username and --search-password",
+            ));
+        }
+        (Some(_), Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                "--search-api-key",
+                "give either an API key or a username and password, not both",
+            ));
+        }
+    };
+    let ca_pem = match o.search_ca_file {
+        None => None,
+        Some(path) => {
+            let pem = std::fs::read(&path).map_err(|e| {
+                ConfigError::new(
+                    "--search-ca-file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            reqwest::Certificate::from_pem(&pem).map_err(|e| {
+                ConfigError::new(
+                    "--search-ca-file",
+                    format!("{} is not a PEM certificate: {e}", path.display()),
+                )
+            })?;
+            Some(pem)
+        }
+    };
+    let index_template = o
+        .index_template
+        .clone()
+        .unwrap_or_else(|| "{schema}.{table}".into());
+    if !index_template.contains("{table}") {
+        return Err(ConfigError::new(
+            "--index-template",
+            format!(
+                "{index_template:?} must contain {{table}}, or every table would share one index"
+            ),
+        ));
+    }
+    Ok(SearchSettings {
+        url,
+        auth,
+        ca_pem,
+        index_template,
+        on_drop_table: o.on_drop_table.unwrap_or_default(),
+        retry_initial_backoff,
+        retry_max_backoff,
+    })
 }
 
 #[cfg(test)]
@@ -474,14 +651,15 @@ mod tests {
         .expect("valid file");
         let mut cli = base();
         cli.group = Some("cli-group".into());
-        let s = Settings::from_options(cli.or(file)).expect("valid");
+        let s = Settings::from_options(cli.or(file), Command::Index).expect("valid");
         assert_eq!(s.runtime.group, "cli-group");
         assert_eq!(s.runtime.topic, "from.file");
         assert_eq!(s.runtime.dead_letter_topic, "from.file.dlq");
         assert_eq!(s.runtime.batch_max_wait, Duration::from_secs(1));
         assert_eq!(s.runtime.batch_max_bytes, 4 << 20);
-        assert_eq!(s.search.index_template, "{schema}.{table}");
-        assert_eq!(s.search.auth, SearchAuth::None);
+        let search = s.search.expect("index has search settings");
+        assert_eq!(search.index_template, "{schema}.{table}");
+        assert_eq!(search.auth, SearchAuth::None);
     }
 
     #[test]
@@ -518,7 +696,7 @@ mod tests {
         for (change, option) in cases {
             let mut o = base();
             change(&mut o);
-            let err = Settings::from_options(o).expect_err(option);
+            let err = Settings::from_options(o, Command::Index).expect_err(option);
             assert_eq!(err.option, option, "{err}");
         }
     }
@@ -528,11 +706,59 @@ mod tests {
         let mut o = base();
         o.search_username = Some("elastic".into());
         o.search_password = Some("s3cret-pass".into());
-        let s = Settings::from_options(o).expect("valid");
+        let s = Settings::from_options(o, Command::Index).expect("valid");
         assert!(!format!("{s:?}").contains("s3cret-pass"));
         let mut o = base();
         o.search_api_key = Some("c2VjcmV0LWtleQ==".into());
-        let s = Settings::from_options(o).expect("valid");
+        let s = Settings::from_options(o, Command::Index).expect("valid");
         assert!(!format!("{s:?}").contains("c2VjcmV0LWtleQ=="));
+        let mut o = base();
+        o.search_url = None;
+        o.postgres_url = Some("postgres://app:pg-s3cret@db/app".into());
+        o.api_token = Some("token-token-token-1234".into());
+        let s = Settings::from_options(o, Command::Notify).expect("valid");
+        let debug = format!("{s:?}");
+        assert!(
+            !debug.contains("token-token-token-1234") && !debug.contains("pg-s3cret"),
+            "{debug}"
+        );
+    }
+
+    #[test]
+    fn notify_options_are_checked() {
+        let notify = || {
+            let mut o = base();
+            o.search_url = None;
+            o.postgres_url = Some("postgres://app@db/app".into());
+            o.api_token = Some("0123456789abcdef0123".into());
+            o
+        };
+        let s = Settings::from_options(notify(), Command::Notify).expect("valid");
+        assert_eq!(s.runtime.group, "walrelay-notifier");
+        assert!(s.search.is_none());
+        type Change = Box<dyn Fn(&mut Options)>;
+        let cases: Vec<(Change, &str)> = vec![
+            (Box::new(|o| o.postgres_url = None), "--postgres-url"),
+            (Box::new(|o| o.api_token = None), "--api-token"),
+            (
+                Box::new(|o| o.api_token = Some("short".into())),
+                "--api-token",
+            ),
+            (
+                Box::new(|o| o.allow_targets = Some("10.0.0.0/8,no way".into())),
+                "--allow-targets",
+            ),
+            (Box::new(|o| o.max_attempts = Some(0)), "--max-attempts"),
+            (
+                Box::new(|o| o.max_concurrent_deliveries = Some(0)),
+                "--max-concurrent-deliveries",
+            ),
+        ];
+        for (change, option) in cases {
+            let mut o = notify();
+            change(&mut o);
+            let err = Settings::from_options(o, Command::Notify).expect_err(option);
+            assert_eq!(err.option, option, "{err}");
+        }
     }
 }

@@ -10,6 +10,7 @@ use clap::Parser;
 use walrelay_common::telemetry::{self, Readiness};
 use walrelay_consumer::config::{Cli, Command, Options, Settings};
 use walrelay_consumer::metrics::Metrics;
+use walrelay_consumer::notify;
 use walrelay_consumer::reindex::{self, ReindexError};
 use walrelay_consumer::runtime::Runtime;
 use walrelay_consumer::sinks::search::{Mode, SearchSink};
@@ -25,7 +26,7 @@ fn main() -> ExitCode {
         Ok(f) => f.unwrap_or_default(),
         Err(e) => return usage(&e),
     };
-    let settings = match Settings::from_options(cli.options.or(file)) {
+    let settings = match Settings::from_options(cli.options.or(file), cli.command) {
         Ok(s) => s,
         Err(e) => return usage(&e),
     };
@@ -60,7 +61,11 @@ async fn try_main(command: Command, settings: Settings) -> ExitCode {
         Err(e) => return fail(&e),
     };
     let readiness = Readiness::default();
-    for condition in ["kafka", "search"] {
+    let conditions: &[&str] = match command {
+        Command::Index | Command::Reindex => &["kafka", "search"],
+        Command::Notify | Command::ReplayDeadLetters => &["kafka"],
+    };
+    for condition in conditions {
         readiness.set(condition, false);
     }
     if let Some(addr) = settings.metrics_addr {
@@ -73,9 +78,23 @@ async fn try_main(command: Command, settings: Settings) -> ExitCode {
     }
     let shutdown = walrelay_common::signal::shutdown_token();
     match command {
+        Command::Notify => match notify::run(&settings, metrics, readiness, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        },
+        Command::ReplayDeadLetters => match notify::replay(&settings, metrics, shutdown).await {
+            Ok(n) => {
+                println!("replayed {n} dead letter(s)");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
         Command::Index => {
+            let Some(search) = settings.search.as_ref() else {
+                return usage(&"missing --search-url");
+            };
             let mut sink = match SearchSink::new(
-                &settings.search,
+                search,
                 Mode::Live,
                 Arc::clone(&metrics),
                 readiness.clone(),
@@ -86,7 +105,7 @@ async fn try_main(command: Command, settings: Settings) -> ExitCode {
             match sink.client().version().await {
                 Ok(v) => {
                     readiness.set("search", true);
-                    tracing::info!(url = %settings.search.url, server = %v, "Search service reachable.");
+                    tracing::info!(url = %search.url, server = %v, "Search service reachable.");
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "Search service not reachable yet; writes retry.")

@@ -31,6 +31,15 @@ pub struct Metrics {
     pub end_to_end_seconds: Histogram,
     /// Messages behind the end of each assigned partition (librdkafka statistics).
     pub lag_messages: IntGaugeVec,
+    /// Webhook delivery attempts by outcome class (`2xx`, `3xx`, `4xx`, `5xx`, `timeout`,
+    /// `connection`, `refused`).
+    pub webhook_deliveries: IntCounterVec,
+    /// Webhook request durations.
+    pub webhook_duration_seconds: Histogram,
+    /// Webhook attempts that were retried.
+    pub webhook_retries: IntCounter,
+    /// Subscriptions disabled by a 410 Gone.
+    pub webhook_disabled: IntCounter,
     /// Partitions assigned to this process.
     pub assigned_partitions: IntGauge,
     /// Rebalances this process took part in.
@@ -105,6 +114,28 @@ impl Metrics {
                 "Commit time in Postgres to the sink having applied the event.",
                 vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 300.0],
             )?,
+            webhook_deliveries: IntCounterVec::new(
+                Opts::new(
+                    "walrelay_consumer_webhook_deliveries_total",
+                    "Webhook delivery attempts, by outcome class.",
+                ),
+                &["class"],
+            )?,
+            webhook_duration_seconds: seconds(
+                "walrelay_consumer_webhook_delivery_duration_seconds",
+                "Duration of one webhook request.",
+                vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ],
+            )?,
+            webhook_retries: IntCounter::new(
+                "walrelay_consumer_webhook_retries_total",
+                "Webhook attempts that failed and were retried.",
+            )?,
+            webhook_disabled: IntCounter::new(
+                "walrelay_consumer_webhook_disabled_subscriptions_total",
+                "Subscriptions disabled because their endpoint answered 410 Gone.",
+            )?,
             lag_messages: IntGaugeVec::new(
                 Opts::new(
                     "walrelay_consumer_lag_messages",
@@ -149,6 +180,10 @@ impl Metrics {
             Box::new(self.sink_errors.clone()),
             Box::new(self.version_conflicts.clone()),
             Box::new(self.schema_events.clone()),
+            Box::new(self.webhook_deliveries.clone()),
+            Box::new(self.webhook_duration_seconds.clone()),
+            Box::new(self.webhook_retries.clone()),
+            Box::new(self.webhook_disabled.clone()),
             Box::new(self.schema_conflicts.clone()),
             Box::new(self.batch_seconds.clone()),
             Box::new(self.batch_events.clone()),
@@ -173,6 +208,7 @@ mod tests {
         m.events.with_label_values(&["c", "public.t"]).inc();
         m.dead_letters.with_label_values(&["decode"]).inc();
         m.schema_events.with_label_values(&["applied"]).inc();
+        m.webhook_deliveries.with_label_values(&["2xx"]).inc();
         m.schema_conflicts.with_label_values(&["type_change"]).inc();
         m.sink_errors
             .with_label_values(&["search", "throttled"])

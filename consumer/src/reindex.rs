@@ -212,7 +212,13 @@ pub async fn run(
     readiness: Readiness,
     shutdown: CancellationToken,
 ) -> Result<(), ReindexError> {
-    let client = SearchClient::new(&settings.search)?;
+    let search = settings.search.as_ref().ok_or_else(|| {
+        ReindexError::Search(SearchError::Definite {
+            what: "settings".into(),
+            message: "--search-url is required".into(),
+        })
+    })?;
+    let client = SearchClient::new(search)?;
     let base_group = &settings.runtime.group;
     let mut state = match client.get_doc(STATE_INDEX, base_group).await? {
         Some((_, doc)) => State::from_json(&Value::Object(doc)),
@@ -301,8 +307,11 @@ async fn build(
     readiness: Readiness,
     shutdown: &CancellationToken,
 ) -> Result<(), ReindexError> {
+    let Some(search) = settings.search.as_ref() else {
+        return Err(ReindexError::Interrupted);
+    };
     let mut sink = SearchSink::new(
-        &settings.search,
+        search,
         Mode::Build {
             generation: state.generation,
         },

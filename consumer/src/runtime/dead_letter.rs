@@ -55,6 +55,8 @@ pub struct DeadLetter<'a> {
     pub message: String,
     /// The sink that rejected it.
     pub sink: &'static str,
+    /// More headers.
+    pub headers: Vec<(&'static str, String)>,
 }
 
 /// Writes dead letters.
@@ -142,6 +144,12 @@ impl DeadLetters {
                         key: "walrelay.dlq.group",
                         value: Some(&self.group),
                     });
+                let headers = letter.headers.iter().fold(headers, |h, (k, v)| {
+                    h.insert(Header {
+                        key: k,
+                        value: Some(v.as_str()),
+                    })
+                });
                 let mut record = FutureRecord::to(&self.topic)
                     .payload(letter.payload)
                     .headers(headers);

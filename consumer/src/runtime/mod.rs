@@ -66,6 +66,9 @@ pub struct Event {
     /// The `after` image as it arrived (JSON text), so a sink that only forwards it need not
     /// build a map of it.
     pub after_json: Option<Box<RawValue>>,
+    /// The record's value as it arrived, for sinks that forward it whole
+    /// ([`Sink::wants_raw`]); `None` otherwise.
+    pub raw: Option<Vec<u8>>,
 }
 
 /// The envelope as decoded off the wire: `after` stays JSON text.
@@ -100,6 +103,20 @@ pub enum Verdict {
     /// Definitively refused (bad document, mapping conflict, no key): dead-lettered with the
     /// reason.
     Rejected(String),
+    /// Done, except for these copies to dead-letter (one per failed destination, each with
+    /// its own reason and headers).
+    DeadLetters(Vec<Letter>),
+}
+
+/// One dead-letter copy of an event, for [`Verdict::DeadLetters`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Letter {
+    /// The `walrelay.dlq.reason` header and metric label.
+    pub reason: &'static str,
+    /// The `walrelay.dlq.error` header.
+    pub message: String,
+    /// More headers (`walrelay.dlq.subscription`, ...).
+    pub headers: Vec<(&'static str, String)>,
 }
 
 /// Why a sink could not finish a batch.
@@ -137,6 +154,11 @@ pub enum SinkError {
 pub trait Sink: Send {
     /// Short name for metrics and logs.
     fn name(&self) -> &'static str;
+
+    /// Whether events should carry the record's value as it arrived ([`Event::raw`]).
+    fn wants_raw(&self) -> bool {
+        false
+    }
 
     /// Applies `events`; see the trait's contract.
     fn write(
@@ -294,7 +316,17 @@ impl Runtime {
         if batch.is_empty() {
             return Ok(());
         }
-        let mut events: Vec<Event> = batch.iter_mut().filter_map(|p| p.event.take()).collect();
+        let raw = sink.wants_raw();
+        let mut events: Vec<Event> = batch
+            .iter_mut()
+            .filter_map(|p| {
+                let mut e = p.event.take()?;
+                if raw {
+                    e.raw = Some(p.raw.clone());
+                }
+                Some(e)
+            })
+            .collect();
         let verdicts = if events.is_empty() {
             Vec::new()
         } else {
@@ -328,6 +360,21 @@ impl Runtime {
                 Some(err) => ("decode", err.clone()),
                 None => match verdicts.next() {
                     Some((Verdict::Rejected(why), _)) => ("rejected", why),
+                    Some((Verdict::DeadLetters(letters), _)) => {
+                        for l in letters {
+                            dead.push(DeadLetter {
+                                partition: p.partition,
+                                offset: p.offset,
+                                key: p.key.as_deref(),
+                                payload: &p.raw,
+                                reason: l.reason,
+                                message: l.message,
+                                sink: sink.name(),
+                                headers: l.headers,
+                            });
+                        }
+                        continue;
+                    }
                     Some((v, event)) => {
                         stale += u64::from(v == Verdict::Stale);
                         let env = &event.envelope;
@@ -351,6 +398,7 @@ impl Runtime {
                 reason,
                 message,
                 sink: sink.name(),
+                headers: Vec::new(),
             });
         }
         self.metrics.version_conflicts.inc_by(stale);
@@ -515,6 +563,7 @@ fn decode(batch: &mut [Pending]) {
                         ddl: w.ddl,
                     },
                     after_json: w.after,
+                    raw: None,
                 });
             }
             Err(e) => p.decode_error = Some(format!("not a walrelay change event: {e}")),

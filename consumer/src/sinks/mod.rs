@@ -3,5 +3,7 @@
 //! service stores) and implements [`crate::runtime::Sink`].
 //!
 //! - [`search`]: Elasticsearch and OpenSearch indexes, one per table, behind aliases.
+//! - [`webhook`]: signed HTTP deliveries to subscribed endpoints.
 
 pub mod search;
+pub mod webhook;

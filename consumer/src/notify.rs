@@ -1,0 +1,225 @@
+//! `notify` and `replay-dead-letters`: the webhook notifier's two commands.
+//!
+//! `notify` loads the subscriptions, keeps them fresh, serves the subscriptions API and runs
+//! the webhook sink on the shared runtime until stopped. `replay-dead-letters` reads the
+//! dead-letter topic in its own group up to the end it saw at start, delivers each webhook
+//! dead letter again to the subscription its `walrelay.dlq.subscription` header names (same
+//! `webhook-id` as before), commits what it delivered, and exits; it stops at the first
+//! letter that fails again, so a rerun resumes there.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+use walrelay_common::telemetry::Readiness;
+
+use crate::config::{NotifySettings, Settings};
+use crate::metrics::Metrics;
+use crate::runtime::{Runtime, RuntimeError, consumer_config};
+use crate::sinks::webhook::api::{self, Api};
+use crate::sinks::webhook::subscriptions::{Store, StoreError};
+use crate::sinks::webhook::{WebhookSink, redeliver};
+
+/// Why the notifier stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum NotifyError {
+    /// Settings are missing.
+    #[error("{0}")]
+    Setup(String),
+    /// The subscriptions database.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The runtime stopped.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// Kafka (replay).
+    #[error("Kafka: {0}")]
+    Kafka(String),
+    /// A dead letter failed again (replay); a rerun resumes at it.
+    #[error("dead letter at offset {offset} failed again: {message}")]
+    Redelivery {
+        /// Its offset in the dead-letter topic.
+        offset: i64,
+        /// Why.
+        message: String,
+    },
+}
+
+fn parts(settings: &Settings) -> Result<&NotifySettings, NotifyError> {
+    settings
+        .webhook
+        .as_ref()
+        .ok_or_else(|| NotifyError::Setup("notify settings missing".into()))
+}
+
+async fn open_store(
+    n: &NotifySettings,
+    shutdown: &CancellationToken,
+) -> Result<Arc<Store>, NotifyError> {
+    let store = Arc::new(Store::new(n.postgres.clone()));
+    let mut wait = Duration::from_millis(500);
+    loop {
+        match store.refresh().await {
+            Ok(count) => {
+                tracing::info!(subscriptions = count, "Subscriptions loaded.");
+                return Ok(store);
+            }
+            Err(e @ StoreError::Unreachable(_)) => {
+                tracing::warn!(error = %e, "Subscriptions database not reachable yet; retrying.");
+                tokio::select! {
+                    () = shutdown.cancelled() => return Err(e.into()),
+                    () = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// `notify`.
+pub async fn run(
+    settings: &Settings,
+    metrics: Arc<Metrics>,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> Result<(), NotifyError> {
+    let n = parts(settings)?;
+    let store = open_store(n, &shutdown).await?;
+    tokio::spawn(Arc::clone(&store).keep_fresh(n.subscriptions_refresh, shutdown.clone()));
+    let guard = Arc::new(n.guard.clone());
+    let app = api::router(Api {
+        store: Arc::clone(&store),
+        guard: Arc::clone(&guard),
+        token: Arc::from(n.api_token.0.as_str()),
+    });
+    let listener = tokio::net::TcpListener::bind(n.api_addr)
+        .await
+        .map_err(|e| NotifyError::Setup(format!("--api-addr {}: {e}", n.api_addr)))?;
+    tracing::info!(addr = %n.api_addr, "Subscriptions API listening.");
+    let api_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { api_shutdown.cancelled().await })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "The subscriptions API stopped.");
+        }
+    });
+    let mut sink = WebhookSink::new(n.delivery.clone(), guard, store, Arc::clone(&metrics))
+        .map_err(|e| NotifyError::Setup(format!("HTTP client: {e}")))?;
+    let runtime = Runtime::new(
+        &settings.runtime,
+        &settings.runtime.group,
+        metrics,
+        readiness,
+    )
+    .await
+    .map_err(NotifyError::Runtime)?;
+    runtime.run(&mut sink, &shutdown).await?;
+    Ok(())
+}
+
+/// `replay-dead-letters`; returns how many letters were delivered.
+pub async fn replay(
+    settings: &Settings,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<u64, NotifyError> {
+    let n = parts(settings)?;
+    let store = open_store(n, &shutdown).await?;
+    let sink = WebhookSink::new(
+        n.delivery.clone(),
+        Arc::new(n.guard.clone()),
+        store,
+        metrics,
+    )
+    .map_err(|e| NotifyError::Setup(format!("HTTP client: {e}")))?;
+    let topic = settings.runtime.dead_letter_topic.clone();
+    let mut cfg = consumer_config(&settings.runtime, &settings.runtime.group);
+    cfg.set("enable.auto.commit", "false");
+    let consumer: BaseConsumer = cfg
+        .create()
+        .map_err(|e| NotifyError::Kafka(e.to_string()))?;
+    let md = consumer
+        .fetch_metadata(Some(&topic), Duration::from_secs(10))
+        .map_err(|e| NotifyError::Kafka(e.to_string()))?;
+    let partitions = md
+        .topics()
+        .first()
+        .map_or(0, |t| t.partitions().len() as i32);
+    let mut ends = std::collections::BTreeMap::new();
+    let committed = consumer
+        .committed(Duration::from_secs(10))
+        .map_err(|e| NotifyError::Kafka(e.to_string()))?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        let (_, hi) = consumer
+            .fetch_watermarks(&topic, p, Duration::from_secs(10))
+            .map_err(|e| NotifyError::Kafka(e.to_string()))?;
+        let from = committed
+            .find_partition(&topic, p)
+            .and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            })
+            .unwrap_or(0);
+        if from < hi {
+            ends.insert(p, hi);
+            tpl.add_partition_offset(&topic, p, Offset::Offset(from))
+                .map_err(|e| NotifyError::Kafka(e.to_string()))?;
+        }
+    }
+    if ends.is_empty() {
+        tracing::info!(%topic, "No dead letters to replay.");
+        return Ok(0);
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(|e| NotifyError::Kafka(e.to_string()))?;
+    let (mut delivered, mut skipped) = (0u64, 0u64);
+    while !ends.is_empty() {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        let Some(msg) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let msg = msg.map_err(|e| NotifyError::Kafka(e.to_string()))?;
+        let (p, offset) = (msg.partition(), msg.offset());
+        let subscription = msg.headers().and_then(|h| {
+            h.iter()
+                .find(|x| x.key == "walrelay.dlq.subscription")
+                .and_then(|x| x.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        });
+        match subscription {
+            None => skipped += 1,
+            Some(sub) => {
+                let payload = msg.payload().unwrap_or_default();
+                match redeliver(&sink, &sub, payload, &shutdown).await {
+                    Ok(true) => delivered += 1,
+                    Ok(false) => {
+                        tracing::warn!(subscription = %sub, offset, "The subscription no longer exists; skipping its dead letter.");
+                        skipped += 1;
+                    }
+                    Err(message) => return Err(NotifyError::Redelivery { offset, message }),
+                }
+            }
+        }
+        let mut done = TopicPartitionList::new();
+        done.add_partition_offset(&topic, p, Offset::Offset(offset + 1))
+            .map_err(|e| NotifyError::Kafka(e.to_string()))?;
+        consumer
+            .commit(&done, CommitMode::Sync)
+            .map_err(|e| NotifyError::Kafka(e.to_string()))?;
+        if ends.get(&p).is_some_and(|hi| offset + 1 >= *hi) {
+            ends.remove(&p);
+        }
+    }
+    tracing::info!(delivered, skipped, %topic, "Dead letters replayed.");
+    Ok(delivered)
+}

@@ -1,0 +1,264 @@
+//! Subscriptions: which endpoint gets which events. Kept in Postgres
+//! (`walrelay.subscriptions` in the `--postgres-url` database), cached in memory and reloaded
+//! every `--subscriptions-refresh`, so a change made through any notifier's API applies to
+//! every notifier within seconds.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio_postgres::{Client, NoTls};
+use walrelay_common::event::Op;
+
+use super::signing::Secret;
+
+/// The table, created when missing.
+const SCHEMA: &str = "
+CREATE SCHEMA IF NOT EXISTS walrelay;
+CREATE TABLE IF NOT EXISTS walrelay.subscriptions (
+    id text PRIMARY KEY,
+    url text NOT NULL,
+    schema_name text,
+    table_name text,
+    ops text[],
+    secret text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    disabled_at timestamptz,
+    disabled_reason text
+);";
+
+/// One subscription.
+#[derive(Debug, Clone, Serialize)]
+pub struct Subscription {
+    /// `sub_…`.
+    pub id: String,
+    /// Endpoint.
+    pub url: String,
+    /// Only this schema, when set.
+    pub schema: Option<String>,
+    /// Only this table, when set.
+    pub table: Option<String>,
+    /// Only these ops (`c`, `u`, `d`, `r`, `t`, `ddl`), when set.
+    pub ops: Option<Vec<String>>,
+    /// When it was created.
+    pub created_at: String,
+    /// Why it was disabled (410 Gone), when it was.
+    pub disabled: Option<String>,
+    #[serde(skip)]
+    secret: Option<Secret>,
+}
+
+impl Subscription {
+    /// Whether an event of `op` on `schema.table` goes to this subscription.
+    pub fn matches(&self, op: Op, schema: &str, table: &str) -> bool {
+        self.disabled.is_none()
+            && self.schema.as_deref().is_none_or(|s| s == schema)
+            && self.table.as_deref().is_none_or(|t| t == table)
+            && self
+                .ops
+                .as_ref()
+                .is_none_or(|ops| ops.iter().any(|o| o == op.code()))
+    }
+
+    /// The signing secret.
+    pub fn secret(&self) -> Option<&Secret> {
+        self.secret.as_ref()
+    }
+}
+
+/// A new subscription, validated.
+#[derive(Debug, Clone)]
+pub struct NewSubscription {
+    /// Endpoint.
+    pub url: String,
+    /// Schema filter.
+    pub schema: Option<String>,
+    /// Table filter.
+    pub table: Option<String>,
+    /// Op filter.
+    pub ops: Option<Vec<String>>,
+    /// `whsec_…`.
+    pub secret: String,
+}
+
+/// A failure of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Postgres unreachable or the connection broke (transient).
+    #[error("subscriptions database unreachable: {0}")]
+    Unreachable(String),
+    /// A query failed.
+    #[error("subscriptions query failed: {0}")]
+    Query(String),
+}
+
+fn query_error(e: tokio_postgres::Error) -> StoreError {
+    if e.is_closed() {
+        StoreError::Unreachable(e.to_string())
+    } else {
+        StoreError::Query(
+            e.as_db_error()
+                .map_or_else(|| e.to_string(), |d| d.message().to_string()),
+        )
+    }
+}
+
+/// The store and its cache.
+pub struct Store {
+    config: tokio_postgres::Config,
+    client: tokio::sync::Mutex<Option<Client>>,
+    cache: RwLock<Arc<Vec<Subscription>>>,
+}
+
+impl Store {
+    /// A store on `config`; creates its table on first use.
+    pub fn new(config: tokio_postgres::Config) -> Self {
+        Self {
+            config,
+            client: tokio::sync::Mutex::new(None),
+            cache: RwLock::new(Arc::new(Vec::new())),
+        }
+    }
+
+    async fn with_client<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: AsyncFnOnce(&Client) -> Result<T, tokio_postgres::Error>,
+    {
+        let mut guard = self.client.lock().await;
+        if guard.as_ref().is_none_or(Client::is_closed) {
+            let mut config = self.config.clone();
+            config.application_name("walrelay-notifier");
+            let (client, conn) = config
+                .connect(NoTls)
+                .await
+                .map_err(|e| StoreError::Unreachable(e.to_string()))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            client.batch_execute(SCHEMA).await.map_err(query_error)?;
+            *guard = Some(client);
+        }
+        let Some(client) = guard.as_ref() else {
+            return Err(StoreError::Unreachable("no connection".into()));
+        };
+        f(client).await.map_err(query_error)
+    }
+
+    /// The cached subscriptions.
+    pub fn current(&self) -> Arc<Vec<Subscription>> {
+        Arc::clone(&self.cache.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Reloads the cache from Postgres.
+    pub async fn refresh(&self) -> Result<usize, StoreError> {
+        let rows = self
+            .with_client(async |c| {
+                c.query(
+                    "SELECT id, url, schema_name, table_name, ops, secret, created_at::text, disabled_reason \
+                     FROM walrelay.subscriptions ORDER BY created_at, id",
+                    &[],
+                )
+                .await
+            })
+            .await?;
+        let subs: Vec<Subscription> = rows
+            .iter()
+            .map(|r| {
+                let secret: String = r.get(5);
+                Subscription {
+                    id: r.get(0),
+                    url: r.get(1),
+                    schema: r.get(2),
+                    table: r.get(3),
+                    ops: r.get(4),
+                    created_at: r.get(6),
+                    disabled: r.get(7),
+                    secret: Secret::parse(&secret).ok(),
+                }
+            })
+            .collect();
+        let n = subs.len();
+        *self.cache.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(subs);
+        Ok(n)
+    }
+
+    /// Reloads every `every` until `shutdown`.
+    pub async fn keep_fresh(
+        self: Arc<Self>,
+        every: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            if let Err(e) = self.refresh().await {
+                tracing::warn!(error = %e, "Could not reload the subscriptions; keeping the cached ones.");
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+
+    /// Creates a subscription; returns it.
+    pub async fn create(&self, new: NewSubscription) -> Result<Subscription, StoreError> {
+        let id = format!("sub_{}", random_id());
+        let n = new.clone();
+        let id2 = id.clone();
+        self.with_client(async move |c| {
+            c.execute(
+                "INSERT INTO walrelay.subscriptions (id, url, schema_name, table_name, ops, secret) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&id2, &n.url, &n.schema, &n.table, &n.ops, &n.secret],
+            )
+            .await
+        })
+        .await?;
+        self.refresh().await?;
+        self.get(&id)
+            .await?
+            .ok_or_else(|| StoreError::Query("the new subscription vanished".into()))
+    }
+
+    /// One subscription.
+    pub async fn get(&self, id: &str) -> Result<Option<Subscription>, StoreError> {
+        Ok(self.current().iter().find(|s| s.id == id).cloned())
+    }
+
+    /// Deletes a subscription; whether it existed.
+    pub async fn delete(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        let n = self
+            .with_client(async move |c| {
+                c.execute("DELETE FROM walrelay.subscriptions WHERE id = $1", &[&id])
+                    .await
+            })
+            .await?;
+        self.refresh().await?;
+        Ok(n > 0)
+    }
+
+    /// Disables a subscription (its endpoint answered 410 Gone).
+    pub async fn disable(&self, id: &str, reason: &str) -> Result<(), StoreError> {
+        let (id, reason) = (id.to_string(), reason.to_string());
+        self.with_client(async move |c| {
+            c.execute(
+                "UPDATE walrelay.subscriptions SET disabled_at = now(), disabled_reason = $2 \
+                 WHERE id = $1 AND disabled_at IS NULL",
+                &[&id, &reason],
+            )
+            .await
+        })
+        .await?;
+        self.refresh().await?;
+        Ok(())
+    }
+}
+
+fn random_id() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::thread_rng();
+    (0..20)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect()
+}
