@@ -203,7 +203,7 @@ pub async fn replay(
                 match redeliver(&sink, &sub, payload, &shutdown).await {
                     Ok(true) => delivered += 1,
                     Ok(false) => {
-                        tracing::warn!(subscription = %sub, offset, "The subscription no longer exists; skipping its dead letter.");
+                        tracing::warn!(subscription = %sub, offset, "The subscription no longer exists or is disabled; skipping its dead letter.");
                         skipped += 1;
                     }
                     Err(message) => return Err(NotifyError::Redelivery { offset, message }),

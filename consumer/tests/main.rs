@@ -18,6 +18,8 @@ use walrelay_tests::postgres::PgCluster;
 use walrelay_tests::process::Proc;
 use walrelay_tests::search::{Faults, SearchStandIn};
 
+mod notify;
+
 fn consumer_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_walrelay-consumer"))
 }

@@ -463,26 +463,33 @@ impl Sink for WebhookSink {
     }
 }
 
-/// Delivers one dead letter again to the subscription its headers name (the `replay`
-/// command); `Ok(false)` when that subscription no longer exists.
+/// Delivers one dead letter again to the subscription its headers name (the
+/// `replay-dead-letters` command); `Ok(false)` when that subscription no longer exists or is
+/// disabled (its endpoint answered 410 Gone: it asked for nothing more).
 pub async fn redeliver(
     sink: &WebhookSink,
     subscription: &str,
     record: &[u8],
     shutdown: &CancellationToken,
 ) -> Result<bool, String> {
-    let Some(sub) = sink
+    let found = sink
         .store
         .get(subscription)
         .await
-        .map_err(|e| e.to_string())?
-    else {
+        .map_err(|e| e.to_string())?;
+    let Some(sub) = found.filter(|s| s.disabled.is_none()) else {
         return Ok(false);
     };
     let id = message_id(&sub.id, record);
     match sink.deliver(&sub, &id, record, shutdown).await {
         Ok(()) => Ok(true),
-        Err(Failure::Gone) => Err(format!("subscription {subscription} answered 410 Gone")),
+        Err(Failure::Gone) => {
+            sink.store
+                .disable(&sub.id, "410 Gone")
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(false)
+        }
         Err(Failure::Interrupted) => Err("interrupted".into()),
         Err(Failure::Failed { message, .. }) => Err(message),
     }

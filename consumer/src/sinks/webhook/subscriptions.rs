@@ -14,6 +14,7 @@ use super::signing::Secret;
 
 /// The table, created when missing.
 const SCHEMA: &str = "
+SET client_min_messages = warning;
 CREATE SCHEMA IF NOT EXISTS walrelay;
 CREATE TABLE IF NOT EXISTS walrelay.subscriptions (
     id text PRIMARY KEY,

@@ -1,0 +1,538 @@
+//! The webhook notifier end to end: Postgres → producer → tansu → `notify` → receivers
+//! started here, which check every signature with their own HMAC code.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, StatusCode};
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use serde_json::{Value, json};
+use sha2::Sha256;
+use walrelay_tests::process::Proc;
+
+use crate::{Stack, consumer_bin};
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+/// One delivery a receiver accepted.
+#[derive(Debug, Clone)]
+struct Delivery {
+    id: String,
+    body: Value,
+}
+
+#[derive(Default)]
+struct Receiver {
+    /// Accepted deliveries per path.
+    accepted: BTreeMap<String, Vec<Delivery>>,
+    /// Attempts per (path, id).
+    attempts: HashMap<(String, String), u32>,
+    /// Signatures that did not verify.
+    bad_signatures: u32,
+    /// `/bad` answers 200 once this is set (for the replay).
+    bad_fixed: bool,
+}
+
+/// Verifies a Standard Webhooks signature independently of the notifier's code.
+fn verify(headers: &HeaderMap, body: &[u8]) -> Option<String> {
+    let get = |k: &str| {
+        headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from)
+    };
+    let (id, ts, sig) = (
+        get("webhook-id")?,
+        get("webhook-timestamp")?,
+        get("webhook-signature")?,
+    );
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(SECRET.trim_start_matches("whsec_"))
+        .ok()?;
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).ok()?;
+    mac.update(format!("{id}.{ts}.").as_bytes());
+    mac.update(body);
+    let expected = format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let fresh = ts.parse::<i64>().is_ok_and(|t| (now - t).abs() < 300);
+    (sig.split(' ').any(|s| s == expected) && fresh).then_some(id)
+}
+
+async fn start_receiver(state: Arc<Mutex<Receiver>>) -> u16 {
+    // Receivers listen on 127.0.0.2, the only address the notifier may reach here, so
+    // `localhost` (127.0.0.1) stays outside the allow-list.
+    let listener = tokio::net::TcpListener::bind("127.0.0.2:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let app = axum::Router::new().fallback(
+        move |uri: axum::http::Uri, headers: HeaderMap, body: axum::body::Bytes| {
+            let state = Arc::clone(&state);
+            async move {
+                let path = uri.path().to_string();
+                let Some(id) = verify(&headers, &body) else {
+                    state.lock().expect("lock").bad_signatures += 1;
+                    return StatusCode::UNAUTHORIZED.into_response_parts();
+                };
+                let attempt = {
+                    let mut st = state.lock().expect("lock");
+                    let n = st.attempts.entry((path.clone(), id.clone())).or_default();
+                    *n += 1;
+                    *n
+                };
+                let answer = match path.as_str() {
+                    "/flaky" if attempt <= 2 => StatusCode::INTERNAL_SERVER_ERROR,
+                    "/throttle" if attempt == 1 => StatusCode::TOO_MANY_REQUESTS,
+                    "/slow" if attempt == 1 => {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                        StatusCode::OK
+                    }
+                    "/gone" => StatusCode::GONE,
+                    "/bad" if !state.lock().expect("lock").bad_fixed => StatusCode::BAD_REQUEST,
+                    _ => StatusCode::OK,
+                };
+                if answer == StatusCode::OK {
+                    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    state
+                        .lock()
+                        .expect("lock")
+                        .accepted
+                        .entry(path)
+                        .or_default()
+                        .push(Delivery { id, body });
+                }
+                answer.into_response_parts()
+            }
+        },
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    port
+}
+
+trait Answer {
+    fn into_response_parts(self) -> axum::response::Response;
+}
+
+impl Answer for StatusCode {
+    fn into_response_parts(self) -> axum::response::Response {
+        let mut r = axum::response::IntoResponse::into_response(self);
+        if self == StatusCode::TOO_MANY_REQUESTS {
+            r.headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        }
+        r
+    }
+}
+
+fn notify_args(s: &Stack, api_port: u16, command: &str) -> Vec<String> {
+    [
+        "--kafka-brokers",
+        &s.broker.brokers(),
+        "--topic",
+        &s.topic,
+        "--group",
+        &s.group,
+        "--postgres-url",
+        &s.pg.url(&s.db),
+        "--api-addr",
+        &format!("127.0.0.1:{api_port}"),
+        "--api-token",
+        TOKEN,
+        "--allow-targets",
+        "127.0.0.2/32",
+        "--delivery-timeout",
+        "1s",
+        "--max-attempts",
+        "4",
+        "--retry-initial-backoff",
+        "50ms",
+        "--retry-max-backoff",
+        "2s",
+        "--batch-max-wait",
+        "100ms",
+        "--kafka-property",
+        "session.timeout.ms=6000",
+        "--kafka-property",
+        "heartbeat.interval.ms=500",
+        command,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+async fn api(
+    http: &reqwest::Client,
+    port: u16,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+    token: Option<&str>,
+) -> (u16, Value) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut req = http.request(method.clone(), format!("http://127.0.0.1:{port}{path}"));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = &body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        match req.send().await {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                let bytes = r.bytes().await.unwrap_or_default();
+                let v = serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null);
+                return (status, v);
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "API unreachable: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// Dead letters of the notifier: (subscription, status, reason, payload).
+fn dead_letters(s: &Stack) -> Vec<(String, String, String, Value)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", s.broker.brokers())
+        .set("group.id", walrelay_tests::unique("dlq-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    consumer
+        .subscribe(&[&format!("{}.dlq", s.topic)])
+        .expect("subscribe");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let h = |k: &str| {
+                m.headers()
+                    .and_then(|h| h.iter().find(|x| x.key == k).and_then(|x| x.value))
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default()
+            };
+            out.push((
+                h("walrelay.dlq.subscription"),
+                h("walrelay.dlq.status"),
+                h("walrelay.dlq.reason"),
+                serde_json::from_slice(m.payload().unwrap_or_default()).unwrap_or(Value::Null),
+            ));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_are_signed_ordered_retried_dead_lettered_and_survive_a_kill() {
+    let mut s = Stack::start("CREATE TABLE orders (id int PRIMARY KEY, state text, n int);").await;
+    let state = Arc::new(Mutex::new(Receiver::default()));
+    let port = start_receiver(Arc::clone(&state)).await;
+    let api_port = walrelay_tests::free_port();
+    let log = s.log_path("notify");
+    let mut notify = Proc::spawn(
+        &consumer_bin(),
+        &notify_args(&s, api_port, "notify"),
+        &[],
+        &log,
+    );
+    let http = reqwest::Client::new();
+    use reqwest::Method;
+
+    // The API: token, validation naming the field, creation.
+    let (st, _) = api(
+        &http,
+        api_port,
+        Method::GET,
+        "/v1/subscriptions",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(st, 401, "no token");
+    let (st, v) = api(
+        &http,
+        api_port,
+        Method::POST,
+        "/v1/subscriptions",
+        Some(json!({"url": "http://127.0.0.3:9/x"})),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(
+        (st, v["error"]["field"].as_str()),
+        (422, Some("url")),
+        "{v}"
+    );
+    let (st, v) = api(
+        &http,
+        api_port,
+        Method::POST,
+        "/v1/subscriptions",
+        Some(json!({"url": "https://x.example", "ops": ["zz"]})),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(
+        (st, v["error"]["field"].as_str()),
+        (422, Some("ops")),
+        "{v}"
+    );
+    let mut subs = BTreeMap::new();
+    for (name, path, ops) in [
+        ("ok", "/ok".to_string(), None),
+        ("deletes", "/deletes".to_string(), Some(json!(["d"]))),
+        ("flaky", "/flaky".to_string(), None),
+        ("throttle", "/throttle".to_string(), None),
+        ("slow", "/slow".to_string(), Some(json!(["c"]))),
+        ("gone", "/gone".to_string(), None),
+        ("bad", "/bad".to_string(), Some(json!(["u"]))),
+    ] {
+        let mut body = json!({"url": format!("http://127.0.0.2:{port}{path}"), "schema": "public",
+                              "table": "orders", "secret": SECRET});
+        if let Some(ops) = ops {
+            body["ops"] = ops;
+        }
+        let (st, v) = api(
+            &http,
+            api_port,
+            Method::POST,
+            "/v1/subscriptions",
+            Some(body),
+            Some(TOKEN),
+        )
+        .await;
+        assert_eq!(st, 201, "{v}");
+        assert_eq!(v["secret"], SECRET);
+        subs.insert(name, v["id"].as_str().unwrap_or_default().to_string());
+    }
+    // A host name resolving to a loopback address outside the allow-list: refused when
+    // connecting, not when subscribing.
+    let (st, v) = api(
+        &http,
+        api_port,
+        Method::POST,
+        "/v1/subscriptions",
+        Some(
+            json!({"url": format!("http://localhost:{port}/ok"), "table": "orders", "ops": ["d"]}),
+        ),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    assert!(
+        v["secret"]
+            .as_str()
+            .is_some_and(|x| x.starts_with("whsec_")),
+        "a secret is generated"
+    );
+    subs.insert(
+        "localhost",
+        v["id"].as_str().unwrap_or_default().to_string(),
+    );
+    let (_, listed) = api(
+        &http,
+        api_port,
+        Method::GET,
+        "/v1/subscriptions",
+        None,
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(listed["subscriptions"].as_array().map(Vec::len), Some(8));
+    assert!(
+        listed.to_string().find("whsec_").is_none(),
+        "secrets are shown only at creation"
+    );
+
+    // Writes (after the subscriptions exist): several changes per row, so order matters.
+    s.exec("INSERT INTO orders SELECT g, 'new', 0 FROM generate_series(1, 5) g")
+        .await;
+    s.exec("UPDATE orders SET state = 'paid', n = n + 1 WHERE id <= 3")
+        .await;
+    s.exec("UPDATE orders SET n = n + 1 WHERE id <= 3").await;
+    s.exec("INSERT INTO orders VALUES (6, 'new', 0)").await;
+    s.exec("DELETE FROM orders WHERE id = 5").await;
+    // Kill the notifier while the slow endpoint holds a batch, then start it again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    notify.kill9();
+    s.exec("UPDATE orders SET n = n + 10 WHERE id = 1; UPDATE orders SET n = n + 10 WHERE id = 1")
+        .await;
+    let log = s.log_path("notify-restarted");
+    let mut notify = Proc::spawn(
+        &consumer_bin(),
+        &notify_args(&s, api_port, "notify"),
+        &[],
+        &log,
+    );
+
+    // Every event reaches /ok: 5 inserts, 3 + 3 updates, 1 insert, 1 delete, 2 updates.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let done = {
+            let st = state.lock().expect("lock");
+            let got: BTreeSet<String> = st
+                .accepted
+                .get("/ok")
+                .map(|v| v.iter().map(|d| d.id.clone()).collect())
+                .unwrap_or_default();
+            got.len() >= 15
+                && st.accepted.get("/flaky").map_or(0, Vec::len) >= 15
+                && st.accepted.get("/throttle").map_or(0, Vec::len) >= 15
+        };
+        if done {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "deliveries incomplete: {:?}\n{}",
+            state
+                .lock()
+                .expect("lock")
+                .accepted
+                .iter()
+                .map(|(k, v)| (k.clone(), v.len()))
+                .collect::<Vec<_>>(),
+            s.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let st = state.lock().expect("lock");
+    assert_eq!(st.bad_signatures, 0, "every signature verifies");
+    let ok = &st.accepted["/ok"];
+    // Re-deliveries after the kill carry the same webhook-id.
+    let mut by_body: HashMap<String, BTreeSet<String>> = HashMap::new();
+    for d in ok {
+        by_body
+            .entry(d.body.to_string())
+            .or_default()
+            .insert(d.id.clone());
+    }
+    assert!(
+        by_body.values().all(|ids| ids.len() == 1),
+        "one id per event"
+    );
+    // Per row, events arrive in commit order (re-deliveries may repeat an earlier one).
+    let mut last: HashMap<String, (u64, u64)> = HashMap::new();
+    let mut seen_ids = BTreeSet::new();
+    for d in ok {
+        if !seen_ids.insert(d.id.clone()) {
+            continue;
+        }
+        let row = d.body["after"]["id"].clone().to_string() + &d.body["before"]["id"].to_string();
+        let pos = (
+            d.body["source"]["commit_lsn"].as_u64().unwrap_or(0),
+            d.body["source"]["seq"].as_u64().unwrap_or(0),
+        );
+        if d.body["op"] == "ddl" {
+            continue;
+        }
+        if let Some(prev) = last.insert(row.clone(), pos) {
+            assert!(prev <= pos, "row {row}: {prev:?} then {pos:?}");
+        }
+    }
+    assert!(ok.iter().all(|d| d.body["source"]["table"] == "orders"));
+    let deletes = st.accepted.get("/deletes").cloned().unwrap_or_default();
+    assert!(
+        !deletes.is_empty() && deletes.iter().all(|d| d.body["op"] == "d"),
+        "op filter"
+    );
+    assert!(
+        st.accepted.get("/slow").is_some_and(|v| !v.is_empty()),
+        "a timed-out delivery is retried"
+    );
+    drop(st);
+
+    // 410 disabled its subscription; 400s and the SSRF refusals were dead-lettered.
+    let (_, gone) = api(
+        &http,
+        api_port,
+        Method::GET,
+        &format!("/v1/subscriptions/{}", subs["gone"]),
+        None,
+        Some(TOKEN),
+    )
+    .await;
+    assert!(
+        gone["disabled"].as_str().is_some_and(|d| d.contains("410")),
+        "{gone}"
+    );
+    let letters = dead_letters(&s);
+    let of = |name: &str| {
+        letters
+            .iter()
+            .filter(|l| l.0 == subs[name])
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        of("gone").iter().any(|l| l.1 == "410" && l.2 == "gone"),
+        "{letters:?}"
+    );
+    let bad = of("bad");
+    assert!(
+        !bad.is_empty() && bad.iter().all(|l| l.1 == "400" && l.3["op"] == "u"),
+        "{bad:?}"
+    );
+    let refused = of("localhost");
+    assert!(
+        !refused.is_empty() && refused.iter().all(|l| l.1 == "none"),
+        "{letters:?}"
+    );
+    assert!(
+        of("ok").is_empty() && of("flaky").is_empty(),
+        "retried ones were not dead-lettered"
+    );
+
+    // The replay command delivers the dead letters of /bad once it accepts them, with the
+    // ids they had.
+    // The refused subscription is deleted; its dead letters are skipped by the replay.
+    let path = format!("/v1/subscriptions/{}", subs["localhost"]);
+    let (st, _) = api(&http, api_port, Method::DELETE, &path, None, Some(TOKEN)).await;
+    assert_eq!(st, 204);
+    let (st, _) = api(&http, api_port, Method::GET, &path, None, Some(TOKEN)).await;
+    assert_eq!(st, 404);
+    notify.terminate();
+    state.lock().expect("lock").bad_fixed = true;
+    let out = std::process::Command::new(consumer_bin())
+        .args(notify_args(
+            &s,
+            walrelay_tests::free_port(),
+            "replay-dead-letters",
+        ))
+        .output()
+        .expect("replay");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let st = state.lock().expect("lock");
+    let replayed = st.accepted.get("/bad").cloned().unwrap_or_default();
+    assert_eq!(replayed.len(), bad.len(), "{text}");
+    let first_ids: BTreeSet<String> = st
+        .attempts
+        .keys()
+        .filter(|(p, _)| p == "/bad")
+        .map(|(_, id)| id.clone())
+        .collect();
+    assert!(
+        replayed.iter().all(|d| first_ids.contains(&d.id)),
+        "same webhook-id as before"
+    );
+}
