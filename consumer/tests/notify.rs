@@ -415,51 +415,53 @@ async fn webhooks_are_signed_ordered_retried_dead_lettered_and_survive_a_kill() 
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let st = state.lock().expect("lock");
-    assert_eq!(st.bad_signatures, 0, "every signature verifies");
-    let ok = &st.accepted["/ok"];
-    // Re-deliveries after the kill carry the same webhook-id.
-    let mut by_body: HashMap<String, BTreeSet<String>> = HashMap::new();
-    for d in ok {
-        by_body
-            .entry(d.body.to_string())
-            .or_default()
-            .insert(d.id.clone());
-    }
-    assert!(
-        by_body.values().all(|ids| ids.len() == 1),
-        "one id per event"
-    );
-    // Per row, events arrive in commit order (re-deliveries may repeat an earlier one).
-    let mut last: HashMap<String, (u64, u64)> = HashMap::new();
-    let mut seen_ids = BTreeSet::new();
-    for d in ok {
-        if !seen_ids.insert(d.id.clone()) {
-            continue;
+    {
+        let st = state.lock().expect("lock");
+        assert_eq!(st.bad_signatures, 0, "every signature verifies");
+        let ok = &st.accepted["/ok"];
+        // Re-deliveries after the kill carry the same webhook-id.
+        let mut by_body: HashMap<String, BTreeSet<String>> = HashMap::new();
+        for d in ok {
+            by_body
+                .entry(d.body.to_string())
+                .or_default()
+                .insert(d.id.clone());
         }
-        let row = d.body["after"]["id"].clone().to_string() + &d.body["before"]["id"].to_string();
-        let pos = (
-            d.body["source"]["commit_lsn"].as_u64().unwrap_or(0),
-            d.body["source"]["seq"].as_u64().unwrap_or(0),
+        assert!(
+            by_body.values().all(|ids| ids.len() == 1),
+            "one id per event"
         );
-        if d.body["op"] == "ddl" {
-            continue;
+        // Per row, events arrive in commit order (re-deliveries may repeat an earlier one).
+        let mut last: HashMap<String, (u64, u64)> = HashMap::new();
+        let mut seen_ids = BTreeSet::new();
+        for d in ok {
+            if !seen_ids.insert(d.id.clone()) {
+                continue;
+            }
+            let row =
+                d.body["after"]["id"].clone().to_string() + &d.body["before"]["id"].to_string();
+            let pos = (
+                d.body["source"]["commit_lsn"].as_u64().unwrap_or(0),
+                d.body["source"]["seq"].as_u64().unwrap_or(0),
+            );
+            if d.body["op"] == "ddl" {
+                continue;
+            }
+            if let Some(prev) = last.insert(row.clone(), pos) {
+                assert!(prev <= pos, "row {row}: {prev:?} then {pos:?}");
+            }
         }
-        if let Some(prev) = last.insert(row.clone(), pos) {
-            assert!(prev <= pos, "row {row}: {prev:?} then {pos:?}");
-        }
+        assert!(ok.iter().all(|d| d.body["source"]["table"] == "orders"));
+        let deletes = st.accepted.get("/deletes").cloned().unwrap_or_default();
+        assert!(
+            !deletes.is_empty() && deletes.iter().all(|d| d.body["op"] == "d"),
+            "op filter"
+        );
+        assert!(
+            st.accepted.get("/slow").is_some_and(|v| !v.is_empty()),
+            "a timed-out delivery is retried"
+        );
     }
-    assert!(ok.iter().all(|d| d.body["source"]["table"] == "orders"));
-    let deletes = st.accepted.get("/deletes").cloned().unwrap_or_default();
-    assert!(
-        !deletes.is_empty() && deletes.iter().all(|d| d.body["op"] == "d"),
-        "op filter"
-    );
-    assert!(
-        st.accepted.get("/slow").is_some_and(|v| !v.is_empty()),
-        "a timed-out delivery is retried"
-    );
-    drop(st);
 
     // 410 disabled its subscription; 400s and the SSRF refusals were dead-lettered.
     let (_, gone) = api(

@@ -43,15 +43,40 @@ pub fn router(api: Api) -> Router {
         .with_state(api)
 }
 
-fn error(status: StatusCode, field: Option<&str>, message: impl Into<String>) -> Response {
-    (
-        status,
-        axum::Json(json!({"error": {"field": field, "message": message.into()}})),
-    )
-        .into_response()
+/// A refused request: its status, the field at fault, and what is wrong.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    field: Option<String>,
+    message: String,
 }
 
-fn authorized(api: &Api, headers: &HeaderMap) -> Result<(), Response> {
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (
+            self.status,
+            axum::Json(json!({"error": {"field": self.field, "message": self.message}})),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        r
+    }
+}
+
+fn error(status: StatusCode, field: Option<&str>, message: impl Into<String>) -> ApiError {
+    ApiError {
+        status,
+        field: field.map(String::from),
+        message: message.into(),
+    }
+}
+
+fn authorized(api: &Api, headers: &HeaderMap) -> Result<(), ApiError> {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -68,20 +93,15 @@ fn authorized(api: &Api, headers: &HeaderMap) -> Result<(), Response> {
     if same {
         Ok(())
     } else {
-        let mut r = error(
+        Err(error(
             StatusCode::UNAUTHORIZED,
             None,
             "missing or wrong bearer token (Authorization: Bearer <--api-token>)",
-        );
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer"),
-        );
-        Err(r)
+        ))
     }
 }
 
-fn store_error(e: &StoreError) -> Response {
+fn store_error(e: &StoreError) -> ApiError {
     error(StatusCode::SERVICE_UNAVAILABLE, None, e.to_string())
 }
 
@@ -91,7 +111,7 @@ fn view(s: &Subscription) -> Value {
 
 async fn list(State(api): State<Api>, headers: HeaderMap) -> Response {
     if let Err(r) = authorized(&api, &headers) {
-        return r;
+        return r.into_response();
     }
     let subs: Vec<Value> = api.store.current().iter().map(view).collect();
     (StatusCode::OK, axum::Json(json!({ "subscriptions": subs }))).into_response()
@@ -99,22 +119,22 @@ async fn list(State(api): State<Api>, headers: HeaderMap) -> Response {
 
 async fn one(State(api): State<Api>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     if let Err(r) = authorized(&api, &headers) {
-        return r;
+        return r.into_response();
     }
-    match api.store.get(&id).await {
-        Ok(Some(s)) => (StatusCode::OK, axum::Json(view(&s))).into_response(),
-        Ok(None) => error(
+    match api.store.get(&id) {
+        Some(s) => (StatusCode::OK, axum::Json(view(&s))).into_response(),
+        None => error(
             StatusCode::NOT_FOUND,
             Some("id"),
             format!("no subscription {id}"),
-        ),
-        Err(e) => store_error(&e),
+        )
+        .into_response(),
     }
 }
 
 async fn remove(State(api): State<Api>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     if let Err(r) = authorized(&api, &headers) {
-        return r;
+        return r.into_response();
     }
     match api.store.delete(&id).await {
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
@@ -122,18 +142,19 @@ async fn remove(State(api): State<Api>, headers: HeaderMap, Path(id): Path<Strin
             StatusCode::NOT_FOUND,
             Some("id"),
             format!("no subscription {id}"),
-        ),
-        Err(e) => store_error(&e),
+        )
+        .into_response(),
+        Err(e) => store_error(&e).into_response(),
     }
 }
 
 async fn create(State(api): State<Api>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
     if let Err(r) = authorized(&api, &headers) {
-        return r;
+        return r.into_response();
     }
     let new = match validate(&body, &api.guard) {
         Ok(n) => n,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let secret = new.secret.clone();
     match api.store.create(new).await {
@@ -143,14 +164,14 @@ async fn create(State(api): State<Api>, headers: HeaderMap, body: axum::body::By
             tracing::info!(id = %s.id, url = %s.url, "Subscription created.");
             (StatusCode::CREATED, axum::Json(v)).into_response()
         }
-        Err(e) => store_error(&e),
+        Err(e) => store_error(&e).into_response(),
     }
 }
 
 const OPS: [&str; 6] = ["c", "u", "d", "r", "t", "ddl"];
 
 /// Validates a creation request; the error names the field.
-pub fn validate(body: &[u8], guard: &Guard) -> Result<NewSubscription, Response> {
+pub fn validate(body: &[u8], guard: &Guard) -> Result<NewSubscription, ApiError> {
     let unprocessable =
         |field: &str, m: String| error(StatusCode::UNPROCESSABLE_ENTITY, Some(field), m);
     let obj: Map<String, Value> = match serde_json::from_slice::<Value>(body) {
@@ -190,7 +211,7 @@ pub fn validate(body: &[u8], guard: &Guard) -> Result<NewSubscription, Response>
     guard
         .check_url(&parsed)
         .map_err(|e| unprocessable("url", e.to_string()))?;
-    let name = |field: &str| -> Result<Option<String>, Response> {
+    let name = |field: &str| -> Result<Option<String>, ApiError> {
         match obj.get(field) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) if !s.is_empty() && s.len() <= 63 => Ok(Some(s.clone())),
@@ -247,7 +268,8 @@ pub fn validate(body: &[u8], guard: &Guard) -> Result<NewSubscription, Response>
 mod tests {
     use super::*;
 
-    fn field_of(r: Response) -> (StatusCode, Option<String>) {
+    fn field_of(e: ApiError) -> (StatusCode, Option<String>) {
+        let r = e.into_response();
         let status = r.status();
         let body = tokio::runtime::Builder::new_current_thread()
             .build()

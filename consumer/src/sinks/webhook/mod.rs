@@ -472,11 +472,7 @@ pub async fn redeliver(
     record: &[u8],
     shutdown: &CancellationToken,
 ) -> Result<bool, String> {
-    let found = sink
-        .store
-        .get(subscription)
-        .await
-        .map_err(|e| e.to_string())?;
+    let found = sink.store.get(subscription);
     let Some(sub) = found.filter(|s| s.disabled.is_none()) else {
         return Ok(false);
     };

@@ -216,13 +216,12 @@ impl Store {
         .await?;
         self.refresh().await?;
         self.get(&id)
-            .await?
             .ok_or_else(|| StoreError::Query("the new subscription vanished".into()))
     }
 
-    /// One subscription.
-    pub async fn get(&self, id: &str) -> Result<Option<Subscription>, StoreError> {
-        Ok(self.current().iter().find(|s| s.id == id).cloned())
+    /// One subscription, from the cache.
+    pub fn get(&self, id: &str) -> Option<Subscription> {
+        self.current().iter().find(|s| s.id == id).cloned()
     }
 
     /// Deletes a subscription; whether it existed.
