@@ -166,6 +166,12 @@ pub trait Sink: Send {
         events: &mut [Event],
         shutdown: &CancellationToken,
     ) -> impl Future<Output = Result<Vec<Verdict>, SinkError>> + Send;
+
+    /// Called after the last `write`'s dead letters were acknowledged and its offsets stored:
+    /// the place for side effects that must not happen before then.
+    fn settled(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// Why the runtime stopped.
@@ -427,6 +433,7 @@ impl Runtime {
             );
         }
         self.store_offsets(&batch);
+        sink.settled().await;
         self.metrics
             .batch_seconds
             .observe(started.elapsed().as_secs_f64());

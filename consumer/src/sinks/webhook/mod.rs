@@ -98,6 +98,10 @@ pub struct WebhookSink {
     store: Arc<Store>,
     settings: WebhookSettings,
     metrics: Arc<Metrics>,
+    /// Subscriptions that answered 410 in the batch being written: disabled once the runtime
+    /// has dead-lettered the batch ([`Sink::settled`]); a crash in between repeats the 410
+    /// instead of losing its dead letter.
+    gone: std::sync::Mutex<Vec<String>>,
 }
 
 fn jitter(d: Duration) -> Duration {
@@ -165,7 +169,33 @@ impl WebhookSink {
             store,
             settings,
             metrics,
+            gone: std::sync::Mutex::default(),
         })
+    }
+
+    fn is_gone(&self, id: &str) -> bool {
+        self.gone
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|g| g == id)
+    }
+
+    /// Disables the subscriptions that answered 410 in earlier batches.
+    async fn disable_gone(&self) {
+        let gone = std::mem::take(&mut *self.gone.lock().unwrap_or_else(|p| p.into_inner()));
+        for id in gone {
+            match self.store.disable(&id, "410 Gone").await {
+                Ok(()) => {
+                    self.metrics.webhook_disabled.inc();
+                    tracing::warn!(subscription = %id, "Disabled the subscription (its endpoint answered 410 Gone).");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, subscription = %id, "Could not disable the subscription yet; retrying with the next batch.");
+                    self.gone.lock().unwrap_or_else(|p| p.into_inner()).push(id);
+                }
+            }
+        }
     }
 
     /// Delivers one event to one subscription, retrying until a final answer.
@@ -306,6 +336,11 @@ impl WebhookSink {
     ) -> Result<Vec<(usize, Letter)>, SinkError> {
         let mut letters = Vec::new();
         for &i in chain {
+            if self.is_gone(&sub.id) {
+                // Answered 410 earlier in this batch: not sent again, dead-lettered alike.
+                letters.push((i, gone_letter(sub)));
+                continue;
+            }
             let body = events[i].raw.as_deref().unwrap_or_default();
             let id = message_id(&sub.id, body);
             let Ok(_permit) = limit.acquire().await else {
@@ -315,22 +350,13 @@ impl WebhookSink {
                 Ok(()) => {}
                 Err(Failure::Interrupted) => return Err(SinkError::Interrupted),
                 Err(Failure::Gone) => {
-                    tracing::warn!(subscription = %sub.id, url = %sub.url, "The endpoint answered 410 Gone: disabling the subscription.");
-                    self.metrics.webhook_disabled.inc();
-                    if let Err(e) = self.store.disable(&sub.id, "410 Gone").await {
-                        tracing::warn!(error = %e, "Could not record the disabled subscription; it is retried on the next event.");
+                    tracing::warn!(subscription = %sub.id, url = %sub.url, "The endpoint answered 410 Gone: the subscription is disabled after this batch.");
+                    let mut gone = self.gone.lock().unwrap_or_else(|p| p.into_inner());
+                    if !gone.contains(&sub.id) {
+                        gone.push(sub.id.clone());
                     }
-                    letters.push((
-                        i,
-                        letter(
-                            sub,
-                            Some(410),
-                            "410 Gone: subscription disabled".into(),
-                            "gone",
-                        ),
-                    ));
-                    // The rest of the chain is not delivered: the subscription is gone.
-                    return Ok(letters);
+                    drop(gone);
+                    letters.push((i, gone_letter(sub)));
                 }
                 Err(Failure::Failed { status, message }) => {
                     if self.settings.on_failure == OnFailure::Stop {
@@ -400,6 +426,15 @@ impl WebhookSink {
     }
 }
 
+fn gone_letter(sub: &Subscription) -> Letter {
+    letter(
+        sub,
+        Some(410),
+        "410 Gone: the subscription is disabled".into(),
+        "gone",
+    )
+}
+
 fn letter(
     sub: &Subscription,
     status: Option<u16>,
@@ -427,6 +462,11 @@ impl Sink for WebhookSink {
 
     fn wants_raw(&self) -> bool {
         true
+    }
+
+    async fn settled(&mut self) {
+        // This batch's 410 events are dead-lettered now: the subscriptions may go.
+        self.disable_gone().await;
     }
 
     async fn write(
