@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs walrelay's whole test suite on a fresh machine: installs what is missing (PostgreSQL 15
-# server binaries, curl, a C toolchain, the tansu broker), then `cargo test --workspace`. Tests start their own
+# server binaries, curl, a C toolchain, python3 with pip, the tansu broker), checks deploy/
+# (scripts/check-deploy.sh), then `cargo test --workspace`. Tests start their own
 # Postgres clusters and brokers on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,8 @@ command -v curl >/dev/null || need_apt+=(curl)
 # librdkafka, ring and mimalloc are compiled from C sources by their crates.
 { command -v cc >/dev/null && command -v make >/dev/null; } || need_apt+=(build-essential)
 command -v perl >/dev/null || need_apt+=(perl)
+command -v python3 >/dev/null || need_apt+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]}"
   apt-get update -qq
@@ -24,5 +27,8 @@ if ! [ -x "$tansu_bin" ] && ! command -v tansu >/dev/null; then
   echo "installing tansu (a Kafka-compatible broker; about 13 minutes the first time)"
   cargo install tansu --locked --features libsql
 fi
+
+# deploy/ and compose.yaml: promtool, Kubernetes schemas, compose structure.
+bash scripts/check-deploy.sh
 
 cargo test --workspace "$@"

@@ -167,6 +167,27 @@ impl Metrics {
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // Every bounded label value exists from the start, so rates and alerts see zeros.
+        for reason in ["decode", "rejected", "delivery_failed", "gone"] {
+            m.dead_letters.with_label_values(&[reason]);
+        }
+        for class in [
+            "2xx",
+            "3xx",
+            "4xx",
+            "5xx",
+            "timeout",
+            "connection",
+            "refused",
+        ] {
+            m.webhook_deliveries.with_label_values(&[class]);
+        }
+        for outcome in ["applied", "stale", "renamed", "dropped", "kept"] {
+            m.schema_events.with_label_values(&[outcome]);
+        }
+        for kind in ["type_change", "name_taken", "mapping_refused"] {
+            m.schema_conflicts.with_label_values(&[kind]);
+        }
         for c in m.collectors() {
             m.registry.register(c)?;
         }

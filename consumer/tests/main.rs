@@ -18,6 +18,7 @@ use walrelay_tests::postgres::PgCluster;
 use walrelay_tests::process::Proc;
 use walrelay_tests::search::{Faults, SearchStandIn};
 
+mod deploy;
 mod notify;
 
 fn consumer_bin() -> PathBuf {
@@ -46,6 +47,8 @@ struct Stack {
     logs: tempfile::TempDir,
     spawned: u32,
     producer: Option<Proc>,
+    /// The producer's `/metrics` port.
+    producer_metrics: u16,
 }
 
 impl Stack {
@@ -65,6 +68,7 @@ impl Stack {
             logs: tempfile::tempdir().expect("log dir"),
             spawned: 0,
             producer: None,
+            producer_metrics: walrelay_tests::free_port(),
         };
         let args = s.producer_args(&["init"]);
         let out = std::process::Command::new(producer_bin())
@@ -78,9 +82,10 @@ impl Stack {
             String::from_utf8_lossy(&out.stderr)
         );
         let log = s.log_path("producer");
+        let metrics = format!("127.0.0.1:{}", s.producer_metrics);
         s.producer = Some(Proc::spawn(
             &producer_bin(),
-            &s.producer_args(&["run"]),
+            &s.producer_args(&["--metrics-addr", &metrics, "run"]),
             &[],
             &log,
         ));

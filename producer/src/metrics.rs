@@ -42,6 +42,8 @@ pub struct Metrics {
     pub errors: IntCounterVec,
     /// Schema events, by origin (`trigger`, `relation`, `snapshot`).
     pub schema_events: IntCounterVec,
+    /// WAL that can still be written before the slot is lost; -1 when unlimited.
+    pub slot_safe_wal_bytes: IntGauge,
     /// WAL the slot retains (current position minus `restart_lsn`).
     pub slot_retained_wal_bytes: IntGauge,
     /// 1 while the slot is active.
@@ -159,6 +161,10 @@ impl Metrics {
                 ),
                 &["origin"],
             )?,
+            slot_safe_wal_bytes: IntGauge::new(
+                "walrelay_producer_slot_safe_wal_bytes",
+                "WAL that can still be written before max_slot_wal_keep_size invalidates the slot (pg_replication_slots.safe_wal_size); -1 when unlimited.",
+            )?,
             slot_retained_wal_bytes: IntGauge::new(
                 "walrelay_producer_slot_retained_wal_bytes",
                 "WAL retained by the slot: current WAL position minus restart_lsn.",
@@ -191,6 +197,7 @@ impl Metrics {
             Box::new(m.snapshot_progress.clone()),
             Box::new(m.errors.clone()),
             Box::new(m.schema_events.clone()),
+            Box::new(m.slot_safe_wal_bytes.clone()),
             Box::new(m.slot_retained_wal_bytes.clone()),
             Box::new(m.slot_active.clone()),
             Box::new(m.build_info.clone()),
@@ -201,6 +208,22 @@ impl Metrics {
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION"), "producer"])
             .set(1);
+        // Every label value exists from the start, so rates and alerts see zeros, not gaps.
+        for kind in [
+            "postgres",
+            "replication",
+            "slot",
+            "kafka_delivery",
+            "kafka_unreachable",
+            "event_too_large",
+            "decode",
+            "setup",
+        ] {
+            m.errors.with_label_values(&[kind]);
+        }
+        for origin in ["trigger", "relation", "snapshot"] {
+            m.schema_events.with_label_values(&[origin]);
+        }
         #[cfg(target_os = "linux")]
         m.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),

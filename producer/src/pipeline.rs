@@ -528,6 +528,9 @@ async fn poll_slot(pg: tokio_postgres::Config, slot_name: String, metrics: Arc<M
             metrics
                 .slot_retained_wal_bytes
                 .set(info.retained_wal_bytes.unwrap_or(0));
+            metrics
+                .slot_safe_wal_bytes
+                .set(info.safe_wal_bytes.unwrap_or(-1));
             metrics.slot_active.set(i64::from(info.active));
         }
     }

@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use prometheus::{Encoder, Registry, TextEncoder};
+use prometheus::{Encoder, IntGauge, Registry, TextEncoder};
 
 /// Named readiness conditions, all of which must hold for `/readyz` to answer 200.
 #[derive(Clone, Default)]
@@ -43,6 +43,8 @@ impl Readiness {
 struct AppState {
     registry: Registry,
     readiness: Readiness,
+    /// `walrelay_ready`: what `/readyz` answers, as 1 or 0, so alerts can use it.
+    ready: IntGauge,
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the task is dropped.
@@ -51,6 +53,14 @@ pub async fn serve(
     registry: Registry,
     readiness: Readiness,
 ) -> std::io::Result<()> {
+    let ready = IntGauge::new(
+        "walrelay_ready",
+        "1 when /readyz answers 200 (every readiness condition holds), else 0.",
+    )
+    .map_err(std::io::Error::other)?;
+    registry
+        .register(Box::new(ready.clone()))
+        .map_err(std::io::Error::other)?;
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -58,6 +68,7 @@ pub async fn serve(
         .with_state(AppState {
             registry,
             readiness,
+            ready,
         });
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "Serving /metrics, /healthz and /readyz.");
@@ -65,6 +76,9 @@ pub async fn serve(
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    state
+        .ready
+        .set(i64::from(state.readiness.failing().is_empty()));
     let mut body = Vec::new();
     let encoder = TextEncoder::new();
     match encoder.encode(&state.registry.gather(), &mut body) {

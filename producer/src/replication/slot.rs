@@ -55,6 +55,9 @@ pub struct SlotInfo {
     pub retained_wal_bytes: Option<i64>,
     /// Current WAL position minus confirmed_flush_lsn.
     pub lag_bytes: Option<i64>,
+    /// WAL that can still be written before the slot is lost (`safe_wal_size`; null when
+    /// `max_slot_wal_keep_size` is unlimited).
+    pub safe_wal_bytes: Option<i64>,
     /// Output plugin.
     pub plugin: Option<String>,
 }
@@ -65,7 +68,7 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, 
         .query_opt(
             "SELECT active, active_pid, confirmed_flush_lsn::text, restart_lsn::text, wal_status, \
                     (pg_current_wal_lsn() - restart_lsn)::int8, \
-                    (pg_current_wal_lsn() - confirmed_flush_lsn)::int8, plugin::text \
+                    (pg_current_wal_lsn() - confirmed_flush_lsn)::int8, plugin::text, safe_wal_size \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
@@ -80,6 +83,7 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, 
         retained_wal_bytes: r.get(5),
         lag_bytes: r.get(6),
         plugin: r.get(7),
+        safe_wal_bytes: r.get(8),
     }))
 }
 

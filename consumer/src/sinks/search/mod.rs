@@ -131,6 +131,16 @@ impl SearchSink {
         metrics: Arc<Metrics>,
         readiness: Readiness,
     ) -> Result<Self, SearchError> {
+        for kind in [
+            "definite",
+            "connection",
+            "throttled",
+            "server",
+            "rejected",
+            "mapping",
+        ] {
+            metrics.sink_errors.with_label_values(&["search", kind]);
+        }
         Ok(Self {
             client: SearchClient::new(settings)?,
             settings: settings.clone(),

@@ -163,6 +163,9 @@ impl WebhookSink {
             .connect_timeout(settings.delivery_timeout.min(Duration::from_secs(10)))
             .user_agent(concat!("walrelay-notifier/", env!("CARGO_PKG_VERSION")))
             .build()?;
+        metrics
+            .sink_errors
+            .with_label_values(&["webhook", "definite"]);
         Ok(Self {
             http,
             guard,

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Checks deploy/ and compose.yaml as far as this machine allows (no Docker engine, no cluster):
+#  - Prometheus scrape configs and alert rules with promtool (from Debian's prometheus package,
+#    unpacked into .cache/ without installing it);
+#  - Kubernetes manifests against the Kubernetes OpenAPI schemas, offline, strictly
+#    (kubernetes-validate from PyPI; CRD examples in deploy/k8s/examples are only parsed);
+#  - compose.yaml parses, every built image's context and Dockerfile (and build target) exist,
+#    every bind-mounted file exists, Grafana dashboards and provisioning parse.
+# The dashboards' and rules' metric names are checked against live /metrics by the consumer's
+# integration test `deploy::dashboards_and_alert_rules_use_only_exposed_metrics`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cache=.cache/tools
+mkdir -p "$cache"
+
+promtool="$cache/promtool"
+if ! [ -x "$promtool" ]; then
+  if command -v promtool >/dev/null; then
+    promtool=$(command -v promtool)
+  else
+    echo "fetching promtool (Debian package prometheus, unpacked only)"
+    tmp=$(mktemp -d)
+    (cd "$tmp" && apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq && apt-get download prometheus >/dev/null; })
+    dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/x"
+    cp "$tmp/x/usr/bin/promtool" "$promtool"
+    rm -rf "$tmp"
+  fi
+fi
+"$promtool" check config deploy/prometheus/prometheus.yml
+"$promtool" check config deploy/prometheus/prometheus-kubernetes.yml
+"$promtool" check rules deploy/prometheus/rules/*.yml
+
+python3 -c 'import kubernetes_validate' 2>/dev/null \
+  || python3 -m pip install -q --disable-pip-version-check kubernetes-validate==1.37.0 pyyaml
+kubernetes-validate --strict --quiet -k 1.30.0 deploy/k8s/*.yaml
+echo "deploy/k8s: every manifest is valid against the Kubernetes 1.30 schemas"
+
+python3 - <<'PY'
+import json, os, sys, yaml
+
+def fail(msg):
+    print(f"compose/deploy check failed: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+with open("compose.yaml") as f:
+    compose = yaml.safe_load(f)
+services = compose.get("services") or fail("compose.yaml has no services")
+built = 0
+for name, svc in services.items():
+    if "image" not in svc and "build" not in svc:
+        fail(f"service {name} has neither image nor build")
+    build = svc.get("build")
+    if build:
+        built += 1
+        ctx = build if isinstance(build, str) else build.get("context", ".")
+        if not os.path.isdir(ctx):
+            fail(f"service {name}: build context {ctx} does not exist")
+        dockerfile = os.path.join(ctx, (build.get("dockerfile") if isinstance(build, dict) else None) or "Dockerfile")
+        if not os.path.isfile(dockerfile):
+            fail(f"service {name}: {dockerfile} does not exist")
+        target = build.get("target") if isinstance(build, dict) else None
+        if target:
+            stages = [l.split()[-1] for l in open(dockerfile) if l.upper().startswith("FROM ") and " AS " in l.upper()]
+            if target not in stages:
+                fail(f"service {name}: target {target} is not a stage of {dockerfile} ({stages})")
+    for vol in svc.get("volumes", []):
+        src = vol.split(":")[0] if isinstance(vol, str) else vol.get("source", "")
+        if src.startswith("./") and not os.path.exists(src):
+            fail(f"service {name}: mounted {src} does not exist")
+    for dep in (svc.get("depends_on") or {}):
+        if dep not in services:
+            fail(f"service {name} depends on unknown service {dep}")
+if built < 3:
+    fail("expected the producer and consumer images to be built")
+for d in ["deploy/grafana/dashboards"]:
+    for f in os.listdir(d):
+        dash = json.load(open(os.path.join(d, f)))
+        panels = dash.get("panels") or fail(f"{f}: no panels")
+        for p in panels:
+            if not p.get("targets") or not all(t.get("expr") for t in p["targets"]):
+                fail(f"{f}: panel {p.get('title')} has no query")
+for root, _, fs in os.walk("deploy/grafana/provisioning"):
+    for f in fs:
+        yaml.safe_load(open(os.path.join(root, f)))
+print(f"compose.yaml: {len(services)} services, {built} built from existing Dockerfiles; dashboards parse")
+PY
