@@ -30,9 +30,12 @@ fi
 "$promtool" check config deploy/prometheus/prometheus-kubernetes.yml
 "$promtool" check rules deploy/prometheus/rules/*.yml
 
-python3 -c 'import kubernetes_validate' 2>/dev/null \
-  || python3 -m pip install -q --disable-pip-version-check kubernetes-validate==1.37.0 pyyaml
-kubernetes-validate --strict --quiet -k 1.30.0 deploy/k8s/*.yaml
+if ! python3 -c 'import kubernetes_validate, yaml' 2>/dev/null; then
+  pip=(python3 -m pip install -q --disable-pip-version-check kubernetes-validate==1.37.0 pyyaml)
+  # A system Python (PEP 668) refuses plain installs.
+  "${pip[@]}" 2>/dev/null || "${pip[@]}" --break-system-packages
+fi
+python3 -m kubernetes_validate --strict --quiet -k 1.30.0 deploy/k8s/*.yaml
 echo "deploy/k8s: every manifest is valid against the Kubernetes 1.30 schemas"
 
 python3 - <<'PY'
