@@ -167,6 +167,10 @@ async fn ddl_under(mode: &str) {
     sql("BEGIN; ALTER TABLE items ADD COLUMN e int; UPDATE items SET e = 2 WHERE id BETWEEN 5 AND 9;
          ALTER TABLE items RENAME COLUMN e TO e_tmp; ALTER TABLE items RENAME COLUMN e_tmp TO e; COMMIT")
         .await;
+    // The DDL inside a savepoint (another subtransaction than the rows around it).
+    sql("BEGIN; INSERT INTO items (id) VALUES (5002); SAVEPOINT s; ALTER TABLE items ADD COLUMN f int;
+         RELEASE s; INSERT INTO items (id, f) VALUES (5003, 3); COMMIT")
+        .await;
     sql("CREATE TABLE fresh (id int PRIMARY KEY, v text); INSERT INTO fresh VALUES (1, 'one')")
         .await;
     sql("ALTER TABLE fresh RENAME TO fresh2; INSERT INTO fresh2 VALUES (2, 'two')").await;
@@ -268,7 +272,7 @@ async fn ddl_under(mode: &str) {
         "c's id retired"
     );
     assert!(
-        last["d"] > c_id && last["e"] > last["d"],
+        last["d"] > c_id && last["e"] > last["d"] && last["f"] > last["e"],
         "added columns get new ids"
     );
     let retype = items
@@ -296,8 +300,9 @@ async fn ddl_under(mode: &str) {
         "with triggers, no fallback events"
     );
     // One event per effective change: the index creation and the partition added are none.
-    // snapshot, add c, rename a, retype b, drop c, add d, (add e + 2 renames in one txn: 3)
-    assert_eq!(items.len(), 9, "{mode}: {versions:?}");
+    // snapshot, add c, rename a, retype b, drop c, add d, (add e + 2 renames in one txn: 3),
+    // add f in a savepoint
+    assert_eq!(items.len(), 10, "{mode}: {versions:?}");
 
     let fresh = schema_events(&records, "fresh");
     let ddl = fresh[0].ddl.as_ref().expect("ddl");
