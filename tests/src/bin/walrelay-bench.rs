@@ -241,6 +241,7 @@ async fn main() -> anyhow::Result<()> {
         ("max_wal_size", "8GB"),
         ("logical_decoding_work_mem", "64MB"),
         ("shared_buffers", "512MB"),
+        ("synchronous_commit", "on"),
     ]);
     pg.exec("postgres", &format!("CREATE DATABASE {DB}")).await;
     pg.exec(
@@ -398,7 +399,8 @@ async fn main() -> anyhow::Result<()> {
     if !st.success() {
         bail!("pgbench failed");
     }
-    let id = 200 * args.rows;
+    // Beyond every id the paced phase can write (100 * rows + 100 * random(1, 1e8)).
+    let id = 100 * args.rows + 100 * 100_000_000 + 1_000_000;
     let end = b.scalar("SELECT pg_current_wal_lsn()::text").await;
     b.wait_confirmed(&end, Duration::from_secs(60)).await?;
     let metrics = Command::new("curl")
