@@ -551,3 +551,75 @@ async fn webhooks_are_signed_ordered_retried_dead_lettered_and_survive_a_kill() 
         "same webhook-id as before"
     );
 }
+
+/// Strict mode: a delivery that fails for good stops the notifier (exit 1) without committing,
+/// so the event is delivered once the endpoint accepts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_mode_stops_without_committing() {
+    let mut s = Stack::start("CREATE TABLE orders (id int PRIMARY KEY, state text, n int);").await;
+    let state = Arc::new(Mutex::new(Receiver::default()));
+    let port = start_receiver(Arc::clone(&state)).await;
+    let api_port = walrelay_tests::free_port();
+    let mut args = notify_args(&s, api_port, "notify");
+    args.pop();
+    args.extend([
+        "--on-delivery-failure".into(),
+        "stop".into(),
+        "notify".into(),
+    ]);
+    let log = s.log_path("notify-strict");
+    let mut notify = Proc::spawn(&consumer_bin(), &args, &[], &log);
+    let http = reqwest::Client::new();
+    let (st, v) = api(
+        &http,
+        api_port,
+        reqwest::Method::POST,
+        "/v1/subscriptions",
+        Some(json!({"url": format!("http://127.0.0.2:{port}/bad"), "table": "orders", "secret": SECRET})),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    s.exec("INSERT INTO orders VALUES (1, 'new', 0)").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let code = loop {
+        if let Some(code) = notify.try_exit() {
+            break code;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "strict mode did not stop\n{}",
+            s.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(code, Some(1), "{}", s.all_logs());
+    assert!(
+        notify.log().contains("--on-delivery-failure stop"),
+        "{}",
+        notify.log()
+    );
+    // Nothing was committed: once the endpoint accepts, the same event is delivered.
+    state.lock().expect("lock").bad_fixed = true;
+    let log = s.log_path("notify-strict-again");
+    let mut notify = Proc::spawn(&consumer_bin(), &args, &[], &log);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let delivered = state
+            .lock()
+            .expect("lock")
+            .accepted
+            .get("/bad")
+            .is_some_and(|v| v.iter().any(|d| d.body["after"]["id"] == 1));
+        if delivered {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not delivered after the restart\n{}",
+            s.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    notify.terminate();
+}
