@@ -132,39 +132,6 @@ pub struct Envelope {
     pub ddl: Option<SchemaChange>,
 }
 
-/// The envelope's `column_ids` object (column name to stable id), kept as text like
-/// [`ColumnTypes`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct ColumnIds(Box<serde_json::value::RawValue>);
-
-impl ColumnIds {
-    /// The JSON text.
-    pub fn raw(&self) -> &str {
-        self.0.get()
-    }
-
-    /// Column name to id.
-    pub fn parse(&self) -> std::collections::HashMap<String, i32> {
-        serde_json::from_str(self.0.get()).unwrap_or_default()
-    }
-}
-
-impl Default for ColumnIds {
-    fn default() -> Self {
-        Self(
-            serde_json::value::RawValue::from_string("{}".into())
-                .unwrap_or_else(|_| unreachable!("{{}} is JSON")),
-        )
-    }
-}
-
-impl PartialEq for ColumnIds {
-    fn eq(&self, other: &Self) -> bool {
-        self.raw() == other.raw()
-    }
-}
-
 /// A table's name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableName {
@@ -225,36 +192,48 @@ pub struct ColumnSchema {
     pub identity: bool,
 }
 
-/// The envelope's `types` object, kept as it arrived and parsed only on demand: it is the same
-/// for every event of a table, so consumers compare it as text and parse it once per change.
+/// A per-column JSON object of the envelope (`types`, `column_ids`), kept as it arrived and
+/// parsed only on demand: it is the same for every event of a table, so consumers compare it as
+/// text and parse it once per change. `M` is what [`ColumnObject::parse`] returns.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct ColumnTypes(Box<serde_json::value::RawValue>);
+#[serde(transparent, bound = "")]
+pub struct ColumnObject<M> {
+    text: Box<serde_json::value::RawValue>,
+    #[serde(skip)]
+    parsed_as: std::marker::PhantomData<fn() -> M>,
+}
 
-impl ColumnTypes {
+/// The envelope's `types`: column name to logical type.
+pub type ColumnTypes = ColumnObject<Map<String, Value>>;
+
+/// The envelope's `column_ids`: column name to stable id.
+pub type ColumnIds = ColumnObject<std::collections::HashMap<String, i32>>;
+
+impl<M: serde::de::DeserializeOwned + Default> ColumnObject<M> {
     /// The JSON text.
     pub fn raw(&self) -> &str {
-        self.0.get()
+        self.text.get()
     }
 
-    /// Column name to logical type.
-    pub fn parse(&self) -> Map<String, Value> {
-        serde_json::from_str(self.0.get()).unwrap_or_default()
+    /// The parsed object (empty when it does not parse).
+    pub fn parse(&self) -> M {
+        serde_json::from_str(self.text.get()).unwrap_or_default()
     }
 }
 
-impl Default for ColumnTypes {
+impl<M> Default for ColumnObject<M> {
     fn default() -> Self {
-        Self(
-            serde_json::value::RawValue::from_string("{}".into())
+        Self {
+            text: serde_json::value::RawValue::from_string("{}".into())
                 .unwrap_or_else(|_| unreachable!("{{}} is JSON")),
-        )
+            parsed_as: std::marker::PhantomData,
+        }
     }
 }
 
-impl PartialEq for ColumnTypes {
+impl<M> PartialEq for ColumnObject<M> {
     fn eq(&self, other: &Self) -> bool {
-        self.raw() == other.raw()
+        self.text.get() == other.text.get()
     }
 }
 

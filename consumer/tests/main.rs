@@ -163,6 +163,26 @@ impl Stack {
         )
     }
 
+    /// Runs `reindex` (1 s grace period and progress interval) to a successful exit.
+    async fn run_reindex(&mut self) -> Proc {
+        let log = self.log_path("reindex");
+        let mut reindex = Proc::spawn(
+            &consumer_bin(),
+            &self.consumer_args(
+                "reindex",
+                &["--grace-period", "1s", "--progress-interval", "1s"],
+            ),
+            &[],
+            &log,
+        );
+        let code = reindex
+            .exit_within(Duration::from_secs(120))
+            .await
+            .unwrap_or_else(|| panic!("reindex did not finish\n{}", self.all_logs()));
+        assert_eq!(code, Some(0), "reindex failed\n{}", self.all_logs());
+        reindex
+    }
+
     async fn exec(&self, sql: &str) {
         self.pg.exec(&self.db, sql).await;
     }
@@ -492,29 +512,7 @@ async fn reindex_under_writes_swaps_to_an_exact_new_index() {
     let stop = tokio_util::sync::CancellationToken::new();
     let load = writer(s.pg.url(&s.db), stop.clone());
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let log = s.log_path("reindex");
-    let mut reindex = Proc::spawn(
-        &consumer_bin(),
-        &s.consumer_args(
-            "reindex",
-            &["--grace-period", "1s", "--progress-interval", "1s"],
-        ),
-        &[],
-        &log,
-    );
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let code = loop {
-        if let Some(code) = reindex.try_exit() {
-            break code;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "reindex did not finish\n{}",
-            s.all_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    assert_eq!(code, Some(0), "reindex failed\n{}", s.all_logs());
+    let reindex = s.run_reindex().await;
     // Writes continue after the swap; the running indexer now keeps the new index current.
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.cancel();
@@ -671,18 +669,10 @@ async fn interrupted_reindex_never_exposes_a_half_built_index_and_a_rerun_finish
         .await;
     let log = s.log_path("reindex-rerun");
     let mut rerun = Proc::spawn(&consumer_bin(), &args, &[], &log);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let code = loop {
-        if let Some(code) = rerun.try_exit() {
-            break code;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the rerun did not finish\n{}",
-            s.all_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let code = rerun
+        .exit_within(Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|| panic!("the rerun did not finish\n{}", s.all_logs()));
     assert_eq!(code, Some(0), "rerun failed\n{}", s.all_logs());
     assert!(
         rerun.log().contains("Resuming the re-index"),
@@ -950,29 +940,7 @@ async fn index_follows_schema_changes_and_a_reindex_resolves_a_type_conflict() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let log = s.log_path("reindex");
-    let mut reindex = Proc::spawn(
-        &consumer_bin(),
-        &s.consumer_args(
-            "reindex",
-            &["--grace-period", "1s", "--progress-interval", "1s"],
-        ),
-        &[],
-        &log,
-    );
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let code = loop {
-        if let Some(code) = reindex.try_exit() {
-            break code;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "reindex did not finish\n{}",
-            s.all_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    assert_eq!(code, Some(0), "reindex failed\n{}", s.all_logs());
+    s.run_reindex().await;
     let targets = s.search.alias_targets("public.prods");
     assert!(
         targets.len() == 1 && targets[0] != "public.prods-v1",

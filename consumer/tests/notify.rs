@@ -208,6 +208,19 @@ async fn api(
     }
 }
 
+/// `POST /v1/subscriptions` with the test token.
+async fn subscribe(http: &reqwest::Client, port: u16, body: Value) -> (u16, Value) {
+    api(
+        http,
+        port,
+        reqwest::Method::POST,
+        "/v1/subscriptions",
+        Some(body),
+        Some(TOKEN),
+    )
+    .await
+}
+
 /// Dead letters of the notifier: (subscription, status, reason, payload).
 fn dead_letters(s: &Stack) -> Vec<(String, String, String, Value)> {
     let consumer: BaseConsumer = ClientConfig::new()
@@ -268,34 +281,17 @@ async fn webhooks_are_signed_ordered_retried_dead_lettered_and_survive_a_kill() 
     )
     .await;
     assert_eq!(st, 401, "no token");
-    let (st, v) = api(
-        &http,
-        api_port,
-        Method::POST,
-        "/v1/subscriptions",
-        Some(json!({"url": "http://127.0.0.3:9/x"})),
-        Some(TOKEN),
-    )
-    .await;
-    assert_eq!(
-        (st, v["error"]["field"].as_str()),
-        (422, Some("url")),
-        "{v}"
-    );
-    let (st, v) = api(
-        &http,
-        api_port,
-        Method::POST,
-        "/v1/subscriptions",
-        Some(json!({"url": "https://x.example", "ops": ["zz"]})),
-        Some(TOKEN),
-    )
-    .await;
-    assert_eq!(
-        (st, v["error"]["field"].as_str()),
-        (422, Some("ops")),
-        "{v}"
-    );
+    for (body, field) in [
+        (json!({"url": "http://127.0.0.3:9/x"}), "url"),
+        (json!({"url": "https://x.example", "ops": ["zz"]}), "ops"),
+    ] {
+        let (st, v) = subscribe(&http, api_port, body).await;
+        assert_eq!(
+            (st, v["error"]["field"].as_str()),
+            (422, Some(field)),
+            "{v}"
+        );
+    }
     let mut subs = BTreeMap::new();
     for (name, path, ops) in [
         ("ok", "/ok".to_string(), None),
@@ -311,30 +307,17 @@ async fn webhooks_are_signed_ordered_retried_dead_lettered_and_survive_a_kill() 
         if let Some(ops) = ops {
             body["ops"] = ops;
         }
-        let (st, v) = api(
-            &http,
-            api_port,
-            Method::POST,
-            "/v1/subscriptions",
-            Some(body),
-            Some(TOKEN),
-        )
-        .await;
+        let (st, v) = subscribe(&http, api_port, body).await;
         assert_eq!(st, 201, "{v}");
         assert_eq!(v["secret"], SECRET);
         subs.insert(name, v["id"].as_str().unwrap_or_default().to_string());
     }
     // A host name resolving to a loopback address outside the allow-list: refused when
     // connecting, not when subscribing.
-    let (st, v) = api(
+    let (st, v) = subscribe(
         &http,
         api_port,
-        Method::POST,
-        "/v1/subscriptions",
-        Some(
-            json!({"url": format!("http://localhost:{port}/ok"), "table": "orders", "ops": ["d"]}),
-        ),
-        Some(TOKEN),
+        json!({"url": format!("http://localhost:{port}/ok"), "table": "orders", "ops": ["d"]}),
     )
     .await;
     assert_eq!(st, 201, "{v}");
@@ -570,29 +553,18 @@ async fn strict_mode_stops_without_committing() {
     let log = s.log_path("notify-strict");
     let mut notify = Proc::spawn(&consumer_bin(), &args, &[], &log);
     let http = reqwest::Client::new();
-    let (st, v) = api(
+    let (st, v) = subscribe(
         &http,
         api_port,
-        reqwest::Method::POST,
-        "/v1/subscriptions",
-        Some(json!({"url": format!("http://127.0.0.2:{port}/bad"), "table": "orders", "secret": SECRET})),
-        Some(TOKEN),
+        json!({"url": format!("http://127.0.0.2:{port}/bad"), "table": "orders", "secret": SECRET}),
     )
     .await;
     assert_eq!(st, 201, "{v}");
     s.exec("INSERT INTO orders VALUES (1, 'new', 0)").await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let code = loop {
-        if let Some(code) = notify.try_exit() {
-            break code;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "strict mode did not stop\n{}",
-            s.all_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let code = notify
+        .exit_within(Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|| panic!("strict mode did not stop\n{}", s.all_logs()));
     assert_eq!(code, Some(1), "{}", s.all_logs());
     assert!(
         notify.log().contains("--on-delivery-failure stop"),

@@ -239,12 +239,7 @@ pub async fn init(s: &Settings) -> Result<InitReport, PgError> {
     c.batch_execute(capture::FUNCTIONS)
         .await
         .map_err(PgError::query("creating walrelay's schema functions"))?;
-    c.execute(
-        "DELETE FROM walrelay.capture_rule WHERE publication = $1",
-        &[&s.publication],
-    )
-    .await
-    .map_err(PgError::query("writing walrelay.capture_rule"))?;
+    slot::clear(&c, "capture_rule", "publication", &s.publication).await?;
     for (schema, table) in s.tables.patterns() {
         c.execute(
             "INSERT INTO walrelay.capture_rule (publication, schema_like, table_like)              VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
@@ -441,31 +436,11 @@ pub async fn destroy(s: &Settings, force: bool) -> Result<Vec<String>, DestroyEr
     .map_err(PgError::query("dropping the publication"))?;
     done.push(format!("dropped publication {}", s.publication));
     if slot::state_exists(&c).await? {
-        c.execute(
-            "DELETE FROM walrelay.slot_state WHERE slot_name = $1",
-            &[&s.slot],
-        )
-        .await
-        .map_err(PgError::query("clearing walrelay.slot_state"))?;
-        c.execute(
-            "DELETE FROM walrelay.snapshot_progress WHERE slot_name = $1",
-            &[&s.slot],
-        )
-        .await
-        .map_err(PgError::query("clearing walrelay.snapshot_progress"))?;
+        slot::clear(&c, "slot_state", "slot_name", &s.slot).await?;
+        slot::clear(&c, "snapshot_progress", "slot_name", &s.slot).await?;
         if schema_functions_exist(&c).await? {
-            c.execute(
-                "DELETE FROM walrelay.schema_history WHERE slot_name = $1",
-                &[&s.slot],
-            )
-            .await
-            .map_err(PgError::query("clearing walrelay.schema_history"))?;
-            c.execute(
-                "DELETE FROM walrelay.capture_rule WHERE publication = $1",
-                &[&s.publication],
-            )
-            .await
-            .map_err(PgError::query("clearing walrelay.capture_rule"))?;
+            slot::clear(&c, "schema_history", "slot_name", &s.slot).await?;
+            slot::clear(&c, "capture_rule", "publication", &s.publication).await?;
         }
         let left: i64 = c
             .query_one("SELECT count(*) FROM walrelay.slot_state", &[])

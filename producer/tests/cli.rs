@@ -167,18 +167,11 @@ async fn destroy_refuses_while_active_unless_forced() {
         )
         .await;
     env.init();
-    let installed: i64 = env
-        .pg
-        .client(&env.db)
-        .await
-        .query_one(
-            "SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'walrelay%'",
-            &[],
-        )
-        .await
-        .expect("pg_event_trigger")
-        .get(0);
-    assert_eq!(installed, 2, "init installs the DDL event triggers");
+    assert_eq!(
+        env.event_triggers().await,
+        2,
+        "init installs the DDL event triggers"
+    );
     let _producer = env.spawn(&[]);
     env.read_until(Duration::from_secs(60), |r| !r.is_empty());
     let out = env.cmd(&["destroy"]);
@@ -198,15 +191,11 @@ async fn destroy_refuses_while_active_unless_forced() {
         .expect("schema")
         .get(0);
     assert!(schema, "walrelay schema dropped");
-    let triggers: i64 = c
-        .query_one(
-            "SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'walrelay%'",
-            &[],
-        )
-        .await
-        .expect("pg_event_trigger")
-        .get(0);
-    assert_eq!(triggers, 0, "the DDL event triggers are removed");
+    assert_eq!(
+        env.event_triggers().await,
+        0,
+        "the DDL event triggers are removed"
+    );
     // DDL keeps working once walrelay is gone.
     c.batch_execute("ALTER TABLE t ADD COLUMN x int")
         .await

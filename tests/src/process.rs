@@ -62,6 +62,21 @@ impl Proc {
         self.child.try_wait().ok().flatten().map(|s| s.code())
     }
 
+    /// Waits up to `timeout` for the process to exit: `Some(exit code)`, or `None` when it is
+    /// still running.
+    pub async fn exit_within(&mut self, timeout: std::time::Duration) -> Option<Option<i32>> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(code) = self.try_exit() {
+                return Some(code);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits for exit.
     pub fn wait(&mut self) -> Option<i32> {
         self.child.wait().ok().and_then(|s| s.code())

@@ -150,20 +150,25 @@ pub async fn mark_pending(client: &Client, slot: &str, publication: &str) -> Res
         )
         .await
         .map_err(PgError::query("writing walrelay.slot_state"))?;
+    clear(client, "snapshot_progress", "slot_name", slot).await?;
+    clear(client, "schema_history", "slot_name", slot).await
+}
+
+/// Deletes the rows of walrelay's state table `table` whose `column` is `value` (both names are
+/// walrelay's own, never input).
+pub async fn clear(
+    client: &Client,
+    table: &'static str,
+    column: &'static str,
+    value: &str,
+) -> Result<(), PgError> {
     client
         .execute(
-            "DELETE FROM walrelay.snapshot_progress WHERE slot_name = $1",
-            &[&slot],
+            &format!("DELETE FROM walrelay.{table} WHERE {column} = $1"),
+            &[&value],
         )
         .await
-        .map_err(PgError::query("clearing walrelay.snapshot_progress"))?;
-    client
-        .execute(
-            "DELETE FROM walrelay.schema_history WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .map_err(PgError::query("clearing walrelay.schema_history"))?;
+        .map_err(PgError::query(format!("clearing walrelay.{table}")))?;
     Ok(())
 }
 

@@ -141,18 +141,23 @@ impl Env {
 
     /// Waits up to `timeout` for `p` to exit; its exit code.
     pub async fn exit_code(&self, p: &mut Proc, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(code) = p.try_exit() {
-                return code;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the producer did not exit\n{}",
-                self.all_logs()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        p.exit_within(timeout)
+            .await
+            .unwrap_or_else(|| panic!("the producer did not exit\n{}", self.all_logs()))
+    }
+
+    /// How many of walrelay's DDL event triggers exist.
+    pub async fn event_triggers(&self) -> i64 {
+        self.pg
+            .client(&self.db)
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'walrelay%'",
+                &[],
+            )
+            .await
+            .expect("pg_event_trigger")
+            .get(0)
     }
 
     /// Whether the test's slot exists.

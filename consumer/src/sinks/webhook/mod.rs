@@ -224,6 +224,8 @@ impl WebhookSink {
                 "the subscription's secret is unreadable".into(),
             ));
         };
+        // One copy of the body for every attempt (cloning `Bytes` shares it).
+        let payload = bytes::Bytes::copy_from_slice(body);
         let mut backoff = self.settings.retry_initial_backoff;
         let mut attempt = 0;
         loop {
@@ -239,7 +241,7 @@ impl WebhookSink {
                 .header("webhook-id", id)
                 .header("webhook-timestamp", ts.to_string())
                 .header("webhook-signature", secret.sign(id, ts, body))
-                .body(body.to_vec())
+                .body(payload.clone())
                 .send()
                 .await;
             self.metrics
@@ -376,10 +378,12 @@ impl WebhookSink {
     }
 
     /// Delivers every matching event of the batch to `sub`, phase by phase.
+    /// `rows[i]` is event `i`'s order chain ([`row_of`]), computed once per batch.
     async fn run_subscription(
         &self,
         sub: &Subscription,
         events: &[Event],
+        rows: &[Option<String>],
         limit: &Semaphore,
         shutdown: &CancellationToken,
     ) -> Result<Vec<(usize, Letter)>, SinkError> {
@@ -405,10 +409,10 @@ impl WebhookSink {
             if !sub.matches(env.op, &env.source.schema, &env.source.table) {
                 continue;
             }
-            match row_of(env, e.after_json.as_ref().map(|a| a.get())) {
+            match &rows[i] {
                 Some(row) => {
                     let at = *index.entry(row.clone()).or_insert_with(|| {
-                        phase.push((row, Vec::new()));
+                        phase.push((row.clone(), Vec::new()));
                         phase.len() - 1
                     });
                     phase[at].1.push(i);
@@ -478,13 +482,23 @@ impl Sink for WebhookSink {
         shutdown: &CancellationToken,
     ) -> Result<Vec<Verdict>, SinkError> {
         let subs = self.store.current();
+        let active: Vec<&Subscription> = subs.iter().filter(|s| s.disabled.is_none()).collect();
+        // Each event's chain once, not once per subscription (it parses the row image).
+        let rows: Vec<Option<String>> = if active.is_empty() {
+            Vec::new()
+        } else {
+            events
+                .iter()
+                .map(|e| row_of(&e.envelope, e.after_json.as_ref().map(|a| a.get())))
+                .collect()
+        };
         let limit = Semaphore::new(self.settings.max_concurrent_deliveries);
         let this = &*self;
         let events_ref: &[Event] = events;
         let results = join_all(
-            subs.iter()
-                .filter(|s| s.disabled.is_none())
-                .map(|sub| this.run_subscription(sub, events_ref, &limit, shutdown)),
+            active
+                .iter()
+                .map(|sub| this.run_subscription(sub, events_ref, &rows, &limit, shutdown)),
         )
         .await;
         let mut per_event: Vec<Vec<Letter>> = vec![Vec::new(); events.len()];
