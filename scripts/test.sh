@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs walrelay's whole test suite on a fresh machine: installs what is missing (PostgreSQL 15
-# server binaries, curl, a C toolchain, python3 with pip, the tansu broker), checks deploy/
-# (scripts/check-deploy.sh), then `cargo test --workspace`. Tests start their own
-# Postgres clusters and brokers on free loopback ports.
+# server binaries, curl, a C toolchain, python3 with pip, a Java 17 JDK and Maven), resolves
+# the real servers the tests run against from Maven Central (Apache Kafka, OpenSearch: see
+# tests/services/), checks deploy/ (scripts/check-deploy.sh), then `cargo test --workspace`.
+# Tests start their own Postgres clusters, and one Kafka broker and one OpenSearch node per test
+# binary, on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +16,9 @@ command -v curl >/dev/null || need_apt+=(curl)
 command -v perl >/dev/null || need_apt+=(perl)
 command -v python3 >/dev/null || need_apt+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
+# Kafka 4 and OpenSearch 2.19 run on Java 17; Maven resolves them.
+{ command -v java >/dev/null && java -version 2>&1 | grep -q 'version "17'; } || need_apt+=(openjdk-17-jdk-headless)
+command -v mvn >/dev/null || need_apt+=(maven)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]}"
   apt-get update -qq
@@ -22,11 +27,10 @@ fi
 # A root session runs the servers as the postgres user, which must exist.
 id postgres >/dev/null 2>&1 || useradd --system --home /var/lib/postgresql postgres
 
-tansu_bin="${TANSU_BIN:-$HOME/.cargo/bin/tansu}"
-if ! [ -x "$tansu_bin" ] && ! command -v tansu >/dev/null; then
-  echo "installing tansu (a Kafka-compatible broker; about 13 minutes the first time)"
-  cargo install tansu --locked --features libsql
-fi
+# The real servers, resolved once per machine (cached under ~/.cache/walrelay and ~/.m2).
+echo "resolving Apache Kafka and OpenSearch from Maven Central (cached after the first run)"
+bash tests/services/kafka/kafka.sh install >/dev/null
+bash tests/services/opensearch/opensearch.sh install >/dev/null
 
 # deploy/ and compose.yaml: promtool, Kubernetes schemas, compose structure.
 bash scripts/check-deploy.sh

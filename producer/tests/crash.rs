@@ -39,7 +39,7 @@ async fn killed_at_random_moments_loses_no_committed_change() {
             .await
             .expect("ledger");
             n += 1;
-            // Paced, so the topic stays small enough for tansu to serve from offset zero.
+            // Paced: a steady stream with many commits for the kills to land between.
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     });

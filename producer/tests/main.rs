@@ -1,11 +1,13 @@
-//! Integration tests of the producer against a real PostgreSQL 15 cluster and a real
-//! Kafka-protocol broker (tansu, sqlite storage), each started by the test itself.
+//! Integration tests of the producer against a real PostgreSQL 15 cluster per test and real
+//! Apache Kafka (KRaft, from Maven Central): one broker shared by the tests of this binary
+//! (unique topics), or a cluster of the test's own when it stops or kills brokers.
 
 mod support;
 
 mod cli;
 mod crash;
 mod ddl;
+mod failover;
 mod memory;
 mod outage;
 mod slot;

@@ -53,8 +53,8 @@ async fn a_million_row_transaction_flows_with_bounded_rss() {
         "peak RSS {peak} bytes over buffer + 64 MiB ({limit})"
     );
     // The broker holds exactly one record per row (no duplicates without a crash) plus the
-    // table's schema event from the snapshot, and the last one is the transaction's last row. (Reading a million records back from offset
-    // zero is too slow on tansu's sqlite storage, so the broker's watermarks count them.)
+    // table's schema event from the snapshot, and the last one is the transaction's last row
+    // (the broker's watermarks count them; the last record is read back).
     let brokers = env.broker.brokers();
     assert_eq!(
         walrelay_tests::topic::record_count(&brokers, &env.topic),

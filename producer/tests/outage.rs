@@ -3,6 +3,8 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use walrelay_tests::kafka::KafkaCluster;
+
 use crate::support::Env;
 
 async fn get(url: &str) -> (u16, String) {
@@ -18,7 +20,8 @@ async fn get(url: &str) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_down_for_thirty_seconds_loses_nothing() {
-    let mut env = Env::start().await;
+    // A broker of its own: this test stops it.
+    let mut env = Env::start_on(&[], std::sync::Arc::new(KafkaCluster::start(1))).await;
     env.pg
         .exec(
             &env.db,

@@ -63,7 +63,7 @@ pub async fn write_load(env_url: String, duration: Duration, seed: u64) -> u64 {
         sql.push_str("COMMIT;");
         client.batch_execute(&sql).await.expect("write");
         txns += 1;
-        // Paced, so a test's topic stays small enough for tansu to serve from offset zero.
+        // Paced: many small commits interleave with the snapshot and the kills.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     txns

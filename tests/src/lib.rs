@@ -1,17 +1,25 @@
-//! Test support for walrelay: a throwaway Postgres cluster, a Kafka-compatible broker, a topic
-//! reader and the table state rebuilt from a topic.
+//! Test support for walrelay: a throwaway Postgres cluster, real Apache Kafka and OpenSearch
+//! nodes, a topic reader and the table state rebuilt from a topic.
 //!
 //! # Layout
 //!
 //! - [`postgres`]: `initdb` in a temporary folder, a free port, `wal_level=logical`; stopped on
 //!   drop. As root, the server runs as the `postgres` user (initdb refuses root).
-//! - [`broker`]: a tansu broker with sqlite storage on a free port (stop and restart it on the
-//!   same port and data), or the mock cluster host.
+//! - [`kafka`]: Apache Kafka (KRaft) from Maven Central: one shared single-node cluster per test
+//!   binary, or a cluster of one or three nodes of a test's own (kill, restart, find leaders).
+//! - [`opensearch`]: an OpenSearch node from Maven Central shared per test binary, and
+//!   [`opensearch::Indexes`], one test's view of its indexes under a unique prefix.
+//! - [`broker`]: the librdkafka mock-cluster host, for benchmarks that measure the producer
+//!   without a broker's own cost.
 //! - [`topic`]: reads every record of a topic and rebuilds table state from envelopes.
 //! - [`process`]: spawns walrelay binaries with logs in a file; SIGTERM and SIGKILL.
-//! - [`search`]: an Elasticsearch/OpenSearch stand-in over HTTP with injectable faults.
+//! - [`search`]: an Elasticsearch/OpenSearch stand-in over HTTP, only for what a real server
+//!   cannot do on cue: injected 429s and 5xx answers, slow answers, and a discard mode for the
+//!   consumer benchmark.
 
 pub mod broker;
+pub mod kafka;
+pub mod opensearch;
 pub mod postgres;
 pub mod process;
 pub mod search;

@@ -1,10 +1,12 @@
-//! A Postgres cluster, a tansu broker and the producer binary, for one test.
+//! A Postgres cluster, the binary's shared Kafka broker (or a broker of the test's own) and the
+//! producer binary, for one test.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use walrelay_tests::broker::Tansu;
+use walrelay_tests::kafka::KafkaCluster;
 use walrelay_tests::postgres::PgCluster;
 use walrelay_tests::process::Proc;
 use walrelay_tests::topic::{self, Record};
@@ -15,7 +17,7 @@ pub fn producer_bin() -> PathBuf {
 
 pub struct Env {
     pub pg: PgCluster,
-    pub broker: Tansu,
+    pub broker: Arc<KafkaCluster>,
     pub db: String,
     pub topic: String,
     pub slot: String,
@@ -32,11 +34,17 @@ impl Env {
     }
 
     pub async fn start_with(settings: &[(&str, &str)]) -> Self {
+        Self::start_on(settings, KafkaCluster::shared()).await
+    }
+
+    /// A cluster with a fresh database on `broker`: the shared one, or one a test stops or
+    /// kills nodes of.
+    pub async fn start_on(settings: &[(&str, &str)], broker: Arc<KafkaCluster>) -> Self {
         let pg = PgCluster::start_with(settings);
         let db = pg.create_database("wr").await;
         Self {
             pg,
-            broker: Tansu::start(),
+            broker,
             db,
             topic: walrelay_tests::unique("events").replace('_', "."),
             slot: walrelay_tests::unique("slot"),

@@ -1,0 +1,315 @@
+//! Real Apache Kafka for tests: KRaft nodes (combined broker + controller) started from the
+//! Maven Central artifacts by `tests/services/kafka/kafka.sh`, on free loopback ports.
+//!
+//! ```text
+//!   test binary ──spawn──▶ kafka.sh run --node-id N … ──exec──▶ java kafka.Kafka   (one per node)
+//!        │                                                           ▲
+//!        └──spawn──▶ watchdog (sh): when the test binary is gone ────┘ SIGKILL, data removed
+//! ```
+//!
+//! [`KafkaCluster::shared`] is one single-node cluster per test binary, started on first use;
+//! tests keep out of each other's way with unique topic and group names. A test that stops the
+//! broker or kills nodes starts a cluster of its own with [`KafkaCluster::start`]. Nothing is
+//! stopped explicitly at exit: statics are never dropped, so each cluster has a watchdog process
+//! that kills its nodes and removes their data once the test binary has exited.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+/// The launcher script in this repository.
+pub fn launcher() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("services/kafka/kafka.sh")
+}
+
+/// Resolves the broker's artifacts once per process (a no-op when cached).
+fn install() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let out = Command::new("bash")
+            .arg(launcher())
+            .arg("install")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kafka.sh install");
+        assert!(
+            out.status.success(),
+            "kafka.sh install failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+struct Node {
+    id: u32,
+    port: u16,
+    controller_port: u16,
+    child: Option<Child>,
+}
+
+/// One or three KRaft nodes; killed (and their data removed) on drop.
+pub struct KafkaCluster {
+    dir: tempfile::TempDir,
+    cluster_id: String,
+    nodes: Mutex<Vec<Node>>,
+    _watchdog: Child,
+}
+
+impl KafkaCluster {
+    /// The single-node cluster shared by every test of this binary.
+    pub fn shared() -> Arc<KafkaCluster> {
+        static SHARED: OnceLock<Arc<KafkaCluster>> = OnceLock::new();
+        Arc::clone(SHARED.get_or_init(|| Arc::new(KafkaCluster::start(1))))
+    }
+
+    /// Starts `n` nodes (1 or 3) and waits until every broker is registered.
+    pub fn start(n: u32) -> Self {
+        assert!(n == 1 || n == 3, "a cluster has 1 or 3 nodes");
+        install();
+        let dir = tempfile::Builder::new()
+            .prefix("walrelay-kafka-")
+            .tempdir()
+            .expect("temp dir");
+        let nodes = (1..=n)
+            .map(|id| Node {
+                id,
+                port: crate::free_port(),
+                controller_port: crate::free_port(),
+                child: None,
+            })
+            .collect();
+        let watchdog = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "while kill -0 {owner} 2>/dev/null; do sleep 1; done; \
+                 for f in '{dir}'/node-*.pid; do [ -f \"$f\" ] && kill -9 \"$(cat \"$f\")\" 2>/dev/null; done; \
+                 rm -rf '{dir}'",
+                owner = std::process::id(),
+                dir = dir.path().display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the Kafka watchdog");
+        // A cluster id is 16 random bytes in URL-safe base64 without padding.
+        let cluster_id = {
+            use base64::Engine;
+            let bytes: [u8; 16] = rand::random();
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+        };
+        let cluster = Self {
+            dir,
+            cluster_id,
+            nodes: Mutex::new(nodes),
+            _watchdog: watchdog,
+        };
+        for id in 1..=n {
+            cluster.spawn_node(id);
+        }
+        cluster.wait_brokers(n as usize, Duration::from_secs(120));
+        cluster
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Node>> {
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bootstrap servers of every node.
+    pub fn brokers(&self) -> String {
+        self.lock()
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn voters(nodes: &[Node]) -> String {
+        nodes
+            .iter()
+            .map(|n| format!("{}@127.0.0.1:{}", n.id, n.controller_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn spawn_node(&self, id: u32) {
+        let mut nodes = self.lock();
+        let voters = Self::voters(&nodes);
+        let node = nodes
+            .iter_mut()
+            .find(|n| n.id == id)
+            .unwrap_or_else(|| panic!("no Kafka node {id}"));
+        if node.child.is_some() {
+            return;
+        }
+        let node_dir = self.dir.path().join(format!("node-{id}"));
+        std::fs::create_dir_all(&node_dir).expect("node dir");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("node-{id}.log")))
+            .expect("node log");
+        let child = Command::new("bash")
+            .arg(launcher())
+            .arg("run")
+            .args(["--node-id", &id.to_string()])
+            .arg("--dir")
+            .arg(&node_dir)
+            .args(["--port", &node.port.to_string()])
+            .args(["--controller-port", &node.controller_port.to_string()])
+            .args(["--voters", &voters])
+            .args(["--cluster-id", &self.cluster_id])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("node log"))
+            .stderr(log)
+            .spawn()
+            .expect("start a Kafka node");
+        // `kafka.sh run` execs the JVM, so this is the broker's own process id.
+        std::fs::write(
+            self.dir.path().join(format!("node-{id}.pid")),
+            child.id().to_string(),
+        )
+        .expect("pid file");
+        node.child = Some(child);
+    }
+
+    /// Waits until `n` brokers are in the cluster's metadata.
+    pub fn wait_brokers(&self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.brokers())
+            .set("log_level", "0")
+            .create()
+            .expect("metadata client");
+        loop {
+            if let Ok(md) = consumer.fetch_metadata(None, Duration::from_secs(2))
+                && md.brokers().len() >= n
+            {
+                return;
+            }
+            self.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "Kafka did not come up with {n} brokers within {timeout:?}:\n{}",
+                self.log_tail(40)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn assert_running(&self) {
+        let mut exited = None;
+        for n in self.lock().iter_mut() {
+            if let Some(c) = n.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                n.child = None;
+                exited = Some((n.id, status));
+                break;
+            }
+        }
+        if let Some((id, status)) = exited {
+            panic!(
+                "Kafka node {id} exited ({status}):\n{}",
+                self.log_tail(60)
+            );
+        }
+    }
+
+    /// SIGKILLs node `id` (its data stays).
+    pub fn kill_node(&self, id: u32) {
+        let mut nodes = self.lock();
+        if let Some(n) = nodes.iter_mut().find(|n| n.id == id)
+            && let Some(mut c) = n.child.take()
+        {
+            let _ = c.kill();
+            let _ = c.wait();
+            let _ = std::fs::remove_file(self.dir.path().join(format!("node-{id}.pid")));
+        }
+    }
+
+    /// Starts node `id` again on its ports and data.
+    pub fn restart_node(&self, id: u32) {
+        self.spawn_node(id);
+    }
+
+    /// Kills every node (data stays): the broker is unreachable until [`Self::restart`].
+    pub fn stop(&self) {
+        let ids: Vec<u32> = self.lock().iter().map(|n| n.id).collect();
+        for id in ids {
+            self.kill_node(id);
+        }
+    }
+
+    /// Starts every stopped node and waits for all brokers.
+    pub fn restart(&self) {
+        let ids: Vec<u32> = self.lock().iter().map(|n| n.id).collect();
+        for &id in &ids {
+            self.spawn_node(id);
+        }
+        self.wait_brokers(ids.len(), Duration::from_secs(120));
+    }
+
+    /// The node leading `partition` of `topic`, if it has a leader now.
+    pub fn leader_of(&self, topic: &str, partition: i32) -> Option<u32> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.brokers())
+            .set("log_level", "0")
+            .create()
+            .ok()?;
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .ok()?;
+        let t = md.topics().first()?;
+        let p = t.partitions().iter().find(|p| p.id() == partition)?;
+        (p.leader() >= 0).then_some(p.leader() as u32)
+    }
+
+    /// In-sync replicas of `partition` of `topic`.
+    pub fn isr_of(&self, topic: &str, partition: i32) -> Vec<i32> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.brokers())
+            .set("log_level", "0")
+            .create()
+            .expect("metadata client");
+        consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .ok()
+            .and_then(|md| {
+                md.topics().first().and_then(|t| {
+                    t.partitions()
+                        .iter()
+                        .find(|p| p.id() == partition)
+                        .map(|p| p.isr().to_vec())
+                })
+            })
+            .unwrap_or_default()
+    }
+
+    /// The last `lines` lines of every node's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let mut out = String::new();
+        let ids: Vec<u32> = self.lock().iter().map(|n| n.id).collect();
+        for id in ids {
+            let text = std::fs::read_to_string(self.dir.path().join(format!("node-{id}.log")))
+                .unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("--- kafka node {id} ---\n"));
+            for l in &all[all.len().saturating_sub(lines)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl Drop for KafkaCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
