@@ -41,7 +41,9 @@ use walrelay_common::telemetry::Readiness;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::runtime::{Runtime, RuntimeError};
-use crate::sinks::search::{Mode, SearchClient, SearchError, SearchSink, generation_of};
+use crate::sinks::search::{
+    Mode, SearchClient, SearchError, SearchSink, generation_of, template_matches,
+};
 
 /// Index holding re-index progress documents.
 pub const STATE_INDEX: &str = "walrelay-reindex-state";
@@ -235,10 +237,12 @@ pub async fn run(
                 });
             }
         }
+        // Only this deployment's aliases count: others may share the cluster.
         let current = client
             .all_aliases()
             .await?
             .iter()
+            .filter(|(_, alias)| template_matches(&search.index_template, alias))
             .filter_map(|(index, alias)| generation_of(alias, index))
             .max()
             .unwrap_or(0);

@@ -1,11 +1,14 @@
-//! End-to-end tests of walrelay-consumer: a real Postgres 15, the producer, tansu and the
-//! search stand-in, each started by the test.
+//! End-to-end tests of walrelay-consumer: a real Postgres 15 per test, the producer, and real
+//! Apache Kafka and OpenSearch shared by the tests of this binary (unique topics, groups and
+//! index prefixes). The search stand-in serves only the tests that need faults on cue (429s,
+//! 5xx answers, slow answers).
 //!
 //! The producer binary is taken from the same target folder as the consumer's; `cargo test
 //! --workspace` builds both.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
@@ -13,13 +16,15 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Map, Value};
-use walrelay_tests::broker::Tansu;
+use walrelay_tests::kafka::KafkaCluster;
+use walrelay_tests::opensearch::{Indexes, OpenSearch};
 use walrelay_tests::postgres::PgCluster;
 use walrelay_tests::process::Proc;
 use walrelay_tests::search::{Faults, SearchStandIn};
 
 mod deploy;
 mod notify;
+mod types;
 
 fn consumer_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_walrelay-consumer"))
@@ -35,11 +40,88 @@ fn producer_bin() -> PathBuf {
     p
 }
 
-/// Postgres, tansu, the stand-in, and the producer streaming one database into one topic.
+/// Where a test's indexes live: the shared OpenSearch node, or a stand-in of the test's own
+/// that injects faults. Names are a table's alias (`public.items`) or an index
+/// (`public.items-v1`), without the test's prefix.
+enum Search {
+    Real(Indexes),
+    StandIn(SearchStandIn, Indexes),
+}
+
+impl Search {
+    fn indexes(&self) -> &Indexes {
+        match self {
+            Search::Real(i) | Search::StandIn(_, i) => i,
+        }
+    }
+
+    fn url(&self) -> String {
+        self.indexes().url().to_string()
+    }
+
+    /// The stand-in, for tests that inject faults.
+    fn stand_in(&self) -> &SearchStandIn {
+        match self {
+            Search::StandIn(s, _) => s,
+            Search::Real(_) => panic!("this test needs the search stand-in"),
+        }
+    }
+
+    fn set_faults(&self, faults: Faults) {
+        self.stand_in().set_faults(faults);
+    }
+
+    async fn documents(&self, name: &str) -> BTreeMap<String, Value> {
+        match self {
+            Search::Real(i) => i.documents(name).await,
+            Search::StandIn(s, i) => s.documents(&i.full(name)),
+        }
+    }
+
+    async fn properties(&self, name: &str) -> Map<String, Value> {
+        match self {
+            Search::Real(i) => i.properties(name).await,
+            Search::StandIn(s, i) => s.properties(&i.full(name)),
+        }
+    }
+
+    async fn meta(&self, name: &str) -> Value {
+        match self {
+            Search::Real(i) => i.meta(name).await,
+            Search::StandIn(s, i) => s.meta(&i.full(name)),
+        }
+    }
+
+    async fn alias_targets(&self, alias: &str) -> Vec<String> {
+        match self {
+            Search::Real(i) => i.alias_targets(alias).await,
+            Search::StandIn(s, i) => strip(i, s.alias_targets(&i.full(alias))),
+        }
+    }
+
+    async fn indices(&self) -> Vec<String> {
+        match self {
+            Search::Real(i) => i.indices().await,
+            Search::StandIn(s, i) => strip(i, s.indices()),
+        }
+    }
+}
+
+/// Names under the test's prefix, without it.
+fn strip(i: &Indexes, names: Vec<String>) -> Vec<String> {
+    let prefix = i.full("");
+    names
+        .iter()
+        .filter_map(|n| n.strip_prefix(&prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Postgres, Kafka, a search server, and the producer streaming one database into one topic.
 struct Stack {
     pg: PgCluster,
-    broker: Tansu,
-    search: SearchStandIn,
+    broker: Arc<KafkaCluster>,
+    search: Search,
     db: String,
     topic: String,
     slot: String,
@@ -52,15 +134,28 @@ struct Stack {
 }
 
 impl Stack {
-    /// Starts everything; `schema_sql` runs before the producer's `init`.
+    /// Starts everything on the shared OpenSearch node; `schema_sql` runs before the
+    /// producer's `init`.
     async fn start(schema_sql: &str) -> Self {
+        let search = Search::Real(Indexes::new(&OpenSearch::shared().url()));
+        Self::start_with(schema_sql, search).await
+    }
+
+    /// Starts everything on a search stand-in of the test's own, for injected faults.
+    async fn start_with_stand_in(schema_sql: &str) -> Self {
+        let stand_in = SearchStandIn::start().await;
+        let indexes = Indexes::new(&stand_in.url());
+        Self::start_with(schema_sql, Search::StandIn(stand_in, indexes)).await
+    }
+
+    async fn start_with(schema_sql: &str, search: Search) -> Self {
         let pg = PgCluster::start();
         let db = pg.create_database("wrc").await;
         pg.exec(&db, schema_sql).await;
         let mut s = Self {
             pg,
-            broker: Tansu::start(),
-            search: SearchStandIn::start().await,
+            broker: KafkaCluster::shared(),
+            search,
             db,
             topic: walrelay_tests::unique("ev").replace('_', "."),
             slot: walrelay_tests::unique("slot"),
@@ -133,6 +228,8 @@ impl Stack {
             &self.group,
             "--search-url",
             &self.search.url(),
+            "--index-template",
+            &self.search.indexes().template(),
             "--batch-max-wait",
             "100ms",
             "--retry-initial-backoff",
@@ -183,6 +280,33 @@ impl Stack {
         reindex
     }
 
+    /// Waits until the producer has finished its snapshot and streams: changes made after this
+    /// reach the topic as events of their own, not folded into snapshot rows.
+    async fn wait_streaming(&self) {
+        let c = self.pg.client(&self.db).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let streaming = c
+                .query_one(
+                    "SELECT s.snapshot_status = 'done' AND r.active FROM walrelay.slot_state s \
+                     JOIN pg_replication_slots r ON r.slot_name = s.slot_name WHERE s.slot_name = $1",
+                    &[&self.slot],
+                )
+                .await
+                .ok()
+                .and_then(|r| r.get::<_, Option<bool>>(0));
+            if streaming == Some(true) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the producer never streamed\n{}",
+                self.all_logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn exec(&self, sql: &str) {
         self.pg.exec(&self.db, sql).await;
     }
@@ -209,9 +333,10 @@ impl Stack {
     }
 
     /// Documents of an alias without walrelay's version field.
-    fn docs(&self, alias: &str) -> BTreeMap<String, Value> {
+    async fn docs(&self, alias: &str) -> BTreeMap<String, Value> {
         self.search
             .documents(alias)
+            .await
             .into_iter()
             .map(|(id, mut d)| {
                 if let Some(o) = d.as_object_mut() {
@@ -231,7 +356,7 @@ impl Stack {
         let deadline = Instant::now() + timeout;
         loop {
             let rows = self.rows(table).await;
-            let docs = self.docs(alias);
+            let docs = self.docs(alias).await;
             if rows == docs {
                 return;
             }
@@ -263,15 +388,19 @@ impl Stack {
         }
     }
 
-    /// Asserts what a correct indexer never does.
+    /// Asserts what a correct indexer never does, where the stand-in records it (OpenSearch
+    /// itself refuses a version regression).
     fn assert_clean(&self) {
+        let Search::StandIn(stand_in, _) = &self.search else {
+            return;
+        };
         assert_eq!(
-            self.search.unversioned_writes(),
+            stand_in.unversioned_writes(),
             0,
             "a document write without an external version"
         );
         assert_eq!(
-            self.search.regressions(),
+            stand_in.regressions(),
             Vec::<String>::new(),
             "a stored version went down"
         );
@@ -337,12 +466,12 @@ async fn index_follows_inserts_updates_deletes_truncate_and_toast() {
         .await;
 
     // Mappings come from the column types.
-    let props = s.search.properties("public.items");
+    let props = s.search.properties("public.items").await;
     assert_eq!(props["id"]["type"], "long");
     assert_eq!(props["name"]["type"], "text");
     assert_eq!(props["doc"]["enabled"], false);
     assert_eq!(
-        s.search.alias_targets("public.items"),
+        s.search.alias_targets("public.items").await,
         vec!["public.items-v1"]
     );
 
@@ -355,7 +484,7 @@ async fn index_follows_inserts_updates_deletes_truncate_and_toast() {
     s.exec("UPDATE items SET id = 1000 WHERE id = 3").await;
     s.wait_equal("items", "public.items", Duration::from_secs(60))
         .await;
-    let seven = &s.search.documents("public.items")["7"];
+    let seven = &s.search.documents("public.items").await["7"];
     assert_eq!(seven["qty"], -7);
     assert_eq!(
         seven["big"].as_str().map(str::len),
@@ -370,7 +499,7 @@ async fn index_follows_inserts_updates_deletes_truncate_and_toast() {
         .await;
 
     // Composite keys with the separator inside a value stay distinct.
-    let pairs = s.search.documents("public.pairs");
+    let pairs = s.search.documents("public.pairs").await;
     assert_eq!(pairs.len(), 2, "{pairs:?}");
     assert!(
         pairs.contains_key("x\\|y|1") && pairs.contains_key("x|2"),
@@ -385,9 +514,81 @@ async fn index_follows_inserts_updates_deletes_truncate_and_toast() {
     );
 }
 
+/// The consumer's `walrelay_consumer_assigned_partitions`, read from its `/metrics`.
+async fn assigned_partitions(metrics_port: u16) -> Option<i64> {
+    let body = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix("walrelay_consumer_assigned_partitions "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_started_at_once_takes_over_a_killed_members_partitions() {
+    let mut s = Stack::start(ITEMS).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = writer(s.pg.url(&s.db), stop.clone());
+    let first_port = walrelay_tests::free_port();
+    let log = s.log_path("index-first");
+    let metrics = format!("127.0.0.1:{first_port}");
+    let mut first = Proc::spawn(
+        &consumer_bin(),
+        &s.consumer_args("index", &["--metrics-addr", &metrics]),
+        &[],
+        &log,
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while assigned_partitions(first_port).await != Some(2) {
+        assert!(
+            Instant::now() < deadline,
+            "the first member never held both partitions\n{}",
+            s.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // SIGKILL: no LeaveGroup. The replacement joins while the dead member is still registered;
+    // the coordinator hands it the partitions once the dead member's session (6 s) expires.
+    first.kill9();
+    let killed_at = Instant::now();
+    let second_port = walrelay_tests::free_port();
+    let log = s.log_path("index-second");
+    let metrics = format!("127.0.0.1:{second_port}");
+    let mut second = Proc::spawn(
+        &consumer_bin(),
+        &s.consumer_args("index", &["--metrics-addr", &metrics]),
+        &[],
+        &log,
+    );
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while assigned_partitions(second_port).await != Some(2) {
+        assert!(
+            Instant::now() < deadline,
+            "the replacement never received the dead member's partitions\n{}",
+            s.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "the replacement held both partitions {:?} after the kill",
+        killed_at.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    let writes = load.await.expect("writer");
+    assert!(writes > 100, "the writer made only {writes} changes");
+    s.wait_equal("items", "public.items", Duration::from_secs(90))
+        .await;
+    assert_eq!(second.terminate(), Some(0), "{}", s.all_logs());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_indexer_and_failing_bulk_items_lose_nothing() {
-    let mut s = Stack::start(ITEMS).await;
+    let mut s = Stack::start_with_stand_in(ITEMS).await;
     s.search.set_faults(Faults {
         item_error_ratio: 0.3,
         request_429_ratio: 0.1,
@@ -399,10 +600,6 @@ async fn killed_indexer_and_failing_bulk_items_lose_nothing() {
     for round in 0..3 {
         tokio::time::sleep(Duration::from_millis(1500 + 700 * round)).await;
         indexer.kill9();
-        // Restart once the dead member's session (6 s here) has expired: tansu's group
-        // coordinator does not reliably hand a dead member's partitions to a member that joined
-        // while it was still registered (Kafka does; see the README's known gaps).
-        tokio::time::sleep(Duration::from_secs(8)).await;
         indexer = s.indexer();
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -411,7 +608,7 @@ async fn killed_indexer_and_failing_bulk_items_lose_nothing() {
     assert!(writes > 100, "the writer made only {writes} changes");
     s.wait_equal("items", "public.items", Duration::from_secs(90))
         .await;
-    let (items, injected) = s.search.bulk_stats();
+    let (items, injected) = s.search.stand_in().bulk_stats();
     assert!(
         injected * 5 > items,
         "about 30% of {items} items failed, got {injected}"
@@ -518,13 +715,13 @@ async fn reindex_under_writes_swaps_to_an_exact_new_index() {
     stop.cancel();
     load.await.expect("writer");
     assert_eq!(
-        s.search.alias_targets("public.items"),
+        s.search.alias_targets("public.items").await,
         vec!["public.items-v2"]
     );
     assert!(
-        !s.search.indices().contains(&"public.items-v1".to_string()),
+        !s.search.indices().await.contains(&"public.items-v1".to_string()),
         "old index deleted: {:?}",
-        s.search.indices()
+        s.search.indices().await
     );
     s.wait_equal("items", "public.items", Duration::from_secs(60))
         .await;
@@ -556,47 +753,45 @@ async fn bad_options_exit_2_naming_the_option() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reindex_refuses_when_the_topic_history_was_deleted() {
-    // librdkafka's mock cluster keeps a bounded number of messages per partition, so writing
-    // past it moves the partition's earliest offset above zero, as retention would.
-    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    // Records deleted from the start of a partition (as retention or DeleteRecords does): a
+    // rebuild from offset zero would silently miss them.
+    let broker = KafkaCluster::shared();
+    let brokers = broker.brokers();
     let topic = walrelay_tests::unique("hist").replace('_', ".");
-    cluster.create_topic(&topic, 1, 1).expect("topic");
-    cluster
-        .create_topic(&format!("{topic}.dlq"), 1, 1)
-        .expect("dlq topic");
-    let brokers = cluster.bootstrap_servers();
-    let producer: rdkafka::producer::ThreadedProducer<_> = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("linger.ms", "20")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()
-        .expect("producer");
-    // It trims by bytes: 40k records of 2 KiB are well past what it keeps.
-    let filler = "x".repeat(2048);
-    for i in 0..40_000u32 {
-        let payload = format!("{i}{filler}");
-        while producer
-            .send(rdkafka::producer::BaseRecord::<(), String>::to(&topic).payload(&payload))
-            .is_err()
-        {
-            producer.poll(Duration::from_millis(10));
-        }
+    let config = {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &brokers);
+        c
+    };
+    walrelay_common::kafka::ensure_topic(&config, &topic, 1)
+        .await
+        .expect("topic");
+    let producer: FutureProducer = config.create().expect("producer");
+    for i in 0..50u32 {
+        producer
+            .send(
+                FutureRecord::<(), String>::to(&topic).payload(&format!("record {i}")),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("produce");
     }
-    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(60)).expect("flush");
-    let probe: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "probe")
-        .create()
-        .expect("consumer");
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        config.create().expect("admin");
+    let mut upto = rdkafka::TopicPartitionList::new();
+    upto.add_partition_offset(&topic, 0, rdkafka::Offset::Offset(20))
+        .expect("tpl");
+    admin
+        .delete_records(&upto, &rdkafka::admin::AdminOptions::new())
+        .await
+        .expect("delete records");
+    let probe: BaseConsumer = config.create().expect("consumer");
     let (earliest, _) = probe
         .fetch_watermarks(&topic, 0, Duration::from_secs(10))
         .expect("watermarks");
-    assert!(
-        earliest > 0,
-        "the mock cluster kept the whole history; the test needs it trimmed"
-    );
+    assert_eq!(earliest, 20, "the first 20 records are deleted");
 
-    let search = SearchStandIn::start().await;
+    let search = Indexes::new(&OpenSearch::shared().url());
     let out = tokio::process::Command::new(consumer_bin())
         .args([
             "--kafka-brokers",
@@ -604,7 +799,9 @@ async fn reindex_refuses_when_the_topic_history_was_deleted() {
             "--topic",
             &topic,
             "--search-url",
-            &search.url(),
+            search.url(),
+            "--index-template",
+            &search.template(),
             "reindex",
         ])
         .output()
@@ -617,16 +814,17 @@ async fn reindex_refuses_when_the_topic_history_was_deleted() {
             && stderr.contains("history was deleted"),
         "{stderr}"
     );
-    assert!(
-        search.indices().iter().all(|i| !i.contains("-v")),
-        "nothing was built: {:?}",
-        search.indices()
+    assert_eq!(
+        search.indices().await,
+        Vec::<String>::new(),
+        "nothing was built"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interrupted_reindex_never_exposes_a_half_built_index_and_a_rerun_finishes() {
-    let mut s = Stack::start(ITEMS).await;
+    // The stand-in: every request is slowed down on cue so the build is cut short.
+    let mut s = Stack::start_with_stand_in(ITEMS).await;
     let mut indexer = s.indexer();
     s.wait_equal("items", "public.items", Duration::from_secs(60))
         .await;
@@ -643,7 +841,7 @@ async fn interrupted_reindex_never_exposes_a_half_built_index_and_a_rerun_finish
     let log = s.log_path("reindex-killed");
     let mut first = Proc::spawn(&consumer_bin(), &args, &[], &log);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !s.search.indices().contains(&"public.items-v2".to_string()) {
+    while !s.search.indices().await.contains(&"public.items-v2".to_string()) {
         assert!(
             Instant::now() < deadline,
             "the build never started\n{}",
@@ -654,11 +852,11 @@ async fn interrupted_reindex_never_exposes_a_half_built_index_and_a_rerun_finish
     tokio::time::sleep(Duration::from_millis(500)).await;
     first.kill9();
     assert_eq!(
-        s.search.alias_targets("public.items"),
+        s.search.alias_targets("public.items").await,
         vec!["public.items-v1"],
         "the alias moved before the build finished"
     );
-    let partial = s.search.documents("public.items-v2").len();
+    let partial = s.search.documents("public.items-v2").await.len();
     assert!(
         partial < 200,
         "the build had finished ({partial} documents); the test needs it cut short"
@@ -680,10 +878,10 @@ async fn interrupted_reindex_never_exposes_a_half_built_index_and_a_rerun_finish
         rerun.log()
     );
     assert_eq!(
-        s.search.alias_targets("public.items"),
+        s.search.alias_targets("public.items").await,
         vec!["public.items-v2"]
     );
-    assert!(!s.search.indices().contains(&"public.items-v1".to_string()));
+    assert!(!s.search.indices().await.contains(&"public.items-v1".to_string()));
     s.wait_equal("items", "public.items", Duration::from_secs(30))
         .await;
     s.assert_clean();
@@ -694,8 +892,8 @@ async fn an_indexer_started_before_the_topic_exists_picks_it_up() {
     let pg = PgCluster::start();
     let db = pg.create_database("wrc").await;
     pg.exec(&db, ITEMS).await;
-    let broker = Tansu::start();
-    let search = SearchStandIn::start().await;
+    let broker = KafkaCluster::shared();
+    let search = Indexes::new(&OpenSearch::shared().url());
     let topic = walrelay_tests::unique("late").replace('_', ".");
     let logs = tempfile::tempdir().expect("logs");
     let mut indexer = Proc::spawn(
@@ -708,7 +906,9 @@ async fn an_indexer_started_before_the_topic_exists_picks_it_up() {
             "--group",
             &walrelay_tests::unique("grp"),
             "--search-url",
-            &search.url(),
+            search.url(),
+            "--index-template",
+            &search.template(),
             "index",
         ]
         .map(String::from),
@@ -748,7 +948,7 @@ async fn an_indexer_started_before_the_topic_exists_picks_it_up() {
         &logs.path().join("producer.log"),
     );
     let deadline = Instant::now() + Duration::from_secs(60);
-    while search.documents("public.items").len() < 200 {
+    while search.count("public.items").await < 200 {
         assert!(
             Instant::now() < deadline,
             "the indexer never picked up the new topic:\n{}",
@@ -763,7 +963,7 @@ async fn an_indexer_started_before_the_topic_exists_picks_it_up() {
 /// The table's rows as the index should hold them: each column under its field (a renamed
 /// column under the field its alias points at).
 async fn rows_as_fields(s: &Stack, table: &str, alias: &str) -> BTreeMap<String, Value> {
-    let props = s.search.properties(alias);
+    let props = s.search.properties(alias).await;
     let field_of = |col: &str| -> String {
         match props.get(col) {
             Some(m) if m["type"] == "alias" => m["path"].as_str().unwrap_or(col).to_string(),
@@ -804,7 +1004,7 @@ async fn wait_equal_fields(s: &Stack, table: &str, alias: &str, timeout: Duratio
     let deadline = Instant::now() + timeout;
     loop {
         let rows = rows_as_fields(s, table, alias).await;
-        let docs = s.docs(alias);
+        let docs = s.docs(alias).await;
         let same = rows.len() == docs.len()
             && rows.iter().all(|(id, row)| {
                 docs.get(id).is_some_and(|d| {
@@ -862,14 +1062,14 @@ async fn index_follows_schema_changes_and_a_reindex_resolves_a_type_conflict() {
     .await;
 
     wait_equal_fields(&s, "prods", "public.prods", Duration::from_secs(60)).await;
-    let props = s.search.properties("public.prods");
+    let props = s.search.properties("public.prods").await;
     assert_eq!(
         props["title"],
         serde_json::json!({"type": "alias", "path": "name"}),
         "{props:?}"
     );
     assert_eq!(props["color"]["type"], "text");
-    let docs = s.docs("public.prods");
+    let docs = s.docs("public.prods").await;
     assert!(
         docs["100"].get("price").is_none(),
         "a dropped column is not written"
@@ -881,11 +1081,11 @@ async fn index_follows_schema_changes_and_a_reindex_resolves_a_type_conflict() {
     s.wait_equal("fresh2", "public.fresh2", Duration::from_secs(30))
         .await;
     assert_eq!(
-        s.search.alias_targets("public.fresh2"),
+        s.search.alias_targets("public.fresh2").await,
         vec!["public.fresh-v1"]
     );
     assert!(
-        s.search.alias_targets("public.fresh").is_empty(),
+        s.search.alias_targets("public.fresh").await.is_empty(),
         "the old alias moved"
     );
     s.wait_equal("fresh2", "public.fresh2", Duration::from_secs(30))
@@ -895,6 +1095,7 @@ async fn index_follows_schema_changes_and_a_reindex_resolves_a_type_conflict() {
     loop {
         let mut notes: Vec<(Value, Value)> = s
             .docs("public.ev")
+            .await
             .values()
             .map(|d| {
                 (
@@ -910,16 +1111,17 @@ async fn index_follows_schema_changes_and_a_reindex_resolves_a_type_conflict() {
         assert!(Instant::now() < deadline, "ev: {notes:?}\n{}", s.all_logs());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(s.search.properties("public.ev")["tag"]["type"], "text");
+    assert_eq!(s.search.properties("public.ev").await["tag"]["type"], "text");
     assert!(
         !s.search
             .indices()
+            .await
             .iter()
             .any(|i| i.starts_with("public.doomed")),
         "a dropped table's index is deleted: {:?}",
-        s.search.indices()
+        s.search.indices().await
     );
-    let meta = s.search.meta("public.prods");
+    let meta = s.search.meta("public.prods").await;
     assert_eq!(
         meta["walrelay"]["fields"]["2"], "name",
         "column ids kept in _meta: {meta}"
@@ -941,12 +1143,12 @@ async fn index_follows_schema_changes_and_a_reindex_resolves_a_type_conflict() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     s.run_reindex().await;
-    let targets = s.search.alias_targets("public.prods");
+    let targets = s.search.alias_targets("public.prods").await;
     assert!(
         targets.len() == 1 && targets[0] != "public.prods-v1",
         "the alias moved to the rebuilt index: {targets:?}"
     );
-    let props = s.search.properties("public.prods");
+    let props = s.search.properties("public.prods").await;
     assert_eq!(
         props["qty"]["type"], "text",
         "the build maps the current type"
@@ -956,15 +1158,15 @@ async fn index_follows_schema_changes_and_a_reindex_resolves_a_type_conflict() {
         "the build stores the column under its current name"
     );
     wait_equal_fields(&s, "prods", "public.prods", Duration::from_secs(60)).await;
-    assert_eq!(s.docs("public.prods")["1"]["qty"], "many");
+    assert_eq!(s.docs("public.prods").await["1"]["qty"], "many");
     // After the re-index (a build cannot hold two tables under one name): a new table under the renamed one's old name gets an index of its own.
     s.exec("CREATE TABLE fresh (id int PRIMARY KEY, w int); INSERT INTO fresh VALUES (9, 9)")
         .await;
     s.wait_equal("fresh", "public.fresh", Duration::from_secs(30))
         .await;
     let (fresh, fresh2) = (
-        s.search.alias_targets("public.fresh"),
-        s.search.alias_targets("public.fresh2"),
+        s.search.alias_targets("public.fresh").await,
+        s.search.alias_targets("public.fresh2").await,
     );
     assert!(
         fresh.len() == 1 && fresh2.len() == 1 && fresh != fresh2,

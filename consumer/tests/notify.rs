@@ -1,4 +1,4 @@
-//! The webhook notifier end to end: Postgres → producer → tansu → `notify` → receivers
+//! The webhook notifier end to end: Postgres → producer → Kafka → `notify` → receivers
 //! started here, which check every signature with their own HMAC code.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -346,7 +346,10 @@ async fn webhooks_are_signed_ordered_retried_dead_lettered_and_survive_a_kill() 
         "secrets are shown only at creation"
     );
 
-    // Writes (after the subscriptions exist): several changes per row, so order matters.
+    // Writes (after the subscriptions exist, and once the producer streams, so each change is
+    // an event of its own rather than part of a snapshot row): several changes per row, so
+    // order matters.
+    s.wait_streaming().await;
     s.exec("INSERT INTO orders SELECT g, 'new', 0 FROM generate_series(1, 5) g")
         .await;
     s.exec("UPDATE orders SET state = 'paid', n = n + 1 WHERE id <= 3")

@@ -315,10 +315,17 @@ impl Runtime {
     ) -> Result<(), RuntimeError> {
         let started = Instant::now();
         // Drop what was fetched under an assignment revoked since.
+        let fetched = batch.len();
         let mut batch: Vec<Pending> = batch
             .into_iter()
             .filter(|p| self.group.epoch(p.partition) == Some(p.epoch))
             .collect();
+        if batch.len() < fetched {
+            tracing::debug!(
+                dropped = fetched - batch.len(),
+                "Dropped events fetched under a revoked assignment."
+            );
+        }
         if batch.is_empty() {
             return Ok(());
         }

@@ -142,6 +142,49 @@ pub fn alias_name(template: &str, env: &Envelope) -> Result<String, String> {
     Ok(name)
 }
 
+/// Whether `alias` is one that `template` can give: its literal parts in order (lowercased and
+/// with the characters [`alias_name`] replaces), each `{db}`, `{schema}` or `{table}` standing
+/// for at least one character. Tells this deployment's aliases from those of others that share
+/// the search cluster.
+pub fn template_matches(template: &str, alias: &str) -> bool {
+    let normalized: String = template
+        .to_lowercase()
+        .chars()
+        .map(|c| {
+            if matches!(
+                c,
+                '\\' | '/' | '*' | '?' | '"' | '<' | '>' | '|' | ' ' | ',' | '#' | ':'
+            ) {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    let literals: Vec<&str> = normalized
+        .split("{db}")
+        .flat_map(|p| p.split("{schema}"))
+        .flat_map(|p| p.split("{table}"))
+        .collect();
+    let (Some(first), Some(last)) = (literals.first(), literals.last()) else {
+        return false;
+    };
+    if literals.len() == 1 {
+        return alias == *first;
+    }
+    let Some(mut rest) = alias.strip_prefix(first) else {
+        return false;
+    };
+    for middle in &literals[1..literals.len() - 1] {
+        // A placeholder takes at least one character, then the leftmost match of the literal.
+        let Some(found) = rest.get(1..).and_then(|r| r.find(middle)) else {
+            return false;
+        };
+        rest = &rest[1 + found + middle.len()..];
+    }
+    rest.len() > last.len() && rest.ends_with(last)
+}
+
 /// The versioned index behind an alias.
 pub fn versioned(alias: &str, generation: u32) -> String {
     format!("{alias}-v{generation}")
@@ -153,17 +196,26 @@ pub fn generation_of(alias: &str, index: &str) -> Option<u32> {
 }
 
 /// The mapping of one column from its logical type (see the README's table).
+///
+/// Postgres holds values a search field type cannot: `NaN` and `±Infinity` floats and
+/// numerics, numerics beyond a double's range, `infinity` dates and timestamps, years past
+/// 9999. Numeric and date fields are therefore mapped with `ignore_malformed`: such a value is
+/// kept as it is in `_source` (the document is indexed and found through every other field),
+/// listed in the document's `_ignored` field, and left out of that field's index; it is never
+/// a refused document, a dead letter or a silent loss.
 pub fn field_mapping(logical_type: &str) -> Value {
     let base = logical_type.trim_end_matches("[]");
     match base {
         "integer" => json!({"type": "long"}),
-        "float" | "numeric" => json!({"type": "double"}),
+        "float" | "numeric" => json!({"type": "double", "ignore_malformed": true}),
         "boolean" => json!({"type": "boolean"}),
         "json" => json!({"type": "object", "enabled": false}),
         "bytea" => json!({"type": "binary"}),
-        "date" | "timestamp" | "timestamptz" => {
-            json!({"type": "date", "format": "strict_date_optional_time||epoch_millis"})
-        }
+        "date" | "timestamp" | "timestamptz" => json!({
+            "type": "date",
+            "format": "strict_date_optional_time||epoch_millis",
+            "ignore_malformed": true
+        }),
         "time" | "timetz" | "interval" => json!({"type": "keyword"}),
         _ => {
             json!({"type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": 256}}})
@@ -268,10 +320,31 @@ mod tests {
     }
 
     #[test]
+    fn template_matching() {
+        let t = "{schema}.{table}";
+        assert!(template_matches(t, "public.items"));
+        assert!(template_matches(t, "a.b.c"));
+        assert!(!template_matches(t, "items"));
+        assert!(!template_matches(t, ".items"));
+        let t = "t_1.{schema}.{table}";
+        assert!(template_matches(t, "t_1.public.items"));
+        assert!(!template_matches(t, "t_2.public.items"));
+        assert!(!template_matches(t, "public.items"));
+        let t = "App:{db}-{table}";
+        assert!(template_matches(t, "app_shop-orders"));
+        assert!(!template_matches(t, "app_shop-"));
+        assert!(template_matches("fixed-{table}-idx", "fixed-x-idx"));
+        assert!(!template_matches("fixed-{table}-idx", "fixed-x-idy"));
+    }
+
+    #[test]
     fn mappings() {
         assert_eq!(field_mapping("integer")["type"], "long");
         assert_eq!(field_mapping("text[]")["type"], "text");
         assert_eq!(field_mapping("timestamptz")["type"], "date");
+        assert_eq!(field_mapping("numeric")["ignore_malformed"], true);
+        assert_eq!(field_mapping("float[]")["ignore_malformed"], true);
+        assert_eq!(field_mapping("date")["ignore_malformed"], true);
         assert_eq!(field_mapping("json")["enabled"], false);
         assert_eq!(field_mapping("some_enum")["type"], "text");
         let types = row(json!({"id": "integer", "name": "text"}));

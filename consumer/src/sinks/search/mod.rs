@@ -34,7 +34,7 @@ use walrelay_common::event::{Envelope, Op, write_json_str};
 use walrelay_common::telemetry::Readiness;
 
 pub use client::{Created, SearchClient, SearchError};
-pub use document::{VERSION_FIELD, alias_name, generation_of, versioned};
+pub use document::{VERSION_FIELD, alias_name, generation_of, template_matches, versioned};
 use document::{document_id, document_id_raw, missing_fields, version};
 use schema::FieldMap;
 
