@@ -85,5 +85,13 @@ for d in ["deploy/grafana/dashboards"]:
 for root, _, fs in os.walk("deploy/grafana/provisioning"):
     for f in fs:
         yaml.safe_load(open(os.path.join(root, f)))
+# compose.yaml runs the server versions the test suite runs against (tests/services/*/pom.xml).
+import re
+for svc, pom, prop in [("kafka", "tests/services/kafka/pom.xml", "kafka.version"),
+                       ("opensearch", "tests/services/opensearch/pom.xml", "opensearch.version")]:
+    tested = re.search(rf"<{re.escape(prop)}>([^<]+)</", open(pom).read()).group(1)
+    image = services[svc]["image"]
+    if image.rsplit(":", 1)[-1] != tested:
+        fail(f"compose.yaml runs {image} but the suite tests {svc} {tested} ({pom}); use the same version")
 print(f"compose.yaml: {len(services)} services, {built} built from existing Dockerfiles; dashboards parse")
 PY

@@ -14,6 +14,24 @@ use rdkafka::producer::{DeliveryResult, ProducerContext};
 
 use crate::telemetry::Readiness;
 
+/// The one way walrelay builds a librdkafka client: its `defaults` for that client, then the
+/// user's properties (`--kafka-property`, checked by [`crate::options::kafka_properties`]) on
+/// top, so security settings (`security.protocol`, `sasl.*`, `ssl.*`) reach every client of
+/// every binary.
+pub fn client_config<'a>(
+    defaults: impl IntoIterator<Item = (&'a str, String)>,
+    properties: &std::collections::BTreeMap<String, String>,
+) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    for (k, v) in defaults {
+        cfg.set(k, v);
+    }
+    for (k, v) in properties {
+        cfg.set(k, v);
+    }
+    cfg
+}
+
 /// librdkafka logs every failed connection attempt; while a broker is away that is many lines
 /// a second. Its own lines go to `debug` (critical ones to `error`); the binaries log state
 /// changes once themselves.

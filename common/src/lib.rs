@@ -6,7 +6,9 @@
 //!   operation codes, and how an envelope is read back.
 //! - [`kafka`]: a quiet librdkafka client context and topic creation with unlimited retention.
 //! - [`options`]: what every binary's options share: the error naming a bad option, sizes,
-//!   durations, the TOML file, Kafka properties and topic names.
+//!   durations, the TOML file, Kafka properties (refusing unsafe ones) and topic names.
+//! - [`postgres`]: libpq-style connection strings with `sslmode`, `sslrootcert`, `sslcert` and
+//!   `sslkey` (rustls), for every Postgres connection walrelay opens.
 //! - [`signal`]: a cancellation token for SIGTERM/SIGINT.
 //! - [`telemetry`]: the Prometheus registry, the `/metrics`, `/healthz` and `/readyz` server, and
 //!   logging set-up.
@@ -22,5 +24,6 @@
 pub mod event;
 pub mod kafka;
 pub mod options;
+pub mod postgres;
 pub mod signal;
 pub mod telemetry;

@@ -141,7 +141,11 @@ pub fn read_file<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
 }
 
 /// librdkafka properties: the file's `[kafka_properties]` table overridden by `KEY=VALUE`
-/// flags.
+/// flags, refused when one would break walrelay's guarantees (see [`unsafe_kafka_property`]).
+///
+/// They apply to every librdkafka client of the binary (producers, consumers, the dead-letter
+/// producer, admin clients), so `security.protocol`, `sasl.*` and `ssl.*` settings reach all of
+/// them.
 pub fn kafka_properties(
     mut from_file: BTreeMap<String, String>,
     flags: &[String],
@@ -155,7 +159,46 @@ pub fn kafka_properties(
             })?;
         from_file.insert(k.trim().to_string(), v.trim().to_string());
     }
+    for (k, v) in &from_file {
+        if let Some(why) = unsafe_kafka_property(k, v) {
+            return Err(ConfigError::new(
+                "--kafka-property",
+                format!("{k}={v} is refused: {why}"),
+            ));
+        }
+    }
     Ok(from_file)
+}
+
+/// Why setting librdkafka property `key` to `value` would break a guarantee of walrelay, or
+/// would take over what an option of its own controls; `None` when it is allowed.
+pub fn unsafe_kafka_property(key: &str, value: &str) -> Option<&'static str> {
+    let v = value.trim().to_ascii_lowercase();
+    let is = |allowed: &[&str]| allowed.contains(&v.as_str());
+    match key.trim() {
+        "bootstrap.servers" | "metadata.broker.list" => Some("give the brokers with --kafka-brokers"),
+        "group.id" => Some("give the consumer group with --group"),
+        "acks" | "request.required.acks" if !is(&["all", "-1"]) => Some(
+            "an event acknowledged by fewer than all in-sync replicas can be lost with its leader after walrelay confirmed it; acks must stay all",
+        ),
+        "enable.idempotence" if !is(&["true"]) => Some(
+            "without idempotence a retried batch can be written twice or out of order; it must stay true",
+        ),
+        "enable.auto.offset.store" if !is(&["false"]) => Some(
+            "offsets would be stored before the sink applied the events, so a crash would skip them; walrelay stores each offset after its event is applied",
+        ),
+        "enable.auto.commit" if !is(&["true"]) => Some(
+            "walrelay commits the offsets it stored (only applied events) through auto-commit; without it no progress is saved",
+        ),
+        "auto.offset.reset" if !is(&["earliest", "smallest", "beginning"]) => Some(
+            "a new consumer group would start at the end and skip the topic's history (its snapshot); it must stay earliest",
+        ),
+        "partitioner" | "partitioner_cb" => Some(
+            "events of one key would land on another partition than before, breaking per-key order across restarts",
+        ),
+        "transactional.id" => Some("walrelay does not write with Kafka transactions"),
+        _ => None,
+    }
 }
 
 /// Checks a Kafka topic name given as `option`.
@@ -179,6 +222,41 @@ pub fn check_topic(option: &str, topic: &str) -> Result<(), ConfigError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn unsafe_kafka_properties_are_refused_by_name() {
+        let flags = |f: &[&str]| f.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        for bad in [
+            "acks=1",
+            "enable.idempotence=false",
+            "enable.auto.offset.store=true",
+            "enable.auto.commit=false",
+            "auto.offset.reset=latest",
+            "group.id=x",
+            "bootstrap.servers=h:1",
+            "partitioner=random",
+        ] {
+            let err = super::kafka_properties(BTreeMap::new(), &flags(&[bad]))
+                .expect_err(bad)
+                .to_string();
+            let key = bad.split('=').next().unwrap_or_default();
+            assert!(err.contains(key) && err.contains("refused"), "{err}");
+        }
+        let ok = super::kafka_properties(
+            BTreeMap::new(),
+            &flags(&[
+                "acks=all",
+                "security.protocol=SASL_SSL",
+                "sasl.mechanisms=SCRAM-SHA-512",
+                "enable.idempotence=true",
+            ]),
+        )
+        .expect("safe properties");
+        assert_eq!(ok.len(), 4);
+        let mut file = BTreeMap::new();
+        file.insert("acks".to_string(), "0".to_string());
+        assert!(super::kafka_properties(file, &[]).is_err(), "the file is checked too");
+    }
+
     use super::*;
 
     #[test]

@@ -346,7 +346,7 @@ impl std::fmt::Debug for ApiToken {
 #[derive(Debug, Clone)]
 pub struct NotifySettings {
     /// Subscriptions database.
-    pub postgres: tokio_postgres::Config,
+    pub postgres: walrelay_common::postgres::PgTarget,
     /// API address.
     pub api_addr: SocketAddr,
     /// API token.
@@ -506,12 +506,8 @@ fn notify_settings(o: &Options) -> Result<NotifySettings, ConfigError> {
         .postgres_url
         .as_deref()
         .ok_or_else(|| ConfigError::missing("--postgres-url"))?;
-    let postgres: tokio_postgres::Config = url.parse().map_err(|e| {
-        ConfigError::new(
-            "--postgres-url",
-            format!("not a Postgres URL or key=value string: {e}"),
-        )
-    })?;
+    let postgres = walrelay_common::postgres::PgTarget::parse(url)
+        .map_err(|e| ConfigError::new("--postgres-url", e))?;
     let api_token = o
         .api_token
         .clone()

@@ -719,7 +719,10 @@ async fn reindex_under_writes_swaps_to_an_exact_new_index() {
         vec!["public.items-v2"]
     );
     assert!(
-        !s.search.indices().await.contains(&"public.items-v1".to_string()),
+        !s.search
+            .indices()
+            .await
+            .contains(&"public.items-v1".to_string()),
         "old index deleted: {:?}",
         s.search.indices().await
     );
@@ -841,7 +844,12 @@ async fn interrupted_reindex_never_exposes_a_half_built_index_and_a_rerun_finish
     let log = s.log_path("reindex-killed");
     let mut first = Proc::spawn(&consumer_bin(), &args, &[], &log);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !s.search.indices().await.contains(&"public.items-v2".to_string()) {
+    while !s
+        .search
+        .indices()
+        .await
+        .contains(&"public.items-v2".to_string())
+    {
         assert!(
             Instant::now() < deadline,
             "the build never started\n{}",
@@ -881,7 +889,12 @@ async fn interrupted_reindex_never_exposes_a_half_built_index_and_a_rerun_finish
         s.search.alias_targets("public.items").await,
         vec!["public.items-v2"]
     );
-    assert!(!s.search.indices().await.contains(&"public.items-v1".to_string()));
+    assert!(
+        !s.search
+            .indices()
+            .await
+            .contains(&"public.items-v1".to_string())
+    );
     s.wait_equal("items", "public.items", Duration::from_secs(30))
         .await;
     s.assert_clean();
@@ -1111,7 +1124,10 @@ async fn index_follows_schema_changes_and_a_reindex_resolves_a_type_conflict() {
         assert!(Instant::now() < deadline, "ev: {notes:?}\n{}", s.all_logs());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(s.search.properties("public.ev").await["tag"]["type"], "text");
+    assert_eq!(
+        s.search.properties("public.ev").await["tag"]["type"],
+        "text"
+    );
     assert!(
         !s.search
             .indices()

@@ -124,7 +124,10 @@ async fn every_value_type_reaches_the_index_and_is_found() {
     let ranged = s
         .search
         .indexes()
-        .search("public.typed", "num:[1e19 TO 2e19] AND d:[2024-01-01 TO 2024-12-31]")
+        .search(
+            "public.typed",
+            "num:[1e19 TO 2e19] AND d:[2024-01-01 TO 2024-12-31]",
+        )
         .await;
     assert_eq!(ranged.len(), 2, "numeric and date range search: {ranged:?}");
     let extreme = s.search.indexes().search("public.typed", "t:extreme").await;
@@ -144,7 +147,10 @@ async fn every_value_type_reaches_the_index_and_is_found() {
         "dead letters: {:?}",
         letters
             .iter()
-            .map(|l| String::from_utf8_lossy(&l.value).chars().take(200).collect::<String>())
+            .map(|l| String::from_utf8_lossy(&l.value)
+                .chars()
+                .take(200)
+                .collect::<String>())
             .collect::<Vec<_>>()
     );
     assert!(

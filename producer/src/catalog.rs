@@ -2,7 +2,8 @@
 
 use std::collections::HashMap;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
+use walrelay_common::postgres::{PgConnectError, PgTarget};
 
 use crate::shape::{ColumnShape, TableShape};
 use crate::value::{Kind, SESSION_OPTIONS};
@@ -10,9 +11,10 @@ use crate::value::{Kind, SESSION_OPTIONS};
 /// A failure talking to Postgres on an ordinary (non-replication) connection.
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
-    /// Could not connect or the connection broke: try again.
-    #[error("cannot reach Postgres: {}", describe(.0))]
-    Connect(#[source] tokio_postgres::Error),
+    /// Could not connect: transient or definite as the cause says (a bad certificate or
+    /// password repeats; an unreachable server may come back).
+    #[error(transparent)]
+    Connect(#[from] PgConnectError),
     /// A query failed.
     #[error("{what}: {}", describe(source))]
     Query {
@@ -31,7 +33,7 @@ impl PgError {
     /// Whether retrying may help (connection trouble) rather than repeating the same failure.
     pub fn is_transient(&self) -> bool {
         match self {
-            PgError::Connect(_) => true,
+            PgError::Connect(e) => e.is_transient(),
             PgError::Query { source, .. } => {
                 if source.is_closed() {
                     return true;
@@ -68,17 +70,10 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
 }
 
 /// Connects an ordinary session with walrelay's session settings.
-pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, PgError> {
-    let mut config = config.clone();
-    config.options(SESSION_OPTIONS);
-    config.application_name("walrelay-producer");
-    let (client, conn) = config.connect(NoTls).await.map_err(PgError::Connect)?;
-    tokio::spawn(async move {
-        if let Err(error) = conn.await {
-            tracing::debug!(%error, "Postgres connection ended.");
-        }
-    });
-    Ok(client)
+pub async fn connect(target: &PgTarget) -> Result<Client, PgError> {
+    let mut target = target.clone();
+    target.config.options(SESSION_OPTIONS);
+    Ok(target.connect("walrelay-producer").await?)
 }
 
 /// A captured table.

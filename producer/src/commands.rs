@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tokio_postgres::Client;
+use walrelay_common::postgres::PgTarget;
 
 use crate::catalog::{self, PgError, TableRef, quote_ident};
 use crate::config::Settings;
@@ -30,6 +31,44 @@ fn item(name: &str, status: &'static str, detail: impl Into<String>) -> CheckIte
     }
 }
 
+/// Whether the session is encrypted and what the server's certificate was checked for; the
+/// replication connection and the snapshot workers use the same settings.
+async fn tls_item(client: &Client, target: &walrelay_common::postgres::PgTarget) -> CheckItem {
+    let mode = target.tls.mode.as_str();
+    match PgTarget::ssl_version(client).await {
+        Some(version) => {
+            let verified = match target.tls.verification() {
+                Some("full") => "certificate verified: CA and host name",
+                Some(_) => "certificate verified: CA (host name not checked)",
+                None => "certificate not verified (use sslmode=verify-full with sslrootcert)",
+            };
+            let client_cert = if target.tls.cert.is_some() {
+                ", client certificate sent"
+            } else {
+                ""
+            };
+            item(
+                "postgres tls",
+                if target.tls.verification().is_some() {
+                    "ok"
+                } else {
+                    "warn"
+                },
+                format!(
+                    "encrypted ({version}, sslmode={mode}), {verified}{client_cert}; every connection (control, snapshot, replication) uses these settings"
+                ),
+            )
+        }
+        None => item(
+            "postgres tls",
+            "warn",
+            format!(
+                "not encrypted (sslmode={mode}): credentials and rows cross the network in clear text; turn on ssl on the server and use sslmode=verify-full"
+            ),
+        ),
+    }
+}
+
 /// Runs the preflight checks; the report has no `fail` when walrelay can run.
 pub async fn check(s: &Settings) -> Vec<CheckItem> {
     let mut out = Vec::new();
@@ -45,6 +84,7 @@ pub async fn check(s: &Settings) -> Vec<CheckItem> {
                 "ok",
                 format!("connected to database {}", s.database()),
             ));
+            out.push(tls_item(&client, &s.postgres).await);
             if let Err(e) = check_postgres(&client, s, &mut out).await {
                 out.push(item("postgres catalog", "fail", e.to_string()));
             }

@@ -5,10 +5,10 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
+use walrelay_common::postgres::PgTarget;
 use walrelay_common::options::{self, ConfigError, parse_bytes};
 use walrelay_common::telemetry::LogFormat;
 
@@ -186,8 +186,8 @@ impl Options {
 /// Validated settings with defaults applied.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Postgres connection.
-    pub postgres: tokio_postgres::Config,
+    /// Postgres connection, TLS included (see [`walrelay_common::postgres`]).
+    pub postgres: PgTarget,
     /// Kafka bootstrap servers, when given.
     pub kafka_brokers: Option<String>,
     /// Topic.
@@ -231,15 +231,8 @@ impl Settings {
         let url = o
             .postgres_url
             .ok_or_else(|| ConfigError::missing("--postgres-url"))?;
-        let postgres = tokio_postgres::Config::from_str(&url).map_err(|e| {
-            bad(
-                "--postgres-url",
-                format!(
-                    "not a Postgres connection string ({e}); e.g. postgres://user:pass@host:5432/db"
-                ),
-            )
-        })?;
-        if postgres.get_hosts().is_empty() {
+        let postgres = PgTarget::parse(&url).map_err(|e| bad("--postgres-url", e))?;
+        if postgres.config.get_hosts().is_empty() {
             return Err(bad("--postgres-url", "no host given"));
         }
         let topic = o.topic.unwrap_or_else(|| "walrelay.events".into());
@@ -305,8 +298,9 @@ impl Settings {
     /// Database name.
     pub fn database(&self) -> String {
         self.postgres
+            .config
             .get_dbname()
-            .or(self.postgres.get_user())
+            .or(self.postgres.config.get_user())
             .unwrap_or("postgres")
             .to_string()
     }
@@ -340,7 +334,7 @@ mod tests {
             s.kafka_properties.get("linger.ms").map(String::as_str),
             Some("9")
         );
-        assert_eq!(s.postgres.get_user(), Some("c"));
+        assert_eq!(s.postgres.config.get_user(), Some("c"));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use pgwire_replication::config::{SslMode, TlsConfig};
 use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationConfig};
 use rand::Rng;
 use tokio_postgres::config::Host;
@@ -152,7 +153,7 @@ pub async fn run(ctx: &Context) -> Result<(), RunError> {
 }
 
 fn replication_config(s: &Settings) -> Result<ReplicationConfig, RunError> {
-    let pg = &s.postgres;
+    let pg = &s.postgres.config;
     let host = match pg.get_hosts().first() {
         Some(Host::Tcp(h)) => h.clone(),
         #[cfg(unix)]
@@ -178,7 +179,28 @@ fn replication_config(s: &Settings) -> Result<ReplicationConfig, RunError> {
     .with_application_name(format!("walrelay-producer/{}", s.slot))
     .with_status_interval(Duration::from_secs(1))
     .with_wakeup_interval(Duration::from_secs(1))
-    .with_buffer_size(1024))
+    .with_buffer_size(1024)
+    .with_tls(replication_tls(&s.postgres)))
+}
+
+/// The replication connection's TLS: the same settings as every other connection.
+fn replication_tls(target: &walrelay_common::postgres::PgTarget) -> TlsConfig {
+    use walrelay_common::postgres::SslMode as Mode;
+    let tls = &target.tls;
+    let mode = match (tls.mode, tls.verification()) {
+        (Mode::Disable, _) => SslMode::Disable,
+        (Mode::VerifyFull, _) => SslMode::VerifyFull,
+        (_, Some(_)) => SslMode::VerifyCa,
+        (Mode::Prefer, None) => SslMode::Prefer,
+        (_, None) => SslMode::Require,
+    };
+    TlsConfig {
+        mode,
+        ca_pem_path: tls.root_cert.clone(),
+        sni_hostname: target.host(),
+        client_cert_pem_path: tls.cert.clone(),
+        client_key_pem_path: tls.key.clone(),
+    }
 }
 
 fn now_ms() -> i64 {
@@ -517,7 +539,11 @@ async fn shutdown_gracefully(
 }
 
 /// Keeps the slot gauges current.
-async fn poll_slot(pg: tokio_postgres::Config, slot_name: String, metrics: Arc<Metrics>) {
+async fn poll_slot(
+    pg: walrelay_common::postgres::PgTarget,
+    slot_name: String,
+    metrics: Arc<Metrics>,
+) {
     let Ok(ctl) = catalog::connect(&pg).await else {
         return;
     };

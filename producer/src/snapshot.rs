@@ -35,7 +35,7 @@ use crate::shape::{EnvelopeWriter, EventMeta, Image, PartitionKey, TableShape};
 /// What the snapshot needs.
 pub struct SnapshotJob {
     /// Postgres connection settings.
-    pub postgres: tokio_postgres::Config,
+    pub postgres: walrelay_common::postgres::PgTarget,
     /// The exported snapshot's name.
     pub snapshot_name: String,
     /// The slot's consistent point.

@@ -12,5 +12,6 @@ mod memory;
 mod outage;
 mod slot;
 mod stream;
+mod tls;
 mod types;
 mod wal;

@@ -213,10 +213,7 @@ impl KafkaCluster {
             }
         }
         if let Some((id, status)) = exited {
-            panic!(
-                "Kafka node {id} exited ({status}):\n{}",
-                self.log_tail(60)
-            );
+            panic!("Kafka node {id} exited ({status}):\n{}", self.log_tail(60));
         }
     }
 

@@ -191,11 +191,7 @@ impl Indexes {
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
             return None;
         }
-        assert!(
-            resp.status().is_success(),
-            "GET {path}: {}",
-            resp.status()
-        );
+        assert!(resp.status().is_success(), "GET {path}: {}", resp.status());
         Some(resp.json().await.expect("JSON answer"))
     }
 
@@ -272,7 +268,10 @@ impl Indexes {
     /// Names of this test's indexes.
     pub async fn indices(&self) -> Vec<String> {
         let all = self
-            .get(&format!("_cat/indices/{}.*?format=json&h=index", self.prefix))
+            .get(&format!(
+                "_cat/indices/{}.*?format=json&h=index",
+                self.prefix
+            ))
             .await
             .unwrap_or(Value::Null);
         let mut out: Vec<String> = all

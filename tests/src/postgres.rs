@@ -46,6 +46,42 @@ impl PgCluster {
 
     /// Starts a cluster with extra `-c` settings (later ones win).
     pub fn start_with(settings: &[(&str, &str)]) -> Self {
+        Self::start_configured(settings, None, &[])
+    }
+
+    /// Starts a cluster with `ssl=on` and the given server certificate, key and CA (for client
+    /// certificates), whose `pg_hba.conf` is `hba` (the harness itself connects through the
+    /// Unix socket, so `local` lines are added).
+    pub fn start_tls(
+        server: &crate::certs::Pair,
+        ca: &crate::certs::TestCa,
+        hba: &str,
+        settings: &[(&str, &str)],
+    ) -> Self {
+        let read = |p: &Path| std::fs::read(p).expect("read a certificate file");
+        let files: [(&str, Vec<u8>); 3] = [
+            ("server.crt", read(&server.cert)),
+            ("server.key", read(&server.key)),
+            ("root.crt", ca.cert_pem().as_bytes().to_vec()),
+        ];
+        let mut all = vec![
+            ("ssl", "on"),
+            ("ssl_cert_file", "server.crt"),
+            ("ssl_key_file", "server.key"),
+            ("ssl_ca_file", "root.crt"),
+        ];
+        all.extend_from_slice(settings);
+        let files: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+        Self::start_configured(&all, Some(hba), &files)
+    }
+
+    /// Starts a cluster: `-c` settings, a replacement `pg_hba.conf` (after the `local` lines
+    /// the harness needs), and files written into the data folder (owned by the server, 0600).
+    pub fn start_configured(
+        settings: &[(&str, &str)],
+        hba: Option<&str>,
+        files: &[(&str, &[u8])],
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("walrelay-pg-")
             .tempdir()
@@ -79,6 +115,30 @@ impl PgCluster {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        for (name, bytes) in files {
+            let path = data.join(name);
+            std::fs::write(&path, bytes).expect("write a server file");
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                    .expect("chmod a server file");
+            }
+            if is_root() {
+                let ok = Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(&path)
+                    .status()
+                    .is_ok_and(|s| s.success());
+                assert!(ok, "chown of {} failed", path.display());
+            }
+        }
+        if let Some(hba) = hba {
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                format!("local all all trust\nlocal replication all trust\n{hba}\n"),
+            )
+            .expect("write pg_hba.conf");
+        }
         let port = crate::free_port();
         let mut opts = format!(
             "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c wal_level=logical \
@@ -127,9 +187,15 @@ impl PgCluster {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
 
-    /// Connects to `db`.
+    /// Connects to `db` as `postgres` through the Unix socket (which `pg_hba.conf` always
+    /// trusts, whatever a test requires of TCP connections).
     pub async fn client(&self, db: &str) -> Client {
-        let (client, conn) = tokio_postgres::connect(&self.url(db), NoTls)
+        let (client, conn) = tokio_postgres::Config::new()
+            .host_path(self.dir.path())
+            .port(self.port)
+            .user("postgres")
+            .dbname(db)
+            .connect(NoTls)
             .await
             .expect("connect to the test cluster");
         tokio::spawn(async move {

@@ -8,7 +8,6 @@
 
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
@@ -69,12 +68,16 @@ pub struct DeadLetters {
 impl DeadLetters {
     /// A producer for the dead-letter topic, which is created when missing.
     pub async fn new(settings: &RuntimeSettings, group: &str) -> Result<Self, DeadLetterError> {
-        let mut cfg = ClientConfig::new();
-        cfg.set("bootstrap.servers", &settings.kafka_brokers)
-            .set("client.id", "walrelay-consumer-dlq")
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("message.timeout.ms", "30000");
+        let cfg = kafka::client_config(
+            [
+                ("bootstrap.servers", settings.kafka_brokers.clone()),
+                ("client.id", "walrelay-consumer-dlq".into()),
+                ("enable.idempotence", "true".into()),
+                ("acks", "all".into()),
+                ("message.timeout.ms", "30000".into()),
+            ],
+            &settings.kafka_properties,
+        );
         let mut attempt = 0u32;
         loop {
             match kafka::ensure_topic(&cfg, &settings.dead_letter_topic, 1).await {

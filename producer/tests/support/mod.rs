@@ -2,8 +2,8 @@
 //! producer binary, for one test.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::process::Output;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use walrelay_tests::kafka::KafkaCluster;

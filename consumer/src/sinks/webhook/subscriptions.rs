@@ -7,7 +7,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
+use walrelay_common::postgres::PgTarget;
 use walrelay_common::event::Op;
 
 use super::signing::Secret;
@@ -106,16 +107,16 @@ fn query_error(e: tokio_postgres::Error) -> StoreError {
 
 /// The store and its cache.
 pub struct Store {
-    config: tokio_postgres::Config,
+    target: PgTarget,
     client: tokio::sync::Mutex<Option<Client>>,
     cache: RwLock<Arc<Vec<Subscription>>>,
 }
 
 impl Store {
     /// A store on `config`; creates its table on first use.
-    pub fn new(config: tokio_postgres::Config) -> Self {
+    pub fn new(target: PgTarget) -> Self {
         Self {
-            config,
+            target,
             client: tokio::sync::Mutex::new(None),
             cache: RwLock::new(Arc::new(Vec::new())),
         }
@@ -127,15 +128,11 @@ impl Store {
     {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(Client::is_closed) {
-            let mut config = self.config.clone();
-            config.application_name("walrelay-notifier");
-            let (client, conn) = config
-                .connect(NoTls)
+            let client = self
+                .target
+                .connect("walrelay-notifier")
                 .await
                 .map_err(|e| StoreError::Unreachable(e.to_string()))?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
             client.batch_execute(SCHEMA).await.map_err(query_error)?;
             *guard = Some(client);
         }
