@@ -279,6 +279,14 @@ pub async fn init(s: &Settings) -> Result<InitReport, PgError> {
     c.batch_execute(capture::FUNCTIONS)
         .await
         .map_err(PgError::query("creating walrelay's schema functions"))?;
+    // The key that authenticates trigger messages: random, readable by its owner only.
+    let key: [u8; 32] = rand::random();
+    c.execute(
+        "INSERT INTO walrelay.ddl_key (id, key) VALUES (1, $1) ON CONFLICT (id) DO NOTHING",
+        &[&key.as_slice()],
+    )
+    .await
+    .map_err(PgError::query("writing walrelay.ddl_key"))?;
     slot::clear(&c, "capture_rule", "publication", &s.publication).await?;
     for (schema, table) in s.tables.patterns() {
         c.execute(

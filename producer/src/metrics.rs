@@ -218,6 +218,7 @@ impl Metrics {
             "event_too_large",
             "decode",
             "setup",
+            "ddl_rejected",
         ] {
             m.errors.with_label_values(&[kind]);
         }

@@ -203,6 +203,29 @@ fn replication_tls(target: &walrelay_common::postgres::PgTarget) -> TlsConfig {
     }
 }
 
+/// The key that authenticates trigger messages, when this role may read it.
+async fn read_ddl_key(ctl: &tokio_postgres::Client) -> Option<Vec<u8>> {
+    match ctl
+        .query_opt("SELECT key FROM walrelay.ddl_key WHERE id = 1", &[])
+        .await
+    {
+        Ok(Some(row)) => Some(row.get(0)),
+        Ok(None) => {
+            tracing::warn!(
+                "walrelay.ddl_key is empty: trigger messages cannot be verified and are skipped; run `walrelay-producer init`"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::warn!(
+                error = %crate::catalog::describe(&e),
+                "The producer's role cannot read walrelay.ddl_key: trigger messages cannot be verified and are skipped (schema events come from Relation messages); grant SELECT on it to this role or run `init` as it"
+            );
+            None
+        }
+    }
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -405,6 +428,7 @@ async fn stream(ctx: &Context, p: Prepared) -> Result<(), RunError> {
         .and_then(parse_lsn)
         .unwrap_or(0);
     let registry = Registry::load(&ctl, &s.slot, confirmed).await?;
+    let ddl_key = read_ddl_key(&ctl).await;
     let listener = Listener {
         client: &mut client,
         catalog: Catalog::new(&ctl),
@@ -416,6 +440,7 @@ async fn stream(ctx: &Context, p: Prepared) -> Result<(), RunError> {
         envelope,
         partition_key: s.partition_key,
         partitions,
+        ddl_key,
     };
     let result = listener.run(&ctx.shutdown).await;
     poller.abort();

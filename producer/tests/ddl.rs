@@ -457,3 +457,96 @@ async fn without_event_triggers_relation_messages_give_schema_events() {
     assert!(ids(&quiet[1]).contains_key("w"));
     stop_producer(&env, &mut producer);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unprivileged_role_can_neither_forge_nor_stop_the_ddl_channel() {
+    let mut env = Env::start().await;
+    env.pg
+        .exec(
+            &env.db,
+            "CREATE TABLE items (id bigint PRIMARY KEY, v text); INSERT INTO items VALUES (1, 'one');
+             CREATE ROLE mallory LOGIN;",
+        )
+        .await;
+    env.init();
+    let metrics = format!("127.0.0.1:{}", walrelay_tests::free_port());
+    let mut producer = env.spawn(&["--metrics-addr", &metrics]);
+    env.wait_streaming(Duration::from_secs(60)).await;
+
+    let mallory_url = env.url().replace("postgres://postgres@", "postgres://mallory@");
+    let (mallory, conn) = tokio_postgres::connect(&mallory_url, tokio_postgres::NoTls)
+        .await
+        .expect("connect as mallory");
+    tokio::spawn(conn);
+    let forged_body = serde_json::json!({
+        "command": "DROP TABLE", "object": "public.items", "sql": "DROP TABLE items",
+        "publications": [], "dropped": true,
+        "table": {"table_oid": 1, "schema": "public", "table": "items", "columns": []}
+    })
+    .to_string();
+    for content in [
+        "{garbage".to_string(),
+        forged_body.clone(),
+        format!("v1:{}:{forged_body}", "0".repeat(64)),
+        "v1:short".to_string(),
+    ] {
+        mallory
+            .query_one(
+                "SELECT pg_logical_emit_message(true, 'walrelay.ddl', $1::text)::text",
+                &[&content],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("mallory emits a message: {e}"));
+    }
+    let stolen = mallory
+        .query_opt("SELECT key FROM walrelay.ddl_key", &[])
+        .await;
+    assert!(
+        stolen.is_err(),
+        "an unprivileged role must not read the key"
+    );
+
+    // A real schema change afterwards is still verified and applied.
+    env.pg
+        .exec(
+            &env.db,
+            "ALTER TABLE items ADD COLUMN w int; INSERT INTO items VALUES (2, 'two', 2)",
+        )
+        .await;
+    env.wait_confirmed_current(Duration::from_secs(60)).await;
+    let records = env.read_until(Duration::from_secs(60), |r| {
+        table_state(r, "public", "items", "id").len() == 2
+    });
+    assert!(
+        producer.try_exit().is_none(),
+        "the producer keeps streaming\n{}",
+        env.all_logs()
+    );
+    let events = schema_events(&records, "items");
+    let origins: Vec<(&str, bool)> = events
+        .iter()
+        .filter_map(|e| e.ddl.as_ref().map(|d| (d.origin.as_str(), d.dropped)))
+        .collect();
+    assert_eq!(
+        origins,
+        [("snapshot", false), ("trigger", false)],
+        "no forged schema event, the real one verified"
+    );
+    assert!(ids(&events[1]).contains_key("w"));
+    let body = reqwest::get(format!("http://{metrics}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        body.lines()
+            .any(|l| l == "walrelay_producer_errors_total{kind=\"ddl_rejected\"} 4"),
+        "four rejected messages counted:\n{}",
+        body.lines()
+            .filter(|l| l.contains("errors_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    stop_producer(&env, &mut producer);
+}

@@ -14,6 +14,26 @@
 //! exception block is one, a user's savepoint another — the merge by LSN at commit may put the
 //! row first. The marker takes that tie instead, and the schema message stays strictly before.
 //!
+//! # Only walrelay's triggers can write the channel
+//!
+//! `pg_logical_emit_message` is executable by every role, so anyone could write a message with
+//! walrelay's prefix: a forged drop would delete a table's search index, a malformed one used to
+//! stop the producer. Each trigger message is therefore **authenticated**:
+//!
+//! ```text
+//!  init ──32 random bytes──▶ walrelay.ddl_key (REVOKE ALL FROM PUBLIC: owner only)
+//!  trigger (SECURITY DEFINER, owner) ──▶ "v1:" hex(HMAC-SHA256(key, xid ":" body)) ":" body
+//!  producer (reads the key at start) ──▶ recomputes with the xid of the message's transaction
+//! ```
+//!
+//! A role without walrelay's privileges cannot read the key, so it cannot make a valid MAC;
+//! binding the MAC to the transaction id means a valid message cannot be replayed in another
+//! transaction either. The producer skips anything in the channel that does not verify, or
+//! does not parse: logged (the first in full, then once a minute), counted in
+//! `walrelay_producer_errors_total{kind="ddl_rejected"}`, never fatal. A producer whose role
+//! cannot read the key accepts no trigger message and derives schema events from Relation
+//! messages, as without triggers.
+//!
 //! `walrelay.capture_ddl` also adds a newly created table to each walrelay publication whose
 //! `--tables` patterns (kept in `walrelay.capture_rule`) match it, so a created table is
 //! captured from its first row. A failure inside the triggers never fails the user's DDL: it
@@ -39,6 +59,31 @@ CREATE TABLE IF NOT EXISTS walrelay.schema_history (
     schema jsonb NOT NULL,
     PRIMARY KEY (slot_name, relid, version)
 );
+CREATE TABLE IF NOT EXISTS walrelay.ddl_key (
+    id int PRIMARY KEY CHECK (id = 1),
+    key bytea NOT NULL CHECK (length(key) >= 32)
+);
+REVOKE ALL ON walrelay.ddl_key FROM PUBLIC;
+CREATE OR REPLACE FUNCTION walrelay.hmac_sha256(key bytea, msg bytea) RETURNS bytea
+LANGUAGE plpgsql IMMUTABLE STRICT SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    k bytea := key;
+    ipad bytea;
+    opad bytea;
+BEGIN
+    IF length(k) > 64 THEN
+        k := sha256(k);
+    END IF;
+    k := k || decode(repeat('00', 64 - length(k)), 'hex');
+    ipad := k;
+    opad := k;
+    FOR i IN 0..63 LOOP
+        ipad := set_byte(ipad, i, get_byte(k, i) # 54);
+        opad := set_byte(opad, i, get_byte(k, i) # 92);
+    END LOOP;
+    RETURN sha256(opad || sha256(ipad || msg));
+END
+$fn$;
 CREATE OR REPLACE FUNCTION walrelay.table_schema(rel oid) RETURNS jsonb
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
     SELECT jsonb_build_object(
@@ -81,7 +126,10 @@ DECLARE
     seen oid[] := '{}';
     pubs text[];
     rule record;
+    body text;
+    k bytea;
 BEGIN
+    SELECT key INTO k FROM walrelay.ddl_key WHERE id = 1;
     FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
         CONTINUE WHEN cmd.classid <> 'pg_class'::regclass
             OR cmd.object_type NOT IN ('table', 'table column');
@@ -114,13 +162,15 @@ BEGIN
             JOIN pg_namespace n ON n.oid = c.relnamespace
             WHERE pt.schemaname = n.nspname AND pt.tablename = c.relname;
             CONTINUE WHEN pubs IS NULL;
-            PERFORM pg_logical_emit_message(true, 'walrelay.ddl', jsonb_build_object(
+            body := jsonb_build_object(
                 'command', cmd.command_tag,
                 'object', cmd.object_identity,
                 'sql', current_query(),
                 'publications', to_jsonb(pubs),
                 'dropped', false,
-                'table', walrelay.table_schema(rel))::text);
+                'table', walrelay.table_schema(rel))::text;
+            PERFORM pg_logical_emit_message(true, 'walrelay.ddl', 'v1:' || encode(walrelay.hmac_sha256(k,
+                convert_to((txid_current() % 4294967296)::text || ':' || body, 'UTF8')), 'hex') || ':' || body);
             PERFORM pg_logical_emit_message(true, 'walrelay.ddl.end', '');
         EXCEPTION WHEN OTHERS THEN
             RAISE WARNING 'walrelay could not capture % on %: % (the producer falls back to Relation messages for it)',
@@ -133,17 +183,22 @@ CREATE OR REPLACE FUNCTION walrelay.capture_drop() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     obj record;
+    body text;
+    k bytea;
 BEGIN
+    SELECT key INTO k FROM walrelay.ddl_key WHERE id = 1;
     FOR obj IN SELECT * FROM pg_event_trigger_dropped_objects() WHERE object_type = 'table' LOOP
         BEGIN
-            PERFORM pg_logical_emit_message(true, 'walrelay.ddl', jsonb_build_object(
+            body := jsonb_build_object(
                 'command', tg_tag,
                 'object', obj.object_identity,
                 'sql', current_query(),
                 'publications', '[]'::jsonb,
                 'dropped', true,
                 'table', jsonb_build_object('table_oid', obj.objid::bigint, 'schema', obj.schema_name,
-                                            'table', obj.object_name, 'columns', '[]'::jsonb))::text);
+                                            'table', obj.object_name, 'columns', '[]'::jsonb))::text;
+            PERFORM pg_logical_emit_message(true, 'walrelay.ddl', 'v1:' || encode(walrelay.hmac_sha256(k,
+                convert_to((txid_current() % 4294967296)::text || ':' || body, 'UTF8')), 'hex') || ':' || body);
             PERFORM pg_logical_emit_message(true, 'walrelay.ddl.end', '');
         EXCEPTION WHEN OTHERS THEN
             RAISE WARNING 'walrelay could not capture the drop of %: %', obj.object_identity, SQLERRM;

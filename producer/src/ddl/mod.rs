@@ -141,6 +141,52 @@ impl TableSchema {
     }
 }
 
+/// Why a message in the DDL channel was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// The producer cannot read `walrelay.ddl_key`, so no message can be verified.
+    #[error("no DDL key to verify it with (the producer's role cannot read walrelay.ddl_key)")]
+    NoKey,
+    /// Not `v1:<mac>:<body>`.
+    #[error("not in the form walrelay's trigger writes")]
+    Malformed,
+    /// The MAC does not match: not written by walrelay's trigger in this transaction.
+    #[error("its MAC does not verify: it was not written by walrelay's trigger in this transaction")]
+    Forged,
+    /// Verified, but the body does not parse (a trigger of another walrelay version).
+    #[error("its body does not parse ({0}); run `walrelay-producer init` with this version")]
+    Body(String),
+}
+
+/// Checks a trigger message of transaction `xid` with `key` and parses it (see
+/// [`capture`]'s essay for the format).
+pub fn verify_message(
+    content: &[u8],
+    xid: u32,
+    key: Option<&[u8]>,
+) -> Result<TriggerMessage, ChannelError> {
+    use hmac::Mac as _;
+    let key = key.ok_or(ChannelError::NoKey)?;
+    let rest = content.strip_prefix(b"v1:").ok_or(ChannelError::Malformed)?;
+    let (mac_hex, body) = rest
+        .get(..64)
+        .zip(rest.get(64..).and_then(|r| r.strip_prefix(b":")))
+        .ok_or(ChannelError::Malformed)?;
+    let mut mac = [0u8; 32];
+    for (i, pair) in mac_hex.chunks(2).enumerate() {
+        let hex = std::str::from_utf8(pair).map_err(|_| ChannelError::Malformed)?;
+        mac[i] = u8::from_str_radix(hex, 16).map_err(|_| ChannelError::Malformed)?;
+    }
+    let mut expected =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(key).map_err(|_| ChannelError::NoKey)?;
+    expected.update(format!("{xid}:").as_bytes());
+    expected.update(body);
+    expected
+        .verify_slice(&mac)
+        .map_err(|_| ChannelError::Forged)?;
+    serde_json::from_slice(body).map_err(|e| ChannelError::Body(e.to_string()))
+}
+
 /// What the event triggers send.
 #[derive(Debug, Deserialize)]
 pub struct TriggerMessage {
@@ -394,6 +440,53 @@ pub async fn send_schema_event<F: FnMut()>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn signed(key: &[u8], xid: u32, body: &str) -> Vec<u8> {
+        use hmac::Mac as _;
+        let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("key");
+        m.update(format!("{xid}:{body}").as_bytes());
+        let hex: String = m
+            .finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("v1:{hex}:{body}").into_bytes()
+    }
+
+    #[test]
+    fn only_messages_signed_for_their_transaction_verify() {
+        let key = [7u8; 32];
+        let body = r#"{"command":"DROP TABLE","object":"public.t","sql":"","dropped":true,
+            "table":{"table_oid":1,"schema":"public","table":"t","columns":[]}}"#;
+        let good = signed(&key, 42, body);
+        let m = verify_message(&good, 42, Some(&key)).expect("verifies");
+        assert!(m.dropped);
+        assert!(matches!(
+            verify_message(&good, 43, Some(&key)),
+            Err(ChannelError::Forged)
+        ));
+        assert!(matches!(
+            verify_message(&signed(&[8u8; 32], 42, body), 42, Some(&key)),
+            Err(ChannelError::Forged)
+        ));
+        assert!(matches!(
+            verify_message(body.as_bytes(), 42, Some(&key)),
+            Err(ChannelError::Malformed)
+        ));
+        assert!(matches!(
+            verify_message(b"v1:zz", 42, Some(&key)),
+            Err(ChannelError::Malformed)
+        ));
+        assert!(matches!(
+            verify_message(&good, 42, None),
+            Err(ChannelError::NoKey)
+        ));
+        assert!(matches!(
+            verify_message(&signed(&key, 42, "{not json"), 42, Some(&key)),
+            Err(ChannelError::Body(_))
+        ));
+    }
 
     fn col(id: i32, name: &str, type_oid: u32, generated: bool) -> ColumnSchema {
         ColumnSchema {

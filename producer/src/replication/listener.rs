@@ -78,6 +78,35 @@ pub struct Listener<'a> {
     pub registry: Registry,
     /// The publication streamed (schema messages of other publications are skipped).
     pub publication: String,
+    /// The key trigger messages are authenticated with (`None`: none is accepted).
+    pub ddl_key: Option<Vec<u8>>,
+}
+
+/// Rejected DDL-channel messages: the first is logged in full, later ones once a minute.
+struct Rejections {
+    last_log: Option<std::time::Instant>,
+    since_log: u64,
+}
+
+impl Rejections {
+    fn record(&mut self, metrics: &Metrics, lsn: Lsn, xid: u32, why: &ddl::ChannelError) {
+        metrics.errors.with_label_values(&["ddl_rejected"]).inc();
+        self.since_log += 1;
+        if self
+            .last_log
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+        {
+            tracing::warn!(
+                %lsn,
+                xid,
+                rejected = self.since_log,
+                reason = %why,
+                "Skipped a message in walrelay's DDL channel: {why}. Only walrelay's event triggers can write schema events; see walrelay_producer_errors_total{{kind=\"ddl_rejected\"}}."
+            );
+            self.last_log = Some(std::time::Instant::now());
+            self.since_log = 0;
+        }
+    }
 }
 
 /// A table as the last Relation message described it.
@@ -122,6 +151,10 @@ impl Listener<'_> {
         let mut batch_events = 0u64;
         let mut batch_txns = 0u64;
         let mut last_log = std::time::Instant::now();
+        let mut rejections = Rejections {
+            last_log: None,
+            since_log: 0,
+        };
         loop {
             let event = tokio::select! {
                 biased;
@@ -347,13 +380,15 @@ impl Listener<'_> {
                     lsn,
                     transactional: true,
                 } if prefix == MESSAGE_PREFIX => {
+                    let xid = txn.as_ref().map_or(0, |t| t.xid);
                     let message: TriggerMessage =
-                        serde_json::from_slice(&content).map_err(|e| {
-                            RunError::Protocol(format!(
-                                "the {MESSAGE_PREFIX} message at {lsn} is not what walrelay's trigger writes ({e}); \
-                                 run `walrelay-producer init` with this version to reinstall the triggers"
-                            ))
-                        })?;
+                        match ddl::verify_message(&content, xid, self.ddl_key.as_deref()) {
+                            Ok(m) => m,
+                            Err(why) => {
+                                rejections.record(self.metrics, lsn, xid, &why);
+                                continue;
+                            }
+                        };
                     self.apply_ddl(
                         &message,
                         lsn.as_u64(),
