@@ -96,6 +96,10 @@ impl ClientContext for QuietContext {
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::debug!(%error, reason, "Kafka client error.");
     }
+
+    // librdkafka's statistics (when `statistics.interval.ms` is set) are not for the log; the
+    // default implementation prints each one as an INFO line.
+    fn stats(&self, _: rdkafka::Statistics) {}
 }
 
 impl ProducerContext for QuietContext {

@@ -140,6 +140,69 @@ pub fn read_file<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     })
 }
 
+/// `url` without the user and password it may carry (`https://user:pw@host/x` →
+/// `https://host/x`), for logs, errors, metrics and headers. Text that is not a URL with
+/// userinfo is returned as it is.
+pub fn without_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
+        None => url.to_string(),
+    }
+}
+
+/// librdkafka properties as given, whose `Debug` output hides the values of secret ones
+/// (`sasl.password`, `ssl.key.password`, `ssl.key.pem`, `*.secret`, tokens, JAAS configs).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct KafkaProperties(BTreeMap<String, String>);
+
+impl KafkaProperties {
+    /// A copy of the properties.
+    pub fn to_map(&self) -> BTreeMap<String, String> {
+        self.0.clone()
+    }
+
+    /// Whether the value of property `key` is a secret.
+    pub fn is_secret(key: &str) -> bool {
+        let k = key.to_ascii_lowercase();
+        ["password", "secret", "token", "jaas", ".pem", "key", "credential"]
+            .iter()
+            .any(|w| k.contains(w))
+            && !matches!(k.as_str(), "ssl.key.location" | "ssl.keystore.location")
+    }
+}
+
+impl std::ops::Deref for KafkaProperties {
+    type Target = BTreeMap<String, String>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl<'a> IntoIterator for &'a KafkaProperties {
+    type Item = (&'a String, &'a String);
+    type IntoIter = std::collections::btree_map::Iter<'a, String, String>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl std::fmt::Debug for KafkaProperties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| {
+                (
+                    k.as_str(),
+                    if Self::is_secret(k) { "***" } else { v.as_str() },
+                )
+            }))
+            .finish()
+    }
+}
+
 /// librdkafka properties: the file's `[kafka_properties]` table overridden by `KEY=VALUE`
 /// flags, refused when one would break walrelay's guarantees (see [`unsafe_kafka_property`]).
 ///
@@ -149,7 +212,7 @@ pub fn read_file<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
 pub fn kafka_properties(
     mut from_file: BTreeMap<String, String>,
     flags: &[String],
-) -> Result<BTreeMap<String, String>, ConfigError> {
+) -> Result<KafkaProperties, ConfigError> {
     for p in flags {
         let (k, v) = p
             .split_once('=')
@@ -167,7 +230,7 @@ pub fn kafka_properties(
             ));
         }
     }
-    Ok(from_file)
+    Ok(KafkaProperties(from_file))
 }
 
 /// Why setting librdkafka property `key` to `value` would break a guarantee of walrelay, or
@@ -223,6 +286,19 @@ pub fn check_topic(option: &str, topic: &str) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn userinfo_is_removed_from_urls() {
+        assert_eq!(
+            super::without_userinfo("https://u:p%40ss@hooks.example.com:8443/x?q=a@b"),
+            "https://hooks.example.com:8443/x?q=a@b"
+        );
+        assert_eq!(
+            super::without_userinfo("http://hooks.example.com/a@b"),
+            "http://hooks.example.com/a@b"
+        );
+        assert_eq!(super::without_userinfo("not a url"), "not a url");
+    }
+
+    #[test]
     fn unsafe_kafka_properties_are_refused_by_name() {
         let flags = |f: &[&str]| f.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         for bad in [
@@ -252,6 +328,16 @@ mod tests {
         )
         .expect("safe properties");
         assert_eq!(ok.len(), 4);
+        let secret = super::kafka_properties(
+            BTreeMap::new(),
+            &flags(&["sasl.password=hunter2-hunter2", "sasl.username=walrelay", "ssl.key.pem=-----BEGIN"]),
+        )
+        .expect("properties");
+        let debug = format!("{secret:?}");
+        assert!(
+            !debug.contains("hunter2") && !debug.contains("BEGIN") && debug.contains("walrelay"),
+            "{debug}"
+        );
         let mut file = BTreeMap::new();
         file.insert("acks".to_string(), "0".to_string());
         assert!(super::kafka_properties(file, &[]).is_err(), "the file is checked too");

@@ -310,7 +310,7 @@ pub struct RuntimeSettings {
     /// librdkafka prefetch cap.
     pub max_queued_bytes: usize,
     /// librdkafka properties given by the user.
-    pub kafka_properties: BTreeMap<String, String>,
+    pub kafka_properties: walrelay_common::options::KafkaProperties,
 }
 
 /// Settings of the search sink.

@@ -105,7 +105,7 @@ async fn try_main(command: Command, settings: Settings) -> ExitCode {
             match sink.client().version().await {
                 Ok(v) => {
                     readiness.set("search", true);
-                    tracing::info!(url = %search.url, server = %v, "Search service reachable.");
+                    tracing::info!(url = %walrelay_common::options::without_userinfo(search.url.as_str()), server = %v, "Search service reachable.");
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "Search service not reachable yet; writes retry.")

@@ -97,7 +97,7 @@ pub async fn check(s: &Settings) -> Vec<CheckItem> {
                 brokers: brokers.to_string(),
                 topic: s.topic.clone(),
                 max_buffer_bytes: s.max_buffer_bytes,
-                properties: s.kafka_properties.clone(),
+                properties: s.kafka_properties.to_map(),
             };
             match tokio::task::spawn_blocking(move || {
                 broker_reachable(&opts, Duration::from_secs(5))

@@ -74,6 +74,20 @@ pub enum SnapshotMode {
     Never,
 }
 
+/// What schema events carry of the DDL statement that caused them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DdlStatement {
+    /// The statement as the server received it.
+    Include,
+    /// The statement with password literals and `password=` connection parameters replaced by
+    /// `***`.
+    #[default]
+    Redact,
+    /// No statement.
+    Omit,
+}
+
 /// Every option, each unset unless given.
 #[derive(Debug, Clone, Default, Args, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -119,6 +133,10 @@ pub struct Options {
     /// Snapshot a new slot's existing rows [default: initial].
     #[arg(long, env = "WALRELAY_SNAPSHOT", global = true, value_enum)]
     pub snapshot: Option<SnapshotMode>,
+    /// The DDL text in schema events: include it, redact password literals, or omit it
+    /// [default: redact].
+    #[arg(long, env = "WALRELAY_DDL_STATEMENT", global = true, value_enum)]
+    pub ddl_statement: Option<DdlStatement>,
     /// Connections reading the snapshot in parallel [default: 4].
     #[arg(long, env = "WALRELAY_SNAPSHOT_PARALLELISM", global = true)]
     pub snapshot_parallelism: Option<usize>,
@@ -170,6 +188,7 @@ impl Options {
             max_buffer_bytes: self.max_buffer_bytes.or(file.max_buffer_bytes),
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
             snapshot: self.snapshot.or(file.snapshot),
+            ddl_statement: self.ddl_statement.or(file.ddl_statement),
             snapshot_parallelism: self.snapshot_parallelism.or(file.snapshot_parallelism),
             snapshot_chunk_pages: self.snapshot_chunk_pages.or(file.snapshot_chunk_pages),
             kafka_property: if self.kafka_property.is_empty() {
@@ -208,12 +227,14 @@ pub struct Settings {
     pub metrics_addr: Option<SocketAddr>,
     /// Snapshot mode.
     pub snapshot: SnapshotMode,
+    /// DDL text in schema events.
+    pub ddl_statement: DdlStatement,
     /// Snapshot connections.
     pub snapshot_parallelism: usize,
     /// Pages per snapshot chunk.
     pub snapshot_chunk_pages: u32,
     /// librdkafka properties.
-    pub kafka_properties: BTreeMap<String, String>,
+    pub kafka_properties: walrelay_common::options::KafkaProperties,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -281,6 +302,7 @@ impl Settings {
             max_buffer_bytes: usize::try_from(max_buffer_bytes).unwrap_or(usize::MAX),
             metrics_addr: o.metrics_addr,
             snapshot: o.snapshot.unwrap_or_default(),
+            ddl_statement: o.ddl_statement.unwrap_or_default(),
             snapshot_parallelism,
             snapshot_chunk_pages,
             kafka_properties,

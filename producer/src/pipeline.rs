@@ -313,7 +313,7 @@ async fn prepare(ctx: &Context) -> Result<Prepared, RunError> {
         brokers: brokers.to_string(),
         topic: s.topic.clone(),
         max_buffer_bytes: s.max_buffer_bytes,
-        properties: s.kafka_properties.clone(),
+        properties: s.kafka_properties.to_map(),
     };
     ensure_topic(&writer_opts, s.topic_partitions).await?;
     let checkpointer =
@@ -441,6 +441,7 @@ async fn stream(ctx: &Context, p: Prepared) -> Result<(), RunError> {
         partition_key: s.partition_key,
         partitions,
         ddl_key,
+        ddl_statement: s.ddl_statement,
     };
     let result = listener.run(&ctx.shutdown).await;
     poller.abort();

@@ -10,6 +10,7 @@ mod ddl;
 mod failover;
 mod memory;
 mod outage;
+mod secrets;
 mod slot;
 mod stream;
 mod tls;

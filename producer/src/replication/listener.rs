@@ -80,6 +80,8 @@ pub struct Listener<'a> {
     pub publication: String,
     /// The key trigger messages are authenticated with (`None`: none is accepted).
     pub ddl_key: Option<Vec<u8>>,
+    /// What schema events carry of the DDL text.
+    pub ddl_statement: crate::config::DdlStatement,
 }
 
 /// Rejected DDL-channel messages: the first is logged in full, later ones once a minute.
@@ -383,7 +385,16 @@ impl Listener<'_> {
                     let xid = txn.as_ref().map_or(0, |t| t.xid);
                     let message: TriggerMessage =
                         match ddl::verify_message(&content, xid, self.ddl_key.as_deref()) {
-                            Ok(m) => m,
+                            Ok(mut m) => {
+                                m.sql = match self.ddl_statement {
+                                    crate::config::DdlStatement::Include => m.sql,
+                                    crate::config::DdlStatement::Redact => {
+                                        ddl::redact_statement(&m.sql)
+                                    }
+                                    crate::config::DdlStatement::Omit => String::new(),
+                                };
+                                m
+                            }
                             Err(why) => {
                                 rejections.record(self.metrics, lsn, xid, &why);
                                 continue;

@@ -161,7 +161,7 @@ async fn create(State(api): State<Api>, headers: HeaderMap, body: axum::body::By
         Ok(s) => {
             let mut v = view(&s);
             v["secret"] = Value::String(secret);
-            tracing::info!(id = %s.id, url = %s.url, "Subscription created.");
+            tracing::info!(id = %s.id, url = %walrelay_common::options::without_userinfo(&s.url), "Subscription created.");
             (StatusCode::CREATED, axum::Json(v)).into_response()
         }
         Err(e) => store_error(&e).into_response(),

@@ -355,7 +355,7 @@ impl WebhookSink {
                 Ok(()) => {}
                 Err(Failure::Interrupted) => return Err(SinkError::Interrupted),
                 Err(Failure::Gone) => {
-                    tracing::warn!(subscription = %sub.id, url = %sub.url, "The endpoint answered 410 Gone: the subscription is disabled after this batch.");
+                    tracing::warn!(subscription = %sub.id, url = %walrelay_common::options::without_userinfo(&sub.url), "The endpoint answered 410 Gone: the subscription is disabled after this batch.");
                     let mut gone = self.gone.lock().unwrap_or_else(|p| p.into_inner());
                     if !gone.contains(&sub.id) {
                         gone.push(sub.id.clone());
@@ -453,7 +453,10 @@ fn letter(
         message,
         headers: vec![
             ("walrelay.dlq.subscription", sub.id.clone()),
-            ("walrelay.dlq.url", sub.url.clone()),
+            (
+                "walrelay.dlq.url",
+                walrelay_common::options::without_userinfo(&sub.url),
+            ),
             (
                 "walrelay.dlq.status",
                 status.map_or_else(|| "none".to_string(), |s| s.to_string()),
