@@ -115,6 +115,8 @@ pub fn quote_literal(s: &str) -> String {
 pub struct Catalog<'c> {
     client: &'c Client,
     kinds: HashMap<u32, Kind>,
+    /// Columns already reported as having a type that no longer exists.
+    warned: std::collections::HashSet<(u32, String, String)>,
 }
 
 impl<'c> Catalog<'c> {
@@ -123,12 +125,46 @@ impl<'c> Catalog<'c> {
         Self {
             client,
             kinds: HashMap::new(),
+            warned: std::collections::HashSet::new(),
         }
     }
 
     /// The connection.
     pub fn client(&self) -> &'c Client {
         self.client
+    }
+
+    /// How values of column `column` of `table`, of type `oid`, convert; a type that no
+    /// longer exists in the catalog is delivered as text, and said so once per column.
+    pub async fn column_kind(
+        &mut self,
+        oid: u32,
+        table: &str,
+        column: &str,
+    ) -> Result<Kind, PgError> {
+        let kind = self.kind(oid).await?;
+        if kind == Kind::Text
+            && Kind::builtin(oid).is_none()
+            && self.warned.insert((oid, table.to_string(), column.to_string()))
+            && !self.type_exists(oid).await?
+        {
+            tracing::warn!(
+                table,
+                column,
+                type_oid = oid,
+                "The column's type no longer exists in the catalog (dropped after the change was written): its values are delivered as their text."
+            );
+        }
+        Ok(kind)
+    }
+
+    async fn type_exists(&self, oid: u32) -> Result<bool, PgError> {
+        Ok(self
+            .client
+            .query_one("SELECT EXISTS (SELECT 1 FROM pg_type WHERE oid = $1)", &[&oid])
+            .await
+            .map_err(PgError::query(format!("reading type {oid}")))?
+            .get(0))
     }
 
     /// How values of type `oid` convert; domains resolve to their base type.
@@ -152,8 +188,12 @@ impl<'c> Catalog<'c> {
                     &[&cur],
                 )
                 .await
-                .map_err(PgError::query(format!("reading type {cur}")))?
-                .ok_or_else(|| PgError::Catalog(format!("type OID {cur} is not in pg_type")))?;
+                .map_err(PgError::query(format!("reading type {cur}")))?;
+            // The type is gone (an enum replaced and dropped while the stream was behind):
+            // pgoutput sends values as text, so they are delivered as text.
+            let Some(row) = row else {
+                break Kind::Text;
+            };
             let typtype: String = row.get(0);
             let category: String = row.get(1);
             let elem: u32 = row.get(2);

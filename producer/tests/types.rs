@@ -165,3 +165,57 @@ async fn unchanged_toast_is_marked_and_full_identity_fills_it() {
     );
     producer.terminate();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enum_swapped_and_dropped_while_stopped_still_delivers_every_row() {
+    let mut env = Env::start().await;
+    env.pg
+        .exec(
+            &env.db,
+            "CREATE TYPE mood AS ENUM ('sad', 'happy');
+             CREATE TABLE feel (id int PRIMARY KEY, m mood);
+             INSERT INTO feel VALUES (1, 'sad');",
+        )
+        .await;
+    env.init();
+    let mut producer = env.spawn(&[]);
+    env.wait_streaming(Duration::from_secs(60)).await;
+    env.wait_confirmed_current(Duration::from_secs(60)).await;
+    assert_eq!(producer.terminate(), Some(0), "{}", env.all_logs());
+
+    // While the producer is stopped: a row under the old type, then the usual enum migration
+    // (new type, column converted, old type dropped, new type renamed), then a row under it.
+    env.pg
+        .exec(
+            &env.db,
+            "INSERT INTO feel VALUES (2, 'happy');
+             CREATE TYPE mood_v2 AS ENUM ('sad', 'happy', 'fine');
+             ALTER TABLE feel ALTER COLUMN m TYPE mood_v2 USING m::text::mood_v2;
+             DROP TYPE mood;
+             ALTER TYPE mood_v2 RENAME TO mood;
+             INSERT INTO feel VALUES (3, 'fine');
+             UPDATE feel SET m = 'fine' WHERE id = 1;",
+        )
+        .await;
+    let mut producer = env.spawn(&[]);
+    let records = env.read_until(Duration::from_secs(60), |r| {
+        let rows = walrelay_tests::topic::table_state(r, "public", "feel", "id");
+        rows.len() == 3 && rows.values().all(|row| row.get("m") == Some(&json!("fine")) || row.get("id") == Some(&json!(2)))
+    });
+    let rows = walrelay_tests::topic::table_state(&records, "public", "feel", "id");
+    let m = |id: i64| rows.values().find(|r| r.get("id") == Some(&json!(id))).and_then(|r| r.get("m").cloned());
+    assert_eq!(m(1), Some(json!("fine")));
+    assert_eq!(m(2), Some(json!("happy")), "the row written under the dropped type, as text");
+    assert_eq!(m(3), Some(json!("fine")));
+    assert!(
+        producer.try_exit().is_none(),
+        "the producer keeps streaming\n{}",
+        env.all_logs()
+    );
+    assert_eq!(producer.terminate(), Some(0));
+    let log = producer.log();
+    assert!(
+        log.contains("no longer exists in the catalog") && log.contains("column=\"m\""),
+        "the column with the vanished type is named:\n{log}"
+    );
+}

@@ -472,7 +472,9 @@ pub async fn schema_event(
     let mut shaped = Vec::new();
     let mut keys: Vec<(i32, String)> = Vec::new();
     for c in &schema.columns {
-        let kind = catalog.kind(c.type_oid).await?;
+        let kind = catalog
+            .column_kind(c.type_oid, &format!("{}.{}", schema.schema, schema.table), &c.name)
+            .await?;
         let mut col = c.clone();
         col.logical = kind.label();
         columns.push(col);

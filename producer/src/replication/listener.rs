@@ -252,7 +252,10 @@ impl Listener<'_> {
                         } => {
                             let mut shaped = Vec::with_capacity(columns.len());
                             for c in &columns {
-                                let kind = self.catalog.kind(c.type_oid).await?;
+                                let kind = self
+                                    .catalog
+                                    .column_kind(c.type_oid, &format!("{namespace}.{name}"), c.name)
+                                    .await?;
                                 shaped.push(ColumnShape::new(c.name, kind, c.is_key));
                             }
                             let keys = self.catalog.key_columns(oid).await?;
