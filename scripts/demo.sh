@@ -42,6 +42,7 @@ command -v python3 >/dev/null || need+=(python3)
 { command -v java >/dev/null && java -version 2>&1 | grep -q 'version "17'; } || need+=(openjdk-17-jdk-headless)
 command -v mvn >/dev/null || need+=(maven)
 { command -v cc >/dev/null && command -v make >/dev/null; } || need+=(build-essential)
+{ [ -f /usr/include/openssl/ssl.h ] && command -v pkg-config >/dev/null; } || need+=(libssl-dev pkg-config)
 if [ ${#need[@]} -gt 0 ]; then
   echo "apt-get install ${need[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"

@@ -19,6 +19,8 @@ python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 # Kafka 4 and OpenSearch 2.19 run on Java 17; Maven resolves them.
 { command -v java >/dev/null && java -version 2>&1 | grep -q 'version "17'; } || need_apt+=(openjdk-17-jdk-headless)
 command -v mvn >/dev/null || need_apt+=(maven)
+# librdkafka is built with OpenSSL (SSL and SASL_SSL listeners, SCRAM).
+{ [ -f /usr/include/openssl/ssl.h ] && command -v pkg-config >/dev/null; } || need_apt+=(libssl-dev pkg-config)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]}"
   apt-get update -qq

@@ -24,6 +24,8 @@ use walrelay_tests::search::{Faults, SearchStandIn};
 
 mod deploy;
 mod notify;
+mod postgres_tls;
+mod secure_kafka;
 mod types;
 
 fn consumer_bin() -> PathBuf {
@@ -138,23 +140,28 @@ impl Stack {
     /// producer's `init`.
     async fn start(schema_sql: &str) -> Self {
         let search = Search::Real(Indexes::new(&OpenSearch::shared().url()));
-        Self::start_with(schema_sql, search).await
+        Self::start_with(schema_sql, search, KafkaCluster::shared()).await
     }
 
     /// Starts everything on a search stand-in of the test's own, for injected faults.
     async fn start_with_stand_in(schema_sql: &str) -> Self {
         let stand_in = SearchStandIn::start().await;
         let indexes = Indexes::new(&stand_in.url());
-        Self::start_with(schema_sql, Search::StandIn(stand_in, indexes)).await
+        Self::start_with(
+            schema_sql,
+            Search::StandIn(stand_in, indexes),
+            KafkaCluster::shared(),
+        )
+        .await
     }
 
-    async fn start_with(schema_sql: &str, search: Search) -> Self {
+    async fn start_with(schema_sql: &str, search: Search, broker: Arc<KafkaCluster>) -> Self {
         let pg = PgCluster::start();
         let db = pg.create_database("wrc").await;
         pg.exec(&db, schema_sql).await;
         let mut s = Self {
             pg,
-            broker: KafkaCluster::shared(),
+            broker,
             search,
             db,
             topic: walrelay_tests::unique("ev").replace('_', "."),
@@ -214,6 +221,10 @@ impl Stack {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        for p in self.broker.client_properties() {
+            args.push("--kafka-property".into());
+            args.push(p);
+        }
         args.extend(command.iter().map(|s| s.to_string()));
         args
     }
@@ -245,6 +256,10 @@ impl Stack {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        for p in self.broker.client_properties() {
+            args.push("--kafka-property".into());
+            args.push(p);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         args.push(command.into());
         args

@@ -56,7 +56,21 @@ pub struct KafkaCluster {
     dir: tempfile::TempDir,
     cluster_id: String,
     nodes: Mutex<Vec<Node>>,
+    /// Extra `kafka.sh run` arguments of every node (a secured listener).
+    run_args: Vec<String>,
+    /// librdkafka properties a client needs to talk to the cluster.
+    client_properties: Vec<(String, String)>,
     _watchdog: Child,
+}
+
+/// A SASL_SSL (SCRAM-SHA-512) client listener: what [`KafkaCluster::start_sasl_ssl`] needs.
+pub struct SaslSsl<'a> {
+    /// The CA that signs the broker's certificate (clients trust it).
+    pub ca: &'a crate::certs::TestCa,
+    /// SCRAM user.
+    pub username: &'a str,
+    /// SCRAM password.
+    pub password: &'a str,
 }
 
 impl KafkaCluster {
@@ -68,13 +82,24 @@ impl KafkaCluster {
 
     /// Starts `n` nodes (1 or 3) and waits until every broker is registered.
     pub fn start(n: u32) -> Self {
+        Self::start_configured(n, None)
+    }
+
+    /// One node whose only client listener is SASL_SSL with SCRAM-SHA-512 (TLS with a
+    /// certificate from `sec.ca` for 127.0.0.1 and localhost); the controller listens in plain
+    /// text on another loopback port. Clients need [`Self::client_properties`].
+    pub fn start_sasl_ssl(sec: &SaslSsl<'_>) -> Self {
+        Self::start_configured(1, Some(sec))
+    }
+
+    fn start_configured(n: u32, sec: Option<&SaslSsl<'_>>) -> Self {
         assert!(n == 1 || n == 3, "a cluster has 1 or 3 nodes");
         install();
         let dir = tempfile::Builder::new()
             .prefix("walrelay-kafka-")
             .tempdir()
             .expect("temp dir");
-        let nodes = (1..=n)
+        let nodes: Vec<Node> = (1..=n)
             .map(|id| Node {
                 id,
                 port: crate::free_port(),
@@ -102,10 +127,63 @@ impl KafkaCluster {
             let bytes: [u8; 16] = rand::random();
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
         };
+        let (run_args, client_properties) = match sec {
+            None => (Vec::new(), Vec::new()),
+            Some(sec) => {
+                let (port, cport) = (nodes[0].port, nodes[0].controller_port);
+                let internal = crate::free_port();
+                let server = sec.ca.server("kafka", &["localhost", "127.0.0.1"]);
+                // Kafka's PEM keystore: the private key and the certificate chain in one file.
+                let keystore = dir.path().join("keystore.pem");
+                let pem = format!(
+                    "{}{}",
+                    std::fs::read_to_string(&server.key).expect("key"),
+                    std::fs::read_to_string(&server.cert).expect("cert")
+                );
+                std::fs::write(&keystore, pem).expect("keystore");
+                let sets = [
+                    format!(
+                        "listeners=SASL_SSL://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport},INTERNAL://127.0.0.1:{internal}"
+                    ),
+                    format!(
+                        "advertised.listeners=SASL_SSL://127.0.0.1:{port},INTERNAL://127.0.0.1:{internal}"
+                    ),
+                    "listener.security.protocol.map=SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT,INTERNAL:PLAINTEXT".into(),
+                    "inter.broker.listener.name=INTERNAL".into(),
+                    "sasl.enabled.mechanisms=SCRAM-SHA-512".into(),
+                    "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;".into(),
+                    "ssl.keystore.type=PEM".into(),
+                    format!("ssl.keystore.location={}", keystore.display()),
+                ];
+                let mut args = Vec::new();
+                for s in sets {
+                    args.push("--set".to_string());
+                    args.push(s);
+                }
+                args.push("--add-scram".into());
+                args.push(format!(
+                    "SCRAM-SHA-512=[name={},password={}]",
+                    sec.username, sec.password
+                ));
+                let props = vec![
+                    ("security.protocol".to_string(), "SASL_SSL".to_string()),
+                    ("sasl.mechanisms".into(), "SCRAM-SHA-512".into()),
+                    ("sasl.username".into(), sec.username.to_string()),
+                    ("sasl.password".into(), sec.password.to_string()),
+                    (
+                        "ssl.ca.location".into(),
+                        sec.ca.cert_path().display().to_string(),
+                    ),
+                ];
+                (args, props)
+            }
+        };
         let cluster = Self {
             dir,
             cluster_id,
             nodes: Mutex::new(nodes),
+            run_args,
+            client_properties,
             _watchdog: watchdog,
         };
         for id in 1..=n {
@@ -163,6 +241,7 @@ impl KafkaCluster {
             .args(["--controller-port", &node.controller_port.to_string()])
             .args(["--voters", &voters])
             .args(["--cluster-id", &self.cluster_id])
+            .args(&self.run_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("node log"))
             .stderr(log)
@@ -177,11 +256,30 @@ impl KafkaCluster {
         node.child = Some(child);
     }
 
+    /// librdkafka properties a client of this cluster needs beyond `bootstrap.servers` (none
+    /// for a plain cluster), as `KEY=VALUE` for `--kafka-property`.
+    pub fn client_properties(&self) -> Vec<String> {
+        self.client_properties
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect()
+    }
+
+    /// A client configuration for this cluster.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", self.brokers());
+        for (k, v) in &self.client_properties {
+            c.set(k, v);
+        }
+        c
+    }
+
     /// Waits until `n` brokers are in the cluster's metadata.
     pub fn wait_brokers(&self, n: usize, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", self.brokers())
+        let consumer: BaseConsumer = self
+            .client_config()
             .set("log_level", "0")
             .create()
             .expect("metadata client");

@@ -11,6 +11,7 @@
 #   kafka.sh run --node-id N --dir DIR --port P --controller-port C
 #                [--voters "1@127.0.0.1:C1,2@127.0.0.1:C2,3@127.0.0.1:C3"]
 #                [--cluster-id ID] [--heap 512m] [--set key=value]...
+#                [--add-scram 'SCRAM-SHA-512=[name=U,password=P]']...
 #       One combined broker+controller node in the foreground: writes
 #       DIR/server.properties, formats DIR/data on first use only, then execs
 #       the JVM (the caller's process id is the broker's). Listens on
@@ -113,7 +114,7 @@ new_cluster_id() {
 
 cmd_run() {
   local node_id="" dir="" port="" cport="" voters="" cluster_id="" heap="512m"
-  local -a sets=()
+  local -a sets=() scram=()
   while (($#)); do
     case "$1" in
       --node-id) node_id="$2"; shift 2 ;;
@@ -124,6 +125,9 @@ cmd_run() {
       --cluster-id) cluster_id="$2"; shift 2 ;;
       --heap) heap="$2"; shift 2 ;;
       --set) sets+=("$2"); shift 2 ;;
+      # A SCRAM credential created when the storage is formatted, e.g.
+      # 'SCRAM-SHA-512=[name=walrelay,password=secret]' (KRaft has no ZooKeeper to hold it).
+      --add-scram) scram+=(--add-scram "$2"); shift 2 ;;
       *) die "run: unknown argument: $1" ;;
     esac
   done
@@ -184,7 +188,7 @@ EOF
   if [[ ! -f "$dir/data/meta.properties" ]]; then
     log "node $node_id: formatting $dir/data (cluster id $cluster_id)"
     "${TOOL_JAVA[@]}" kafka.tools.StorageTool format \
-      --cluster-id "$cluster_id" --config "$dir/server.properties" >&2 \
+      --cluster-id "$cluster_id" --config "$dir/server.properties" "${scram[@]}" >&2 \
       || die "node $node_id: storage format failed"
   fi
 
