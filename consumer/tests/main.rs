@@ -542,52 +542,41 @@ async fn assigned_partitions(metrics_port: u16) -> Option<i64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// Starts an indexer with metrics and waits until it holds both partitions of the topic.
+async fn indexer_holding_both(s: &mut Stack, name: &str, timeout: Duration) -> Proc {
+    let port = walrelay_tests::free_port();
+    let log = s.log_path(name);
+    let metrics = format!("127.0.0.1:{port}");
+    let member = Proc::spawn(
+        &consumer_bin(),
+        &s.consumer_args("index", &["--metrics-addr", &metrics]),
+        &[],
+        &log,
+    );
+    let deadline = Instant::now() + timeout;
+    while assigned_partitions(port).await != Some(2) {
+        assert!(
+            Instant::now() < deadline,
+            "{name} never held both partitions\n{}",
+            s.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    member
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_started_at_once_takes_over_a_killed_members_partitions() {
     let mut s = Stack::start(ITEMS).await;
     let stop = tokio_util::sync::CancellationToken::new();
     let load = writer(s.pg.url(&s.db), stop.clone());
-    let first_port = walrelay_tests::free_port();
-    let log = s.log_path("index-first");
-    let metrics = format!("127.0.0.1:{first_port}");
-    let mut first = Proc::spawn(
-        &consumer_bin(),
-        &s.consumer_args("index", &["--metrics-addr", &metrics]),
-        &[],
-        &log,
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while assigned_partitions(first_port).await != Some(2) {
-        assert!(
-            Instant::now() < deadline,
-            "the first member never held both partitions\n{}",
-            s.all_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let mut first = indexer_holding_both(&mut s, "index-first", Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     // SIGKILL: no LeaveGroup. The replacement joins while the dead member is still registered;
     // the coordinator hands it the partitions once the dead member's session (6 s) expires.
     first.kill9();
     let killed_at = Instant::now();
-    let second_port = walrelay_tests::free_port();
-    let log = s.log_path("index-second");
-    let metrics = format!("127.0.0.1:{second_port}");
-    let mut second = Proc::spawn(
-        &consumer_bin(),
-        &s.consumer_args("index", &["--metrics-addr", &metrics]),
-        &[],
-        &log,
-    );
-    let deadline = Instant::now() + Duration::from_secs(45);
-    while assigned_partitions(second_port).await != Some(2) {
-        assert!(
-            Instant::now() < deadline,
-            "the replacement never received the dead member's partitions\n{}",
-            s.all_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let mut second = indexer_holding_both(&mut s, "index-second", Duration::from_secs(45)).await;
     eprintln!(
         "the replacement held both partitions {:?} after the kill",
         killed_at.elapsed()

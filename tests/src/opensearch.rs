@@ -195,6 +195,18 @@ impl Indexes {
         Some(resp.json().await.expect("JSON answer"))
     }
 
+    async fn search_request(&self, full: &str, body: Value) -> Value {
+        self.http
+            .post(format!("{}/{full}/_search", self.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("search {full}: {e}"))
+            .json()
+            .await
+            .expect("search answer")
+    }
+
     /// Live documents of an index or of the one index an alias points at, by id.
     pub async fn documents(&self, name: &str) -> BTreeMap<String, Value> {
         let full = self.full(name);
@@ -207,16 +219,12 @@ impl Indexes {
         if refresh.status() == reqwest::StatusCode::NOT_FOUND {
             return BTreeMap::new();
         }
-        let resp: Value = self
-            .http
-            .post(format!("{}/{full}/_search", self.url))
-            .json(&json!({"size": 10000, "query": {"match_all": {}}, "track_total_hits": true}))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("search {full}: {e}"))
-            .json()
-            .await
-            .expect("search answer");
+        let resp = self
+            .search_request(
+                &full,
+                json!({"size": 10000, "query": {"match_all": {}}, "track_total_hits": true}),
+            )
+            .await;
         let total = resp["hits"]["total"]["value"].as_u64().unwrap_or(0);
         assert!(
             total <= 10_000,
@@ -249,16 +257,12 @@ impl Indexes {
     /// Hits of a query-string search, as `_source`s.
     pub async fn search(&self, name: &str, query: &str) -> Vec<Value> {
         let full = self.full(name);
-        let resp: Value = self
-            .http
-            .post(format!("{}/{full}/_search", self.url))
-            .json(&json!({"size": 100, "query": {"query_string": {"query": query}}}))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("search {full}: {e}"))
-            .json()
-            .await
-            .expect("search answer");
+        let resp = self
+            .search_request(
+                &full,
+                json!({"size": 100, "query": {"query_string": {"query": query}}}),
+            )
+            .await;
         resp["hits"]["hits"]
             .as_array()
             .map(|h| h.iter().map(|h| h["_source"].clone()).collect())

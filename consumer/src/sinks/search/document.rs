@@ -108,15 +108,9 @@ fn document_id_by(
     Ok(id)
 }
 
-/// The alias of a table: the template with `{db}`, `{schema}` and `{table}` replaced,
-/// lowercased, with characters index names cannot hold replaced by `_`.
-pub fn alias_name(template: &str, env: &Envelope) -> Result<String, String> {
-    let raw = template
-        .replace("{db}", &env.source.db)
-        .replace("{schema}", &env.source.schema)
-        .replace("{table}", &env.source.table);
-    let mut name: String = raw
-        .to_lowercase()
+/// `s` lowercased, with the characters an index name cannot hold replaced by `_`.
+fn index_safe(s: &str) -> String {
+    s.to_lowercase()
         .chars()
         .map(|c| {
             if matches!(
@@ -128,7 +122,17 @@ pub fn alias_name(template: &str, env: &Envelope) -> Result<String, String> {
                 c
             }
         })
-        .collect();
+        .collect()
+}
+
+/// The alias of a table: the template with `{db}`, `{schema}` and `{table}` replaced,
+/// lowercased, with characters index names cannot hold replaced by `_`.
+pub fn alias_name(template: &str, env: &Envelope) -> Result<String, String> {
+    let raw = template
+        .replace("{db}", &env.source.db)
+        .replace("{schema}", &env.source.schema)
+        .replace("{table}", &env.source.table);
+    let mut name = index_safe(&raw);
     while name.starts_with(['_', '-', '+']) {
         name.remove(0);
     }
@@ -147,20 +151,7 @@ pub fn alias_name(template: &str, env: &Envelope) -> Result<String, String> {
 /// for at least one character. Tells this deployment's aliases from those of others that share
 /// the search cluster.
 pub fn template_matches(template: &str, alias: &str) -> bool {
-    let normalized: String = template
-        .to_lowercase()
-        .chars()
-        .map(|c| {
-            if matches!(
-                c,
-                '\\' | '/' | '*' | '?' | '"' | '<' | '>' | '|' | ' ' | ',' | '#' | ':'
-            ) {
-                '_'
-            } else {
-                c
-            }
-        })
-        .collect();
+    let normalized = index_safe(template);
     let literals: Vec<&str> = normalized
         .split("{db}")
         .flat_map(|p| p.split("{schema}"))
