@@ -168,9 +168,17 @@ impl KafkaProperties {
     /// Whether the value of property `key` is a secret.
     pub fn is_secret(key: &str) -> bool {
         let k = key.to_ascii_lowercase();
-        ["password", "secret", "token", "jaas", ".pem", "key", "credential"]
-            .iter()
-            .any(|w| k.contains(w))
+        [
+            "password",
+            "secret",
+            "token",
+            "jaas",
+            ".pem",
+            "key",
+            "credential",
+        ]
+        .iter()
+        .any(|w| k.contains(w))
             && !matches!(k.as_str(), "ssl.key.location" | "ssl.keystore.location")
     }
 }
@@ -196,7 +204,11 @@ impl std::fmt::Debug for KafkaProperties {
             .entries(self.0.iter().map(|(k, v)| {
                 (
                     k.as_str(),
-                    if Self::is_secret(k) { "***" } else { v.as_str() },
+                    if Self::is_secret(k) {
+                        "***"
+                    } else {
+                        v.as_str()
+                    },
                 )
             }))
             .finish()
@@ -239,7 +251,9 @@ pub fn unsafe_kafka_property(key: &str, value: &str) -> Option<&'static str> {
     let v = value.trim().to_ascii_lowercase();
     let is = |allowed: &[&str]| allowed.contains(&v.as_str());
     match key.trim() {
-        "bootstrap.servers" | "metadata.broker.list" => Some("give the brokers with --kafka-brokers"),
+        "bootstrap.servers" | "metadata.broker.list" => {
+            Some("give the brokers with --kafka-brokers")
+        }
         "group.id" => Some("give the consumer group with --group"),
         "acks" | "request.required.acks" if !is(&["all", "-1"]) => Some(
             "an event acknowledged by fewer than all in-sync replicas can be lost with its leader after walrelay confirmed it; acks must stay all",
@@ -330,7 +344,11 @@ mod tests {
         assert_eq!(ok.len(), 4);
         let secret = super::kafka_properties(
             BTreeMap::new(),
-            &flags(&["sasl.password=hunter2-hunter2", "sasl.username=walrelay", "ssl.key.pem=-----BEGIN"]),
+            &flags(&[
+                "sasl.password=hunter2-hunter2",
+                "sasl.username=walrelay",
+                "ssl.key.pem=-----BEGIN",
+            ]),
         )
         .expect("properties");
         let debug = format!("{secret:?}");
@@ -340,7 +358,10 @@ mod tests {
         );
         let mut file = BTreeMap::new();
         file.insert("acks".to_string(), "0".to_string());
-        assert!(super::kafka_properties(file, &[]).is_err(), "the file is checked too");
+        assert!(
+            super::kafka_properties(file, &[]).is_err(),
+            "the file is checked too"
+        );
     }
 
     use super::*;

@@ -27,8 +27,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 use tokio_postgres::config::{Host, SslMode as PgSslMode};
@@ -127,7 +127,13 @@ pub enum PgConnectError {
 impl PgConnectError {
     /// Whether trying again may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Connect { transient: true, .. })
+        matches!(
+            self,
+            Self::Connect {
+                transient: true,
+                ..
+            }
+        )
     }
 }
 
@@ -161,12 +167,11 @@ impl PgTarget {
 
     fn parse_with_env(conn: &str, env: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
         let (rest, mut found) = split_tls(conn)?;
-        for (key, var) in TLS_KEYS.iter().zip([
-            "PGSSLMODE",
-            "PGSSLROOTCERT",
-            "PGSSLCERT",
-            "PGSSLKEY",
-        ]) {
+        for (key, var) in
+            TLS_KEYS
+                .iter()
+                .zip(["PGSSLMODE", "PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY"])
+        {
             if !found.iter().any(|(k, _)| k == key)
                 && let Some(v) = env(var).filter(|v| !v.is_empty())
             {
@@ -254,15 +259,11 @@ impl PgTarget {
                         ))
                     })?;
                 }
-                let webpki =
-                    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-                        .build()
-                        .map_err(|e| {
-                            PgConnectError::Settings(format!(
-                                "sslrootcert {}: {e}",
-                                path.display()
-                            ))
-                        })?;
+                let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                    .build()
+                    .map_err(|e| {
+                        PgConnectError::Settings(format!("sslrootcert {}: {e}", path.display()))
+                    })?;
                 if kind == "full" {
                     webpki
                 } else {
@@ -325,7 +326,9 @@ impl PgTarget {
             self.tls
                 .root_cert
                 .as_ref()
-                .map_or("sslrootcert".into(), |p| format!("sslrootcert {}", p.display()))
+                .map_or("sslrootcert".into(), |p| {
+                    format!("sslrootcert {}", p.display())
+                })
         };
         let (message, transient) = if lower.contains("unknownissuer")
             || lower.contains("unknown issuer")
@@ -375,7 +378,10 @@ impl PgTarget {
             let code = db.code().code();
             // 28xxx: authentication; 3D000: no such database; 42501: no privilege.
             let definite = code.starts_with("28") || code == "3D000" || code == "42501";
-            let hint = db.hint().map(|h| format!("; hint: {h}")).unwrap_or_default();
+            let hint = db
+                .hint()
+                .map(|h| format!("; hint: {h}"))
+                .unwrap_or_default();
             (format!("{} ({code}{hint})", db.message()), !definite)
         } else {
             (text, true)
@@ -753,6 +759,9 @@ mod tests {
         let t = parse("postgres://u@h/d?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem")
             .expect("parse");
         let e = t.rustls_config().expect_err("missing file").to_string();
-        assert!(e.contains("/nonexistent/ca.pem") && e.contains("cannot be read"), "{e}");
+        assert!(
+            e.contains("/nonexistent/ca.pem") && e.contains("cannot be read"),
+            "{e}"
+        );
     }
 }

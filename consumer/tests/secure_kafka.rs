@@ -2,8 +2,8 @@
 //! path, `reindex` and `notify` all work with the documented `--kafka-property` settings; a
 //! client without them gets nothing; an unsafe property is refused at start.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
@@ -140,8 +140,10 @@ async fn every_client_works_over_sasl_ssl_with_the_documented_properties() {
         let created = http
             .post(format!("http://127.0.0.1:{api_port}/v1/subscriptions"))
             .bearer_auth(TOKEN)
-            .json(&serde_json::json!({"url": format!("http://127.0.0.2:{port}/hook"),
-                                      "table": "items", "ops": ["u"]}))
+            .json(
+                &serde_json::json!({"url": format!("http://127.0.0.2:{port}/hook"),
+                                      "table": "items", "ops": ["u"]}),
+            )
             .send()
             .await
             .map(|r| r.status().as_u16())

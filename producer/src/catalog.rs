@@ -145,7 +145,9 @@ impl<'c> Catalog<'c> {
         let kind = self.kind(oid).await?;
         if kind == Kind::Text
             && Kind::builtin(oid).is_none()
-            && self.warned.insert((oid, table.to_string(), column.to_string()))
+            && self
+                .warned
+                .insert((oid, table.to_string(), column.to_string()))
             && !self.type_exists(oid).await?
         {
             tracing::warn!(
@@ -161,7 +163,10 @@ impl<'c> Catalog<'c> {
     async fn type_exists(&self, oid: u32) -> Result<bool, PgError> {
         Ok(self
             .client
-            .query_one("SELECT EXISTS (SELECT 1 FROM pg_type WHERE oid = $1)", &[&oid])
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_type WHERE oid = $1)",
+                &[&oid],
+            )
             .await
             .map_err(PgError::query(format!("reading type {oid}")))?
             .get(0))

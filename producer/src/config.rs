@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
-use walrelay_common::postgres::PgTarget;
 use walrelay_common::options::{self, ConfigError, parse_bytes};
+use walrelay_common::postgres::PgTarget;
 use walrelay_common::telemetry::LogFormat;
 
 use crate::catalog::TablePatterns;

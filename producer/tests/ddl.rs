@@ -473,7 +473,9 @@ async fn an_unprivileged_role_can_neither_forge_nor_stop_the_ddl_channel() {
     let mut producer = env.spawn(&["--metrics-addr", &metrics]);
     env.wait_streaming(Duration::from_secs(60)).await;
 
-    let mallory_url = env.url().replace("postgres://postgres@", "postgres://mallory@");
+    let mallory_url = env
+        .url()
+        .replace("postgres://postgres@", "postgres://mallory@");
     let (mallory, conn) = tokio_postgres::connect(&mallory_url, tokio_postgres::NoTls)
         .await
         .expect("connect as mallory");

@@ -72,7 +72,10 @@ async fn snapshot_and_stream(pg: &PgCluster, db: &str, args: &[String], logs: &P
     let brokers = KafkaCluster::shared().brokers();
     // The snapshot's rows arrive, then a streamed insert.
     topic::read_until(&brokers, topic, Duration::from_secs(60), |r| {
-        r.iter().filter(|x| x.envelope().op == walrelay_common::event::Op::Read).count() >= 3
+        r.iter()
+            .filter(|x| x.envelope().op == walrelay_common::event::Op::Read)
+            .count()
+            >= 3
     });
     pg.exec(db, "INSERT INTO secrets VALUES (4, 'streamed over TLS')")
         .await;
@@ -83,7 +86,13 @@ async fn snapshot_and_stream(pg: &PgCluster, db: &str, args: &[String], logs: &P
                 .is_some_and(|a| a.get("v").and_then(|v| v.as_str()) == Some("streamed over TLS"))
         })
     })
-    .unwrap_or_else(|r| panic!("{} records; the streamed row never came:\n{}", r.len(), producer.log()));
+    .unwrap_or_else(|r| {
+        panic!(
+            "{} records; the streamed row never came:\n{}",
+            r.len(),
+            producer.log()
+        )
+    });
     assert!(records.len() >= 4);
     assert_eq!(producer.terminate(), Some(0), "{}", producer.log());
 }
@@ -122,7 +131,9 @@ async fn producer_snapshots_and_streams_over_verified_tls_and_client_certificate
     let check = run(&args, "check");
     let report = text(&check);
     assert!(
-        report.contains("encrypted (TLSv1.3, sslmode=verify-full), certificate verified: CA and host name"),
+        report.contains(
+            "encrypted (TLSv1.3, sslmode=verify-full), certificate verified: CA and host name"
+        ),
         "{report}"
     );
     snapshot_and_stream(&pg, &db, &args, logs.path(), &topic).await;
@@ -176,7 +187,8 @@ async fn producer_snapshots_and_streams_over_verified_tls_and_client_certificate
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let msg = text(&out);
     assert!(
-        msg.contains("not signed by a CA in sslrootcert") && msg.contains("give the CA that signed it"),
+        msg.contains("not signed by a CA in sslrootcert")
+            && msg.contains("give the CA that signed it"),
         "{msg}"
     );
 
@@ -191,7 +203,9 @@ async fn producer_snapshots_and_streams_over_verified_tls_and_client_certificate
     let out = run(&base_args(&wrong_name, &brokers, "t", "s"), "init");
     let msg = text(&out);
     assert!(
-        !out.status.success() && msg.contains("not issued for \"127.0.0.1\"") && msg.contains("verify-ca"),
+        !out.status.success()
+            && msg.contains("not issued for \"127.0.0.1\"")
+            && msg.contains("verify-ca"),
         "{msg}"
     );
     // verify-ca checks the chain only: the same address works.
@@ -231,7 +245,10 @@ async fn require_against_a_server_without_tls_fails_clearly() {
         msg.contains("does not accept TLS connections") && msg.contains("sslmode=require"),
         "{msg}"
     );
-    assert!(!msg.contains("not-a-real-secret"), "the password leaked: {msg}");
+    assert!(
+        !msg.contains("not-a-real-secret"),
+        "the password leaked: {msg}"
+    );
     // A missing key file is named.
     let url = format!(
         "postgres://postgres@127.0.0.1:{}/postgres?sslmode=require&sslcert=/nonexistent/c.pem&sslkey=/nonexistent/k.pem",
@@ -243,7 +260,9 @@ async fn require_against_a_server_without_tls_fails_clearly() {
     );
     let msg = text(&out);
     assert!(
-        !out.status.success() && msg.contains("/nonexistent/c.pem") && msg.contains("cannot be read"),
+        !out.status.success()
+            && msg.contains("/nonexistent/c.pem")
+            && msg.contains("cannot be read"),
         "{msg}"
     );
 }

@@ -200,12 +200,23 @@ async fn an_enum_swapped_and_dropped_while_stopped_still_delivers_every_row() {
     let mut producer = env.spawn(&[]);
     let records = env.read_until(Duration::from_secs(60), |r| {
         let rows = walrelay_tests::topic::table_state(r, "public", "feel", "id");
-        rows.len() == 3 && rows.values().all(|row| row.get("m") == Some(&json!("fine")) || row.get("id") == Some(&json!(2)))
+        rows.len() == 3
+            && rows
+                .values()
+                .all(|row| row.get("m") == Some(&json!("fine")) || row.get("id") == Some(&json!(2)))
     });
     let rows = walrelay_tests::topic::table_state(&records, "public", "feel", "id");
-    let m = |id: i64| rows.values().find(|r| r.get("id") == Some(&json!(id))).and_then(|r| r.get("m").cloned());
+    let m = |id: i64| {
+        rows.values()
+            .find(|r| r.get("id") == Some(&json!(id)))
+            .and_then(|r| r.get("m").cloned())
+    };
     assert_eq!(m(1), Some(json!("fine")));
-    assert_eq!(m(2), Some(json!("happy")), "the row written under the dropped type, as text");
+    assert_eq!(
+        m(2),
+        Some(json!("happy")),
+        "the row written under the dropped type, as text"
+    );
     assert_eq!(m(3), Some(json!("fine")));
     assert!(
         producer.try_exit().is_none(),

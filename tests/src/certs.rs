@@ -67,10 +67,9 @@ impl TestCa {
 
     fn issue(&self, file: &str, cn: &str, names: &[&str], server: bool) -> Pair {
         let key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::new(
-            names.iter().map(|n| n.to_string()).collect::<Vec<String>>(),
-        )
-        .expect("params");
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<String>>())
+                .expect("params");
         params.distinguished_name.push(DnType::CommonName, cn);
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -93,7 +92,12 @@ impl TestCa {
 
     /// A server certificate valid for `names` (DNS names or IP addresses).
     pub fn server(&self, file: &str, names: &[&str]) -> Pair {
-        self.issue(file, names.first().copied().unwrap_or("server"), names, true)
+        self.issue(
+            file,
+            names.first().copied().unwrap_or("server"),
+            names,
+            true,
+        )
     }
 
     /// A client certificate whose common name is `user` (Postgres' `cert` authentication

@@ -147,7 +147,10 @@ impl TableSchema {
 /// strings of subscriptions and foreign servers).
 pub fn redact_statement(sql: &str) -> String {
     let b = sql.as_bytes();
-    let word = |i: usize| b.get(i).is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_');
+    let word = |i: usize| {
+        b.get(i)
+            .is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_')
+    };
     let mut out: Vec<u8> = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
@@ -183,7 +186,9 @@ pub fn redact_statement(sql: &str) -> String {
 fn literal_end(b: &[u8], i: usize) -> Option<usize> {
     match b.get(i)? {
         b'\'' => quoted_end(b, i + 1, false),
-        b'e' | b'E' if b.get(i + 1) == Some(&b'\'') && (i == 0 || !b[i - 1].is_ascii_alphanumeric()) => {
+        b'e' | b'E'
+            if b.get(i + 1) == Some(&b'\'') && (i == 0 || !b[i - 1].is_ascii_alphanumeric()) =>
+        {
             quoted_end(b, i + 2, true)
         }
         b'$' => {
@@ -256,7 +261,9 @@ pub enum ChannelError {
     #[error("not in the form walrelay's trigger writes")]
     Malformed,
     /// The MAC does not match: not written by walrelay's trigger in this transaction.
-    #[error("its MAC does not verify: it was not written by walrelay's trigger in this transaction")]
+    #[error(
+        "its MAC does not verify: it was not written by walrelay's trigger in this transaction"
+    )]
     Forged,
     /// Verified, but the body does not parse (a trigger of another walrelay version).
     #[error("its body does not parse ({0}); run `walrelay-producer init` with this version")]
@@ -272,7 +279,9 @@ pub fn verify_message(
 ) -> Result<TriggerMessage, ChannelError> {
     use hmac::Mac as _;
     let key = key.ok_or(ChannelError::NoKey)?;
-    let rest = content.strip_prefix(b"v1:").ok_or(ChannelError::Malformed)?;
+    let rest = content
+        .strip_prefix(b"v1:")
+        .ok_or(ChannelError::Malformed)?;
     let (mac_hex, body) = rest
         .get(..64)
         .zip(rest.get(64..).and_then(|r| r.strip_prefix(b":")))
@@ -473,7 +482,11 @@ pub async fn schema_event(
     let mut keys: Vec<(i32, String)> = Vec::new();
     for c in &schema.columns {
         let kind = catalog
-            .column_kind(c.type_oid, &format!("{}.{}", schema.schema, schema.table), &c.name)
+            .column_kind(
+                c.type_oid,
+                &format!("{}.{}", schema.schema, schema.table),
+                &c.name,
+            )
             .await?;
         let mut col = c.clone();
         col.logical = kind.label();
@@ -591,7 +604,10 @@ mod tests {
                 "ALTER TABLE password_hints ADD COLUMN password text DEFAULT 'none'",
                 "ALTER TABLE password_hints ADD COLUMN password text DEFAULT 'none'",
             ),
-            ("ALTER TABLE t ADD c text DEFAULT 'é'", "ALTER TABLE t ADD c text DEFAULT 'é'"),
+            (
+                "ALTER TABLE t ADD c text DEFAULT 'é'",
+                "ALTER TABLE t ADD c text DEFAULT 'é'",
+            ),
         ] {
             assert_eq!(redact_statement(sql), want, "{sql}");
         }
