@@ -125,10 +125,37 @@ pub struct Options {
         hide_env_values = true
     )]
     pub api_token: Option<String>,
+    /// notify: PEM certificate chain for serving the subscriptions API over HTTPS (with
+    /// --api-tls-key) [default: plain HTTP].
+    #[arg(
+        long,
+        env = "WALRELAY_API_TLS_CERT",
+        global = true,
+        value_name = "FILE"
+    )]
+    pub api_tls_cert: Option<PathBuf>,
+    /// notify: PEM private key (PKCS#8, PKCS#1 or SEC1) of --api-tls-cert.
+    #[arg(long, env = "WALRELAY_API_TLS_KEY", global = true, value_name = "FILE")]
+    pub api_tls_key: Option<PathBuf>,
+    /// notify: most subscriptions the deployment may hold; creating one more is refused with
+    /// 409 [default: 1000].
+    #[arg(long, env = "WALRELAY_MAX_SUBSCRIPTIONS", global = true)]
+    pub max_subscriptions: Option<u64>,
     /// notify: CIDRs, addresses or host names endpoints may resolve to despite the SSRF guard,
     /// comma-separated [default: none].
     #[arg(long, env = "WALRELAY_ALLOW_TARGETS", global = true)]
     pub allow_targets: Option<String>,
+    /// notify: HTTP(S) proxy every delivery goes through, e.g. http://proxy:3128; the SSRF
+    /// guard still checks each target. Proxy environment variables (HTTP_PROXY, ...) are
+    /// never used [default: none, direct connections].
+    #[arg(
+        long,
+        env = "WALRELAY_WEBHOOK_PROXY",
+        global = true,
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub webhook_proxy: Option<String>,
     /// notify: timeout of one delivery attempt, e.g. 10s [default: 10s].
     #[arg(long, env = "WALRELAY_DELIVERY_TIMEOUT", global = true, value_parser = parse_duration)]
     #[serde(default, deserialize_with = "options::deserialize_duration")]
@@ -233,7 +260,11 @@ impl Options {
             postgres_url: self.postgres_url.or(file.postgres_url),
             api_addr: self.api_addr.or(file.api_addr),
             api_token: self.api_token.or(file.api_token),
+            api_tls_cert: self.api_tls_cert.or(file.api_tls_cert),
+            api_tls_key: self.api_tls_key.or(file.api_tls_key),
+            max_subscriptions: self.max_subscriptions.or(file.max_subscriptions),
             allow_targets: self.allow_targets.or(file.allow_targets),
+            webhook_proxy: self.webhook_proxy.or(file.webhook_proxy),
             delivery_timeout: self.delivery_timeout.or(file.delivery_timeout),
             max_attempts: self.max_attempts.or(file.max_attempts),
             max_concurrent_deliveries: self
@@ -342,6 +373,16 @@ impl std::fmt::Debug for ApiToken {
     }
 }
 
+/// The API's TLS configuration (its debug output is only a marker: no certificate bytes).
+#[derive(Clone)]
+pub struct ApiTls(pub std::sync::Arc<rustls::ServerConfig>);
+
+impl std::fmt::Debug for ApiTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiTls(…)")
+    }
+}
+
 /// Settings of `notify` and `replay-dead-letters`.
 #[derive(Debug, Clone)]
 pub struct NotifySettings {
@@ -351,6 +392,10 @@ pub struct NotifySettings {
     pub api_addr: SocketAddr,
     /// API token.
     pub api_token: ApiToken,
+    /// TLS of the API, when it serves HTTPS.
+    pub api_tls: Option<ApiTls>,
+    /// Most subscriptions the deployment may hold.
+    pub max_subscriptions: u64,
     /// Allowed targets.
     pub guard: crate::sinks::webhook::guard::Guard,
     /// Delivery.
@@ -539,12 +584,46 @@ fn notify_settings(o: &Options) -> Result<NotifySettings, ConfigError> {
         return Err(ConfigError::new("--delivery-timeout", "must be positive"));
     }
     let (retry_initial_backoff, retry_max_backoff) = backoffs(o)?;
+    let api_tls = match (&o.api_tls_cert, &o.api_tls_key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some(ApiTls(std::sync::Arc::new(
+            crate::sinks::webhook::server::tls_config(cert, key)
+                .map_err(|(option, message)| ConfigError::new(option, message))?,
+        ))),
+        (Some(_), None) => {
+            return Err(ConfigError::new(
+                "--api-tls-key",
+                "--api-tls-cert needs --api-tls-key (the certificate's private key, PEM)",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::new(
+                "--api-tls-cert",
+                "--api-tls-key needs --api-tls-cert (the certificate chain, PEM)",
+            ));
+        }
+    };
+    let max_subscriptions = o.max_subscriptions.unwrap_or(1000);
+    if !(1..=1_000_000).contains(&max_subscriptions) {
+        return Err(ConfigError::new(
+            "--max-subscriptions",
+            "must be between 1 and 1000000",
+        ));
+    }
+    let proxy = o
+        .webhook_proxy
+        .as_deref()
+        .map(crate::sinks::webhook::ProxyUrl::parse)
+        .transpose()
+        .map_err(|m| ConfigError::new("--webhook-proxy", m))?;
     Ok(NotifySettings {
         postgres,
         api_addr: o
             .api_addr
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8089))),
         api_token: ApiToken(api_token),
+        api_tls,
+        max_subscriptions,
         guard,
         delivery: crate::sinks::webhook::WebhookSettings {
             delivery_timeout,
@@ -553,6 +632,7 @@ fn notify_settings(o: &Options) -> Result<NotifySettings, ConfigError> {
             retry_max_backoff,
             max_concurrent_deliveries,
             on_failure: o.on_delivery_failure.unwrap_or_default(),
+            proxy,
         },
         subscriptions_refresh: o.subscriptions_refresh.unwrap_or(Duration::from_secs(2)),
     })
@@ -749,6 +829,33 @@ mod tests {
                 Box::new(|o| o.max_concurrent_deliveries = Some(0)),
                 "--max-concurrent-deliveries",
             ),
+            (
+                Box::new(|o| o.api_tls_cert = Some("/etc/api.crt".into())),
+                "--api-tls-key",
+            ),
+            (
+                Box::new(|o| o.api_tls_key = Some("/etc/api.key".into())),
+                "--api-tls-cert",
+            ),
+            (
+                Box::new(|o| {
+                    o.api_tls_cert = Some("/nonexistent/api.crt".into());
+                    o.api_tls_key = Some("/nonexistent/api.key".into());
+                }),
+                "--api-tls-cert",
+            ),
+            (
+                Box::new(|o| o.max_subscriptions = Some(0)),
+                "--max-subscriptions",
+            ),
+            (
+                Box::new(|o| o.webhook_proxy = Some("socks5://proxy:1080".into())),
+                "--webhook-proxy",
+            ),
+            (
+                Box::new(|o| o.webhook_proxy = Some("proxy:3128".into())),
+                "--webhook-proxy",
+            ),
         ];
         for (change, option) in cases {
             let mut o = notify();
@@ -756,5 +863,14 @@ mod tests {
             let err = Settings::from_options(o, Command::Notify).expect_err(option);
             assert_eq!(err.option, option, "{err}");
         }
+        let mut o = notify();
+        o.webhook_proxy = Some("http://user:proxy-s3cret@proxy.internal:3128".into());
+        let s = Settings::from_options(o, Command::Notify).expect("valid proxy");
+        let debug = format!("{s:?}");
+        assert!(
+            !debug.contains("proxy-s3cret") && debug.contains("proxy.internal:3128"),
+            "{debug}"
+        );
+        assert_eq!(s.webhook.map(|n| n.max_subscriptions), Some(1000));
     }
 }

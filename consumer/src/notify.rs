@@ -20,6 +20,7 @@ use crate::config::{NotifySettings, Settings};
 use crate::metrics::Metrics;
 use crate::runtime::{Runtime, RuntimeError, consumer_config};
 use crate::sinks::webhook::api::{self, Api};
+use crate::sinks::webhook::server;
 use crate::sinks::webhook::subscriptions::{Store, StoreError};
 use crate::sinks::webhook::{WebhookSink, redeliver};
 
@@ -95,20 +96,22 @@ pub async fn run(
         store: Arc::clone(&store),
         guard: Arc::clone(&guard),
         token: Arc::from(n.api_token.0.as_str()),
+        max_subscriptions: n.max_subscriptions,
     });
     let listener = tokio::net::TcpListener::bind(n.api_addr)
         .await
         .map_err(|e| NotifyError::Setup(format!("--api-addr {}: {e}", n.api_addr)))?;
-    tracing::info!(addr = %n.api_addr, "Subscriptions API listening.");
-    let api_shutdown = shutdown.clone();
-    tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { api_shutdown.cancelled().await })
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "The subscriptions API stopped.");
-        }
-    });
+    tracing::info!(
+        addr = %n.api_addr,
+        scheme = if n.api_tls.is_some() { "https" } else { "http" },
+        "Subscriptions API listening."
+    );
+    tokio::spawn(server::serve(
+        listener,
+        app,
+        n.api_tls.as_ref().map(|t| Arc::clone(&t.0)),
+        shutdown.clone(),
+    ));
     let mut sink = WebhookSink::new(n.delivery.clone(), guard, store, Arc::clone(&metrics))
         .map_err(|e| NotifyError::Setup(format!("HTTP client: {e}")))?;
     let runtime = Runtime::new(

@@ -182,9 +182,22 @@ async fn api(
     body: Option<Value>,
     token: Option<&str>,
 ) -> (u16, Value) {
+    let base = format!("http://127.0.0.1:{port}");
+    api_at(http, &base, method, path, body, token).await
+}
+
+/// A request to the API at `base` (`http://…` or `https://…`), retried while unreachable.
+async fn api_at(
+    http: &reqwest::Client,
+    base: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+    token: Option<&str>,
+) -> (u16, Value) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let mut req = http.request(method.clone(), format!("http://127.0.0.1:{port}{path}"));
+        let mut req = http.request(method.clone(), format!("{base}{path}"));
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
@@ -596,5 +609,417 @@ async fn strict_mode_stops_without_committing() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    notify.terminate();
+}
+
+/// A forward proxy for plain-HTTP targets on 127.0.0.2: it takes requests in absolute form
+/// (`POST http://host:port/path`), records them, and forwards them.
+async fn start_forward_proxy(seen: Arc<Mutex<Vec<String>>>) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.2:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let app = axum::Router::new().fallback(
+        move |method: reqwest::Method,
+              uri: axum::http::Uri,
+              headers: HeaderMap,
+              body: axum::body::Bytes| {
+            let (seen, client) = (Arc::clone(&seen), client.clone());
+            async move {
+                use axum::response::IntoResponse;
+                seen.lock().expect("lock").push(format!("{method} {uri}"));
+                if uri.scheme().is_none() {
+                    return StatusCode::BAD_REQUEST.into_response();
+                }
+                let mut req = client.request(method, uri.to_string()).body(body);
+                for (k, v) in &headers {
+                    let hop = ["host", "connection", "keep-alive", "content-length"]
+                        .contains(&k.as_str())
+                        || k.as_str().starts_with("proxy-");
+                    if !hop {
+                        req = req.header(k, v);
+                    }
+                }
+                match req.send().await {
+                    Ok(r) => {
+                        let status = r.status();
+                        (status, r.bytes().await.unwrap_or_default()).into_response()
+                    }
+                    Err(_) => StatusCode::BAD_GATEWAY.into_response(),
+                }
+            }
+        },
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    port
+}
+
+/// A TLS connection to the notifier's API, trusting only `ca`.
+async fn tls_connect(
+    ca: &walrelay_tests::certs::TestCa,
+    port: u16,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca.cert_pem().as_bytes()) {
+        roots.add(cert.expect("CA PEM")).expect("CA");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake")
+}
+
+/// Reads until the peer closes the connection (or `limit` passes); the time it took.
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, limit: Duration) -> Duration {
+    use tokio::io::AsyncReadExt;
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(limit, async {
+        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    started.elapsed()
+}
+
+/// The API over HTTPS with its bounds (token before body, body size, slow peers, the
+/// subscription cap), and the delivery client's proxies: environment proxies are ignored,
+/// `--webhook-proxy` carries deliveries and the SSRF guard still checks their targets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_is_bounded_over_https_and_deliveries_use_only_the_configured_proxy() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use walrelay_consumer::sinks::webhook::{api::MAX_BODY_BYTES, server};
+
+    let mut s = Stack::start("CREATE TABLE orders (id int PRIMARY KEY, state text, n int);").await;
+    let state = Arc::new(Mutex::new(Receiver::default()));
+    let port = start_receiver(Arc::clone(&state)).await;
+    let proxied = Arc::new(Mutex::new(Vec::<String>::new()));
+    let proxy_port = start_forward_proxy(Arc::clone(&proxied)).await;
+    let ca = walrelay_tests::certs::TestCa::new("walrelay-notify-api");
+    let pair = ca.server("api", &["localhost", "127.0.0.1"]);
+    // Proxies in the environment point at a dead address: whoever used them would fail.
+    let dead = "http://127.0.0.2:9".to_string();
+    let env: Vec<(&str, String)> = [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ]
+    .into_iter()
+    .map(|k| (k, dead.clone()))
+    .chain([("NO_PROXY", String::new()), ("no_proxy", String::new())])
+    .collect();
+
+    let api_port = walrelay_tests::free_port();
+    let mut args = notify_args(&s, api_port, "notify");
+    args.pop();
+    args.extend(
+        [
+            "--api-tls-cert",
+            &pair.cert.display().to_string(),
+            "--api-tls-key",
+            &pair.key.display().to_string(),
+            "--max-subscriptions",
+            "2",
+            "--webhook-proxy",
+            &format!("http://127.0.0.2:{proxy_port}"),
+            "notify",
+        ]
+        .map(String::from),
+    );
+    let log = s.log_path("notify-tls");
+    let mut notify = Proc::spawn(&consumer_bin(), &args, &env, &log);
+    let https = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.cert_pem().as_bytes()).expect("CA"))
+        .no_proxy()
+        .build()
+        .expect("client");
+    let base = format!("https://127.0.0.1:{api_port}");
+    use reqwest::Method;
+
+    // HTTPS with the CA; plain HTTP and HTTPS without the CA fail.
+    let (st, v) = api_at(
+        &https,
+        &base,
+        Method::GET,
+        "/v1/subscriptions",
+        None,
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(
+        (st, v["subscriptions"].as_array().map(Vec::len)),
+        (200, Some(0)),
+        "{v}"
+    );
+    let plain = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let r = plain
+        .get(format!("http://127.0.0.1:{api_port}/v1/subscriptions"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await;
+    assert!(r.is_err(), "plain HTTP on the TLS port answered: {r:?}");
+    let r = plain
+        .get(format!("{base}/v1/subscriptions"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await;
+    assert!(
+        r.is_err(),
+        "a certificate from an unknown CA was accepted: {r:?}"
+    );
+
+    // A wrong token is answered 401 at once, although the announced body never comes (the
+    // body would be waited for up to 10 s).
+    let mut tls = tls_connect(&ca, api_port).await;
+    let started = Instant::now();
+    tls.write_all(
+        b"POST /v1/subscriptions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer wrong-token-0123456789ab\r\nContent-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(3), tls.read(&mut buf))
+        .await
+        .expect("an answer within 3 s")
+        .expect("read");
+    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    drop(tls);
+
+    // A body over the limit: 413 naming the limit.
+    let r = https
+        .post(format!("{base}/v1/subscriptions"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body(vec![b' '; MAX_BODY_BYTES + 4096])
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(r.status(), 413);
+    let v: Value = r.json().await.expect("JSON error");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&MAX_BODY_BYTES.to_string())),
+        "{v}"
+    );
+
+    // Slow peers are cut off: headers sent a byte a second (HEADER_TIMEOUT), a kept-alive
+    // connection left idle (the same bound), a TCP connection that never starts TLS
+    // (TLS_HANDSHAKE_TIMEOUT).
+    let margin = Duration::from_secs(4);
+    let slowloris = async {
+        let mut tls = tls_connect(&ca, api_port).await;
+        let started = Instant::now();
+        let head =
+            b"GET /v1/subscriptions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer x\r\n";
+        let mut buf = [0u8; 1024];
+        for byte in head.iter().cycle() {
+            if tls.write_all(&[*byte]).await.is_err() || tls.flush().await.is_err() {
+                break;
+            }
+            if let Ok(Ok(0) | Err(_)) =
+                tokio::time::timeout(Duration::from_secs(1), tls.read(&mut buf)).await
+            {
+                break;
+            }
+            if started.elapsed() > server::HEADER_TIMEOUT + margin {
+                break;
+            }
+        }
+        started.elapsed()
+    };
+    let idle = async {
+        let mut tls = tls_connect(&ca, api_port).await;
+        let request = format!(
+            "GET /v1/subscriptions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+        );
+        tls.write_all(request.as_bytes()).await.expect("write");
+        let mut buf = vec![0u8; 4096];
+        let n = tls.read(&mut buf).await.expect("answer");
+        assert!(
+            String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        closed_within(&mut tls, server::HEADER_TIMEOUT + margin).await
+    };
+    let no_handshake = async {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", api_port))
+            .await
+            .expect("connect");
+        closed_within(&mut tcp, server::TLS_HANDSHAKE_TIMEOUT + margin).await
+    };
+    let (slow, idle, no_handshake) = tokio::join!(slowloris, idle, no_handshake);
+    for (what, took, bound) in [
+        ("slow headers", slow, server::HEADER_TIMEOUT),
+        ("idle keep-alive", idle, server::HEADER_TIMEOUT),
+        (
+            "no TLS handshake",
+            no_handshake,
+            server::TLS_HANDSHAKE_TIMEOUT,
+        ),
+    ] {
+        assert!(
+            took + Duration::from_secs(1) >= bound && took < bound + margin,
+            "{what}: closed after {took:?}, bound {bound:?}"
+        );
+    }
+
+    // --max-subscriptions 2: a target through the proxy, a host name the guard refuses, and
+    // no third.
+    let sub = |path: &str, host: &str| {
+        json!({"url": format!("http://{host}:{port}{path}"), "schema": "public",
+               "table": "orders", "secret": SECRET})
+    };
+    let mut ids = BTreeMap::new();
+    for (name, host) in [("/via-proxy", "127.0.0.2"), ("/refused", "localhost")] {
+        let (st, v) = api_at(
+            &https,
+            &base,
+            Method::POST,
+            "/v1/subscriptions",
+            Some(sub(name, host)),
+            Some(TOKEN),
+        )
+        .await;
+        assert_eq!(st, 201, "{v}");
+        ids.insert(name, v["id"].as_str().unwrap_or_default().to_string());
+    }
+    let (st, v) = api_at(
+        &https,
+        &base,
+        Method::POST,
+        "/v1/subscriptions",
+        Some(sub("/third", "127.0.0.2")),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(st, 409, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--max-subscriptions")),
+        "{v}"
+    );
+
+    // Deliveries go through the proxy; the refused target never reaches it and is
+    // dead-lettered.
+    s.wait_streaming().await;
+    s.exec("INSERT INTO orders VALUES (1, 'new', 0)").await;
+    let delivered = |id: i64| {
+        let st = state.lock().expect("lock");
+        st.accepted
+            .get("/via-proxy")
+            .is_some_and(|v| v.iter().any(|d| d.body["after"]["id"] == id))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !delivered(1) {
+        assert!(
+            Instant::now() < deadline,
+            "not delivered through the proxy\n{}",
+            s.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let through_proxy = proxied.lock().expect("lock").clone();
+    assert!(
+        through_proxy
+            .iter()
+            .any(|r| r == &format!("POST http://127.0.0.2:{port}/via-proxy")),
+        "{through_proxy:?}"
+    );
+    assert!(
+        through_proxy.iter().all(|r| !r.contains("/refused")),
+        "{through_proxy:?}"
+    );
+    let letters = dead_letters(&s);
+    assert!(
+        letters
+            .iter()
+            .any(|l| l.0 == ids["/refused"] && l.1 == "none" && l.3["after"]["id"] == 1),
+        "{letters:?}\n{}",
+        s.all_logs()
+    );
+    assert!(
+        !state
+            .lock()
+            .expect("lock")
+            .accepted
+            .contains_key("/refused"),
+        "the refused target was reached"
+    );
+    notify.terminate();
+
+    // Without --webhook-proxy, the environment's (dead) proxies are ignored: deliveries go
+    // directly to the receiver and not through any proxy.
+    let forwarded = proxied.lock().expect("lock").len();
+    let api_port = walrelay_tests::free_port();
+    let log = s.log_path("notify-env-proxies");
+    let mut notify = Proc::spawn(
+        &consumer_bin(),
+        &notify_args(&s, api_port, "notify"),
+        &env,
+        &log,
+    );
+    let (st, v) = subscribe(
+        &reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client"),
+        api_port,
+        sub("/direct", "127.0.0.2"),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    s.exec("INSERT INTO orders VALUES (2, 'new', 0)").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = {
+            let st = state.lock().expect("lock");
+            st.accepted
+                .get("/direct")
+                .is_some_and(|v| v.iter().any(|d| d.body["after"]["id"] == 2))
+        } && delivered(2);
+        if done {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not delivered directly\n{}",
+            s.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        proxied.lock().expect("lock").len(),
+        forwarded,
+        "nothing went through a proxy"
+    );
     notify.terminate();
 }

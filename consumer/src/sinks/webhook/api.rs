@@ -8,17 +8,29 @@
 //! | `DELETE /v1/subscriptions/{id}` | 204, or 404 |
 //!
 //! Errors are `{"error": {"field": ..., "message": ...}}`: 400 malformed, 401 no or wrong
-//! token, 404 unknown id, 422 a field's value refused (naming the field), 503 the
-//! subscriptions database is unreachable.
+//! token, 404 unknown id or path, 405 wrong method, 408 the body came too slowly, 409
+//! `--max-subscriptions` reached, 413 the body is over [`MAX_BODY_BYTES`], 422 a field's value
+//! refused (naming the field), 503 the subscriptions database is unreachable.
+//!
+//! The token is checked by a middleware in front of every route (and the fallback), before
+//! anything reads the body: a request without the right token is answered 401 whatever body
+//! it announces, and that body is never waited for. The comparison takes the same time
+//! whatever the token given (SHA-256 digests compared without early exit). How connections
+//! are served and bounded is in [`server`](super::server).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use futures_util::StreamExt;
 use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
 
 use super::guard::Guard;
 use super::signing::Secret;
@@ -33,14 +45,63 @@ pub struct Api {
     pub guard: Arc<Guard>,
     /// The bearer token.
     pub token: Arc<str>,
+    /// Most subscriptions the deployment may hold (`--max-subscriptions`).
+    pub max_subscriptions: u64,
 }
 
-/// The router.
+/// Largest request body (a subscription takes well under 1 KiB).
+pub const MAX_BODY_BYTES: usize = 64 << 10;
+/// Longest wait for a whole request body.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// A body over the limit is read and dropped up to this size (within [`BODY_TIMEOUT`]) before
+/// the 413 goes out, so that the client, still sending, sees the answer rather than a reset
+/// connection; beyond it the connection is closed after the answer.
+const DRAIN_MAX_BYTES: u64 = 1 << 20;
+
+/// The router: every route behind the token.
 pub fn router(api: Api) -> Router {
     Router::new()
         .route("/v1/subscriptions", get(list).post(create))
         .route("/v1/subscriptions/{id}", get(one).delete(remove))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            api.clone(),
+            require_token,
+        ))
         .with_state(api)
+}
+
+/// Answers 401 unless the request carries the token; runs before any extractor, so before
+/// the body is read.
+async fn require_token(State(api): State<Api>, request: Request, next: Next) -> Response {
+    match authorized(&api, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        None,
+        format!(
+            "{method} is not allowed on {}; use GET or POST on /v1/subscriptions, GET or DELETE \
+             on /v1/subscriptions/{{id}}",
+            uri.path()
+        ),
+    )
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    error(
+        StatusCode::NOT_FOUND,
+        None,
+        format!(
+            "no such path {}; the API is /v1/subscriptions and /v1/subscriptions/{{id}}",
+            uri.path()
+        ),
+    )
 }
 
 /// A refused request: its status, the field at fault, and what is wrong.
@@ -82,14 +143,17 @@ fn authorized(api: &Api, headers: &HeaderMap) -> Result<(), ApiError> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
-    // Constant-time comparison.
-    let expected = api.token.as_bytes();
-    let same = given.len() == expected.len()
-        && given
-            .bytes()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
+    // Constant-time comparison of equal-length digests: neither the token's length nor how
+    // much of it a guess got right shows in the time taken.
+    let (given, expected) = (
+        Sha256::digest(given.as_bytes()),
+        Sha256::digest(api.token.as_bytes()),
+    );
+    let same = given
+        .iter()
+        .zip(expected.iter())
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0;
     if same {
         Ok(())
     } else {
@@ -102,25 +166,102 @@ fn authorized(api: &Api, headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 fn store_error(e: &StoreError) -> ApiError {
-    error(StatusCode::SERVICE_UNAVAILABLE, None, e.to_string())
+    match e {
+        StoreError::Full { count, max } => error(
+            StatusCode::CONFLICT,
+            None,
+            format!(
+                "this deployment holds {count} subscriptions and --max-subscriptions allows {max}; \
+                 delete unused ones (DELETE /v1/subscriptions/{{id}}) or raise --max-subscriptions"
+            ),
+        ),
+        _ => error(StatusCode::SERVICE_UNAVAILABLE, None, e.to_string()),
+    }
+}
+
+fn too_large() -> ApiError {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        None,
+        format!(
+            "the body is over the API's limit of {MAX_BODY_BYTES} bytes (64 KiB); a subscription \
+             takes well under 1 KiB"
+        ),
+    )
+}
+
+/// Reads a body of at most [`MAX_BODY_BYTES`] within [`BODY_TIMEOUT`].
+async fn read_body(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    // A client waiting for `100 Continue` has sent nothing: answer at once.
+    let expects_continue = headers.contains_key(header::EXPECT);
+    let mut stream = body.into_data_stream();
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        if !expects_continue && declared.is_some_and(|n| n <= DRAIN_MAX_BYTES) {
+            drain(&mut stream).await;
+        }
+        return Err(too_large());
+    }
+    let read = async {
+        let mut buf = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    None,
+                    format!("the body could not be read: {e}"),
+                )
+            })?;
+            if buf.len() + chunk.len() > MAX_BODY_BYTES {
+                drain(&mut stream).await;
+                return Err(too_large());
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(buf)
+    };
+    tokio::time::timeout(BODY_TIMEOUT, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(error(
+                StatusCode::REQUEST_TIMEOUT,
+                None,
+                format!(
+                    "the body did not arrive within {} s; send it whole at once",
+                    BODY_TIMEOUT.as_secs()
+                ),
+            ))
+        })
+}
+
+/// Reads and drops what is left of a body over the limit, up to [`DRAIN_MAX_BYTES`] within
+/// [`BODY_TIMEOUT`].
+async fn drain(stream: &mut axum::body::BodyDataStream) {
+    let discard = async {
+        let mut seen = 0u64;
+        while let Some(Ok(chunk)) = stream.next().await {
+            seen += chunk.len() as u64;
+            if seen > DRAIN_MAX_BYTES {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(BODY_TIMEOUT, discard).await;
 }
 
 fn view(s: &Subscription) -> Value {
     serde_json::to_value(s).unwrap_or(Value::Null)
 }
 
-async fn list(State(api): State<Api>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorized(&api, &headers) {
-        return r.into_response();
-    }
+async fn list(State(api): State<Api>) -> Response {
     let subs: Vec<Value> = api.store.current().iter().map(view).collect();
     (StatusCode::OK, axum::Json(json!({ "subscriptions": subs }))).into_response()
 }
 
-async fn one(State(api): State<Api>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if let Err(r) = authorized(&api, &headers) {
-        return r.into_response();
-    }
+async fn one(State(api): State<Api>, Path(id): Path<String>) -> Response {
     match api.store.get(&id) {
         Some(s) => (StatusCode::OK, axum::Json(view(&s))).into_response(),
         None => error(
@@ -132,10 +273,7 @@ async fn one(State(api): State<Api>, headers: HeaderMap, Path(id): Path<String>)
     }
 }
 
-async fn remove(State(api): State<Api>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if let Err(r) = authorized(&api, &headers) {
-        return r.into_response();
-    }
+async fn remove(State(api): State<Api>, Path(id): Path<String>) -> Response {
     match api.store.delete(&id).await {
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
         Ok(false) => error(
@@ -148,16 +286,17 @@ async fn remove(State(api): State<Api>, headers: HeaderMap, Path(id): Path<Strin
     }
 }
 
-async fn create(State(api): State<Api>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    if let Err(r) = authorized(&api, &headers) {
-        return r.into_response();
-    }
+async fn create(State(api): State<Api>, headers: HeaderMap, body: Body) -> Response {
+    let body = match read_body(&headers, body).await {
+        Ok(b) => b,
+        Err(r) => return r.into_response(),
+    };
     let new = match validate(&body, &api.guard) {
         Ok(n) => n,
         Err(r) => return r.into_response(),
     };
     let secret = new.secret.clone();
-    match api.store.create(new).await {
+    match api.store.create(new, api.max_subscriptions).await {
         Ok(s) => {
             let mut v = view(&s);
             v["secret"] = Value::String(secret);

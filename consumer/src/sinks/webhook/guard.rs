@@ -8,7 +8,9 @@
 //! hex forms); host names are checked at connect time on **every** address they resolve to, by
 //! the HTTP client's resolver, so a name that resolves to a public address when the
 //! subscription is made and to an internal one later (DNS rebinding) is still refused.
-//! Redirects are not followed.
+//! Redirects are not followed. With `--webhook-proxy` the client connects only to the proxy,
+//! so the target's host name is checked with [`Guard::check_host`] before each attempt
+//! instead (see the webhook module for what that does and does not guarantee).
 //!
 //! `--allow-targets` lists CIDRs and host names that are allowed anyway (internal receivers,
 //! tests).
@@ -152,6 +154,15 @@ impl Guard {
             Some(url::Host::Domain(_)) => Ok(()),
             None => Err(Refused("the URL has no host".into())),
         }
+    }
+
+    /// Checks a host name without connecting: allowed by name, or resolved and refused when
+    /// any of its addresses is (used when deliveries go through a proxy).
+    pub async fn check_host(&self, host: &str) -> Result<(), Refused> {
+        if self.host_allowed(host) {
+            return Ok(());
+        }
+        self.resolve(host).await.map(|_| ())
     }
 
     /// Resolves `host` and refuses it when any address it resolves to is refused.

@@ -18,15 +18,37 @@
 //!   final answer for every subscription, so nothing is committed past an event still being
 //!   retried. The batch is the bounded queue: a slow or dead endpoint holds the next batch
 //!   back only after every other chain of the current one has been delivered.
+//! - **Proxies.** Proxy environment variables (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, ...)
+//!   are ignored: deliveries connect directly unless `--webhook-proxy` names a proxy, and then
+//!   every delivery goes through it (plain-HTTP targets as absolute-form requests, HTTPS
+//!   targets through `CONNECT` tunnels, TLS end to end with the target).
+//!
+//! # The SSRF guard and a proxy
+//! Without a proxy the guard sits in the client's resolver and checks every address a
+//! connection is made to. With `--webhook-proxy` the only connections are to the proxy (the
+//! operator's choice, not checked), so the guard checks the **target** before every attempt:
+//! a literal address directly, a host name by resolving it here and refusing it if any of its
+//! addresses is refused. So the notifier must be able to resolve target names itself (names
+//! listed in `--allow-targets` are not looked up).
+//!
+//! Guaranteed: no delivery is handed to the proxy for a literal internal address, nor for a
+//! name that resolves here, at that attempt, to any internal address. Not guaranteed: the
+//! proxy resolves the name again on its own, so a name whose records change between our check
+//! and the proxy's lookup (DNS rebinding with a short TTL), or that the proxy's resolver
+//! answers differently (split-horizon DNS, its own hosts file), can still lead the proxy to an
+//! internal address. A proxy that must not reach internal networks has to refuse them itself
+//! (its own ACLs).
 //!
 //! # Layout
 //! - [`signing`]: Standard Webhooks signatures and secrets.
 //! - [`guard`]: the SSRF guard (literal addresses, and every resolved address at connect time).
 //! - [`subscriptions`]: the subscriptions in Postgres and their cache.
 //! - [`api`]: the subscriptions HTTP API.
+//! - [`server`]: serving the API (TLS, timeouts and limits).
 
 pub mod api;
 pub mod guard;
+pub mod server;
 pub mod signing;
 pub mod subscriptions;
 
@@ -73,6 +95,45 @@ pub struct WebhookSettings {
     pub max_concurrent_deliveries: usize,
     /// What a definite failure does.
     pub on_failure: OnFailure,
+    /// The proxy every delivery goes through (`--webhook-proxy`), if any.
+    pub proxy: Option<ProxyUrl>,
+}
+
+/// `--webhook-proxy`: an http(s) proxy URL, possibly with credentials (kept out of debug
+/// output and logs).
+#[derive(Clone)]
+pub struct ProxyUrl(Url);
+
+impl ProxyUrl {
+    /// Parses and checks a proxy URL; the error says what is wrong and what to give.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let shown = walrelay_common::options::without_userinfo(s);
+        let url = Url::parse(s.trim()).map_err(|e| {
+            format!("{shown:?} is not a URL ({e}); give one such as http://proxy.internal:3128")
+        })?;
+        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+            return Err(format!(
+                "{shown:?} is not an http(s) proxy URL; give one such as http://proxy.internal:3128"
+            ));
+        }
+        if url.path() != "/" || url.query().is_some() {
+            return Err(format!(
+                "{shown:?} has a path or query; a proxy URL is scheme, host and port only"
+            ));
+        }
+        Ok(Self(url))
+    }
+
+    /// The URL without credentials.
+    pub fn shown(&self) -> String {
+        walrelay_common::options::without_userinfo(self.0.as_str())
+    }
+}
+
+impl std::fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ProxyUrl({})", self.shown())
+    }
 }
 
 /// Why a delivery did not succeed.
@@ -156,13 +217,23 @@ impl WebhookSink {
         store: Arc<Store>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .dns_resolver(Arc::new(GuardedResolver(Arc::clone(&guard))))
+        // Never a proxy from the environment; `--webhook-proxy` only.
+        let mut http = reqwest::Client::builder()
+            .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(settings.delivery_timeout)
             .connect_timeout(settings.delivery_timeout.min(Duration::from_secs(10)))
-            .user_agent(concat!("walrelay-notifier/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+            .user_agent(concat!("walrelay-notifier/", env!("CARGO_PKG_VERSION")));
+        http = match &settings.proxy {
+            // Every connection goes to the proxy: the resolver would see only the proxy's
+            // name, so targets are checked in `deliver` instead.
+            Some(proxy) => {
+                tracing::info!(proxy = %proxy.shown(), "Deliveries go through the proxy.");
+                http.proxy(reqwest::Proxy::all(proxy.0.clone())?)
+            }
+            None => http.dns_resolver(Arc::new(GuardedResolver(Arc::clone(&guard)))),
+        };
+        let http = http.build()?;
         metrics
             .sink_errors
             .with_label_values(&["webhook", "definite"]);
@@ -201,6 +272,15 @@ impl WebhookSink {
         }
     }
 
+    /// Through a proxy, the target's host name is resolved and checked here before each
+    /// attempt (without one, the client's resolver checks every connection itself).
+    async fn check_target(&self, url: &Url) -> Result<(), guard::Refused> {
+        match (&self.settings.proxy, url.host()) {
+            (Some(_), Some(url::Host::Domain(host))) => self.guard.check_host(host).await,
+            _ => Ok(()),
+        }
+    }
+
     /// Delivers one event to one subscription, retrying until a final answer.
     async fn deliver(
         &self,
@@ -230,6 +310,13 @@ impl WebhookSink {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            if let Err(refused) = self.check_target(&url).await {
+                self.metrics
+                    .webhook_deliveries
+                    .with_label_values(&["refused"])
+                    .inc();
+                return Err(failed(None, refused.to_string()));
+            }
             let ts = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);

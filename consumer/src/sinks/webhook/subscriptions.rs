@@ -8,10 +8,14 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tokio_postgres::Client;
-use walrelay_common::postgres::PgTarget;
 use walrelay_common::event::Op;
+use walrelay_common::postgres::PgTarget;
 
 use super::signing::Secret;
+
+/// The advisory lock (`pg_advisory_xact_lock`) that serialises creations, so that
+/// `--max-subscriptions` holds across notifiers: "walrelay" in ASCII.
+const CREATE_LOCK: i64 = 0x7761_6c72_656c_6179;
 
 /// The table, created when missing.
 const SCHEMA: &str = "
@@ -92,6 +96,14 @@ pub enum StoreError {
     /// A query failed.
     #[error("subscriptions query failed: {0}")]
     Query(String),
+    /// Creating one more would pass `--max-subscriptions`.
+    #[error("{count} subscriptions exist and --max-subscriptions allows {max}")]
+    Full {
+        /// Subscriptions now (disabled ones included).
+        count: u64,
+        /// The cap.
+        max: u64,
+    },
 }
 
 fn query_error(e: tokio_postgres::Error) -> StoreError {
@@ -124,7 +136,7 @@ impl Store {
 
     async fn with_client<T, F>(&self, f: F) -> Result<T, StoreError>
     where
-        F: AsyncFnOnce(&Client) -> Result<T, tokio_postgres::Error>,
+        F: AsyncFnOnce(&mut Client) -> Result<T, tokio_postgres::Error>,
     {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(Client::is_closed) {
@@ -136,7 +148,7 @@ impl Store {
             client.batch_execute(SCHEMA).await.map_err(query_error)?;
             *guard = Some(client);
         }
-        let Some(client) = guard.as_ref() else {
+        let Some(client) = guard.as_mut() else {
             return Err(StoreError::Unreachable("no connection".into()));
         };
         f(client).await.map_err(query_error)
@@ -197,20 +209,39 @@ impl Store {
         }
     }
 
-    /// Creates a subscription; returns it.
-    pub async fn create(&self, new: NewSubscription) -> Result<Subscription, StoreError> {
+    /// Creates a subscription, unless `max` exist already (across every notifier of the
+    /// database: the count and the insert happen under one advisory lock); returns it.
+    pub async fn create(&self, new: NewSubscription, max: u64) -> Result<Subscription, StoreError> {
         let id = format!("sub_{}", random_id());
         let n = new.clone();
         let id2 = id.clone();
-        self.with_client(async move |c| {
-            c.execute(
-                "INSERT INTO walrelay.subscriptions (id, url, schema_name, table_name, ops, secret) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-                &[&id2, &n.url, &n.schema, &n.table, &n.ops, &n.secret],
-            )
-            .await
-        })
-        .await?;
+        let full = self
+            .with_client(async move |c| {
+                let tx = c.transaction().await?;
+                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CREATE_LOCK])
+                    .await?;
+                let count: i64 = tx
+                    .query_one("SELECT count(*) FROM walrelay.subscriptions", &[])
+                    .await?
+                    .get(0);
+                let count = u64::try_from(count).unwrap_or(0);
+                if count >= max {
+                    // Dropping the transaction rolls it back.
+                    return Ok(Some(count));
+                }
+                tx.execute(
+                    "INSERT INTO walrelay.subscriptions (id, url, schema_name, table_name, ops, secret) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[&id2, &n.url, &n.schema, &n.table, &n.ops, &n.secret],
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(None)
+            })
+            .await?;
+        if let Some(count) = full {
+            return Err(StoreError::Full { count, max });
+        }
         self.refresh().await?;
         self.get(&id)
             .ok_or_else(|| StoreError::Query("the new subscription vanished".into()))
