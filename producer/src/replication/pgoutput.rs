@@ -384,10 +384,13 @@ pub fn decode(buf: &[u8]) -> Result<Message<'_>, DecodeError> {
         b'T' => {
             let n = r.i32()?.max(0) as usize;
             let options = r.u8()?;
-            let mut oids = Vec::with_capacity(n);
-            for _ in 0..n {
-                oids.push(r.u32()?);
-            }
+            // Take the OIDs' bytes before allocating for them: the count alone once reserved
+            // gigabytes for an 11-byte message (found by fuzz/fuzz_targets/pgoutput.rs).
+            let oids = r
+                .take(n.saturating_mul(4))?
+                .chunks_exact(4)
+                .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
             Message::Truncate { options, oids }
         }
         b'M' => {
@@ -635,6 +638,21 @@ mod tests {
                 lsn: 77,
                 prefix: "walrelay.ddl",
                 content: b"abc"
+            })
+        );
+    }
+
+    #[test]
+    fn truncate_count_beyond_the_message_is_an_error_before_any_allocation() {
+        // Regression (fuzzing): the relation count was trusted for `Vec::with_capacity`, so
+        // this message asked for 8 GiB before failing at its second OID.
+        let t = Fixture::default().tag(b'T').i32(i32::MAX).u8(0).i32(10);
+        assert_eq!(
+            decode(&t.0),
+            Err(DecodeError::Truncated {
+                tag: 'T',
+                offset: 6,
+                needed: i32::MAX as usize * 4 - 4
             })
         );
     }

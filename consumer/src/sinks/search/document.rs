@@ -167,11 +167,13 @@ pub fn template_matches(template: &str, alias: &str) -> bool {
         return false;
     };
     for middle in &literals[1..literals.len() - 1] {
-        // A placeholder takes at least one character, then the leftmost match of the literal.
-        let Some(found) = rest.get(1..).and_then(|r| r.find(middle)) else {
+        // A placeholder takes at least one character (not byte: `été`), then the leftmost
+        // match of the literal.
+        let first = rest.chars().next().map_or(0, char::len_utf8);
+        let Some(found) = rest.get(first.max(1)..).and_then(|r| r.find(middle)) else {
             return false;
         };
-        rest = &rest[1 + found + middle.len()..];
+        rest = &rest[first + found + middle.len()..];
     }
     rest.len() > last.len() && rest.ends_with(last)
 }
@@ -326,6 +328,11 @@ mod tests {
         assert!(!template_matches(t, "app_shop-"));
         assert!(template_matches("fixed-{table}-idx", "fixed-x-idx"));
         assert!(!template_matches("fixed-{table}-idx", "fixed-x-idy"));
+        // Regression (fuzzing): a value starting with a multi-byte character was not
+        // recognised, so re-index left such a table's alias out of its generation count.
+        assert!(template_matches("{schema}.{table}", "été.ventes"));
+        assert!(template_matches("{schema}.{table}", "日本.表"));
+        assert!(!template_matches("{schema}.{table}", "é"));
     }
 
     #[test]
