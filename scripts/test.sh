@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs walrelay's whole test suite on a fresh machine: installs what is missing (PostgreSQL 15
-# server binaries, curl, a C toolchain, python3 with pip, a Java 17 JDK and Maven), resolves
-# the real servers the tests run against from Maven Central (Apache Kafka, OpenSearch: see
-# tests/services/), checks deploy/ (scripts/check-deploy.sh), then `cargo test --workspace`.
+# server binaries, curl, a C toolchain, OpenSSL headers, python3 with pip, a Java 17 JDK and
+# Maven), resolves the real servers the tests run against from Maven Central (Apache Kafka,
+# OpenSearch: see tests/services/), checks deploy/ (scripts/check-deploy.sh), runs the gates
+# (rustfmt, clippy with warnings denied, rustdoc links), then `cargo test --workspace`.
 # Tests start their own Postgres clusters, and one Kafka broker and one OpenSearch node per test
 # binary, on free loopback ports.
 set -euo pipefail
@@ -36,5 +37,13 @@ bash tests/services/opensearch/opensearch.sh install >/dev/null
 
 # deploy/ and compose.yaml: promtool, Kubernetes schemas, compose structure.
 bash scripts/check-deploy.sh
+
+# Gates: formatting, lints (the workspace's [lints] plus clippy's defaults, warnings denied),
+# and the crate docs with their intra-doc links.
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+RUSTDOCFLAGS="-D rustdoc::broken_intra_doc_links" cargo doc --workspace --no-deps --quiet
+# The fuzz targets (their own workspace) still compile; scripts/fuzz.sh runs them.
+cargo check --quiet --manifest-path fuzz/Cargo.toml
 
 cargo test --workspace "$@"
