@@ -200,4 +200,13 @@ async fn every_client_works_over_sasl_ssl_with_the_documented_properties() {
     for p in [&mut indexer, &mut notify] {
         assert_eq!(p.terminate(), Some(0), "{}", s.all_logs());
     }
+    // No log of any process of the run (producer, indexer, reindex, notifier) carries the SASL
+    // password or the API token.
+    for entry in std::fs::read_dir(s.logs.path()).expect("logs") {
+        let path = entry.expect("log").path();
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        for secret in [SCRAM_PASSWORD, TOKEN] {
+            assert!(!text.contains(secret), "{} leaks a secret", path.display());
+        }
+    }
 }
