@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 need_apt=()
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql-15)
 command -v curl >/dev/null || need_apt+=(curl)
-# librdkafka, ring and mimalloc are compiled from C sources by their crates.
+# librdkafka and ring are compiled from C sources by their crates.
 { command -v cc >/dev/null && command -v make >/dev/null; } || need_apt+=(build-essential)
 command -v perl >/dev/null || need_apt+=(perl)
 command -v python3 >/dev/null || need_apt+=(python3)

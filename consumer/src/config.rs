@@ -174,10 +174,10 @@ pub struct Options {
     #[arg(long, env = "WALRELAY_SUBSCRIPTIONS_REFRESH", global = true, value_parser = parse_duration)]
     #[serde(default, deserialize_with = "options::deserialize_duration")]
     pub subscriptions_refresh: Option<Duration>,
-    /// Most events per sink batch [default: 5000].
+    /// Most events per sink batch [default: 2000].
     #[arg(long, env = "WALRELAY_BATCH_MAX_EVENTS", global = true)]
     pub batch_max_events: Option<usize>,
-    /// Most bytes of events per sink batch, e.g. 8MiB [default: 8MiB].
+    /// Most bytes of events per sink batch, e.g. 4MiB [default: 4MiB].
     #[arg(long, env = "WALRELAY_BATCH_MAX_BYTES", global = true, value_parser = parse_bytes)]
     #[serde(default, deserialize_with = "options::deserialize_bytes")]
     pub batch_max_bytes: Option<u64>,
@@ -185,7 +185,7 @@ pub struct Options {
     #[arg(long, env = "WALRELAY_BATCH_MAX_WAIT", global = true, value_parser = parse_duration)]
     #[serde(default, deserialize_with = "options::deserialize_duration")]
     pub batch_max_wait: Option<Duration>,
-    /// Most bytes librdkafka prefetches, e.g. 32MiB [default: 32MiB].
+    /// Most bytes librdkafka prefetches, e.g. 8MiB [default: 8MiB].
     #[arg(long, env = "WALRELAY_MAX_QUEUED_BYTES", global = true, value_parser = parse_bytes)]
     #[serde(default, deserialize_with = "options::deserialize_bytes")]
     pub max_queued_bytes: Option<u64>,
@@ -484,21 +484,21 @@ impl Settings {
                 "must differ from --topic, or rejected events would be read again",
             ));
         }
-        let batch_max_events = o.batch_max_events.unwrap_or(5000);
+        let batch_max_events = o.batch_max_events.unwrap_or(2000);
         if !(1..=100_000).contains(&batch_max_events) {
             return Err(ConfigError::new(
                 "--batch-max-events",
                 "must be between 1 and 100000",
             ));
         }
-        let batch_max_bytes = o.batch_max_bytes.unwrap_or(8 << 20);
+        let batch_max_bytes = o.batch_max_bytes.unwrap_or(4 << 20);
         if !((64 << 10)..=(256 << 20)).contains(&batch_max_bytes) {
             return Err(ConfigError::new(
                 "--batch-max-bytes",
-                "must be between 64KiB and 256MiB (5-15MiB is the usual bulk size)",
+                "must be between 64KiB and 256MiB (bulk requests of a few MiB index fastest)",
             ));
         }
-        let max_queued_bytes = o.max_queued_bytes.unwrap_or(32 << 20);
+        let max_queued_bytes = o.max_queued_bytes.unwrap_or(8 << 20);
         if max_queued_bytes < 1 << 20 {
             return Err(ConfigError::new(
                 "--max-queued-bytes",
@@ -722,7 +722,7 @@ mod tests {
     #[test]
     fn defaults_and_file_layering() {
         let file: Options = toml::from_str(
-            "topic = 'from.file'\ngroup = 'file-group'\nbatch_max_wait = '1s'\nbatch_max_bytes = '4MiB'\n[kafka_properties]\n'fetch.wait.max.ms' = '50'",
+            "topic = 'from.file'\ngroup = 'file-group'\nbatch_max_wait = '1s'\nbatch_max_bytes = '3MiB'\n[kafka_properties]\n'fetch.wait.max.ms' = '50'",
         )
         .expect("valid file");
         let mut cli = base();
@@ -732,7 +732,7 @@ mod tests {
         assert_eq!(s.runtime.topic, "from.file");
         assert_eq!(s.runtime.dead_letter_topic, "from.file.dlq");
         assert_eq!(s.runtime.batch_max_wait, Duration::from_secs(1));
-        assert_eq!(s.runtime.batch_max_bytes, 4 << 20);
+        assert_eq!(s.runtime.batch_max_bytes, 3 << 20);
         let search = s.search.expect("index has search settings");
         assert_eq!(search.index_template, "{schema}.{table}");
         assert_eq!(search.auth, SearchAuth::None);

@@ -15,10 +15,11 @@ use walrelay_consumer::reindex::{self, ReindexError};
 use walrelay_consumer::runtime::Runtime;
 use walrelay_consumer::sinks::search::{Mode, SearchSink};
 
-// The hot path allocates many small strings (decoded events, bulk lines); mimalloc halves what
-// glibc's allocator costs there.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+// The global allocator is the system's (glibc's). mimalloc, used before, cost about 10 % less
+// CPU per event once batches reused their buffers, but it marks its arenas for transparent huge
+// pages: with THP in `madvise` (or `always`) mode each 2 MiB region it touched became resident
+// whole, and the benchmark's peak RSS was 92-119 MiB instead of 61-66 MiB with the same settings
+// (README, "Consumer benchmark").
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -240,7 +240,8 @@ impl Indexes {
             .unwrap_or_default()
     }
 
-    /// How many documents an index or alias holds (after a refresh).
+    /// How many documents an index or alias holds (after a refresh); 0 while it does not
+    /// exist or its shard is not yet allocated (a 503 right after the index was created).
     pub async fn count(&self, name: &str) -> u64 {
         let full = self.full(name);
         let _ = self
@@ -248,8 +249,20 @@ impl Indexes {
             .post(format!("{}/{full}/_refresh", self.url))
             .send()
             .await;
-        self.get(&format!("{full}/_count"))
+        let Ok(resp) = self
+            .http
+            .get(format!("{}/{full}/_count", self.url))
+            .send()
             .await
+        else {
+            return 0;
+        };
+        if !resp.status().is_success() {
+            return 0;
+        }
+        resp.json::<Value>()
+            .await
+            .ok()
             .and_then(|v| v["count"].as_u64())
             .unwrap_or(0)
     }

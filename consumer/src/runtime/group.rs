@@ -41,8 +41,11 @@ pub enum GroupError {
 pub fn consumer_config(settings: &RuntimeSettings, group_id: &str) -> ClientConfig {
     let mut cfg = ClientConfig::new();
     let queued_kbytes = (settings.max_queued_bytes / 1024).max(1024);
-    // One fetch response at most a quarter of the queue, so the queue cap holds.
-    let fetch_max = (settings.max_queued_bytes / 4).max(1 << 20);
+    // librdkafka checks the queue's cap before a fetch, so one fetch response can overshoot it,
+    // and fetch.max.bytes counts compressed bytes: a response of lz4-compressed envelopes
+    // decompresses to several times its size. So an eighth of the queue (1 MiB at least: it may
+    // not be below message.max.bytes); a quarter cost the benchmark about 3 MiB more.
+    let fetch_max = (settings.max_queued_bytes / 8).max(1 << 20);
     for (k, v) in [
         ("bootstrap.servers", settings.kafka_brokers.clone()),
         ("group.id", group_id.to_string()),
@@ -218,13 +221,14 @@ impl Group {
             .copied()
     }
 
-    /// A message that is already fetched, without waiting.
-    pub(super) fn try_recv(&self) -> Option<Pending> {
+    /// A message that is already fetched, without waiting; its key and value are appended to
+    /// `bytes`.
+    pub(super) fn try_recv(&self, bytes: &mut Vec<u8>) -> Option<Pending> {
         use futures_util::FutureExt as _;
         match self.consumer.recv().now_or_never()? {
             Ok(m) => {
                 let epoch = self.epoch(m.partition()).unwrap_or(0);
-                Some(pending(&m, epoch))
+                Some(pending(&m, epoch, bytes))
             }
             Err(e) => {
                 tracing::debug!(error = %e, "Kafka consumer error.");
@@ -233,8 +237,13 @@ impl Group {
         }
     }
 
-    /// The next message, or `None` when `deadline` passes first (or after a client error).
-    pub(super) async fn recv(&self, deadline: Option<Instant>) -> Option<Pending> {
+    /// The next message, or `None` when `deadline` passes first (or after a client error); its
+    /// key and value are appended to `bytes`.
+    pub(super) async fn recv(
+        &self,
+        deadline: Option<Instant>,
+        bytes: &mut Vec<u8>,
+    ) -> Option<Pending> {
         let wait = deadline.map_or(Duration::from_secs(1), |d| {
             d.saturating_duration_since(Instant::now())
         });
@@ -243,7 +252,7 @@ impl Group {
             Ok(Ok(m)) => {
                 self.consumer.context().reachability.answered();
                 let epoch = self.epoch(m.partition()).unwrap_or(0);
-                Some(pending(&m, epoch))
+                Some(pending(&m, epoch, bytes))
             }
             Ok(Err(e)) => {
                 {

@@ -22,8 +22,26 @@
 //! write is harmless: the write finishes, storing the offset fails quietly, and the new owner
 //! re-applies events the sink tolerates as duplicates.
 //!
-//! Reading and writing overlap: one task fetches and cuts batches, blocking threads decode
-//! them (two at a time at most), and the writer applies them in order.
+//! Reading and writing overlap: one task fetches and cuts batches, a blocking thread decodes
+//! the next batch while the writer applies one, in fetch order.
+//!
+//! # Memory
+//!
+//! Bounded by configuration, whatever the backlog:
+//!
+//! - librdkafka's queue: at most `--max-queued-bytes` of messages, overshot by one fetch
+//!   response once decompressed (`fetch.max.bytes` counts compressed bytes, so it is kept at an
+//!   eighth of the queue, 1 MiB at least), plus librdkafka's bookkeeping per message;
+//! - four batches of at most `--batch-max-events` records and `--batch-max-bytes` of keys and
+//!   values: the one filling, the one decoding or waiting, the one being written, and an
+//!   emptied one kept for reuse. The reader cuts a batch only when the writer has taken the
+//!   previous one, so at most two are decoded at a time; a decoded event takes about 1 KiB
+//!   (the envelope's fields) plus a copy of its `after` image;
+//! - the sink's bulk request for the batch being written (about the batch's bytes again).
+//!
+//! A batch's records, bytes and events sit in three vectors that are emptied and reused
+//! ([`Spares`]) rather than allocated per batch. With the defaults (8 MiB queue, 2000 events)
+//! the benchmark's consumer peaks at about 60 MiB resident (README, "Consumer benchmark").
 //!
 //! On shutdown (SIGTERM) the batches already read are written, dead letters are flushed and
 //! offsets are committed synchronously before the consumer leaves the group; a sink still
@@ -34,6 +52,7 @@ mod group;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -196,15 +215,69 @@ pub enum RuntimeError {
 /// How long the final batch may take after a shutdown request before it is abandoned.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
-/// An event in a batch, with what the runtime needs beyond the sink's view.
+/// A fetched record in a batch, with what the runtime needs beyond the sink's view.
 struct Pending {
-    event: Option<Event>,
     partition: i32,
     offset: i64,
     epoch: u64,
-    key: Option<Vec<u8>>,
-    raw: Vec<u8>,
+    /// Where the record's key is in the batch's `bytes`.
+    key: Option<Range<usize>>,
+    /// Where the record's value is in the batch's `bytes` (empty for a tombstone).
+    value: Range<usize>,
     decode_error: Option<String>,
+}
+
+/// A batch: the fetched records, their keys and values copied into one buffer, and once
+/// decoded the events of the records that decoded, in the same order (a record with a
+/// `decode_error` has no event).
+///
+/// The three vectors are the big allocations of a batch; a written batch is emptied and handed
+/// back to the reader ([`Spares`]), so they are allocated once and reused instead of at the
+/// batch rate, and a record costs no allocation of its own.
+#[derive(Default)]
+struct Batch {
+    records: Vec<Pending>,
+    bytes: Vec<u8>,
+    events: Vec<Event>,
+}
+
+impl Batch {
+    fn is_full(&self, settings: &RuntimeSettings) -> bool {
+        self.records.len() >= settings.batch_max_events
+            || self.bytes.len() >= settings.batch_max_bytes
+    }
+}
+
+/// Emptied batches waiting to be filled again (at most [`Spares::KEEP`]).
+#[derive(Default)]
+struct Spares(std::sync::Mutex<Vec<Batch>>);
+
+impl Spares {
+    /// The writer hands back one batch per batch the reader starts: one spare is enough.
+    const KEEP: usize = 1;
+
+    fn take(&self) -> Batch {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default()
+    }
+
+    /// Empties `batch` (its events are dropped here) and keeps its buffers unless they grew
+    /// far beyond the limits (a single huge record, say).
+    fn give(&self, mut batch: Batch, settings: &RuntimeSettings) {
+        batch.records.clear();
+        batch.bytes.clear();
+        batch.events.clear();
+        if batch.bytes.capacity() > settings.batch_max_bytes.saturating_mul(2) {
+            batch.bytes = Vec::new();
+        }
+        let mut spares = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if spares.len() < Self::KEEP {
+            spares.push(batch);
+        }
+    }
 }
 
 /// A consumer group member feeding one sink.
@@ -240,8 +313,8 @@ impl Runtime {
 
     /// Reads, batches and writes until `shutdown`, then drains and commits.
     ///
-    /// Reading and writing overlap: while the sink writes one batch, the next ones are fetched
-    /// and decoded (at most two wait in between, so memory stays at about four batches).
+    /// Reading and writing overlap: while the sink writes one batch, the next is decoded and
+    /// the one after it fetched (see the module's "Memory").
     pub async fn run<S: Sink>(
         &self,
         sink: &mut S,
@@ -257,13 +330,15 @@ impl Runtime {
                 drain.cancel();
             })
         };
-        // Batches decode on blocking threads; the writer takes them in order. Two may decode
-        // while one is written.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Decoding>(2);
+        // Batches decode on blocking threads; the writer takes them in order. The reader sends a
+        // batch (and starts decoding it) only when the channel is empty: while the writer
+        // writes one, the next waits in the channel and the reader fills the one after it.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Decoding>(1);
+        let spares = Arc::new(Spares::default());
         let writer = async {
             let mut idle_since = Instant::now();
             while let Some(decoding) = rx.recv().await {
-                let Ok(batch) = decoding.await else {
+                let Ok(mut batch) = decoding.await else {
                     rx.close();
                     return Err(RuntimeError::Sink {
                         sink: sink.name(),
@@ -271,11 +346,12 @@ impl Runtime {
                     });
                 };
                 let waited = idle_since.elapsed();
-                if let Err(e) = self.flush(sink, batch, &drain).await {
+                if let Err(e) = self.flush(sink, &mut batch, &drain).await {
                     // Stop reading; the batches after this one are not committed.
                     rx.close();
                     return Err(e);
                 }
+                spares.give(batch, &self.settings);
                 tracing::trace!(
                     waited_ms = waited.as_millis() as u64,
                     "Writer waited for the batch."
@@ -289,6 +365,7 @@ impl Runtime {
             Arc::clone(&self.group),
             self.settings.clone(),
             tx,
+            Arc::clone(&spares),
             shutdown.clone(),
         ));
         let written = writer.await;
@@ -310,16 +387,18 @@ impl Runtime {
     async fn flush<S: Sink>(
         &self,
         sink: &mut S,
-        batch: Vec<Pending>,
+        batch: &mut Batch,
         shutdown: &CancellationToken,
     ) -> Result<(), RuntimeError> {
         let started = Instant::now();
+        let Batch {
+            records: batch,
+            bytes,
+            events,
+        } = batch;
         // Drop what was fetched under an assignment revoked since.
         let fetched = batch.len();
-        let mut batch: Vec<Pending> = batch
-            .into_iter()
-            .filter(|p| self.group.epoch(p.partition) == Some(p.epoch))
-            .collect();
+        self.drop_revoked(batch, events);
         if batch.len() < fetched {
             tracing::debug!(
                 dropped = fetched - batch.len(),
@@ -329,21 +408,16 @@ impl Runtime {
         if batch.is_empty() {
             return Ok(());
         }
-        let raw = sink.wants_raw();
-        let mut events: Vec<Event> = batch
-            .iter_mut()
-            .filter_map(|p| {
-                let mut e = p.event.take()?;
-                if raw {
-                    e.raw = Some(p.raw.clone());
-                }
-                Some(e)
-            })
-            .collect();
+        if sink.wants_raw() {
+            let decoded = batch.iter().filter(|p| p.decode_error.is_none());
+            for (e, p) in events.iter_mut().zip(decoded) {
+                e.raw = Some(bytes[p.value.clone()].to_vec());
+            }
+        }
         let verdicts = if events.is_empty() {
             Vec::new()
         } else {
-            sink.write(&mut events, shutdown)
+            sink.write(events, shutdown)
                 .await
                 .map_err(|error| RuntimeError::Sink {
                     sink: sink.name(),
@@ -368,7 +442,9 @@ impl Runtime {
         // Counted per batch: one label lookup per (op, table), not per event.
         let mut counts: HashMap<(Op, &str, &str), u64> = HashMap::new();
         let mut stale = 0u64;
-        for p in &batch {
+        for p in batch.iter() {
+            let key = p.key.clone().map(|k| &bytes[k]);
+            let payload = &bytes[p.value.clone()];
             let (reason, message) = match &p.decode_error {
                 Some(err) => ("decode", err.clone()),
                 None => match verdicts.next() {
@@ -378,8 +454,8 @@ impl Runtime {
                             dead.push(DeadLetter {
                                 partition: p.partition,
                                 offset: p.offset,
-                                key: p.key.as_deref(),
-                                payload: &p.raw,
+                                key,
+                                payload,
                                 reason: l.reason,
                                 message: l.message,
                                 sink: sink.name(),
@@ -406,8 +482,8 @@ impl Runtime {
             dead.push(DeadLetter {
                 partition: p.partition,
                 offset: p.offset,
-                key: p.key.as_deref(),
-                payload: &p.raw,
+                key,
+                payload,
                 reason,
                 message,
                 sink: sink.name(),
@@ -439,7 +515,7 @@ impl Runtime {
                 "Dead-lettered events."
             );
         }
-        self.store_offsets(&batch);
+        self.store_offsets(batch);
         sink.settled().await;
         self.metrics
             .batch_seconds
@@ -451,6 +527,33 @@ impl Runtime {
             "Batch applied."
         );
         Ok(())
+    }
+
+    /// Removes the records (and their events) fetched under an assignment revoked since; moves
+    /// nothing when every partition is still ours (the usual case).
+    fn drop_revoked(&self, batch: &mut Vec<Pending>, events: &mut Vec<Event>) {
+        // One epoch lookup per partition, not per record.
+        let mut current: HashMap<i32, Option<u64>> = HashMap::new();
+        let keep: Vec<bool> = batch
+            .iter()
+            .map(|p| {
+                *current
+                    .entry(p.partition)
+                    .or_insert_with(|| self.group.epoch(p.partition))
+                    == Some(p.epoch)
+            })
+            .collect();
+        if keep.iter().all(|k| *k) {
+            return;
+        }
+        let mut event_kept = batch
+            .iter()
+            .zip(&keep)
+            .filter(|(p, _)| p.decode_error.is_none())
+            .map(|(_, k)| *k);
+        events.retain(|_| event_kept.next().unwrap_or(false));
+        let mut record_kept = keep.iter();
+        batch.retain(|_| record_kept.next().copied().unwrap_or(false));
     }
 
     fn store_offsets(&self, batch: &[Pending]) {
@@ -481,10 +584,10 @@ async fn read(
     group: Arc<Group>,
     settings: RuntimeSettings,
     tx: tokio::sync::mpsc::Sender<Decoding>,
+    spares: Arc<Spares>,
     shutdown: CancellationToken,
 ) {
-    let mut batch: Vec<Pending> = Vec::new();
-    let mut bytes = 0usize;
+    let mut batch = spares.take();
     let mut started: Option<Instant> = None;
     loop {
         let deadline = started.map(|t| t + settings.batch_max_wait);
@@ -492,75 +595,87 @@ async fn read(
             biased;
             () = shutdown.cancelled() => break,
             () = tx.closed() => return,
-            r = group.recv(deadline) => r,
+            r = group.recv(deadline, &mut batch.bytes) => r,
         };
         // Take what is already fetched without a timer per message.
         let mut next = received;
         while let Some(p) = next {
-            bytes += p.raw.len() + p.key.as_ref().map_or(0, Vec::len);
             started.get_or_insert_with(Instant::now);
-            batch.push(p);
-            if batch.len() >= settings.batch_max_events || bytes >= settings.batch_max_bytes {
+            batch.records.push(p);
+            if batch.is_full(&settings) {
                 break;
             }
-            next = group.try_recv();
+            next = group.try_recv(&mut batch.bytes);
         }
-        let full = batch.len() >= settings.batch_max_events || bytes >= settings.batch_max_bytes;
         let due = deadline.is_some_and(|d| Instant::now() >= d);
-        if !batch.is_empty() && (full || due) {
-            if tx.send(decoding(std::mem::take(&mut batch))).await.is_err() {
+        if !batch.records.is_empty() && (batch.is_full(&settings) || due) {
+            // Decoding starts only once the channel has room for the batch: at most two decoded
+            // batches exist (the one being written and the next); fetching waits meanwhile
+            // (librdkafka's queue keeps prefetching).
+            let Ok(permit) = tx.reserve().await else {
                 return;
-            }
-            bytes = 0;
+            };
+            permit.send(decoding(std::mem::replace(&mut batch, spares.take())));
             started = None;
         }
     }
-    if !batch.is_empty() {
+    if !batch.records.is_empty() {
         let _ = tx.send(decoding(batch)).await;
     }
 }
 
 /// A batch being decoded.
-type Decoding = tokio::task::JoinHandle<Vec<Pending>>;
+type Decoding = tokio::task::JoinHandle<Batch>;
 
-fn decoding(mut batch: Vec<Pending>) -> Decoding {
+fn decoding(mut batch: Batch) -> Decoding {
     tokio::task::spawn_blocking(move || {
         decode(&mut batch);
         batch
     })
 }
 
-/// Builds a batch entry from a fetched message: its bytes only; [`decode`] comes later, off
-/// the fetching task.
-fn pending<M: Message>(m: &M, epoch: u64) -> Pending {
+/// Builds a batch entry from a fetched message, copying its key and value to the end of the
+/// batch's `bytes`; [`decode`] comes later, off the fetching task.
+fn pending<M: Message>(m: &M, epoch: u64, bytes: &mut Vec<u8>) -> Pending {
+    let mut append = |data: &[u8]| {
+        let start = bytes.len();
+        bytes.extend_from_slice(data);
+        start..bytes.len()
+    };
+    let key = m.key().map(&mut append);
     let payload = m.payload();
     Pending {
-        event: None,
         partition: m.partition(),
         offset: m.offset(),
         epoch,
-        key: m.key().map(<[u8]>::to_vec),
-        raw: payload.map(<[u8]>::to_vec).unwrap_or_default(),
+        key,
+        value: append(payload.unwrap_or_default()),
         decode_error: payload
             .is_none()
             .then(|| "record has no value (a tombstone is not a walrelay event)".to_string()),
     }
 }
 
-/// Decodes every entry of a batch (undecodable ones get their error).
-fn decode(batch: &mut [Pending]) {
-    for p in batch {
+/// Decodes every record of a batch into its events, in order; the others get their error.
+fn decode(batch: &mut Batch) {
+    let Batch {
+        records,
+        bytes,
+        events,
+    } = batch;
+    events.reserve(records.len());
+    for p in records.iter_mut() {
         if p.decode_error.is_some() {
             continue;
         }
-        match serde_json::from_slice::<Wire>(&p.raw) {
+        match serde_json::from_slice::<Wire>(&bytes[p.value.clone()]) {
             Ok(w) => {
                 if w.after.as_ref().is_some_and(|a| !a.get().starts_with('{')) {
                     p.decode_error =
                         Some("not a walrelay change event: after is not an object".into());
                     continue;
                 }
-                p.event = Some(Event {
+                events.push(Event {
                     partition: p.partition,
                     offset: p.offset,
                     envelope: Envelope {

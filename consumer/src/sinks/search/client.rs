@@ -157,6 +157,7 @@ impl SearchClient {
         query: &[(&str, &str)],
         body: Option<(Vec<u8>, &'static str)>,
     ) -> Result<(StatusCode, Value), SearchError> {
+        let body = body.map(|(bytes, content_type)| (bytes.into(), content_type));
         let (status, bytes) = self.call_raw(method, segments, query, body).await?;
         Ok((
             status,
@@ -171,7 +172,7 @@ impl SearchClient {
         method: Method,
         segments: &[&str],
         query: &[(&str, &str)],
-        body: Option<(Vec<u8>, &'static str)>,
+        body: Option<(bytes::Bytes, &'static str)>,
     ) -> Result<(StatusCode, bytes::Bytes), SearchError> {
         let what = format!("{method} /{}", segments.join("/"));
         let mut req = self.http.request(method, self.url(segments));
@@ -401,8 +402,13 @@ impl SearchClient {
         Err(Self::refused("POST /_aliases", status, &resp))
     }
 
-    /// Sends an NDJSON bulk body; one item per action, in order.
-    pub async fn bulk(&self, body: Vec<u8>, actions: usize) -> Result<Vec<BulkItem>, SearchError> {
+    /// Sends an NDJSON bulk body; one item per action, in order. `body` is shared, not copied,
+    /// so a retry resends the same buffer.
+    pub async fn bulk(
+        &self,
+        body: bytes::Bytes,
+        actions: usize,
+    ) -> Result<Vec<BulkItem>, SearchError> {
         /// Only what the sink reads of a bulk answer (the rest is skipped unparsed).
         #[derive(serde::Deserialize)]
         struct Answer {

@@ -673,6 +673,8 @@ impl SearchSink {
                 for a in chunk {
                     body.extend_from_slice(&a.lines);
                 }
+                // Shared by the attempts: a retry does not copy it again.
+                let body = bytes::Bytes::from(body);
                 let client = self.client.clone();
                 let items = self
                     .retrying(shutdown, || client.bulk(body.clone(), chunk.len()))
