@@ -1,29 +1,86 @@
 //! walrelay's benchmark harness: prints figures and ratios, asserts nothing.
 //!
-//! Phases, all against a throwaway PostgreSQL 15 cluster and the in-process librdkafka mock
-//! cluster (a broker that is not the bottleneck; its own ceiling is measured and printed):
+//! Everything runs against a throwaway PostgreSQL 15 cluster. Brokers: the librdkafka mock
+//! cluster (`walrelay-mock-broker`, a broker that costs little; its own ceiling is measured and
+//! printed) and a real single-node Apache Kafka ([`KafkaCluster`], started only for its
+//! configurations, after the mock ones, so its JVM does not share the cores with them).
 //!
-//! 1. broker ceiling: a bare rdkafka producer with walrelay's settings, events of the same size;
-//! 2. snapshot: the producer's initial snapshot of N rows vs `COPY … TO '/dev/null'`;
-//! 3. stream: N rows in 1k-row transactions, `pg_recvlogical` reading that WAL range to
-//!    /dev/null vs the producer delivering it until the slot is confirmed past it;
-//! 4. latency: p50/p99 commit→ack at a paced rate (default 10k rows/s);
-//! 5. memory: peak RSS of the producer on one big transaction (default 5M rows) vs
+//! Phases:
+//!
+//! 1. broker ceiling: a bare rdkafka producer with walrelay's settings, events of the
+//!    producer's size, to each broker in use;
+//! 2. snapshot (mock): the producer's initial snapshot of N rows vs `COPY … TO '/dev/null'`;
+//! 3. stream, once per configuration (backend × keying): a new producer slot (a short
+//!    `run --snapshot never`) and a `pg_recvlogical` slot, then N fresh rows in 1k-row
+//!    transactions; `pg_recvlogical` reads that WAL range to /dev/null, then the producer
+//!    delivers it until its slot is confirmed past it. The line gives both rates, their ratio,
+//!    the producer's peak RSS, how full its buffer got (`walrelay_producer_buffer_bytes`
+//!    sampled every 50 ms from `--metrics-addr`) and when Kafka had acknowledged every event
+//!    (the rest, until the slot is confirmed, is the producer's confirmation cadence);
+//! 4. latency, once per configuration: p50/p99 commit→ack at a paced rate (default 10k rows/s);
+//! 5. memory (mock): peak RSS of the producer on one big transaction (default 5M rows) vs
 //!    `--max-buffer-bytes` + 64 MiB.
 //!
-//! Usage: `scripts/bench.sh [--rows N] [--big-rows N] [--rate ROWS_PER_S] [--seconds S]
-//! [--buffer SIZE]`.
+//! Configurations: `mock schema` (4 partitions, the default keying: every event of the
+//! `public` schema on one partition), `mock primary-key` (8 partitions), `kafka schema`,
+//! `kafka primary-key`.
+//!
+//! Usage: `scripts/bench.sh [--rows N] [--txn-rows N] [--big-rows N] [--rate ROWS_PER_S]
+//! [--seconds S] [--buffer SIZE] [--only mock|kafka] [--keying schema|primary-key]
+//! [--pk-partitions N] [--kafka-property KEY=VALUE]... [--skip-snapshot] [--skip-latency]
+//! [--skip-memory]`. `--kafka-property` is passed to the producer of the stream and latency
+//! phases (for experiments, e.g. `statistics.interval.ms`).
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use walrelay_tests::broker::MockBroker;
+use walrelay_tests::kafka::KafkaCluster;
 use walrelay_tests::postgres::{PgCluster, bin_dir};
 use walrelay_tests::process::Proc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Mock,
+    Kafka,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Mock => "mock",
+            Backend::Kafka => "kafka",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keying {
+    Schema,
+    PrimaryKey,
+}
+
+impl Keying {
+    fn name(self) -> &'static str {
+        match self {
+            Keying::Schema => "schema",
+            Keying::PrimaryKey => "primary-key",
+        }
+    }
+
+    fn short(self) -> &'static str {
+        match self {
+            Keying::Schema => "schema",
+            Keying::PrimaryKey => "pk",
+        }
+    }
+}
 
 struct Args {
     rows: u64,
@@ -32,6 +89,13 @@ struct Args {
     rate: u64,
     seconds: u64,
     buffer: String,
+    only: Option<Backend>,
+    keying: Option<Keying>,
+    pk_partitions: i32,
+    kafka_properties: Vec<String>,
+    skip_snapshot: bool,
+    skip_latency: bool,
+    skip_memory: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -42,9 +106,31 @@ fn parse_args() -> anyhow::Result<Args> {
         rate: 10_000,
         seconds: 10,
         buffer: "64MiB".into(),
+        only: None,
+        keying: None,
+        pk_partitions: 8,
+        kafka_properties: Vec::new(),
+        skip_snapshot: false,
+        skip_latency: false,
+        skip_memory: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        match flag.as_str() {
+            "--skip-snapshot" => {
+                a.skip_snapshot = true;
+                continue;
+            }
+            "--skip-latency" => {
+                a.skip_latency = true;
+                continue;
+            }
+            "--skip-memory" => {
+                a.skip_memory = true;
+                continue;
+            }
+            _ => {}
+        }
         let v = it.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--rows" => a.rows = v.parse()?,
@@ -53,6 +139,22 @@ fn parse_args() -> anyhow::Result<Args> {
             "--rate" => a.rate = v.parse()?,
             "--seconds" => a.seconds = v.parse()?,
             "--buffer" => a.buffer = v,
+            "--pk-partitions" => a.pk_partitions = v.parse()?,
+            "--kafka-property" => a.kafka_properties.push(v),
+            "--only" => {
+                a.only = Some(match v.as_str() {
+                    "mock" => Backend::Mock,
+                    "kafka" => Backend::Kafka,
+                    _ => bail!("--only takes mock or kafka"),
+                })
+            }
+            "--keying" => {
+                a.keying = Some(match v.as_str() {
+                    "schema" => Keying::Schema,
+                    "primary-key" | "pk" => Keying::PrimaryKey,
+                    _ => bail!("--keying takes schema or primary-key"),
+                })
+            }
             _ => bail!("unknown option {flag}"),
         }
     }
@@ -75,16 +177,45 @@ fn parse_size(s: &str) -> u64 {
     n.trim().parse::<u64>().unwrap_or(64) * mult
 }
 
+const MIB: f64 = 1048576.0;
+const DB: &str = "bench";
+/// The topic of the ceiling, snapshot and memory phases (mock, 4 partitions).
+const TOPIC: &str = "walrelay.bench";
+/// Latency phases write ids from here on (`LATENCY_BASE + i * LATENCY_SPAN` for the i-th
+/// configuration), the big transaction from `LATENCY_BASE + 10 * LATENCY_SPAN`.
+const LATENCY_BASE: u64 = 1_000_000_000_000;
+const LATENCY_SPAN: u64 = 100_000_000_000;
+
+/// Where one configuration's events go.
+struct Target {
+    backend: Backend,
+    keying: Keying,
+    partitions: i32,
+    brokers: String,
+    topic: String,
+    slot: String,
+}
+
+impl Target {
+    fn label(&self) -> String {
+        format!(
+            "{} {} ×{}",
+            self.backend.name(),
+            self.keying.name(),
+            self.partitions
+        )
+    }
+}
+
 struct Bench {
     pg: PgCluster,
-    broker: MockBroker,
     producer_bin: PathBuf,
     logs: tempfile::TempDir,
     runs: u32,
+    /// `--kafka-property` flags for the stream and latency producers.
+    extra: Vec<String>,
+    http: reqwest::Client,
 }
-
-const DB: &str = "bench";
-const TOPIC: &str = "walrelay.bench";
 
 impl Bench {
     /// A Postgres client tool connected to the benchmark cluster.
@@ -101,22 +232,22 @@ impl Bench {
         c
     }
 
-    fn url(&self) -> String {
-        self.pg.url(DB)
-    }
-
-    fn args(&self, extra: &[&str]) -> Vec<String> {
+    fn args(&self, t: &Target, extra: &[&str]) -> Vec<String> {
         let mut v: Vec<String> = [
             "--postgres-url",
-            &self.url(),
+            &self.pg.url(DB),
             "--kafka-brokers",
-            self.broker.brokers(),
+            &t.brokers,
             "--topic",
-            TOPIC,
+            &t.topic,
             "--slot",
-            "bench",
+            &t.slot,
             "--publication",
             "bench",
+            "--partition-key",
+            t.keying.name(),
+            "--topic-partitions",
+            &t.partitions.to_string(),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -125,16 +256,29 @@ impl Bench {
         v
     }
 
-    fn spawn(&mut self, extra: &[&str]) -> Proc {
+    fn spawn(&mut self, t: &Target, extra: &[&str]) -> Proc {
         self.runs += 1;
-        let mut args = self.args(extra);
+        let mut args = self.args(t, extra);
         args.push("run".into());
+        // WALRELAY_BENCH_LOG: the producers' RUST_LOG, and their logs are kept.
+        let level = std::env::var("WALRELAY_BENCH_LOG").unwrap_or_else(|_| "warn".into());
         Proc::spawn(
             &self.producer_bin,
             &args,
-            &[("RUST_LOG", "warn".into())],
+            &[("RUST_LOG", level)],
             &self.logs.path().join(format!("p{}.log", self.runs)),
         )
+    }
+
+    /// `spawn` with the `--kafka-property` flags of the command line.
+    fn spawn_measured(&mut self, t: &Target, extra: &[&str]) -> Proc {
+        let mut all: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        for p in &self.extra {
+            all.push("--kafka-property".into());
+            all.push(p.clone());
+        }
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        self.spawn(t, &refs)
     }
 
     async fn scalar(&self, sql: &str) -> String {
@@ -148,23 +292,89 @@ impl Bench {
             .unwrap_or_default()
     }
 
-    async fn wait_confirmed(&self, lsn: &str, timeout: Duration) -> anyhow::Result<()> {
+    /// Waits until `slot` is confirmed at or past `lsn`, or `p` exits.
+    async fn wait_confirmed(
+        &self,
+        slot: &str,
+        lsn: &str,
+        timeout: Duration,
+        p: &mut Proc,
+    ) -> anyhow::Result<()> {
         let c = self.pg.client(DB).await;
         let deadline = Instant::now() + timeout;
         loop {
             let ok: Option<bool> = c
-                .query_one("SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'bench'", &[&lsn])
+                .query_one(
+                    "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+                    &[&lsn, &slot],
+                )
                 .await
                 .ok()
                 .and_then(|r| r.get(0));
             if ok == Some(true) {
                 return Ok(());
             }
+            if let Some(code) = p.try_exit() {
+                bail!("producer exited ({code:?}): {}", p.log());
+            }
             if Instant::now() > deadline {
-                bail!("slot not confirmed to {lsn} in time");
+                bail!("slot {slot} not confirmed to {lsn} in time");
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Creates the producer's slot for `t` (and its topic on Kafka) with a short
+    /// `run --snapshot never`, stopped once the slot streams. (The slot is active while it is
+    /// being created too: a producer stopped then leaves its state `pending`, and the next run
+    /// would drop the slot and create it anew at the current position, past the rows written in
+    /// between. So this waits for the state `done` as well.)
+    async fn create_slot(&mut self, t: &Target) -> anyhow::Result<()> {
+        let mut p = self.spawn(t, &["--snapshot", "never"]);
+        let c = self.pg.client(DB).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready: Option<bool> = c
+                .query_opt(
+                    "SELECT s.active AND st.snapshot_status = 'done' FROM pg_replication_slots s \
+                     JOIN walrelay.slot_state st ON st.slot_name = s.slot_name WHERE s.slot_name = $1",
+                    &[&t.slot],
+                )
+                .await?
+                .and_then(|r| r.get(0));
+            if ready == Some(true) {
+                break;
+            }
+            if let Some(code) = p.try_exit() {
+                bail!("producer exited ({code:?}): {}", p.log());
+            }
+            if Instant::now() > deadline {
+                bail!("slot {} not created in time: {}", t.slot, p.log());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if p.terminate() != Some(0) {
+            bail!("slot creation run did not stop cleanly: {}", p.log());
+        }
+        Ok(())
+    }
+
+    async fn drop_slot(&self, slot: &str) {
+        let c = self.pg.client(DB).await;
+        for _ in 0..100 {
+            if c.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .is_ok()
+            {
+                return;
+            }
+            // Still active for a moment after its holder exited.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        eprintln!("warning: slot {slot} could not be dropped");
     }
 
     async fn load(&self, rows: u64, txn_rows: u64, from: u64) {
@@ -182,12 +392,247 @@ impl Bench {
             start = hi;
         }
     }
+
+    async fn scrape(&self, addr: &str) -> Option<String> {
+        let r = self
+            .http
+            .get(format!("http://{addr}/metrics"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        r.text().await.ok()
+    }
+
+    /// Stream phase of one configuration: fresh rows `from..from + rows`.
+    async fn stream(&mut self, t: &Target, args: &Args, from: u64) -> anyhow::Result<()> {
+        self.create_slot(t).await?;
+        let recv_slot = format!("{}_recv", t.slot);
+        self.pg
+            .exec(
+                DB,
+                &format!("SELECT pg_create_logical_replication_slot('{recv_slot}', 'pgoutput')"),
+            )
+            .await;
+        self.load(args.rows, args.txn_rows, from).await;
+        let end = self.scalar("SELECT pg_current_wal_lsn()::text").await;
+        let t0 = Instant::now();
+        let st = self
+            .pg_tool("pg_recvlogical")
+            .args(["-d", DB, "--slot", &recv_slot, "--start", "--no-loop"])
+            .args([
+                "--endpos",
+                &end,
+                "-o",
+                "proto_version=1",
+                "-o",
+                "publication_names=bench",
+                "-f",
+                "/dev/null",
+            ])
+            .status()?;
+        let recv_secs = t0.elapsed().as_secs_f64();
+        if !st.success() {
+            bail!("pg_recvlogical failed");
+        }
+        self.drop_slot(&recv_slot).await;
+
+        let metrics_addr = format!("127.0.0.1:{}", walrelay_tests::free_port());
+        let t0 = Instant::now();
+        let mut p = self.spawn_measured(
+            t,
+            &[
+                "--max-buffer-bytes",
+                &args.buffer,
+                "--metrics-addr",
+                &metrics_addr,
+            ],
+        );
+        let sampler = Sampler::start(self.http.clone(), metrics_addr, args.rows, t0);
+        let waited = self
+            .wait_confirmed(&t.slot, &end, Duration::from_secs(1800), &mut p)
+            .await;
+        let prod_secs = t0.elapsed().as_secs_f64();
+        let peak = p.peak_rss_bytes().unwrap_or(0);
+        let s = sampler.stop().await;
+        p.terminate();
+        waited?;
+        if p.log().contains("dropping the slot") {
+            bail!(
+                "the producer recreated its slot: the measurement is void:\n{}",
+                p.log()
+            );
+        }
+        let (recv_rate, prod_rate) = (args.rows as f64 / recv_secs, args.rows as f64 / prod_secs);
+        let cap = s.capacity.max(1) as f64;
+        let acked = s.acked_at.map_or("?".into(), |a| {
+            format!(
+                "{a:.2} s, ratio at last ack {:.2}",
+                (args.rows as f64 / a) / recv_rate
+            )
+        });
+        println!(
+            "stream [{}]: producer {prod_rate:.0} rows/s ({prod_secs:.2} s to slot confirmed; all acked at {acked}), \
+             pg_recvlogical {recv_rate:.0} rows/s ({recv_secs:.2} s), ratio {:.2}, peak RSS {:.1} MiB, \
+             buffer max {:.0}% of {:.0} MiB, ≥ 90% in {}/{} samples{}",
+            t.label(),
+            prod_rate / recv_rate,
+            peak as f64 / MIB,
+            100.0 * s.max_bytes as f64 / cap,
+            cap / MIB,
+            s.full,
+            s.samples,
+            if s.full > 0 { " (FILLED)" } else { "" },
+        );
+        Ok(())
+    }
+
+    /// Latency phase of one configuration (`index` picks its id range).
+    async fn latency(&mut self, t: &Target, args: &Args, index: u64) -> anyhow::Result<()> {
+        let metrics_addr = format!("127.0.0.1:{}", walrelay_tests::free_port());
+        let mut p = self.spawn_measured(
+            t,
+            &[
+                "--max-buffer-bytes",
+                &args.buffer,
+                "--metrics-addr",
+                &metrics_addr,
+            ],
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // pgbench paces the writes from outside this process: `rate / 100` transactions of 100
+        // rows a second.
+        let per_txn = 100u64;
+        let script = self.logs.path().join(format!("pace{index}.sql"));
+        std::fs::write(
+            &script,
+            format!(
+                "\\set base random(1, 100000000)\n\
+                 INSERT INTO items SELECT g, md5(g::text), 1, now(), '{{}}' \
+                 FROM generate_series({off} + :base::bigint * {per_txn}, {off} + :base::bigint * {per_txn} + {last}) g \
+                 ON CONFLICT DO NOTHING;\n",
+                off = LATENCY_BASE + index * LATENCY_SPAN,
+                last = per_txn - 1
+            ),
+        )?;
+        let st = self
+            .pg_tool("pgbench")
+            .args(["-n", "-c", "1"])
+            .args([
+                "-R",
+                &(args.rate / per_txn).to_string(),
+                "-T",
+                &args.seconds.to_string(),
+                "-f",
+            ])
+            .arg(&script)
+            .arg(DB)
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        if !st.success() {
+            bail!("pgbench failed");
+        }
+        let end = self.scalar("SELECT pg_current_wal_lsn()::text").await;
+        self.wait_confirmed(&t.slot, &end, Duration::from_secs(60), &mut p)
+            .await?;
+        let metrics = self.scrape(&metrics_addr).await.unwrap_or_default();
+        let p50 = percentile(&metrics, "walrelay_producer_commit_to_ack_seconds", 0.5)
+            .unwrap_or(f64::NAN);
+        let p99 = percentile(&metrics, "walrelay_producer_commit_to_ack_seconds", 0.99)
+            .unwrap_or(f64::NAN);
+        println!(
+            "latency [{}] at {} rows/s ({}-row transactions): commit→ack p50 ≤ {:.1} ms, p99 ≤ {:.1} ms (histogram bucket bounds)",
+            t.label(),
+            args.rate,
+            per_txn,
+            p50 * 1e3,
+            p99 * 1e3
+        );
+        p.terminate();
+        Ok(())
+    }
 }
 
-fn broker_ceiling(brokers: &str, messages: u64, size: usize) -> anyhow::Result<f64> {
+/// What the sampler saw of the producer's metrics.
+#[derive(Debug, Default)]
+struct Samples {
+    samples: u32,
+    /// Samples with the buffer at ≥ 90% of its capacity.
+    full: u32,
+    max_bytes: i64,
+    capacity: i64,
+    /// Seconds from start until Kafka had acknowledged as many events as rows were written.
+    acked_at: Option<f64>,
+}
+
+/// Scrapes `/metrics` every 50 ms until stopped.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Samples>,
+}
+
+fn gauge(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+impl Sampler {
+    fn start(http: reqwest::Client, addr: String, events: u64, t0: Instant) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let task = tokio::spawn(async move {
+            let mut s = Samples::default();
+            while !flag.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let Ok(r) = http
+                    .get(format!("http://{addr}/metrics"))
+                    .timeout(Duration::from_secs(1))
+                    .send()
+                    .await
+                else {
+                    continue;
+                };
+                let Ok(text) = r.text().await else { continue };
+                let (Some(bytes), Some(cap)) = (
+                    gauge(&text, "walrelay_producer_buffer_bytes"),
+                    gauge(&text, "walrelay_producer_buffer_capacity_bytes"),
+                ) else {
+                    continue;
+                };
+                let (bytes, cap) = (bytes as i64, cap as i64);
+                s.samples += 1;
+                s.capacity = cap;
+                s.max_bytes = s.max_bytes.max(bytes);
+                if cap > 0 && bytes * 10 >= cap * 9 {
+                    s.full += 1;
+                }
+                if s.acked_at.is_none()
+                    && gauge(
+                        &text,
+                        "walrelay_producer_kafka_delivery_duration_seconds_count",
+                    )
+                    .is_some_and(|c| c as u64 >= events)
+                {
+                    s.acked_at = Some(t0.elapsed().as_secs_f64());
+                }
+            }
+            s
+        });
+        Self { stop, task }
+    }
+
+    async fn stop(self) -> Samples {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap_or_default()
+    }
+}
+
+fn broker_ceiling(brokers: &str, topic: &str, messages: u64, size: usize) -> anyhow::Result<f64> {
     let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
+        .set("acks", "all")
         .set("compression.type", "lz4")
         .set("linger.ms", "5")
         .set("queue.buffering.max.messages", "2000000")
@@ -199,7 +644,7 @@ fn broker_ceiling(brokers: &str, messages: u64, size: usize) -> anyhow::Result<f
         let key = (i % 64).to_string();
         loop {
             match producer.send(
-                BaseRecord::<String, [u8]>::to(TOPIC)
+                BaseRecord::<String, [u8]>::to(topic)
                     .key(&key)
                     .payload(&payload),
             ) {
@@ -234,6 +679,28 @@ fn percentile(metrics: &str, name: &str, q: f64) -> Option<f64> {
         .map(|(le, _)| *le)
 }
 
+fn keyings(args: &Args) -> Vec<Keying> {
+    [Keying::Schema, Keying::PrimaryKey]
+        .into_iter()
+        .filter(|k| args.keying.is_none_or(|only| only == *k))
+        .collect()
+}
+
+fn target(backend: Backend, keying: Keying, brokers: &str, args: &Args) -> Target {
+    let slot = format!("bench_{}_{}", backend.name(), keying.short());
+    Target {
+        backend,
+        keying,
+        partitions: match keying {
+            Keying::Schema => 4,
+            Keying::PrimaryKey => args.pk_partitions,
+        },
+        brokers: brokers.to_string(),
+        topic: format!("walrelay.bench.{}.{}", backend.name(), keying.short()),
+        slot,
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
@@ -249,14 +716,20 @@ async fn main() -> anyhow::Result<()> {
         "CREATE TABLE items (id bigint PRIMARY KEY, t text, n int, ts timestamptz, j jsonb)",
     )
     .await;
-    let broker = MockBroker::start(&sibling("walrelay-mock-broker")?, &[&format!("{TOPIC}:4")]);
     let mut b = Bench {
         pg,
-        broker,
         producer_bin: sibling("walrelay-producer")?,
-        logs: tempfile::tempdir()?,
+        logs: tempfile::Builder::new()
+            .prefix("walrelay-bench-")
+            .disable_cleanup(std::env::var_os("WALRELAY_BENCH_LOG").is_some())
+            .tempdir()?,
         runs: 0,
+        extra: args.kafka_properties.clone(),
+        http: reqwest::Client::new(),
     };
+    if std::env::var_os("WALRELAY_BENCH_LOG").is_some() {
+        eprintln!("producer logs kept in {}", b.logs.path().display());
+    }
     let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpu
         .lines()
@@ -272,182 +745,187 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or(0)
     );
     println!(
-        "rows: {} ({}-row transactions), big transaction: {} rows, buffer: {}",
-        args.rows, args.txn_rows, args.big_rows, args.buffer
-    );
-
-    // 1. Broker ceiling with events of the producer's size (measured below; ~300 bytes).
-    let ceiling = tokio::task::block_in_place(|| {
-        broker_ceiling(b.broker.brokers(), args.rows.min(1_000_000), 300)
-    })?;
-    println!("broker ceiling (bare rdkafka → mock cluster, 300-byte events): {ceiling:.0} msg/s");
-
-    // 2. Snapshot vs COPY TO /dev/null.
-    b.load(args.rows, 100_000, 0).await;
-    b.pg.exec(DB, "VACUUM ANALYZE items").await;
-    let t = Instant::now();
-    b.pg.exec(DB, "COPY items TO '/dev/null'").await;
-    let copy_rate = args.rows as f64 / t.elapsed().as_secs_f64();
-    let out = Command::new(&b.producer_bin)
-        .args(b.args(&["init"]))
-        .output()?;
-    if !out.status.success() {
-        bail!("init: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let t = Instant::now();
-    let mut p = b.spawn(&[
-        "--max-buffer-bytes",
-        &args.buffer,
-        "--snapshot-chunk-pages",
-        "2048",
-    ]);
-    loop {
-        if b.scalar("SELECT snapshot_status FROM walrelay.slot_state WHERE slot_name = 'bench'")
-            .await
-            == "done"
-        {
-            break;
-        }
-        if let Some(code) = p.try_exit() {
-            bail!("producer exited ({code:?}): {}", p.log());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let snap_rate = args.rows as f64 / t.elapsed().as_secs_f64();
-    println!(
-        "snapshot: producer {snap_rate:.0} rows/s, COPY TO /dev/null {copy_rate:.0} rows/s, ratio {:.2}",
-        snap_rate / copy_rate
-    );
-    p.terminate();
-
-    // 3. Stream vs pg_recvlogical over the same WAL range.
-    b.pg.exec(
-        DB,
-        "SELECT pg_create_logical_replication_slot('bench_recv', 'pgoutput')",
-    )
-    .await;
-    b.load(args.rows, args.txn_rows, args.rows).await;
-    let end = b.scalar("SELECT pg_current_wal_lsn()::text").await;
-    let t = Instant::now();
-    let st = b
-        .pg_tool("pg_recvlogical")
-        .args(["-d", DB, "--slot", "bench_recv", "--start", "--no-loop"])
-        .args([
-            "--endpos",
-            &end,
-            "-o",
-            "proto_version=1",
-            "-o",
-            "publication_names=bench",
-            "-f",
-            "/dev/null",
-        ])
-        .status()?;
-    let recv_secs = t.elapsed().as_secs_f64();
-    if !st.success() {
-        bail!("pg_recvlogical failed");
-    }
-    let t = Instant::now();
-    let mut p = b.spawn(&["--max-buffer-bytes", &args.buffer]);
-    b.wait_confirmed(&end, Duration::from_secs(1800)).await?;
-    let prod_secs = t.elapsed().as_secs_f64();
-    let (recv_rate, prod_rate) = (args.rows as f64 / recv_secs, args.rows as f64 / prod_secs);
-    println!(
-        "stream: producer {prod_rate:.0} rows/s ({prod_secs:.1} s), pg_recvlogical {recv_rate:.0} rows/s ({recv_secs:.1} s), ratio {:.2}",
-        prod_rate / recv_rate
-    );
-    p.terminate();
-
-    // 4. Commit→ack latency at a paced rate.
-    let metrics_addr = format!("127.0.0.1:{}", walrelay_tests::free_port());
-    let mut p = b.spawn(&[
-        "--max-buffer-bytes",
-        &args.buffer,
-        "--metrics-addr",
-        &metrics_addr,
-    ]);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    // pgbench paces the writes from outside this process: `rate / 100` transactions of 100
-    // rows a second.
-    let per_txn = 100u64;
-    let script = b.logs.path().join("pace.sql");
-    std::fs::write(
-        &script,
-        format!(
-            "\\set base random(1, 100000000)\n\
-             INSERT INTO items SELECT g, md5(g::text), 1, now(), '{{}}' \
-             FROM generate_series({off} + :base::bigint * {per_txn}, {off} + :base::bigint * {per_txn} + {last}) g \
-             ON CONFLICT DO NOTHING;\n",
-            off = 100 * args.rows,
-            last = per_txn - 1
-        ),
-    )?;
-    let st = b
-        .pg_tool("pgbench")
-        .args(["-n", "-c", "1"])
-        .args([
-            "-R",
-            &(args.rate / per_txn).to_string(),
-            "-T",
-            &args.seconds.to_string(),
-            "-f",
-        ])
-        .arg(&script)
-        .arg(DB)
-        .stdout(std::process::Stdio::null())
-        .status()?;
-    if !st.success() {
-        bail!("pgbench failed");
-    }
-    // Beyond every id the paced phase can write (100 * rows + 100 * random(1, 1e8)).
-    let id = 100 * args.rows + 100 * 100_000_000 + 1_000_000;
-    let end = b.scalar("SELECT pg_current_wal_lsn()::text").await;
-    b.wait_confirmed(&end, Duration::from_secs(60)).await?;
-    let metrics = Command::new("curl")
-        .args(["-s", &format!("http://{metrics_addr}/metrics")])
-        .output()?;
-    let metrics = String::from_utf8_lossy(&metrics.stdout);
-    let p50 =
-        percentile(&metrics, "walrelay_producer_commit_to_ack_seconds", 0.5).unwrap_or(f64::NAN);
-    let p99 =
-        percentile(&metrics, "walrelay_producer_commit_to_ack_seconds", 0.99).unwrap_or(f64::NAN);
-    println!(
-        "latency at {} rows/s ({}-row transactions): commit→ack p50 ≤ {:.1} ms, p99 ≤ {:.1} ms (histogram bucket bounds)",
-        args.rate,
-        per_txn,
-        p50 * 1e3,
-        p99 * 1e3
-    );
-    p.terminate();
-
-    // 5. Peak RSS on one big transaction.
-    let big_start = id;
-    b.pg.exec(DB, &format!("INSERT INTO items SELECT g, md5(g::text), 2, now(), '{{}}' FROM generate_series({big_start}, {} - 1) g", big_start + args.big_rows)).await;
-    let end = b.scalar("SELECT pg_current_wal_lsn()::text").await;
-    let t = Instant::now();
-    let mut p = b.spawn(&["--max-buffer-bytes", &args.buffer]);
-    let mut peak = 0;
-    let deadline = Instant::now() + Duration::from_secs(3600);
-    loop {
-        peak = peak.max(p.peak_rss_bytes().unwrap_or(0));
-        if b.wait_confirmed(&end, Duration::from_millis(200))
-            .await
-            .is_ok()
-            || Instant::now() > deadline
-        {
-            break;
-        }
-    }
-    peak = peak.max(p.peak_rss_bytes().unwrap_or(0));
-    let budget = parse_size(&args.buffer);
-    println!(
-        "memory: {} rows in one transaction delivered in {:.1} s; peak RSS {:.1} MiB vs buffer + 64 MiB = {:.1} MiB (ratio {:.2})",
+        "rows: {} ({}-row transactions), big transaction: {} rows, buffer: {}{}",
+        args.rows,
+        args.txn_rows,
         args.big_rows,
-        t.elapsed().as_secs_f64(),
-        peak as f64 / 1048576.0,
-        (budget + (64 << 20)) as f64 / 1048576.0,
-        peak as f64 / (budget + (64 << 20)) as f64
+        args.buffer,
+        if args.kafka_properties.is_empty() {
+            String::new()
+        } else {
+            format!(", kafka properties: {}", args.kafka_properties.join(" "))
+        }
     );
-    p.terminate();
+    // The init needs a target only for its connection settings.
+    let init_target = |brokers: &str| Target {
+        backend: Backend::Mock,
+        keying: Keying::Schema,
+        partitions: 4,
+        brokers: brokers.to_string(),
+        topic: TOPIC.into(),
+        slot: "bench".into(),
+    };
+    // Ids: the snapshot's rows are 0..rows, the i-th stream configuration's the next ranges.
+    let mut next_rows = args.rows;
+    let mut index = 0u64;
+    let mut inited = false;
+
+    if args.only != Some(Backend::Kafka) {
+        let pk_topic = format!("walrelay.bench.mock.pk:{}", args.pk_partitions);
+        let broker = MockBroker::start(
+            &sibling("walrelay-mock-broker")?,
+            &[
+                &format!("{TOPIC}:4"),
+                "walrelay.bench.mock.schema:4",
+                &pk_topic,
+            ],
+        );
+        let brokers = broker.brokers().to_string();
+        let base = init_target(&brokers);
+        // 1. Broker ceiling with events of the producer's size (~300 bytes).
+        let ceiling = tokio::task::block_in_place(|| {
+            broker_ceiling(&brokers, TOPIC, args.rows.min(1_000_000), 300)
+        })?;
+        println!(
+            "broker ceiling [mock] (bare rdkafka, 300-byte events, 64 keys): {ceiling:.0} msg/s"
+        );
+        let out = Command::new(&b.producer_bin)
+            .args(b.args(&base, &["init"]))
+            .output()?;
+        if !out.status.success() {
+            bail!("init: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        inited = true;
+
+        // 2. Snapshot vs COPY TO /dev/null.
+        if !args.skip_snapshot {
+            b.load(args.rows, 100_000, 0).await;
+            b.pg.exec(DB, "VACUUM ANALYZE items").await;
+            let t = Instant::now();
+            b.pg.exec(DB, "COPY items TO '/dev/null'").await;
+            let copy_rate = args.rows as f64 / t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let mut p = b.spawn(
+                &base,
+                &[
+                    "--max-buffer-bytes",
+                    &args.buffer,
+                    "--snapshot-chunk-pages",
+                    "2048",
+                ],
+            );
+            loop {
+                if b.scalar(
+                    "SELECT snapshot_status FROM walrelay.slot_state WHERE slot_name = 'bench'",
+                )
+                .await
+                    == "done"
+                {
+                    break;
+                }
+                if let Some(code) = p.try_exit() {
+                    bail!("producer exited ({code:?}): {}", p.log());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let snap_rate = args.rows as f64 / t.elapsed().as_secs_f64();
+            println!(
+                "snapshot [mock schema ×4]: producer {snap_rate:.0} rows/s, COPY TO /dev/null {copy_rate:.0} rows/s, ratio {:.2}",
+                snap_rate / copy_rate
+            );
+            p.terminate();
+            // Its slot would otherwise hold (and later decode) every phase's WAL.
+            b.drop_slot("bench").await;
+        }
+
+        // 3. and 4. Stream and latency per keying.
+        for keying in keyings(&args) {
+            let t = target(Backend::Mock, keying, &brokers, &args);
+            b.stream(&t, &args, next_rows).await?;
+            next_rows += args.rows;
+            if !args.skip_latency {
+                b.latency(&t, &args, index).await?;
+            }
+            index += 1;
+            b.drop_slot(&t.slot).await;
+        }
+
+        // 5. Peak RSS on one big transaction.
+        if !args.skip_memory {
+            let t = Target {
+                slot: "bench_memory".into(),
+                ..init_target(&brokers)
+            };
+            b.create_slot(&t).await?;
+            let big_start = LATENCY_BASE + 10 * LATENCY_SPAN;
+            b.pg.exec(DB, &format!("INSERT INTO items SELECT g, md5(g::text), 2, now(), '{{}}' FROM generate_series({big_start}, {} - 1) g", big_start + args.big_rows)).await;
+            let end = b.scalar("SELECT pg_current_wal_lsn()::text").await;
+            let started = Instant::now();
+            let mut p = b.spawn(&t, &["--max-buffer-bytes", &args.buffer]);
+            let mut peak = 0;
+            let deadline = Instant::now() + Duration::from_secs(3600);
+            loop {
+                peak = peak.max(p.peak_rss_bytes().unwrap_or(0));
+                if b.wait_confirmed(&t.slot, &end, Duration::from_millis(200), &mut p)
+                    .await
+                    .is_ok()
+                    || Instant::now() > deadline
+                {
+                    break;
+                }
+            }
+            peak = peak.max(p.peak_rss_bytes().unwrap_or(0));
+            let budget = parse_size(&args.buffer);
+            println!(
+                "memory [mock schema ×4]: {} rows in one transaction delivered in {:.1} s; peak RSS {:.1} MiB vs buffer + 64 MiB = {:.1} MiB (ratio {:.2})",
+                args.big_rows,
+                started.elapsed().as_secs_f64(),
+                peak as f64 / MIB,
+                (budget + (64 << 20)) as f64 / MIB,
+                peak as f64 / (budget + (64 << 20)) as f64
+            );
+            p.terminate();
+            b.drop_slot(&t.slot).await;
+        }
+        drop(broker);
+    }
+
+    if args.only != Some(Backend::Mock) {
+        let kafka = tokio::task::block_in_place(|| KafkaCluster::start(1));
+        let brokers = kafka.brokers();
+        if !inited {
+            let out = Command::new(&b.producer_bin)
+                .args(b.args(&init_target(&brokers), &["init"]))
+                .output()?;
+            if !out.status.success() {
+                bail!("init: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        let ceiling_topic = "walrelay.bench.kafka.ceiling";
+        walrelay_common::kafka::ensure_topic(
+            ClientConfig::new().set("bootstrap.servers", &brokers),
+            ceiling_topic,
+            4,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let ceiling = tokio::task::block_in_place(|| {
+            broker_ceiling(&brokers, ceiling_topic, args.rows.min(1_000_000), 300)
+        })?;
+        println!(
+            "broker ceiling [kafka] (bare rdkafka, 300-byte events, 64 keys): {ceiling:.0} msg/s"
+        );
+        for keying in keyings(&args) {
+            let t = target(Backend::Kafka, keying, &brokers, &args);
+            b.stream(&t, &args, next_rows).await?;
+            next_rows += args.rows;
+            if !args.skip_latency {
+                b.latency(&t, &args, index).await?;
+            }
+            index += 1;
+            b.drop_slot(&t.slot).await;
+        }
+        drop(kafka);
+    }
     Ok(())
 }
