@@ -14,6 +14,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
+use walrelay_common::retry::Backoff;
 use walrelay_common::telemetry::Readiness;
 
 use crate::config::{NotifySettings, Settings};
@@ -61,7 +62,7 @@ async fn open_store(
     shutdown: &CancellationToken,
 ) -> Result<Arc<Store>, NotifyError> {
     let store = Arc::new(Store::new(n.postgres.clone()));
-    let mut wait = Duration::from_millis(500);
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     loop {
         match store.refresh().await {
             Ok(count) => {
@@ -72,9 +73,8 @@ async fn open_store(
                 tracing::warn!(error = %e, "Subscriptions database not reachable yet; retrying.");
                 tokio::select! {
                     () = shutdown.cancelled() => return Err(e.into()),
-                    () = tokio::time::sleep(wait) => {}
+                    () = tokio::time::sleep(backoff.next_wait()) => {}
                 }
-                wait = (wait * 2).min(Duration::from_secs(10));
             }
             Err(e) => return Err(e.into()),
         }

@@ -35,6 +35,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
+use walrelay_common::clock::now_ms;
 use walrelay_common::kafka::QuietContext;
 use walrelay_common::telemetry::Readiness;
 
@@ -199,12 +200,6 @@ impl State {
             swapped_at_ms: v["swapped_at_ms"].as_i64().unwrap_or(0),
         }
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Runs a re-index to the end (or until `shutdown`).
@@ -417,7 +412,7 @@ async fn build(
 fn tables_snapshot(
     tables: &std::sync::Mutex<BTreeMap<String, String>>,
 ) -> BTreeMap<String, String> {
-    tables.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    walrelay_common::sync::lock(tables).clone()
 }
 
 /// Points every alias at its new index in one request; remembers the old ones.

@@ -24,13 +24,13 @@ mod schema;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use rand::Rng;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 use walrelay_common::event::{Envelope, Op, write_json_str};
+use walrelay_common::retry::Backoff;
+use walrelay_common::sync::lock;
 use walrelay_common::telemetry::Readiness;
 
 pub use client::{Created, SearchClient, SearchError};
@@ -118,11 +118,6 @@ pub struct SearchSink {
     readiness: Readiness,
 }
 
-fn jitter(d: Duration) -> Duration {
-    let ms = d.as_millis() as u64;
-    Duration::from_millis(rand::thread_rng().gen_range(ms / 2..=ms.max(1)))
-}
-
 impl SearchSink {
     /// A sink writing in `mode`.
     pub fn new(
@@ -164,6 +159,14 @@ impl SearchSink {
         Arc::clone(&self.seen)
     }
 
+    /// The retry policy of one request or bulk (`--retry-initial-backoff`, `--retry-max-backoff`).
+    fn backoff(&self) -> Backoff {
+        Backoff::new(
+            self.settings.retry_initial_backoff,
+            self.settings.retry_max_backoff,
+        )
+    }
+
     /// Runs `call` until it succeeds, retrying transient failures with backoff.
     async fn retrying<T, F, Fut>(
         &self,
@@ -174,7 +177,7 @@ impl SearchSink {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, SearchError>>,
     {
-        let mut backoff = self.settings.retry_initial_backoff;
+        let mut backoff = self.backoff();
         loop {
             match call().await {
                 Ok(v) => {
@@ -196,13 +199,12 @@ impl SearchSink {
                     if e.kind() == "connection" {
                         self.readiness.set("search", false);
                     }
-                    let wait = retry_after.unwrap_or_default().max(jitter(backoff));
+                    let wait = retry_after.unwrap_or_default().max(backoff.next_wait());
                     tracing::warn!(error = %e, wait_ms = wait.as_millis() as u64, "Search request failed; retrying.");
                     tokio::select! {
                         () = shutdown.cancelled() => return Err(SinkError::Interrupted),
                         () = tokio::time::sleep(wait) => {}
                     }
-                    backoff = (backoff * 2).min(self.settings.retry_max_backoff);
                 }
             }
         }
@@ -234,10 +236,7 @@ impl SearchSink {
         };
         if !self.tables.contains_key(&alias) {
             let t = self.open_table(&alias, env, shutdown).await?;
-            self.seen
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(alias.clone(), t.target.clone());
+            lock(&self.seen).insert(alias.clone(), t.target.clone());
             self.tables.insert(alias.clone(), t);
         }
         Ok(Ok(alias))
@@ -458,7 +457,7 @@ impl SearchSink {
             if self.mode == Mode::Live {
                 t.target.clone_from(&new_alias);
             }
-            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            let mut seen = lock(&self.seen);
             seen.remove(&old_alias);
             seen.insert(new_alias.clone(), t.target.clone());
             drop(seen);
@@ -510,10 +509,7 @@ impl SearchSink {
         self.retrying(shutdown, || client.delete_index(&index))
             .await?;
         self.tables.remove(&alias);
-        self.seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&alias);
+        lock(&self.seen).remove(&alias);
         self.metrics
             .schema_events
             .with_label_values(&["dropped"])
@@ -655,7 +651,7 @@ impl SearchSink {
         shutdown: &CancellationToken,
     ) -> Result<(), SinkError> {
         let mut remaining = actions;
-        let mut backoff = self.settings.retry_initial_backoff;
+        let mut backoff = self.backoff();
         while !remaining.is_empty() {
             let mut retry = Vec::new();
             let mut start = 0;
@@ -731,7 +727,7 @@ impl SearchSink {
                 .collect();
             remaining = next;
             if !remaining.is_empty() {
-                let wait = jitter(backoff);
+                let wait = backoff.next_wait();
                 tracing::warn!(
                     items = remaining.len(),
                     wait_ms = wait.as_millis() as u64,
@@ -741,9 +737,8 @@ impl SearchSink {
                     () = shutdown.cancelled() => return Err(SinkError::Interrupted),
                     () = tokio::time::sleep(wait) => {}
                 }
-                backoff = (backoff * 2).min(self.settings.retry_max_backoff);
             } else {
-                backoff = self.settings.retry_initial_backoff;
+                backoff.reset();
             }
         }
         Ok(())

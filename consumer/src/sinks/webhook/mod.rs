@@ -57,12 +57,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use rand::Rng;
 use reqwest::{StatusCode, Url};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use walrelay_common::event::{Envelope, Op};
+use walrelay_common::retry::Backoff;
+use walrelay_common::sync::lock;
 
 use crate::metrics::Metrics;
 use crate::runtime::{Event, Letter, Sink, SinkError, Verdict};
@@ -165,11 +166,6 @@ pub struct WebhookSink {
     gone: std::sync::Mutex<Vec<String>>,
 }
 
-fn jitter(d: Duration) -> Duration {
-    let ms = d.as_millis() as u64;
-    Duration::from_millis(rand::thread_rng().gen_range(ms / 2..=ms.max(1)))
-}
-
 /// The stable `webhook-id` of an event for a subscription.
 pub fn message_id(subscription: &str, record: &[u8]) -> String {
     let mut h = Sha256::new();
@@ -248,16 +244,12 @@ impl WebhookSink {
     }
 
     fn is_gone(&self, id: &str) -> bool {
-        self.gone
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .any(|g| g == id)
+        lock(&self.gone).iter().any(|g| g == id)
     }
 
     /// Disables the subscriptions that answered 410 in earlier batches.
     async fn disable_gone(&self) {
-        let gone = std::mem::take(&mut *self.gone.lock().unwrap_or_else(|p| p.into_inner()));
+        let gone = std::mem::take(&mut *lock(&self.gone));
         for id in gone {
             match self.store.disable(&id, "410 Gone").await {
                 Ok(()) => {
@@ -266,7 +258,7 @@ impl WebhookSink {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, subscription = %id, "Could not disable the subscription yet; retrying with the next batch.");
-                    self.gone.lock().unwrap_or_else(|p| p.into_inner()).push(id);
+                    lock(&self.gone).push(id);
                 }
             }
         }
@@ -306,7 +298,10 @@ impl WebhookSink {
         };
         // One copy of the body for every attempt (cloning `Bytes` shares it).
         let payload = bytes::Bytes::copy_from_slice(body);
-        let mut backoff = self.settings.retry_initial_backoff;
+        let mut backoff = Backoff::new(
+            self.settings.retry_initial_backoff,
+            self.settings.retry_max_backoff,
+        );
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -317,9 +312,7 @@ impl WebhookSink {
                     .inc();
                 return Err(failed(None, refused.to_string()));
             }
-            let ts = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64);
+            let ts = walrelay_common::clock::now_ms() / 1000;
             let started = Instant::now();
             let sent = self
                 .http
@@ -405,15 +398,16 @@ impl WebhookSink {
                 ));
             }
             self.metrics.webhook_retries.inc();
+            // The backoff steps on every retry, also when the endpoint said how long to wait.
+            let jittered = backoff.next_wait();
             let wait = retry_after
                 .map(|d| d.min(self.settings.retry_max_backoff))
-                .unwrap_or_else(|| jitter(backoff));
+                .unwrap_or(jittered);
             tracing::debug!(subscription = %sub.id, %class, wait_ms = wait.as_millis() as u64, "Delivery failed; retrying.");
             tokio::select! {
                 () = shutdown.cancelled() => return Err(Failure::Interrupted),
                 () = tokio::time::sleep(wait) => {}
             }
-            backoff = (backoff * 2).min(self.settings.retry_max_backoff);
         }
     }
 
@@ -443,7 +437,7 @@ impl WebhookSink {
                 Err(Failure::Interrupted) => return Err(SinkError::Interrupted),
                 Err(Failure::Gone) => {
                     tracing::warn!(subscription = %sub.id, url = %walrelay_common::options::without_userinfo(&sub.url), "The endpoint answered 410 Gone: the subscription is disabled after this batch.");
-                    let mut gone = self.gone.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut gone = lock(&self.gone);
                     if !gone.contains(&sub.id) {
                         gone.push(sub.id.clone());
                     }

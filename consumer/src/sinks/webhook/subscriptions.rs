@@ -3,7 +3,7 @@
 //! every `--subscriptions-refresh`, so a change made through any notifier's API applies to
 //! every notifier within seconds.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -121,7 +121,7 @@ fn query_error(e: tokio_postgres::Error) -> StoreError {
 pub struct Store {
     target: PgTarget,
     client: tokio::sync::Mutex<Option<Client>>,
-    cache: RwLock<Arc<Vec<Subscription>>>,
+    cache: Mutex<Arc<Vec<Subscription>>>,
 }
 
 impl Store {
@@ -130,7 +130,7 @@ impl Store {
         Self {
             target,
             client: tokio::sync::Mutex::new(None),
-            cache: RwLock::new(Arc::new(Vec::new())),
+            cache: Mutex::new(Arc::new(Vec::new())),
         }
     }
 
@@ -156,7 +156,7 @@ impl Store {
 
     /// The cached subscriptions.
     pub fn current(&self) -> Arc<Vec<Subscription>> {
-        Arc::clone(&self.cache.read().unwrap_or_else(|p| p.into_inner()))
+        Arc::clone(&walrelay_common::sync::lock(&self.cache))
     }
 
     /// Reloads the cache from Postgres.
@@ -188,7 +188,7 @@ impl Store {
             })
             .collect();
         let n = subs.len();
-        *self.cache.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(subs);
+        *walrelay_common::sync::lock(&self.cache) = Arc::new(subs);
         Ok(n)
     }
 
