@@ -133,14 +133,29 @@ pub async fn ensure_topic(
     let admin: AdminClient<QuietContext> = config
         .create_with_context(QuietContext)
         .map_err(|e| fail(e.to_string()))?;
-    let existing = admin
-        .inner()
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(|e| fail(format!("reading metadata: {e}")))?;
-    let exists = existing
-        .topics()
-        .first()
-        .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty());
+    // A metadata request blocks its thread: keep it off the runtime's (which may be the only one).
+    let lookup = {
+        let (config, topic) = (config.clone(), topic.to_string());
+        tokio::task::spawn_blocking(move || {
+            let client: AdminClient<QuietContext> = config
+                .create_with_context(QuietContext)
+                .map_err(|e| e.to_string())?;
+            let existing = client
+                .inner()
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .map_err(|e| format!("reading metadata: {e}"))?;
+            Ok::<bool, String>(
+                existing
+                    .topics()
+                    .first()
+                    .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty()),
+            )
+        })
+    };
+    let exists = lookup
+        .await
+        .map_err(|e| fail(format!("reading metadata: {e}")))?
+        .map_err(fail)?;
     if exists {
         return Ok(());
     }

@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //!
+//! - [`clock`]: wall-clock time in milliseconds or microseconds since the Unix epoch.
 //! - [`event`]: the change-event envelope as it travels through Kafka (Debezium-shaped JSON), the
 //!   operation codes, and how an envelope is read back.
 //! - [`kafka`]: a quiet librdkafka client context and topic creation with unlimited retention.
@@ -9,7 +10,10 @@
 //!   durations, the TOML file, Kafka properties (refusing unsafe ones) and topic names.
 //! - [`postgres`]: libpq-style connection strings with `sslmode`, `sslrootcert`, `sslcert` and
 //!   `sslkey` (rustls), for every Postgres connection walrelay opens.
+//! - [`retry`]: the shared retry policy (capped exponential backoff with jitter); callers only
+//!   classify failures as transient or definite.
 //! - [`signal`]: a cancellation token for SIGTERM/SIGINT.
+//! - [`sync`]: locking a mutex whose previous holder panicked.
 //! - [`telemetry`]: the Prometheus registry, the `/metrics`, `/healthz` and `/readyz` server, and
 //!   logging set-up.
 //!
@@ -21,9 +25,12 @@
 //!    └──── confirmed LSN: only what Kafka acknowledged ◀──────────────┘
 //! ```
 
+pub mod clock;
 pub mod event;
 pub mod kafka;
 pub mod options;
 pub mod postgres;
+pub mod retry;
 pub mod signal;
+pub mod sync;
 pub mod telemetry;

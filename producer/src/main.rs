@@ -24,7 +24,8 @@ fn main() -> ExitCode {
         Err(e) => return usage(&e),
     };
     telemetry::init_logging(settings.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread: see "One thread" in the `pipeline` module's essay.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -197,6 +197,15 @@ impl KafkaCluster {
         self.nodes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// CPU time (user + system) the running nodes have used so far, in seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        self.lock()
+            .iter()
+            .filter_map(|n| n.child.as_ref())
+            .filter_map(|c| crate::process::cpu_seconds_of(c.id()))
+            .sum()
+    }
+
     /// Bootstrap servers of every node.
     pub fn brokers(&self) -> String {
         self.lock()

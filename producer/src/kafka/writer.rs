@@ -1,4 +1,5 @@
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -7,7 +8,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore, TryAcquireError};
 use walrelay_common::kafka::{self, QuietContext, Reachability, quiet_log};
 use walrelay_common::telemetry::Readiness;
 
@@ -16,6 +17,10 @@ use crate::metrics::Metrics;
 
 /// Bytes counted per event beyond its key and value (headers, framing).
 const EVENT_OVERHEAD_BYTES: usize = 64;
+
+/// Once the budget is spent, a sender waits until this fraction of it (1/8) is free again,
+/// not just its own event's bytes: see "A spent budget" in the module essay.
+const REFILL_DIVISOR: usize = 8;
 
 /// A failure to hand events to Kafka.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -134,6 +139,8 @@ pub struct DeliveryContext {
     metrics: Arc<Metrics>,
     reachability: Reachability,
     failure: Mutex<Option<WriteError>>,
+    /// Set once `failure` holds an error: the per-event check is one atomic load.
+    has_failed: AtomicBool,
     failed: Notify,
 }
 
@@ -190,6 +197,7 @@ impl ProducerContext for DeliveryContext {
                         message: error.to_string(),
                         transient,
                     });
+                    self.has_failed.store(true, Ordering::Release);
                 }
                 drop(failure);
                 self.failed.notify_waiters();
@@ -203,6 +211,8 @@ pub struct Writer {
     producer: ThreadedProducer<DeliveryContext>,
     topic: String,
     capacity: usize,
+    /// What a sender waits for once the budget is spent (`capacity / REFILL_DIVISOR`).
+    refill: u32,
     max_message_bytes: usize,
 }
 
@@ -223,6 +233,7 @@ impl Writer {
             metrics,
             reachability: Reachability::new(readiness),
             failure: Mutex::new(None),
+            has_failed: AtomicBool::new(false),
             failed: Notify::new(),
         };
         let producer = options
@@ -233,6 +244,7 @@ impl Writer {
             producer,
             topic: options.topic.clone(),
             capacity,
+            refill: u32::try_from(capacity / REFILL_DIVISOR).unwrap_or(u32::MAX),
             max_message_bytes: options.max_message_bytes(),
         })
     }
@@ -243,6 +255,9 @@ impl Writer {
 
     /// The first delivery failure, if any.
     pub fn failure(&self) -> Option<WriteError> {
+        if !self.ctx().has_failed.load(Ordering::Acquire) {
+            return None;
+        }
         self.ctx()
             .failure
             .lock()
@@ -294,26 +309,7 @@ impl Writer {
             });
         }
         let n = u32::try_from(bytes).unwrap_or(u32::MAX);
-        loop {
-            match tokio::time::timeout(
-                Duration::from_millis(200),
-                self.ctx().budget.acquire_many(n),
-            )
-            .await
-            {
-                Ok(Ok(permit)) => {
-                    permit.forget();
-                    break;
-                }
-                Ok(Err(_)) => return Err(WriteError::Client("budget closed".into())),
-                Err(_) => {
-                    on_wait();
-                    if let Some(f) = self.failure() {
-                        return Err(f);
-                    }
-                }
-            }
-        }
+        self.reserve(n, on_wait).await?;
         self.ctx().metrics.buffer_bytes.add(i64::from(n));
         let mut token = Box::new(Token {
             txn,
@@ -355,16 +351,69 @@ impl Writer {
         }
     }
 
+    /// Takes `n` bytes of the budget. While it is spent, waits until a refill (`n`, and at
+    /// least 1/8 of the budget) is free, takes it and gives back what this event does not use:
+    /// the next events then find their bytes without waiting. `on_wait` runs every 200 ms of
+    /// waiting.
+    async fn reserve<F: FnMut()>(&self, n: u32, on_wait: &mut F) -> Result<(), WriteError> {
+        let budget = &self.ctx().budget;
+        match budget.try_acquire_many(n) {
+            Ok(permit) => {
+                permit.forget();
+                return Ok(());
+            }
+            Err(TryAcquireError::Closed) => return Err(WriteError::Client("budget closed".into())),
+            Err(TryAcquireError::NoPermits) => {}
+        }
+        // n <= capacity (checked by the caller) and refill <= capacity, so this can be met.
+        let want = n.max(self.refill);
+        loop {
+            match tokio::time::timeout(Duration::from_millis(200), budget.acquire_many(want)).await
+            {
+                Ok(Ok(permit)) => {
+                    permit.forget();
+                    budget.add_permits((want - n) as usize);
+                    return Ok(());
+                }
+                Ok(Err(_)) => return Err(WriteError::Client("budget closed".into())),
+                Err(_) => {
+                    on_wait();
+                    if let Some(f) = self.failure() {
+                        return Err(f);
+                    }
+                }
+            }
+        }
+    }
+
     /// Number of partitions of the topic.
-    pub fn partitions(&self, timeout: Duration) -> Result<i32, WriteError> {
-        let md = self
-            .producer
-            .client()
-            .fetch_metadata(Some(&self.topic), timeout)
-            .map_err(|e| WriteError::Delivery {
-                message: format!("reading metadata of topic {}: {e}", self.topic),
-                transient: true,
-            })?;
+    ///
+    /// Asks twice. librdkafka retires the bootstrap connection once the first answer names the
+    /// brokers, and its idempotent producer looks for a connected broker to get its producer
+    /// id only at such answers and on a 500 ms retry timer; nothing is sent before it has one.
+    /// The second request goes over the new connection, and its answer lets the producer id be
+    /// acquired at once instead of half a second into the stream (which used to fill the
+    /// budget at every start).
+    /// Runs on a blocking thread: the runtime is a single thread (see the crate's `main`).
+    pub async fn partitions(self: &Arc<Self>, timeout: Duration) -> Result<i32, WriteError> {
+        let this = Arc::clone(self);
+        tokio::task::spawn_blocking(move || this.fetch_partitions(timeout))
+            .await
+            .map_err(|e| WriteError::Client(format!("reading topic metadata: {e}")))?
+    }
+
+    fn fetch_partitions(&self, timeout: Duration) -> Result<i32, WriteError> {
+        let fetch = || {
+            self.producer
+                .client()
+                .fetch_metadata(Some(&self.topic), timeout)
+                .map_err(|e| WriteError::Delivery {
+                    message: format!("reading metadata of topic {}: {e}", self.topic),
+                    transient: true,
+                })
+        };
+        let first = fetch()?;
+        let md = fetch().unwrap_or(first);
         let n = md.topics().first().map_or(0, |t| t.partitions().len());
         if n == 0 {
             return Err(WriteError::Delivery {
@@ -380,9 +429,19 @@ impl Writer {
         self.producer.in_flight_count()
     }
 
-    /// Waits up to `timeout` for every event to be reported.
-    pub fn flush(&self, timeout: Duration) -> bool {
-        self.producer.flush(timeout).is_ok()
+    /// Waits up to `timeout` for every event to be reported, without blocking the runtime:
+    /// each round asks librdkafka to send what lingers (a zero-timeout flush) and sleeps.
+    pub async fn flush(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.producer.flush(Duration::ZERO).is_ok() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 

@@ -23,7 +23,7 @@ use crate::shape::{ColumnShape, EnvelopeWriter, EventMeta, Image, PartitionKey, 
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
 /// How often the confirmed LSN is pushed to the replication client when nothing else does.
-const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(50);
 
 /// One event to hand to Kafka.
 struct Change<'a, 'b> {

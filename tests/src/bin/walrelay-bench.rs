@@ -405,7 +405,13 @@ impl Bench {
     }
 
     /// Stream phase of one configuration: fresh rows `from..from + rows`.
-    async fn stream(&mut self, t: &Target, args: &Args, from: u64) -> anyhow::Result<()> {
+    async fn stream(
+        &mut self,
+        t: &Target,
+        args: &Args,
+        from: u64,
+        broker_cpu: &dyn Fn() -> f64,
+    ) -> anyhow::Result<()> {
         self.create_slot(t).await?;
         let recv_slot = format!("{}_recv", t.slot);
         self.pg
@@ -438,6 +444,7 @@ impl Bench {
         self.drop_slot(&recv_slot).await;
 
         let metrics_addr = format!("127.0.0.1:{}", walrelay_tests::free_port());
+        let broker_cpu0 = broker_cpu();
         let t0 = Instant::now();
         let mut p = self.spawn_measured(
             t,
@@ -454,6 +461,8 @@ impl Bench {
             .await;
         let prod_secs = t0.elapsed().as_secs_f64();
         let peak = p.peak_rss_bytes().unwrap_or(0);
+        let prod_cpu = p.cpu_seconds().unwrap_or(0.0);
+        let broker_cpu = broker_cpu() - broker_cpu0;
         let s = sampler.stop().await;
         p.terminate();
         waited?;
@@ -474,7 +483,7 @@ impl Bench {
         println!(
             "stream [{}]: producer {prod_rate:.0} rows/s ({prod_secs:.2} s to slot confirmed; all acked at {acked}), \
              pg_recvlogical {recv_rate:.0} rows/s ({recv_secs:.2} s), ratio {:.2}, peak RSS {:.1} MiB, \
-             buffer max {:.0}% of {:.0} MiB, ≥ 90% in {}/{} samples{}",
+             buffer max {:.0}% of {:.0} MiB, ≥ 90% in {}/{} samples{}; CPU: producer {prod_cpu:.2} s ({:.1} µs/row){}",
             t.label(),
             prod_rate / recv_rate,
             peak as f64 / MIB,
@@ -482,7 +491,14 @@ impl Bench {
             cap / MIB,
             s.full,
             s.samples,
-            if s.full > 0 { " (FILLED)" } else { "" },
+            s.full_at
+                .map_or(String::new(), |at| format!(" (FILLED, first at {at:.2} s)")),
+            prod_cpu * 1e6 / args.rows as f64,
+            if t.backend == Backend::Kafka {
+                format!(", broker {broker_cpu:.2} s")
+            } else {
+                String::new()
+            },
         );
         Ok(())
     }
@@ -563,6 +579,8 @@ struct Samples {
     capacity: i64,
     /// Seconds from start until Kafka had acknowledged as many events as rows were written.
     acked_at: Option<f64>,
+    /// Seconds from start of the first sample with the buffer at ≥ 90%.
+    full_at: Option<f64>,
 }
 
 /// Scrapes `/metrics` every 50 ms until stopped.
@@ -606,6 +624,7 @@ impl Sampler {
                 s.max_bytes = s.max_bytes.max(bytes);
                 if cap > 0 && bytes * 10 >= cap * 9 {
                     s.full += 1;
+                    s.full_at.get_or_insert_with(|| t0.elapsed().as_secs_f64());
                 }
                 if s.acked_at.is_none()
                     && gauge(
@@ -841,7 +860,7 @@ async fn main() -> anyhow::Result<()> {
         // 3. and 4. Stream and latency per keying.
         for keying in keyings(&args) {
             let t = target(Backend::Mock, keying, &brokers, &args);
-            b.stream(&t, &args, next_rows).await?;
+            b.stream(&t, &args, next_rows, &|| 0.0).await?;
             next_rows += args.rows;
             if !args.skip_latency {
                 b.latency(&t, &args, index).await?;
@@ -917,7 +936,8 @@ async fn main() -> anyhow::Result<()> {
         );
         for keying in keyings(&args) {
             let t = target(Backend::Kafka, keying, &brokers, &args);
-            b.stream(&t, &args, next_rows).await?;
+            b.stream(&t, &args, next_rows, &|| kafka.cpu_seconds())
+                .await?;
             next_rows += args.rows;
             if !args.skip_latency {
                 b.latency(&t, &args, index).await?;
