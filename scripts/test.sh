@@ -3,7 +3,7 @@
 # server binaries, curl, a C toolchain, OpenSSL headers, python3 with pip, a Java 17 JDK and
 # Maven), resolves the real servers the tests run against from Maven Central (Apache Kafka,
 # OpenSearch: see tests/services/), checks deploy/ (scripts/check-deploy.sh), runs the gates
-# (rustfmt, clippy with warnings denied, rustdoc links), then `cargo test --workspace`.
+# (rustfmt, no import cycles, clippy with warnings denied, rustdoc links), then `cargo test --workspace`.
 # Tests start their own Postgres clusters, and one Kafka broker and one OpenSearch node per test
 # binary, on free loopback ports.
 set -euo pipefail
@@ -41,6 +41,8 @@ bash scripts/check-deploy.sh
 # Gates: formatting, lints (the workspace's [lints] plus clippy's defaults, warnings denied),
 # and the crate docs with their intra-doc links.
 cargo fmt --all -- --check
+# No module imports another that imports it back (CONTRIBUTING.md).
+python3 scripts/check-cycles.py producer/src consumer/src common/src tests/src
 cargo clippy --workspace --all-targets -- -D warnings
 RUSTDOCFLAGS="-D rustdoc::broken_intra_doc_links" cargo doc --workspace --no-deps --quiet
 # The fuzz targets (their own workspace) still compile; scripts/fuzz.sh runs them.

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use tokio_postgres::Client;
 use walrelay_common::postgres::{PgConnectError, PgTarget};
 
-use crate::shape::{ColumnShape, TableShape};
+use crate::encode::{ColumnShape, TableShape};
 use crate::value::{Kind, SESSION_OPTIONS};
 
 /// A failure talking to Postgres on an ordinary (non-replication) connection.

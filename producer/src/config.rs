@@ -13,7 +13,7 @@ use walrelay_common::postgres::PgTarget;
 use walrelay_common::telemetry::LogFormat;
 
 use crate::catalog::TablePatterns;
-use crate::shape::PartitionKey;
+use crate::encode::PartitionKey;
 
 /// `walrelay-producer`: Postgres changes into Kafka.
 #[derive(Debug, Parser)]

@@ -7,14 +7,19 @@
 //! - [`pipeline`]: `run`: sessions, restart policy, slot decisions, graceful shutdown.
 //! - [`replication`]: the LSN-progress essay, slot state, pgoutput decoder, listener.
 //! - [`snapshot`]: the initial snapshot under the slot's exported snapshot.
+//! - [`error`]: [`error::RunError`], why a session ends: transient (a new session) or definite.
 //! - [`checkpoint`]: which LSN may be confirmed (only what Kafka acknowledged).
 //! - [`ddl`]: schema events: event-trigger capture, the schema registry, the Relation fallback.
+//! - [`emit`]: the output seam: encoding, routing (by key, one or every partition), the writer;
+//!   the listener, the snapshot and schema events all send through it.
 //! - [`kafka`]: client config, topic creation, the byte-bounded writer.
-//! - [`shape`], [`value`], [`catalog`]: table shapes, value conversion, catalog reads.
+//! - [`encode`]: how a row becomes a Kafka record: table shapes pre-rendered, the key, the JSON
+//!   envelope (the producer's codec); [`value`]: Postgres text to JSON values; [`catalog`]:
+//!   catalog reads.
 //! - [`metrics`]: the metric catalogue.
 //!
 //! ```text
-//!   slot ──▶ listener ──▶ shape/value (JSON) ──▶ kafka::Writer ──▶ broker
+//!   slot ──▶ listener ──▶ emit (encode, route) ──▶ kafka::Writer ──▶ broker
 //!     ▲                                               │ acks
 //!     └──── confirmed LSN ◀── checkpoint ◀────────────┘
 //! ```
@@ -24,10 +29,12 @@ pub mod checkpoint;
 pub mod commands;
 pub mod config;
 pub mod ddl;
+pub mod emit;
+pub mod encode;
+pub mod error;
 pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
 pub mod replication;
-pub mod shape;
 pub mod snapshot;
 pub mod value;

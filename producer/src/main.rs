@@ -10,8 +10,9 @@ use clap::Parser;
 use walrelay_common::telemetry::{self, Readiness};
 use walrelay_producer::commands;
 use walrelay_producer::config::{Cli, Command, Options, Settings};
+use walrelay_producer::error::RunError;
 use walrelay_producer::metrics::Metrics;
-use walrelay_producer::pipeline::{self, Context, RunError};
+use walrelay_producer::pipeline::{self, Context};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

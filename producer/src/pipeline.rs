@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pgwire_replication::config::{SslMode, TlsConfig};
-use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationConfig};
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig};
 use rand::Rng;
 use tokio_postgres::config::Host;
 use tokio_util::sync::CancellationToken;
@@ -42,102 +42,20 @@ use crate::catalog::{self, Catalog, PgError};
 use crate::checkpoint::Checkpointer;
 use crate::config::{Settings, SnapshotMode};
 use crate::ddl::Registry;
-use crate::kafka::{WriteError, Writer, WriterOptions, ensure_topic};
+use crate::emit::Emitter;
+use crate::encode::EnvelopeWriter;
+use crate::error::RunError;
+use crate::kafka::{Writer, WriterOptions, ensure_topic};
 use crate::metrics::Metrics;
 use crate::replication::listener::Listener;
-use crate::replication::pgoutput::DecodeError;
 use crate::replication::slot::{self, SnapshotStatus, format_lsn, parse_lsn};
-use crate::shape::EnvelopeWriter;
+use crate::snapshot::{self, SnapshotJob};
+use crate::value::SESSION_OPTIONS;
 
 /// How soon a newly confirmed LSN reaches the server: a standby status update at most this
 /// often. Postgres frees WAL and `confirmed_flush_lsn` moves only on these, so a long
 /// interval shows up as lag after every burst; 100 ms costs ten 34-byte messages a second.
 const STATUS_INTERVAL: Duration = Duration::from_millis(100);
-use crate::snapshot::{self, SnapshotJob};
-use crate::value::SESSION_OPTIONS;
-
-/// Why a session ended.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    /// Talking to Postgres.
-    #[error(transparent)]
-    Postgres(#[from] PgError),
-    /// The replication connection failed or ended (transient).
-    #[error("replication connection: {0}")]
-    Replication(String),
-    /// The replication server refused (for example, the slot does not exist).
-    #[error("replication: {0}")]
-    ReplicationRefused(String),
-    /// The slot cannot be streamed safely (definite).
-    #[error("replication slot {slot}: {message}")]
-    Slot {
-        /// Slot.
-        slot: String,
-        /// What is wrong and the way out.
-        message: String,
-    },
-    /// Kafka.
-    #[error(transparent)]
-    Write(#[from] WriteError),
-    /// A malformed pgoutput message (definite).
-    #[error("cannot decode the change at LSN {}: {source}", format_lsn(*lsn))]
-    Decode {
-        /// Where.
-        lsn: u64,
-        /// What.
-        #[source]
-        source: DecodeError,
-    },
-    /// The stream broke the protocol's rules (definite).
-    #[error("replication protocol: {0}")]
-    Protocol(String),
-    /// Set-up is missing or wrong (definite): the message names the fix.
-    #[error("{0}")]
-    Setup(String),
-}
-
-impl RunError {
-    /// Whether a new session may succeed.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            RunError::Postgres(e) => e.is_transient(),
-            RunError::Replication(_) => true,
-            RunError::Write(e) => e.is_transient(),
-            RunError::ReplicationRefused(_)
-            | RunError::Slot { .. }
-            | RunError::Decode { .. }
-            | RunError::Protocol(_)
-            | RunError::Setup(_) => false,
-        }
-    }
-
-    /// Label for the errors metric.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            RunError::Postgres(_) => "postgres",
-            RunError::Replication(_) | RunError::ReplicationRefused(_) => "replication",
-            RunError::Slot { .. } => "slot",
-            RunError::Write(e) => e.kind(),
-            RunError::Decode { .. } | RunError::Protocol(_) => "decode",
-            RunError::Setup(_) => "setup",
-        }
-    }
-
-    /// Classifies an error of the replication client.
-    pub fn from_pgwire(e: PgWireError) -> Self {
-        match &e {
-            PgWireError::Server(m) if m.contains("is active for PID") => RunError::Replication(
-                format!("{m} (another producer holds the slot; waiting for it)"),
-            ),
-            // The slot was invalidated (its WAL removed) or dropped: changes may be missing.
-            PgWireError::Server(m) if m.contains("invalidated") || m.contains("does not exist") => {
-                RunError::ReplicationRefused(m.clone())
-            }
-            PgWireError::Auth(m) => RunError::Setup(format!("replication login refused: {m}")),
-            _ => RunError::Replication(e.to_string()),
-        }
-    }
-}
 
 /// Everything a session shares with the process.
 pub struct Context {
@@ -264,8 +182,7 @@ struct Prepared {
     client: ReplicationClient,
     writer: Arc<Writer>,
     checkpointer: Arc<Checkpointer>,
-    envelope: EnvelopeWriter,
-    partitions: i32,
+    emitter: Emitter,
 }
 
 async fn session(ctx: &Context) -> Result<(), RunError> {
@@ -351,7 +268,13 @@ async fn prepare(ctx: &Context) -> Result<Prepared, RunError> {
     )?);
     let partitions = writer.partitions(Duration::from_secs(10)).await?;
     ctx.readiness.set("kafka", true);
-    let envelope = EnvelopeWriter::new(&s.database());
+    let mut emitter = Emitter::new(
+        Arc::clone(&writer),
+        EnvelopeWriter::new(&s.database()),
+        s.partition_key,
+        partitions,
+        Arc::clone(&ctx.metrics),
+    );
 
     let info = slot::slot_info(&ctl, &s.slot).await?;
     let state = slot::read_state(&ctl, &s.slot).await?;
@@ -408,10 +331,8 @@ async fn prepare(ctx: &Context) -> Result<Prepared, RunError> {
             ctx,
             &ctl,
             &mut client,
-            Arc::clone(&writer),
+            &mut emitter,
             Arc::clone(&checkpointer),
-            envelope.clone(),
-            partitions,
         )
         .await?;
     }
@@ -425,8 +346,7 @@ async fn prepare(ctx: &Context) -> Result<Prepared, RunError> {
         client,
         writer,
         checkpointer,
-        envelope,
-        partitions,
+        emitter,
     })
 }
 
@@ -437,8 +357,7 @@ async fn stream(ctx: &Context, p: Prepared) -> Result<(), RunError> {
         mut client,
         writer,
         checkpointer,
-        envelope,
-        partitions,
+        emitter,
     } = p;
 
     let poller = tokio::spawn(poll_slot(
@@ -459,12 +378,9 @@ async fn stream(ctx: &Context, p: Prepared) -> Result<(), RunError> {
         catalog: Catalog::new(&ctl),
         registry,
         publication: s.publication.clone(),
-        writer: &writer,
+        emitter,
         checkpointer: &checkpointer,
         metrics: &ctx.metrics,
-        envelope,
-        partition_key: s.partition_key,
-        partitions,
         ddl_key,
         ddl_statement: s.ddl_statement,
     };
@@ -481,10 +397,8 @@ async fn create_and_snapshot(
     ctx: &Context,
     ctl: &tokio_postgres::Client,
     client: &mut ReplicationClient,
-    writer: Arc<Writer>,
+    emitter: &mut Emitter,
     checkpointer: Arc<Checkpointer>,
-    envelope: EnvelopeWriter,
-    partitions: i32,
 ) -> Result<(), RunError> {
     let s = &ctx.settings;
     slot::mark_pending(ctl, &s.slot, &s.publication).await?;
@@ -527,17 +441,14 @@ async fn create_and_snapshot(
             slot: s.slot.clone(),
             parallelism: s.snapshot_parallelism,
             chunk_pages: s.snapshot_chunk_pages,
-            partition_key: s.partition_key,
-            partitions,
         };
         snapshot::run(
             job,
             ctl,
             &tables,
-            writer,
+            emitter,
             checkpointer,
             Arc::clone(&ctx.metrics),
-            envelope,
         )
         .await?;
     }

@@ -26,11 +26,11 @@ use walrelay_common::event::Op;
 use crate::catalog::{self, Catalog, PgError, TableRef, quote_ident, quote_literal};
 use crate::checkpoint::{Checkpointer, TxnId};
 use crate::ddl::{self, Origin, Registry};
-use crate::kafka::Writer;
+use crate::emit::{Emitter, RowChange};
+use crate::encode::{EventMeta, Image, TableShape};
+use crate::error::RunError;
 use crate::metrics::Metrics;
-use crate::pipeline::RunError;
 use crate::replication::pgoutput::Cell;
-use crate::shape::{EnvelopeWriter, EventMeta, Image, PartitionKey, TableShape};
 
 /// What the snapshot needs.
 pub struct SnapshotJob {
@@ -48,10 +48,6 @@ pub struct SnapshotJob {
     pub parallelism: usize,
     /// Pages per chunk.
     pub chunk_pages: u32,
-    /// Keying.
-    pub partition_key: PartitionKey,
-    /// Partitions of the topic (each table's schema event goes to each).
-    pub partitions: i32,
 }
 
 struct TableTask {
@@ -70,15 +66,15 @@ struct Chunk {
     hi: Option<u64>,
 }
 
-/// Reads every table and hands the rows to `writer`; returns when Kafka acknowledged all.
+/// Reads every table and hands the rows to `emitter` (each worker a fork of it); returns when
+/// Kafka acknowledged all.
 pub async fn run(
     job: SnapshotJob,
     ctl: &Client,
     tables: &[TableRef],
-    writer: Arc<Writer>,
+    emitter: &mut Emitter,
     checkpointer: Arc<Checkpointer>,
     metrics: Arc<Metrics>,
-    envelope: EnvelopeWriter,
 ) -> Result<u64, RunError> {
     let started = Instant::now();
     let block_size: i64 = ctl
@@ -189,19 +185,9 @@ pub async fn run(
             snapshot: true,
             seq: 0,
         };
-        let n = ddl::send_schema_event(
-            &writer,
-            &envelope,
-            &event,
-            &meta,
-            job.partition_key,
-            job.partitions,
-            snap_txn,
-            &mut || {},
-        )
-        .await?;
-        schema_events += n;
-        metrics.events_of(Op::Ddl).inc_by(n);
+        schema_events += emitter
+            .schema(&event.shape, &event.change, &meta, snap_txn, &mut || {})
+            .await?;
         metrics.schema_events.with_label_values(&["snapshot"]).inc();
     }
     let tasks = Arc::new(tasks);
@@ -228,9 +214,8 @@ pub async fn run(
             client,
             tasks: Arc::clone(&tasks),
             queue: Arc::clone(&queue),
-            writer: Arc::clone(&writer),
+            emitter: emitter.fork(),
             metrics: Arc::clone(&metrics),
-            envelope: envelope.clone(),
             job: Arc::clone(&job),
             sent: Arc::clone(&sent),
             txn: snap_txn,
@@ -255,7 +240,7 @@ pub async fn run(
     checkpointer.commit(snap_txn, job.consistent_lsn, total);
     // Complete only once Kafka acknowledged every row.
     while !checkpointer.drained() {
-        if let Some(f) = writer.failure() {
+        if let Some(f) = emitter.writer().failure() {
             return Err(f.into());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -297,21 +282,18 @@ struct Worker {
     client: Client,
     tasks: Arc<Vec<TableTask>>,
     queue: Arc<Mutex<VecDeque<Chunk>>>,
-    writer: Arc<Writer>,
+    emitter: Emitter,
     metrics: Arc<Metrics>,
-    envelope: EnvelopeWriter,
     job: Arc<SnapshotJob>,
     sent: Arc<AtomicU64>,
     txn: TxnId,
 }
 
 impl Worker {
-    async fn run(self) -> Result<(), RunError> {
+    async fn run(mut self) -> Result<(), RunError> {
         let mut line = Vec::new();
         let mut scratch = Vec::new();
         let mut ranges = Vec::new();
-        let mut key = Vec::new();
-        let mut value = Vec::new();
         loop {
             let chunk = match self.queue.lock() {
                 Ok(mut q) => q.pop_front(),
@@ -366,23 +348,15 @@ impl Worker {
                             Some((a, b)) => Cell::Text(&scratch[*a..*b]),
                         })
                         .collect();
-                    key.clear();
-                    value.clear();
-                    task.shape
-                        .write_key(&mut key, self.job.partition_key, Some(&cells));
-                    self.envelope.write(
-                        &mut value,
-                        &task.shape,
-                        &meta,
-                        None,
-                        Some(Image::full(&cells)),
-                    );
-                    self.writer
-                        .send_to(&label, &key, &value, self.txn, None, &mut || {})
+                    let change = RowChange {
+                        before: None,
+                        after: Some(Image::full(&cells)),
+                        key_row: &cells,
+                    };
+                    self.emitter
+                        .row(&task.shape, &meta, &change, self.txn, &mut || {})
                         .await?;
                     self.sent.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.events_of(Op::Read).inc();
-                    self.metrics.event_bytes.inc_by(value.len() as u64);
                     rows += 1;
                     line.clear();
                     rest = &rest[nl + 1..];

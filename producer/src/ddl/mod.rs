@@ -39,13 +39,10 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
-use walrelay_common::event::{ColumnSchema, Op, SchemaChange, TableName};
+use walrelay_common::event::{ColumnSchema, SchemaChange, TableName};
 
 use crate::catalog::{Catalog, PgError, build_shape};
-use crate::checkpoint::TxnId;
-use crate::kafka::Writer;
-use crate::pipeline::RunError;
-use crate::shape::{ColumnShape, EnvelopeWriter, EventMeta, PartitionKey, TableShape};
+use crate::encode::{ColumnShape, TableShape};
 
 /// A table's schema as the catalog function describes it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -521,43 +518,6 @@ pub async fn schema_event(
         columns,
     };
     Ok(SchemaEvent { shape, change })
-}
-
-/// Sends a schema event to every partition (each partition's consumer must see it before the
-/// rows after it, whichever partition they land on); returns how many records were sent.
-#[allow(clippy::too_many_arguments)]
-pub async fn send_schema_event<F: FnMut()>(
-    writer: &Writer,
-    envelope: &EnvelopeWriter,
-    event: &SchemaEvent,
-    meta: &EventMeta,
-    partition_key: PartitionKey,
-    partitions: i32,
-    txn: TxnId,
-    on_wait: &mut F,
-) -> Result<u64, RunError> {
-    debug_assert_eq!(meta.op, Op::Ddl);
-    let mut key = Vec::new();
-    let mut value = Vec::new();
-    event.shape.write_key(&mut key, partition_key, None);
-    envelope
-        .write_schema_event(&mut value, &event.shape, meta, &event.change)
-        .map_err(|e| RunError::Protocol(format!("encoding a schema event: {e}")))?;
-    for p in 0..partitions {
-        writer
-            .send_to(&event.shape.table, &key, &value, txn, Some(p), on_wait)
-            .await?;
-    }
-    tracing::info!(
-        table = %event.shape.qualified(),
-        version = event.shape.schema_version,
-        origin = %event.change.origin,
-        command = event.change.command.as_deref().unwrap_or(""),
-        dropped = event.change.dropped,
-        partitions,
-        "Schema event."
-    );
-    Ok(u64::try_from(partitions).unwrap_or(0))
 }
 
 #[cfg(test)]

@@ -1,45 +1,36 @@
 //! The listener: reads the replication stream, turns changes into events, hands them to the
-//! writer, and keeps the confirmed LSN flowing back to the server.
+//! emitter, and keeps the confirmed LSN flowing back to the server.
+//!
+//! [`Listener::run`] only receives and dispatches; what the stream has seen so far (the
+//! relations, the open transaction, the progress pushed) is a `Stream`, with one method per
+//! kind of message: `begin`, `commit`, `keepalive`, `relation`, `insert`, `update`, `delete`,
+//! `truncate` and `ddl_message`. Every event leaves through [`crate::emit::Emitter`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
 use tokio_util::sync::CancellationToken;
 use walrelay_common::event::Op;
 
-use super::pgoutput::{self, Cell, Message, OldKind};
+use super::pgoutput::{self, Cell, Message, OldKind, Tuple};
 use crate::catalog::{Catalog, build_shape};
 use crate::checkpoint::{Checkpointer, TxnId};
+use crate::config::DdlStatement;
 use crate::ddl::capture::MESSAGE_PREFIX;
 use crate::ddl::{self, Origin, Registry, TableSchema, TriggerMessage};
-use crate::kafka::Writer;
+use crate::emit::{Emitter, RowChange};
+use crate::encode::{ColumnShape, EventMeta, Image, TableShape};
+use crate::error::RunError;
 use crate::metrics::Metrics;
-use crate::pipeline::RunError;
-use crate::shape::{ColumnShape, EnvelopeWriter, EventMeta, Image, PartitionKey, TableShape};
 
 /// Microseconds between the Unix epoch and Postgres' epoch (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
 /// How often the confirmed LSN is pushed to the replication client when nothing else does.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(50);
-
-/// One event to hand to Kafka.
-struct Change<'a, 'b> {
-    before: Option<Image<'a, 'b>>,
-    after: Option<Image<'a, 'b>>,
-    /// The row the key is taken from; empty when there is none (a truncate).
-    key_row: &'b [Cell<'a>],
-    /// An explicit partition (a truncate under primary-key keying), else the key decides.
-    partition: Option<i32>,
-}
-
-/// Encoding buffers reused for every event.
-struct Buffers {
-    key: Vec<u8>,
-    value: Vec<u8>,
-}
 
 struct OpenTxn {
     id: TxnId,
@@ -61,19 +52,12 @@ pub struct Listener<'a> {
     pub client: &'a mut ReplicationClient,
     /// Catalog reader on an ordinary connection.
     pub catalog: Catalog<'a>,
-    /// Kafka writer.
-    pub writer: &'a Writer,
+    /// Where every event goes.
+    pub emitter: Emitter,
     /// Progress tracker.
     pub checkpointer: &'a Checkpointer,
     /// Metrics.
     pub metrics: &'a Arc<Metrics>,
-    /// Envelope encoder.
-    pub envelope: EnvelopeWriter,
-    /// Keying.
-    pub partition_key: PartitionKey,
-    /// Partitions of the topic (a truncate goes to each under primary-key keying; a schema
-    /// event to each always).
-    pub partitions: i32,
     /// Schemas of the captured tables as of the stream position.
     pub registry: Registry,
     /// The publication streamed (schema messages of other publications are skipped).
@@ -81,7 +65,7 @@ pub struct Listener<'a> {
     /// The key trigger messages are authenticated with (`None`: none is accepted).
     pub ddl_key: Option<Vec<u8>>,
     /// What schema events carry of the DDL text.
-    pub ddl_statement: crate::config::DdlStatement,
+    pub ddl_statement: DdlStatement,
 }
 
 /// Rejected DDL-channel messages: the first is logged in full, later ones once a minute.
@@ -123,318 +107,382 @@ struct Relation {
     pending: Option<TableSchema>,
 }
 
-struct Pushed(u64);
-
 fn push_progress(
     client: &ReplicationClient,
     ckpt: &Checkpointer,
     metrics: &Metrics,
-    pushed: &mut Pushed,
+    pushed: &mut u64,
 ) {
     let c = ckpt.confirmed();
-    if c > pushed.0 {
+    if c > *pushed {
         client.update_applied_lsn(Lsn::from_u64(c));
-        pushed.0 = c;
+        *pushed = c;
         metrics.confirmed_lsn.set(c as f64);
     }
 }
 
 impl Listener<'_> {
     /// Runs until `shutdown` is cancelled (returns `Ok`) or a failure.
-    pub async fn run(mut self, shutdown: &CancellationToken) -> Result<(), RunError> {
-        let mut relations: HashMap<u32, Relation> = HashMap::new();
-        let mut txn: Option<OpenTxn> = None;
-        let mut bufs = Buffers {
-            key: Vec::with_capacity(256),
-            value: Vec::with_capacity(4096),
+    pub async fn run(self, shutdown: &CancellationToken) -> Result<(), RunError> {
+        let mut stream = Stream {
+            pushed: self.checkpointer.confirmed(),
+            io: self,
+            relations: HashMap::new(),
+            txn: None,
+            batch_events: 0,
+            batch_txns: 0,
+            last_log: std::time::Instant::now(),
+            rejections: Rejections {
+                last_log: None,
+                since_log: 0,
+            },
         };
-        let mut pushed = Pushed(self.checkpointer.confirmed());
         let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
-        let mut batch_events = 0u64;
-        let mut batch_txns = 0u64;
-        let mut last_log = std::time::Instant::now();
-        let mut rejections = Rejections {
-            last_log: None,
-            since_log: 0,
-        };
         loop {
             let event = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return Ok(()),
-                failure = self.writer.failed() => return Err(failure.into()),
+                failure = stream.io.emitter.writer().failed() => return Err(failure.into()),
                 _ = tick.tick() => {
-                    push_progress(self.client, self.checkpointer, self.metrics, &mut pushed);
-                    if last_log.elapsed() >= Duration::from_secs(10) && batch_txns > 0 {
-                        tracing::info!(events = batch_events, transactions = batch_txns,
-                            confirmed_lsn = %Lsn::from_u64(pushed.0), "Streamed.");
-                        batch_events = 0;
-                        batch_txns = 0;
-                        last_log = std::time::Instant::now();
-                    }
+                    stream.tick();
                     continue;
                 }
-                ev = self.client.recv() => ev,
+                ev = stream.io.client.recv() => ev,
             };
-            let event = match event {
-                Ok(Some(ev)) => ev,
+            match event {
+                Ok(Some(ev)) => stream.event(ev).await?,
                 Ok(None) => {
                     return Err(RunError::Replication("the replication stream ended".into()));
                 }
                 Err(e) => return Err(RunError::from_pgwire(e)),
-            };
-            match event {
-                ReplicationEvent::Begin {
-                    final_lsn,
-                    xid,
-                    commit_time_micros,
-                } => {
-                    if txn.is_some() {
-                        return Err(RunError::Protocol(format!(
-                            "Begin of xid {xid} inside an open transaction"
-                        )));
-                    }
-                    txn = Some(OpenTxn {
-                        id: self.checkpointer.begin(),
-                        xid,
-                        commit_lsn: final_lsn.as_u64(),
-                        ts_ms: pg_micros_to_unix_ms(commit_time_micros),
-                        seq: 0,
-                        sent: 0,
-                    });
-                }
-                ReplicationEvent::Commit {
-                    end_lsn,
-                    commit_time_micros,
-                    ..
-                } => {
-                    let Some(t) = txn.take() else {
-                        return Err(RunError::Protocol("Commit without Begin".into()));
-                    };
-                    let commit_us = commit_time_micros + PG_EPOCH_OFFSET_MICROS;
-                    self.checkpointer
-                        .commit_at(t.id, end_lsn.as_u64(), t.sent, commit_us);
-                    self.metrics.transactions.inc();
-                    let now_ms = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_millis() as i64)
-                        .unwrap_or(0);
-                    self.metrics
-                        .source_lag_seconds
-                        .set((now_ms - pg_micros_to_unix_ms(commit_time_micros)) as f64 / 1000.0);
-                    batch_events += t.sent;
-                    batch_txns += 1;
-                    push_progress(self.client, self.checkpointer, self.metrics, &mut pushed);
-                }
-                ReplicationEvent::KeepAlive { wal_end, .. } => {
-                    let server = wal_end.as_u64();
-                    if self.checkpointer.idle(server) {
-                        push_progress(self.client, self.checkpointer, self.metrics, &mut pushed);
-                    }
-                    self.metrics
-                        .replication_lag_bytes
-                        .set(server.saturating_sub(self.checkpointer.confirmed()) as i64);
-                }
-                ReplicationEvent::XLogData {
-                    wal_start, data, ..
-                } => {
-                    let msg = pgoutput::decode(&data).map_err(|source| RunError::Decode {
-                        lsn: wal_start.as_u64(),
-                        source,
-                    })?;
-                    let lsn = wal_start.as_u64();
-                    match msg {
-                        Message::Relation {
-                            oid,
-                            namespace,
-                            name,
-                            columns,
-                            ..
-                        } => {
-                            let mut shaped = Vec::with_capacity(columns.len());
-                            for c in &columns {
-                                let kind = self
-                                    .catalog
-                                    .column_kind(c.type_oid, &format!("{namespace}.{name}"), c.name)
-                                    .await?;
-                                shaped.push(ColumnShape::new(c.name, kind, c.is_key));
-                            }
-                            let keys = self.catalog.key_columns(oid).await?;
-                            let mut rel = Relation {
-                                namespace: namespace.to_string(),
-                                name: name.to_string(),
-                                columns: columns
-                                    .iter()
-                                    .map(|c| (c.name.to_string(), c.type_oid))
-                                    .collect(),
-                                shape: build_shape(namespace, name, shaped, &keys),
-                                pending: None,
-                            };
-                            self.tag_relation(oid, &mut rel).await?;
-                            relations.insert(oid, rel);
-                        }
-                        Message::Insert { oid, new } => {
-                            self.settle(oid, lsn, &mut txn, &mut relations, &mut pushed)
-                                .await?;
-                            let t = open(&mut txn)?;
-                            let shape = shape_of(&relations, oid)?;
-                            t.seq += 1;
-                            let meta = meta(t, Op::Create, lsn);
-                            let change = Change {
-                                before: None,
-                                after: Some(Image::full(&new.0)),
-                                key_row: &new.0,
-                                partition: None,
-                            };
-                            self.emit(&mut bufs, shape, &meta, &change, t, &mut pushed)
-                                .await?;
-                        }
-                        Message::Update { oid, old, mut new } => {
-                            self.settle(oid, lsn, &mut txn, &mut relations, &mut pushed)
-                                .await?;
-                            let t = open(&mut txn)?;
-                            let shape = shape_of(&relations, oid)?;
-                            // With the full old row (REPLICA IDENTITY FULL), an unchanged
-                            // TOASTed value is known: fill it in instead of marking it.
-                            if let Some((OldKind::Full, old_row)) = &old {
-                                for (i, cell) in new.0.iter_mut().enumerate() {
-                                    if let (Cell::UnchangedToast, Some(prev @ Cell::Text(_))) =
-                                        (*cell, old_row.0.get(i))
-                                    {
-                                        *cell = *prev;
-                                    }
-                                }
-                            }
-                            t.seq += 1;
-                            let meta = meta(t, Op::Update, lsn);
-                            let before = old.as_ref().map(|(k, row)| Image {
-                                cells: &row.0,
-                                identity_only: *k == OldKind::Key,
-                            });
-                            let change = Change {
-                                before,
-                                after: Some(Image::full(&new.0)),
-                                key_row: &new.0,
-                                partition: None,
-                            };
-                            self.emit(&mut bufs, shape, &meta, &change, t, &mut pushed)
-                                .await?;
-                        }
-                        Message::Delete {
-                            oid,
-                            old: (kind, old_row),
-                        } => {
-                            self.settle(oid, lsn, &mut txn, &mut relations, &mut pushed)
-                                .await?;
-                            let t = open(&mut txn)?;
-                            let shape = shape_of(&relations, oid)?;
-                            t.seq += 1;
-                            let meta = meta(t, Op::Delete, lsn);
-                            let change = Change {
-                                before: Some(Image {
-                                    cells: &old_row.0,
-                                    identity_only: kind == OldKind::Key,
-                                }),
-                                after: None,
-                                key_row: &old_row.0,
-                                partition: None,
-                            };
-                            self.emit(&mut bufs, shape, &meta, &change, t, &mut pushed)
-                                .await?;
-                        }
-                        Message::Truncate { oids, .. } => {
-                            for &oid in &oids {
-                                self.settle(oid, lsn, &mut txn, &mut relations, &mut pushed)
-                                    .await?;
-                            }
-                            let t = open(&mut txn)?;
-                            for oid in oids {
-                                let shape = shape_of(&relations, oid)?;
-                                t.seq += 1;
-                                let meta = meta(t, Op::Truncate, lsn);
-                                // Under primary-key keying a table's rows are on every
-                                // partition: the truncate goes to each, so it is ordered
-                                // with all of them.
-                                let targets: Vec<Option<i32>> =
-                                    if self.partition_key == PartitionKey::PrimaryKey {
-                                        (0..self.partitions).map(Some).collect()
-                                    } else {
-                                        vec![None]
-                                    };
-                                for partition in targets {
-                                    let change = Change {
-                                        before: None,
-                                        after: None,
-                                        key_row: &[],
-                                        partition,
-                                    };
-                                    self.emit(&mut bufs, shape, &meta, &change, t, &mut pushed)
-                                        .await?;
-                                }
-                            }
-                        }
-                        Message::Type { .. }
-                        | Message::Origin { .. }
-                        | Message::Begin { .. }
-                        | Message::Commit { .. } => {}
-                        Message::LogicalMessage { .. } => {}
-                    }
-                }
-                ReplicationEvent::Message {
-                    prefix,
-                    content,
-                    lsn,
-                    transactional: true,
-                } if prefix == MESSAGE_PREFIX => {
-                    let xid = txn.as_ref().map_or(0, |t| t.xid);
-                    let message: TriggerMessage =
-                        match ddl::verify_message(&content, xid, self.ddl_key.as_deref()) {
-                            Ok(mut m) => {
-                                m.sql = match self.ddl_statement {
-                                    crate::config::DdlStatement::Include => m.sql,
-                                    crate::config::DdlStatement::Redact => {
-                                        ddl::redact_statement(&m.sql)
-                                    }
-                                    crate::config::DdlStatement::Omit => String::new(),
-                                };
-                                m
-                            }
-                            Err(why) => {
-                                rejections.record(self.metrics, lsn, xid, &why);
-                                continue;
-                            }
-                        };
-                    self.apply_ddl(
-                        &message,
-                        lsn.as_u64(),
-                        &mut txn,
-                        &mut relations,
-                        &mut pushed,
-                    )
-                    .await?;
-                }
-                // Other logical messages carry no row changes.
-                ReplicationEvent::Message { .. } => {}
-                ReplicationEvent::StoppedAt { .. } => {
-                    return Err(RunError::Replication(
-                        "the stream stopped at a stop LSN walrelay never sets".into(),
-                    ));
+            }
+        }
+    }
+}
+
+/// What the stream has seen so far, and the listener's parts.
+struct Stream<'a> {
+    io: Listener<'a>,
+    relations: HashMap<u32, Relation>,
+    txn: Option<OpenTxn>,
+    /// The confirmed LSN last handed to the replication client.
+    pushed: u64,
+    batch_events: u64,
+    batch_txns: u64,
+    last_log: std::time::Instant,
+    rejections: Rejections,
+}
+
+impl Stream<'_> {
+    fn push_progress(&mut self) {
+        push_progress(
+            self.io.client,
+            self.io.checkpointer,
+            self.io.metrics,
+            &mut self.pushed,
+        );
+    }
+
+    /// The progress tick: push the confirmed LSN; log a summary every 10 s of activity.
+    fn tick(&mut self) {
+        self.push_progress();
+        if self.last_log.elapsed() >= Duration::from_secs(10) && self.batch_txns > 0 {
+            tracing::info!(events = self.batch_events, transactions = self.batch_txns,
+                confirmed_lsn = %Lsn::from_u64(self.pushed), "Streamed.");
+            self.batch_events = 0;
+            self.batch_txns = 0;
+            self.last_log = std::time::Instant::now();
+        }
+    }
+
+    async fn event(&mut self, event: ReplicationEvent) -> Result<(), RunError> {
+        match event {
+            ReplicationEvent::Begin {
+                final_lsn,
+                xid,
+                commit_time_micros,
+            } => self.begin(final_lsn.as_u64(), xid, commit_time_micros),
+            ReplicationEvent::Commit {
+                end_lsn,
+                commit_time_micros,
+                ..
+            } => self.commit(end_lsn.as_u64(), commit_time_micros),
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                self.keepalive(wal_end.as_u64());
+                Ok(())
+            }
+            ReplicationEvent::XLogData {
+                wal_start, data, ..
+            } => self.change(wal_start.as_u64(), &data).await,
+            ReplicationEvent::Message {
+                prefix,
+                content,
+                lsn,
+                transactional: true,
+            } if prefix == MESSAGE_PREFIX => self.ddl_message(&content, lsn).await,
+            // Other logical messages carry no row changes.
+            ReplicationEvent::Message { .. } => Ok(()),
+            ReplicationEvent::StoppedAt { .. } => Err(RunError::Replication(
+                "the stream stopped at a stop LSN walrelay never sets".into(),
+            )),
+        }
+    }
+
+    fn begin(&mut self, final_lsn: u64, xid: u32, commit_time_micros: i64) -> Result<(), RunError> {
+        if self.txn.is_some() {
+            return Err(RunError::Protocol(format!(
+                "Begin of xid {xid} inside an open transaction"
+            )));
+        }
+        self.txn = Some(OpenTxn {
+            id: self.io.checkpointer.begin(),
+            xid,
+            commit_lsn: final_lsn,
+            ts_ms: pg_micros_to_unix_ms(commit_time_micros),
+            seq: 0,
+            sent: 0,
+        });
+        Ok(())
+    }
+
+    fn commit(&mut self, end_lsn: u64, commit_time_micros: i64) -> Result<(), RunError> {
+        let Some(t) = self.txn.take() else {
+            return Err(RunError::Protocol("Commit without Begin".into()));
+        };
+        let commit_us = commit_time_micros + PG_EPOCH_OFFSET_MICROS;
+        self.io
+            .checkpointer
+            .commit_at(t.id, end_lsn, t.sent, commit_us);
+        let metrics = self.io.metrics;
+        metrics.transactions.inc();
+        metrics.source_lag_seconds.set(
+            (walrelay_common::clock::now_ms() - pg_micros_to_unix_ms(commit_time_micros)) as f64
+                / 1000.0,
+        );
+        self.batch_events += t.sent;
+        self.batch_txns += 1;
+        self.push_progress();
+        Ok(())
+    }
+
+    fn keepalive(&mut self, server: u64) {
+        if self.io.checkpointer.idle(server) {
+            self.push_progress();
+        }
+        self.io
+            .metrics
+            .replication_lag_bytes
+            .set(server.saturating_sub(self.io.checkpointer.confirmed()) as i64);
+    }
+
+    /// One pgoutput message.
+    async fn change(&mut self, lsn: u64, data: &Bytes) -> Result<(), RunError> {
+        let msg = pgoutput::decode(data).map_err(|source| RunError::Decode { lsn, source })?;
+        match msg {
+            Message::Relation {
+                oid,
+                namespace,
+                name,
+                columns,
+                ..
+            } => self.relation(oid, namespace, name, &columns).await,
+            Message::Insert { oid, new } => self.insert(oid, lsn, &new).await,
+            Message::Update { oid, old, new } => self.update(oid, lsn, old.as_ref(), new).await,
+            Message::Delete { oid, old } => self.delete(oid, lsn, old.0, &old.1).await,
+            Message::Truncate { oids, .. } => self.truncate(lsn, &oids).await,
+            Message::Type { .. }
+            | Message::Origin { .. }
+            | Message::Begin { .. }
+            | Message::Commit { .. }
+            | Message::LogicalMessage { .. } => Ok(()),
+        }
+    }
+
+    async fn relation(
+        &mut self,
+        oid: u32,
+        namespace: &str,
+        name: &str,
+        columns: &[pgoutput::Column<'_>],
+    ) -> Result<(), RunError> {
+        let mut shaped = Vec::with_capacity(columns.len());
+        for c in columns {
+            let kind = self
+                .io
+                .catalog
+                .column_kind(c.type_oid, &format!("{namespace}.{name}"), c.name)
+                .await?;
+            shaped.push(ColumnShape::new(c.name, kind, c.is_key));
+        }
+        let keys = self.io.catalog.key_columns(oid).await?;
+        let mut rel = Relation {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            columns: columns
+                .iter()
+                .map(|c| (c.name.to_string(), c.type_oid))
+                .collect(),
+            shape: build_shape(namespace, name, shaped, &keys),
+            pending: None,
+        };
+        self.tag_relation(oid, &mut rel).await?;
+        self.relations.insert(oid, rel);
+        Ok(())
+    }
+
+    async fn insert(&mut self, oid: u32, lsn: u64, new: &Tuple<'_>) -> Result<(), RunError> {
+        let change = RowChange {
+            before: None,
+            after: Some(Image::full(&new.0)),
+            key_row: &new.0,
+        };
+        self.row(oid, lsn, Op::Create, &change).await
+    }
+
+    async fn update(
+        &mut self,
+        oid: u32,
+        lsn: u64,
+        old: Option<&(OldKind, Tuple<'_>)>,
+        mut new: Tuple<'_>,
+    ) -> Result<(), RunError> {
+        // With the full old row (REPLICA IDENTITY FULL), an unchanged TOASTed value is known:
+        // fill it in instead of marking it.
+        if let Some((OldKind::Full, old_row)) = old {
+            for (i, cell) in new.0.iter_mut().enumerate() {
+                if let (Cell::UnchangedToast, Some(prev @ Cell::Text(_))) =
+                    (*cell, old_row.0.get(i))
+                {
+                    *cell = *prev;
                 }
             }
         }
+        let change = RowChange {
+            before: old.map(|(k, row)| Image {
+                cells: &row.0,
+                identity_only: *k == OldKind::Key,
+            }),
+            after: Some(Image::full(&new.0)),
+            key_row: &new.0,
+        };
+        self.row(oid, lsn, Op::Update, &change).await
+    }
+
+    async fn delete(
+        &mut self,
+        oid: u32,
+        lsn: u64,
+        kind: OldKind,
+        old: &Tuple<'_>,
+    ) -> Result<(), RunError> {
+        let change = RowChange {
+            before: Some(Image {
+                cells: &old.0,
+                identity_only: kind == OldKind::Key,
+            }),
+            after: None,
+            key_row: &old.0,
+        };
+        self.row(oid, lsn, Op::Delete, &change).await
+    }
+
+    /// What an insert, update and delete share: the pending schema first, then the row.
+    async fn row(
+        &mut self,
+        oid: u32,
+        lsn: u64,
+        op: Op,
+        change: &RowChange<'_, '_>,
+    ) -> Result<(), RunError> {
+        self.settle(oid, lsn).await?;
+        let Self {
+            io,
+            relations,
+            txn,
+            pushed,
+            ..
+        } = self;
+        let t = open(txn)?;
+        let shape = shape_of(relations, oid)?;
+        t.seq += 1;
+        let meta = meta(t, op, lsn);
+        let Listener {
+            emitter,
+            client,
+            checkpointer,
+            metrics,
+            ..
+        } = io;
+        let mut on_wait = || push_progress(client, checkpointer, metrics, pushed);
+        t.sent += emitter
+            .row(shape, &meta, change, t.id, &mut on_wait)
+            .await?;
+        Ok(())
+    }
+
+    async fn truncate(&mut self, lsn: u64, oids: &[u32]) -> Result<(), RunError> {
+        for &oid in oids {
+            self.settle(oid, lsn).await?;
+        }
+        let Self {
+            io,
+            relations,
+            txn,
+            pushed,
+            ..
+        } = self;
+        let t = open(txn)?;
+        let Listener {
+            emitter,
+            client,
+            checkpointer,
+            metrics,
+            ..
+        } = io;
+        let mut on_wait = || push_progress(client, checkpointer, metrics, pushed);
+        for &oid in oids {
+            let shape = shape_of(relations, oid)?;
+            t.seq += 1;
+            let meta = meta(t, Op::Truncate, lsn);
+            t.sent += emitter.truncate(shape, &meta, t.id, &mut on_wait).await?;
+        }
+        Ok(())
+    }
+
+    /// A message in walrelay's DDL channel: verified, then applied; a forged or malformed
+    /// one is counted and skipped (an unprivileged role can write logical messages).
+    async fn ddl_message(&mut self, content: &[u8], lsn: Lsn) -> Result<(), RunError> {
+        let xid = self.txn.as_ref().map_or(0, |t| t.xid);
+        let message: TriggerMessage =
+            match ddl::verify_message(content, xid, self.io.ddl_key.as_deref()) {
+                Ok(mut m) => {
+                    m.sql = match self.io.ddl_statement {
+                        DdlStatement::Include => m.sql,
+                        DdlStatement::Redact => ddl::redact_statement(&m.sql),
+                        DdlStatement::Omit => String::new(),
+                    };
+                    m
+                }
+                Err(why) => {
+                    self.rejections.record(self.io.metrics, lsn, xid, &why);
+                    return Ok(());
+                }
+            };
+        self.apply_ddl(&message, lsn.as_u64()).await
     }
 
     /// Tags a Relation's shape with the registry's schema when they agree; otherwise the schema
     /// changed without a trigger message (or the table is new to walrelay): the schema the
     /// Relation shows waits for the table's next change ([`Self::settle`]).
     async fn tag_relation(&mut self, oid: u32, rel: &mut Relation) -> Result<(), RunError> {
-        if let Some(v) = self.registry.get(oid)
+        if let Some(v) = self.io.registry.get(oid)
             && v.schema.matches(&rel.namespace, &rel.name, &rel.columns)
         {
             let ids = v.schema.ids_of(rel.columns.iter().map(|(n, _)| n.as_str()));
             rel.shape.set_schema(v.version, ids);
             return Ok(());
         }
-        let current = ddl::read_schema(self.catalog.client(), oid).await?;
+        let current = ddl::read_schema(self.io.catalog.client(), oid).await?;
         rel.pending = Some(TableSchema::from_relation(
             oid,
             &rel.namespace,
@@ -448,55 +496,42 @@ impl Listener<'_> {
     /// Before a change of `oid`: emits the schema event of a pending (fallback) schema, with
     /// the change's LSN as its version (a Relation message has no LSN of its own; the first
     /// change under a schema is the same on every replay).
-    async fn settle(
-        &mut self,
-        oid: u32,
-        lsn: u64,
-        txn: &mut Option<OpenTxn>,
-        relations: &mut HashMap<u32, Relation>,
-        pushed: &mut Pushed,
-    ) -> Result<(), RunError> {
-        let Some(schema) = relations.get_mut(&oid).and_then(|r| r.pending.take()) else {
+    async fn settle(&mut self, oid: u32, lsn: u64) -> Result<(), RunError> {
+        let Some(schema) = self.relations.get_mut(&oid).and_then(|r| r.pending.take()) else {
             return Ok(());
         };
-        let t = open(txn)?;
-        let before = self.registry.get(oid).map(|v| v.schema.clone());
+        let commit_lsn = open(&mut self.txn)?.commit_lsn;
+        let before = self.io.registry.get(oid).map(|v| v.schema.clone());
         let origin = Origin {
             kind: "relation",
             message: None,
             before: before.as_ref(),
         };
-        let ctl = self.catalog.client();
-        let event = ddl::schema_event(&mut self.catalog, &schema, lsn, origin, false).await?;
-        self.registry
-            .record(ctl, lsn, t.commit_lsn, schema, false)
+        let ctl = self.io.catalog.client();
+        let event = ddl::schema_event(&mut self.io.catalog, &schema, lsn, origin, false).await?;
+        self.io
+            .registry
+            .record(ctl, lsn, commit_lsn, schema, false)
             .await?;
         if before.is_some() {
             tracing::info!(table = %event.shape.qualified(), "A schema change without a trigger message: derived from the Relation message.");
         }
-        self.send_schema(&event, lsn, t, pushed).await?;
-        if let Some(rel) = relations.get_mut(&oid) {
+        self.send_schema(&event, lsn).await?;
+        if let Some(rel) = self.relations.get_mut(&oid) {
             rel.shape.set_schema(lsn, event.shape.column_ids.clone());
         }
         Ok(())
     }
 
     /// Applies a trigger message: records the table's new schema and emits its schema event.
-    async fn apply_ddl(
-        &mut self,
-        message: &TriggerMessage,
-        lsn: u64,
-        txn: &mut Option<OpenTxn>,
-        relations: &mut HashMap<u32, Relation>,
-        pushed: &mut Pushed,
-    ) -> Result<(), RunError> {
-        let t = open(txn)?;
+    async fn apply_ddl(&mut self, message: &TriggerMessage, lsn: u64) -> Result<(), RunError> {
+        let commit_lsn = open(&mut self.txn)?.commit_lsn;
         let oid = message.table.table_oid;
-        let before = self.registry.get(oid).map(|v| v.schema.clone());
+        let before = self.io.registry.get(oid).map(|v| v.schema.clone());
         let captured = if message.dropped {
             before.is_some()
         } else {
-            message.publications.contains(&self.publication)
+            message.publications.contains(&self.io.publication)
         };
         if !captured || (!message.dropped && before.as_ref() == Some(&message.table)) {
             // Another publication's table, or nothing a consumer sees changed (an index, a
@@ -516,16 +551,17 @@ impl Listener<'_> {
             message: Some(message),
             before: before.as_ref(),
         };
-        let ctl = self.catalog.client();
+        let ctl = self.io.catalog.client();
         let event =
-            ddl::schema_event(&mut self.catalog, &schema, lsn, origin, message.dropped).await?;
-        self.registry
-            .record(ctl, lsn, t.commit_lsn, schema.clone(), message.dropped)
+            ddl::schema_event(&mut self.io.catalog, &schema, lsn, origin, message.dropped).await?;
+        self.io
+            .registry
+            .record(ctl, lsn, commit_lsn, schema.clone(), message.dropped)
             .await?;
-        self.send_schema(&event, lsn, t, pushed).await?;
+        self.send_schema(&event, lsn).await?;
         if message.dropped {
-            relations.remove(&oid);
-        } else if let Some(rel) = relations.get_mut(&oid)
+            self.relations.remove(&oid);
+        } else if let Some(rel) = self.relations.get_mut(&oid)
             && schema.matches(&rel.namespace, &rel.name, &rel.columns)
         {
             // Columns unchanged for pgoutput (a rename of the table arrives with a new
@@ -537,71 +573,29 @@ impl Listener<'_> {
         Ok(())
     }
 
-    async fn send_schema(
-        &self,
-        event: &ddl::SchemaEvent,
-        lsn: u64,
-        t: &mut OpenTxn,
-        pushed: &mut Pushed,
-    ) -> Result<(), RunError> {
+    /// A schema event, to every partition, as part of the open transaction.
+    async fn send_schema(&mut self, event: &ddl::SchemaEvent, lsn: u64) -> Result<(), RunError> {
+        let Self {
+            io, txn, pushed, ..
+        } = self;
+        let t = open(txn)?;
         t.seq += 1;
         let meta = meta(t, Op::Ddl, lsn);
-        let client: &ReplicationClient = self.client;
-        let (ckpt, metrics) = (self.checkpointer, self.metrics);
-        let mut on_wait = || push_progress(client, ckpt, metrics, pushed);
-        let sent = ddl::send_schema_event(
-            self.writer,
-            &self.envelope,
-            event,
-            &meta,
-            self.partition_key,
-            self.partitions,
-            t.id,
-            &mut on_wait,
-        )
-        .await?;
-        t.sent += sent;
-        self.metrics.events_of(Op::Ddl).inc_by(sent);
-        self.metrics
+        let Listener {
+            emitter,
+            client,
+            checkpointer,
+            metrics,
+            ..
+        } = io;
+        let mut on_wait = || push_progress(client, checkpointer, metrics, pushed);
+        t.sent += emitter
+            .schema(&event.shape, &event.change, &meta, t.id, &mut on_wait)
+            .await?;
+        metrics
             .schema_events
             .with_label_values(&[&event.change.origin])
             .inc();
-        Ok(())
-    }
-
-    /// Encodes one change and hands it to Kafka; counts it as sent by `txn`.
-    async fn emit(
-        &self,
-        bufs: &mut Buffers,
-        shape: &TableShape,
-        meta: &EventMeta,
-        change: &Change<'_, '_>,
-        txn: &mut OpenTxn,
-        pushed: &mut Pushed,
-    ) -> Result<(), RunError> {
-        let Buffers { key, value } = bufs;
-        key.clear();
-        value.clear();
-        let key_cells = (!change.key_row.is_empty()).then_some(change.key_row);
-        shape.write_key(key, self.partition_key, key_cells);
-        self.envelope
-            .write(value, shape, meta, change.before, change.after);
-        self.metrics.events_of(meta.op).inc();
-        self.metrics.event_bytes.inc_by(value.len() as u64);
-        let client: &ReplicationClient = self.client;
-        let (ckpt, metrics) = (self.checkpointer, self.metrics);
-        let mut on_wait = || push_progress(client, ckpt, metrics, pushed);
-        self.writer
-            .send_to(
-                &shape.table,
-                key,
-                value,
-                txn.id,
-                change.partition,
-                &mut on_wait,
-            )
-            .await?;
-        txn.sent += 1;
         Ok(())
     }
 }

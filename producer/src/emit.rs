@@ -1,0 +1,202 @@
+//! The emitter: the one way an event leaves the producer.
+//!
+//! The listener (streaming), the snapshot workers and the schema-event code all hand their
+//! events here; none of them touches the encoder or the Kafka writer. The emitter owns:
+//!
+//! ```text
+//!   row images + shape + metadata ──▶ encode key and value (the envelope codec)
+//!                                 ──▶ route: by key, to one partition, or to every partition
+//!                                 ──▶ kafka::Writer (byte budget; acks → checkpointer)
+//!                                 ──▶ count: events per op, bytes; records per transaction
+//! ```
+//!
+//! Routing rules, kept here once: a row change goes where its key hashes; a truncate under
+//! `primary-key` keying goes to every partition (the table's rows are on all of them, and the
+//! truncate must be ordered with each); a schema event always goes to every partition (each
+//! partition's consumer must see it before the rows after it). Every call returns how many
+//! records it handed over, which the caller adds to its transaction's count for the
+//! [`crate::checkpoint::Checkpointer`].
+//!
+//! Each emitter has its own encoding buffers; [`Emitter::fork`] makes another for a parallel
+//! snapshot worker.
+
+use std::sync::Arc;
+
+use walrelay_common::event::{Op, SchemaChange};
+
+use crate::checkpoint::TxnId;
+use crate::encode::{EnvelopeWriter, EventMeta, Image, PartitionKey, TableShape};
+use crate::error::RunError;
+use crate::kafka::Writer;
+use crate::metrics::Metrics;
+use crate::replication::pgoutput::Cell;
+
+/// One row change: the images the envelope carries and the row its key is taken from.
+#[derive(Clone, Copy)]
+pub struct RowChange<'a, 'b> {
+    /// The old row (updates with an identity, deletes).
+    pub before: Option<Image<'a, 'b>>,
+    /// The new row (inserts, updates, snapshot reads).
+    pub after: Option<Image<'a, 'b>>,
+    /// The row the key is taken from.
+    pub key_row: &'b [Cell<'a>],
+}
+
+/// Encodes events and hands them to Kafka.
+pub struct Emitter {
+    writer: Arc<Writer>,
+    encoder: EnvelopeWriter,
+    partition_key: PartitionKey,
+    partitions: i32,
+    metrics: Arc<Metrics>,
+    key: Vec<u8>,
+    value: Vec<u8>,
+}
+
+impl Emitter {
+    /// An emitter writing through `writer` to a topic of `partitions` partitions.
+    pub fn new(
+        writer: Arc<Writer>,
+        encoder: EnvelopeWriter,
+        partition_key: PartitionKey,
+        partitions: i32,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            writer,
+            encoder,
+            partition_key,
+            partitions,
+            metrics,
+            key: Vec::with_capacity(256),
+            value: Vec::with_capacity(4096),
+        }
+    }
+
+    /// Another emitter to the same writer and topic, with buffers of its own.
+    pub fn fork(&self) -> Self {
+        Self::new(
+            Arc::clone(&self.writer),
+            self.encoder.clone(),
+            self.partition_key,
+            self.partitions,
+            Arc::clone(&self.metrics),
+        )
+    }
+
+    /// The writer (for its failure and in-flight state).
+    pub fn writer(&self) -> &Writer {
+        &self.writer
+    }
+
+    /// A row change (insert, update, delete or snapshot read), routed by its key. `on_wait`
+    /// runs while the byte budget is spent. Returns the records sent (1).
+    pub async fn row<F: FnMut()>(
+        &mut self,
+        shape: &TableShape,
+        meta: &EventMeta,
+        change: &RowChange<'_, '_>,
+        txn: TxnId,
+        on_wait: &mut F,
+    ) -> Result<u64, RunError> {
+        self.key.clear();
+        self.value.clear();
+        let key_cells = (!change.key_row.is_empty()).then_some(change.key_row);
+        shape.write_key(&mut self.key, self.partition_key, key_cells);
+        self.encoder
+            .write(&mut self.value, shape, meta, change.before, change.after);
+        self.send(shape, meta.op, txn, None, on_wait).await?;
+        Ok(1)
+    }
+
+    /// A truncate of `shape`'s table: to the key's partition, or to every partition under
+    /// `primary-key` keying. Returns the records sent.
+    pub async fn truncate<F: FnMut()>(
+        &mut self,
+        shape: &TableShape,
+        meta: &EventMeta,
+        txn: TxnId,
+        on_wait: &mut F,
+    ) -> Result<u64, RunError> {
+        self.key.clear();
+        self.value.clear();
+        shape.write_key(&mut self.key, self.partition_key, None);
+        self.encoder.write(&mut self.value, shape, meta, None, None);
+        if self.partition_key == PartitionKey::PrimaryKey {
+            self.send_to_every_partition(shape, meta.op, txn, on_wait)
+                .await
+        } else {
+            self.send(shape, meta.op, txn, None, on_wait).await?;
+            Ok(1)
+        }
+    }
+
+    /// A schema event of `shape` (tagged with its new version), to every partition. Returns
+    /// the records sent.
+    pub async fn schema<F: FnMut()>(
+        &mut self,
+        shape: &TableShape,
+        change: &SchemaChange,
+        meta: &EventMeta,
+        txn: TxnId,
+        on_wait: &mut F,
+    ) -> Result<u64, RunError> {
+        debug_assert_eq!(meta.op, Op::Ddl);
+        self.key.clear();
+        self.value.clear();
+        shape.write_key(&mut self.key, self.partition_key, None);
+        self.encoder
+            .write_schema_event(&mut self.value, shape, meta, change)
+            .map_err(|e| RunError::Protocol(format!("encoding a schema event: {e}")))?;
+        let sent = self
+            .send_to_every_partition(shape, meta.op, txn, on_wait)
+            .await?;
+        tracing::info!(
+            table = %shape.qualified(),
+            version = shape.schema_version,
+            origin = %change.origin,
+            command = change.command.as_deref().unwrap_or(""),
+            dropped = change.dropped,
+            partitions = self.partitions,
+            "Schema event."
+        );
+        Ok(sent)
+    }
+
+    async fn send_to_every_partition<F: FnMut()>(
+        &mut self,
+        shape: &TableShape,
+        op: Op,
+        txn: TxnId,
+        on_wait: &mut F,
+    ) -> Result<u64, RunError> {
+        for p in 0..self.partitions {
+            self.send(shape, op, txn, Some(p), on_wait).await?;
+        }
+        Ok(u64::try_from(self.partitions).unwrap_or(0))
+    }
+
+    /// Hands the encoded key and value to the writer and counts them.
+    async fn send<F: FnMut()>(
+        &mut self,
+        shape: &TableShape,
+        op: Op,
+        txn: TxnId,
+        partition: Option<i32>,
+        on_wait: &mut F,
+    ) -> Result<(), RunError> {
+        self.writer
+            .send_to(
+                &shape.table,
+                &self.key,
+                &self.value,
+                txn,
+                partition,
+                on_wait,
+            )
+            .await?;
+        self.metrics.events_of(op).inc();
+        self.metrics.event_bytes.inc_by(self.value.len() as u64);
+        Ok(())
+    }
+}
