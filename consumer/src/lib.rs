@@ -2,22 +2,36 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: options from flags, environment and file; validated [`config::Settings`].
+//! - [`cli`]: the commands, each with its own options (the shared ones and its sink's), the
+//!   config file, the validated [`cli::Settings`] of the command given, and running it.
+//! - [`config`]: the options every command shares (Kafka, batching, retries, telemetry), the
+//!   runtime's settings ([`config::RuntimeSettings`]) and the TOML config file.
 //! - [`runtime`]: what every sink shares: the consumer group (cooperative rebalancing, bounded
 //!   prefetch), batches, the dead-letter topic, and the rule that an offset is committed only
 //!   after the sink handled it. The [`runtime::Sink`] trait is the contract a sink implements.
-//! - [`sinks`]: the sinks; [`sinks::search`] indexes into Elasticsearch or OpenSearch,
-//!   [`sinks::webhook`] delivers signed webhooks.
-//! - [`reindex`]: zero-downtime re-index: build new index versions from offset zero, swap the
-//!   aliases, hand over to the running indexer, delete the old indexes.
-//! - [`notify`]: the webhook notifier's commands (`notify`, `replay-dead-letters`).
+//! - [`sinks`]: one folder per sink, with the same file names in each: `mod.rs` (what the sink
+//!   does), `config.rs` (its options and settings), `command.rs` (its commands), `sink.rs` (the
+//!   [`runtime::Sink`]), `client.rs` (the service it talks to) and `encode.rs` (how an event
+//!   becomes what the service receives), plus what only that sink has.
 //! - [`metrics`]: the `walrelay_consumer_*` catalogue.
 //!
-//! The binary (`main.rs`) only parses options, starts telemetry and runs a command.
+//! The binary (`main.rs`) only builds the command's settings and runs it.
+//!
+//! # Commands and sinks
+//!
+//! One word per feature, from the command to the types. The search feature is the
+//! [`sinks::search`] module, [`SearchSettings`](sinks::search::SearchSettings) and
+//! [`SearchSink`](sinks::search::SearchSink); its commands are `index` (keep the indexes
+//! current) and `reindex` (rebuild them behind their aliases, [`sinks::search::reindex`]), and
+//! `index`'s default group is `walrelay-indexer`. The webhook feature is the [`sinks::webhook`]
+//! module, [`WebhookSettings`](sinks::webhook::WebhookSettings) and
+//! [`WebhookSink`](sinks::webhook::WebhookSink); its commands are `notify` (deliver, and serve
+//! the subscriptions API) and `replay-dead-letters`, with default groups `walrelay-notifier`
+//! and `walrelay-notifier.replay`. Command and metric names are the ones users and dashboards
+//! already know.
 
+pub mod cli;
 pub mod config;
 pub mod metrics;
-pub mod notify;
-pub mod reindex;
 pub mod runtime;
 pub mod sinks;

@@ -261,7 +261,8 @@ impl Stack {
             args.push(p);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        args.push(command.into());
+        // The command first, its options after it.
+        args.insert(0, command.into());
         args
     }
 

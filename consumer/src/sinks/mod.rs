@@ -1,9 +1,20 @@
-//! Sinks: where change events go. Each sits in its own folder (`mod.rs` for the sink itself,
-//! `client.rs` for the service it talks to, `document.rs` for how an event becomes what the
-//! service stores) and implements [`crate::runtime::Sink`].
+//! Sinks: where change events go. Each implements [`crate::runtime::Sink`] and sits in a
+//! folder of its own with the same file names (Vector's layout):
 //!
-//! - [`search`]: Elasticsearch and OpenSearch indexes, one per table, behind aliases.
-//! - [`webhook`]: signed HTTP deliveries to subscribed endpoints.
+//! | file | what it holds |
+//! |---|---|
+//! | `mod.rs` | what the sink does and guarantees; re-exports |
+//! | `config.rs` | the sink's clap `Args` and its validated settings |
+//! | `command.rs` | the commands that run the sink |
+//! | `sink.rs` | the [`Sink`](crate::runtime::Sink) implementation |
+//! | `client.rs` | the client of the service the sink writes to |
+//! | `encode.rs` | how an event becomes what that service receives |
+//!
+//! - [`search`] (`index`, `reindex`): Elasticsearch and OpenSearch indexes, one per table,
+//!   behind aliases; also `reindex.rs`, `indexes.rs`, `ddl.rs` and `schema.rs`.
+//! - [`webhook`] (`notify`, `replay-dead-letters`): signed HTTP deliveries to subscribed
+//!   endpoints; also `subscriptions.rs`, `api.rs` and `server.rs` (the subscriptions API),
+//!   `guard.rs` (the SSRF guard) and `signing.rs`.
 
 pub mod search;
 pub mod webhook;

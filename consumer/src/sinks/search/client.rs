@@ -8,7 +8,7 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
 use serde_json::{Map, Value, json};
 
-use crate::config::{SearchAuth, SearchSettings};
+use super::config::{SearchAuth, SearchSettings};
 
 /// A failed request.
 #[derive(Debug, Clone, thiserror::Error)]

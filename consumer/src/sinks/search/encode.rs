@@ -1,5 +1,5 @@
-//! How a change event becomes a search document: index names, document ids, versions and
-//! mappings.
+//! How a change event becomes a search document and its `_bulk` lines: index names, document
+//! ids, versions, mappings, and the action and source lines the sink sends.
 //!
 //! # Versions
 //!
@@ -32,7 +32,7 @@ use std::collections::HashMap;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
-use walrelay_common::event::Envelope;
+use walrelay_common::event::{Envelope, Op, write_json_str};
 
 /// Field holding the document's version.
 pub const VERSION_FIELD: &str = "walrelay_version";
@@ -231,6 +231,160 @@ pub fn missing_fields(
         out.insert(VERSION_FIELD.into(), json!({"type": "long"}));
     }
     out
+}
+
+/// Appends `{"<kind>":{"_index":…,"_id":…,"version":…,"version_type":"external"}}` and a newline.
+pub fn action_line(out: &mut Vec<u8>, kind: &str, index: &str, id: &str, version: i64) {
+    out.extend_from_slice(b"{\"");
+    out.extend_from_slice(kind.as_bytes());
+    out.extend_from_slice(b"\":{\"_index\":");
+    write_json_str(out, index);
+    out.extend_from_slice(b",\"_id\":");
+    write_json_str(out, id);
+    out.extend_from_slice(b",\"version\":");
+    out.extend_from_slice(version.to_string().as_bytes());
+    out.extend_from_slice(b",\"version_type\":\"external\"}}\n");
+}
+
+/// For an update that changed the row's key: the old document's id and the action deleting it.
+pub fn old_key_delete(
+    env: &Envelope,
+    id: &str,
+    target: &str,
+    version: i64,
+) -> Option<(String, Vec<u8>)> {
+    if env.op != Op::Update {
+        return None;
+    }
+    let old = document_id(&env.key, env.before.as_ref()?).ok()?;
+    if old == id {
+        return None;
+    }
+    let mut lines = Vec::new();
+    action_line(&mut lines, "delete", target, &old, version);
+    Some((old, lines))
+}
+
+/// The bulk lines of a delete: the document id and its versioned delete action.
+pub fn delete(env: &Envelope, target: &str, version: i64) -> Result<(String, Vec<u8>), String> {
+    let id = match env.before.as_ref().map(|b| document_id(&env.key, b)) {
+        Some(id) => id?,
+        None => return Err("delete without a before image".into()),
+    };
+    let mut lines = Vec::new();
+    action_line(&mut lines, "delete", target, &id, version);
+    Ok((id, lines))
+}
+
+/// An index action whose source is the row image's own text with the version field added.
+pub struct Forwarded {
+    /// The document id.
+    pub id: String,
+    /// For an update that changed the key: the old id and the action deleting it.
+    pub old: Option<(String, Vec<u8>)>,
+    /// The action and source lines.
+    pub lines: Vec<u8>,
+}
+
+/// The common case, without parsing values: forwards the image's text, adding the version
+/// field. `None` when the image cannot be forwarded as it is (not an object of fields, or it
+/// carries a field named like the version field): [`source_of`] and [`index_lines`] then
+/// build the document.
+pub fn forward(
+    env: &Envelope,
+    raw: &RawValue,
+    target: &str,
+    version: i64,
+) -> Option<Result<Forwarded, String>> {
+    let fields = serde_json::from_str::<HashMap<Cow<'_, str>, &RawValue>>(raw.get()).ok()?;
+    if fields.contains_key(VERSION_FIELD) {
+        return None;
+    }
+    let id = match document_id_raw(&env.key, &fields) {
+        Ok(id) => id,
+        Err(why) => return Some(Err(why)),
+    };
+    let old = old_key_delete(env, &id, target, version);
+    let mut lines = Vec::new();
+    action_line(&mut lines, "index", target, &id, version);
+    let text = raw.get().trim_end();
+    let inner = text.strip_suffix('}').unwrap_or(text);
+    lines.extend_from_slice(inner.as_bytes());
+    if !fields.is_empty() {
+        lines.push(b',');
+    }
+    lines.extend_from_slice(b"\"");
+    lines.extend_from_slice(VERSION_FIELD.as_bytes());
+    lines.extend_from_slice(b"\":");
+    lines.extend_from_slice(version.to_string().as_bytes());
+    lines.extend_from_slice(b"}\n");
+    Some(Ok(Forwarded { id, old, lines }))
+}
+
+/// The field a column is stored in: its original field after a rename, else its name.
+pub fn field_of(renames: Option<&HashMap<String, String>>, column: &str) -> String {
+    renames
+        .and_then(|r| r.get(column).cloned())
+        .unwrap_or_else(|| column.to_string())
+}
+
+/// The document id and the source of a row image, renamed columns in their original fields.
+pub fn source_of(
+    env: &Envelope,
+    raw: &RawValue,
+    renames: Option<&HashMap<String, String>>,
+) -> Result<(String, Map<String, Value>), String> {
+    let Ok(source) = serde_json::from_str::<Map<String, Value>>(raw.get()) else {
+        return Err("the after image is not a JSON object".into());
+    };
+    let id = document_id(&env.key, &source)?;
+    let source = match renames {
+        Some(_) => source
+            .into_iter()
+            .map(|(k, v)| (field_of(renames, &k), v))
+            .collect(),
+        None => source,
+    };
+    Ok((id, source))
+}
+
+/// Unchanged TOAST columns take their value from `stored`; a column with nothing stored is
+/// left out (never nulled, never the placeholder). Returns the fields left out.
+pub fn keep_unchanged(
+    source: &mut Map<String, Value>,
+    stored: Option<&Map<String, Value>>,
+    env: &Envelope,
+    renames: Option<&HashMap<String, String>>,
+) -> Vec<String> {
+    let mut unresolved = Vec::new();
+    for col in env.unchanged_toast.iter().map(|c| field_of(renames, c)) {
+        match stored.and_then(|s| s.get(&col)) {
+            Some(value) => {
+                source.insert(col, value.clone());
+            }
+            None => {
+                source.remove(&col);
+                unresolved.push(col);
+            }
+        }
+    }
+    unresolved
+}
+
+/// The index action and source lines of a built document (the version field is added).
+pub fn index_lines(
+    source: &mut Map<String, Value>,
+    target: &str,
+    id: &str,
+    version: i64,
+) -> Result<Vec<u8>, String> {
+    let mut lines = Vec::new();
+    source.insert(VERSION_FIELD.into(), json!(version));
+    action_line(&mut lines, "index", target, id, version);
+    serde_json::to_writer(&mut lines, &*source)
+        .map_err(|e| format!("cannot encode the document: {e}"))?;
+    lines.push(b'\n');
+    Ok(lines)
 }
 
 #[cfg(test)]

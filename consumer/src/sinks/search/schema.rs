@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use walrelay_common::event::ColumnSchema;
 
-use super::document::field_mapping;
+use super::encode::field_mapping;
 
 /// One current column, as the index last learned it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -39,12 +39,24 @@ use walrelay_common::clock::now_ms;
 use walrelay_common::kafka::QuietContext;
 use walrelay_common::telemetry::Readiness;
 
-use crate::config::Settings;
+use super::client::{SearchClient, SearchError};
+use super::config::{ReindexSettings, SearchSettings};
+use super::encode::{generation_of, template_matches};
+use super::sink::{Mode, SearchSink};
+use crate::config::RuntimeSettings;
 use crate::metrics::Metrics;
 use crate::runtime::{Runtime, RuntimeError};
-use crate::sinks::search::{
-    Mode, SearchClient, SearchError, SearchSink, generation_of, template_matches,
-};
+
+/// What a re-index works with.
+#[derive(Debug, Clone, Copy)]
+pub struct Job<'a> {
+    /// The Kafka side (topic, and the base group the build's group is derived from).
+    pub runtime: &'a RuntimeSettings,
+    /// The search sink.
+    pub search: &'a SearchSettings,
+    /// The re-index's own settings.
+    pub reindex: &'a ReindexSettings,
+}
 
 /// Index holding re-index progress documents.
 pub const STATE_INDEX: &str = "walrelay-reindex-state";
@@ -87,8 +99,8 @@ struct Offsets {
 }
 
 impl Offsets {
-    fn new(settings: &Settings, group: &str) -> Result<Self, ReindexError> {
-        let client = crate::runtime::consumer_config(&settings.runtime, group)
+    fn new(settings: &Job<'_>, group: &str) -> Result<Self, ReindexError> {
+        let client = crate::runtime::consumer_config(settings.runtime, group)
             .create_with_context(QuietContext)
             .map_err(|e| ReindexError::Kafka(e.to_string()))?;
         Ok(Self {
@@ -204,17 +216,12 @@ impl State {
 
 /// Runs a re-index to the end (or until `shutdown`).
 pub async fn run(
-    settings: &Settings,
+    settings: &Job<'_>,
     metrics: Arc<Metrics>,
     readiness: Readiness,
     shutdown: CancellationToken,
 ) -> Result<(), ReindexError> {
-    let search = settings.search.as_ref().ok_or_else(|| {
-        ReindexError::Search(SearchError::Definite {
-            what: "settings".into(),
-            message: "--search-url is required".into(),
-        })
-    })?;
+    let search = settings.search;
     let client = SearchClient::new(search)?;
     let base_group = &settings.runtime.group;
     let mut state = match client.get_doc(STATE_INDEX, base_group).await? {
@@ -297,7 +304,7 @@ pub async fn run(
 /// Builds until caught up, swaps, and consumes to the hand-over offsets.
 #[allow(clippy::too_many_arguments)]
 async fn build(
-    settings: &Settings,
+    settings: &Job<'_>,
     client: &SearchClient,
     offsets: &Offsets,
     group: &str,
@@ -306,9 +313,7 @@ async fn build(
     readiness: Readiness,
     shutdown: &CancellationToken,
 ) -> Result<(), ReindexError> {
-    let Some(search) = settings.search.as_ref() else {
-        return Err(ReindexError::Interrupted);
-    };
+    let search = settings.search;
     let mut sink = SearchSink::new(
         search,
         Mode::Build {
@@ -318,7 +323,7 @@ async fn build(
         readiness.clone(),
     )?;
     let tables = sink.tables_handle();
-    let runtime = Runtime::new(&settings.runtime, group, Arc::clone(&metrics), readiness).await?;
+    let runtime = Runtime::new(settings.runtime, group, Arc::clone(&metrics), readiness).await?;
     let stop = shutdown.child_token();
     let runner = {
         let stop = stop.clone();

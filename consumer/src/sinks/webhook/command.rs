@@ -1,4 +1,4 @@
-//! `notify` and `replay-dead-letters`: the webhook notifier's two commands.
+//! The webhook sink's two commands: `notify` and `replay-dead-letters`.
 //!
 //! `notify` loads the subscriptions, keeps them fresh, serves the subscriptions API and runs
 //! the webhook sink on the shared runtime until stopped. `replay-dead-letters` reads the
@@ -17,18 +17,19 @@ use tokio_util::sync::CancellationToken;
 use walrelay_common::retry::Backoff;
 use walrelay_common::telemetry::Readiness;
 
-use crate::config::{NotifySettings, Settings};
+use super::api::{self, Api};
+use super::config::WebhookSettings;
+use super::server;
+use super::sink::{WebhookSink, redeliver};
+use super::subscriptions::{Store, StoreError};
+use crate::config::RuntimeSettings;
 use crate::metrics::Metrics;
 use crate::runtime::{Runtime, RuntimeError, consumer_config};
-use crate::sinks::webhook::api::{self, Api};
-use crate::sinks::webhook::server;
-use crate::sinks::webhook::subscriptions::{Store, StoreError};
-use crate::sinks::webhook::{WebhookSink, redeliver};
 
 /// Why the notifier stopped.
 #[derive(Debug, thiserror::Error)]
-pub enum NotifyError {
-    /// Settings are missing.
+pub enum WebhookError {
+    /// The API could not listen, or the HTTP client could not be built.
     #[error("{0}")]
     Setup(String),
     /// The subscriptions database.
@@ -50,17 +51,10 @@ pub enum NotifyError {
     },
 }
 
-fn parts(settings: &Settings) -> Result<&NotifySettings, NotifyError> {
-    settings
-        .webhook
-        .as_ref()
-        .ok_or_else(|| NotifyError::Setup("notify settings missing".into()))
-}
-
 async fn open_store(
-    n: &NotifySettings,
+    n: &WebhookSettings,
     shutdown: &CancellationToken,
-) -> Result<Arc<Store>, NotifyError> {
+) -> Result<Arc<Store>, WebhookError> {
     let store = Arc::new(Store::new(n.postgres.clone()));
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     loop {
@@ -81,14 +75,14 @@ async fn open_store(
     }
 }
 
-/// `notify`.
-pub async fn run(
-    settings: &Settings,
+/// `notify`: serves the subscriptions API and delivers events until `shutdown`.
+pub async fn notify(
+    runtime: &RuntimeSettings,
+    n: &WebhookSettings,
     metrics: Arc<Metrics>,
     readiness: Readiness,
     shutdown: CancellationToken,
-) -> Result<(), NotifyError> {
-    let n = parts(settings)?;
+) -> Result<(), WebhookError> {
     let store = open_store(n, &shutdown).await?;
     tokio::spawn(Arc::clone(&store).keep_fresh(n.subscriptions_refresh, shutdown.clone()));
     let guard = Arc::new(n.guard.clone());
@@ -100,7 +94,7 @@ pub async fn run(
     });
     let listener = tokio::net::TcpListener::bind(n.api_addr)
         .await
-        .map_err(|e| NotifyError::Setup(format!("--api-addr {}: {e}", n.api_addr)))?;
+        .map_err(|e| WebhookError::Setup(format!("--api-addr {}: {e}", n.api_addr)))?;
     tracing::info!(
         addr = %n.api_addr,
         scheme = if n.api_tls.is_some() { "https" } else { "http" },
@@ -113,26 +107,21 @@ pub async fn run(
         shutdown.clone(),
     ));
     let mut sink = WebhookSink::new(n.delivery.clone(), guard, store, Arc::clone(&metrics))
-        .map_err(|e| NotifyError::Setup(format!("HTTP client: {e}")))?;
-    let runtime = Runtime::new(
-        &settings.runtime,
-        &settings.runtime.group,
-        metrics,
-        readiness,
-    )
-    .await
-    .map_err(NotifyError::Runtime)?;
-    runtime.run(&mut sink, &shutdown).await?;
+        .map_err(|e| WebhookError::Setup(format!("HTTP client: {e}")))?;
+    let consumer = Runtime::new(runtime, &runtime.group, metrics, readiness)
+        .await
+        .map_err(WebhookError::Runtime)?;
+    consumer.run(&mut sink, &shutdown).await?;
     Ok(())
 }
 
 /// `replay-dead-letters`; returns how many letters were delivered.
 pub async fn replay(
-    settings: &Settings,
+    runtime: &RuntimeSettings,
+    n: &WebhookSettings,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-) -> Result<u64, NotifyError> {
-    let n = parts(settings)?;
+) -> Result<u64, WebhookError> {
     let store = open_store(n, &shutdown).await?;
     let sink = WebhookSink::new(
         n.delivery.clone(),
@@ -140,16 +129,16 @@ pub async fn replay(
         store,
         metrics,
     )
-    .map_err(|e| NotifyError::Setup(format!("HTTP client: {e}")))?;
-    let topic = settings.runtime.dead_letter_topic.clone();
-    let mut cfg = consumer_config(&settings.runtime, &settings.runtime.group);
+    .map_err(|e| WebhookError::Setup(format!("HTTP client: {e}")))?;
+    let topic = runtime.dead_letter_topic.clone();
+    let mut cfg = consumer_config(runtime, &runtime.group);
     cfg.set("enable.auto.commit", "false");
     let consumer: BaseConsumer = cfg
         .create()
-        .map_err(|e| NotifyError::Kafka(e.to_string()))?;
+        .map_err(|e| WebhookError::Kafka(e.to_string()))?;
     let md = consumer
         .fetch_metadata(Some(&topic), Duration::from_secs(10))
-        .map_err(|e| NotifyError::Kafka(e.to_string()))?;
+        .map_err(|e| WebhookError::Kafka(e.to_string()))?;
     let partitions = md
         .topics()
         .first()
@@ -157,12 +146,12 @@ pub async fn replay(
     let mut ends = std::collections::BTreeMap::new();
     let committed = consumer
         .committed(Duration::from_secs(10))
-        .map_err(|e| NotifyError::Kafka(e.to_string()))?;
+        .map_err(|e| WebhookError::Kafka(e.to_string()))?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
         let (_, hi) = consumer
             .fetch_watermarks(&topic, p, Duration::from_secs(10))
-            .map_err(|e| NotifyError::Kafka(e.to_string()))?;
+            .map_err(|e| WebhookError::Kafka(e.to_string()))?;
         let from = committed
             .find_partition(&topic, p)
             .and_then(|e| match e.offset() {
@@ -173,7 +162,7 @@ pub async fn replay(
         if from < hi {
             ends.insert(p, hi);
             tpl.add_partition_offset(&topic, p, Offset::Offset(from))
-                .map_err(|e| NotifyError::Kafka(e.to_string()))?;
+                .map_err(|e| WebhookError::Kafka(e.to_string()))?;
         }
     }
     if ends.is_empty() {
@@ -182,7 +171,7 @@ pub async fn replay(
     }
     consumer
         .assign(&tpl)
-        .map_err(|e| NotifyError::Kafka(e.to_string()))?;
+        .map_err(|e| WebhookError::Kafka(e.to_string()))?;
     let (mut delivered, mut skipped) = (0u64, 0u64);
     while !ends.is_empty() {
         if shutdown.is_cancelled() {
@@ -191,7 +180,7 @@ pub async fn replay(
         let Some(msg) = consumer.poll(Duration::from_millis(500)) else {
             continue;
         };
-        let msg = msg.map_err(|e| NotifyError::Kafka(e.to_string()))?;
+        let msg = msg.map_err(|e| WebhookError::Kafka(e.to_string()))?;
         let (p, offset) = (msg.partition(), msg.offset());
         let subscription = msg.headers().and_then(|h| {
             h.iter()
@@ -209,16 +198,16 @@ pub async fn replay(
                         tracing::warn!(subscription = %sub, offset, "The subscription no longer exists or is disabled; skipping its dead letter.");
                         skipped += 1;
                     }
-                    Err(message) => return Err(NotifyError::Redelivery { offset, message }),
+                    Err(message) => return Err(WebhookError::Redelivery { offset, message }),
                 }
             }
         }
         let mut done = TopicPartitionList::new();
         done.add_partition_offset(&topic, p, Offset::Offset(offset + 1))
-            .map_err(|e| NotifyError::Kafka(e.to_string()))?;
+            .map_err(|e| WebhookError::Kafka(e.to_string()))?;
         consumer
             .commit(&done, CommitMode::Sync)
-            .map_err(|e| NotifyError::Kafka(e.to_string()))?;
+            .map_err(|e| WebhookError::Kafka(e.to_string()))?;
         if ends.get(&p).is_some_and(|hi| offset + 1 >= *hi) {
             ends.remove(&p);
         }
