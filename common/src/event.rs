@@ -96,14 +96,18 @@ pub struct Source {
 }
 
 /// A decoded change event.
+///
+/// `A` is the form of the `after` image: a map by default; the consumers' JSON decoder
+/// ([`crate::codec::json`]) keeps it as the JSON text it arrived as (`Box<RawValue>`), so a sink
+/// that forwards it builds no map. One definition serves both.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Envelope {
+pub struct Envelope<A = Map<String, Value>> {
     /// Operation.
     pub op: Op,
     /// Row before the change, as far as the replica identity provides it.
     pub before: Option<Map<String, Value>>,
     /// Row after the change (inserts, updates, snapshot rows).
-    pub after: Option<Map<String, Value>>,
+    pub after: Option<A>,
     /// Origin of the event.
     pub source: Source,
     /// Commit time in milliseconds (equal to `source.ts_ms`).
@@ -237,6 +241,39 @@ impl<M> PartialEq for ColumnObject<M> {
     }
 }
 
+impl<A> Envelope<A> {
+    /// Takes the `after` image out, leaving the rest of the envelope with `after: None`.
+    pub fn split_after(self) -> (Envelope, Option<A>) {
+        let Envelope {
+            op,
+            before,
+            after,
+            source,
+            ts_ms,
+            unchanged_toast,
+            key,
+            types,
+            schema_version,
+            column_ids,
+            ddl,
+        } = self;
+        let rest = Envelope {
+            op,
+            before,
+            after: None,
+            source,
+            ts_ms,
+            unchanged_toast,
+            key,
+            types,
+            schema_version,
+            column_ids,
+            ddl,
+        };
+        (rest, after)
+    }
+}
+
 impl Envelope {
     /// Parses a Kafka record value.
     pub fn from_slice(bytes: &[u8]) -> Result<Self, serde_json::Error> {
@@ -331,7 +368,7 @@ mod tests {
             ]
         );
         let source = required(&schema["properties"]["source"]);
-        let env = Envelope {
+        let env: Envelope = Envelope {
             op: Op::Read,
             before: None,
             after: None,

@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //!
+//! - [`codec`]: how events are read back from Kafka records (JSON today; the seam for Avro).
 //! - [`clock`]: wall-clock time in milliseconds or microseconds since the Unix epoch.
 //! - [`event`]: the change-event envelope as it travels through Kafka (Debezium-shaped JSON), the
 //!   operation codes, and how an envelope is read back.
@@ -26,6 +27,7 @@
 //! ```
 
 pub mod clock;
+pub mod codec;
 pub mod event;
 pub mod kafka;
 pub mod options;

@@ -54,13 +54,6 @@ struct Inner {
     confirmed: u64,
 }
 
-fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
-}
-
 impl Inner {
     fn advance(&mut self, latency: Option<&prometheus::Histogram>) {
         while let Some(front) = self.txns.front() {
@@ -68,7 +61,7 @@ impl Inner {
                 break;
             }
             if let (Some(h), true) = (latency, front.commit_us > 0 && front.sent != Some(0)) {
-                h.observe((now_us() - front.commit_us).max(0) as f64 / 1e6);
+                h.observe((walrelay_common::clock::now_us() - front.commit_us).max(0) as f64 / 1e6);
             }
             self.confirmed = self.confirmed.max(front.end_lsn);
             self.txns.pop_front();
@@ -111,7 +104,7 @@ impl Checkpointer {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding this lock cannot leave it inconsistent (each method is a
         // few integer updates), so a poisoned lock is still usable.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        walrelay_common::sync::lock(&self.inner)
     }
 
     /// A transaction began; returns its id.

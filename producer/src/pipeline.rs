@@ -33,9 +33,9 @@ use std::time::Duration;
 
 use pgwire_replication::config::{SslMode, TlsConfig};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig};
-use rand::Rng;
 use tokio_postgres::config::Host;
 use tokio_util::sync::CancellationToken;
+use walrelay_common::retry::Backoff;
 use walrelay_common::telemetry::Readiness;
 
 use crate::catalog::{self, Catalog, PgError};
@@ -57,6 +57,9 @@ use crate::value::SESSION_OPTIONS;
 /// interval shows up as lag after every burst; 100 ms costs ten 34-byte messages a second.
 const STATUS_INTERVAL: Duration = Duration::from_millis(100);
 
+/// A session that lasted this long ended a run of failures: the next wait starts small again.
+const SESSION_RESETS_BACKOFF: Duration = Duration::from_secs(60);
+
 /// Everything a session shares with the process.
 pub struct Context {
     /// Settings.
@@ -71,8 +74,9 @@ pub struct Context {
 
 /// Runs sessions until stopped (`Ok`) or a definite failure.
 pub async fn run(ctx: &Context) -> Result<(), RunError> {
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
+        let started = std::time::Instant::now();
         let result = session(ctx).await;
         ctx.readiness.set("replication", false);
         match result {
@@ -82,14 +86,16 @@ pub async fn run(ctx: &Context) -> Result<(), RunError> {
                 if ctx.shutdown.is_cancelled() || !e.is_transient() {
                     return Err(e);
                 }
-                let jitter = rand::thread_rng().gen_range(0..=backoff.as_millis() as u64 / 2);
-                let wait = backoff + Duration::from_millis(jitter);
+                // A session that streamed for a while was a success: start the backoff over.
+                if started.elapsed() >= SESSION_RESETS_BACKOFF {
+                    backoff.reset();
+                }
+                let wait = backoff.next_wait();
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "Session ended; starting a new one from the slot's confirmed position.");
                 tokio::select! {
                     () = ctx.shutdown.cancelled() => return Ok(()),
                     () = tokio::time::sleep(wait) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
     }
@@ -167,13 +173,6 @@ async fn read_ddl_key(ctl: &tokio_postgres::Client) -> Option<Vec<u8>> {
             None
         }
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// What a session has once the slot is ready to stream.
@@ -425,7 +424,7 @@ async fn create_and_snapshot(
     let consistent = text(1).as_deref().and_then(parse_lsn).ok_or_else(|| {
         RunError::Protocol("CREATE_REPLICATION_SLOT returned no consistent point".into())
     })?;
-    let started_ms = now_ms();
+    let started_ms = walrelay_common::clock::now_ms();
     slot::mark_created(ctl, &s.slot, consistent, started_ms).await?;
     tracing::info!(slot = %s.slot, consistent_point = %format_lsn(consistent), "Created the replication slot.");
     if s.snapshot == SnapshotMode::Initial {

@@ -195,11 +195,10 @@ pub async fn run(
     let sent = Arc::new(AtomicU64::new(schema_events));
     let job = Arc::new(job);
     let mut workers = Vec::new();
-    for _ in 0..job
-        .parallelism
-        .min(queue.lock().map(|q| q.len()).unwrap_or(1))
-        .max(1)
-    {
+    // The count is taken first: a guard in the `for` expression would live through the loop,
+    // and a worker spawned in it would block the (single) runtime thread on the queue's lock.
+    let chunks_queued = walrelay_common::sync::lock(&queue).len();
+    for _ in 0..job.parallelism.min(chunks_queued).max(1) {
         // Every worker imports the snapshot before any reads, while the slot's connection
         // stays idle (a command on it would end the exported snapshot).
         let client = catalog::connect(&job.postgres).await?;
@@ -295,10 +294,7 @@ impl Worker {
         let mut scratch = Vec::new();
         let mut ranges = Vec::new();
         loop {
-            let chunk = match self.queue.lock() {
-                Ok(mut q) => q.pop_front(),
-                Err(_) => None,
-            };
+            let chunk = walrelay_common::sync::lock(&self.queue).pop_front();
             let Some(chunk) = chunk else { break };
             let task = &self.tasks[chunk.table];
             let label = task.table.qualified();

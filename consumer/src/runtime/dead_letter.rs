@@ -13,6 +13,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
 use walrelay_common::kafka::{self, QuietContext};
+use walrelay_common::retry::Backoff;
 
 use crate::config::RuntimeSettings;
 
@@ -116,7 +117,7 @@ impl DeadLetters {
         for letter in letters {
             let partition = letter.partition.to_string();
             let offset = letter.offset.to_string();
-            let mut backoff = Duration::from_millis(200);
+            let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
             loop {
                 let headers = OwnedHeaders::new()
                     .insert(Header {
@@ -186,9 +187,8 @@ impl DeadLetters {
                         tracing::warn!(error = %e, "Dead-letter write failed; retrying.");
                         tokio::select! {
                             () = shutdown.cancelled() => return Err(DeadLetterError::Interrupted),
-                            () = tokio::time::sleep(backoff) => {}
+                            () = tokio::time::sleep(backoff.next_wait()) => {}
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
                     }
                 }
             }

@@ -121,7 +121,7 @@ impl ClientContext for GroupContext {
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            let mut epochs = self.epochs.lock().unwrap_or_else(|p| p.into_inner());
+            let mut epochs = walrelay_common::sync::lock(&self.epochs);
             for e in tpl.elements() {
                 epochs.remove(&e.partition());
                 let _ = self
@@ -138,7 +138,7 @@ impl ConsumerContext for GroupContext {
         self.metrics.rebalances.inc();
         match rebalance {
             Rebalance::Assign(tpl) => {
-                let mut epochs = self.epochs.lock().unwrap_or_else(|p| p.into_inner());
+                let mut epochs = walrelay_common::sync::lock(&self.epochs);
                 for e in tpl.elements() {
                     let epoch = self.next_epoch.fetch_add(1, Ordering::Relaxed);
                     epochs.insert(e.partition(), epoch);
@@ -212,11 +212,7 @@ impl Group {
 
     /// The current assignment epoch of `partition`, `None` when it is not assigned.
     pub fn epoch(&self, partition: i32) -> Option<u64> {
-        self.consumer
-            .context()
-            .epochs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        walrelay_common::sync::lock(&self.consumer.context().epochs)
             .get(&partition)
             .copied()
     }
@@ -256,10 +252,7 @@ impl Group {
             }
             Ok(Err(e)) => {
                 {
-                    let mut last = self
-                        .last_error_log
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner());
+                    let mut last = walrelay_common::sync::lock(&self.last_error_log);
                     if last.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                         tracing::warn!(error = %e, "Kafka consumer error; retrying.");
                         *last = Some(Instant::now());

@@ -60,9 +60,9 @@ use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
-use walrelay_common::event::{ColumnIds, ColumnTypes, Envelope, Op, SchemaChange, Source};
+use walrelay_common::codec;
+use walrelay_common::event::{Envelope, Op};
 use walrelay_common::telemetry::Readiness;
 
 use crate::config::RuntimeSettings;
@@ -88,28 +88,6 @@ pub struct Event {
     /// The record's value as it arrived, for sinks that forward it whole
     /// ([`Sink::wants_raw`]); `None` otherwise.
     pub raw: Option<Vec<u8>>,
-}
-
-/// The envelope as decoded off the wire: `after` stays JSON text.
-#[derive(serde::Deserialize)]
-struct Wire {
-    op: Op,
-    before: Option<Map<String, Value>>,
-    after: Option<Box<RawValue>>,
-    source: Source,
-    ts_ms: i64,
-    #[serde(default)]
-    unchanged_toast: Vec<String>,
-    #[serde(default)]
-    key: Vec<String>,
-    #[serde(default)]
-    types: ColumnTypes,
-    #[serde(default)]
-    schema_version: u64,
-    #[serde(default)]
-    column_ids: ColumnIds,
-    #[serde(default)]
-    ddl: Option<SchemaChange>,
 }
 
 /// What a sink did with one event.
@@ -257,9 +235,7 @@ impl Spares {
     const KEEP: usize = 1;
 
     fn take(&self) -> Batch {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        walrelay_common::sync::lock(&self.0)
             .pop()
             .unwrap_or_default()
     }
@@ -273,7 +249,7 @@ impl Spares {
         if batch.bytes.capacity() > settings.batch_max_bytes.saturating_mul(2) {
             batch.bytes = Vec::new();
         }
-        let mut spares = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut spares = walrelay_common::sync::lock(&self.0);
         if spares.len() < Self::KEEP {
             spares.push(batch);
         }
@@ -436,9 +412,7 @@ impl Runtime {
         }
         let mut verdicts = verdicts.into_iter().zip(events.iter());
         let mut dead = Vec::new();
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
+        let now_ms = walrelay_common::clock::now_ms();
         // Counted per batch: one label lookup per (op, table), not per event.
         let mut counts: HashMap<(Op, &str, &str), u64> = HashMap::new();
         let mut stale = 0u64;
@@ -668,34 +642,17 @@ fn decode(batch: &mut Batch) {
         if p.decode_error.is_some() {
             continue;
         }
-        match serde_json::from_slice::<Wire>(&bytes[p.value.clone()]) {
-            Ok(w) => {
-                if w.after.as_ref().is_some_and(|a| !a.get().starts_with('{')) {
-                    p.decode_error =
-                        Some("not a walrelay change event: after is not an object".into());
-                    continue;
-                }
+        match codec::json::decode(&bytes[p.value.clone()]) {
+            Ok(d) => {
                 events.push(Event {
                     partition: p.partition,
                     offset: p.offset,
-                    envelope: Envelope {
-                        op: w.op,
-                        before: w.before,
-                        after: None,
-                        source: w.source,
-                        ts_ms: w.ts_ms,
-                        unchanged_toast: w.unchanged_toast,
-                        key: w.key,
-                        types: w.types,
-                        schema_version: w.schema_version,
-                        column_ids: w.column_ids,
-                        ddl: w.ddl,
-                    },
-                    after_json: w.after,
+                    envelope: d.envelope,
+                    after_json: d.after,
                     raw: None,
                 });
             }
-            Err(e) => p.decode_error = Some(format!("not a walrelay change event: {e}")),
+            Err(e) => p.decode_error = Some(e.to_string()),
         }
     }
 }

@@ -191,7 +191,7 @@ impl ProducerContext for DeliveryContext {
                     .errors
                     .with_label_values(&["kafka_delivery"])
                     .inc();
-                let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+                let mut failure = walrelay_common::sync::lock(&self.failure);
                 if failure.is_none() {
                     *failure = Some(WriteError::Delivery {
                         message: error.to_string(),
@@ -258,11 +258,7 @@ impl Writer {
         if !self.ctx().has_failed.load(Ordering::Acquire) {
             return None;
         }
-        self.ctx()
-            .failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        walrelay_common::sync::lock(&self.ctx().failure).clone()
     }
 
     /// Resolves when a delivery fails.

@@ -1,0 +1,100 @@
+//! Codecs: how a change event is written to a Kafka record and read back.
+//!
+//! ```text
+//!   producer: table shape + row images + metadata ──encode──▶ key, value ──▶ Kafka
+//!   consumer: Kafka record value ──decode──▶ Envelope (+ `after` as the codec keeps it) ──▶ sinks
+//! ```
+//!
+//! JSON (Debezium-shaped, [`crate::event`]) is the one codec today. Its encoder is the
+//! producer's `encode` module, behind the producer's emitter (it writes straight from
+//! Postgres' text cells, without building values); its decoder is [`json::decode`], which every
+//! consumer uses. A second codec (Avro with a schema registry) goes beside `json` with the same
+//! two halves; sinks see only the decoded [`crate::event::Envelope`], so they do not change.
+
+/// Why a record is not a walrelay change event (definite: the record is dead-lettered).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a walrelay change event: {0}")]
+pub struct DecodeError(pub String);
+
+/// The JSON codec's decoder.
+pub mod json {
+    use serde_json::value::RawValue;
+
+    use super::DecodeError;
+    use crate::event::Envelope;
+
+    /// A decoded record: the envelope without `after`, and `after` as the JSON text it arrived
+    /// as (always an object).
+    #[derive(Debug)]
+    pub struct Decoded {
+        /// Everything but `after` (which is `None` here).
+        pub envelope: Envelope,
+        /// The `after` image, unparsed.
+        pub after: Option<Box<RawValue>>,
+    }
+
+    /// Decodes a record value.
+    pub fn decode(value: &[u8]) -> Result<Decoded, DecodeError> {
+        let wire: Envelope<Box<RawValue>> =
+            serde_json::from_slice(value).map_err(|e| DecodeError(e.to_string()))?;
+        if wire
+            .after
+            .as_ref()
+            .is_some_and(|a| !a.get().starts_with('{'))
+        {
+            return Err(DecodeError("after is not an object".into()));
+        }
+        let (envelope, after) = wire.split_after();
+        Ok(Decoded { envelope, after })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::event::Op;
+
+        const EVENT: &str = r#"{"op":"u","before":{"id":1},"after":{"id":1,"name":"b"},
+            "source":{"version":"0.1.0","connector":"walrelay","db":"app","schema":"public",
+            "table":"users","lsn":5,"commit_lsn":6,"txid":7,"ts_ms":8,"snapshot":false,"seq":1},
+            "ts_ms":8,"key":["id"],"types":{"id":"integer","name":"text"}}"#;
+
+        #[test]
+        fn decodes_with_after_as_text_and_agrees_with_the_map_form() {
+            let d = decode(EVENT.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(d.envelope.op, Op::Update);
+            assert_eq!(d.envelope.after, None);
+            assert_eq!(
+                d.after.as_ref().map(|a| a.get()),
+                Some(r#"{"id":1,"name":"b"}"#)
+            );
+            let full = Envelope::from_slice(EVENT.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+            let (rest, after) = full.split_after();
+            assert_eq!(rest, d.envelope);
+            let text: serde_json::Value = d
+                .after
+                .map(|a| serde_json::from_str(a.get()).unwrap_or_default())
+                .unwrap_or_default();
+            assert_eq!(Some(text), after.map(serde_json::Value::Object));
+        }
+
+        #[test]
+        fn refuses_what_is_not_an_event() {
+            for bad in [
+                &br#"{"op":"c","after":[1],"source":{},"ts_ms":1}"#[..],
+                b"null",
+                b"{",
+                br#"{"op":"x"}"#,
+            ] {
+                let e = decode(bad).err();
+                assert!(e.is_some(), "{} decoded", String::from_utf8_lossy(bad));
+            }
+            let e = decode(br#"{"op":"c","before":null,"after":"x","source":{"version":"v","connector":"c","db":"d","schema":"s","table":"t","lsn":1,"commit_lsn":1,"txid":1,"ts_ms":1,"snapshot":false,"seq":1},"ts_ms":1}"#)
+                .err()
+                .map(|e| e.to_string());
+            assert_eq!(
+                e.as_deref(),
+                Some("not a walrelay change event: after is not an object")
+            );
+        }
+    }
+}
