@@ -49,8 +49,10 @@
 
 mod dead_letter;
 mod group;
+#[cfg(test)]
+mod tests;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::ops::Range;
 use std::sync::Arc;
@@ -322,7 +324,7 @@ impl Runtime {
                     });
                 };
                 let waited = idle_since.elapsed();
-                if let Err(e) = self.flush(sink, &mut batch, &drain).await {
+                if let Err(e) = flush(self, &self.metrics, sink, &mut batch, &drain).await {
                     // Stop reading; the batches after this one are not committed.
                     rx.close();
                     return Err(e);
@@ -359,185 +361,34 @@ impl Runtime {
         tracing::info!("Drained and committed; leaving the consumer group.");
         written
     }
+}
 
-    async fn flush<S: Sink>(
+/// What writing a batch does to Kafka besides reading: the group's assignment epochs, the
+/// stored offsets and the dead-letter topic. [`Runtime`] is the Kafka implementation; the unit
+/// tests use a recorder, so the offset rule is tested without a broker.
+trait Effects {
+    /// The current assignment epoch of `partition`, `None` when it is not assigned.
+    fn epoch(&self, partition: i32) -> Option<u64>;
+    /// Stores `next` offsets (partition → offset of the next record to read).
+    fn store_offsets(&self, next: &BTreeMap<i32, i64>);
+    /// Writes dead letters and waits for the topic's acknowledgement.
+    fn dead_letter(
         &self,
-        sink: &mut S,
-        batch: &mut Batch,
+        letters: &[DeadLetter<'_>],
         shutdown: &CancellationToken,
-    ) -> Result<(), RuntimeError> {
-        let started = Instant::now();
-        let Batch {
-            records: batch,
-            bytes,
-            events,
-        } = batch;
-        // Drop what was fetched under an assignment revoked since.
-        let fetched = batch.len();
-        self.drop_revoked(batch, events);
-        if batch.len() < fetched {
-            tracing::debug!(
-                dropped = fetched - batch.len(),
-                "Dropped events fetched under a revoked assignment."
-            );
-        }
-        if batch.is_empty() {
-            return Ok(());
-        }
-        if sink.wants_raw() {
-            let decoded = batch.iter().filter(|p| p.decode_error.is_none());
-            for (e, p) in events.iter_mut().zip(decoded) {
-                e.raw = Some(bytes[p.value.clone()].to_vec());
-            }
-        }
-        let verdicts = if events.is_empty() {
-            Vec::new()
-        } else {
-            sink.write(events, shutdown)
-                .await
-                .map_err(|error| RuntimeError::Sink {
-                    sink: sink.name(),
-                    error,
-                })?
-        };
-        if verdicts.len() != events.len() {
-            return Err(RuntimeError::Sink {
-                sink: sink.name(),
-                error: SinkError::Definite(format!(
-                    "returned {} verdicts for {} events (a sink bug)",
-                    verdicts.len(),
-                    events.len()
-                )),
-            });
-        }
-        let mut verdicts = verdicts.into_iter().zip(events.iter());
-        let mut dead = Vec::new();
-        let now_ms = walrelay_common::clock::now_ms();
-        // Counted per batch: one label lookup per (op, table), not per event.
-        let mut counts: HashMap<(Op, &str, &str), u64> = HashMap::new();
-        let mut stale = 0u64;
-        for p in batch.iter() {
-            let key = p.key.clone().map(|k| &bytes[k]);
-            let payload = &bytes[p.value.clone()];
-            let (reason, message) = match &p.decode_error {
-                Some(err) => ("decode", err.clone()),
-                None => match verdicts.next() {
-                    Some((Verdict::Rejected(why), _)) => ("rejected", why),
-                    Some((Verdict::DeadLetters(letters), _)) => {
-                        for l in letters {
-                            dead.push(DeadLetter {
-                                partition: p.partition,
-                                offset: p.offset,
-                                key,
-                                payload,
-                                reason: l.reason,
-                                message: l.message,
-                                sink: sink.name(),
-                                headers: l.headers,
-                            });
-                        }
-                        continue;
-                    }
-                    Some((v, event)) => {
-                        stale += u64::from(v == Verdict::Stale);
-                        let env = &event.envelope;
-                        *counts
-                            .entry((env.op, &env.source.schema, &env.source.table))
-                            .or_default() += 1;
-                        let age_ms = now_ms.saturating_sub(env.ts_ms);
-                        self.metrics
-                            .end_to_end_seconds
-                            .observe(age_ms.max(0) as f64 / 1000.0);
-                        continue;
-                    }
-                    None => continue,
-                },
-            };
-            dead.push(DeadLetter {
-                partition: p.partition,
-                offset: p.offset,
-                key,
-                payload,
-                reason,
-                message,
-                sink: sink.name(),
-                headers: Vec::new(),
-            });
-        }
-        self.metrics.version_conflicts.inc_by(stale);
-        for ((op, schema, table), n) in counts {
-            self.metrics
-                .events
-                .with_label_values(&[op.code(), &format!("{schema}.{table}")])
-                .inc_by(n);
-        }
-        if !dead.is_empty() {
-            self.dead_letters
-                .send(&self.settings.topic, &dead, shutdown)
-                .await?;
-            for d in &dead {
-                self.metrics
-                    .dead_letters
-                    .with_label_values(&[d.reason])
-                    .inc();
-            }
-            tracing::warn!(
-                count = dead.len(),
-                topic = %self.dead_letters.topic(),
-                first_offset = dead[0].offset,
-                first_error = %dead[0].message,
-                "Dead-lettered events."
-            );
-        }
-        self.store_offsets(batch);
-        sink.settled().await;
-        self.metrics
-            .batch_seconds
-            .observe(started.elapsed().as_secs_f64());
-        self.metrics.batch_events.observe(batch.len() as f64);
-        tracing::debug!(
-            events = batch.len(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "Batch applied."
-        );
-        Ok(())
+    ) -> impl Future<Output = Result<(), DeadLetterError>> + Send;
+    /// The dead-letter topic (for logs).
+    fn dead_letter_topic(&self) -> &str;
+}
+
+impl Effects for Runtime {
+    fn epoch(&self, partition: i32) -> Option<u64> {
+        self.group.epoch(partition)
     }
 
-    /// Removes the records (and their events) fetched under an assignment revoked since; moves
-    /// nothing when every partition is still ours (the usual case).
-    fn drop_revoked(&self, batch: &mut Vec<Pending>, events: &mut Vec<Event>) {
-        // One epoch lookup per partition, not per record.
-        let mut current: HashMap<i32, Option<u64>> = HashMap::new();
-        let keep: Vec<bool> = batch
-            .iter()
-            .map(|p| {
-                *current
-                    .entry(p.partition)
-                    .or_insert_with(|| self.group.epoch(p.partition))
-                    == Some(p.epoch)
-            })
-            .collect();
-        if keep.iter().all(|k| *k) {
-            return;
-        }
-        let mut event_kept = batch
-            .iter()
-            .zip(&keep)
-            .filter(|(p, _)| p.decode_error.is_none())
-            .map(|(_, k)| *k);
-        events.retain(|_| event_kept.next().unwrap_or(false));
-        let mut record_kept = keep.iter();
-        batch.retain(|_| record_kept.next().copied().unwrap_or(false));
-    }
-
-    fn store_offsets(&self, batch: &[Pending]) {
-        let mut next: std::collections::BTreeMap<i32, i64> = Default::default();
-        for p in batch {
-            let e = next.entry(p.partition).or_insert(0);
-            *e = (*e).max(p.offset + 1);
-        }
+    fn store_offsets(&self, next: &BTreeMap<i32, i64>) {
         let mut tpl = TopicPartitionList::new();
-        for (partition, offset) in next {
+        for (&partition, &offset) in next {
             if tpl
                 .add_partition_offset(&self.settings.topic, partition, Offset::Offset(offset))
                 .is_err()
@@ -550,6 +401,198 @@ impl Runtime {
             tracing::debug!(error = %e, "Could not store offsets (partition revoked?).");
         }
     }
+
+    async fn dead_letter(
+        &self,
+        letters: &[DeadLetter<'_>],
+        shutdown: &CancellationToken,
+    ) -> Result<(), DeadLetterError> {
+        self.dead_letters
+            .send(&self.settings.topic, letters, shutdown)
+            .await
+    }
+
+    fn dead_letter_topic(&self) -> &str {
+        self.dead_letters.topic()
+    }
+}
+
+/// Writes one batch: drops what a revoke took away, hands the events to the sink, dead-letters
+/// what it refused, and only then stores the offsets (see "Offset progress" above).
+async fn flush<S: Sink, E: Effects>(
+    fx: &E,
+    metrics: &Metrics,
+    sink: &mut S,
+    batch: &mut Batch,
+    shutdown: &CancellationToken,
+) -> Result<(), RuntimeError> {
+    let started = Instant::now();
+    let Batch {
+        records: batch,
+        bytes,
+        events,
+    } = batch;
+    // Drop what was fetched under an assignment revoked since.
+    let fetched = batch.len();
+    drop_revoked(fx, batch, events);
+    if batch.len() < fetched {
+        tracing::debug!(
+            dropped = fetched - batch.len(),
+            "Dropped events fetched under a revoked assignment."
+        );
+    }
+    if batch.is_empty() {
+        return Ok(());
+    }
+    if sink.wants_raw() {
+        let decoded = batch.iter().filter(|p| p.decode_error.is_none());
+        for (e, p) in events.iter_mut().zip(decoded) {
+            e.raw = Some(bytes[p.value.clone()].to_vec());
+        }
+    }
+    let verdicts = if events.is_empty() {
+        Vec::new()
+    } else {
+        sink.write(events, shutdown)
+            .await
+            .map_err(|error| RuntimeError::Sink {
+                sink: sink.name(),
+                error,
+            })?
+    };
+    if verdicts.len() != events.len() {
+        return Err(RuntimeError::Sink {
+            sink: sink.name(),
+            error: SinkError::Definite(format!(
+                "returned {} verdicts for {} events (a sink bug)",
+                verdicts.len(),
+                events.len()
+            )),
+        });
+    }
+    let mut verdicts = verdicts.into_iter().zip(events.iter());
+    let mut dead = Vec::new();
+    let now_ms = walrelay_common::clock::now_ms();
+    // Counted per batch: one label lookup per (op, table), not per event.
+    let mut counts: HashMap<(Op, &str, &str), u64> = HashMap::new();
+    let mut stale = 0u64;
+    for p in batch.iter() {
+        let key = p.key.clone().map(|k| &bytes[k]);
+        let payload = &bytes[p.value.clone()];
+        let (reason, message) = match &p.decode_error {
+            Some(err) => ("decode", err.clone()),
+            None => match verdicts.next() {
+                Some((Verdict::Rejected(why), _)) => ("rejected", why),
+                Some((Verdict::DeadLetters(letters), _)) => {
+                    for l in letters {
+                        dead.push(DeadLetter {
+                            partition: p.partition,
+                            offset: p.offset,
+                            key,
+                            payload,
+                            reason: l.reason,
+                            message: l.message,
+                            sink: sink.name(),
+                            headers: l.headers,
+                        });
+                    }
+                    continue;
+                }
+                Some((v, event)) => {
+                    stale += u64::from(v == Verdict::Stale);
+                    let env = &event.envelope;
+                    *counts
+                        .entry((env.op, &env.source.schema, &env.source.table))
+                        .or_default() += 1;
+                    let age_ms = now_ms.saturating_sub(env.ts_ms);
+                    metrics
+                        .end_to_end_seconds
+                        .observe(age_ms.max(0) as f64 / 1000.0);
+                    continue;
+                }
+                None => continue,
+            },
+        };
+        dead.push(DeadLetter {
+            partition: p.partition,
+            offset: p.offset,
+            key,
+            payload,
+            reason,
+            message,
+            sink: sink.name(),
+            headers: Vec::new(),
+        });
+    }
+    metrics.version_conflicts.inc_by(stale);
+    for ((op, schema, table), n) in counts {
+        metrics
+            .events
+            .with_label_values(&[op.code(), &format!("{schema}.{table}")])
+            .inc_by(n);
+    }
+    if !dead.is_empty() {
+        fx.dead_letter(&dead, shutdown).await?;
+        for d in &dead {
+            metrics.dead_letters.with_label_values(&[d.reason]).inc();
+        }
+        tracing::warn!(
+            count = dead.len(),
+            topic = %fx.dead_letter_topic(),
+            first_offset = dead[0].offset,
+            first_error = %dead[0].message,
+            "Dead-lettered events."
+        );
+    }
+    store_offsets(fx, batch);
+    sink.settled().await;
+    metrics
+        .batch_seconds
+        .observe(started.elapsed().as_secs_f64());
+    metrics.batch_events.observe(batch.len() as f64);
+    tracing::debug!(
+        events = batch.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "Batch applied."
+    );
+    Ok(())
+}
+
+/// Removes the records (and their events) fetched under an assignment revoked since; moves
+/// nothing when every partition is still ours (the usual case).
+fn drop_revoked<E: Effects>(fx: &E, batch: &mut Vec<Pending>, events: &mut Vec<Event>) {
+    // One epoch lookup per partition, not per record.
+    let mut current: HashMap<i32, Option<u64>> = HashMap::new();
+    let keep: Vec<bool> = batch
+        .iter()
+        .map(|p| {
+            *current
+                .entry(p.partition)
+                .or_insert_with(|| fx.epoch(p.partition))
+                == Some(p.epoch)
+        })
+        .collect();
+    if keep.iter().all(|k| *k) {
+        return;
+    }
+    let mut event_kept = batch
+        .iter()
+        .zip(&keep)
+        .filter(|(p, _)| p.decode_error.is_none())
+        .map(|(_, k)| *k);
+    events.retain(|_| event_kept.next().unwrap_or(false));
+    let mut record_kept = keep.iter();
+    batch.retain(|_| record_kept.next().copied().unwrap_or(false));
+}
+
+/// Stores `last offset + 1` of every partition in the batch.
+fn store_offsets<E: Effects>(fx: &E, batch: &[Pending]) {
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+    for p in batch {
+        let e = next.entry(p.partition).or_insert(0);
+        *e = (*e).max(p.offset + 1);
+    }
+    fx.store_offsets(&next);
 }
 
 /// Fetches, decodes and cuts batches until `shutdown` (then hands over the partial batch)

@@ -1,0 +1,307 @@
+//! The offset rule without a broker: an in-memory sink and a recorder of the runtime's effects
+//! (epochs, dead letters, stored offsets), driving the same `flush` the Kafka runtime uses.
+
+use std::sync::{Arc, Mutex};
+
+use super::*;
+
+/// What happened, in order.
+type Log = Arc<Mutex<Vec<String>>>;
+
+fn log(l: &Log, entry: String) {
+    walrelay_common::sync::lock(l).push(entry);
+}
+
+fn entries(l: &Log) -> Vec<String> {
+    walrelay_common::sync::lock(l).clone()
+}
+
+/// A sink that keeps what it is given in memory and answers scripted verdicts.
+struct MemorySink {
+    log: Log,
+    /// Events applied, as (partition, offset).
+    applied: Vec<(i32, i64)>,
+    /// The verdict for an event at this offset (default: applied).
+    verdict: fn(i64) -> Verdict,
+    /// When set, `write` fails with this instead.
+    fail: Option<fn() -> SinkError>,
+}
+
+impl MemorySink {
+    fn new(log: &Log) -> Self {
+        Self {
+            log: Arc::clone(log),
+            applied: Vec::new(),
+            verdict: |_| Verdict::Applied,
+            fail: None,
+        }
+    }
+}
+
+impl Sink for MemorySink {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn write(
+        &mut self,
+        events: &mut [Event],
+        _shutdown: &CancellationToken,
+    ) -> Result<Vec<Verdict>, SinkError> {
+        let offsets: Vec<i64> = events.iter().map(|e| e.offset).collect();
+        log(&self.log, format!("write {offsets:?}"));
+        if let Some(fail) = self.fail {
+            return Err(fail());
+        }
+        let verdicts: Vec<Verdict> = events.iter().map(|e| (self.verdict)(e.offset)).collect();
+        for (e, v) in events.iter().zip(&verdicts) {
+            if *v == Verdict::Applied {
+                self.applied.push((e.partition, e.offset));
+            }
+        }
+        Ok(verdicts)
+    }
+
+    async fn settled(&mut self) {
+        log(&self.log, "settled".into());
+    }
+}
+
+/// The runtime's effects, recorded: epochs from a table, dead letters acknowledged unless told
+/// otherwise.
+struct Recorder {
+    log: Log,
+    /// (partition, current epoch); a partition not listed is not assigned.
+    epochs: Vec<(i32, u64)>,
+    dead_letters_fail: bool,
+}
+
+impl Effects for Recorder {
+    fn epoch(&self, partition: i32) -> Option<u64> {
+        self.epochs
+            .iter()
+            .find(|(p, _)| *p == partition)
+            .map(|(_, e)| *e)
+    }
+
+    fn store_offsets(&self, next: &BTreeMap<i32, i64>) {
+        log(&self.log, format!("store {next:?}"));
+    }
+
+    async fn dead_letter(
+        &self,
+        letters: &[DeadLetter<'_>],
+        _shutdown: &CancellationToken,
+    ) -> Result<(), DeadLetterError> {
+        let what: Vec<String> = letters
+            .iter()
+            .map(|l| format!("{}@{}:{}", l.reason, l.partition, l.offset))
+            .collect();
+        log(&self.log, format!("dead-letter {what:?}"));
+        if self.dead_letters_fail {
+            return Err(DeadLetterError::Interrupted);
+        }
+        log(&self.log, "dead-letter acked".into());
+        Ok(())
+    }
+
+    fn dead_letter_topic(&self) -> &str {
+        "t.dlq"
+    }
+}
+
+fn envelope(id: i64) -> String {
+    format!(
+        r#"{{"op":"c","before":null,"after":{{"id":{id}}},"source":{{"version":"v","connector":"walrelay","db":"d","schema":"public","table":"t","lsn":{id},"commit_lsn":{id},"txid":1,"ts_ms":1,"snapshot":false,"seq":1}},"ts_ms":1,"key":["id"],"types":{{"id":"integer"}}}}"#
+    )
+}
+
+/// A decoded batch of (partition, offset, epoch, value) records.
+fn batch(records: &[(i32, i64, u64, &str)]) -> Batch {
+    let mut b = Batch::default();
+    for &(partition, offset, epoch, value) in records {
+        let start = b.bytes.len();
+        b.bytes.extend_from_slice(value.as_bytes());
+        b.records.push(Pending {
+            partition,
+            offset,
+            epoch,
+            key: None,
+            value: start..b.bytes.len(),
+            decode_error: None,
+        });
+    }
+    decode(&mut b);
+    b
+}
+
+fn metrics() -> Metrics {
+    Metrics::new().unwrap_or_else(|e| panic!("metrics: {e}"))
+}
+
+async fn run_flush(
+    fx: &Recorder,
+    sink: &mut MemorySink,
+    b: &mut Batch,
+) -> Result<(), RuntimeError> {
+    flush(fx, &metrics(), sink, b, &CancellationToken::new()).await
+}
+
+#[tokio::test]
+async fn offsets_are_stored_only_after_verdicts_and_dead_letter_acks() {
+    let l = Log::default();
+    let (e1, e2, e4) = (envelope(1), envelope(2), envelope(4));
+    let mut b = batch(&[
+        (0, 10, 1, &e1),
+        (0, 11, 1, "{not json"),
+        (1, 20, 1, &e2),
+        (1, 21, 1, &e4),
+    ]);
+    let mut sink = MemorySink::new(&l);
+    sink.verdict = |offset| {
+        if offset == 21 {
+            Verdict::Rejected("no".into())
+        } else {
+            Verdict::Applied
+        }
+    };
+    let fx = Recorder {
+        log: Arc::clone(&l),
+        epochs: vec![(0, 1), (1, 1)],
+        dead_letters_fail: false,
+    };
+    run_flush(&fx, &mut sink, &mut b)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        entries(&l),
+        [
+            "write [10, 20, 21]",
+            r#"dead-letter ["decode@0:11", "rejected@1:21"]"#,
+            "dead-letter acked",
+            "store {0: 12, 1: 22}",
+            "settled",
+        ]
+    );
+    assert_eq!(sink.applied, [(0, 10), (1, 20)]);
+}
+
+#[tokio::test]
+async fn a_dead_letter_write_that_fails_stores_no_offset() {
+    let l = Log::default();
+    let e1 = envelope(1);
+    let mut b = batch(&[(0, 10, 1, &e1), (0, 11, 1, "[]")]);
+    let mut sink = MemorySink::new(&l);
+    let fx = Recorder {
+        log: Arc::clone(&l),
+        epochs: vec![(0, 1)],
+        dead_letters_fail: true,
+    };
+    let r = run_flush(&fx, &mut sink, &mut b).await;
+    assert!(matches!(r, Err(RuntimeError::DeadLetter(_))), "{r:?}");
+    let log = entries(&l);
+    assert!(
+        log.iter()
+            .all(|e| !e.starts_with("store") && e != "settled"),
+        "{log:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_sink_failure_or_a_wrong_verdict_count_stores_no_offset() {
+    let e1 = envelope(1);
+    for fail in [(|| SinkError::Interrupted) as fn() -> SinkError, || {
+        SinkError::Definite("credentials".into())
+    }] {
+        let l = Log::default();
+        let mut b = batch(&[(0, 10, 1, &e1)]);
+        let mut sink = MemorySink::new(&l);
+        sink.fail = Some(fail);
+        let fx = Recorder {
+            log: Arc::clone(&l),
+            epochs: vec![(0, 1)],
+            dead_letters_fail: false,
+        };
+        let r = run_flush(&fx, &mut sink, &mut b).await;
+        assert!(matches!(r, Err(RuntimeError::Sink { .. })), "{r:?}");
+        assert_eq!(entries(&l), ["write [10]"]);
+    }
+
+    // A sink that answers fewer verdicts than events is a bug: stop, store nothing.
+    struct Short(Log);
+    impl Sink for Short {
+        fn name(&self) -> &'static str {
+            "short"
+        }
+        async fn write(
+            &mut self,
+            _: &mut [Event],
+            _: &CancellationToken,
+        ) -> Result<Vec<Verdict>, SinkError> {
+            log(&self.0, "write".into());
+            Ok(vec![Verdict::Applied])
+        }
+    }
+    let l = Log::default();
+    let (e2, e3) = (envelope(2), envelope(3));
+    let mut b = batch(&[(0, 10, 1, &e2), (0, 11, 1, &e3)]);
+    let fx = Recorder {
+        log: Arc::clone(&l),
+        epochs: vec![(0, 1)],
+        dead_letters_fail: false,
+    };
+    let r = flush(
+        &fx,
+        &metrics(),
+        &mut Short(Arc::clone(&l)),
+        &mut b,
+        &CancellationToken::new(),
+    )
+    .await;
+    assert!(
+        matches!(&r, Err(RuntimeError::Sink { error: SinkError::Definite(m), .. }) if m.contains("verdicts")),
+        "{r:?}"
+    );
+    assert_eq!(entries(&l), ["write"]);
+}
+
+#[tokio::test]
+async fn events_fetched_under_a_revoked_assignment_are_dropped_before_the_sink() {
+    let l = Log::default();
+    let (e1, e2, e3) = (envelope(1), envelope(2), envelope(3));
+    // Partition 0 was revoked and assigned again (epoch 1 → 2); partition 2 is gone.
+    let mut b = batch(&[
+        (0, 10, 1, &e1),
+        (1, 20, 1, &e2),
+        (2, 30, 1, "{not json"),
+        (2, 31, 1, &e3),
+    ]);
+    let mut sink = MemorySink::new(&l);
+    let fx = Recorder {
+        log: Arc::clone(&l),
+        epochs: vec![(0, 2), (1, 1)],
+        dead_letters_fail: false,
+    };
+    run_flush(&fx, &mut sink, &mut b)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(entries(&l), ["write [20]", "store {1: 21}", "settled"]);
+    assert_eq!(sink.applied, [(1, 20)]);
+}
+
+#[tokio::test]
+async fn a_batch_wholly_revoked_touches_neither_sink_nor_offsets() {
+    let l = Log::default();
+    let e1 = envelope(1);
+    let mut b = batch(&[(0, 10, 1, &e1)]);
+    let mut sink = MemorySink::new(&l);
+    let fx = Recorder {
+        log: Arc::clone(&l),
+        epochs: vec![],
+        dead_letters_fail: false,
+    };
+    run_flush(&fx, &mut sink, &mut b)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(entries(&l).is_empty(), "{:?}", entries(&l));
+}
