@@ -11,7 +11,7 @@
 //! | `encode.rs` | how an event becomes what that service receives |
 //!
 //! - [`search`] (`index`, `reindex`): Elasticsearch and OpenSearch indexes, one per table,
-//!   behind aliases; also `reindex.rs`, `indexes.rs`, `ddl.rs` and `schema.rs`.
+//!   behind aliases; also `reindex.rs`, `indexes.rs`, `table.rs`, `ddl.rs` and `schema.rs`.
 //! - [`webhook`] (`notify`, `replay-dead-letters`): signed HTTP deliveries to subscribed
 //!   endpoints; also `subscriptions.rs`, `api.rs` and `server.rs` (the subscriptions API),
 //!   `guard.rs` (the SSRF guard) and `signing.rs`.

@@ -1,6 +1,9 @@
 //! A thin REST client for the parts of the Elasticsearch 7/8 and OpenSearch 1/2 API the sink
 //! uses (they are the same there): `_bulk`, index create/get/delete, `_mapping`, `_aliases`,
 //! `_alias`, `_doc`, `_refresh`, `_delete_by_query`.
+//!
+//! (About 550 lines: one short method per request over the shared `call`, kept together so
+//! the whole API surface the sink depends on reads in one place.)
 
 use std::time::Duration;
 

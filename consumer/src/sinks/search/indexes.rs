@@ -13,48 +13,8 @@ use super::client::Created;
 use super::encode::{alias_name, generation_of, missing_fields, versioned};
 use super::schema::FieldMap;
 use super::sink::{Mode, SearchSink};
+use super::table::TableIndex;
 use crate::runtime::SinkError;
-
-/// A table's index as the sink knows it.
-pub(super) struct TableIndex {
-    /// Where writes go: the alias (live) or the versioned index (build).
-    pub(super) target: String,
-    /// Fields mapped so far.
-    pub(super) mapped: Map<String, Value>,
-    /// The envelope `types` text last checked against `mapped`.
-    pub(super) checked_types: String,
-    /// Column ids to fields (from the mapping's `_meta`).
-    pub(super) columns: FieldMap,
-    /// Per `column_ids` text: the renames its rows need (`None`: names are fields).
-    pub(super) renames: HashMap<String, Option<Arc<HashMap<String, String>>>>,
-}
-
-impl TableIndex {
-    fn new(target: String, mapped: Map<String, Value>, columns: FieldMap) -> Self {
-        Self {
-            target,
-            mapped,
-            checked_types: String::new(),
-            columns,
-            renames: HashMap::new(),
-        }
-    }
-
-    /// The renames rows written with `env`'s column ids need.
-    fn renames_for(&mut self, env: &Envelope) -> Option<Arc<HashMap<String, String>>> {
-        if self.columns.fields.is_empty() {
-            return None;
-        }
-        let raw = env.column_ids.raw();
-        if let Some(known) = self.renames.get(raw) {
-            return known.clone();
-        }
-        let map = self.columns.renames(&env.column_ids.parse());
-        let entry = (!map.is_empty()).then(|| Arc::new(map));
-        self.renames.insert(raw.to_string(), entry.clone());
-        entry
-    }
-}
 
 impl SearchSink {
     /// The alias of `env`'s table, opening (or creating) its index on first use.

@@ -17,7 +17,8 @@
 //!   hand-over, clean-up).
 //! - [`sink`]: [`SearchSink`], the [`Sink`](crate::runtime::Sink): a batch becomes `_bulk`
 //!   requests, bulk items become verdicts.
-//! - [`indexes`]: each table's index, opened or created on first use, its mapping extended;
+//! - [`indexes`]: each table's index, opened or created on first use, its mapping extended
+//!   ([`table`]: what the sink knows of it);
 //!   [`ddl`]: schema events applied to it; [`schema`]: the column-to-field rules.
 //! - [`encode`]: document ids, versions, index names, mappings and the bulk lines.
 //! - [`client`]: the REST client (the API subset common to Elasticsearch 7/8 and OpenSearch
@@ -32,6 +33,7 @@ pub mod indexes;
 pub mod reindex;
 pub mod schema;
 pub mod sink;
+pub mod table;
 
 pub use client::{Created, SearchClient, SearchError};
 pub use command::IndexError;

@@ -25,7 +25,7 @@ use walrelay_common::telemetry::Readiness;
 use super::client::{BulkItem, SearchClient, SearchError};
 use super::config::SearchSettings;
 use super::encode::{self, VERSION_FIELD, version};
-use super::indexes::TableIndex;
+use super::table::TableIndex;
 use crate::metrics::Metrics;
 use crate::runtime::{Event, Sink, SinkError, Verdict};
 
