@@ -37,7 +37,7 @@ pub struct Args {
     /// and derives its own group from it.
     #[arg(long, env = "WALRELAY_GROUP")]
     pub group: Option<String>,
-    /// Topic for events a sink rejects or that cannot be decoded [default: <topic>.dlq].
+    /// Topic for events a sink rejects or that cannot be decoded [default: TOPIC.dlq].
     #[arg(long, env = "WALRELAY_DEAD_LETTER_TOPIC")]
     pub dead_letter_topic: Option<String>,
     /// Most events per sink batch [default: 2000].

@@ -31,9 +31,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pgwire_replication::config::{SslMode, TlsConfig};
-use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig};
-use tokio_postgres::config::Host;
+use pgwire_replication::{Lsn, ReplicationClient};
 use tokio_util::sync::CancellationToken;
 use walrelay_common::retry::Backoff;
 use walrelay_common::telemetry::Readiness;
@@ -47,15 +45,10 @@ use crate::encode::EnvelopeWriter;
 use crate::error::RunError;
 use crate::kafka::{Writer, WriterOptions, ensure_topic};
 use crate::metrics::Metrics;
+use crate::replication::connection;
 use crate::replication::listener::Listener;
 use crate::replication::slot::{self, SnapshotStatus, format_lsn, parse_lsn};
 use crate::snapshot::{self, SnapshotJob};
-use crate::value::SESSION_OPTIONS;
-
-/// How soon a newly confirmed LSN reaches the server: a standby status update at most this
-/// often. Postgres frees WAL and `confirmed_flush_lsn` moves only on these, so a long
-/// interval shows up as lag after every burst; 100 ms costs ten 34-byte messages a second.
-const STATUS_INTERVAL: Duration = Duration::from_millis(100);
 
 /// A session that lasted this long ended a run of failures: the next wait starts small again.
 const SESSION_RESETS_BACKOFF: Duration = Duration::from_secs(60);
@@ -98,57 +91,6 @@ pub async fn run(ctx: &Context) -> Result<(), RunError> {
                 }
             }
         }
-    }
-}
-
-fn replication_config(s: &Settings) -> Result<ReplicationConfig, RunError> {
-    let pg = &s.postgres.config;
-    let host = match pg.get_hosts().first() {
-        Some(Host::Tcp(h)) => h.clone(),
-        #[cfg(unix)]
-        Some(Host::Unix(p)) => p.to_string_lossy().into_owned(),
-        None => return Err(RunError::Setup("--postgres-url has no host".into())),
-    };
-    let port = pg.get_ports().first().copied().unwrap_or(5432);
-    let user = pg.get_user().unwrap_or("postgres");
-    let password = pg
-        .get_password()
-        .map(|p| String::from_utf8_lossy(p).into_owned())
-        .unwrap_or_default();
-    Ok(ReplicationConfig::new(
-        host,
-        user,
-        password,
-        s.database(),
-        &s.slot,
-        s.publication.as_str(),
-    )
-    .with_port(port)
-    .with_options(SESSION_OPTIONS)
-    .with_application_name(format!("walrelay-producer/{}", s.slot))
-    .with_status_interval(STATUS_INTERVAL)
-    .with_wakeup_interval(Duration::from_secs(1))
-    .with_buffer_size(1024)
-    .with_tls(replication_tls(&s.postgres)))
-}
-
-/// The replication connection's TLS: the same settings as every other connection.
-fn replication_tls(target: &walrelay_common::postgres::PgTarget) -> TlsConfig {
-    use walrelay_common::postgres::SslMode as Mode;
-    let tls = &target.tls;
-    let mode = match (tls.mode, tls.verification()) {
-        (Mode::Disable, _) => SslMode::Disable,
-        (Mode::VerifyFull, _) => SslMode::VerifyFull,
-        (_, Some(_)) => SslMode::VerifyCa,
-        (Mode::Prefer, None) => SslMode::Prefer,
-        (_, None) => SslMode::Require,
-    };
-    TlsConfig {
-        mode,
-        ca_pem_path: tls.root_cert.clone(),
-        sni_hostname: target.host(),
-        client_cert_pem_path: tls.cert.clone(),
-        client_key_pem_path: tls.key.clone(),
     }
 }
 
@@ -277,7 +219,7 @@ async fn prepare(ctx: &Context) -> Result<Prepared, RunError> {
 
     let info = slot::slot_info(&ctl, &s.slot).await?;
     let state = slot::read_state(&ctl, &s.slot).await?;
-    let mut client = ReplicationClient::connect_gated(replication_config(s)?)
+    let mut client = ReplicationClient::connect_gated(connection::config(s)?)
         .await
         .map_err(RunError::from_pgwire)?;
     let new_slot = match (&info, state.as_ref().map(|st| st.status)) {

@@ -40,7 +40,7 @@
 //! - the sink's bulk request for the batch being written (about the batch's bytes again).
 //!
 //! A batch's records, bytes and events sit in three vectors that are emptied and reused
-//! ([`Spares`]) rather than allocated per batch. With the defaults (8 MiB queue, 2000 events)
+//! (`Spares`) rather than allocated per batch. With the defaults (8 MiB queue, 2000 events)
 //! the benchmark's consumer peaks at about 60 MiB resident (README, "Consumer benchmark").
 //!
 //! On shutdown (SIGTERM) the batches already read are written, dead letters are flushed and

@@ -15,12 +15,15 @@ use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
 use tokio_util::sync::CancellationToken;
 use walrelay_common::event::Op;
 
+mod schema;
+
+use self::schema::Rejections;
 use super::pgoutput::{self, Cell, Message, OldKind, Tuple};
 use crate::catalog::{Catalog, build_shape};
 use crate::checkpoint::{Checkpointer, TxnId};
 use crate::config::DdlStatement;
 use crate::ddl::capture::MESSAGE_PREFIX;
-use crate::ddl::{self, Origin, Registry, TableSchema, TriggerMessage};
+use crate::ddl::{Registry, TableSchema};
 use crate::emit::{Emitter, RowChange};
 use crate::encode::{ColumnShape, EventMeta, Image, TableShape};
 use crate::error::RunError;
@@ -66,33 +69,6 @@ pub struct Listener<'a> {
     pub ddl_key: Option<Vec<u8>>,
     /// What schema events carry of the DDL text.
     pub ddl_statement: DdlStatement,
-}
-
-/// Rejected DDL-channel messages: the first is logged in full, later ones once a minute.
-struct Rejections {
-    last_log: Option<std::time::Instant>,
-    since_log: u64,
-}
-
-impl Rejections {
-    fn record(&mut self, metrics: &Metrics, lsn: Lsn, xid: u32, why: &ddl::ChannelError) {
-        metrics.errors.with_label_values(&["ddl_rejected"]).inc();
-        self.since_log += 1;
-        if self
-            .last_log
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
-        {
-            tracing::warn!(
-                %lsn,
-                xid,
-                rejected = self.since_log,
-                reason = %why,
-                "Skipped a message in walrelay's DDL channel: {why}. Only walrelay's event triggers can write schema events; see walrelay_producer_errors_total{{kind=\"ddl_rejected\"}}."
-            );
-            self.last_log = Some(std::time::Instant::now());
-            self.since_log = 0;
-        }
-    }
 }
 
 /// A table as the last Relation message described it.
@@ -446,156 +422,6 @@ impl Stream<'_> {
             let meta = meta(t, Op::Truncate, lsn);
             t.sent += emitter.truncate(shape, &meta, t.id, &mut on_wait).await?;
         }
-        Ok(())
-    }
-
-    /// A message in walrelay's DDL channel: verified, then applied; a forged or malformed
-    /// one is counted and skipped (an unprivileged role can write logical messages).
-    async fn ddl_message(&mut self, content: &[u8], lsn: Lsn) -> Result<(), RunError> {
-        let xid = self.txn.as_ref().map_or(0, |t| t.xid);
-        let message: TriggerMessage =
-            match ddl::verify_message(content, xid, self.io.ddl_key.as_deref()) {
-                Ok(mut m) => {
-                    m.sql = match self.io.ddl_statement {
-                        DdlStatement::Include => m.sql,
-                        DdlStatement::Redact => ddl::redact_statement(&m.sql),
-                        DdlStatement::Omit => String::new(),
-                    };
-                    m
-                }
-                Err(why) => {
-                    self.rejections.record(self.io.metrics, lsn, xid, &why);
-                    return Ok(());
-                }
-            };
-        self.apply_ddl(&message, lsn.as_u64()).await
-    }
-
-    /// Tags a Relation's shape with the registry's schema when they agree; otherwise the schema
-    /// changed without a trigger message (or the table is new to walrelay): the schema the
-    /// Relation shows waits for the table's next change ([`Self::settle`]).
-    async fn tag_relation(&mut self, oid: u32, rel: &mut Relation) -> Result<(), RunError> {
-        if let Some(v) = self.io.registry.get(oid)
-            && v.schema.matches(&rel.namespace, &rel.name, &rel.columns)
-        {
-            let ids = v.schema.ids_of(rel.columns.iter().map(|(n, _)| n.as_str()));
-            rel.shape.set_schema(v.version, ids);
-            return Ok(());
-        }
-        let current = ddl::read_schema(self.io.catalog.client(), oid).await?;
-        rel.pending = Some(TableSchema::from_relation(
-            oid,
-            &rel.namespace,
-            &rel.name,
-            &rel.columns,
-            current.as_ref(),
-        ));
-        Ok(())
-    }
-
-    /// Before a change of `oid`: emits the schema event of a pending (fallback) schema, with
-    /// the change's LSN as its version (a Relation message has no LSN of its own; the first
-    /// change under a schema is the same on every replay).
-    async fn settle(&mut self, oid: u32, lsn: u64) -> Result<(), RunError> {
-        let Some(schema) = self.relations.get_mut(&oid).and_then(|r| r.pending.take()) else {
-            return Ok(());
-        };
-        let commit_lsn = open(&mut self.txn)?.commit_lsn;
-        let before = self.io.registry.get(oid).map(|v| v.schema.clone());
-        let origin = Origin {
-            kind: "relation",
-            message: None,
-            before: before.as_ref(),
-        };
-        let ctl = self.io.catalog.client();
-        let event = ddl::schema_event(&mut self.io.catalog, &schema, lsn, origin, false).await?;
-        self.io
-            .registry
-            .record(ctl, lsn, commit_lsn, schema, false)
-            .await?;
-        if before.is_some() {
-            tracing::info!(table = %event.shape.qualified(), "A schema change without a trigger message: derived from the Relation message.");
-        }
-        self.send_schema(&event, lsn).await?;
-        if let Some(rel) = self.relations.get_mut(&oid) {
-            rel.shape.set_schema(lsn, event.shape.column_ids.clone());
-        }
-        Ok(())
-    }
-
-    /// Applies a trigger message: records the table's new schema and emits its schema event.
-    async fn apply_ddl(&mut self, message: &TriggerMessage, lsn: u64) -> Result<(), RunError> {
-        let commit_lsn = open(&mut self.txn)?.commit_lsn;
-        let oid = message.table.table_oid;
-        let before = self.io.registry.get(oid).map(|v| v.schema.clone());
-        let captured = if message.dropped {
-            before.is_some()
-        } else {
-            message.publications.contains(&self.io.publication)
-        };
-        if !captured || (!message.dropped && before.as_ref() == Some(&message.table)) {
-            // Another publication's table, or nothing a consumer sees changed (an index, a
-            // comment, a partition attached).
-            return Ok(());
-        }
-        let schema = match (&before, message.dropped) {
-            // A drop carries only names: keep the last columns for the event.
-            (Some(b), true) => TableSchema {
-                columns: Vec::new(),
-                ..b.clone()
-            },
-            _ => message.table.clone(),
-        };
-        let origin = Origin {
-            kind: "trigger",
-            message: Some(message),
-            before: before.as_ref(),
-        };
-        let ctl = self.io.catalog.client();
-        let event =
-            ddl::schema_event(&mut self.io.catalog, &schema, lsn, origin, message.dropped).await?;
-        self.io
-            .registry
-            .record(ctl, lsn, commit_lsn, schema.clone(), message.dropped)
-            .await?;
-        self.send_schema(&event, lsn).await?;
-        if message.dropped {
-            self.relations.remove(&oid);
-        } else if let Some(rel) = self.relations.get_mut(&oid)
-            && schema.matches(&rel.namespace, &rel.name, &rel.columns)
-        {
-            // Columns unchanged for pgoutput (a rename of the table arrives with a new
-            // Relation anyway): later rows carry the new version even without one.
-            let ids = schema.ids_of(rel.columns.iter().map(|(n, _)| n.as_str()));
-            rel.shape.set_schema(lsn, ids);
-            rel.pending = None;
-        }
-        Ok(())
-    }
-
-    /// A schema event, to every partition, as part of the open transaction.
-    async fn send_schema(&mut self, event: &ddl::SchemaEvent, lsn: u64) -> Result<(), RunError> {
-        let Self {
-            io, txn, pushed, ..
-        } = self;
-        let t = open(txn)?;
-        t.seq += 1;
-        let meta = meta(t, Op::Ddl, lsn);
-        let Listener {
-            emitter,
-            client,
-            checkpointer,
-            metrics,
-            ..
-        } = io;
-        let mut on_wait = || push_progress(client, checkpointer, metrics, pushed);
-        t.sent += emitter
-            .schema(&event.shape, &event.change, &meta, t.id, &mut on_wait)
-            .await?;
-        metrics
-            .schema_events
-            .with_label_values(&[&event.change.origin])
-            .inc();
         Ok(())
     }
 }

@@ -38,6 +38,7 @@
 //! `done` state without the slot, or a slot whose WAL was removed (`wal_status = lost`), is a
 //! definite error: changes may be missing, and walrelay never recreates the slot silently.
 
+pub mod connection;
 pub mod listener;
 pub mod pgoutput;
 pub mod slot;

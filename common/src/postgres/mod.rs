@@ -28,11 +28,15 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
+use rustls::client::danger::ServerCertVerifier;
 use tokio_postgres::config::{Host, SslMode as PgSslMode};
 use tokio_postgres::{Client, NoTls};
+
+mod conninfo;
+mod verify;
+
+use conninfo::{TLS_KEYS, split_tls};
+use verify::{ChainOnly, NoVerification, read_certs, read_key};
 
 /// libpq's `sslmode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -154,8 +158,6 @@ impl std::fmt::Debug for PgTarget {
             .finish()
     }
 }
-
-const TLS_KEYS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
 
 impl PgTarget {
     /// Parses a libpq connection string (URL or `key=value` pairs); TLS parameters missing from
@@ -432,266 +434,6 @@ fn full_chain(e: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     out
-}
-
-fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, PgConnectError> {
-    use rustls::pki_types::pem::PemObject;
-    let bytes = std::fs::read(path).map_err(|e| {
-        PgConnectError::Settings(format!("{what} {} cannot be read: {e}", path.display()))
-    })?;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bytes)
-        .collect::<Result<_, _>>()
-        .map_err(|e| {
-            PgConnectError::Settings(format!(
-                "{what} {} is not a PEM certificate file ({e})",
-                path.display()
-            ))
-        })?;
-    if certs.is_empty() {
-        return Err(PgConnectError::Settings(format!(
-            "{what} {} holds no PEM certificate",
-            path.display()
-        )));
-    }
-    Ok(certs)
-}
-
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, PgConnectError> {
-    use rustls::pki_types::pem::PemObject;
-    let bytes = std::fs::read(path).map_err(|e| {
-        PgConnectError::Settings(format!("sslkey {} cannot be read: {e}", path.display()))
-    })?;
-    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
-        PgConnectError::Settings(format!(
-            "sslkey {} holds no PEM private key (PKCS#8, PKCS#1 or SEC1): {e}",
-            path.display()
-        ))
-    })
-}
-
-/// Removes the TLS parameters from a connection string: the rest, and the pairs removed.
-fn split_tls(conn: &str) -> Result<(String, Vec<(String, String)>), String> {
-    let trimmed = conn.trim();
-    if trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://") {
-        let Some((base, query)) = trimmed.split_once('?') else {
-            return Ok((trimmed.to_string(), Vec::new()));
-        };
-        let mut kept = Vec::new();
-        let mut found = Vec::new();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            if TLS_KEYS.contains(&k) {
-                found.push((k.to_string(), percent_decode(v)?));
-            } else {
-                kept.push(pair);
-            }
-        }
-        let rest = if kept.is_empty() {
-            base.to_string()
-        } else {
-            format!("{base}?{}", kept.join("&"))
-        };
-        return Ok((rest, found));
-    }
-    // key=value pairs; values may be single-quoted with \' and \\ escapes.
-    let mut kept = String::new();
-    let mut found = Vec::new();
-    let mut chars = trimmed.chars().peekable();
-    loop {
-        while chars.peek().is_some_and(|c| c.is_whitespace()) {
-            chars.next();
-        }
-        if chars.peek().is_none() {
-            break;
-        }
-        let mut key = String::new();
-        while let Some(&c) = chars.peek() {
-            if c == '=' || c.is_whitespace() {
-                break;
-            }
-            key.push(c);
-            chars.next();
-        }
-        while chars.peek().is_some_and(|c| c.is_whitespace()) {
-            chars.next();
-        }
-        if chars.next() != Some('=') {
-            return Err(format!(
-                "not a Postgres connection string: expected key=value after {key:?}"
-            ));
-        }
-        while chars.peek().is_some_and(|c| c.is_whitespace()) {
-            chars.next();
-        }
-        let mut value = String::new();
-        let mut raw = String::new();
-        if chars.peek() == Some(&'\'') {
-            raw.push('\'');
-            chars.next();
-            loop {
-                match chars.next() {
-                    Some('\\') => {
-                        raw.push('\\');
-                        if let Some(c) = chars.next() {
-                            raw.push(c);
-                            value.push(c);
-                        }
-                    }
-                    Some('\'') => {
-                        raw.push('\'');
-                        break;
-                    }
-                    Some(c) => {
-                        raw.push(c);
-                        value.push(c);
-                    }
-                    None => {
-                        return Err(format!(
-                            "not a Postgres connection string: the quoted value of {key:?} is not closed"
-                        ));
-                    }
-                }
-            }
-        } else {
-            while let Some(&c) = chars.peek() {
-                if c.is_whitespace() {
-                    break;
-                }
-                raw.push(c);
-                value.push(c);
-                chars.next();
-            }
-        }
-        if TLS_KEYS.contains(&key.as_str()) {
-            found.push((key, value));
-        } else {
-            if !kept.is_empty() {
-                kept.push(' ');
-            }
-            kept.push_str(&key);
-            kept.push('=');
-            kept.push_str(&raw);
-        }
-    }
-    Ok((kept, found))
-}
-
-fn percent_decode(s: &str) -> Result<String, String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or("a connection URL has a bad %-escape in an ssl parameter")?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| "an ssl parameter is not UTF-8".to_string())
-}
-
-/// `require`/`prefer` without a root certificate: encrypted, certificate not checked (libpq's
-/// behaviour); handshake signatures are still verified.
-#[derive(Debug)]
-struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for NoVerification {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// `verify-ca`: the chain must lead to a trusted CA; the name is not checked. webpki checks
-/// the chain before the name, so a name mismatch means the chain was good.
-#[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,262 @@
+//! `check`: the preflight report, one line per requirement (Postgres reachable and its
+//! settings, the role's privileges, the publication and its tables' replica identity, TLS,
+//! Kafka reachable), each with the fix when it fails.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio_postgres::Client;
+use walrelay_common::postgres::PgTarget;
+
+use crate::catalog::{self, PgError, TableRef};
+use crate::config::Settings;
+use crate::ddl::capture;
+use crate::kafka::{WriterOptions, broker_reachable};
+
+/// One line of the preflight report.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckItem {
+    /// What was checked.
+    pub name: String,
+    /// `ok`, `warn` or `fail`.
+    pub status: &'static str,
+    /// Details and, when not ok, the fix.
+    pub detail: String,
+}
+
+fn item(name: &str, status: &'static str, detail: impl Into<String>) -> CheckItem {
+    CheckItem {
+        name: name.into(),
+        status,
+        detail: detail.into(),
+    }
+}
+
+/// Whether the session is encrypted and what the server's certificate was checked for; the
+/// replication connection and the snapshot workers use the same settings.
+async fn tls_item(client: &Client, target: &walrelay_common::postgres::PgTarget) -> CheckItem {
+    let mode = target.tls.mode.as_str();
+    match PgTarget::ssl_version(client).await {
+        Some(version) => {
+            let verified = match target.tls.verification() {
+                Some("full") => "certificate verified: CA and host name",
+                Some(_) => "certificate verified: CA (host name not checked)",
+                None => "certificate not verified (use sslmode=verify-full with sslrootcert)",
+            };
+            let client_cert = if target.tls.cert.is_some() {
+                ", client certificate sent"
+            } else {
+                ""
+            };
+            item(
+                "postgres tls",
+                if target.tls.verification().is_some() {
+                    "ok"
+                } else {
+                    "warn"
+                },
+                format!(
+                    "encrypted ({version}, sslmode={mode}), {verified}{client_cert}; every connection (control, snapshot, replication) uses these settings"
+                ),
+            )
+        }
+        None => item(
+            "postgres tls",
+            "warn",
+            format!(
+                "not encrypted (sslmode={mode}): credentials and rows cross the network in clear text; turn on ssl on the server and use sslmode=verify-full"
+            ),
+        ),
+    }
+}
+
+/// Runs the preflight checks; the report has no `fail` when walrelay can run.
+pub async fn check(s: &Settings) -> Vec<CheckItem> {
+    let mut out = Vec::new();
+    match catalog::connect(&s.postgres).await {
+        Err(e) => out.push(item(
+            "postgres connection",
+            "fail",
+            format!("{e}: check --postgres-url and that the server accepts connections"),
+        )),
+        Ok(client) => {
+            out.push(item(
+                "postgres connection",
+                "ok",
+                format!("connected to database {}", s.database()),
+            ));
+            out.push(tls_item(&client, &s.postgres).await);
+            if let Err(e) = check_postgres(&client, s, &mut out).await {
+                out.push(item("postgres catalog", "fail", e.to_string()));
+            }
+        }
+    }
+    match s.kafka_brokers.as_deref() {
+        None => out.push(item("kafka", "fail", "no brokers: give --kafka-brokers")),
+        Some(brokers) => {
+            let opts = WriterOptions {
+                brokers: brokers.to_string(),
+                topic: s.topic.clone(),
+                max_buffer_bytes: s.max_buffer_bytes,
+                properties: s.kafka_properties.to_map(),
+            };
+            match tokio::task::spawn_blocking(move || {
+                broker_reachable(&opts, Duration::from_secs(5))
+            })
+            .await
+            {
+                Ok(Ok(n)) => out.push(item(
+                    "kafka",
+                    "ok",
+                    format!("{brokers}: {n} broker(s) answer"),
+                )),
+                Ok(Err(e)) => {
+                    out.push(item("kafka", "fail", format!("{brokers} unreachable: {e}")))
+                }
+                Err(e) => out.push(item("kafka", "fail", e.to_string())),
+            }
+        }
+    }
+    out
+}
+
+async fn check_postgres(c: &Client, s: &Settings, out: &mut Vec<CheckItem>) -> Result<(), PgError> {
+    let q = |what: &'static str| PgError::query(what);
+    let version: i32 = c
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(q("reading server version"))?
+        .get(0);
+    out.push(if version >= 140000 {
+        item("server version", "ok", format!("{version}"))
+    } else {
+        item(
+            "server version",
+            "fail",
+            format!("{version}: walrelay needs PostgreSQL 14 or later"),
+        )
+    });
+    let wal_level: String = c
+        .query_one("SHOW wal_level", &[])
+        .await
+        .map_err(q("reading wal_level"))?
+        .get(0);
+    out.push(if wal_level == "logical" {
+        item("wal_level", "ok", "logical")
+    } else {
+        item("wal_level", "fail", format!("{wal_level}: set wal_level = logical in postgresql.conf (ALTER SYSTEM SET wal_level = logical) and restart Postgres"))
+    });
+    let row = c
+        .query_one(
+            "SELECT current_setting('max_replication_slots')::int - (SELECT count(*) FROM pg_replication_slots)::int, \
+                    current_setting('max_wal_senders')::int - (SELECT count(*) FROM pg_stat_replication)::int, \
+                    EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+            &[&s.slot],
+        )
+        .await
+        .map_err(q("reading replication settings"))?;
+    let (free_slots, free_senders, has_slot): (i32, i32, bool) =
+        (row.get(0), row.get(1), row.get(2));
+    out.push(if free_slots > 0 || has_slot {
+        item("replication slots", "ok", format!("{free_slots} free"))
+    } else {
+        item(
+            "replication slots",
+            "fail",
+            "none free: raise max_replication_slots (restart needed) or drop an unused slot",
+        )
+    });
+    out.push(if free_senders > 0 {
+        item("wal senders", "ok", format!("{free_senders} free"))
+    } else {
+        item(
+            "wal senders",
+            "fail",
+            "none free: raise max_wal_senders (restart needed)",
+        )
+    });
+    let row = c
+        .query_one(
+            "SELECT rolreplication, rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(q("reading the role"))?;
+    let (repl, sup): (bool, bool) = (row.get(0), row.get(1));
+    let triggers: bool = c
+        .query_one(capture::TRIGGERS_ACTIVE, &[])
+        .await
+        .map_err(q("reading pg_event_trigger"))?
+        .get(0);
+    out.push(match (triggers, sup) {
+        (true, _) => item("ddl capture", "ok", "event triggers installed"),
+        (false, true) => item(
+            "ddl capture",
+            "warn",
+            "event triggers not installed yet: `walrelay-producer init` installs them",
+        ),
+        (false, false) => item(
+            "ddl capture",
+            "warn",
+            format!(
+                "installing the DDL event triggers needs a superuser (run `init` once as one); {}",
+                capture::WITHOUT_TRIGGERS
+            ),
+        ),
+    });
+    out.push(if repl || sup {
+        item(
+            "replication privilege",
+            "ok",
+            if sup { "superuser" } else { "REPLICATION" },
+        )
+    } else {
+        item(
+            "replication privilege",
+            "fail",
+            "the role lacks REPLICATION: ALTER ROLE <role> REPLICATION",
+        )
+    });
+    let tables: Vec<TableRef> = catalog::user_tables(c)
+        .await?
+        .into_iter()
+        .filter(|t| s.tables.matches(t))
+        .collect();
+    if tables.is_empty() {
+        out.push(item("captured tables", "fail", "no table matches --tables"));
+    } else {
+        out.push(item(
+            "captured tables",
+            "ok",
+            format!("{} table(s)", tables.len()),
+        ));
+    }
+    for t in &tables {
+        let row = c
+            .query_one(
+                "SELECT has_table_privilege($1::oid, 'SELECT'), c.relreplident::text, \
+                        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND (i.indisprimary OR i.indisreplident)) \
+                 FROM pg_class c WHERE c.oid = $1",
+                &[&t.oid],
+            )
+            .await
+            .map_err(q("reading table privileges"))?;
+        let (select, ident, has_key): (bool, String, bool) = (row.get(0), row.get(1), row.get(2));
+        if !select {
+            out.push(item(
+                &format!("select on {}", t.qualified()),
+                "fail",
+                format!("GRANT SELECT ON {} TO <role>", t.sql_name()),
+            ));
+        }
+        match (ident.as_str(), has_key) {
+            ("f", _) => {}
+            ("n", _) => out.push(item(&format!("replica identity of {}", t.qualified()), "warn",
+                "REPLICA IDENTITY NOTHING: updates and deletes fail on the server; ALTER TABLE … REPLICA IDENTITY DEFAULT or FULL")),
+            (_, false) => out.push(item(&format!("replica identity of {}", t.qualified()), "warn",
+                "no primary key or replica identity index: Postgres refuses its UPDATE and DELETE while it is published. Add a primary key, or ALTER TABLE … REPLICA IDENTITY FULL")),
+            _ => {}
+        }
+    }
+    Ok(())
+}
