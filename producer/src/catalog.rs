@@ -324,6 +324,17 @@ pub async fn user_tables(client: &Client) -> Result<Vec<TableRef>, PgError> {
         .collect())
 }
 
+/// Whether publication `name` exists.
+pub async fn publication_exists(c: &Client, name: &str) -> Result<bool, PgError> {
+    Ok(c.query_one(
+        "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+        &[&name],
+    )
+    .await
+    .map_err(PgError::query("reading pg_publication"))?
+    .get(0))
+}
+
 /// The tables in publication `publication`.
 pub async fn publication_tables(
     client: &Client,

@@ -175,14 +175,7 @@ async fn prepare(ctx: &Context) -> Result<Prepared, RunError> {
             crate::ddl::capture::WITHOUT_TRIGGERS
         );
     }
-    let pub_exists: bool = ctl
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
-            &[&s.publication],
-        )
-        .await
-        .map_err(PgError::query("reading pg_publication"))?
-        .get(0);
+    let pub_exists = catalog::publication_exists(&ctl, &s.publication).await?;
     if !pub_exists {
         return Err(RunError::Setup(format!(
             "publication {:?} does not exist: run `walrelay-producer init` first",

@@ -78,14 +78,7 @@ pub async fn init(s: &Settings) -> Result<InitReport, PgError> {
         .map(TableRef::sql_name)
         .collect::<Vec<_>>()
         .join(", ");
-    let exists: bool = c
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
-            &[&s.publication],
-        )
-        .await
-        .map_err(PgError::query("reading pg_publication"))?
-        .get(0);
+    let exists = catalog::publication_exists(&c, &s.publication).await?;
     let sql = if exists {
         format!(
             "ALTER PUBLICATION {} SET TABLE {list}",

@@ -98,6 +98,26 @@ fn push_progress(
 }
 
 impl Listener<'_> {
+    /// The emitter, and what to do while it waits on a spent byte budget: keep handing the
+    /// confirmed LSN to the server (acks go on arriving), so Postgres sees progress.
+    fn emitter_and_progress<'s>(
+        &'s mut self,
+        pushed: &'s mut u64,
+    ) -> (&'s mut Emitter, impl FnMut() + 's) {
+        let Listener {
+            emitter,
+            client,
+            checkpointer,
+            metrics,
+            ..
+        } = self;
+        let (client, checkpointer, metrics): (&ReplicationClient, &Checkpointer, &Metrics) =
+            (client, checkpointer, metrics);
+        (emitter, move || {
+            push_progress(client, checkpointer, metrics, pushed);
+        })
+    }
+
     /// Runs until `shutdown` is cancelled (returns `Ok`) or a failure.
     pub async fn run(self, shutdown: &CancellationToken) -> Result<(), RunError> {
         let mut stream = Stream {
@@ -382,14 +402,7 @@ impl Stream<'_> {
         let shape = shape_of(relations, oid)?;
         t.seq += 1;
         let meta = meta(t, op, lsn);
-        let Listener {
-            emitter,
-            client,
-            checkpointer,
-            metrics,
-            ..
-        } = io;
-        let mut on_wait = || push_progress(client, checkpointer, metrics, pushed);
+        let (emitter, mut on_wait) = io.emitter_and_progress(pushed);
         t.sent += emitter
             .row(shape, &meta, change, t.id, &mut on_wait)
             .await?;
@@ -408,14 +421,7 @@ impl Stream<'_> {
             ..
         } = self;
         let t = open(txn)?;
-        let Listener {
-            emitter,
-            client,
-            checkpointer,
-            metrics,
-            ..
-        } = io;
-        let mut on_wait = || push_progress(client, checkpointer, metrics, pushed);
+        let (emitter, mut on_wait) = io.emitter_and_progress(pushed);
         for &oid in oids {
             let shape = shape_of(relations, oid)?;
             t.seq += 1;

@@ -14,7 +14,7 @@ use std::time::Duration;
 use pgwire_replication::Lsn;
 use walrelay_common::event::Op;
 
-use super::{Listener, Relation, Stream, meta, open, push_progress};
+use super::{Relation, Stream, meta, open};
 use crate::config::DdlStatement;
 use crate::ddl::{self, Origin, TableSchema, TriggerMessage};
 use crate::error::RunError;
@@ -190,18 +190,13 @@ impl Stream<'_> {
         let t = open(txn)?;
         t.seq += 1;
         let meta = meta(t, Op::Ddl, lsn);
-        let Listener {
-            emitter,
-            client,
-            checkpointer,
-            metrics,
-            ..
-        } = io;
-        let mut on_wait = || push_progress(client, checkpointer, metrics, pushed);
-        t.sent += emitter
-            .schema(&event.shape, &event.change, &meta, t.id, &mut on_wait)
-            .await?;
-        metrics
+        t.sent += {
+            let (emitter, mut on_wait) = io.emitter_and_progress(pushed);
+            emitter
+                .schema(&event.shape, &event.change, &meta, t.id, &mut on_wait)
+                .await?
+        };
+        io.metrics
             .schema_events
             .with_label_values(&[&event.change.origin])
             .inc();
