@@ -13,6 +13,8 @@
 //!   does), `config.rs` (its options and settings), `command.rs` (its commands), `sink.rs` (the
 //!   [`runtime::Sink`]), `client.rs` (the service it talks to) and `encode.rs` (how an event
 //!   becomes what the service receives), plus what only that sink has.
+//! - [`http`]: what sinks that speak HTTP share: the SSRF guard for user-chosen targets and
+//!   `Retry-After`.
 //! - [`metrics`]: the `walrelay_consumer_*` catalogue.
 //!
 //! The binary (`main.rs`) only builds the command's settings and runs it.
@@ -32,6 +34,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod http;
 pub mod metrics;
 pub mod runtime;
 pub mod sinks;

@@ -32,9 +32,9 @@ use futures_util::StreamExt;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
-use super::guard::Guard;
 use super::signing::Secret;
 use super::subscriptions::{NewSubscription, Store, StoreError, Subscription};
+use crate::http::guard::Guard;
 
 /// What the handlers share.
 #[derive(Clone)]

@@ -19,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 use walrelay_common::retry::Backoff;
 
 use super::config::DeliverySettings;
-use super::guard::{self, Guard, GuardedResolver, refusal_in};
 use super::subscriptions::Subscription;
+use crate::http::guard::{self, Guard, GuardedResolver, refusal_in};
 use crate::metrics::Metrics;
 
 /// Why a delivery did not succeed.
@@ -241,11 +241,7 @@ impl WebhookClient {
             return Outcome::Final(failed(Some(status.as_u16()), message));
         }
         let retry_after = if matches!(status.as_u16(), 429 | 503) {
-            resp.headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs)
+            crate::http::retry_after(resp.headers())
         } else {
             None
         };

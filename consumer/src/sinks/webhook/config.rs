@@ -11,8 +11,8 @@ use serde::Deserialize;
 use walrelay_common::options::{self, ConfigError, parse_duration};
 use walrelay_common::postgres::PgTarget;
 
-use super::guard::Guard;
 use crate::config::Retry;
+use crate::http::guard::Guard;
 
 /// The webhook sink's options, each unset unless given.
 #[derive(Debug, Clone, Default, clap::Args, Deserialize)]

@@ -49,7 +49,8 @@
 //! - [`client`]: the HTTP client: one signed POST per attempt, retries, the proxy.
 //! - [`encode`]: the `webhook-id`, an event's order chain, a failed delivery's dead letter.
 //! - [`signing`]: Standard Webhooks signatures and secrets.
-//! - [`guard`]: the SSRF guard (literal addresses, and every resolved address at connect time).
+//! - [`crate::http::guard`] (shared): the SSRF guard (literal addresses, and every resolved address
+//!   at connect time).
 //! - [`subscriptions`]: the subscriptions in Postgres and their cache.
 //! - [`api`]: the subscriptions HTTP API; [`server`] serves it (TLS, timeouts and limits).
 
@@ -58,7 +59,6 @@ pub mod client;
 pub mod command;
 pub mod config;
 pub mod encode;
-pub mod guard;
 pub mod server;
 pub mod signing;
 pub mod sink;

@@ -194,8 +194,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::guard::Guard;
     use crate::sinks::webhook::api::{self, Api};
-    use crate::sinks::webhook::guard::Guard;
     use crate::sinks::webhook::subscriptions::Store;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

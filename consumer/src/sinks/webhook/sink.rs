@@ -13,8 +13,8 @@ use walrelay_common::sync::lock;
 use super::client::{Failure, WebhookClient};
 use super::config::{DeliverySettings, OnFailure};
 use super::encode::{gone_letter, letter, message_id, row_of};
-use super::guard::Guard;
 use super::subscriptions::{Store, Subscription};
+use crate::http::guard::Guard;
 use crate::metrics::Metrics;
 use crate::runtime::{Event, Letter, Sink, SinkError, Verdict};
 
