@@ -5,10 +5,10 @@
 //!   consumer: Kafka record value ──decode──▶ Envelope (+ `after` as the codec keeps it) ──▶ sinks
 //! ```
 //!
-//! JSON (Debezium-shaped, [`crate::event`]) is the one codec today. Its encoder is the
-//! producer's `encode` module, behind the producer's emitter (it writes straight from
-//! Postgres' text cells, without building values); its decoder is [`json::decode`], which every
-//! consumer uses. A second codec (Avro with a schema registry) goes beside `json` with the same
+//! JSON (Debezium-shaped, [`crate::event`]) is the one codec today. Its encoder implements the
+//! producer's `encode::Encoder` trait, which the producer's emitter holds (it writes straight
+//! from Postgres' text cells, without building values); its decoder is [`json::decode`], which
+//! every consumer uses. A second codec (Avro with a schema registry) goes beside `json` with the same
 //! two halves; sinks see only the decoded [`crate::event::Envelope`], so they do not change.
 
 /// Why a record is not a walrelay change event (definite: the record is dead-lettered).

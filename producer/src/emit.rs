@@ -4,7 +4,7 @@
 //! events here; none of them touches the encoder or the Kafka writer. The emitter owns:
 //!
 //! ```text
-//!   row images + shape + metadata ──▶ encode key and value (the envelope codec)
+//!   row images + shape + metadata ──▶ key (routing) and value (the codec, an encode::Encoder)
 //!                                 ──▶ route: by key, to one partition, or to every partition
 //!                                 ──▶ kafka::Writer (byte budget; acks → checkpointer)
 //!                                 ──▶ count: events per op, bytes; records per transaction
@@ -25,7 +25,7 @@ use std::sync::Arc;
 use walrelay_common::event::{Op, SchemaChange};
 
 use crate::checkpoint::TxnId;
-use crate::encode::{EnvelopeWriter, EventMeta, Image, PartitionKey, TableShape};
+use crate::encode::{Encoder, EventMeta, Image, PartitionKey, TableShape};
 use crate::error::RunError;
 use crate::kafka::Writer;
 use crate::metrics::Metrics;
@@ -45,7 +45,7 @@ pub struct RowChange<'a, 'b> {
 /// Encodes events and hands them to Kafka.
 pub struct Emitter {
     writer: Arc<Writer>,
-    encoder: EnvelopeWriter,
+    encoder: Arc<dyn Encoder>,
     partition_key: PartitionKey,
     partitions: i32,
     metrics: Arc<Metrics>,
@@ -57,7 +57,7 @@ impl Emitter {
     /// An emitter writing through `writer` to a topic of `partitions` partitions.
     pub fn new(
         writer: Arc<Writer>,
-        encoder: EnvelopeWriter,
+        encoder: Arc<dyn Encoder>,
         partition_key: PartitionKey,
         partitions: i32,
         metrics: Arc<Metrics>,
@@ -77,7 +77,7 @@ impl Emitter {
     pub fn fork(&self) -> Self {
         Self::new(
             Arc::clone(&self.writer),
-            self.encoder.clone(),
+            Arc::clone(&self.encoder),
             self.partition_key,
             self.partitions,
             Arc::clone(&self.metrics),
@@ -104,7 +104,7 @@ impl Emitter {
         let key_cells = (!change.key_row.is_empty()).then_some(change.key_row);
         shape.write_key(&mut self.key, self.partition_key, key_cells);
         self.encoder
-            .write(&mut self.value, shape, meta, change.before, change.after);
+            .row(&mut self.value, shape, meta, change.before, change.after);
         self.send(shape, meta.op, txn, None, on_wait).await?;
         Ok(1)
     }
@@ -121,7 +121,7 @@ impl Emitter {
         self.key.clear();
         self.value.clear();
         shape.write_key(&mut self.key, self.partition_key, None);
-        self.encoder.write(&mut self.value, shape, meta, None, None);
+        self.encoder.row(&mut self.value, shape, meta, None, None);
         if self.partition_key == PartitionKey::PrimaryKey {
             self.send_to_every_partition(shape, meta.op, txn, on_wait)
                 .await
@@ -146,8 +146,8 @@ impl Emitter {
         self.value.clear();
         shape.write_key(&mut self.key, self.partition_key, None);
         self.encoder
-            .write_schema_event(&mut self.value, shape, meta, change)
-            .map_err(|e| RunError::Protocol(format!("encoding a schema event: {e}")))?;
+            .schema(&mut self.value, shape, meta, change)
+            .map_err(|e| RunError::Protocol(e.to_string()))?;
         let sent = self
             .send_to_every_partition(shape, meta.op, txn, on_wait)
             .await?;

@@ -218,7 +218,62 @@ pub struct EventMeta {
     pub seq: u64,
 }
 
-/// Writes envelopes. Holds what is the same for every event of a database.
+/// How an event's value is written: the producer's half of a codec (the consumers' half is
+/// `walrelay_common::codec`). The emitter holds one ([`crate::emit::Emitter`]); JSON
+/// ([`EnvelopeWriter`]) is the one there is. Keys are not the codec's: they decide partitions
+/// (`TableShape::write_key`), so they stay the same whatever format the values take.
+pub trait Encoder: Send + Sync {
+    /// Appends a row event (insert, update, delete, truncate, snapshot read) to `out`.
+    fn row(
+        &self,
+        out: &mut Vec<u8>,
+        shape: &TableShape,
+        meta: &EventMeta,
+        before: Option<Image<'_, '_>>,
+        after: Option<Image<'_, '_>>,
+    );
+
+    /// Appends a schema event to `out`.
+    fn schema(
+        &self,
+        out: &mut Vec<u8>,
+        shape: &TableShape,
+        meta: &EventMeta,
+        change: &walrelay_common::event::SchemaChange,
+    ) -> Result<(), EncodeError>;
+}
+
+/// An event the codec could not write (definite: the producer stops).
+#[derive(Debug, thiserror::Error)]
+#[error("encoding a schema event: {0}")]
+pub struct EncodeError(String);
+
+impl Encoder for EnvelopeWriter {
+    fn row(
+        &self,
+        out: &mut Vec<u8>,
+        shape: &TableShape,
+        meta: &EventMeta,
+        before: Option<Image<'_, '_>>,
+        after: Option<Image<'_, '_>>,
+    ) {
+        self.write(out, shape, meta, before, after);
+    }
+
+    fn schema(
+        &self,
+        out: &mut Vec<u8>,
+        shape: &TableShape,
+        meta: &EventMeta,
+        change: &walrelay_common::event::SchemaChange,
+    ) -> Result<(), EncodeError> {
+        self.write_schema_event(out, shape, meta, change)
+            .map_err(|e| EncodeError(e.to_string()))
+    }
+}
+
+/// The JSON codec's encoder: Debezium-shaped envelopes written straight from Postgres' text
+/// cells. Holds what is the same for every event of a database.
 #[derive(Debug, Clone)]
 pub struct EnvelopeWriter {
     /// `"version":"…","connector":"walrelay","db":"…"`, pre-encoded.

@@ -204,7 +204,7 @@ async fn prepare(ctx: &Context) -> Result<Prepared, RunError> {
     ctx.readiness.set("kafka", true);
     let mut emitter = Emitter::new(
         Arc::clone(&writer),
-        EnvelopeWriter::new(&s.database()),
+        Arc::new(EnvelopeWriter::new(&s.database())),
         s.partition_key,
         partitions,
         Arc::clone(&ctx.metrics),
