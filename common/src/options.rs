@@ -215,6 +215,24 @@ impl std::fmt::Debug for KafkaProperties {
     }
 }
 
+/// The Kafka options of the flags (and environment) over the file's: a `--kafka-property` list
+/// given on the command line replaces the file's list; the file's `[kafka_properties]` table is
+/// merged key by key, the flags' entries winning. Returns the list and the table.
+pub fn merge_kafka_options(
+    flags: (Vec<String>, BTreeMap<String, String>),
+    file: (Vec<String>, BTreeMap<String, String>),
+) -> (Vec<String>, BTreeMap<String, String>) {
+    let (flag_list, flag_table) = flags;
+    let (file_list, mut table) = file;
+    table.extend(flag_table);
+    let list = if flag_list.is_empty() {
+        file_list
+    } else {
+        flag_list
+    };
+    (list, table)
+}
+
 /// librdkafka properties: the file's `[kafka_properties]` table overridden by `KEY=VALUE`
 /// flags, refused when one would break walrelay's guarantees (see [`unsafe_kafka_property`]).
 ///
@@ -299,6 +317,32 @@ pub fn check_topic(option: &str, topic: &str) -> Result<(), ConfigError> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn kafka_options_flags_over_file() {
+        let map = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let (list, table) = merge_kafka_options(
+            (vec![], map(&[("linger.ms", "1")])),
+            (
+                vec!["acks=all".into()],
+                map(&[("linger.ms", "9"), ("batch.size", "5")]),
+            ),
+        );
+        assert_eq!(list, ["acks=all"], "no flags: the file's list");
+        assert_eq!(table, map(&[("batch.size", "5"), ("linger.ms", "1")]));
+        let (list, _) = merge_kafka_options(
+            (vec!["a=1".into()], BTreeMap::new()),
+            (vec!["b=2".into()], BTreeMap::new()),
+        );
+        assert_eq!(list, ["a=1"], "flags replace the file's list");
+    }
+
     #[test]
     fn userinfo_is_removed_from_urls() {
         assert_eq!(

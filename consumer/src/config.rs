@@ -87,8 +87,10 @@ pub struct Args {
 impl Args {
     /// `self` where set, else `file`.
     pub fn or(self, file: Args) -> Args {
-        let mut kafka_properties = file.kafka_properties;
-        kafka_properties.extend(self.kafka_properties);
+        let (kafka_property, kafka_properties) = options::merge_kafka_options(
+            (self.kafka_property, self.kafka_properties),
+            (file.kafka_property, file.kafka_properties),
+        );
         Args {
             kafka_brokers: self.kafka_brokers.or(file.kafka_brokers),
             topic: self.topic.or(file.topic),
@@ -101,11 +103,7 @@ impl Args {
             retry_initial_backoff: self.retry_initial_backoff.or(file.retry_initial_backoff),
             retry_max_backoff: self.retry_max_backoff.or(file.retry_max_backoff),
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
-            kafka_property: if self.kafka_property.is_empty() {
-                file.kafka_property
-            } else {
-                self.kafka_property
-            },
+            kafka_property,
             kafka_properties,
             log_format: self.log_format.or(file.log_format),
         }

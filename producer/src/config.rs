@@ -174,8 +174,10 @@ impl Options {
 
     /// `self` where set, else `file`.
     pub fn or(self, file: Options) -> Options {
-        let mut kafka_properties = file.kafka_properties;
-        kafka_properties.extend(self.kafka_properties);
+        let (kafka_property, kafka_properties) = options::merge_kafka_options(
+            (self.kafka_property, self.kafka_properties),
+            (file.kafka_property, file.kafka_properties),
+        );
         Options {
             postgres_url: self.postgres_url.or(file.postgres_url),
             kafka_brokers: self.kafka_brokers.or(file.kafka_brokers),
@@ -191,11 +193,7 @@ impl Options {
             ddl_statement: self.ddl_statement.or(file.ddl_statement),
             snapshot_parallelism: self.snapshot_parallelism.or(file.snapshot_parallelism),
             snapshot_chunk_pages: self.snapshot_chunk_pages.or(file.snapshot_chunk_pages),
-            kafka_property: if self.kafka_property.is_empty() {
-                file.kafka_property
-            } else {
-                self.kafka_property
-            },
+            kafka_property,
             kafka_properties,
             log_format: self.log_format.or(file.log_format),
         }
