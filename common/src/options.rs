@@ -317,10 +317,11 @@ pub fn check_topic(option: &str, topic: &str) -> Result<(), ConfigError> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     #[test]
     fn kafka_options_flags_over_file() {
+        use std::collections::BTreeMap;
+
+        use super::merge_kafka_options;
         let map = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
             pairs
                 .iter()
