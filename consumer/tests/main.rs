@@ -530,6 +530,46 @@ async fn index_follows_inserts_updates_deletes_truncate_and_toast() {
     );
 }
 
+/// A row keyed by a `jsonb` value: its insert arrives as JSON text (Postgres' spacing and key
+/// order), its delete as a parsed `before` image; both must address the same document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_keyed_by_jsonb_is_deleted_from_the_index() {
+    let mut s = Stack::start(
+        "CREATE TABLE jkeys (k jsonb PRIMARY KEY, v text);
+         INSERT INTO jkeys VALUES ('{\"b\": 1, \"a\": [1, 2]}', 'one'), ('{\"z\": {\"y\": true}}', 'two');",
+    )
+    .await;
+    let mut indexer = s.indexer();
+    let wait_docs = |want: usize| {
+        let search = &s.search;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let docs = search.documents("public.jkeys").await;
+                if docs.len() == want {
+                    return docs;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "want {want} documents, have {docs:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let docs = wait_docs(2).await;
+    assert!(docs.values().any(|d| d["v"] == "one"), "{docs:?}");
+    s.exec("DELETE FROM jkeys WHERE v = 'one'").await;
+    let docs = wait_docs(1).await;
+    assert!(
+        docs.values().all(|d| d["v"] == "two"),
+        "the deleted row's document is gone: {docs:?}\n{}",
+        s.all_logs()
+    );
+    s.assert_clean();
+    indexer.kill9();
+}
+
 /// The consumer's `walrelay_consumer_assigned_partitions`, read from its `/metrics`.
 async fn assigned_partitions(metrics_port: u16) -> Option<i64> {
     let body = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))

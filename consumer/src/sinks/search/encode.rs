@@ -67,6 +67,12 @@ pub fn document_id_raw(
         let raw = row.get(col)?.get();
         match raw.as_bytes().first() {
             Some(b'"') => serde_json::from_str::<String>(raw).ok(),
+            // A json/jsonb key: the text as the producer forwarded it (Postgres' spacing, its
+            // key order) would differ from the compact, key-sorted form `document_id` gives
+            // the same value in a delete's `before` map; both use the compact form.
+            Some(b'{' | b'[') => serde_json::from_str::<Value>(raw)
+                .ok()
+                .map(|v| v.to_string()),
             _ if raw == "null" => None,
             _ => Some(raw.to_string()),
         }
@@ -425,6 +431,9 @@ mod tests {
             (&two, r#"{"a":"x|y","b":7}"#),
             (&two, r#"{"a":"x\"q","b":true}"#),
             (&key, r#"{"id":12345678901234567890.5}"#),
+            // jsonb keys as Postgres writes them: spaces, keys in its own order.
+            (&key, r#"{"id":{"b": 1, "a": [1, 2.50, "x"]}}"#),
+            (&two, r#"{"a":[{"z": null, "y": true}],"b":{"k": "v|w"}}"#),
         ] {
             let raw: HashMap<Cow<'_, str>, &RawValue> = serde_json::from_str(text).expect("json");
             let map: Map<String, Value> = serde_json::from_str(text).expect("json");
