@@ -357,6 +357,7 @@ impl Stack {
             .map(|(id, mut d)| {
                 if let Some(o) = d.as_object_mut() {
                     o.remove("walrelay_version");
+                    o.remove("walrelay_seq");
                 }
                 (id, d)
             })
@@ -528,6 +529,66 @@ async fn index_follows_inserts_updates_deletes_truncate_and_toast() {
         "SIGTERM drains and exits 0\n{}",
         s.all_logs()
     );
+}
+
+/// Commit order, not WAL order: under a deferred unique key a transaction can insert a key (its
+/// change logged first) that a concurrent transaction then deletes and commits first. The
+/// insert is the newer change of that row; versioned by its own LSN it looked stale (409) and
+/// the row went missing from the index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_unique_key_race_ends_with_the_index_equal_to_the_table() {
+    let mut s = Stack::start(
+        "CREATE TABLE dk (id int, v text, CONSTRAINT dk_pkey PRIMARY KEY (id) DEFERRABLE INITIALLY DEFERRED);
+         ALTER TABLE dk REPLICA IDENTITY FULL;
+         INSERT INTO dk VALUES (1, 'old'), (2, 'two');",
+    )
+    .await;
+    let mut indexer = s.indexer();
+    s.wait_equal("dk", "public.dk", Duration::from_secs(60))
+        .await;
+    let late = s.pg.client(&s.db).await;
+    let early = s.pg.client(&s.db).await;
+    // The later committer writes its change first...
+    late.batch_execute("BEGIN; INSERT INTO dk VALUES (1, 'new')")
+        .await
+        .expect("insert under a deferred key");
+    // ...the earlier committer deletes the old row and commits...
+    early
+        .batch_execute("BEGIN; DELETE FROM dk WHERE v = 'old'; COMMIT")
+        .await
+        .expect("delete");
+    // ...then the insert commits (the deferred check passes: the old row is gone).
+    late.batch_execute("COMMIT").await.expect("commit");
+    s.wait_equal("dk", "public.dk", Duration::from_secs(60))
+        .await;
+    let docs = s.search.documents("public.dk").await;
+    assert_eq!(docs["1"]["v"], "new", "{docs:?}");
+    s.assert_clean();
+    indexer.kill9();
+}
+
+/// Versions follow commit order, so all changes of one transaction share one; a truncate still
+/// removes exactly the rows written before it, in older transactions and in its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncate_removes_what_its_own_transaction_wrote_before_it() {
+    let mut s = Stack::start(
+        "CREATE TABLE tt (id int PRIMARY KEY, v text); INSERT INTO tt VALUES (1, 'old');",
+    )
+    .await;
+    let mut indexer = s.indexer();
+    s.wait_equal("tt", "public.tt", Duration::from_secs(60))
+        .await;
+    s.exec(
+        "BEGIN; INSERT INTO tt VALUES (2, 'before'); UPDATE tt SET v = 'touched' WHERE id = 1;
+         TRUNCATE tt; INSERT INTO tt VALUES (3, 'after'); COMMIT;",
+    )
+    .await;
+    s.wait_equal("tt", "public.tt", Duration::from_secs(60))
+        .await;
+    let docs = s.search.documents("public.tt").await;
+    assert_eq!(docs.keys().collect::<Vec<_>>(), ["3"], "{docs:?}");
+    s.assert_clean();
+    indexer.kill9();
 }
 
 /// A row keyed by a `jsonb` value: its insert arrives as JSON text (Postgres' spacing and key

@@ -94,6 +94,7 @@ async fn every_value_type_reaches_the_index_and_is_found() {
         let mut doc = doc.clone();
         if let Some(o) = doc.as_object_mut() {
             assert!(o.remove("walrelay_version").is_some(), "versioned: {id}");
+            assert!(o.remove("walrelay_seq").is_some(), "sequenced: {id}");
         }
         assert_eq!(
             Some(&doc),

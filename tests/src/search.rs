@@ -623,12 +623,11 @@ async fn handle(
                 let body = json_body()?;
                 let targets = st.resolve_all(index)?;
                 let query = &body["query"];
-                let range = query["range"].as_object().and_then(|r| r.iter().next());
-                if range.is_none() && query.get("match_all").is_none() {
+                if query_matches(query, &Map::new()).is_none() {
                     return Err(error(
                         StatusCode::BAD_REQUEST,
                         "parsing_exception",
-                        "the stand-in supports match_all and range queries only",
+                        "the stand-in supports match_all, range (lt), term and bool (filter, should) queries only",
                     ));
                 }
                 let mut deleted = 0;
@@ -638,16 +637,7 @@ async fn handle(
                         .iter()
                         .filter(|(_, d)| {
                             let Some(src) = &d.source else { return false };
-                            match range {
-                                None => true,
-                                Some((field, bounds)) => {
-                                    let v = src.get(field).and_then(Value::as_i64);
-                                    match (v, bounds["lt"].as_i64()) {
-                                        (Some(v), Some(lt)) => v < lt,
-                                        _ => false,
-                                    }
-                                }
-                            }
+                            query_matches(query, src) == Some(true)
                         })
                         .map(|(id, d)| (id.clone(), d.version))
                         .collect();
@@ -1125,4 +1115,40 @@ fn discard_bulk(st: &mut State, body: &[u8]) -> Response {
         out,
     )
         .into_response()
+}
+
+/// Whether document source `src` matches `query`, for the queries the sink sends to
+/// `_delete_by_query`; `None` for a query the stand-in does not support.
+fn query_matches(query: &Value, src: &Map<String, Value>) -> Option<bool> {
+    let (kind, body) = query.as_object()?.iter().next()?;
+    let field = |body: &Value| -> Option<(Option<i64>, Value)> {
+        let (name, arg) = body.as_object()?.iter().next()?;
+        Some((src.get(name).and_then(Value::as_i64), arg.clone()))
+    };
+    match kind.as_str() {
+        "match_all" => Some(true),
+        "range" => {
+            let (v, bounds) = field(body)?;
+            let lt = bounds.get("lt")?.as_i64()?;
+            Some(v.is_some_and(|v| v < lt))
+        }
+        "term" => {
+            let (v, want) = field(body)?;
+            Some(v.is_some() && v == want.as_i64())
+        }
+        "bool" => {
+            let all = |key: &str| -> Option<Vec<bool>> {
+                body.get(key).map_or(Some(Vec::new()), |qs| {
+                    qs.as_array()?
+                        .iter()
+                        .map(|q| query_matches(q, src))
+                        .collect()
+                })
+            };
+            let filter = all("filter")?;
+            let should = all("should")?;
+            Some(filter.iter().all(|m| *m) && (should.is_empty() || should.iter().any(|m| *m)))
+        }
+        _ => None,
+    }
 }

@@ -3,22 +3,30 @@
 //!
 //! # Versions
 //!
-//! Every write carries `version_type=external` and a version derived from the LSN, so the
-//! search engine itself refuses anything older than what it stores (409, counted as success):
+//! Every write carries `version_type=external_gte` and the event's place in **commit order**,
+//! so the search engine itself refuses anything older than what it stores (409, counted as
+//! success):
 //!
-//! - a streamed change: its own WAL position, `source.lsn`. For one row this orders changes
-//!   exactly as (commit LSN, sequence) does: within a transaction, later changes sit later in
-//!   the WAL; across transactions, a writer must wait for the row lock (or the unique-index
-//!   entry) of the previous writer, which is released only after that writer's commit record,
-//!   so its own change record comes after that commit. It needs no packing of two numbers into
-//!   63 bits, so it never overflows or ties.
+//! - a streamed change: the commit LSN of its transaction, `source.commit_lsn`. Transactions
+//!   reach the topic in commit order, and a later commit has a higher commit LSN, whatever the
+//!   LSNs of the changes inside: a transaction's heap insert is logged before it waits on a
+//!   unique-index entry (or before a deferred constraint is checked), so a change LSN can lie
+//!   below that of a concurrent transaction that committed first, and would wrongly look stale.
+//!   Changes of one row inside one transaction share the version; `external_gte` accepts an
+//!   equal version, and they are applied in order (one row's changes are in one partition, and
+//!   a replay re-applies a contiguous run of offsets, so the transaction's last change of the
+//!   row is applied last again).
 //! - a snapshot row: 1, lower than any change. The producer sends a row's snapshot event before
 //!   any change of it, and every streamed change is newer than the snapshot (its transaction
 //!   committed after the snapshot's consistent point), so a snapshot row never overwrites a
 //!   change, even when it is delivered again later.
 //!
-//! The version is also stored in the document as `walrelay_version`, which lets a truncate
-//! delete exactly the documents older than itself.
+//! A commit LSN is a WAL byte position; one at or beyond 2⁶³ (eight exbibytes of WAL) does not
+//! fit a version: such an event is dead-lettered with the reason, never dropped silently.
+//!
+//! The version is stored in the document as `walrelay_version`, and the event's position in
+//! its transaction (`source.seq`) as `walrelay_seq`, which lets a truncate delete exactly the
+//! documents older than itself, including rows written earlier in its own transaction.
 //!
 //! # Document ids
 //!
@@ -37,16 +45,31 @@ use walrelay_common::event::{Envelope, Op, write_json_str};
 /// Field holding the document's version.
 pub const VERSION_FIELD: &str = "walrelay_version";
 
+/// Field holding the position, in its transaction, of the change that wrote the document.
+pub const SEQ_FIELD: &str = "walrelay_seq";
+
 /// Longest document id the engines accept.
 const MAX_ID_BYTES: usize = 512;
 
-/// The external version of an event's writes.
-pub fn version(env: &Envelope) -> i64 {
+/// The external version of an event's writes: its transaction's commit LSN (1 for a snapshot
+/// row); see "Versions" above.
+pub fn version(env: &Envelope) -> Result<i64, String> {
     if env.source.snapshot {
-        1
-    } else {
-        i64::try_from(env.source.lsn).unwrap_or(i64::MAX).max(2)
+        return Ok(1);
     }
+    i64::try_from(env.source.commit_lsn)
+        .map(|v| v.max(2))
+        .map_err(|_| {
+            format!(
+                "commit LSN {} does not fit a search version (2^63): this event cannot be ordered in the index",
+                env.source.commit_lsn
+            )
+        })
+}
+
+/// The event's position in its transaction (`walrelay_seq`).
+pub fn seq(env: &Envelope) -> i64 {
+    i64::try_from(env.source.seq).unwrap_or(i64::MAX)
 }
 
 /// The document id of a row image, or why there is none.
@@ -233,13 +256,16 @@ pub fn missing_fields(
             out.insert(col.clone(), field_mapping(ty.as_str().unwrap_or("text")));
         }
     }
-    if !known.contains_key(VERSION_FIELD) {
-        out.insert(VERSION_FIELD.into(), json!({"type": "long"}));
+    for field in [VERSION_FIELD, SEQ_FIELD] {
+        if !known.contains_key(field) {
+            out.insert(field.into(), json!({"type": "long"}));
+        }
     }
     out
 }
 
-/// Appends `{"<kind>":{"_index":…,"_id":…,"version":…,"version_type":"external"}}` and a newline.
+/// Appends `{"<kind>":{"_index":…,"_id":…,"version":…,"version_type":"external_gte"}}` and a
+/// newline.
 pub fn action_line(out: &mut Vec<u8>, kind: &str, index: &str, id: &str, version: i64) {
     out.extend_from_slice(b"{\"");
     out.extend_from_slice(kind.as_bytes());
@@ -249,7 +275,7 @@ pub fn action_line(out: &mut Vec<u8>, kind: &str, index: &str, id: &str, version
     write_json_str(out, id);
     out.extend_from_slice(b",\"version\":");
     out.extend_from_slice(version.to_string().as_bytes());
-    out.extend_from_slice(b",\"version_type\":\"external\"}}\n");
+    out.extend_from_slice(b",\"version_type\":\"external_gte\"}}\n");
 }
 
 /// For an update that changed the row's key: the old document's id and the action deleting it.
@@ -303,7 +329,7 @@ pub fn forward(
     version: i64,
 ) -> Option<Result<Forwarded, String>> {
     let fields = serde_json::from_str::<HashMap<Cow<'_, str>, &RawValue>>(raw.get()).ok()?;
-    if fields.contains_key(VERSION_FIELD) {
+    if fields.contains_key(VERSION_FIELD) || fields.contains_key(SEQ_FIELD) {
         return None;
     }
     let id = match document_id_raw(&env.key, &fields) {
@@ -323,6 +349,10 @@ pub fn forward(
     lines.extend_from_slice(VERSION_FIELD.as_bytes());
     lines.extend_from_slice(b"\":");
     lines.extend_from_slice(version.to_string().as_bytes());
+    lines.extend_from_slice(b",\"");
+    lines.extend_from_slice(SEQ_FIELD.as_bytes());
+    lines.extend_from_slice(b"\":");
+    lines.extend_from_slice(seq(env).to_string().as_bytes());
     lines.extend_from_slice(b"}\n");
     Some(Ok(Forwarded { id, old, lines }))
 }
@@ -377,15 +407,16 @@ pub fn keep_unchanged(
     unresolved
 }
 
-/// The index action and source lines of a built document (the version field is added).
+/// The index action and source lines of a built document (the version fields are added).
 pub fn index_lines(
     source: &mut Map<String, Value>,
     target: &str,
     id: &str,
-    version: i64,
+    (version, seq): (i64, i64),
 ) -> Result<Vec<u8>, String> {
     let mut lines = Vec::new();
     source.insert(VERSION_FIELD.into(), json!(version));
+    source.insert(SEQ_FIELD.into(), json!(seq));
     action_line(&mut lines, "index", target, id, version);
     serde_json::to_writer(&mut lines, &*source)
         .map_err(|e| format!("cannot encode the document: {e}"))?;
@@ -472,7 +503,15 @@ mod tests {
             generation_of("sales.orders", "sales.orders_archive-v1"),
             None
         );
-        assert_eq!(version(&env), 5);
+        // The commit LSN (9), not the change's own LSN (5): commit order.
+        assert_eq!(version(&env), Ok(9));
+        assert_eq!(seq(&env), 1);
+        let mut snap = env.clone();
+        snap.source.snapshot = true;
+        assert_eq!(version(&snap), Ok(1));
+        let mut beyond = env;
+        beyond.source.commit_lsn = 1 << 63;
+        assert!(version(&beyond).is_err(), "never saturated silently");
     }
 
     #[test]
@@ -511,9 +550,8 @@ mod tests {
         let types = row(json!({"id": "integer", "name": "text"}));
         let known = row(json!({"id": {"type": "long"}}));
         let missing = missing_fields(&types, &known);
-        assert_eq!(
-            missing.keys().cloned().collect::<Vec<_>>(),
-            vec!["name", VERSION_FIELD]
-        );
+        let mut names = missing.keys().cloned().collect::<Vec<_>>();
+        names.sort();
+        assert_eq!(names, vec!["name", SEQ_FIELD, VERSION_FIELD]);
     }
 }

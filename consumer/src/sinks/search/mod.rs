@@ -6,9 +6,10 @@
 //! - `reindex` (build) mode writes to `<name>-v<G>` directly, creating it when missing; the
 //!   re-index command moves the aliases when the build has caught up.
 //!
-//! Every write carries the event's version (its WAL position; 1 for snapshot rows) with
-//! `version_type=external`, so the engine itself refuses anything older than what it stores:
-//! replays, rebalances and the two writers of a re-index never move a document back.
+//! Every write carries the event's version (its transaction's commit LSN: commit order; 1 for
+//! snapshot rows) with `version_type=external_gte`, so the engine itself refuses anything older
+//! than what it stores: replays, rebalances and the two writers of a re-index never move a
+//! document back (see [`encode`], "Versions").
 //!
 //! # Layout
 //! - [`config`]: the sink's options (`--search-*`, `--index-template`, `--on-drop-table`, and

@@ -2,8 +2,9 @@
 //!
 //! Per event: inserts, updates and snapshot rows index the `after` image; an update that
 //! changed the key also deletes the old id; deletes delete; a truncate deletes every document
-//! whose `walrelay_version` is below the truncate's (refresh, then `_delete_by_query` with a
-//! range), so a truncate delivered again never removes newer rows. Unchanged TOAST columns are
+//! older than itself in commit order: a lower `walrelay_version`, or the same (its own
+//! transaction) and a lower `walrelay_seq` (refresh, then `_delete_by_query`), so a truncate
+//! delivered again never removes newer rows. Unchanged TOAST columns are
 //! taken from the stored document (or from an earlier write of the same batch); the update API
 //! cannot carry external versions, so the partial update is a read, merge and versioned write.
 //! Schema events and tables' indexes are handled in [`super::indexes`].
@@ -24,7 +25,7 @@ use walrelay_common::telemetry::Readiness;
 
 use super::client::{BulkItem, SearchClient, SearchError};
 use super::config::SearchSettings;
-use super::encode::{self, VERSION_FIELD, version};
+use super::encode::{self, SEQ_FIELD, VERSION_FIELD, version};
 use super::table::TableIndex;
 use crate::metrics::Metrics;
 use crate::runtime::{Event, Sink, SinkError, Verdict};
@@ -276,12 +277,19 @@ impl SearchSink {
     async fn truncate(
         &self,
         target: &str,
-        version: i64,
+        (version, seq): (i64, i64),
         shutdown: &CancellationToken,
     ) -> Result<u64, SinkError> {
         let client = self.client.clone();
         self.retrying(shutdown, || client.refresh(target)).await?;
-        let query = json!({"range": {VERSION_FIELD: {"lt": version}}});
+        // Older transactions, and what this transaction wrote before the truncate.
+        let query = json!({"bool": {"should": [
+            {"range": {VERSION_FIELD: {"lt": version}}},
+            {"bool": {"filter": [
+                {"term": {VERSION_FIELD: version}},
+                {"range": {SEQ_FIELD: {"lt": seq}}}
+            ]}}
+        ], "minimum_should_match": 1}});
         self.retrying(shutdown, || client.delete_by_query(target, query.clone()))
             .await
     }
@@ -297,7 +305,7 @@ impl SearchSink {
         &self,
         p: &mut Pending,
         target: &str,
-        version: i64,
+        version: (i64, i64),
         shutdown: &CancellationToken,
     ) -> Result<Verdict, SinkError> {
         self.flush(p, shutdown).await?;
@@ -323,7 +331,10 @@ impl SearchSink {
                 "insert or update without an after image".into(),
             )));
         };
-        let v = version(env);
+        let v = match version(env) {
+            Ok(v) => v,
+            Err(why) => return Ok(Some(Verdict::Rejected(why))),
+        };
         if env.unchanged_toast.is_empty() && renames.is_none() {
             match encode::forward(env, &raw, &target, v) {
                 Some(Ok(doc)) => {
@@ -380,7 +391,7 @@ impl SearchSink {
             p.actions.push(Action { event: i, lines });
             p.written.insert((target.clone(), old), None);
         }
-        let lines = match encode::index_lines(&mut source, &target, &id, v) {
+        let lines = match encode::index_lines(&mut source, &target, &id, (v, encode::seq(env))) {
             Ok(lines) => lines,
             Err(why) => return Ok(Some(Verdict::Rejected(why))),
         };
@@ -432,10 +443,19 @@ impl Sink for SearchSink {
                     continue;
                 }
             };
-            let v = version(env);
+            let v = match version(env) {
+                Ok(v) => v,
+                Err(why) => {
+                    p.verdicts[i] = Some(Verdict::Rejected(why));
+                    continue;
+                }
+            };
             let verdict = match env.op {
                 Op::Ddl => None,
-                Op::Truncate => Some(self.truncate_table(&mut p, &target, v, shutdown).await?),
+                Op::Truncate => Some(
+                    self.truncate_table(&mut p, &target, (v, encode::seq(env)), shutdown)
+                        .await?,
+                ),
                 Op::Delete => match encode::delete(env, &target, v) {
                     Ok((id, lines)) => {
                         p.actions.push(Action { event: i, lines });
