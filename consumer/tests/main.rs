@@ -567,6 +567,72 @@ async fn a_deferred_unique_key_race_ends_with_the_index_equal_to_the_table() {
     indexer.kill9();
 }
 
+/// The unique-index race, made deterministic: an expression index (created before the primary
+/// key, so Postgres fills it first) calls a function that waits on an advisory lock the test
+/// holds. The inserting transaction logs its heap insert, then waits there; meanwhile another
+/// transaction deletes the old row with that key and commits; then the insert passes the key
+/// check and commits, after the delete but with a lower change LSN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unique_index_race_ends_with_the_index_equal_to_the_table() {
+    let mut s = Stack::start(
+        "CREATE TABLE ur (id int NOT NULL, v text);
+         CREATE FUNCTION ur_gate(i int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS
+           $$ BEGIN PERFORM pg_advisory_xact_lock(4242); RETURN i; END $$;
+         CREATE INDEX ur_gate_idx ON ur (ur_gate(id));
+         ALTER TABLE ur ADD PRIMARY KEY (id);
+         INSERT INTO ur VALUES (1, 'old'), (2, 'two');",
+    )
+    .await;
+    let mut indexer = s.indexer();
+    s.wait_equal("ur", "public.ur", Duration::from_secs(60))
+        .await;
+    let gate = s.pg.client(&s.db).await;
+    gate.batch_execute("BEGIN; SELECT pg_advisory_xact_lock(4242)")
+        .await
+        .expect("hold the gate");
+    let late = s.pg.client(&s.db).await;
+    let insert = tokio::spawn(async move {
+        late.batch_execute("BEGIN; INSERT INTO ur VALUES (1, 'new'); COMMIT")
+            .await
+    });
+    // The insert has logged its row and waits at the gate.
+    let probe = s.pg.client(&s.db).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting: i64 = probe
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                &[],
+            )
+            .await
+            .expect("pg_locks")
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the insert never reached the gate"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    probe
+        .batch_execute("BEGIN; DELETE FROM ur WHERE v = 'old'; COMMIT")
+        .await
+        .expect("delete commits first");
+    gate.batch_execute("COMMIT").await.expect("open the gate");
+    insert
+        .await
+        .expect("insert task")
+        .expect("the insert commits after the delete");
+    s.wait_equal("ur", "public.ur", Duration::from_secs(60))
+        .await;
+    let docs = s.search.documents("public.ur").await;
+    assert_eq!(docs["1"]["v"], "new", "{docs:?}");
+    s.assert_clean();
+    indexer.kill9();
+}
+
 /// Versions follow commit order, so all changes of one transaction share one; a truncate still
 /// removes exactly the rows written before it, in older transactions and in its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
