@@ -291,6 +291,9 @@ pub fn unsafe_kafka_property(key: &str, value: &str) -> Option<&'static str> {
         "partitioner" | "partitioner_cb" => Some(
             "events of one key would land on another partition than before, breaking per-key order across restarts",
         ),
+        "isolation.level" if !is(&["read_committed"]) => Some(
+            "a consumer would see records of Kafka transactions that were aborted; it must stay read_committed",
+        ),
         "transactional.id" => Some("walrelay does not write with Kafka transactions"),
         _ => None,
     }
@@ -369,6 +372,7 @@ mod tests {
             "group.id=x",
             "bootstrap.servers=h:1",
             "partitioner=random",
+            "isolation.level=read_uncommitted",
         ] {
             let err = super::kafka_properties(BTreeMap::new(), &flags(&[bad]))
                 .expect_err(bad)
@@ -383,10 +387,11 @@ mod tests {
                 "security.protocol=SASL_SSL",
                 "sasl.mechanisms=SCRAM-SHA-512",
                 "enable.idempotence=true",
+                "isolation.level=read_committed",
             ]),
         )
         .expect("safe properties");
-        assert_eq!(ok.len(), 4);
+        assert_eq!(ok.len(), 5);
         let secret = super::kafka_properties(
             BTreeMap::new(),
             &flags(&[

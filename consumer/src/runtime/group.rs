@@ -56,6 +56,9 @@ pub fn consumer_config(settings: &RuntimeSettings, group_id: &str) -> ClientConf
         // Offsets are stored by the runtime only after the sink handled the batch.
         ("enable.auto.offset.store", "false".into()),
         ("auto.offset.reset", "earliest".into()),
+        // Only records of committed Kafka transactions (librdkafka's default, stated so no
+        // property file can change it: the option check refuses read_uncommitted).
+        ("isolation.level", "read_committed".into()),
         ("enable.partition.eof", "false".into()),
         // Bounded prefetch, whatever the backlog.
         ("queued.max.messages.kbytes", queued_kbytes.to_string()),
