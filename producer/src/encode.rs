@@ -248,30 +248,6 @@ pub trait Encoder: Send + Sync {
 #[error("encoding a schema event: {0}")]
 pub struct EncodeError(String);
 
-impl Encoder for EnvelopeWriter {
-    fn row(
-        &self,
-        out: &mut Vec<u8>,
-        shape: &TableShape,
-        meta: &EventMeta,
-        before: Option<Image<'_, '_>>,
-        after: Option<Image<'_, '_>>,
-    ) {
-        self.write(out, shape, meta, before, after);
-    }
-
-    fn schema(
-        &self,
-        out: &mut Vec<u8>,
-        shape: &TableShape,
-        meta: &EventMeta,
-        change: &walrelay_common::event::SchemaChange,
-    ) -> Result<(), EncodeError> {
-        self.write_schema_event(out, shape, meta, change)
-            .map_err(|e| EncodeError(e.to_string()))
-    }
-}
-
 /// The JSON codec's encoder: Debezium-shaped envelopes written straight from Postgres' text
 /// cells. Holds what is the same for every event of a database.
 #[derive(Debug, Clone)]
@@ -292,9 +268,10 @@ impl EnvelopeWriter {
         write_json_str(&mut prefix, db);
         Self { prefix }
     }
+}
 
-    /// Appends the envelope of one event to `out`.
-    pub fn write(
+impl Encoder for EnvelopeWriter {
+    fn row(
         &self,
         out: &mut Vec<u8>,
         shape: &TableShape,
@@ -343,22 +320,19 @@ impl EnvelopeWriter {
         }
         out.push(b'}');
     }
-}
 
-impl EnvelopeWriter {
-    /// Appends a schema event (`op: "ddl"`) for `shape` (tagged with the new version) carrying
-    /// `change`.
-    pub fn write_schema_event(
+    /// The row envelope with no images, and `"ddl"`: `change`.
+    fn schema(
         &self,
         out: &mut Vec<u8>,
         shape: &TableShape,
         meta: &EventMeta,
         change: &walrelay_common::event::SchemaChange,
-    ) -> Result<(), serde_json::Error> {
-        self.write(out, shape, meta, None, None);
+    ) -> Result<(), EncodeError> {
+        self.row(out, shape, meta, None, None);
         out.pop();
         out.extend_from_slice(b",\"ddl\":");
-        serde_json::to_writer(&mut *out, change)?;
+        serde_json::to_writer(&mut *out, change).map_err(|e| EncodeError(e.to_string()))?;
         out.push(b'}');
         Ok(())
     }
@@ -460,7 +434,7 @@ mod tests {
             seq: 3,
         };
         let mut out = Vec::new();
-        w.write(
+        w.row(
             &mut out,
             &shape,
             &meta,
@@ -595,7 +569,7 @@ mod tests {
                     _ => (None, image),
                 };
                 let mut out = Vec::new();
-                EnvelopeWriter::new("db").write(&mut out, &shape, &meta, before, after);
+                EnvelopeWriter::new("db").row(&mut out, &shape, &meta, before, after);
                 let env = Envelope::from_slice(&out);
                 prop_assert!(env.is_ok(), "{:?}: {}", env.err(), String::from_utf8_lossy(&out));
                 let env = env.unwrap_or_else(|_| unreachable!());
