@@ -41,8 +41,9 @@ impl Backoff {
         wait
     }
 
-    /// The step the next wait is drawn from, without jitter (for logs).
-    pub fn step(&self) -> Duration {
+    /// The step the next wait is drawn from, without jitter.
+    #[cfg(test)]
+    fn step(&self) -> Duration {
         self.current
     }
 
@@ -53,7 +54,7 @@ impl Backoff {
 }
 
 /// `d` jittered into `[d/2, d]`.
-pub fn jitter(d: Duration) -> Duration {
+fn jitter(d: Duration) -> Duration {
     let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     Duration::from_millis(rand::thread_rng().gen_range(ms / 2..=ms.max(1)))
 }
