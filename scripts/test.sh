@@ -27,6 +27,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
+# The gates need rustfmt and clippy (a minimal Rust toolchain has neither).
+if ! { cargo fmt --version && cargo clippy --version; } >/dev/null 2>&1; then
+  rustup component add rustfmt clippy
+fi
 # A root session runs the servers as the postgres user, which must exist.
 id postgres >/dev/null 2>&1 || useradd --system --home /var/lib/postgresql postgres
 

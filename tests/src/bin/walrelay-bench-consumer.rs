@@ -1,19 +1,19 @@
 //! The consumer's benchmark harness: prints figures, asserts nothing.
 //!
-//! The Kafka side is the in-process librdkafka mock cluster (hosted by `walrelay-mock-broker`)
-//! for every line, so what differs between lines is the search side:
+//! The Kafka side is a real single-node Apache Kafka 4.1 ([`walrelay_tests::kafka`]) for every
+//! line (with `--mock-kafka`, the in-process librdkafka mock cluster hosted by
+//! `walrelay-mock-broker` instead, to take the broker's CPU off the two cores), so what differs
+//! between lines is the search side:
 //!
 //! - **discard**: the search stand-in in discard mode (it parses every bulk request and answers
-//!   at once), so the figures are the consumer's own cost;
+//!   at once), so the figures are the consumer's own cost, not a search node's;
 //! - **OpenSearch**: a real OpenSearch 2.19 node ([`walrelay_tests::opensearch`]): one small
-//!   node (768 MiB heap) on the same machine, so it competes with the consumer for the cores;
-//! - **real Kafka + discard** (only with `--real-kafka`): a single-node Apache Kafka instead of
-//!   the mock cluster, with the discard stand-in.
+//!   node (768 MiB heap) on the same machine, so it competes with the consumer for the cores.
 //!
 //! Per backend and run:
 //!
-//! 1. fill (once per Kafka side): N synthetic envelopes (six columns, about 500 bytes) into a
-//!    16-partition topic (the mock keeps 100k messages per partition; the harness refuses more
+//! 1. fill (once): N synthetic envelopes (six columns, about 500 bytes) into a 16-partition
+//!    topic (the mock, when chosen, keeps 100k messages per partition; the harness refuses more
 //!    than it can hold);
 //! 2. index: `walrelay-consumer index` from offset zero (a fresh group) until its group
 //!    committed every event: events/s from process start and in steady state (first commit to
@@ -22,7 +22,7 @@
 //!    (target ≤ 20 s for 1M with the discard stand-in), peak RSS and CPU (sampled every 100 ms).
 //!
 //! Usage: `scripts/bench-consumer.sh [--events N] [--repeat N] [--skip-discard] [--skip-real]
-//! [--real-kafka] [--consumer-arg ARG]... [--consumer-env KEY=VALUE]...`
+//! [--mock-kafka] [--consumer-arg ARG]... [--consumer-env KEY=VALUE]...`
 //!
 //! `--consumer-arg` and `--consumer-env` go to every consumer run (before the subcommand), for
 //! trying settings: `--consumer-arg --batch-max-events --consumer-arg 1000`. Set
@@ -416,9 +416,9 @@ fn print_summary(lines: &[Line], events: u64) {
             rc
         );
     }
-    let targets: Vec<String> = lines
+    let targets: Vec<(&str, String)> = lines
         .iter()
-        .filter(|l| l.backend == DISCARD)
+        .filter(|l| is_discard(l.backend))
         .map(|l| {
             let steady = match l.index.steady {
                 Some(rate) => met(rate >= 100_000.0),
@@ -429,17 +429,20 @@ fn print_summary(lines: &[Line], events: u64) {
                 .as_ref()
                 .is_some_and(|r| r.secs <= 20.0 * events as f64 / 1e6);
             let rss = l.index.peak_rss <= 128 << 20;
-            format!(
-                "#{}: steady >= 100000 events/s {}, reindex <= 20 s per 1M {}, index peak RSS <= 128 MiB {}",
-                l.run,
-                steady,
-                met(reindex),
-                met(rss)
+            (
+                l.backend,
+                format!(
+                    "#{}: steady >= 100000 events/s {}, reindex <= 20 s per 1M {}, index peak RSS <= 128 MiB {}",
+                    l.run,
+                    steady,
+                    met(reindex),
+                    met(rss)
+                ),
             )
         })
         .collect();
-    for t in targets {
-        println!("targets ({DISCARD} {t})");
+    for (backend, t) in targets {
+        println!("targets ({backend} {t})");
     }
 }
 
@@ -447,9 +450,27 @@ fn met(ok: bool) -> &'static str {
     if ok { "met" } else { "NOT met" }
 }
 
-const DISCARD: &str = "mock Kafka + discard stand-in";
-const OPENSEARCH: &str = "mock Kafka + OpenSearch 2.19 node";
-const REAL_KAFKA: &str = "real Kafka 4.1 + discard stand-in";
+/// The labels of one Kafka side's lines.
+struct Side {
+    kafka: &'static str,
+    discard: &'static str,
+    opensearch: &'static str,
+}
+
+const REAL: Side = Side {
+    kafka: "real Kafka, one node",
+    discard: "Kafka 4.1 + discard stand-in",
+    opensearch: "Kafka 4.1 + OpenSearch 2.19 node",
+};
+const MOCK: Side = Side {
+    kafka: "mock cluster",
+    discard: "mock Kafka + discard stand-in",
+    opensearch: "mock Kafka + OpenSearch 2.19 node",
+};
+
+fn is_discard(backend: &str) -> bool {
+    backend.ends_with("discard stand-in")
+}
 
 #[derive(Default)]
 struct Opts {
@@ -457,7 +478,7 @@ struct Opts {
     repeat: u32,
     skip_discard: bool,
     skip_real: bool,
-    real_kafka: bool,
+    mock_kafka: bool,
     consumer_args: Vec<String>,
     consumer_env: Vec<(String, String)>,
 }
@@ -484,11 +505,11 @@ fn parse_opts() -> anyhow::Result<Opts> {
             }
             "--skip-discard" => o.skip_discard = true,
             "--skip-real" => o.skip_real = true,
-            "--real-kafka" => o.real_kafka = true,
+            "--mock-kafka" => o.mock_kafka = true,
             _ => bail!("unknown option {flag}"),
         }
     }
-    if o.events > 100_000 * PARTITIONS as u64 {
+    if o.mock_kafka && o.events > 100_000 * PARTITIONS as u64 {
         bail!(
             "at most {} events: the mock cluster keeps 100k per partition",
             100_000 * PARTITIONS
@@ -532,7 +553,7 @@ async fn discard_runs(
         opts,
         logs,
     };
-    let tag = if backend == DISCARD {
+    let tag = if is_discard(backend) {
         "discard"
     } else {
         "kafka"
@@ -564,6 +585,7 @@ async fn discard_runs(
 
 /// Index and reindex runs against a real OpenSearch node, each run under its own index prefix.
 async fn opensearch_runs(
+    backend: &'static str,
     consumer: &Path,
     brokers: &str,
     opts: &Opts,
@@ -574,7 +596,7 @@ async fn opensearch_runs(
     let t = Instant::now();
     let node = tokio::task::spawn_blocking(OpenSearch::start).await?;
     println!(
-        "OpenSearch 2.19 up in {:.1} s at {}: a single small node (768 MiB heap, 1 shard, 0 replicas) on the same {} cores as the consumer and the mock cluster",
+        "OpenSearch 2.19 up in {:.1} s at {}: a single small node (768 MiB heap, 1 shard, 0 replicas) on the same {} cores as the consumer and the Kafka side",
         t.elapsed().as_secs_f64(),
         node.url(),
         std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -603,7 +625,7 @@ async fn opensearch_runs(
             bail!("after reindex: {n} documents in public.customers, expected {rows}");
         }
         let line = Line {
-            backend: OPENSEARCH,
+            backend,
             run,
             index,
             reindex: Some(reindex),
@@ -641,34 +663,45 @@ async fn main() -> anyhow::Result<()> {
     );
     let mut lines = Vec::new();
     if !(opts.skip_discard && opts.skip_real) {
-        let broker = MockBroker::start(
-            &sibling("walrelay-mock-broker")?,
-            &[&format!("{TOPIC}:{PARTITIONS}"), &format!("{TOPIC}.dlq:1")],
-        );
-        let brokers = broker.brokers().to_string();
-        fill_timed(&brokers, events, "mock cluster").await?;
+        // The broker lives until the runs are done.
+        let (side, brokers, _mock, _kafka) = if opts.mock_kafka {
+            let broker = MockBroker::start(
+                &sibling("walrelay-mock-broker")?,
+                &[&format!("{TOPIC}:{PARTITIONS}"), &format!("{TOPIC}.dlq:1")],
+            );
+            let brokers = broker.brokers().to_string();
+            (MOCK, brokers, Some(broker), None)
+        } else {
+            let kafka =
+                tokio::task::spawn_blocking(|| walrelay_tests::kafka::KafkaCluster::start(1))
+                    .await?;
+            let brokers = kafka.brokers();
+            create_topics(&brokers).await?;
+            (REAL, brokers, None, Some(kafka))
+        };
+        fill_timed(&brokers, events, side.kafka).await?;
         if !opts.skip_discard {
-            discard_runs(DISCARD, &consumer, &brokers, &opts, logs.path(), &mut lines).await?;
+            discard_runs(
+                side.discard,
+                &consumer,
+                &brokers,
+                &opts,
+                logs.path(),
+                &mut lines,
+            )
+            .await?;
         }
         if !opts.skip_real {
-            opensearch_runs(&consumer, &brokers, &opts, logs.path(), &mut lines).await?;
+            opensearch_runs(
+                side.opensearch,
+                &consumer,
+                &brokers,
+                &opts,
+                logs.path(),
+                &mut lines,
+            )
+            .await?;
         }
-    }
-    if opts.real_kafka {
-        let kafka =
-            tokio::task::spawn_blocking(|| walrelay_tests::kafka::KafkaCluster::start(1)).await?;
-        let brokers = kafka.brokers();
-        create_topics(&brokers).await?;
-        fill_timed(&brokers, events, "real Kafka, one node").await?;
-        discard_runs(
-            REAL_KAFKA,
-            &consumer,
-            &brokers,
-            &opts,
-            logs.path(),
-            &mut lines,
-        )
-        .await?;
     }
     print_summary(&lines, events);
     Ok(())
