@@ -126,6 +126,16 @@ pub async fn ensure_topic(
     topic: &str,
     partitions: i32,
 ) -> Result<(), TopicError> {
+    ensure_topic_with(config, topic, partitions, &[]).await
+}
+
+/// [`ensure_topic`] with topic settings beyond unlimited retention (a compacted topic, say).
+pub async fn ensure_topic_with(
+    config: &ClientConfig,
+    topic: &str,
+    partitions: i32,
+    settings: &[(&str, &str)],
+) -> Result<(), TopicError> {
     let fail = |message: String| TopicError {
         topic: topic.to_string(),
         message,
@@ -159,9 +169,12 @@ pub async fn ensure_topic(
     if exists {
         return Ok(());
     }
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1))
+    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1))
         .set("retention.ms", "-1")
         .set("retention.bytes", "-1");
+    for (k, v) in settings {
+        new = new.set(k, v);
+    }
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin
         .create_topics([&new], &opts)

@@ -294,7 +294,9 @@ pub fn unsafe_kafka_property(key: &str, value: &str) -> Option<&'static str> {
         "isolation.level" if !is(&["read_committed"]) => Some(
             "a consumer would see records of Kafka transactions that were aborted; it must stay read_committed",
         ),
-        "transactional.id" => Some("walrelay does not write with Kafka transactions"),
+        "transactional.id" => Some(
+            "walrelay sets it under --delivery exactly-once (choose it with --transactional-id)",
+        ),
         _ => None,
     }
 }

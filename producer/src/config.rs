@@ -88,6 +88,19 @@ pub enum DdlStatement {
     Omit,
 }
 
+/// What a crash may leave in the topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Delivery {
+    /// Every committed change at least once; after a crash, the changes after the last
+    /// confirmed position are written again (byte-identical duplicates).
+    #[default]
+    AtLeastOnce,
+    /// Kafka transactions: each committed Postgres transaction is visible to `read_committed`
+    /// consumers exactly once and whole (see `kafka::transaction`).
+    ExactlyOnce,
+}
+
 /// Every option, each unset unless given.
 #[derive(Debug, Clone, Default, Args, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -143,6 +156,18 @@ pub struct Options {
     /// Heap pages per snapshot chunk (8 KiB each) [default: 4096].
     #[arg(long, env = "WALRELAY_SNAPSHOT_CHUNK_PAGES", global = true)]
     pub snapshot_chunk_pages: Option<u32>,
+    /// Delivery guarantee into Kafka [default: at-least-once].
+    #[arg(long, env = "WALRELAY_DELIVERY", global = true, value_enum)]
+    pub delivery: Option<Delivery>,
+    /// Under exactly-once: how long a Kafka transaction gathers whole Postgres transactions
+    /// before it commits, e.g. 10ms [default: 10ms].
+    #[arg(long, env = "WALRELAY_TRANSACTION_INTERVAL", global = true, value_parser = options::parse_duration)]
+    #[serde(default, deserialize_with = "options::deserialize_duration")]
+    pub transaction_interval: Option<std::time::Duration>,
+    /// Under exactly-once: the Kafka transactional id, stable per slot
+    /// [default: walrelay.<topic>.<database>.<slot>].
+    #[arg(long, env = "WALRELAY_TRANSACTIONAL_ID", global = true)]
+    pub transactional_id: Option<String>,
     /// A librdkafka property, KEY=VALUE; repeatable (env: comma-separated).
     #[arg(
         long = "kafka-property",
@@ -193,6 +218,9 @@ impl Options {
             ddl_statement: self.ddl_statement.or(file.ddl_statement),
             snapshot_parallelism: self.snapshot_parallelism.or(file.snapshot_parallelism),
             snapshot_chunk_pages: self.snapshot_chunk_pages.or(file.snapshot_chunk_pages),
+            delivery: self.delivery.or(file.delivery),
+            transaction_interval: self.transaction_interval.or(file.transaction_interval),
+            transactional_id: self.transactional_id.or(file.transactional_id),
             kafka_property,
             kafka_properties,
             log_format: self.log_format.or(file.log_format),
@@ -231,6 +259,12 @@ pub struct Settings {
     pub snapshot_parallelism: usize,
     /// Pages per snapshot chunk.
     pub snapshot_chunk_pages: u32,
+    /// Delivery guarantee.
+    pub delivery: Delivery,
+    /// Under exactly-once: how long a Kafka transaction gathers Postgres transactions.
+    pub transaction_interval: std::time::Duration,
+    /// Under exactly-once: the transactional id.
+    pub transactional_id: String,
     /// librdkafka properties.
     pub kafka_properties: walrelay_common::options::KafkaProperties,
     /// Log format.
@@ -288,6 +322,30 @@ impl Settings {
             return Err(bad("--snapshot-chunk-pages", "must be at least 1"));
         }
         let kafka_properties = options::kafka_properties(o.kafka_properties, &o.kafka_property)?;
+        let transaction_interval = o
+            .transaction_interval
+            .unwrap_or(std::time::Duration::from_millis(10));
+        if transaction_interval > std::time::Duration::from_secs(60) {
+            return Err(bad(
+                "--transaction-interval",
+                "must be at most 60s (a Kafka transaction open longer holds back every read_committed consumer)",
+            ));
+        }
+        let database = postgres
+            .config
+            .get_dbname()
+            .or(postgres.config.get_user())
+            .unwrap_or("postgres")
+            .to_string();
+        let transactional_id = o
+            .transactional_id
+            .unwrap_or_else(|| format!("walrelay.{topic}.{database}.{slot}"));
+        if transactional_id.trim().is_empty() || transactional_id.len() > 249 {
+            return Err(bad(
+                "--transactional-id",
+                "a transactional id is 1-249 characters",
+            ));
+        }
         Ok(Self {
             postgres,
             kafka_brokers: o.kafka_brokers.filter(|b| !b.trim().is_empty()),
@@ -303,6 +361,9 @@ impl Settings {
             ddl_statement: o.ddl_statement.unwrap_or_default(),
             snapshot_parallelism,
             snapshot_chunk_pages,
+            delivery: o.delivery.unwrap_or_default(),
+            transaction_interval,
+            transactional_id,
             kafka_properties,
             log_format: o.log_format.unwrap_or_default(),
         })
@@ -313,6 +374,23 @@ impl Settings {
         self.kafka_brokers
             .as_deref()
             .ok_or_else(|| ConfigError::missing("--kafka-brokers"))
+    }
+
+    /// The Kafka writer's options (with Kafka transactions under `--delivery exactly-once`).
+    pub fn writer_options(&self, brokers: &str) -> crate::kafka::WriterOptions {
+        crate::kafka::WriterOptions {
+            brokers: brokers.to_string(),
+            topic: self.topic.clone(),
+            max_buffer_bytes: self.max_buffer_bytes,
+            properties: self.kafka_properties.to_map(),
+            transactions: (self.delivery == Delivery::ExactlyOnce).then(|| {
+                crate::kafka::TransactionOptions {
+                    id: self.transactional_id.clone(),
+                    progress_topic: format!("{}.progress", self.topic),
+                    interval: self.transaction_interval,
+                }
+            }),
+        }
     }
 
     /// Database name.

@@ -28,6 +28,10 @@ pub struct Metrics {
     pub delivery_seconds: Histogram,
     /// Commit time to Kafka's acknowledgement of the transaction's last event.
     pub commit_to_ack_seconds: Histogram,
+    /// Kafka transactions ended, by result (`committed`, `aborted`), under exactly-once.
+    pub kafka_transactions: IntCounterVec,
+    /// Time a Kafka transaction's commit took (flush of its events and the commit itself).
+    pub kafka_commit_seconds: Histogram,
     /// Server WAL position minus the confirmed LSN.
     pub replication_lag_bytes: IntGauge,
     /// The LSN last confirmed to Postgres (as a number; exact below 2^53).
@@ -124,6 +128,23 @@ impl Metrics {
                     0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                 ]),
             )?,
+            kafka_transactions: IntCounterVec::new(
+                Opts::new(
+                    "walrelay_producer_kafka_transactions_total",
+                    "Kafka transactions ended under --delivery exactly-once, by result.",
+                ),
+                &["result"],
+            )?,
+            kafka_commit_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "walrelay_producer_kafka_commit_duration_seconds",
+                    "Time a Kafka transaction's commit took (flushing its events, then the commit).",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    2.5, 5.0, 10.0, 30.0,
+                ]),
+            )?,
             replication_lag_bytes: IntGauge::new(
                 "walrelay_producer_replication_lag_bytes",
                 "Server WAL position minus the LSN confirmed to Postgres.",
@@ -190,6 +211,8 @@ impl Metrics {
             Box::new(m.buffer_capacity_bytes.clone()),
             Box::new(m.delivery_seconds.clone()),
             Box::new(m.commit_to_ack_seconds.clone()),
+            Box::new(m.kafka_transactions.clone()),
+            Box::new(m.kafka_commit_seconds.clone()),
             Box::new(m.replication_lag_bytes.clone()),
             Box::new(m.confirmed_lsn.clone()),
             Box::new(m.source_lag_seconds.clone()),
@@ -219,8 +242,13 @@ impl Metrics {
             "decode",
             "setup",
             "ddl_rejected",
+            "kafka_fenced",
+            "kafka_transaction",
         ] {
             m.errors.with_label_values(&[kind]);
+        }
+        for result in ["committed", "aborted"] {
+            m.kafka_transactions.with_label_values(&[result]);
         }
         for origin in ["trigger", "relation", "snapshot"] {
             m.schema_events.with_label_values(&[origin]);

@@ -43,7 +43,7 @@ use crate::ddl::Registry;
 use crate::emit::Emitter;
 use crate::encode::EnvelopeWriter;
 use crate::error::RunError;
-use crate::kafka::{Writer, WriterOptions, ensure_topic};
+use crate::kafka::{Writer, ensure_progress_topic, ensure_topic};
 use crate::metrics::Metrics;
 use crate::replication::connection;
 use crate::replication::listener::Listener;
@@ -52,6 +52,28 @@ use crate::snapshot::{self, SnapshotJob};
 
 /// A session that lasted this long ended a run of failures: the next wait starts small again.
 const SESSION_RESETS_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Under exactly-once, how often the snapshot's Kafka transaction commits.
+const SNAPSHOT_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A slot's incarnation: its consistent point and creation time. A slot dropped and created
+/// again under the same name is another incarnation (see `kafka::transaction`).
+fn incarnation(consistent_lsn: u64, created_ms: i64) -> String {
+    format!("{}-{created_ms}", format_lsn(consistent_lsn))
+}
+
+async fn incarnation_of(ctl: &tokio_postgres::Client, slot_name: &str) -> Result<String, RunError> {
+    let state = slot::read_state(ctl, slot_name).await?;
+    match state
+        .as_ref()
+        .and_then(|st| st.consistent_lsn.zip(st.snapshot_started_ms))
+    {
+        Some((lsn, ms)) => Ok(incarnation(lsn, ms)),
+        None => Err(RunError::Setup(format!(
+            "walrelay.slot_state has no consistent point for slot {slot_name}: run `walrelay-producer init` and let `run` create the slot"
+        ))),
+    }
+}
 
 /// Everything a session shares with the process.
 pub struct Context {
@@ -124,6 +146,8 @@ struct Prepared {
     writer: Arc<Writer>,
     checkpointer: Arc<Checkpointer>,
     emitter: Emitter,
+    /// Under exactly-once: the end LSN Kafka already holds (0: none).
+    skip_through: u64,
 }
 
 async fn session(ctx: &Context) -> Result<(), RunError> {
@@ -185,13 +209,9 @@ async fn prepare(ctx: &Context) -> Result<Prepared, RunError> {
     let brokers = s
         .require_brokers()
         .map_err(|e| RunError::Setup(e.to_string()))?;
-    let writer_opts = WriterOptions {
-        brokers: brokers.to_string(),
-        topic: s.topic.clone(),
-        max_buffer_bytes: s.max_buffer_bytes,
-        properties: s.kafka_properties.to_map(),
-    };
+    let writer_opts = s.writer_options(brokers);
     ensure_topic(&writer_opts, s.topic_partitions).await?;
+    ensure_progress_topic(&writer_opts).await?;
     let checkpointer =
         Arc::new(Checkpointer::new(0).with_latency(ctx.metrics.commit_to_ack_seconds.clone()));
     let writer = Arc::new(Writer::new(
@@ -272,6 +292,18 @@ async fn prepare(ctx: &Context) -> Result<Prepared, RunError> {
     }
     client.start().await.map_err(RunError::from_pgwire)?;
     client.wait_started().await.map_err(RunError::from_pgwire)?;
+    // The slot is ours now: under exactly-once, fence any earlier instance and read back what
+    // Kafka holds (after a new snapshot this was done before it, and is repeated harmlessly).
+    let skip_through = if writer.exactly_once() {
+        let incarnation = incarnation_of(&ctl, &s.slot).await?;
+        let held = writer.start_transactions(&s.slot, &incarnation).await?;
+        if held > 0 {
+            tracing::info!(kafka_holds_through = %format_lsn(held), "Kafka transactions: transactions at or below this position are not written again.");
+        }
+        held
+    } else {
+        0
+    };
     ctx.readiness.set("replication", true);
     ctx.metrics.slot_active.set(1);
     tracing::info!(slot = %s.slot, publication = %s.publication, topic = %s.topic, partitions, "Streaming.");
@@ -281,6 +313,7 @@ async fn prepare(ctx: &Context) -> Result<Prepared, RunError> {
         writer,
         checkpointer,
         emitter,
+        skip_through,
     })
 }
 
@@ -292,6 +325,7 @@ async fn stream(ctx: &Context, p: Prepared) -> Result<(), RunError> {
         writer,
         checkpointer,
         emitter,
+        skip_through,
     } = p;
 
     let poller = tokio::spawn(poll_slot(
@@ -317,6 +351,8 @@ async fn stream(ctx: &Context, p: Prepared) -> Result<(), RunError> {
         metrics: &ctx.metrics,
         ddl_key,
         ddl_statement: s.ddl_statement,
+        skip_through,
+        writer: Arc::clone(&writer),
     };
     let result = listener.run(&ctx.shutdown).await;
     poller.abort();
@@ -362,6 +398,12 @@ async fn create_and_snapshot(
     let started_ms = walrelay_common::clock::now_ms();
     slot::mark_created(ctl, &s.slot, consistent, started_ms).await?;
     tracing::info!(slot = %s.slot, consistent_point = %format_lsn(consistent), "Created the replication slot.");
+    let writer = Arc::clone(emitter.writer());
+    if writer.exactly_once() {
+        writer
+            .start_transactions(&s.slot, &incarnation(consistent, started_ms))
+            .await?;
+    }
     if s.snapshot == SnapshotMode::Initial {
         let snapshot_name = text(2).ok_or_else(|| {
             RunError::Protocol("CREATE_REPLICATION_SLOT exported no snapshot".into())
@@ -376,15 +418,32 @@ async fn create_and_snapshot(
             parallelism: s.snapshot_parallelism,
             chunk_pages: s.snapshot_chunk_pages,
         };
-        snapshot::run(
+        let mut snapshot = Box::pin(snapshot::run(
             job,
             ctl,
             &tables,
             emitter,
             checkpointer,
             Arc::clone(&ctx.metrics),
-        )
-        .await?;
+        ));
+        if writer.exactly_once() {
+            // The snapshot is written in Kafka transactions of a second or so each; the last
+            // one commits before the slot is marked done.
+            let mut every = tokio::time::interval(SNAPSHOT_COMMIT_INTERVAL);
+            every.tick().await;
+            loop {
+                tokio::select! {
+                    r = &mut snapshot => {
+                        r?;
+                        break;
+                    }
+                    _ = every.tick() => writer.commit().await?,
+                }
+            }
+            writer.commit().await?;
+        } else {
+            snapshot.await?;
+        }
     }
     slot::mark_done(ctl, &s.slot).await?;
     Ok(())
@@ -408,7 +467,7 @@ async fn shutdown_gracefully(
             "Kafka did not acknowledge everything within 30 s; the rest is sent again on the next run."
         );
     }
-    let last = checkpointer.confirmed();
+    let last = writer.confirmable(checkpointer.confirmed());
     client.update_applied_lsn(Lsn::from_u64(last));
     let metrics = client.metrics();
     for _ in 0..40 {

@@ -7,6 +7,7 @@ mod support;
 mod cli;
 mod crash;
 mod ddl;
+mod exactly_once;
 mod failover;
 mod memory;
 mod outage;

@@ -11,7 +11,7 @@ use walrelay_common::postgres::PgTarget;
 use crate::catalog::{self, PgError, TableRef};
 use crate::config::Settings;
 use crate::ddl::capture;
-use crate::kafka::{WriterOptions, broker_reachable};
+use crate::kafka::broker_reachable;
 
 /// One line of the preflight report.
 #[derive(Debug, Clone, Serialize)]
@@ -94,12 +94,8 @@ pub async fn check(s: &Settings) -> Vec<CheckItem> {
     match s.kafka_brokers.as_deref() {
         None => out.push(item("kafka", "fail", "no brokers: give --kafka-brokers")),
         Some(brokers) => {
-            let opts = WriterOptions {
-                brokers: brokers.to_string(),
-                topic: s.topic.clone(),
-                max_buffer_bytes: s.max_buffer_bytes,
-                properties: s.kafka_properties.to_map(),
-            };
+            let mut opts = s.writer_options(brokers);
+            opts.transactions = None;
             match tokio::task::spawn_blocking(move || {
                 broker_reachable(&opts, Duration::from_secs(5))
             })

@@ -39,6 +39,12 @@
 //! for the topic's metadata twice ([`Writer::partitions`]): the second answer comes over the
 //! new connection, and the id is there before the first event.
 //!
+//! # Exactly once
+//!
+//! Under `--delivery exactly-once` the writer sends inside Kafka transactions, each holding
+//! whole Postgres transactions and a progress record; the slot is confirmed only up to what a
+//! committed Kafka transaction holds. The rule and its proof are in the `transaction` module.
+//!
 //! # librdkafka settings
 //!
 //! walrelay's defaults, which `--kafka-property` overrides (except the ones the option check
@@ -51,6 +57,10 @@
 //! idempotence allows): at the benchmark's rates batches are bounded by linger and in-flight
 //! requests, not by these.
 
+mod transaction;
 mod writer;
 
-pub use writer::{WriteError, Writer, WriterOptions, broker_reachable, ensure_topic};
+pub use transaction::TransactionOptions;
+pub use writer::{
+    WriteError, Writer, WriterOptions, broker_reachable, ensure_progress_topic, ensure_topic,
+};

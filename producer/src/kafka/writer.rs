@@ -12,6 +12,7 @@ use tokio::sync::{Notify, Semaphore, TryAcquireError};
 use walrelay_common::kafka::{self, QuietContext, Reachability, quiet_log};
 use walrelay_common::telemetry::Readiness;
 
+use super::transaction::{self, Progress, TransactionOptions, Transactions, TxnFailure};
 use crate::checkpoint::{Checkpointer, TxnId};
 use crate::metrics::Metrics;
 
@@ -52,6 +53,26 @@ pub enum WriteError {
     /// The client could not be created or configured.
     #[error("Kafka client: {0}")]
     Client(String),
+    /// Another producer with the same transactional id took over (definite: this instance
+    /// must not write again; see `kafka::transaction`).
+    #[error(
+        "fenced: another producer started with transactional id {id:?} and took over ({message}); \
+         this one stops so the two never interleave"
+    )]
+    Fenced {
+        /// The transactional id.
+        id: String,
+        /// What librdkafka said.
+        message: String,
+    },
+    /// A Kafka transaction could not be committed or begun.
+    #[error("Kafka transaction: {message}")]
+    Transaction {
+        /// What librdkafka said, and what happens next.
+        message: String,
+        /// Whether a new session may succeed.
+        transient: bool,
+    },
 }
 
 impl WriteError {
@@ -60,6 +81,9 @@ impl WriteError {
         matches!(
             self,
             WriteError::Delivery {
+                transient: true,
+                ..
+            } | WriteError::Transaction {
                 transient: true,
                 ..
             }
@@ -72,6 +96,8 @@ impl WriteError {
             WriteError::TooLarge { .. } => "event_too_large",
             WriteError::Delivery { .. } => "kafka_delivery",
             WriteError::Client(_) => "kafka_client",
+            WriteError::Fenced { .. } => "kafka_fenced",
+            WriteError::Transaction { .. } => "kafka_transaction",
         }
     }
 }
@@ -87,6 +113,8 @@ pub struct WriterOptions {
     pub max_buffer_bytes: usize,
     /// librdkafka properties given by the user; they win over walrelay's defaults.
     pub properties: BTreeMap<String, String>,
+    /// Kafka transactions (`--delivery exactly-once`), or none.
+    pub transactions: Option<TransactionOptions>,
 }
 
 impl WriterOptions {
@@ -111,9 +139,38 @@ impl WriterOptions {
         ] {
             cfg.set(k, v);
         }
+        if let Some(t) = &self.transactions {
+            cfg.set("transactional.id", &t.id);
+            // The broker's usual ceiling (transaction.max.timeout.ms): a Postgres transaction
+            // is never split, so a large one keeps its Kafka transaction open this long at most.
+            cfg.set("transaction.timeout.ms", "900000");
+        }
         for (k, v) in &self.properties {
             cfg.set(k, v);
         }
+        cfg
+    }
+
+    /// The configuration of a `read_committed` reader with the same connection settings.
+    fn reader_config(&self) -> ClientConfig {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &self.brokers);
+        for (k, v) in &self.properties {
+            // Only connection and security settings apply to a reader.
+            if k.starts_with("security.")
+                || k.starts_with("ssl.")
+                || k.starts_with("sasl.")
+                || k.starts_with("socket.")
+                || k == "client.dns.lookup"
+            {
+                cfg.set(k, v);
+            }
+        }
+        cfg.set("group.id", "walrelay-producer-progress")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("isolation.level", "read_committed")
+            .set("client.id", "walrelay-producer-progress");
         cfg
     }
 
@@ -127,7 +184,8 @@ impl WriterOptions {
 
 /// What travels with an event through librdkafka to its delivery report.
 pub struct Token {
-    txn: TxnId,
+    /// The Postgres transaction of the event; `None` for a progress record.
+    txn: Option<TxnId>,
     bytes: u32,
     queued: Instant,
 }
@@ -142,6 +200,8 @@ pub struct DeliveryContext {
     /// Set once `failure` holds an error: the per-event check is one atomic load.
     has_failed: AtomicBool,
     failed: Notify,
+    /// The transactional id under exactly-once (to name it when fenced).
+    transactional_id: Option<String>,
 }
 
 impl ClientContext for DeliveryContext {
@@ -173,7 +233,9 @@ impl ProducerContext for DeliveryContext {
                 self.metrics
                     .delivery_seconds
                     .observe(token.queued.elapsed().as_secs_f64());
-                self.checkpointer.acked(token.txn);
+                if let Some(txn) = token.txn {
+                    self.checkpointer.acked(txn);
+                }
                 self.reachability.answered();
             }
             Err((error, _)) => {
@@ -191,11 +253,25 @@ impl ProducerContext for DeliveryContext {
                     .errors
                     .with_label_values(&["kafka_delivery"])
                     .inc();
+                let fenced = matches!(
+                    error.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::Fenced
+                            | RDKafkaErrorCode::ProducerFenced
+                            | RDKafkaErrorCode::InvalidProducerEpoch
+                    )
+                );
                 let mut failure = walrelay_common::sync::lock(&self.failure);
                 if failure.is_none() {
-                    *failure = Some(WriteError::Delivery {
-                        message: error.to_string(),
-                        transient,
+                    *failure = Some(match &self.transactional_id {
+                        Some(id) if fenced => WriteError::Fenced {
+                            id: id.clone(),
+                            message: error.to_string(),
+                        },
+                        _ => WriteError::Delivery {
+                            message: error.to_string(),
+                            transient,
+                        },
                     });
                     self.has_failed.store(true, Ordering::Release);
                 }
@@ -214,6 +290,8 @@ pub struct Writer {
     /// What a sender waits for once the budget is spent (`capacity / REFILL_DIVISOR`).
     refill: u32,
     max_message_bytes: usize,
+    /// Exactly-once state; `None` under at-least-once.
+    txns: Option<Transactions>,
 }
 
 impl Writer {
@@ -235,6 +313,7 @@ impl Writer {
             failure: Mutex::new(None),
             has_failed: AtomicBool::new(false),
             failed: Notify::new(),
+            transactional_id: options.transactions.as_ref().map(|t| t.id.clone()),
         };
         let producer = options
             .client_config()
@@ -246,6 +325,10 @@ impl Writer {
             capacity,
             refill: u32::try_from(capacity / REFILL_DIVISOR).unwrap_or(u32::MAX),
             max_message_bytes: options.max_message_bytes(),
+            txns: options
+                .transactions
+                .clone()
+                .map(|t| Transactions::new(t, options.reader_config())),
         })
     }
 
@@ -306,9 +389,22 @@ impl Writer {
         }
         let n = u32::try_from(bytes).unwrap_or(u32::MAX);
         self.reserve(n, on_wait).await?;
+        // Under exactly-once, a send holds the gate shared (a commit holds it alone) and opens
+        // a Kafka transaction when none is open.
+        let _gate = match &self.txns {
+            Some(t) => {
+                let gate = t.gate.read().await;
+                if let Err(e) = self.begin_if_closed(t) {
+                    self.ctx().budget.add_permits(n as usize);
+                    return Err(e);
+                }
+                Some(gate)
+            }
+            None => None,
+        };
         self.ctx().metrics.buffer_bytes.add(i64::from(n));
         let mut token = Box::new(Token {
-            txn,
+            txn: Some(txn),
             bytes: n,
             queued: Instant::now(),
         });
@@ -331,6 +427,14 @@ impl Writer {
                     self.ctx().budget.add_permits(bytes as usize);
                     self.ctx().metrics.buffer_bytes.sub(i64::from(bytes));
                     return Err(match e.rdkafka_error_code() {
+                        Some(
+                            RDKafkaErrorCode::Fenced
+                            | RDKafkaErrorCode::ProducerFenced
+                            | RDKafkaErrorCode::InvalidProducerEpoch,
+                        ) if self.txns.is_some() => WriteError::Fenced {
+                            id: self.ctx().transactional_id.clone().unwrap_or_default(),
+                            message: e.to_string(),
+                        },
                         Some(RDKafkaErrorCode::MessageSizeTooLarge) => WriteError::TooLarge {
                             table: table.to_string(),
                             bytes: message_bytes,
@@ -420,6 +524,272 @@ impl Writer {
         Ok(i32::try_from(n).unwrap_or(i32::MAX))
     }
 
+    /// Whether events go through Kafka transactions (`--delivery exactly-once`).
+    pub fn exactly_once(&self) -> bool {
+        self.txns.is_some()
+    }
+
+    /// Under exactly-once, for the Postgres transactions Kafka already holds (at or below the
+    /// progress read back at start): events handed over while muted are not written.
+    pub fn set_muted(&self, muted: bool) {
+        if let Some(t) = &self.txns {
+            t.muted.store(muted, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether events are currently not written (see [`Writer::set_muted`]).
+    pub fn is_muted(&self) -> bool {
+        self.txns
+            .as_ref()
+            .is_some_and(|t| t.muted.load(Ordering::Relaxed))
+    }
+
+    fn txn_error(&self, e: &KafkaError, doing: &str) -> WriteError {
+        let id = self
+            .txns
+            .as_ref()
+            .map(|t| t.options.id.clone())
+            .unwrap_or_default();
+        match transaction::classify(e) {
+            TxnFailure::Fenced(message) => WriteError::Fenced { id, message },
+            TxnFailure::Fatal(m) => WriteError::Transaction {
+                message: format!("{doing}: {m} (fatal for this producer instance)"),
+                transient: false,
+            },
+            TxnFailure::Abort(m) | TxnFailure::Retry(m) => WriteError::Transaction {
+                message: format!("{doing}: {m}"),
+                transient: true,
+            },
+        }
+    }
+
+    fn begin_if_closed(&self, t: &Transactions) -> Result<(), WriteError> {
+        if t.is_open.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.producer
+            .begin_transaction()
+            .map_err(|e| self.txn_error(&e, "beginning a Kafka transaction"))?;
+        walrelay_common::sync::lock(&t.open).opened_at = Some(Instant::now());
+        t.is_open.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Under exactly-once: registers this producer with the transaction coordinator (fencing
+    /// any earlier instance with the same transactional id and settling its open transaction),
+    /// then reads back the last committed progress of `slot`'s `incarnation`. Returns the end
+    /// LSN Kafka already holds (transactions at or below it must not be written again), or 0.
+    pub async fn start_transactions(
+        self: &Arc<Self>,
+        slot: &str,
+        incarnation: &str,
+    ) -> Result<u64, WriteError> {
+        let Some(t) = &self.txns else {
+            return Ok(0);
+        };
+        *walrelay_common::sync::lock(&t.identity) = (slot.to_string(), incarnation.to_string());
+        let this = Arc::clone(self);
+        tokio::task::spawn_blocking(move || this.start_transactions_blocking())
+            .await
+            .map_err(|e| WriteError::Client(format!("starting transactions: {e}")))?
+    }
+
+    fn start_transactions_blocking(&self) -> Result<u64, WriteError> {
+        let Some(t) = &self.txns else {
+            return Ok(0);
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !t.initialized.load(Ordering::Acquire) {
+            match self.producer.init_transactions(Duration::from_secs(15)) {
+                Ok(()) => t.initialized.store(true, Ordering::Release),
+                Err(e) => {
+                    let err = self.txn_error(&e, "registering the transactional id");
+                    if !err.is_transient() || Instant::now() >= deadline {
+                        return Err(err);
+                    }
+                    tracing::warn!(error = %err, "Kafka transactions not ready yet; retrying.");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+        }
+        let (slot, incarnation) = walrelay_common::sync::lock(&t.identity).clone();
+        let progress = transaction::read_progress(
+            &t.reader_config,
+            &t.options.progress_topic,
+            &t.options.id,
+            Duration::from_secs(30),
+        )?;
+        let lsn = match progress {
+            Some(p) if p.slot == slot && p.incarnation == incarnation => p.commit_lsn,
+            Some(p) => {
+                tracing::info!(recorded_slot = %p.slot, recorded_incarnation = %p.incarnation, %incarnation,
+                    "The progress recorded in Kafka is of another slot or incarnation; starting from the slot's position.");
+                0
+            }
+            None => 0,
+        };
+        t.committed_lsn.store(lsn, Ordering::Release);
+        Ok(lsn)
+    }
+
+    /// A whole Postgres transaction ending at `end_lsn` was handed over: under exactly-once,
+    /// the open Kafka transaction (if any) may now commit up to it.
+    pub fn transaction_ended(&self, end_lsn: u64) {
+        if let Some(t) = &self.txns
+            && t.is_open.load(Ordering::Acquire)
+        {
+            walrelay_common::sync::lock(&t.open).last_lsn = end_lsn;
+        }
+    }
+
+    /// When the open Kafka transaction should commit, if one is open.
+    pub fn commit_due(&self) -> Option<Instant> {
+        let t = self.txns.as_ref()?;
+        if !t.is_open.load(Ordering::Acquire) {
+            return None;
+        }
+        let open = walrelay_common::sync::lock(&t.open);
+        open.opened_at.map(|at| at + t.options.interval)
+    }
+
+    /// The position that may be confirmed to Postgres, given the checkpointer's.
+    pub fn confirmable(&self, acked: u64) -> u64 {
+        match &self.txns {
+            Some(t) => t.confirmable(acked),
+            None => acked,
+        }
+    }
+
+    /// Commits the open Kafka transaction, with a progress record when it holds whole Postgres
+    /// transactions. The caller makes sure no Postgres transaction is half in it (the listener
+    /// commits between transactions; the snapshot holds none). Retries what librdkafka says
+    /// may be retried (a broker away); a transaction that must be aborted is, and the session
+    /// restarts from the slot (transient); fenced is definite.
+    pub async fn commit(self: &Arc<Self>) -> Result<(), WriteError> {
+        let Some(t) = &self.txns else {
+            return Ok(());
+        };
+        let _gate = t.gate.write().await;
+        if !t.is_open.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let last_lsn = walrelay_common::sync::lock(&t.open).last_lsn;
+        if last_lsn > t.committed_lsn.load(Ordering::Acquire) {
+            let (slot, incarnation) = walrelay_common::sync::lock(&t.identity).clone();
+            let record = Progress {
+                slot,
+                incarnation,
+                commit_lsn: last_lsn,
+            };
+            let value = serde_json::to_vec(&record)
+                .map_err(|e| WriteError::Client(format!("encoding progress: {e}")))?;
+            self.send_progress(&t.options.progress_topic, t.options.id.as_bytes(), &value)
+                .await?;
+        }
+        let started = Instant::now();
+        loop {
+            let this = Arc::clone(self);
+            let result = tokio::task::spawn_blocking(move || {
+                this.producer.commit_transaction(Duration::from_secs(30))
+            })
+            .await
+            .map_err(|e| WriteError::Client(format!("committing: {e}")))?;
+            match result {
+                Ok(()) => break,
+                Err(e) => match transaction::classify(&e) {
+                    TxnFailure::Retry(m) => {
+                        tracing::warn!(error = %m, "Kafka transaction commit not done yet; retrying.");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    TxnFailure::Abort(_) => {
+                        let err = self.txn_error(&e, "committing a Kafka transaction");
+                        self.abort_locked(t).await;
+                        return Err(err);
+                    }
+                    TxnFailure::Fenced(_) | TxnFailure::Fatal(_) => {
+                        return Err(self.txn_error(&e, "committing a Kafka transaction"));
+                    }
+                },
+            }
+        }
+        let metrics = &self.ctx().metrics;
+        metrics
+            .kafka_commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        metrics
+            .kafka_transactions
+            .with_label_values(&["committed"])
+            .inc();
+        *walrelay_common::sync::lock(&t.open) = transaction::Open::default();
+        if last_lsn > 0 {
+            t.committed_lsn.fetch_max(last_lsn, Ordering::AcqRel);
+        }
+        t.is_open.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// Aborts the open Kafka transaction (at a stop inside a Postgres transaction): nothing of
+    /// it becomes visible, and the slot sends it again next time.
+    pub async fn abort(self: &Arc<Self>) {
+        if let Some(t) = &self.txns {
+            let _gate = t.gate.write().await;
+            self.abort_locked(t).await;
+        }
+    }
+
+    async fn abort_locked(self: &Arc<Self>, t: &Transactions) {
+        if !t.is_open.load(Ordering::Acquire) {
+            return;
+        }
+        let this = Arc::clone(self);
+        let result = tokio::task::spawn_blocking(move || {
+            this.producer.abort_transaction(Duration::from_secs(30))
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => tracing::info!("Aborted the open Kafka transaction."),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "Aborting the Kafka transaction failed; the next instance's start aborts it.");
+            }
+            Err(e) => tracing::warn!(error = %e, "Aborting the Kafka transaction failed."),
+        }
+        self.ctx()
+            .metrics
+            .kafka_transactions
+            .with_label_values(&["aborted"])
+            .inc();
+        *walrelay_common::sync::lock(&t.open) = transaction::Open::default();
+        t.is_open.store(false, Ordering::Release);
+    }
+
+    /// The progress record, inside the open transaction (the gate is held alone).
+    async fn send_progress(&self, topic: &str, key: &[u8], value: &[u8]) -> Result<(), WriteError> {
+        let mut token = Box::new(Token {
+            txn: None,
+            bytes: 0,
+            queued: Instant::now(),
+        });
+        loop {
+            let record = BaseRecord::with_opaque_to(topic, token)
+                .key(key)
+                .payload(value)
+                .partition(0);
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), rec)) => {
+                    token = rec.delivery_opaque;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => {
+                    return Err(WriteError::Delivery {
+                        message: format!("writing progress to {topic}: {e}"),
+                        transient: true,
+                    });
+                }
+            }
+        }
+    }
+
     /// Events handed over and not yet reported.
     pub fn in_flight(&self) -> i32 {
         self.producer.in_flight_count()
@@ -450,6 +820,24 @@ pub async fn ensure_topic(options: &WriterOptions, partitions: i32) -> Result<()
             message: e.to_string(),
             transient: true,
         })
+}
+
+/// Creates the compacted progress topic of exactly-once delivery if it does not exist.
+pub async fn ensure_progress_topic(options: &WriterOptions) -> Result<(), WriteError> {
+    let Some(t) = &options.transactions else {
+        return Ok(());
+    };
+    kafka::ensure_topic_with(
+        &options.client_config(),
+        &t.progress_topic,
+        1,
+        &[("cleanup.policy", "compact")],
+    )
+    .await
+    .map_err(|e| WriteError::Delivery {
+        message: e.to_string(),
+        transient: true,
+    })
 }
 
 /// Whether the brokers answer a metadata request within `timeout`.

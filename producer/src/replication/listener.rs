@@ -27,6 +27,7 @@ use crate::ddl::{Registry, TableSchema};
 use crate::emit::{Emitter, RowChange};
 use crate::encode::{ColumnShape, EventMeta, Image, TableShape};
 use crate::error::RunError;
+use crate::kafka::Writer;
 use crate::metrics::Metrics;
 
 /// Microseconds between the Unix epoch and Postgres' epoch (2000-01-01).
@@ -37,6 +38,8 @@ const PROGRESS_INTERVAL: Duration = Duration::from_millis(50);
 
 struct OpenTxn {
     id: TxnId,
+    /// Kafka already holds it (exactly-once, after a restart): decoded, not written.
+    muted: bool,
     xid: u32,
     commit_lsn: u64,
     ts_ms: i64,
@@ -59,6 +62,8 @@ pub struct Listener<'a> {
     pub emitter: Emitter,
     /// Progress tracker.
     pub checkpointer: &'a Checkpointer,
+    /// The Kafka writer (the emitter's), for Kafka transactions and the confirmable position.
+    pub writer: Arc<Writer>,
     /// Metrics.
     pub metrics: &'a Arc<Metrics>,
     /// Schemas of the captured tables as of the stream position.
@@ -69,6 +74,9 @@ pub struct Listener<'a> {
     pub ddl_key: Option<Vec<u8>>,
     /// What schema events carry of the DDL text.
     pub ddl_statement: DdlStatement,
+    /// Under exactly-once: the end LSN Kafka already holds; transactions ending at or below
+    /// it are not written again (0: none).
+    pub skip_through: u64,
 }
 
 /// A table as the last Relation message described it.
@@ -86,10 +94,12 @@ struct Relation {
 fn push_progress(
     client: &ReplicationClient,
     ckpt: &Checkpointer,
+    writer: &Writer,
     metrics: &Metrics,
     pushed: &mut u64,
 ) {
-    let c = ckpt.confirmed();
+    // Acknowledged, and under exactly-once also committed in Kafka.
+    let c = writer.confirmable(ckpt.confirmed());
     if c > *pushed {
         client.update_applied_lsn(Lsn::from_u64(c));
         *pushed = c;
@@ -109,19 +119,24 @@ impl Listener<'_> {
             client,
             checkpointer,
             metrics,
+            writer,
             ..
         } = self;
-        let (client, checkpointer, metrics): (&ReplicationClient, &Checkpointer, &Metrics) =
-            (client, checkpointer, metrics);
+        let (client, checkpointer, metrics, writer): (
+            &ReplicationClient,
+            &Checkpointer,
+            &Metrics,
+            &Writer,
+        ) = (client, checkpointer, metrics, writer);
         (emitter, move || {
-            push_progress(client, checkpointer, metrics, pushed);
+            push_progress(client, checkpointer, writer, metrics, pushed);
         })
     }
 
     /// Runs until `shutdown` is cancelled (returns `Ok`) or a failure.
     pub async fn run(self, shutdown: &CancellationToken) -> Result<(), RunError> {
         let mut stream = Stream {
-            pushed: self.checkpointer.confirmed(),
+            pushed: self.writer.confirmable(self.checkpointer.confirmed()),
             io: self,
             relations: HashMap::new(),
             txn: None,
@@ -135,12 +150,29 @@ impl Listener<'_> {
         };
         let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
         loop {
+            // Under exactly-once, between Postgres transactions: when the open Kafka
+            // transaction is due to commit.
+            let due = if stream.txn.is_none() {
+                stream.io.writer.commit_due()
+            } else {
+                None
+            };
+            let commit_timer = async {
+                match due {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             let event = tokio::select! {
                 biased;
-                () = shutdown.cancelled() => return Ok(()),
-                failure = stream.io.emitter.writer().failed() => return Err(failure.into()),
+                () = shutdown.cancelled() => return stream.stop().await,
+                failure = stream.io.writer.failed() => return Err(failure.into()),
                 _ = tick.tick() => {
                     stream.tick();
+                    continue;
+                }
+                () = commit_timer => {
+                    stream.commit_kafka().await?;
                     continue;
                 }
                 ev = stream.io.client.recv() => ev,
@@ -174,9 +206,32 @@ impl Stream<'_> {
         push_progress(
             self.io.client,
             self.io.checkpointer,
+            &self.io.writer,
             self.io.metrics,
             &mut self.pushed,
         );
+    }
+
+    /// Under exactly-once: commits the open Kafka transaction (only between Postgres
+    /// transactions) and pushes the position it covers.
+    async fn commit_kafka(&mut self) -> Result<(), RunError> {
+        debug_assert!(self.txn.is_none());
+        self.io.writer.commit().await?;
+        self.push_progress();
+        Ok(())
+    }
+
+    /// A stop between transactions commits what Kafka holds of whole ones; a stop inside one
+    /// aborts the Kafka transaction, so no part of it becomes visible.
+    async fn stop(&mut self) -> Result<(), RunError> {
+        if self.io.writer.exactly_once() {
+            if self.txn.is_none() {
+                self.commit_kafka().await?;
+            } else {
+                self.io.writer.abort().await;
+            }
+        }
+        Ok(())
     }
 
     /// The progress tick: push the confirmed LSN; log a summary every 10 s of activity.
@@ -202,7 +257,7 @@ impl Stream<'_> {
                 end_lsn,
                 commit_time_micros,
                 ..
-            } => self.commit(end_lsn.as_u64(), commit_time_micros),
+            } => self.commit(end_lsn.as_u64(), commit_time_micros).await,
             ReplicationEvent::KeepAlive { wal_end, .. } => {
                 self.keepalive(wal_end.as_u64());
                 Ok(())
@@ -230,7 +285,12 @@ impl Stream<'_> {
                 "Begin of xid {xid} inside an open transaction"
             )));
         }
+        // The commit record starts at `final_lsn`; one that starts below the end of the last
+        // transaction Kafka holds is that transaction or an earlier one.
+        let muted = final_lsn < self.io.skip_through;
+        self.io.writer.set_muted(muted);
         self.txn = Some(OpenTxn {
+            muted,
             id: self.io.checkpointer.begin(),
             xid,
             commit_lsn: final_lsn,
@@ -241,21 +301,34 @@ impl Stream<'_> {
         Ok(())
     }
 
-    fn commit(&mut self, end_lsn: u64, commit_time_micros: i64) -> Result<(), RunError> {
+    async fn commit(&mut self, end_lsn: u64, commit_time_micros: i64) -> Result<(), RunError> {
         let Some(t) = self.txn.take() else {
             return Err(RunError::Protocol("Commit without Begin".into()));
         };
         let commit_us = commit_time_micros + PG_EPOCH_OFFSET_MICROS;
+        let sent = if t.muted { 0 } else { t.sent };
         self.io
             .checkpointer
-            .commit_at(t.id, end_lsn, t.sent, commit_us);
+            .commit_at(t.id, end_lsn, sent, commit_us);
+        if t.muted {
+            self.io.writer.set_muted(false);
+        }
+        self.io.writer.transaction_ended(end_lsn);
+        if self
+            .io
+            .writer
+            .commit_due()
+            .is_some_and(|at| at <= std::time::Instant::now())
+        {
+            self.io.writer.commit().await?;
+        }
         let metrics = self.io.metrics;
         metrics.transactions.inc();
         metrics.source_lag_seconds.set(
             (walrelay_common::clock::now_ms() - pg_micros_to_unix_ms(commit_time_micros)) as f64
                 / 1000.0,
         );
-        self.batch_events += t.sent;
+        self.batch_events += sent;
         self.batch_txns += 1;
         self.push_progress();
         Ok(())
