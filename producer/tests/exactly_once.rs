@@ -343,3 +343,69 @@ async fn at_least_once_thirty_kills_show_duplicates_and_lose_nothing() {
         "30 kills under load re-send something under at-least-once"
     );
 }
+
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// A producer frozen with an open Kafka transaction loses its replication connection; a
+/// second producer takes the slot with the same transactional id. Its start fences the first
+/// (whose open transaction is aborted, never visible), and when the first wakes up its commit
+/// is refused: it stops with "fenced" instead of interleaving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_producer_on_the_same_slot_fences_the_first() {
+    let mut env = Env::start().await;
+    env.pg.exec(&env.db, SCHEMA).await;
+    env.init();
+    // A long interval: the first producer surely holds an open transaction when frozen.
+    let mut first = env.spawn(&["--delivery", "exactly-once", "--transaction-interval", "3s"]);
+    env.wait_streaming(Duration::from_secs(90)).await;
+    let load = tokio::spawn(ledger_load(env.url(), Duration::from_secs(3600), 5));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    signal(first.pid(), "-STOP");
+    let c = env.pg.client(&env.db).await;
+    c.execute(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1",
+        &[&env.slot],
+    )
+    .await
+    .expect("terminate the walsender");
+    let mut second = env.spawn(&["--delivery", "exactly-once"]);
+    env.wait_streaming(Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    signal(first.pid(), "-CONT");
+    let code = env.exit_code(&mut first, Duration::from_secs(30)).await;
+    let first_log = first.log();
+    assert_eq!(code, Some(1), "the fenced producer stops\n{first_log}");
+    assert!(
+        first_log.contains("fenced"),
+        "it says it was fenced\n{first_log}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    load.abort();
+    let _ = load.await;
+    env.wait_confirmed_current(Duration::from_secs(60)).await;
+    assert_eq!(second.terminate(), Some(0), "{}", env.all_logs());
+
+    let mut reader = Reader::new(&env.broker.brokers(), &env.topic, 1);
+    reader.catch_up(Duration::from_millis(1500));
+    let l = ledger(&reader.records);
+    assert_eq!(l.duplicates(), 0, "the two producers interleaved");
+    assert!(l.partial().is_empty(), "partial: {:?}", l.partial());
+    let committed: i64 = c
+        .query_one("SELECT count(*) FROM txlog", &[])
+        .await
+        .expect("txlog")
+        .get(0);
+    let seen = reader
+        .records
+        .iter()
+        .filter(|e| e.source.table == "txlog" && e.op == Op::Create)
+        .count();
+    assert_eq!(seen as i64, committed, "every committed transaction, once");
+}
