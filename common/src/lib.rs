@@ -15,6 +15,8 @@
 //!   classify failures as transient or definite.
 //! - [`signal`]: a cancellation token for SIGTERM/SIGINT.
 //! - [`sync`]: locking a mutex whose previous holder panicked.
+//! - [`transaction`]: transaction metadata (`--transaction-metadata`): the events' `transaction`
+//!   block and the `BEGIN`/`END` records of `<topic>.transactions`, in Debezium's shape.
 //! - [`telemetry`]: the Prometheus registry, the `/metrics`, `/healthz` and `/readyz` server, and
 //!   logging set-up.
 //!
@@ -36,3 +38,4 @@ pub mod retry;
 pub mod signal;
 pub mod sync;
 pub mod telemetry;
+pub mod transaction;

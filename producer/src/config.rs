@@ -168,6 +168,10 @@ pub struct Options {
     /// [default: walrelay.<topic>.<database>.<slot>].
     #[arg(long, env = "WALRELAY_TRANSACTIONAL_ID", global = true)]
     pub transactional_id: Option<String>,
+    /// Transaction metadata: a `transaction` block in every data event and BEGIN/END records
+    /// in `<topic>.transactions` (Debezium's shape) [default: off].
+    #[arg(long, env = "WALRELAY_TRANSACTION_METADATA", global = true, num_args = 0..=1, default_missing_value = "true")]
+    pub transaction_metadata: Option<bool>,
     /// A librdkafka property, KEY=VALUE; repeatable (env: comma-separated).
     #[arg(
         long = "kafka-property",
@@ -221,6 +225,7 @@ impl Options {
             delivery: self.delivery.or(file.delivery),
             transaction_interval: self.transaction_interval.or(file.transaction_interval),
             transactional_id: self.transactional_id.or(file.transactional_id),
+            transaction_metadata: self.transaction_metadata.or(file.transaction_metadata),
             kafka_property,
             kafka_properties,
             log_format: self.log_format.or(file.log_format),
@@ -265,6 +270,8 @@ pub struct Settings {
     pub transaction_interval: std::time::Duration,
     /// Under exactly-once: the transactional id.
     pub transactional_id: String,
+    /// Transaction metadata in events and `<topic>.transactions`.
+    pub transaction_metadata: bool,
     /// librdkafka properties.
     pub kafka_properties: walrelay_common::options::KafkaProperties,
     /// Log format.
@@ -364,6 +371,7 @@ impl Settings {
             delivery: o.delivery.unwrap_or_default(),
             transaction_interval,
             transactional_id,
+            transaction_metadata: o.transaction_metadata.unwrap_or(false),
             kafka_properties,
             log_format: o.log_format.unwrap_or_default(),
         })

@@ -49,6 +49,8 @@ pub struct Emitter {
     partition_key: PartitionKey,
     partitions: i32,
     metrics: Arc<Metrics>,
+    /// `<topic>.transactions` under `--transaction-metadata`.
+    transactions_topic: Option<Arc<str>>,
     key: Vec<u8>,
     value: Vec<u8>,
 }
@@ -68,6 +70,7 @@ impl Emitter {
             partition_key,
             partitions,
             metrics,
+            transactions_topic: None,
             key: Vec::with_capacity(256),
             value: Vec::with_capacity(4096),
         }
@@ -75,13 +78,53 @@ impl Emitter {
 
     /// Another emitter to the same writer and topic, with buffers of its own.
     pub fn fork(&self) -> Self {
-        Self::new(
+        let mut e = Self::new(
             Arc::clone(&self.writer),
             Arc::clone(&self.encoder),
             self.partition_key,
             self.partitions,
             Arc::clone(&self.metrics),
-        )
+        );
+        e.transactions_topic = self.transactions_topic.clone();
+        e
+    }
+
+    /// Writes transaction metadata records to `topic` (`--transaction-metadata`).
+    pub fn set_transactions_topic(&mut self, topic: &str) {
+        self.transactions_topic = Some(Arc::from(topic));
+    }
+
+    /// Whether transaction metadata is written.
+    pub fn transaction_metadata(&self) -> bool {
+        self.transactions_topic.is_some()
+    }
+
+    /// A `BEGIN`/`END` record of `<topic>.transactions` (partition 0, keyed `{"id":…}`).
+    /// Returns the records sent (0 without `--transaction-metadata`).
+    pub async fn transaction_record<F: FnMut()>(
+        &mut self,
+        record: &walrelay_common::transaction::TransactionRecord,
+        txn: TxnId,
+        on_wait: &mut F,
+    ) -> Result<u64, RunError> {
+        let Some(topic) = self.transactions_topic.clone() else {
+            return Ok(0);
+        };
+        if self.writer.is_muted() {
+            return Ok(0);
+        }
+        self.key.clear();
+        self.value.clear();
+        self.key.extend_from_slice(b"{\"id\":");
+        walrelay_common::event::write_json_str(&mut self.key, &record.id);
+        self.key.push(b'}');
+        self.encoder
+            .transaction(&mut self.value, record)
+            .map_err(|e| RunError::Protocol(e.to_string()))?;
+        self.writer
+            .send_to_topic(&topic, &self.key, &self.value, txn, Some(0), on_wait)
+            .await?;
+        Ok(1)
     }
 
     /// The writer (for its failure and in-flight state, and Kafka transactions).

@@ -216,6 +216,18 @@ pub struct EventMeta {
     pub snapshot: bool,
     /// Position in the transaction.
     pub seq: u64,
+    /// Place among the transaction's data events (`--transaction-metadata`), or none.
+    pub transaction: Option<TxnOrder>,
+}
+
+/// A data event's place in its transaction: the `transaction` block of
+/// [`walrelay_common::transaction`] (the id is `<txid>:<commit_lsn>` of the event).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxnOrder {
+    /// 1-based among the transaction's data events.
+    pub total: u64,
+    /// 1-based among those of the same table.
+    pub collection: u64,
 }
 
 /// How an event's value is written: the producer's half of a codec (the consumers' half is
@@ -241,11 +253,18 @@ pub trait Encoder: Send + Sync {
         meta: &EventMeta,
         change: &walrelay_common::event::SchemaChange,
     ) -> Result<(), EncodeError>;
+
+    /// Appends a `BEGIN`/`END` record of `<topic>.transactions` to `out`.
+    fn transaction(
+        &self,
+        out: &mut Vec<u8>,
+        record: &walrelay_common::transaction::TransactionRecord,
+    ) -> Result<(), EncodeError>;
 }
 
 /// An event the codec could not write (definite: the producer stops).
 #[derive(Debug, thiserror::Error)]
-#[error("encoding a schema event: {0}")]
+#[error("encoding an event: {0}")]
 pub struct EncodeError(String);
 
 /// The JSON codec's encoder: Debezium-shaped envelopes written straight from Postgres' text
@@ -307,6 +326,17 @@ impl Encoder for EnvelopeWriter {
         out.extend_from_slice(num.u64(meta.seq));
         out.extend_from_slice(b"},\"ts_ms\":");
         out.extend_from_slice(num.i64(meta.ts_ms));
+        if let Some(order) = meta.transaction {
+            out.extend_from_slice(b",\"transaction\":{\"id\":\"");
+            out.extend_from_slice(num.u64(meta.txid));
+            out.push(b':');
+            out.extend_from_slice(num.u64(meta.commit_lsn));
+            out.extend_from_slice(b"\",\"total_order\":");
+            out.extend_from_slice(num.u64(order.total));
+            out.extend_from_slice(b",\"data_collection_order\":");
+            out.extend_from_slice(num.u64(order.collection));
+            out.push(b'}');
+        }
         out.extend_from_slice(&shape.table_facts);
         if let Some(cols) = unchanged.filter(|c| !c.is_empty()) {
             out.extend_from_slice(b",\"unchanged_toast\":[");
@@ -335,6 +365,14 @@ impl Encoder for EnvelopeWriter {
         serde_json::to_writer(&mut *out, change).map_err(|e| EncodeError(e.to_string()))?;
         out.push(b'}');
         Ok(())
+    }
+
+    fn transaction(
+        &self,
+        out: &mut Vec<u8>,
+        record: &walrelay_common::transaction::TransactionRecord,
+    ) -> Result<(), EncodeError> {
+        serde_json::to_writer(&mut *out, record).map_err(|e| EncodeError(e.to_string()))
     }
 }
 
@@ -432,6 +470,7 @@ mod tests {
             ts_ms: -5,
             snapshot: false,
             seq: 3,
+            transaction: None,
         };
         let mut out = Vec::new();
         w.row(
@@ -561,6 +600,7 @@ mod tests {
                     ts_ms,
                     snapshot: op == Op::Read,
                     seq: u64::from(seq),
+                    transaction: None,
                 };
                 let image = Some(Image::full(&cells));
                 let (before, after) = match op {

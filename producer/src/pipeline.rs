@@ -43,7 +43,7 @@ use crate::ddl::Registry;
 use crate::emit::Emitter;
 use crate::encode::EnvelopeWriter;
 use crate::error::RunError;
-use crate::kafka::{Writer, ensure_progress_topic, ensure_topic};
+use crate::kafka::{Writer, ensure_progress_topic, ensure_single_partition_topic, ensure_topic};
 use crate::metrics::Metrics;
 use crate::replication::connection;
 use crate::replication::listener::Listener;
@@ -212,6 +212,10 @@ async fn prepare(ctx: &Context) -> Result<Prepared, RunError> {
     let writer_opts = s.writer_options(brokers);
     ensure_topic(&writer_opts, s.topic_partitions).await?;
     ensure_progress_topic(&writer_opts).await?;
+    let transactions_topic = format!("{}.transactions", s.topic);
+    if s.transaction_metadata {
+        ensure_single_partition_topic(&writer_opts, &transactions_topic).await?;
+    }
     let checkpointer =
         Arc::new(Checkpointer::new(0).with_latency(ctx.metrics.commit_to_ack_seconds.clone()));
     let writer = Arc::new(Writer::new(
@@ -229,6 +233,9 @@ async fn prepare(ctx: &Context) -> Result<Prepared, RunError> {
         partitions,
         Arc::clone(&ctx.metrics),
     );
+    if s.transaction_metadata {
+        emitter.set_transactions_topic(&transactions_topic);
+    }
 
     let info = slot::slot_info(&ctl, &s.slot).await?;
     let state = slot::read_state(&ctl, &s.slot).await?;

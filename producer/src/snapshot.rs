@@ -184,6 +184,7 @@ pub async fn run(
             ts_ms: job.started_ms,
             snapshot: true,
             seq: 0,
+            transaction: None,
         };
         schema_events += emitter
             .schema(&event.shape, &event.change, &meta, snap_txn, &mut || {})
@@ -323,6 +324,7 @@ impl Worker {
                 ts_ms: self.job.started_ms,
                 snapshot: true,
                 seq: 0,
+                transaction: None,
             };
             let mut rows = 0u64;
             line.clear();

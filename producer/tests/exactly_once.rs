@@ -409,3 +409,93 @@ async fn a_second_producer_on_the_same_slot_fences_the_first() {
         .count();
     assert_eq!(seen as i64, committed, "every committed transaction, once");
 }
+
+/// Reads `topic` (all partitions) as JSON values until `n` records arrived.
+fn json_records(brokers: &str, topic: &str, n: usize) -> Vec<serde_json::Value> {
+    walrelay_tests::topic::read_until(brokers, topic, Duration::from_secs(60), |r| r.len() >= n)
+        .iter()
+        .map(|r| serde_json::from_slice(&r.value).expect("json"))
+        .collect()
+}
+
+/// `--transaction-metadata`: each data event says its place in its transaction, and
+/// `<topic>.transactions` has BEGIN before and END after it with the counts per table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_metadata_tells_a_consumer_when_it_holds_a_whole_transaction() {
+    let mut env = Env::start().await;
+    env.pg
+        .exec(
+            &env.db,
+            "CREATE TABLE a (id int PRIMARY KEY, v text); CREATE TABLE b (id int PRIMARY KEY);",
+        )
+        .await;
+    env.init();
+    let mut p = env.spawn(&[
+        "--delivery",
+        "exactly-once",
+        "--transaction-metadata",
+        "--snapshot",
+        "never",
+    ]);
+    env.wait_streaming(Duration::from_secs(60)).await;
+    env.pg
+        .exec(
+            &env.db,
+            "BEGIN; INSERT INTO a VALUES (1, 'x'), (2, 'y'); INSERT INTO b VALUES (7); UPDATE a SET v = 'z' WHERE id = 1; COMMIT;
+             BEGIN; CREATE TEMP TABLE scratch (x int); INSERT INTO scratch VALUES (1); COMMIT;
+             DELETE FROM b;",
+        )
+        .await;
+    let brokers = env.broker.brokers();
+    let meta = json_records(&brokers, &format!("{}.transactions", env.topic), 4);
+    let events: Vec<serde_json::Value> = json_records(&brokers, &env.topic, 5)
+        .into_iter()
+        .filter(|e| e["op"] != "ddl")
+        .collect();
+    assert_eq!(p.terminate(), Some(0), "{}", env.all_logs());
+    let status: Vec<&str> = meta
+        .iter()
+        .map(|m| m["status"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(status, ["BEGIN", "END", "BEGIN", "END"], "{meta:#?}");
+    let first_id = meta[0]["id"].as_str().expect("id");
+    assert_eq!(meta[1]["id"], meta[0]["id"]);
+    assert!(meta[0]["event_count"].is_null());
+    assert_eq!(meta[1]["event_count"], 4);
+    assert_eq!(
+        meta[1]["data_collections"],
+        serde_json::json!([
+            {"data_collection": "public.a", "event_count": 3},
+            {"data_collection": "public.b", "event_count": 1}
+        ])
+    );
+    assert_eq!(
+        meta[3]["event_count"], 1,
+        "the temp-table transaction has none"
+    );
+    let first: Vec<_> = events
+        .iter()
+        .filter(|e| e["transaction"]["id"] == first_id)
+        .map(|e| {
+            (
+                e["source"]["table"].as_str().unwrap_or("").to_string(),
+                e["transaction"]["total_order"].as_u64().unwrap_or(0),
+                e["transaction"]["data_collection_order"]
+                    .as_u64()
+                    .unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        first,
+        [
+            ("a".to_string(), 1, 1),
+            ("a".to_string(), 2, 2),
+            ("b".to_string(), 3, 1),
+            ("a".to_string(), 4, 3)
+        ]
+    );
+    let txid = events[0]["source"]["txid"].as_u64().expect("txid");
+    let commit_lsn = events[0]["source"]["commit_lsn"].as_u64().expect("lsn");
+    assert_eq!(first_id, format!("{txid}:{commit_lsn}"));
+}

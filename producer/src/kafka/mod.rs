@@ -62,5 +62,6 @@ mod writer;
 
 pub use transaction::TransactionOptions;
 pub use writer::{
-    WriteError, Writer, WriterOptions, broker_reachable, ensure_progress_topic, ensure_topic,
+    WriteError, Writer, WriterOptions, broker_reachable, ensure_progress_topic,
+    ensure_single_partition_topic, ensure_topic,
 };

@@ -366,6 +366,33 @@ impl Writer {
         partition: Option<i32>,
         on_wait: &mut F,
     ) -> Result<(), WriteError> {
+        self.send_record(&self.topic, table, (key, value), txn, partition, on_wait)
+            .await
+    }
+
+    /// Like [`Writer::send_to`], to another topic (`<topic>.transactions`).
+    pub async fn send_to_topic<F: FnMut()>(
+        &self,
+        topic: &str,
+        key: &[u8],
+        value: &[u8],
+        txn: TxnId,
+        partition: Option<i32>,
+        on_wait: &mut F,
+    ) -> Result<(), WriteError> {
+        self.send_record(topic, topic, (key, value), txn, partition, on_wait)
+            .await
+    }
+
+    async fn send_record<F: FnMut()>(
+        &self,
+        topic: &str,
+        table: &str,
+        (key, value): (&[u8], &[u8]),
+        txn: TxnId,
+        partition: Option<i32>,
+        on_wait: &mut F,
+    ) -> Result<(), WriteError> {
         if let Some(f) = self.failure() {
             return Err(f);
         }
@@ -409,7 +436,7 @@ impl Writer {
             queued: Instant::now(),
         });
         loop {
-            let mut record = BaseRecord::with_opaque_to(&self.topic, token)
+            let mut record = BaseRecord::with_opaque_to(topic, token)
                 .key(key)
                 .payload(value);
             if let Some(p) = partition {
@@ -815,6 +842,19 @@ impl Writer {
 /// consumers can replay from offset zero); an existing topic is used as it is.
 pub async fn ensure_topic(options: &WriterOptions, partitions: i32) -> Result<(), WriteError> {
     kafka::ensure_topic(&options.client_config(), &options.topic, partitions)
+        .await
+        .map_err(|e| WriteError::Delivery {
+            message: e.to_string(),
+            transient: true,
+        })
+}
+
+/// Creates `topic` with one partition if it does not exist (`<topic>.transactions`).
+pub async fn ensure_single_partition_topic(
+    options: &WriterOptions,
+    topic: &str,
+) -> Result<(), WriteError> {
+    kafka::ensure_topic(&options.client_config(), topic, 1)
         .await
         .map_err(|e| WriteError::Delivery {
             message: e.to_string(),

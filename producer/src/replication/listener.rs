@@ -14,6 +14,7 @@ use bytes::Bytes;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
 use tokio_util::sync::CancellationToken;
 use walrelay_common::event::Op;
+use walrelay_common::transaction::{DataCollection, Status, TransactionRecord, transaction_id};
 
 mod schema;
 
@@ -25,7 +26,7 @@ use crate::config::DdlStatement;
 use crate::ddl::capture::MESSAGE_PREFIX;
 use crate::ddl::{Registry, TableSchema};
 use crate::emit::{Emitter, RowChange};
-use crate::encode::{ColumnShape, EventMeta, Image, TableShape};
+use crate::encode::{ColumnShape, EventMeta, Image, TableShape, TxnOrder};
 use crate::error::RunError;
 use crate::kafka::Writer;
 use crate::metrics::Metrics;
@@ -45,6 +46,37 @@ struct OpenTxn {
     ts_ms: i64,
     seq: u64,
     sent: u64,
+    /// Transaction metadata: whether its `BEGIN` went out, its data events, and per table.
+    metadata: Option<TxnMetadata>,
+}
+
+/// What `--transaction-metadata` counts of an open transaction.
+#[derive(Default)]
+struct TxnMetadata {
+    data_events: u64,
+    /// Data events per table (by relation OID), in order of first appearance.
+    tables: Vec<(u32, u64)>,
+}
+
+impl TxnMetadata {
+    /// Counts a data event of `oid`; its place in the transaction.
+    fn count(&mut self, oid: u32) -> TxnOrder {
+        self.data_events += 1;
+        let collection = match self.tables.iter_mut().rev().find(|(o, _)| *o == oid) {
+            Some((_, n)) => {
+                *n += 1;
+                *n
+            }
+            None => {
+                self.tables.push((oid, 1));
+                1
+            }
+        };
+        TxnOrder {
+            total: self.data_events,
+            collection,
+        }
+    }
 }
 
 /// Converts a Postgres timestamp (µs since 2000-01-01) to ms since the Unix epoch.
@@ -297,6 +329,7 @@ impl Stream<'_> {
             ts_ms: pg_micros_to_unix_ms(commit_time_micros),
             seq: 0,
             sent: 0,
+            metadata: None,
         });
         Ok(())
     }
@@ -306,6 +339,32 @@ impl Stream<'_> {
             return Err(RunError::Protocol("Commit without Begin".into()));
         };
         let commit_us = commit_time_micros + PG_EPOCH_OFFSET_MICROS;
+        let mut t = t;
+        if let Some(m) = t.metadata.take() {
+            let record = TransactionRecord {
+                status: Status::End,
+                id: transaction_id(u64::from(t.xid), t.commit_lsn),
+                event_count: Some(m.data_events),
+                data_collections: Some(
+                    m.tables
+                        .iter()
+                        .map(|(oid, n)| DataCollection {
+                            data_collection: self
+                                .relations
+                                .get(oid)
+                                .map(|r| format!("{}.{}", r.namespace, r.name))
+                                .unwrap_or_else(|| oid.to_string()),
+                            event_count: *n,
+                        })
+                        .collect(),
+                ),
+                ts_ms: t.ts_ms,
+            };
+            let (emitter, mut on_wait) = self.io.emitter_and_progress(&mut self.pushed);
+            t.sent += emitter
+                .transaction_record(&record, t.id, &mut on_wait)
+                .await?;
+        }
         let sent = if t.muted { 0 } else { t.sent };
         self.io
             .checkpointer
@@ -474,8 +533,12 @@ impl Stream<'_> {
         let t = open(txn)?;
         let shape = shape_of(relations, oid)?;
         t.seq += 1;
-        let meta = meta(t, op, lsn);
         let (emitter, mut on_wait) = io.emitter_and_progress(pushed);
+        let order = transaction_order(emitter, t, oid, &mut on_wait).await?;
+        let meta = EventMeta {
+            transaction: order,
+            ..meta(t, op, lsn)
+        };
         t.sent += emitter
             .row(shape, &meta, change, t.id, &mut on_wait)
             .await?;
@@ -498,7 +561,11 @@ impl Stream<'_> {
         for &oid in oids {
             let shape = shape_of(relations, oid)?;
             t.seq += 1;
-            let meta = meta(t, Op::Truncate, lsn);
+            let order = transaction_order(emitter, t, oid, &mut on_wait).await?;
+            let meta = EventMeta {
+                transaction: order,
+                ..meta(t, Op::Truncate, lsn)
+            };
             t.sent += emitter.truncate(shape, &meta, t.id, &mut on_wait).await?;
         }
         Ok(())
@@ -518,6 +585,31 @@ fn shape_of(relations: &HashMap<u32, Relation>, oid: u32) -> Result<&TableShape,
     })
 }
 
+/// Under `--transaction-metadata`: the `BEGIN` record before the transaction's first data
+/// event, and this event's place in it.
+async fn transaction_order<F: FnMut()>(
+    emitter: &mut Emitter,
+    t: &mut OpenTxn,
+    oid: u32,
+    on_wait: &mut F,
+) -> Result<Option<TxnOrder>, RunError> {
+    if !emitter.transaction_metadata() {
+        return Ok(None);
+    }
+    if t.metadata.is_none() {
+        let record = TransactionRecord {
+            status: Status::Begin,
+            id: transaction_id(u64::from(t.xid), t.commit_lsn),
+            event_count: None,
+            data_collections: None,
+            ts_ms: t.ts_ms,
+        };
+        t.sent += emitter.transaction_record(&record, t.id, on_wait).await?;
+        t.metadata = Some(TxnMetadata::default());
+    }
+    Ok(t.metadata.as_mut().map(|m| m.count(oid)))
+}
+
 fn meta(t: &OpenTxn, op: Op, lsn: u64) -> EventMeta {
     EventMeta {
         op,
@@ -527,6 +619,7 @@ fn meta(t: &OpenTxn, op: Op, lsn: u64) -> EventMeta {
         ts_ms: t.ts_ms,
         snapshot: false,
         seq: t.seq,
+        transaction: None,
     }
 }
 
