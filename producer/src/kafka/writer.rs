@@ -714,6 +714,18 @@ impl Writer {
                 .await?;
         }
         let started = Instant::now();
+        // The events are flushed here first: rdkafka's commit_transaction flushes by polling
+        // the event queue in 100 ms waits, which the delivery-report thread of the threaded
+        // producer empties first, so every commit took ~100 ms. With nothing outstanding,
+        // its flush returns at once and the commit is one round trip to the coordinator.
+        while self.producer.flush(Duration::ZERO).is_err() {
+            if let Some(f) = self.failure() {
+                let err = f.clone();
+                self.abort_locked(t).await;
+                return Err(err);
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         loop {
             let this = Arc::clone(self);
             let result = tokio::task::spawn_blocking(move || {

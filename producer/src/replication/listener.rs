@@ -182,19 +182,11 @@ impl Listener<'_> {
         };
         let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
         loop {
-            // Under exactly-once, between Postgres transactions: when the open Kafka
-            // transaction is due to commit.
-            let due = if stream.txn.is_none() {
-                stream.io.writer.commit_due()
-            } else {
-                None
-            };
-            let commit_timer = async {
-                match due {
-                    Some(at) => tokio::time::sleep_until(at.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
+            // Under exactly-once, between Postgres transactions with a Kafka transaction open:
+            // commit as soon as the stream pauses (`recv` has nothing ready; it is polled
+            // first). A busy stream commits at a Postgres commit once the Kafka transaction is
+            // `--transaction-interval` old (in `commit`).
+            let idle_commit = stream.txn.is_none() && stream.io.writer.commit_due().is_some();
             let event = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return stream.stop().await,
@@ -203,11 +195,11 @@ impl Listener<'_> {
                     stream.tick();
                     continue;
                 }
-                () = commit_timer => {
+                ev = stream.io.client.recv() => ev,
+                () = std::future::ready(()), if idle_commit => {
                     stream.commit_kafka().await?;
                     continue;
                 }
-                ev = stream.io.client.recv() => ev,
             };
             match event {
                 Ok(Some(ev)) => stream.event(ev).await?,

@@ -17,16 +17,21 @@
 //!    the producer's peak RSS, how full its buffer got (`walrelay_producer_buffer_bytes`
 //!    sampled every 50 ms from `--metrics-addr`) and when Kafka had acknowledged every event
 //!    (the rest, until the slot is confirmed, is the producer's confirmation cadence);
-//! 4. latency, once per configuration: p50/p99 commit→ack at a paced rate (default 10k rows/s);
+//! 4. latency, once per configuration: at a paced rate (default 10k rows/s), p50/p99 of
+//!    commit→visible to a `read_committed` consumer (per transaction: its commit time to when
+//!    its last event could be read; ms resolution) and of commit→ack from the producer's
+//!    histogram;
 //! 5. memory (mock): peak RSS of the producer on one big transaction (default 5M rows) vs
 //!    `--max-buffer-bytes` + 64 MiB.
 //!
 //! Configurations: `mock schema` (4 partitions, the default keying: every event of the
 //! `public` schema on one partition), `mock primary-key` (8 partitions), `kafka schema`,
-//! `kafka primary-key`.
+//! `kafka primary-key`, each under `--delivery at-least-once` and then `exactly-once` (Kafka
+//! transactions), side by side.
 //!
 //! Usage: `scripts/bench.sh [--rows N] [--txn-rows N] [--big-rows N] [--rate ROWS_PER_S]
 //! [--seconds S] [--buffer SIZE] [--only mock|kafka] [--keying schema|primary-key]
+//! [--delivery at-least-once|exactly-once]
 //! [--pk-partitions N] [--kafka-property KEY=VALUE]... [--skip-snapshot] [--skip-latency]
 //! [--skip-memory]`. `--kafka-property` is passed to the producer of the stream and latency
 //! phases (for experiments, e.g. `statistics.interval.ms`).
@@ -56,6 +61,28 @@ impl Backend {
         match self {
             Backend::Mock => "mock",
             Backend::Kafka => "kafka",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    AtLeastOnce,
+    ExactlyOnce,
+}
+
+impl Delivery {
+    fn name(self) -> &'static str {
+        match self {
+            Delivery::AtLeastOnce => "at-least-once",
+            Delivery::ExactlyOnce => "exactly-once",
+        }
+    }
+
+    fn short(self) -> &'static str {
+        match self {
+            Delivery::AtLeastOnce => "alo",
+            Delivery::ExactlyOnce => "eos",
         }
     }
 }
@@ -91,6 +118,7 @@ struct Args {
     buffer: String,
     only: Option<Backend>,
     keying: Option<Keying>,
+    delivery: Option<Delivery>,
     pk_partitions: i32,
     kafka_properties: Vec<String>,
     skip_snapshot: bool,
@@ -108,6 +136,7 @@ fn parse_args() -> anyhow::Result<Args> {
         buffer: "64MiB".into(),
         only: None,
         keying: None,
+        delivery: None,
         pk_partitions: 8,
         kafka_properties: Vec::new(),
         skip_snapshot: false,
@@ -146,6 +175,13 @@ fn parse_args() -> anyhow::Result<Args> {
                     "mock" => Backend::Mock,
                     "kafka" => Backend::Kafka,
                     _ => bail!("--only takes mock or kafka"),
+                })
+            }
+            "--delivery" => {
+                a.delivery = Some(match v.as_str() {
+                    "at-least-once" => Delivery::AtLeastOnce,
+                    "exactly-once" => Delivery::ExactlyOnce,
+                    _ => bail!("--delivery takes at-least-once or exactly-once"),
                 })
             }
             "--keying" => {
@@ -190,6 +226,7 @@ const LATENCY_SPAN: u64 = 100_000_000_000;
 struct Target {
     backend: Backend,
     keying: Keying,
+    delivery: Delivery,
     partitions: i32,
     brokers: String,
     topic: String,
@@ -199,10 +236,11 @@ struct Target {
 impl Target {
     fn label(&self) -> String {
         format!(
-            "{} {} ×{}",
+            "{} {} ×{} {}",
             self.backend.name(),
             self.keying.name(),
-            self.partitions
+            self.partitions,
+            self.delivery.name()
         )
     }
 }
@@ -248,6 +286,8 @@ impl Bench {
             t.keying.name(),
             "--topic-partitions",
             &t.partitions.to_string(),
+            "--delivery",
+            t.delivery.name(),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -505,6 +545,7 @@ impl Bench {
 
     /// Latency phase of one configuration (`index` picks its id range).
     async fn latency(&mut self, t: &Target, args: &Args, index: u64) -> anyhow::Result<()> {
+        let visibility = Visibility::start(&t.brokers, &t.topic, t.partitions)?;
         let metrics_addr = format!("127.0.0.1:{}", walrelay_tests::free_port());
         let mut p = self.spawn_measured(
             t,
@@ -556,16 +597,108 @@ impl Bench {
             .unwrap_or(f64::NAN);
         let p99 = percentile(&metrics, "walrelay_producer_commit_to_ack_seconds", 0.99)
             .unwrap_or(f64::NAN);
+        let commit = match (
+            percentile(
+                &metrics,
+                "walrelay_producer_kafka_commit_duration_seconds",
+                0.5,
+            ),
+            percentile(
+                &metrics,
+                "walrelay_producer_kafka_commit_duration_seconds",
+                0.99,
+            ),
+        ) {
+            (Some(a), Some(b)) if t.delivery == Delivery::ExactlyOnce => format!(
+                "; Kafka commit p50 ≤ {:.1} ms, p99 ≤ {:.1} ms",
+                a * 1e3,
+                b * 1e3
+            ),
+            _ => String::new(),
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut seen = tokio::task::spawn_blocking(move || visibility.stop()).await?;
+        seen.sort_unstable();
+        let at = |q: f64| {
+            seen.get(((seen.len() as f64 * q).ceil() as usize).saturating_sub(1))
+                .copied()
+                .unwrap_or(-1)
+        };
         println!(
-            "latency [{}] at {} rows/s ({}-row transactions): commit→ack p50 ≤ {:.1} ms, p99 ≤ {:.1} ms (histogram bucket bounds)",
+            "latency [{}] at {} rows/s ({}-row transactions): commit→visible to a read_committed consumer \
+             p50 {} ms, p99 {} ms, max {} ms over {} transactions; commit→ack p50 ≤ {:.1} ms, p99 ≤ {:.1} ms (histogram bucket bounds){commit}",
             t.label(),
             args.rate,
             per_txn,
+            at(0.5),
+            at(0.99),
+            seen.last().copied().unwrap_or(-1),
+            seen.len(),
             p50 * 1e3,
             p99 * 1e3
         );
         p.terminate();
         Ok(())
+    }
+}
+
+/// A `read_committed` consumer from the end of a topic, noting for each Postgres transaction
+/// when its last event became visible, minus its commit time (`source.ts_ms`, ms).
+struct Visibility {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<i64>>,
+}
+
+impl Visibility {
+    fn start(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<Self> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::{Message, Offset, TopicPartitionList};
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", walrelay_tests::unique("bench-visible"))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("fetch.wait.max.ms", "5")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p, Offset::End)?;
+        }
+        consumer.assign(&tpl)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut last: std::collections::HashMap<u64, i64> = std::collections::HashMap::new();
+            while !flag.load(Ordering::Relaxed) {
+                let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) else {
+                    continue;
+                };
+                let now = walrelay_common::clock::now_ms();
+                let Ok(v) =
+                    serde_json::from_slice::<serde_json::Value>(m.payload().unwrap_or_default())
+                else {
+                    continue;
+                };
+                let (Some(lsn), Some(ts)) = (
+                    v["source"]["commit_lsn"].as_u64(),
+                    v["source"]["ts_ms"].as_i64(),
+                ) else {
+                    continue;
+                };
+                if v["source"]["snapshot"] == true {
+                    continue;
+                }
+                let e = last.entry(lsn).or_insert(i64::MIN);
+                *e = (*e).max(now - ts);
+            }
+            last.into_values().collect()
+        });
+        Ok(Self { stop, thread })
+    }
+
+    fn stop(self) -> Vec<i64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
     }
 }
 
@@ -705,17 +838,48 @@ fn keyings(args: &Args) -> Vec<Keying> {
         .collect()
 }
 
-fn target(backend: Backend, keying: Keying, brokers: &str, args: &Args) -> Target {
-    let slot = format!("bench_{}_{}", backend.name(), keying.short());
+/// Keying × delivery, the two deliveries of one keying side by side.
+fn configurations(args: &Args) -> Vec<(Keying, Delivery)> {
+    keyings(args)
+        .into_iter()
+        .flat_map(|k| deliveries(args).into_iter().map(move |d| (k, d)))
+        .collect()
+}
+
+fn deliveries(args: &Args) -> Vec<Delivery> {
+    [Delivery::AtLeastOnce, Delivery::ExactlyOnce]
+        .into_iter()
+        .filter(|d| args.delivery.is_none_or(|only| only == *d))
+        .collect()
+}
+
+fn target(
+    backend: Backend,
+    (keying, delivery): (Keying, Delivery),
+    brokers: &str,
+    args: &Args,
+) -> Target {
+    let slot = format!(
+        "bench_{}_{}_{}",
+        backend.name(),
+        keying.short(),
+        delivery.short()
+    );
     Target {
         backend,
         keying,
+        delivery,
         partitions: match keying {
             Keying::Schema => 4,
             Keying::PrimaryKey => args.pk_partitions,
         },
         brokers: brokers.to_string(),
-        topic: format!("walrelay.bench.{}.{}", backend.name(), keying.short()),
+        topic: format!(
+            "walrelay.bench.{}.{}.{}",
+            backend.name(),
+            keying.short(),
+            delivery.short()
+        ),
         slot,
     }
 }
@@ -779,6 +943,7 @@ async fn main() -> anyhow::Result<()> {
     let init_target = |brokers: &str| Target {
         backend: Backend::Mock,
         keying: Keying::Schema,
+        delivery: Delivery::AtLeastOnce,
         partitions: 4,
         brokers: brokers.to_string(),
         topic: TOPIC.into(),
@@ -790,15 +955,15 @@ async fn main() -> anyhow::Result<()> {
     let mut inited = false;
 
     if args.only != Some(Backend::Kafka) {
-        let pk_topic = format!("walrelay.bench.mock.pk:{}", args.pk_partitions);
-        let broker = MockBroker::start(
-            &sibling("walrelay-mock-broker")?,
-            &[
-                &format!("{TOPIC}:4"),
-                "walrelay.bench.mock.schema:4",
-                &pk_topic,
-            ],
-        );
+        // The mock has no CreateTopics: every topic a configuration uses is made here.
+        let mut topics = vec![format!("{TOPIC}:4")];
+        for (keying, delivery) in configurations(&args) {
+            let t = target(Backend::Mock, (keying, delivery), "", &args);
+            topics.push(format!("{}:{}", t.topic, t.partitions));
+            topics.push(format!("{}.progress:1", t.topic));
+        }
+        let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let broker = MockBroker::start(&sibling("walrelay-mock-broker")?, &topic_refs);
         let brokers = broker.brokers().to_string();
         let base = init_target(&brokers);
         // 1. Broker ceiling with events of the producer's size (~300 bytes).
@@ -858,8 +1023,8 @@ async fn main() -> anyhow::Result<()> {
         }
 
         // 3. and 4. Stream and latency per keying.
-        for keying in keyings(&args) {
-            let t = target(Backend::Mock, keying, &brokers, &args);
+        for config in configurations(&args) {
+            let t = target(Backend::Mock, config, &brokers, &args);
             b.stream(&t, &args, next_rows, &|| 0.0).await?;
             next_rows += args.rows;
             if !args.skip_latency {
@@ -934,8 +1099,8 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "broker ceiling [kafka] (bare rdkafka, 300-byte events, 64 keys): {ceiling:.0} msg/s"
         );
-        for keying in keyings(&args) {
-            let t = target(Backend::Kafka, keying, &brokers, &args);
+        for config in configurations(&args) {
+            let t = target(Backend::Kafka, config, &brokers, &args);
             b.stream(&t, &args, next_rows, &|| kafka.cpu_seconds())
                 .await?;
             next_rows += args.rows;
