@@ -179,6 +179,7 @@ impl Listener<'_> {
                 last_log: None,
                 since_log: 0,
             },
+            shutdown: shutdown.clone(),
         };
         let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
         loop {
@@ -223,7 +224,13 @@ struct Stream<'a> {
     batch_txns: u64,
     last_log: std::time::Instant,
     rejections: Rejections,
+    /// Cancelled on SIGTERM/SIGINT: a Kafka commit waiting on an absent broker gives way.
+    shutdown: CancellationToken,
 }
+
+/// How long a stop waits for the last Kafka commit (exactly-once) before leaving the open
+/// transaction to the next instance, which aborts it.
+const STOP_COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Stream<'_> {
     fn push_progress(&mut self) {
@@ -240,7 +247,12 @@ impl Stream<'_> {
     /// transactions) and pushes the position it covers.
     async fn commit_kafka(&mut self) -> Result<(), RunError> {
         debug_assert!(self.txn.is_none());
-        self.io.writer.commit().await?;
+        let writer = Arc::clone(&self.io.writer);
+        tokio::select! {
+            r = writer.commit() => r?,
+            // Stopping while Kafka is away: the stop tries once more, with a timeout.
+            () = self.shutdown.cancelled() => return Ok(()),
+        }
         self.push_progress();
         Ok(())
     }
@@ -248,14 +260,33 @@ impl Stream<'_> {
     /// A stop between transactions commits what Kafka holds of whole ones; a stop inside one
     /// aborts the Kafka transaction, so no part of it becomes visible.
     async fn stop(&mut self) -> Result<(), RunError> {
-        if self.io.writer.exactly_once() {
-            if self.txn.is_none() {
-                self.commit_kafka().await?;
-            } else {
-                self.io.writer.abort().await;
+        let writer = Arc::clone(&self.io.writer);
+        if !writer.exactly_once() {
+            return Ok(());
+        }
+        let ended = if self.txn.is_none() {
+            tokio::time::timeout(STOP_COMMIT_TIMEOUT, async {
+                writer.commit().await?;
+                self.push_progress();
+                Ok::<_, RunError>(())
+            })
+            .await
+        } else {
+            tokio::time::timeout(STOP_COMMIT_TIMEOUT, async {
+                writer.abort().await;
+                Ok(())
+            })
+            .await
+        };
+        match ended {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!(
+                    "Kafka did not settle the open transaction within 30 s; the next start aborts it and sends its changes again."
+                );
+                Ok(())
             }
         }
-        Ok(())
     }
 
     /// The progress tick: push the confirmed LSN; log a summary every 10 s of activity.
@@ -371,7 +402,7 @@ impl Stream<'_> {
             .commit_due()
             .is_some_and(|at| at <= std::time::Instant::now())
         {
-            self.io.writer.commit().await?;
+            self.commit_kafka().await?;
         }
         let metrics = self.io.metrics;
         metrics.transactions.inc();
