@@ -168,7 +168,7 @@ psql_ "UPDATE customers SET name = 'Ada Lovelace', tags = '{vip,pioneer}' WHERE 
 psql -X -h 127.0.0.1 -p "$pg_port" -U postgres -d postgres -c "TABLE customers ORDER BY id"
 
 step "search OpenSearch for the changed rows"
-query='{"query":{"query_string":{"query":"name:(lovelace OR hopper) OR city:*"}},"_source":{"excludes":["walrelay_version","walrelay_seq"]}}'
+query='{"query":{"query_string":{"query":"name:(lovelace OR hopper) OR city:*"}},"_source":{"excludes":["walrelay_version","walrelay_seq","walrelay_partition"]}}'
 hits=0
 for _ in $(seq 150); do
   curl -s -X POST "$search/public.customers/_refresh" >/dev/null

@@ -19,6 +19,22 @@
 //! updated but a large value was not, and the replica identity does not carry it) appear as
 //! [`UNCHANGED_TOAST`] in `after` and are listed by name in `unchanged_toast`; consumers must
 //! keep their stored value for those columns. The JSON Schema is `common/envelope.schema.json`.
+//!
+//! # Snapshot markers
+//!
+//! A snapshot can be taken more than once into one topic: a producer killed mid-snapshot drops
+//! its slot on the next run and snapshots again under a new slot, with a new consistent point.
+//! So each table's snapshot rows of one attempt are framed by two markers, envelopes with
+//! `before`/`after` null and the table's `key`/`types`, written to **every partition**:
+//! `op: "snapshot_start"` before the table's first snapshot row and `op: "snapshot_end"` after
+//! its last one. Their `snapshot` field ([`SnapshotFrame`]) names the attempt, its consistent
+//! point and, on the end marker, the rows read. On a partition, everything between a table's
+//! start and end markers of one attempt is that attempt's snapshot of the table's rows keyed to
+//! that partition; an end marker means the partition holds the whole table as of the consistent
+//! point, so a consumer may drop what it keeps of the table from earlier attempts and was not
+//! rewritten since (the search sink does: `consumer/src/sinks/search/sink.rs`). An attempt cut
+//! short has start markers (and the end markers of tables it finished) but no end for the
+//! others; the next attempt frames every table again.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -51,10 +67,30 @@ pub enum Op {
     /// A schema event: the table's schema from here on (`ddl` holds it).
     #[serde(rename = "ddl")]
     Ddl,
+    /// A table's snapshot rows of one attempt begin (`snapshot` holds the frame); on every
+    /// partition. See "Snapshot markers" above.
+    #[serde(rename = "snapshot_start")]
+    SnapshotStart,
+    /// A table's snapshot rows of one attempt are complete on this partition (`snapshot` holds
+    /// the frame and the rows read); on every partition.
+    #[serde(rename = "snapshot_end")]
+    SnapshotEnd,
 }
 
 impl Op {
-    /// The one-letter code used on the wire and in metric labels.
+    /// Every op, in declaration order (for metrics that pre-register a label per op).
+    pub const ALL: [Op; 8] = [
+        Op::Create,
+        Op::Update,
+        Op::Delete,
+        Op::Read,
+        Op::Truncate,
+        Op::Ddl,
+        Op::SnapshotStart,
+        Op::SnapshotEnd,
+    ];
+
+    /// The code used on the wire and in metric labels (one letter for row changes).
     pub fn code(self) -> &'static str {
         match self {
             Op::Create => "c",
@@ -63,7 +99,19 @@ impl Op {
             Op::Read => "r",
             Op::Truncate => "t",
             Op::Ddl => "ddl",
+            Op::SnapshotStart => "snapshot_start",
+            Op::SnapshotEnd => "snapshot_end",
         }
+    }
+
+    /// The position of the op in [`Op::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// A snapshot marker ([`Op::SnapshotStart`], [`Op::SnapshotEnd`]): no row, no schema.
+    pub fn is_snapshot_marker(self) -> bool {
+        matches!(self, Op::SnapshotStart | Op::SnapshotEnd)
     }
 }
 
@@ -134,6 +182,25 @@ pub struct Envelope<A = Map<String, Value>> {
     /// What a schema event (`op: "ddl"`) says; absent on row events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ddl: Option<SchemaChange>,
+    /// The frame of a snapshot marker (`op: "snapshot_start"` or `"snapshot_end"`); absent on
+    /// every other event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotFrame>,
+}
+
+/// The frame a snapshot marker carries: which snapshot attempt the table's rows belong to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotFrame {
+    /// Identifies the attempt (one slot creation and its snapshot): the same on every marker
+    /// of the attempt, different for every other attempt. Opaque to consumers.
+    pub attempt: String,
+    /// The attempt's consistent point (equal to the marker's `source.commit_lsn`, and to the
+    /// LSNs of the attempt's snapshot rows).
+    pub consistent_lsn: u64,
+    /// Rows read for the table in this attempt (on the end marker only; all partitions
+    /// together).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u64>,
 }
 
 /// A table's name.
@@ -256,6 +323,7 @@ impl<A> Envelope<A> {
             schema_version,
             column_ids,
             ddl,
+            snapshot,
         } = self;
         let rest = Envelope {
             op,
@@ -269,6 +337,7 @@ impl<A> Envelope<A> {
             schema_version,
             column_ids,
             ddl,
+            snapshot,
         };
         (rest, after)
     }
@@ -392,8 +461,45 @@ mod tests {
             schema_version: 1,
             column_ids: ColumnIds::default(),
             ddl: None,
+            snapshot: None,
         };
         let json = serde_json::to_value(&env).expect("serialize");
+        assert!(
+            json.get("snapshot").is_none(),
+            "no frame on a row event: existing events serialize as before"
+        );
+        let ops: Vec<&str> = schema["properties"]["op"]["enum"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+            .unwrap_or_default();
+        assert_eq!(
+            ops,
+            Op::ALL.map(Op::code),
+            "the schema's ops are the model's, in order"
+        );
+        let frame = &schema["properties"]["snapshot"];
+        assert_eq!(required(frame), ["attempt", "consistent_lsn"]);
+        let marker = Envelope {
+            op: Op::SnapshotEnd,
+            snapshot: Some(SnapshotFrame {
+                attempt: "a".into(),
+                consistent_lsn: 1,
+                rows: Some(3),
+            }),
+            ..env
+        };
+        let marker_json = serde_json::to_value(&marker).expect("serialize");
+        for f in frame["properties"]
+            .as_object()
+            .map(|o| o.keys())
+            .into_iter()
+            .flatten()
+        {
+            assert!(
+                marker_json["snapshot"].get(f).is_some(),
+                "snapshot.{f} in the schema but not the model"
+            );
+        }
         for f in source {
             assert!(
                 json["source"].get(&f).is_some(),
@@ -419,5 +525,43 @@ mod tests {
         assert_eq!(env.op, Op::Update);
         assert_eq!(env.unchanged_toast, vec!["big".to_string()]);
         assert_eq!(env.position(), (20, 1));
+        assert_eq!(env.snapshot, None);
+    }
+
+    #[test]
+    fn snapshot_markers_read_back_and_have_their_own_codes() {
+        let json = br#"{"op":"snapshot_end","before":null,"after":null,
+            "source":{"version":"0.1.0","connector":"walrelay","db":"d","schema":"public","table":"t",
+            "lsn":77,"commit_lsn":77,"txid":0,"ts_ms":1,"snapshot":true,"seq":0},"ts_ms":1,
+            "key":["id"],"types":{"id":"integer"},"schema_version":77,"column_ids":{"id":1},
+            "snapshot":{"attempt":"4D-1","consistent_lsn":77,"rows":12}}"#;
+        let env = Envelope::from_slice(json).expect("parses");
+        assert_eq!(env.op, Op::SnapshotEnd);
+        assert!(env.op.is_snapshot_marker() && !Op::Read.is_snapshot_marker());
+        assert_eq!(
+            env.snapshot,
+            Some(SnapshotFrame {
+                attempt: "4D-1".into(),
+                consistent_lsn: 77,
+                rows: Some(12),
+            })
+        );
+        let back: Envelope =
+            serde_json::from_value(serde_json::to_value(&env).expect("serialize")).expect("parse");
+        assert_eq!(back, env);
+        let start = serde_json::to_value(SnapshotFrame {
+            rows: None,
+            ..env.snapshot.expect("frame")
+        })
+        .expect("serialize");
+        assert_eq!(
+            start,
+            serde_json::json!({"attempt": "4D-1", "consistent_lsn": 77})
+        );
+        for (i, op) in Op::ALL.into_iter().enumerate() {
+            assert_eq!(op.index(), i);
+            let wire = serde_json::to_value(op).expect("serialize");
+            assert_eq!(wire, op.code(), "the metric label is the wire name");
+        }
     }
 }

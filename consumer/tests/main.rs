@@ -6,7 +6,7 @@
 //! The producer binary is taken from the same target folder as the consumer's; `cargo test
 //! --workspace` builds both.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,11 +16,13 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Map, Value};
+use walrelay_common::event::Op;
 use walrelay_tests::kafka::KafkaCluster;
 use walrelay_tests::opensearch::{Indexes, OpenSearch};
 use walrelay_tests::postgres::PgCluster;
 use walrelay_tests::process::Proc;
 use walrelay_tests::search::{Faults, SearchStandIn};
+use walrelay_tests::topic::Record;
 
 mod deploy;
 mod notify;
@@ -133,6 +135,8 @@ struct Stack {
     producer: Option<Proc>,
     /// The producer's `/metrics` port.
     producer_metrics: u16,
+    /// Options the producer's `run` gets besides the common ones.
+    producer_extra: Vec<String>,
 }
 
 impl Stack {
@@ -156,6 +160,22 @@ impl Stack {
     }
 
     async fn start_with(schema_sql: &str, search: Search, broker: Arc<KafkaCluster>) -> Self {
+        Self::start_configured(schema_sql, search, broker, &[]).await
+    }
+
+    /// Starts everything on the shared OpenSearch node, the producer's `run` with `extra`
+    /// options (kept for [`Stack::spawn_producer`]).
+    async fn start_with_producer_args(schema_sql: &str, extra: &[&str]) -> Self {
+        let search = Search::Real(Indexes::new(&OpenSearch::shared().url()));
+        Self::start_configured(schema_sql, search, KafkaCluster::shared(), extra).await
+    }
+
+    async fn start_configured(
+        schema_sql: &str,
+        search: Search,
+        broker: Arc<KafkaCluster>,
+        extra: &[&str],
+    ) -> Self {
         let pg = PgCluster::start();
         let db = pg.create_database("wrc").await;
         pg.exec(&db, schema_sql).await;
@@ -171,6 +191,7 @@ impl Stack {
             spawned: 0,
             producer: None,
             producer_metrics: walrelay_tests::free_port(),
+            producer_extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         let args = s.producer_args(&["init"]);
         let out = std::process::Command::new(producer_bin())
@@ -183,15 +204,41 @@ impl Stack {
             "init: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let log = s.log_path("producer");
-        let metrics = format!("127.0.0.1:{}", s.producer_metrics);
-        s.producer = Some(Proc::spawn(
-            &producer_bin(),
-            &s.producer_args(&["--metrics-addr", &metrics, "run"]),
-            &[],
-            &log,
-        ));
+        s.spawn_producer();
         s
+    }
+
+    /// Starts the producer's `run` (again, after [`Stack::kill_producer`]: it resumes from its
+    /// slot, or takes the snapshot again when the first one did not complete).
+    fn spawn_producer(&mut self) {
+        let log = self.log_path("producer");
+        let metrics = format!("127.0.0.1:{}", self.producer_metrics);
+        let mut command = vec!["--metrics-addr", metrics.as_str()];
+        command.extend(self.producer_extra.iter().map(String::as_str));
+        command.push("run");
+        let args = self.producer_args(&command);
+        self.producer = Some(Proc::spawn(&producer_bin(), &args, &[], &log));
+    }
+
+    /// SIGKILLs the producer.
+    fn kill_producer(&mut self) {
+        if let Some(mut p) = self.producer.take() {
+            p.kill9();
+        }
+    }
+
+    /// `walrelay.slot_state`'s snapshot status of the producer's slot.
+    async fn snapshot_status(&self) -> Option<String> {
+        self.pg
+            .client(&self.db)
+            .await
+            .query_opt(
+                "SELECT snapshot_status FROM walrelay.slot_state WHERE slot_name = $1",
+                &[&self.slot],
+            )
+            .await
+            .expect("read walrelay.slot_state")
+            .map(|r| r.get(0))
     }
 
     fn log_path(&mut self, what: &str) -> PathBuf {
@@ -299,8 +346,13 @@ impl Stack {
     /// Waits until the producer has finished its snapshot and streams: changes made after this
     /// reach the topic as events of their own, not folded into snapshot rows.
     async fn wait_streaming(&self) {
+        self.wait_streaming_within(Duration::from_secs(60)).await;
+    }
+
+    /// [`Stack::wait_streaming`], for a snapshot that may take up to `timeout`.
+    async fn wait_streaming_within(&self, timeout: Duration) {
         let c = self.pg.client(&self.db).await;
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + timeout;
         loop {
             let streaming = c
                 .query_one(
@@ -348,7 +400,7 @@ impl Stack {
             .collect()
     }
 
-    /// Documents of an alias without walrelay's version field.
+    /// Documents of an alias without the fields walrelay adds.
     async fn docs(&self, alias: &str) -> BTreeMap<String, Value> {
         self.search
             .documents(alias)
@@ -358,6 +410,7 @@ impl Stack {
                 if let Some(o) = d.as_object_mut() {
                     o.remove("walrelay_version");
                     o.remove("walrelay_seq");
+                    o.remove("walrelay_partition");
                 }
                 (id, d)
             })
@@ -906,6 +959,186 @@ async fn reindex_under_writes_swaps_to_an_exact_new_index() {
         "progress is shown\n{log_text}"
     );
     s.assert_clean();
+    indexer.kill9();
+}
+
+/// Rows of `table` in the topic's records, by id, from snapshot reads only.
+fn snapshot_ids(records: &[Record], table: &str) -> BTreeSet<i64> {
+    records
+        .iter()
+        .map(Record::envelope)
+        .filter(|e| e.op == Op::Read && e.source.table == table)
+        .filter_map(|e| e.after.and_then(|a| a.get("id").and_then(Value::as_i64)))
+        .collect()
+}
+
+/// Waits until `alias` holds `n` documents (cheaper than comparing them all).
+async fn wait_count(s: &Stack, alias: &str, n: u64, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let have = s.search.indexes().count(alias).await;
+        if have == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{alias} holds {have} documents, want {n}\n{}",
+            s.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Issue 14: a producer killed mid-snapshot drops its slot and snapshots again, so the topic
+/// holds two attempts. Rows deleted between them are in the first attempt only; without the
+/// second attempt's end markers retiring them (and snapshot versions ordering the attempts)
+/// their documents stayed in the index forever, in the live index and in a re-index alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_retried_after_a_kill_ends_with_the_index_equal_to_the_table() {
+    const BIG: i64 = 200_000;
+    let mut s = Stack::start_with_producer_args(
+        &format!(
+            "CREATE TABLE a_small (id int PRIMARY KEY, v text);
+             INSERT INTO a_small SELECT g, 'small ' || g FROM generate_series(1, 50) g;
+             CREATE TABLE big (id int PRIMARY KEY, v text, pad text);
+             INSERT INTO big SELECT g, 'row ' || g, repeat('p', 100) FROM generate_series(1, {BIG}) g;"
+        ),
+        // A small buffer and chunks: the snapshot takes seconds, so it can be cut short.
+        &[
+            "--max-buffer-bytes",
+            "1MiB",
+            "--snapshot-chunk-pages",
+            "64",
+            "--snapshot-parallelism",
+            "2",
+        ],
+    )
+    .await;
+    let mut indexer = s.indexer();
+    let brokers = s.broker.brokers();
+
+    // The first attempt: killed once part of `big` is in the topic (`a_small`, first in the
+    // snapshot's order, is complete by then).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while walrelay_tests::topic::try_record_count(&brokers, &s.topic).unwrap_or(0) < 10_000 {
+        assert!(
+            Instant::now() < deadline,
+            "the snapshot never started\n{}",
+            s.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.kill_producer();
+    assert_eq!(
+        s.snapshot_status().await.as_deref(),
+        Some("pending"),
+        "the first snapshot finished before the kill; the test needs it cut short"
+    );
+    let held = walrelay_tests::topic::record_count(&brokers, &s.topic);
+    let first =
+        walrelay_tests::topic::read_until(&brokers, &s.topic, Duration::from_secs(60), |r| {
+            r.len() as i64 >= held
+        });
+    let seen = snapshot_ids(&first, "big");
+    assert!(
+        seen.len() > 1_000 && (seen.len() as i64) < BIG,
+        "part of big in the first attempt: {}",
+        seen.len()
+    );
+    eprintln!(
+        "the first attempt: {} of {BIG} rows of big in {held} records",
+        seen.len()
+    );
+    // The indexer has the first attempt's rows, the ones deleted below among them.
+    wait_count(
+        &s,
+        "public.big",
+        seen.len() as u64,
+        Duration::from_secs(120),
+    )
+    .await;
+    wait_count(&s, "public.a_small", 50, Duration::from_secs(60)).await;
+
+    // Between the attempts: deletes and updates of rows the first attempt read (their
+    // documents are in the index) and of rows it did not reach.
+    let seen_ids: Vec<i64> = seen.iter().copied().collect();
+    let pick = |step: usize, offset: usize| -> String {
+        seen_ids
+            .iter()
+            .skip(offset)
+            .step_by(step)
+            .take(400)
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    s.exec(&format!(
+        "DELETE FROM big WHERE id IN ({}) OR id > {};
+         UPDATE big SET v = 'changed between the attempts' WHERE id IN ({}) OR id % 997 = 0;
+         DELETE FROM a_small WHERE id IN (7, 8);
+         UPDATE a_small SET v = 'changed' WHERE id = 9;",
+        pick(7, 0),
+        BIG - 300,
+        pick(11, 3),
+    ))
+    .await;
+
+    // The second attempt: a new slot and a whole snapshot, then the stream.
+    s.spawn_producer();
+    s.wait_streaming_within(Duration::from_secs(180)).await;
+    s.exec("UPDATE big SET v = 'streamed' WHERE id IN (2, 3); DELETE FROM big WHERE id = 4;")
+        .await;
+    let rows = s.rows("big").await.len() as u64;
+    wait_count(&s, "public.big", rows, Duration::from_secs(180)).await;
+    s.wait_equal("big", "public.big", Duration::from_secs(120))
+        .await;
+    s.wait_equal("a_small", "public.a_small", Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        s.search.properties("public.big").await["walrelay_partition"]["type"],
+        "integer"
+    );
+
+    // The topic holds both attempts: each table's end markers, on every partition.
+    let held = walrelay_tests::topic::record_count(&brokers, &s.topic);
+    let all =
+        walrelay_tests::topic::read_until(&brokers, &s.topic, Duration::from_secs(120), |r| {
+            r.len() as i64 >= held
+        });
+    let mut ends: BTreeMap<String, BTreeSet<(String, i32)>> = BTreeMap::new();
+    for r in &all {
+        let e = r.envelope();
+        if e.op == Op::SnapshotEnd {
+            let frame = e.snapshot.expect("an end marker carries its frame");
+            assert_eq!(frame.consistent_lsn, e.source.commit_lsn);
+            ends.entry(frame.attempt)
+                .or_default()
+                .insert((e.source.table, r.partition));
+        }
+    }
+    assert_eq!(ends.len(), 2, "two attempts with end markers: {ends:?}");
+    let complete: Vec<&BTreeSet<(String, i32)>> = ends.values().collect();
+    assert!(
+        complete.iter().any(|t| t.len() == 4) && complete.iter().any(|t| t.len() == 2),
+        "the first attempt ended a_small only, the second both tables, each on both partitions: {ends:?}"
+    );
+
+    // A re-index from offset zero reads both attempts and ends equal to the table too.
+    s.run_reindex().await;
+    assert_eq!(
+        s.search.alias_targets("public.big").await,
+        vec!["public.big-v2"]
+    );
+    s.wait_equal("big", "public.big", Duration::from_secs(60))
+        .await;
+    s.wait_equal("a_small", "public.a_small", Duration::from_secs(60))
+        .await;
+    let log = indexer.log();
+    assert!(
+        log.contains("Snapshot end: retired"),
+        "each end marker is logged\n{}",
+        s.all_logs()
+    );
     indexer.kill9();
 }
 

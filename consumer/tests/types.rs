@@ -95,6 +95,10 @@ async fn every_value_type_reaches_the_index_and_is_found() {
         if let Some(o) = doc.as_object_mut() {
             assert!(o.remove("walrelay_version").is_some(), "versioned: {id}");
             assert!(o.remove("walrelay_seq").is_some(), "sequenced: {id}");
+            assert!(
+                o.remove("walrelay_partition").is_some(),
+                "its partition recorded: {id}"
+            );
         }
         assert_eq!(
             Some(&doc),

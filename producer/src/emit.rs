@@ -206,6 +206,28 @@ impl Emitter {
         Ok(sent)
     }
 
+    /// A snapshot marker of `shape`'s table (`meta.op` is [`Op::SnapshotStart`] or
+    /// [`Op::SnapshotEnd`]), to every partition like a schema event: under any keying a table's
+    /// snapshot rows may be on any partition, and each partition's consumer must see where one
+    /// attempt's rows of the table begin and end among them. Returns the records sent.
+    pub async fn snapshot_marker<F: FnMut()>(
+        &mut self,
+        shape: &TableShape,
+        meta: &EventMeta,
+        frame: &walrelay_common::event::SnapshotFrame,
+        txn: TxnId,
+        on_wait: &mut F,
+    ) -> Result<u64, RunError> {
+        debug_assert!(meta.op.is_snapshot_marker());
+        self.key.clear();
+        self.value.clear();
+        shape.write_key(&mut self.key, self.partition_key, None);
+        self.encoder
+            .snapshot_marker(&mut self.value, shape, meta, frame);
+        self.send_to_every_partition(shape, meta.op, txn, on_wait)
+            .await
+    }
+
     async fn send_to_every_partition<F: FnMut()>(
         &mut self,
         shape: &TableShape,

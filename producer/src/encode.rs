@@ -1,6 +1,6 @@
 //! A captured table's shape and how its rows become Kafka records (key and envelope).
 
-use walrelay_common::event::{CONNECTOR, Op, UNCHANGED_TOAST, write_json_str};
+use walrelay_common::event::{CONNECTOR, Op, SnapshotFrame, UNCHANGED_TOAST, write_json_str};
 
 use crate::replication::pgoutput::Cell;
 use crate::value::{self, Kind};
@@ -260,6 +260,16 @@ pub trait Encoder: Send + Sync {
         out: &mut Vec<u8>,
         record: &walrelay_common::transaction::TransactionRecord,
     ) -> Result<(), EncodeError>;
+
+    /// Appends a snapshot marker (`meta.op` is `SnapshotStart` or `SnapshotEnd`) of `shape`'s
+    /// table to `out`: the envelope of a row event without images, and `frame`.
+    fn snapshot_marker(
+        &self,
+        out: &mut Vec<u8>,
+        shape: &TableShape,
+        meta: &EventMeta,
+        frame: &SnapshotFrame,
+    );
 }
 
 /// An event the codec could not write (definite: the producer stops).
@@ -373,6 +383,28 @@ impl Encoder for EnvelopeWriter {
         record: &walrelay_common::transaction::TransactionRecord,
     ) -> Result<(), EncodeError> {
         serde_json::to_writer(&mut *out, record).map_err(|e| EncodeError(e.to_string()))
+    }
+
+    /// The row envelope with no images, and `"snapshot"`: `frame` (`rows` only when known).
+    fn snapshot_marker(
+        &self,
+        out: &mut Vec<u8>,
+        shape: &TableShape,
+        meta: &EventMeta,
+        frame: &SnapshotFrame,
+    ) {
+        self.row(out, shape, meta, None, None);
+        out.pop();
+        let mut num = itoa_buf();
+        out.extend_from_slice(b",\"snapshot\":{\"attempt\":");
+        write_json_str(out, &frame.attempt);
+        out.extend_from_slice(b",\"consistent_lsn\":");
+        out.extend_from_slice(num.u64(frame.consistent_lsn));
+        if let Some(rows) = frame.rows {
+            out.extend_from_slice(b",\"rows\":");
+            out.extend_from_slice(num.u64(rows));
+        }
+        out.extend_from_slice(b"}}");
     }
 }
 
@@ -568,9 +600,12 @@ mod tests {
             fn json_envelope_reads_back_as_written(
                 cols in columns(),
                 values in prop::collection::vec(prop::option::of((any::<i64>(), "\\PC{0,20}")), 8),
-                op in prop::sample::select(vec![Op::Create, Op::Update, Op::Delete, Op::Read]),
+                op in prop::sample::select(vec![
+                    Op::Create, Op::Update, Op::Delete, Op::Read, Op::SnapshotStart, Op::SnapshotEnd,
+                ]),
                 (lsn, commit_lsn, txid, seq) in (any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>()),
                 ts_ms in any::<i64>(),
+                (attempt, consistent_lsn, rows) in ("\\PC{0,24}", any::<u64>(), any::<u64>()),
             ) {
                 let keys: Vec<usize> = cols.iter().enumerate().filter(|(_, c)| c.2).map(|(i, _)| i).collect();
                 let shape = TableShape::new(
@@ -598,7 +633,7 @@ mod tests {
                     commit_lsn: u64::from(commit_lsn),
                     txid: u64::from(txid),
                     ts_ms,
-                    snapshot: op == Op::Read,
+                    snapshot: op == Op::Read || op.is_snapshot_marker(),
                     seq: u64::from(seq),
                     transaction: None,
                 };
@@ -606,10 +641,19 @@ mod tests {
                 let (before, after) = match op {
                     Op::Delete => (image, None),
                     Op::Update => (image, image),
+                    op if op.is_snapshot_marker() => (None, None),
                     _ => (None, image),
                 };
+                let frame = op.is_snapshot_marker().then(|| SnapshotFrame {
+                    attempt,
+                    consistent_lsn,
+                    rows: (op == Op::SnapshotEnd).then_some(rows),
+                });
                 let mut out = Vec::new();
-                EnvelopeWriter::new("db").row(&mut out, &shape, &meta, before, after);
+                match &frame {
+                    Some(frame) => EnvelopeWriter::new("db").snapshot_marker(&mut out, &shape, &meta, frame),
+                    None => EnvelopeWriter::new("db").row(&mut out, &shape, &meta, before, after),
+                }
                 let env = Envelope::from_slice(&out);
                 prop_assert!(env.is_ok(), "{:?}: {}", env.err(), String::from_utf8_lossy(&out));
                 let env = env.unwrap_or_else(|_| unreachable!());
@@ -634,7 +678,8 @@ mod tests {
                     (env.source.lsn, env.source.commit_lsn, env.source.txid, env.source.seq, env.ts_ms),
                     (meta.lsn, meta.commit_lsn, meta.txid, meta.seq, ts_ms)
                 );
-                prop_assert_eq!(env.source.snapshot, op == Op::Read);
+                prop_assert_eq!(env.source.snapshot, op == Op::Read || op.is_snapshot_marker());
+                prop_assert_eq!(&env.snapshot, &frame);
                 prop_assert_eq!(&env.source.schema, "s\"q");
                 prop_assert_eq!(&env.source.table, "t é");
                 let key_names: Vec<String> = keys.iter().map(|&i| cols[i].0.clone()).collect();

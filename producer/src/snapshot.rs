@@ -1,6 +1,9 @@
 //! The initial snapshot: every captured row as an `op: "r"` event, read under the slot's
 //! exported snapshot so that it joins the stream exactly at the slot's consistent point.
 //!
+//! (About 520 lines: the workers, the framing whose order argument rests on how they hand rows
+//! over, and the COPY line parser they share are kept in one place.)
+//!
 //! Tables are cut into chunks of heap pages (`ctid` ranges: any table, with or without a
 //! primary key) and read by `--snapshot-parallelism` connections, each of which imported the
 //! snapshot, so one large table is read in parallel too. The last chunk of a table is open
@@ -12,6 +15,31 @@
 //! started. So no streamed change of a row reaches Kafka before that row's snapshot event.
 //! Each table's schema event (`origin: "snapshot"`, version = the consistent point) is sent to
 //! every partition before the first chunk is read, so it precedes the table's rows everywhere.
+//!
+//! # Framing: one attempt's rows of a table
+//!
+//! A snapshot can be taken more than once into one topic: a producer that dies before the
+//! slot's snapshot is `done` drops the slot on its next run and snapshots again under a new
+//! one. So consumers can tell attempts apart and know when one holds a table whole, each
+//! table's rows are framed by markers (`walrelay_common::event`, "Snapshot markers"), each sent
+//! to every partition:
+//!
+//! ```text
+//!   schema event ─▶ snapshot_start ─▶ rows (chunks, any worker) ─▶ snapshot_end
+//!   └─ both before any chunk is read ─┘                            └─ by the worker that
+//!                                                                     counts the last chunk
+//! ```
+//!
+//! A worker counts its chunk only after handing all of its rows to the writer, and the writer
+//! keeps the order records were handed to it per partition (idempotent producer), so on every
+//! partition the end marker follows all of the table's rows of the attempt. Markers carry what
+//! snapshot rows carry (`snapshot: true`, both LSNs = the consistent point, `ts_ms` = when the
+//! snapshot began, the table's `key`/`types`) and the frame: the consistent point, the rows
+//! read (end only) and the **attempt id**, the consistent point in hex and the start time in ms
+//! ([`SnapshotJob::attempt`]). A new slot gets a new consistent point (creating it writes WAL);
+//! the time tells attempts apart even where positions could repeat (a cluster restored from a
+//! backup). Markers count in the snapshot pseudo-transaction like rows: the snapshot is `done`
+//! only once Kafka acknowledged every end marker too.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +49,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::{StreamExt, pin_mut};
 use tokio_postgres::Client;
-use walrelay_common::event::Op;
+use walrelay_common::event::{Op, SnapshotFrame};
 
 use crate::catalog::{self, Catalog, PgError, TableRef, quote_ident, quote_literal};
 use crate::checkpoint::{Checkpointer, TxnId};
@@ -48,6 +76,37 @@ pub struct SnapshotJob {
     pub parallelism: usize,
     /// Pages per chunk.
     pub chunk_pages: u32,
+}
+
+impl SnapshotJob {
+    /// The attempt id the markers carry: the consistent point in hex, `-`, the start time in
+    /// ms (see "Framing" in the module essay).
+    pub fn attempt(&self) -> String {
+        format!("{:X}-{}", self.consistent_lsn, self.started_ms)
+    }
+
+    /// The frame of this attempt's markers; `rows` on end markers.
+    fn frame(&self, rows: Option<u64>) -> SnapshotFrame {
+        SnapshotFrame {
+            attempt: self.attempt(),
+            consistent_lsn: self.consistent_lsn,
+            rows,
+        }
+    }
+
+    /// What every event of the snapshot carries besides its op.
+    fn meta(&self, op: Op) -> EventMeta {
+        EventMeta {
+            op,
+            lsn: self.consistent_lsn,
+            commit_lsn: self.consistent_lsn,
+            txid: 0,
+            ts_ms: self.started_ms,
+            snapshot: true,
+            seq: 0,
+            transaction: None,
+        }
+    }
 }
 
 struct TableTask {
@@ -154,7 +213,8 @@ pub async fn run(
         "Snapshot started."
     );
     let snap_txn = checkpointer.begin();
-    let mut schema_events = 0;
+    // Schema events and start markers, counted with the rows for the checkpointer.
+    let mut framing = 0;
     let mut registry = Registry::new(&job.slot);
     for task in &mut tasks {
         let Some(schema) = ddl::read_schema(ctl, task.table.oid).await? else {
@@ -176,24 +236,34 @@ pub async fn run(
             .await?;
         let ids = schema.ids_of(task.shape.columns.iter().map(|c| c.name.as_str()));
         task.shape.set_schema(version, ids);
-        let meta = EventMeta {
-            op: Op::Ddl,
-            lsn: version,
-            commit_lsn: version,
-            txid: 0,
-            ts_ms: job.started_ms,
-            snapshot: true,
-            seq: 0,
-            transaction: None,
-        };
-        schema_events += emitter
-            .schema(&event.shape, &event.change, &meta, snap_txn, &mut || {})
+        framing += emitter
+            .schema(
+                &event.shape,
+                &event.change,
+                &job.meta(Op::Ddl),
+                snap_txn,
+                &mut || {},
+            )
             .await?;
         metrics.schema_events.with_label_values(&["snapshot"]).inc();
+        framing += emitter
+            .snapshot_marker(
+                &task.shape,
+                &job.meta(Op::SnapshotStart),
+                &job.frame(None),
+                snap_txn,
+                &mut || {},
+            )
+            .await?;
     }
+    tracing::info!(
+        attempt = %job.attempt(),
+        tables = tasks.len(),
+        "Snapshot framed: schema events and start markers sent to every partition."
+    );
     let tasks = Arc::new(tasks);
     let queue = Arc::new(Mutex::new(chunks));
-    let sent = Arc::new(AtomicU64::new(schema_events));
+    let sent = Arc::new(AtomicU64::new(framing));
     let job = Arc::new(job);
     let mut workers = Vec::new();
     // The count is taken first: a guard in the `for` expression would live through the loop,
@@ -316,16 +386,7 @@ impl Worker {
                 .await
                 .map_err(PgError::query(format!("reading {label}")))?;
             pin_mut!(stream);
-            let meta = EventMeta {
-                op: Op::Read,
-                lsn: self.job.consistent_lsn,
-                commit_lsn: self.job.consistent_lsn,
-                txid: 0,
-                ts_ms: self.job.started_ms,
-                snapshot: true,
-                seq: 0,
-                transaction: None,
-            };
+            let meta = self.job.meta(Op::Read);
             let mut rows = 0u64;
             line.clear();
             while let Some(buf) = stream.next().await {
@@ -366,15 +427,29 @@ impl Worker {
                 .snapshot_rows
                 .with_label_values(&[&label])
                 .inc_by(rows);
-            let done = task.chunks_done.fetch_add(1, Ordering::Relaxed) + 1;
+            // AcqRel: the worker that counts the last chunk sees every other worker's rows
+            // (added before their own count) and sends the end marker after them.
+            let done = task.chunks_done.fetch_add(1, Ordering::AcqRel) + 1;
             self.metrics
                 .snapshot_progress
                 .with_label_values(&[&label])
                 .set(done as f64 / f64::from(task.chunks_total.max(1)));
             if done == u64::from(task.chunks_total) {
                 let total = task.rows.load(Ordering::Relaxed);
+                let markers = self
+                    .emitter
+                    .snapshot_marker(
+                        &task.shape,
+                        &self.job.meta(Op::SnapshotEnd),
+                        &self.job.frame(Some(total)),
+                        self.txn,
+                        &mut || {},
+                    )
+                    .await?;
+                self.sent.fetch_add(markers, Ordering::Relaxed);
                 let secs = task.started.elapsed().as_secs_f64().max(1e-9);
-                tracing::info!(table = %label, rows = total, rows_per_second = (total as f64 / secs) as u64, "Table snapshot read.");
+                tracing::info!(table = %label, rows = total, rows_per_second = (total as f64 / secs) as u64,
+                    attempt = %self.job.attempt(), "Table snapshot read; end marker sent to every partition.");
             }
         }
         Ok(())
@@ -462,6 +537,30 @@ mod tests {
         f.iter()
             .map(|r| r.map(|(a, b)| String::from_utf8_lossy(&s[a..b]).into_owned()))
             .collect()
+    }
+
+    #[test]
+    fn attempt_ids_differ_per_slot_and_start() {
+        let job = |lsn, ms| SnapshotJob {
+            postgres: walrelay_common::postgres::PgTarget::parse("postgres://u@h/db")
+                .expect("a connection string"),
+            snapshot_name: "s".into(),
+            consistent_lsn: lsn,
+            started_ms: ms,
+            slot: "slot".into(),
+            parallelism: 1,
+            chunk_pages: 1,
+        };
+        assert_eq!(
+            job(0x16_B374_D848, 1_700_000_000_123).attempt(),
+            "16B374D848-1700000000123"
+        );
+        assert_ne!(job(1, 5).attempt(), job(2, 5).attempt());
+        assert_ne!(job(1, 5).attempt(), job(1, 6).attempt());
+        let end = job(7, 9).frame(Some(3));
+        assert_eq!((end.consistent_lsn, end.rows), (7, Some(3)));
+        let meta = job(7, 9).meta(Op::SnapshotEnd);
+        assert!(meta.snapshot && meta.lsn == 7 && meta.commit_lsn == 7 && meta.ts_ms == 9);
     }
 
     #[test]

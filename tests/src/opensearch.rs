@@ -207,7 +207,8 @@ impl Indexes {
             .expect("search answer")
     }
 
-    /// Live documents of an index or of the one index an alias points at, by id.
+    /// Live documents of an index or of the one index an alias points at, by id (read in pages
+    /// of 10 000 through a scroll, so any number).
     pub async fn documents(&self, name: &str) -> BTreeMap<String, Value> {
         let full = self.full(name);
         let refresh = self
@@ -219,25 +220,51 @@ impl Indexes {
         if refresh.status() == reqwest::StatusCode::NOT_FOUND {
             return BTreeMap::new();
         }
-        let resp = self
-            .search_request(
-                &full,
-                json!({"size": 10000, "query": {"match_all": {}}, "track_total_hits": true}),
+        let post = |path: String, body: Value| async move {
+            self.http
+                .post(format!("{}/{path}", self.url))
+                .json(&body)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+                .json::<Value>()
+                .await
+                .expect("search answer")
+        };
+        let mut page = post(
+            format!("{full}/_search?scroll=1m"),
+            json!({"size": 10000, "sort": ["_doc"], "query": {"match_all": {}}}),
+        )
+        .await;
+        let mut docs = BTreeMap::new();
+        loop {
+            let hits = page["hits"]["hits"].as_array().cloned().unwrap_or_default();
+            if hits.is_empty() {
+                break;
+            }
+            for h in hits {
+                if let Some(id) = h["_id"].as_str() {
+                    docs.insert(id.to_string(), h["_source"].clone());
+                }
+            }
+            let Some(scroll) = page["_scroll_id"].as_str().map(str::to_string) else {
+                break;
+            };
+            page = post(
+                "_search/scroll".into(),
+                json!({"scroll": "1m", "scroll_id": scroll}),
             )
             .await;
-        let total = resp["hits"]["total"]["value"].as_u64().unwrap_or(0);
-        assert!(
-            total <= 10_000,
-            "{full} holds {total} documents; this helper reads at most 10000"
-        );
-        resp["hits"]["hits"]
-            .as_array()
-            .map(|hits| {
-                hits.iter()
-                    .filter_map(|h| Some((h["_id"].as_str()?.to_string(), h["_source"].clone())))
-                    .collect()
-            })
-            .unwrap_or_default()
+        }
+        if let Some(scroll) = page["_scroll_id"].as_str() {
+            let _ = self
+                .http
+                .delete(format!("{}/_search/scroll", self.url))
+                .json(&json!({ "scroll_id": scroll }))
+                .send()
+                .await;
+        }
+        docs
     }
 
     /// How many documents an index or alias holds (after a refresh); 0 while it does not

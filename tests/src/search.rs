@@ -2,8 +2,8 @@
 //! the parts walrelay uses: index create/get/delete with settings, mappings and aliases,
 //! `_bulk` (index, create, update, delete; external versions; per-item results; 409 on a stale
 //! version; 404 `not_found` for a delete of a missing document), get/put document, `_count`,
-//! `_refresh`, `_delete_by_query` (`match_all` or a `range`), `_aliases` (validated as a whole,
-//! then applied at once) and `GET _alias`.
+//! `_refresh`, `_delete_by_query` (the queries the sink sends: see [`query_matches`]), `_aliases`
+//! (validated as a whole, then applied at once) and `GET _alias`.
 //!
 //! Faults are injectable while it runs: a share of bulk items answered 429 or 500, a share of
 //! whole requests answered 429 with `Retry-After`, and a delay before every answer. With
@@ -627,7 +627,7 @@ async fn handle(
                     return Err(error(
                         StatusCode::BAD_REQUEST,
                         "parsing_exception",
-                        "the stand-in supports match_all, range (lt), term and bool (filter, should) queries only",
+                        "the stand-in supports match_all, range (lt), term, exists and bool (filter, should, must_not) queries only",
                     ));
                 }
                 let mut deleted = 0;
@@ -1118,8 +1118,10 @@ fn discard_bulk(st: &mut State, body: &[u8]) -> Response {
 }
 
 /// Whether document source `src` matches `query`, for the queries the sink sends to
-/// `_delete_by_query`; `None` for a query the stand-in does not support.
-fn query_matches(query: &Value, src: &Map<String, Value>) -> Option<bool> {
+/// `_delete_by_query` (`match_all`, `range` with `lt`, `term` and `exists` on integer fields,
+/// `bool` with `filter`, `should` and `must_not`); `None` for a query the stand-in does not
+/// support.
+pub fn query_matches(query: &Value, src: &Map<String, Value>) -> Option<bool> {
     let (kind, body) = query.as_object()?.iter().next()?;
     let field = |body: &Value| -> Option<(Option<i64>, Value)> {
         let (name, arg) = body.as_object()?.iter().next()?;
@@ -1136,6 +1138,10 @@ fn query_matches(query: &Value, src: &Map<String, Value>) -> Option<bool> {
             let (v, want) = field(body)?;
             Some(v.is_some() && v == want.as_i64())
         }
+        "exists" => {
+            let name = body.get("field")?.as_str()?;
+            Some(src.get(name).is_some_and(|v| !v.is_null()))
+        }
         "bool" => {
             let all = |key: &str| -> Option<Vec<bool>> {
                 body.get(key).map_or(Some(Vec::new()), |qs| {
@@ -1147,7 +1153,12 @@ fn query_matches(query: &Value, src: &Map<String, Value>) -> Option<bool> {
             };
             let filter = all("filter")?;
             let should = all("should")?;
-            Some(filter.iter().all(|m| *m) && (should.is_empty() || should.iter().any(|m| *m)))
+            let must_not = all("must_not")?;
+            Some(
+                filter.iter().all(|m| *m)
+                    && !must_not.iter().any(|m| *m)
+                    && (should.is_empty() || should.iter().any(|m| *m)),
+            )
         }
         _ => None,
     }

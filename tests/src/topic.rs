@@ -158,7 +158,7 @@ pub fn table_state(
                 rows.remove(&id);
             }
             Op::Truncate => rows.clear(),
-            Op::Ddl => {}
+            Op::Ddl | Op::SnapshotStart | Op::SnapshotEnd => {}
         }
     }
     all.append(&mut rows);
@@ -231,6 +231,12 @@ pub fn check_schema_order(records: &[Record]) -> Result<usize, String> {
 
 /// Sum of the partitions' high watermarks: how many records the broker holds.
 pub fn record_count(brokers: &str, topic: &str) -> i64 {
+    try_record_count(brokers, topic).expect("metadata and watermarks of the topic")
+}
+
+/// [`record_count`], or `None` while the broker cannot tell (a topic just created, its
+/// partitions without a leader yet); 0 while the topic does not exist.
+pub fn try_record_count(brokers: &str, topic: &str) -> Option<i64> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", crate::unique("counter"))
@@ -238,14 +244,14 @@ pub fn record_count(brokers: &str, topic: &str) -> i64 {
         .expect("consumer");
     let md = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .expect("metadata");
+        .ok()?;
     let n = md.topics().first().map_or(0, |t| t.partitions().len());
     (0..n)
         .map(|p| {
-            let (lo, hi) = consumer
+            consumer
                 .fetch_watermarks(topic, p as i32, Timeout::After(Duration::from_secs(10)))
-                .expect("watermarks");
-            hi - lo
+                .ok()
+                .map(|(lo, hi)| hi - lo)
         })
         .sum()
 }

@@ -143,6 +143,11 @@ pub enum SinkError {
 ///   delivered again, before or after newer events of the same row. A sink must make a
 ///   repeated or older event a no-op (the search sink uses external versions) and answer
 ///   [`Verdict::Stale`] or [`Verdict::Applied`] for it.
+/// - **Table-wide events.** Schema events (`Op::Ddl`) and snapshot markers
+///   (`Op::SnapshotStart`, `Op::SnapshotEnd`) carry no row and are written to every partition,
+///   so each arrives once per partition. A sink that keeps rows may use a table's end marker to
+///   drop what the latest complete snapshot no longer has (the search sink does); any other
+///   sink answers [`Verdict::Applied`] for markers.
 /// - **Images.** `after` arrives as JSON text in [`Event::after_json`] (`envelope.after` is
 ///   `None`), so a sink that forwards it needs no map of it. The sink may take images out of
 ///   the events; the runtime reads only `op`, `source` and `ts_ms` afterwards.

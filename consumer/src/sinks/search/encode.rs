@@ -16,17 +16,32 @@
 //!   equal version, and they are applied in order (one row's changes are in one partition, and
 //!   a replay re-applies a contiguous run of offsets, so the transaction's last change of the
 //!   row is applied last again).
-//! - a snapshot row: 1, lower than any change. The producer sends a row's snapshot event before
-//!   any change of it, and every streamed change is newer than the snapshot (its transaction
-//!   committed after the snapshot's consistent point), so a snapshot row never overwrites a
-//!   change, even when it is delivered again later.
+//! - a snapshot row: its `source.commit_lsn` too, which for a snapshot row is the consistent
+//!   point of the snapshot attempt that read it. That orders snapshots with everything else:
+//!   - against the stream after it: the stream starts at the consistent point, so every
+//!     streamed change of the attempt has a commit LSN at or above it. Above, the change wins
+//!     whatever the delivery order; equal (a commit record starting exactly at the point),
+//!     `external_gte` lets the later write win, and the snapshot row precedes every change of
+//!     its row in the partition (streaming starts only once Kafka acknowledged the snapshot),
+//!     in a replay too;
+//!   - against earlier attempts: a later attempt's slot is created later, so its consistent
+//!     point is above every LSN of the earlier attempts, their snapshot rows and any changes
+//!     streamed after them. The later snapshot therefore overwrites whatever an earlier attempt
+//!     left, and an earlier attempt's row delivered again never overwrites it. (A constant
+//!     version for snapshot rows could not do this: an earlier attempt's streamed change would
+//!     outrank the later snapshot of its row.)
+//!
+//!   What the later snapshot cannot overwrite is a row it does not read: one deleted between
+//!   the attempts. Its end marker retires those ([`retire_query`], and the sink's essay).
 //!
 //! A commit LSN is a WAL byte position; one at or beyond 2⁶³ (eight exbibytes of WAL) does not
 //! fit a version: such an event is dead-lettered with the reason, never dropped silently.
 //!
-//! The version is stored in the document as `walrelay_version`, and the event's position in
-//! its transaction (`source.seq`) as `walrelay_seq`, which lets a truncate delete exactly the
-//! documents older than itself, including rows written earlier in its own transaction.
+//! Every document stores what wrote it ([`Stamp`]): the version as `walrelay_version`; the
+//! event's position in its transaction (`source.seq`) as `walrelay_seq`, which lets a truncate
+//! delete exactly the documents older than itself, including rows written earlier in its own
+//! transaction; and the Kafka partition of the event as `walrelay_partition`, which lets a
+//! snapshot's end marker retire only what its own partition wrote.
 //!
 //! # Document ids
 //!
@@ -48,17 +63,44 @@ pub const VERSION_FIELD: &str = "walrelay_version";
 /// Field holding the position, in its transaction, of the change that wrote the document.
 pub const SEQ_FIELD: &str = "walrelay_seq";
 
+/// Field holding the Kafka partition of the event that wrote the document.
+pub const PARTITION_FIELD: &str = "walrelay_partition";
+
+/// The fields walrelay adds to every document (a row image carrying one of them as a column is
+/// written through the slower path, which overwrites it).
+const STAMP_FIELDS: [&str; 3] = [VERSION_FIELD, SEQ_FIELD, PARTITION_FIELD];
+
+/// What a document write records besides the row: see "Versions" above.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    /// The external version ([`version`]), stored as `walrelay_version`.
+    pub version: i64,
+    /// The position in its transaction ([`seq`]), stored as `walrelay_seq`.
+    pub seq: i64,
+    /// The event's Kafka partition, stored as `walrelay_partition`.
+    pub partition: i32,
+}
+
+impl Stamp {
+    /// The stamp of `env`'s writes, read from `partition`; `Err` when its commit LSN does not
+    /// fit a version.
+    pub fn of(env: &Envelope, partition: i32) -> Result<Self, String> {
+        Ok(Self {
+            version: version(env)?,
+            seq: seq(env),
+            partition,
+        })
+    }
+}
+
 /// Longest document id the engines accept.
 const MAX_ID_BYTES: usize = 512;
 
-/// The external version of an event's writes: its transaction's commit LSN (1 for a snapshot
-/// row); see "Versions" above.
+/// The external version of an event's writes: its transaction's commit LSN, for a snapshot
+/// row (and a snapshot marker) its attempt's consistent point; see "Versions" above.
 pub fn version(env: &Envelope) -> Result<i64, String> {
-    if env.source.snapshot {
-        return Ok(1);
-    }
     i64::try_from(env.source.commit_lsn)
-        .map(|v| v.max(2))
+        .map(|v| v.max(1))
         .map_err(|_| {
             format!(
                 "commit LSN {} does not fit a search version (2^63): this event cannot be ordered in the index",
@@ -256,12 +298,31 @@ pub fn missing_fields(
             out.insert(col.clone(), field_mapping(ty.as_str().unwrap_or("text")));
         }
     }
-    for field in [VERSION_FIELD, SEQ_FIELD] {
+    for (field, ty) in [
+        (VERSION_FIELD, "long"),
+        (SEQ_FIELD, "long"),
+        (PARTITION_FIELD, "integer"),
+    ] {
         if !known.contains_key(field) {
-            out.insert(field.into(), json!({"type": "long"}));
+            out.insert(field.into(), json!({ "type": ty }));
         }
     }
     out
+}
+
+/// The `_delete_by_query` query with which a snapshot's end marker, read from `partition`,
+/// retires a table's documents: written before the attempt's consistent point
+/// (`walrelay_version < consistent_lsn`: neither rewritten by the attempt's snapshot nor changed
+/// since) by that partition, or by a sink too old to record partitions (no
+/// `walrelay_partition`). See the sink's essay, "Snapshot attempts".
+pub fn retire_query(consistent_lsn: i64, partition: i32) -> Value {
+    json!({"bool": {"filter": [
+        {"range": {VERSION_FIELD: {"lt": consistent_lsn}}},
+        {"bool": {"should": [
+            {"term": {PARTITION_FIELD: partition}},
+            {"bool": {"must_not": [{"exists": {"field": PARTITION_FIELD}}]}}
+        ], "minimum_should_match": 1}}
+    ]}})
 }
 
 /// Appends `{"<kind>":{"_index":…,"_id":…,"version":…,"version_type":"external_gte"}}` and a
@@ -326,33 +387,39 @@ pub fn forward(
     env: &Envelope,
     raw: &RawValue,
     target: &str,
-    version: i64,
+    stamp: Stamp,
 ) -> Option<Result<Forwarded, String>> {
     let fields = serde_json::from_str::<HashMap<Cow<'_, str>, &RawValue>>(raw.get()).ok()?;
-    if fields.contains_key(VERSION_FIELD) || fields.contains_key(SEQ_FIELD) {
+    if STAMP_FIELDS.iter().any(|f| fields.contains_key(*f)) {
         return None;
     }
     let id = match document_id_raw(&env.key, &fields) {
         Ok(id) => id,
         Err(why) => return Some(Err(why)),
     };
-    let old = old_key_delete(env, &id, target, version);
+    let old = old_key_delete(env, &id, target, stamp.version);
     let mut lines = Vec::new();
-    action_line(&mut lines, "index", target, &id, version);
+    action_line(&mut lines, "index", target, &id, stamp.version);
     let text = raw.get().trim_end();
     let inner = text.strip_suffix('}').unwrap_or(text);
     lines.extend_from_slice(inner.as_bytes());
     if !fields.is_empty() {
         lines.push(b',');
     }
-    lines.extend_from_slice(b"\"");
-    lines.extend_from_slice(VERSION_FIELD.as_bytes());
-    lines.extend_from_slice(b"\":");
-    lines.extend_from_slice(version.to_string().as_bytes());
-    lines.extend_from_slice(b",\"");
-    lines.extend_from_slice(SEQ_FIELD.as_bytes());
-    lines.extend_from_slice(b"\":");
-    lines.extend_from_slice(seq(env).to_string().as_bytes());
+    let values = [
+        stamp.version.to_string(),
+        stamp.seq.to_string(),
+        stamp.partition.to_string(),
+    ];
+    for (n, (field, value)) in STAMP_FIELDS.iter().zip(&values).enumerate() {
+        if n > 0 {
+            lines.push(b',');
+        }
+        lines.push(b'"');
+        lines.extend_from_slice(field.as_bytes());
+        lines.extend_from_slice(b"\":");
+        lines.extend_from_slice(value.as_bytes());
+    }
     lines.extend_from_slice(b"}\n");
     Some(Ok(Forwarded { id, old, lines }))
 }
@@ -407,17 +474,18 @@ pub fn keep_unchanged(
     unresolved
 }
 
-/// The index action and source lines of a built document (the version fields are added).
+/// The index action and source lines of a built document (the stamp's fields are added).
 pub fn index_lines(
     source: &mut Map<String, Value>,
     target: &str,
     id: &str,
-    (version, seq): (i64, i64),
+    stamp: Stamp,
 ) -> Result<Vec<u8>, String> {
     let mut lines = Vec::new();
-    source.insert(VERSION_FIELD.into(), json!(version));
-    source.insert(SEQ_FIELD.into(), json!(seq));
-    action_line(&mut lines, "index", target, id, version);
+    source.insert(VERSION_FIELD.into(), json!(stamp.version));
+    source.insert(SEQ_FIELD.into(), json!(stamp.seq));
+    source.insert(PARTITION_FIELD.into(), json!(stamp.partition));
+    action_line(&mut lines, "index", target, id, stamp.version);
     serde_json::to_writer(&mut lines, &*source)
         .map_err(|e| format!("cannot encode the document: {e}"))?;
     lines.push(b'\n');
@@ -506,9 +574,20 @@ mod tests {
         // The commit LSN (9), not the change's own LSN (5): commit order.
         assert_eq!(version(&env), Ok(9));
         assert_eq!(seq(&env), 1);
+        // A snapshot row: its attempt's consistent point (its commit LSN), so a later
+        // attempt outranks an earlier one and everything streamed after that one.
         let mut snap = env.clone();
         snap.source.snapshot = true;
-        assert_eq!(version(&snap), Ok(1));
+        snap.source.lsn = 7;
+        snap.source.commit_lsn = 7;
+        assert_eq!(version(&snap), Ok(7));
+        let mut later_attempt = snap.clone();
+        later_attempt.source.commit_lsn = 12;
+        assert!(
+            version(&later_attempt) > version(&env),
+            "above an earlier stream"
+        );
+        assert!(version(&snap) < version(&env), "below its own stream");
         let mut beyond = env;
         beyond.source.commit_lsn = 1 << 63;
         assert!(version(&beyond).is_err(), "never saturated silently");
@@ -552,6 +631,80 @@ mod tests {
         let missing = missing_fields(&types, &known);
         let mut names = missing.keys().cloned().collect::<Vec<_>>();
         names.sort();
-        assert_eq!(names, vec!["name", SEQ_FIELD, VERSION_FIELD]);
+        assert_eq!(
+            names,
+            vec!["name", PARTITION_FIELD, SEQ_FIELD, VERSION_FIELD]
+        );
+        assert_eq!(missing[PARTITION_FIELD]["type"], "integer");
+    }
+
+    #[test]
+    fn documents_carry_their_stamp() {
+        let env: Envelope = serde_json::from_value(json!({
+            "op": "r", "before": null, "after": null,
+            "source": {"version": "v", "connector": "walrelay", "db": "d", "schema": "s",
+                       "table": "t", "lsn": 40, "commit_lsn": 40, "txid": 0, "ts_ms": 0,
+                       "snapshot": true, "seq": 0},
+            "ts_ms": 0, "key": ["id"], "types": {"id": "integer"}
+        }))
+        .expect("envelope");
+        let stamp = Stamp::of(&env, 3).expect("stamp");
+        assert_eq!(
+            stamp,
+            Stamp {
+                version: 40,
+                seq: 0,
+                partition: 3
+            }
+        );
+        let raw = RawValue::from_string(r#"{"id":5,"v":"x"}"#.into()).expect("raw");
+        let doc = forward(&env, &raw, "idx", stamp)
+            .expect("forwarded")
+            .expect("an id");
+        let text = String::from_utf8(doc.lines).expect("utf-8");
+        let mut lines = text.lines();
+        let action: Value = serde_json::from_str(lines.next().unwrap_or("")).expect("action");
+        assert_eq!(action["index"]["version"], 40);
+        let source: Value = serde_json::from_str(lines.next().unwrap_or("")).expect("source");
+        assert_eq!(
+            source,
+            json!({"id": 5, "v": "x", "walrelay_version": 40, "walrelay_seq": 0, "walrelay_partition": 3})
+        );
+        // The built path writes the same fields.
+        let mut built = row(json!({"id": 5, "v": "x"}));
+        let lines = index_lines(&mut built, "idx", "5", stamp).expect("lines");
+        let text = String::from_utf8(lines).expect("utf-8");
+        let built: Value = serde_json::from_str(text.lines().nth(1).unwrap_or("")).expect("src");
+        assert_eq!(built, source);
+        // A row with a column named like a stamp field is not forwarded as it is.
+        let clash =
+            RawValue::from_string(r#"{"id":5,"walrelay_partition":"mine"}"#.into()).expect("raw");
+        assert!(forward(&env, &clash, "idx", stamp).is_none());
+    }
+
+    #[test]
+    fn the_retire_query_keeps_what_the_attempt_or_the_stream_wrote_and_other_partitions() {
+        let q = retire_query(100, 1);
+        // Evaluated as the search stand-in does (the end-to-end tests run it against OpenSearch).
+        let matches = |doc: &Value| {
+            let src = doc.as_object().cloned().unwrap_or_default();
+            walrelay_tests::search::query_matches(&q, &src)
+                .unwrap_or_else(|| panic!("the stand-in understands {q}"))
+        };
+        let doc = |version: i64, partition: Option<i32>| {
+            let mut d = json!({"walrelay_version": version, "walrelay_seq": 0});
+            if let Some(p) = partition {
+                d["walrelay_partition"] = json!(p);
+            }
+            d
+        };
+        // Retired: older than the attempt, from this partition or from before partitions.
+        assert!(matches(&doc(99, Some(1))));
+        assert!(matches(&doc(1, None)));
+        // Kept: rewritten by the attempt (equal), changed since (above), another partition's.
+        assert!(!matches(&doc(100, Some(1))));
+        assert!(!matches(&doc(101, Some(1))));
+        assert!(!matches(&doc(5, Some(0))));
+        assert!(!matches(&doc(100, None)));
     }
 }

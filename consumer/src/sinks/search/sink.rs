@@ -1,13 +1,12 @@
 //! The search sink itself: how a batch of events becomes `_bulk` requests and verdicts.
 //!
 //! Per event: inserts, updates and snapshot rows index the `after` image; an update that
-//! changed the key also deletes the old id; deletes delete; a truncate deletes every document
-//! older than itself in commit order: a lower `walrelay_version`, or the same (its own
-//! transaction) and a lower `walrelay_seq` (refresh, then `_delete_by_query`), so a truncate
-//! delivered again never removes newer rows. Unchanged TOAST columns are
-//! taken from the stored document (or from an earlier write of the same batch); the update API
-//! cannot carry external versions, so the partial update is a read, merge and versioned write.
-//! Schema events and tables' indexes are handled in [`super::indexes`].
+//! changed the key also deletes the old id; deletes delete; a truncate, and the end marker of a
+//! table's snapshot, delete by query what is older than themselves ([`super::sweep`]).
+//! Unchanged TOAST columns are taken from the stored document (or from an earlier write of the
+//! same batch); the update API cannot carry external versions, so the partial update is a read,
+//! merge and versioned write. Schema events and tables' indexes are handled in
+//! [`super::indexes`]; a snapshot's start marker needs nothing.
 //!
 //! Per bulk item: 2xx done; 404 on a delete done (already gone); 409 stale (done); 429 and 5xx
 //! retried with exponential backoff and jitter (whole-request 429s honour `Retry-After`);
@@ -17,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use serde_json::value::RawValue;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 use walrelay_common::event::{Envelope, Op};
 use walrelay_common::retry::Backoff;
@@ -25,7 +24,7 @@ use walrelay_common::telemetry::Readiness;
 
 use super::client::{BulkItem, SearchClient, SearchError};
 use super::config::SearchSettings;
-use super::encode::{self, SEQ_FIELD, VERSION_FIELD, version};
+use super::encode::{self, Stamp};
 use super::table::TableIndex;
 use crate::metrics::Metrics;
 use crate::runtime::{Event, Sink, SinkError, Verdict};
@@ -52,13 +51,13 @@ struct Action {
 }
 
 /// What one `write` has built so far.
-struct Pending {
+pub(super) struct Pending {
     /// Each event's verdict, once known (an event without one was applied).
     verdicts: Vec<Option<Verdict>>,
     /// Bulk actions not sent yet.
     actions: Vec<Action>,
     /// The latest source written in this batch per (index, id); `None` once deleted.
-    written: HashMap<(String, String), Option<Box<RawValue>>>,
+    pub(super) written: HashMap<(String, String), Option<Box<RawValue>>>,
 }
 
 /// The search sink.
@@ -274,45 +273,14 @@ impl SearchSink {
         None
     }
 
-    async fn truncate(
-        &self,
-        target: &str,
-        (version, seq): (i64, i64),
-        shutdown: &CancellationToken,
-    ) -> Result<u64, SinkError> {
-        let client = self.client.clone();
-        self.retrying(shutdown, || client.refresh(target)).await?;
-        // Older transactions, and what this transaction wrote before the truncate.
-        let query = json!({"bool": {"should": [
-            {"range": {VERSION_FIELD: {"lt": version}}},
-            {"bool": {"filter": [
-                {"term": {VERSION_FIELD: version}},
-                {"range": {SEQ_FIELD: {"lt": seq}}}
-            ]}}
-        ], "minimum_should_match": 1}});
-        self.retrying(shutdown, || client.delete_by_query(target, query.clone()))
-            .await
-    }
-
     /// Sends what the batch has built so far (before a write that must see it applied).
-    async fn flush(&self, p: &mut Pending, shutdown: &CancellationToken) -> Result<(), SinkError> {
-        self.send(std::mem::take(&mut p.actions), &mut p.verdicts, shutdown)
-            .await
-    }
-
-    /// A truncate: what came before it is applied first, then documents older than it go.
-    async fn truncate_table(
+    pub(super) async fn flush(
         &self,
         p: &mut Pending,
-        target: &str,
-        version: (i64, i64),
         shutdown: &CancellationToken,
-    ) -> Result<Verdict, SinkError> {
-        self.flush(p, shutdown).await?;
-        p.written.retain(|(index, _), _| index != target);
-        let deleted = self.truncate(target, version, shutdown).await?;
-        tracing::info!(index = %target, deleted, "Truncated.");
-        Ok(Verdict::Applied)
+    ) -> Result<(), SinkError> {
+        self.send(std::mem::take(&mut p.actions), &mut p.verdicts, shutdown)
+            .await
     }
 
     /// An insert, update or snapshot row: queues its index action (and, for an update that
@@ -320,7 +288,7 @@ impl SearchSink {
     async fn upsert(
         &self,
         p: &mut Pending,
-        i: usize,
+        (i, stamp): (usize, Stamp),
         env: &Envelope,
         raw: Option<Box<RawValue>>,
         (target, renames): (String, Option<Arc<HashMap<String, String>>>),
@@ -331,12 +299,9 @@ impl SearchSink {
                 "insert or update without an after image".into(),
             )));
         };
-        let v = match version(env) {
-            Ok(v) => v,
-            Err(why) => return Ok(Some(Verdict::Rejected(why))),
-        };
+        let v = stamp.version;
         if env.unchanged_toast.is_empty() && renames.is_none() {
-            match encode::forward(env, &raw, &target, v) {
+            match encode::forward(env, &raw, &target, stamp) {
                 Some(Ok(doc)) => {
                     if let Some((old, lines)) = doc.old {
                         p.actions.push(Action { event: i, lines });
@@ -391,7 +356,7 @@ impl SearchSink {
             p.actions.push(Action { event: i, lines });
             p.written.insert((target.clone(), old), None);
         }
-        let lines = match encode::index_lines(&mut source, &target, &id, (v, encode::seq(env))) {
+        let lines = match encode::index_lines(&mut source, &target, &id, stamp) {
             Ok(lines) => lines,
             Err(why) => return Ok(Some(Verdict::Rejected(why))),
         };
@@ -428,12 +393,17 @@ impl Sink for SearchSink {
         };
         for (i, event) in events.iter_mut().enumerate() {
             let after = event.after_json.take();
+            let partition = event.partition;
             let env = &event.envelope;
             if env.op == Op::Ddl {
                 // Rows before it in this batch are written first; rows after it may need
                 // the fields it maps.
                 self.flush(&mut p, shutdown).await?;
                 p.verdicts[i] = Some(self.apply_schema(env, shutdown).await?);
+                continue;
+            }
+            if env.op == Op::SnapshotStart {
+                // Nothing to do: the attempt's rows carry their version, its end retires.
                 continue;
             }
             let (target, renames) = match self.table(env, shutdown).await? {
@@ -443,20 +413,24 @@ impl Sink for SearchSink {
                     continue;
                 }
             };
-            let v = match version(env) {
-                Ok(v) => v,
+            let stamp = match Stamp::of(env, partition) {
+                Ok(s) => s,
                 Err(why) => {
                     p.verdicts[i] = Some(Verdict::Rejected(why));
                     continue;
                 }
             };
             let verdict = match env.op {
-                Op::Ddl => None,
-                Op::Truncate => Some(
-                    self.truncate_table(&mut p, &target, (v, encode::seq(env)), shutdown)
+                Op::Ddl | Op::SnapshotStart => None,
+                Op::SnapshotEnd => Some(
+                    self.retire(&mut p, env, &target, partition, shutdown)
                         .await?,
                 ),
-                Op::Delete => match encode::delete(env, &target, v) {
+                Op::Truncate => Some(
+                    self.truncate_table(&mut p, &target, (stamp.version, stamp.seq), shutdown)
+                        .await?,
+                ),
+                Op::Delete => match encode::delete(env, &target, stamp.version) {
                     Ok((id, lines)) => {
                         p.actions.push(Action { event: i, lines });
                         p.written.insert((target, id), None);
@@ -465,7 +439,7 @@ impl Sink for SearchSink {
                     Err(why) => Some(Verdict::Rejected(why)),
                 },
                 Op::Create | Op::Update | Op::Read => {
-                    self.upsert(&mut p, i, env, after, (target, renames), shutdown)
+                    self.upsert(&mut p, (i, stamp), env, after, (target, renames), shutdown)
                         .await?
                 }
             };

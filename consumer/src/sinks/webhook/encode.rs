@@ -21,9 +21,13 @@ pub fn message_id(subscription: &str, record: &[u8]) -> String {
 
 /// The row an event belongs to (its order chain), or `None` for an event that concerns more
 /// than one row: a truncate, a schema event, or an update that changed the row's key (it ends
-/// one row's chain and starts another's), which are delivered alone, between phases.
+/// one row's chain and starts another's), which are delivered alone, between phases. (Snapshot
+/// markers are never delivered; as table-wide events they have no row either.)
 pub fn row_of(env: &Envelope, after: Option<&str>) -> Option<String> {
-    if matches!(env.op, Op::Truncate | Op::Ddl) {
+    if matches!(
+        env.op,
+        Op::Truncate | Op::Ddl | Op::SnapshotStart | Op::SnapshotEnd
+    ) {
         return None;
     }
     let key_of = |image: &serde_json::Map<String, serde_json::Value>| {

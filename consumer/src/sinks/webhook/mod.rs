@@ -4,6 +4,10 @@
 //! - **Identity.** `webhook-id` is `msg_` + a hash of the subscription id and the record's
 //!   bytes: the same on every re-delivery of the event (a producer's re-delivery after a crash
 //!   is byte-identical, so it gets the same id too), so receivers can de-duplicate.
+//! - **What is delivered.** Every change event (`c`, `u`, `d`, `r`, `t`) and schema event
+//!   (`ddl`) a subscription matches. Snapshot markers (`snapshot_start`, `snapshot_end`) are
+//!   not: they frame the producer's snapshot attempts for sinks that keep state, carry no
+//!   change, and are answered as applied without a request.
 //! - **Order and parallelism.** Per subscription, a batch's events are cut into phases at each
 //!   truncate or schema event (which concern every row of a table); inside a phase each row's
 //!   events form a chain delivered in order, and chains and subscriptions run in parallel (at

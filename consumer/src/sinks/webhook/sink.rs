@@ -146,7 +146,11 @@ impl WebhookSink {
         };
         for (i, e) in events.iter().enumerate() {
             let env = &e.envelope;
-            if !sub.matches(env.op, &env.source.schema, &env.source.table) {
+            // Snapshot markers frame the producer's snapshot attempts for sinks that keep
+            // state; they are no change to notify anyone of, and are never delivered.
+            if env.op.is_snapshot_marker()
+                || !sub.matches(env.op, &env.source.schema, &env.source.table)
+            {
                 continue;
             }
             match &rows[i] {
