@@ -186,6 +186,10 @@ pub struct Envelope<A = Map<String, Value>> {
     /// every other event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotFrame>,
+    /// The data event's place in its transaction, with `--transaction-metadata`
+    /// ([`crate::transaction`]); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transaction: Option<crate::transaction::TransactionRef>,
 }
 
 /// The frame a snapshot marker carries: which snapshot attempt the table's rows belong to.
@@ -324,6 +328,7 @@ impl<A> Envelope<A> {
             column_ids,
             ddl,
             snapshot,
+            transaction,
         } = self;
         let rest = Envelope {
             op,
@@ -338,6 +343,7 @@ impl<A> Envelope<A> {
             column_ids,
             ddl,
             snapshot,
+            transaction,
         };
         (rest, after)
     }
@@ -462,6 +468,7 @@ mod tests {
             column_ids: ColumnIds::default(),
             ddl: None,
             snapshot: None,
+            transaction: None,
         };
         let json = serde_json::to_value(&env).expect("serialize");
         assert!(

@@ -159,13 +159,13 @@ pub struct Options {
     /// Delivery guarantee into Kafka [default: at-least-once].
     #[arg(long, env = "WALRELAY_DELIVERY", global = true, value_enum)]
     pub delivery: Option<Delivery>,
-    /// Under exactly-once: how long a Kafka transaction gathers whole Postgres transactions
-    /// before it commits, e.g. 10ms [default: 10ms].
+    /// Under exactly-once: a Kafka transaction commits when the stream pauses, or, on a busy
+    /// stream, at the first Postgres commit once it is this old, e.g. 10ms [default: 10ms].
     #[arg(long, env = "WALRELAY_TRANSACTION_INTERVAL", global = true, value_parser = options::parse_duration)]
     #[serde(default, deserialize_with = "options::deserialize_duration")]
     pub transaction_interval: Option<std::time::Duration>,
     /// Under exactly-once: the Kafka transactional id, stable per slot
-    /// [default: walrelay.<topic>.<database>.<slot>].
+    /// [default: walrelay.TOPIC.DATABASE.SLOT].
     #[arg(long, env = "WALRELAY_TRANSACTIONAL_ID", global = true)]
     pub transactional_id: Option<String>,
     /// Transaction metadata: a `transaction` block in every data event and BEGIN/END records

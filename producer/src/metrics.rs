@@ -15,7 +15,7 @@ pub struct Metrics {
     /// Events handed to Kafka, by op.
     pub events: IntCounterVec,
     /// `events` per op, resolved once (the hot path skips the label lookup).
-    events_by_op: [IntCounter; 6],
+    events_by_op: [IntCounter; Op::ALL.len()],
     /// Bytes of event values handed to Kafka.
     pub event_bytes: IntCounter,
     /// Transactions seen on the stream.
@@ -59,15 +59,7 @@ pub struct Metrics {
 impl Metrics {
     /// The events counter of `op`.
     pub fn events_of(&self, op: Op) -> &IntCounter {
-        let i = match op {
-            Op::Create => 0,
-            Op::Update => 1,
-            Op::Delete => 2,
-            Op::Read => 3,
-            Op::Truncate => 4,
-            Op::Ddl => 5,
-        };
-        &self.events_by_op[i]
+        &self.events_by_op[op.index()]
     }
 
     /// Creates and registers every metric.
@@ -80,15 +72,7 @@ impl Metrics {
             ),
             &["op"],
         )?;
-        let events_by_op = [
-            Op::Create,
-            Op::Update,
-            Op::Delete,
-            Op::Read,
-            Op::Truncate,
-            Op::Ddl,
-        ]
-        .map(|op| events.with_label_values(&[op.code()]));
+        let events_by_op = Op::ALL.map(|op| events.with_label_values(&[op.code()]));
         let m = Self {
             events,
             events_by_op,

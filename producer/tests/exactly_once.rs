@@ -495,6 +495,12 @@ async fn transaction_metadata_tells_a_consumer_when_it_holds_a_whole_transaction
             ("a".to_string(), 4, 3)
         ]
     );
+    // The shared decoder reads the block too.
+    let decoded: Envelope = serde_json::from_value(events[0].clone()).expect("envelope");
+    assert_eq!(
+        decoded.transaction.as_ref().map(|t| t.id.as_str()),
+        Some(first_id)
+    );
     let txid = events[0]["source"]["txid"].as_u64().expect("txid");
     let commit_lsn = events[0]["source"]["commit_lsn"].as_u64().expect("lsn");
     assert_eq!(first_id, format!("{txid}:{commit_lsn}"));

@@ -53,12 +53,13 @@ async fn a_million_row_transaction_flows_with_bounded_rss() {
         "peak RSS {peak} bytes over buffer + 64 MiB ({limit})"
     );
     // The broker holds exactly one record per row (no duplicates without a crash) plus the
-    // table's schema event from the snapshot, and the last one is the transaction's last row
+    // table's schema event and snapshot start and end markers from the snapshot, and the last
+    // one is the transaction's last row
     // (the broker's watermarks count them; the last record is read back).
     let brokers = env.broker.brokers();
     assert_eq!(
         walrelay_tests::topic::record_count(&brokers, &env.topic),
-        ROWS + 1
+        ROWS + 3
     );
     let last = walrelay_tests::topic::tail(&brokers, &env.topic, 0, 1);
     let e = last.first().expect("last record").envelope();

@@ -48,10 +48,11 @@
 //! # Batching and its cost
 //!
 //! A Kafka commit is a flush of the transaction's events plus a round trip to the
-//! transaction coordinator, and nothing can be sent while it runs. The listener commits at a
-//! Postgres commit once the Kafka transaction is `--transaction-interval` old (10 ms by
-//! default), or on a timer when the stream pauses between transactions, so the latency added
-//! is about the interval plus one commit. A Postgres transaction is never split: a very large
+//! transaction coordinator, and nothing can be sent while it runs. The listener commits as
+//! soon as the stream pauses between Postgres transactions (the replication channel has
+//! nothing ready), and on a busy stream at the first Postgres commit once the Kafka
+//! transaction is `--transaction-interval` old (10 ms by default): commits batch themselves
+//! under load and wait for nothing when it is light. A Postgres transaction is never split: a very large
 //! one keeps its Kafka transaction open until its Commit (its events still flow to the broker
 //! and free the byte budget as they are acknowledged; `transaction.timeout.ms` is 15 minutes
 //! by default, the broker's usual ceiling). The snapshot is written in Kafka transactions of
