@@ -285,3 +285,58 @@ pub fn tail(brokers: &str, topic: &str, partition: i32, n: i64) -> Vec<Record> {
     }
     out
 }
+
+/// Every record a `read_committed` reader can read now: from the beginning until each
+/// partition reports its end (the last stable offset: records of an open or aborted Kafka
+/// transaction are not counted, so this never waits for them, unlike [`record_count`]).
+pub fn read_to_end(brokers: &str, topic: &str, timeout: Duration) -> Vec<Record> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", crate::unique("to-end"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .create()
+        .expect("consumer");
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let n = md.topics().first().map_or(0, |t| t.partitions().len());
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..n {
+        tpl.add_partition_offset(topic, p as i32, Offset::Beginning)
+            .expect("tpl");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut at_end = vec![false; n];
+    let mut out = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while at_end.iter().any(|e| !e) {
+        assert!(
+            Instant::now() < deadline,
+            "{topic}: not at its end after {timeout:?} ({} records)",
+            out.len()
+        );
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                if let Some(e) = at_end.get_mut(m.partition() as usize) {
+                    *e = false;
+                }
+                out.push(Record {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().unwrap_or_default().to_vec(),
+                    value: m.payload().unwrap_or_default().to_vec(),
+                });
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                if let Some(e) = at_end.get_mut(p as usize) {
+                    *e = true;
+                }
+            }
+            Some(Err(e)) => eprintln!("consumer: {e}"),
+            None => {}
+        }
+    }
+    out
+}
