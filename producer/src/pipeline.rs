@@ -43,7 +43,9 @@ use crate::ddl::Registry;
 use crate::emit::Emitter;
 use crate::encode::EnvelopeWriter;
 use crate::error::RunError;
-use crate::kafka::{Writer, ensure_progress_topic, ensure_single_partition_topic, ensure_topic};
+use crate::kafka::{
+    WriteError, Writer, ensure_progress_topic, ensure_single_partition_topic, ensure_topic,
+};
 use crate::metrics::Metrics;
 use crate::replication::connection;
 use crate::replication::listener::Listener;
@@ -364,6 +366,17 @@ async fn stream(ctx: &Context, p: Prepared) -> Result<(), RunError> {
     let result = listener.run(&ctx.shutdown).await;
     poller.abort();
     ctx.metrics.slot_active.set(0);
+    // Under exactly-once a session that failed aborts its open Kafka transaction (so
+    // read_committed readers need not wait for the next start), which also tells whether this
+    // instance was fenced: a fenced writer ends the process even when the session ended first
+    // for another reason (a frozen producer wakes to both its dropped replication connection
+    // and the fence).
+    if result.is_err() && writer.exactly_once() {
+        let _ = tokio::time::timeout(Duration::from_secs(10), writer.abort()).await;
+    }
+    if let (Err(_), Some(fenced @ WriteError::Fenced { .. })) = (&result, writer.failure()) {
+        return Err(fenced.into());
+    }
     result?;
     shutdown_gracefully(ctx, &ctl, client, &writer, &checkpointer).await
 }

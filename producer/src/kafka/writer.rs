@@ -210,6 +210,22 @@ impl ClientContext for DeliveryContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        // A fatal error (a fenced transactional producer) arrives here, not always with a
+        // delivery report: the instance is unusable, so the session must end with it.
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
+            let failure = match &self.transactional_id {
+                Some(id) if reason.contains("fenced") => WriteError::Fenced {
+                    id: id.clone(),
+                    message: reason.to_string(),
+                },
+                _ => WriteError::Transaction {
+                    message: format!("fatal error of the Kafka producer: {reason}"),
+                    transient: false,
+                },
+            };
+            self.fail(failure);
+            return;
+        }
         if self
             .reachability
             .on_error(&error, reason, "events wait in the buffer")
@@ -219,6 +235,25 @@ impl ClientContext for DeliveryContext {
                 .with_label_values(&["kafka_unreachable"])
                 .inc();
         }
+    }
+}
+
+impl DeliveryContext {
+    /// Records the first failure (a definite one wins over a transient one: a fenced producer's
+    /// queued events are purged, and their reports can come before the fatal error) and wakes
+    /// whoever waits on it.
+    fn fail(&self, failure: WriteError) {
+        let mut slot = walrelay_common::sync::lock(&self.failure);
+        let replace = match slot.as_ref() {
+            None => true,
+            Some(old) => old.is_transient() && !failure.is_transient(),
+        };
+        if replace {
+            *slot = Some(failure);
+            self.has_failed.store(true, Ordering::Release);
+        }
+        drop(slot);
+        self.failed.notify_waiters();
     }
 }
 
@@ -261,22 +296,16 @@ impl ProducerContext for DeliveryContext {
                             | RDKafkaErrorCode::InvalidProducerEpoch
                     )
                 );
-                let mut failure = walrelay_common::sync::lock(&self.failure);
-                if failure.is_none() {
-                    *failure = Some(match &self.transactional_id {
-                        Some(id) if fenced => WriteError::Fenced {
-                            id: id.clone(),
-                            message: error.to_string(),
-                        },
-                        _ => WriteError::Delivery {
-                            message: error.to_string(),
-                            transient,
-                        },
-                    });
-                    self.has_failed.store(true, Ordering::Release);
-                }
-                drop(failure);
-                self.failed.notify_waiters();
+                self.fail(match &self.transactional_id {
+                    Some(id) if fenced => WriteError::Fenced {
+                        id: id.clone(),
+                        message: error.to_string(),
+                    },
+                    _ => WriteError::Delivery {
+                        message: error.to_string(),
+                        transient,
+                    },
+                });
             }
         }
     }
@@ -788,7 +817,12 @@ impl Writer {
         match result {
             Ok(Ok(())) => tracing::info!("Aborted the open Kafka transaction."),
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "Aborting the Kafka transaction failed; the next instance's start aborts it.");
+                let err = self.txn_error(&e, "aborting a Kafka transaction");
+                if matches!(err, WriteError::Fenced { .. }) {
+                    self.ctx().fail(err);
+                } else {
+                    tracing::warn!(error = %err, "Aborting the Kafka transaction failed; the next instance's start aborts it.");
+                }
             }
             Err(e) => tracing::warn!(error = %e, "Aborting the Kafka transaction failed."),
         }
