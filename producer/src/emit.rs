@@ -223,7 +223,8 @@ impl Emitter {
         self.value.clear();
         shape.write_key(&mut self.key, self.partition_key, None);
         self.encoder
-            .snapshot_marker(&mut self.value, shape, meta, frame);
+            .snapshot_marker(&mut self.value, shape, meta, frame)
+            .map_err(|e| RunError::Protocol(e.to_string()))?;
         self.send_to_every_partition(shape, meta.op, txn, on_wait)
             .await
     }

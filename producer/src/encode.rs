@@ -269,7 +269,7 @@ pub trait Encoder: Send + Sync {
         shape: &TableShape,
         meta: &EventMeta,
         frame: &SnapshotFrame,
-    );
+    ) -> Result<(), EncodeError>;
 }
 
 /// An event the codec could not write (definite: the producer stops).
@@ -369,12 +369,7 @@ impl Encoder for EnvelopeWriter {
         meta: &EventMeta,
         change: &walrelay_common::event::SchemaChange,
     ) -> Result<(), EncodeError> {
-        self.row(out, shape, meta, None, None);
-        out.pop();
-        out.extend_from_slice(b",\"ddl\":");
-        serde_json::to_writer(&mut *out, change).map_err(|e| EncodeError(e.to_string()))?;
-        out.push(b'}');
-        Ok(())
+        self.row_with(out, shape, meta, b"ddl", change)
     }
 
     fn transaction(
@@ -392,19 +387,30 @@ impl Encoder for EnvelopeWriter {
         shape: &TableShape,
         meta: &EventMeta,
         frame: &SnapshotFrame,
-    ) {
+    ) -> Result<(), EncodeError> {
+        self.row_with(out, shape, meta, b"snapshot", frame)
+    }
+}
+
+impl EnvelopeWriter {
+    /// The row envelope with no images and one more field, `name`: `value` (schema events and
+    /// snapshot markers; neither is on the hot path, so serde writes the field).
+    fn row_with<T: serde::Serialize>(
+        &self,
+        out: &mut Vec<u8>,
+        shape: &TableShape,
+        meta: &EventMeta,
+        name: &[u8],
+        value: &T,
+    ) -> Result<(), EncodeError> {
         self.row(out, shape, meta, None, None);
         out.pop();
-        let mut num = itoa_buf();
-        out.extend_from_slice(b",\"snapshot\":{\"attempt\":");
-        write_json_str(out, &frame.attempt);
-        out.extend_from_slice(b",\"consistent_lsn\":");
-        out.extend_from_slice(num.u64(frame.consistent_lsn));
-        if let Some(rows) = frame.rows {
-            out.extend_from_slice(b",\"rows\":");
-            out.extend_from_slice(num.u64(rows));
-        }
-        out.extend_from_slice(b"}}");
+        out.extend_from_slice(b",\"");
+        out.extend_from_slice(name);
+        out.extend_from_slice(b"\":");
+        serde_json::to_writer(&mut *out, value).map_err(|e| EncodeError(e.to_string()))?;
+        out.push(b'}');
+        Ok(())
     }
 }
 
@@ -651,7 +657,9 @@ mod tests {
                 });
                 let mut out = Vec::new();
                 match &frame {
-                    Some(frame) => EnvelopeWriter::new("db").snapshot_marker(&mut out, &shape, &meta, frame),
+                    Some(frame) => EnvelopeWriter::new("db")
+                        .snapshot_marker(&mut out, &shape, &meta, frame)
+                        .expect("a frame encodes"),
                     None => EnvelopeWriter::new("db").row(&mut out, &shape, &meta, before, after),
                 }
                 let env = Envelope::from_slice(&out);

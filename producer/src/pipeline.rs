@@ -302,8 +302,8 @@ async fn prepare(ctx: &Context) -> Result<Prepared, RunError> {
     client.start().await.map_err(RunError::from_pgwire)?;
     client.wait_started().await.map_err(RunError::from_pgwire)?;
     // The slot is ours now: under exactly-once, fence any earlier instance and read back what
-    // Kafka holds (after a new snapshot this was done before it, and is repeated harmlessly).
-    let skip_through = if writer.exactly_once() {
+    // Kafka holds (a new slot did this before its snapshot, and Kafka holds nothing of it).
+    let skip_through = if writer.exactly_once() && !new_slot {
         let incarnation = incarnation_of(&ctl, &s.slot).await?;
         let held = writer.start_transactions(&s.slot, &incarnation).await?;
         if held > 0 {

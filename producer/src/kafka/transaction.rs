@@ -118,8 +118,6 @@ pub(super) struct Transactions {
     pub committed_lsn: AtomicU64,
     /// Set by the listener for Postgres transactions Kafka already holds: nothing is written.
     pub muted: AtomicBool,
-    /// Whether `init_transactions` succeeded (it runs once per client).
-    pub initialized: AtomicBool,
     /// Slot and incarnation written in progress records.
     pub identity: Mutex<(String, String)>,
     /// A client config for reading progress back (the writer's, with consumer settings).
@@ -135,7 +133,6 @@ impl Transactions {
             is_open: AtomicBool::new(false),
             committed_lsn: AtomicU64::new(0),
             muted: AtomicBool::new(false),
-            initialized: AtomicBool::new(false),
             identity: Mutex::new((String::new(), String::new())),
             reader_config,
         }

@@ -635,6 +635,7 @@ impl Writer {
     /// any earlier instance with the same transactional id and settling its open transaction),
     /// then reads back the last committed progress of `slot`'s `incarnation`. Returns the end
     /// LSN Kafka already holds (transactions at or below it must not be written again), or 0.
+    /// Once per writer: librdkafka refuses a second `init_transactions`.
     pub async fn start_transactions(
         self: &Arc<Self>,
         slot: &str,
@@ -655,9 +656,9 @@ impl Writer {
             return Ok(0);
         };
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !t.initialized.load(Ordering::Acquire) {
+        loop {
             match self.producer.init_transactions(Duration::from_secs(15)) {
-                Ok(()) => t.initialized.store(true, Ordering::Release),
+                Ok(()) => break,
                 Err(e) => {
                     let err = self.txn_error(&e, "registering the transactional id");
                     if !err.is_transient() || Instant::now() >= deadline {
@@ -696,6 +697,13 @@ impl Writer {
         {
             walrelay_common::sync::lock(&t.open).last_lsn = end_lsn;
         }
+    }
+
+    /// Whether a Kafka transaction is open (under exactly-once).
+    pub fn transaction_open(&self) -> bool {
+        self.txns
+            .as_ref()
+            .is_some_and(|t| t.is_open.load(Ordering::Acquire))
     }
 
     /// When the open Kafka transaction should commit, if one is open.

@@ -187,7 +187,7 @@ impl Listener<'_> {
             // commit as soon as the stream pauses (`recv` has nothing ready; it is polled
             // first). A busy stream commits at a Postgres commit once the Kafka transaction is
             // `--transaction-interval` old (in `commit`).
-            let idle_commit = stream.txn.is_none() && stream.io.writer.commit_due().is_some();
+            let idle_commit = stream.txn.is_none() && stream.io.writer.transaction_open();
             let event = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return stream.stop().await,
