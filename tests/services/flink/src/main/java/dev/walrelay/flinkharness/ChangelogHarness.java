@@ -1,6 +1,10 @@
 package dev.walrelay.flinkharness;
 
+import java.io.IOException;
+import java.io.UncheckedIOException;
 import java.math.BigDecimal;
+import java.nio.file.Files;
+import java.nio.file.Path;
 import java.time.Instant;
 import java.time.LocalDate;
 import java.time.LocalDateTime;
@@ -15,10 +19,12 @@ import java.util.List;
 import java.util.Map;
 import java.util.TreeMap;
 import java.util.concurrent.TimeUnit;
+import java.util.stream.Stream;
 
 import org.apache.flink.configuration.Configuration;
 import org.apache.flink.configuration.CoreOptions;
 import org.apache.flink.configuration.RestartStrategyOptions;
+import org.apache.flink.configuration.WebOptions;
 import org.apache.flink.streaming.api.environment.StreamExecutionEnvironment;
 import org.apache.flink.table.api.EnvironmentSettings;
 import org.apache.flink.table.api.TableResult;
@@ -77,10 +83,16 @@ public final class ChangelogHarness {
             System.exit(2);
             return;
         }
-        startWatchdog(args.timeoutSeconds);
         int code;
+        Path tmp = null;
         try {
-            run(args);
+            // Flink's scratch files (its RPC jar unpacked on every start, the
+            // blob cache, spill folders) go here and are removed at exit:
+            // the JVM ends with halt(), which skips Flink's own clean-up.
+            tmp = Files.createTempDirectory("walrelay-flink-harness-");
+            TMP_DIR = tmp;
+            startWatchdog(args.timeoutSeconds);
+            run(args, tmp);
             code = 0;
         } catch (Throwable t) {
             // Flink wraps the reason (a parse error, an unreachable
@@ -93,8 +105,23 @@ public final class ChangelogHarness {
             t.printStackTrace(System.err);
             code = 1;
         }
+        halt(code);
+    }
+
+    private static volatile Path TMP_DIR;
+
+    /** Flushes, removes the scratch folder, and ends the JVM at once. */
+    private static void halt(int code) {
         System.out.flush();
         System.err.flush();
+        Path tmp = TMP_DIR;
+        if (tmp != null) {
+            try (Stream<Path> paths = Files.walk(tmp)) {
+                paths.sorted(Comparator.reverseOrder()).forEach(p -> p.toFile().delete());
+            } catch (IOException | UncheckedIOException e) {
+                System.err.println("flink harness: could not remove " + tmp + ": " + e);
+            }
+        }
         // Flink's and Kafka's non-daemon threads must not keep the JVM alive.
         Runtime.getRuntime().halt(code);
     }
@@ -168,8 +195,7 @@ public final class ChangelogHarness {
             }
             System.err.println("flink harness: FAILED: timeout: the job did not finish within "
                     + seconds + " s (--timeout-seconds)");
-            System.err.flush();
-            Runtime.getRuntime().halt(3);
+            halt(3);
         }, "harness-watchdog");
         t.setDaemon(true);
         t.start();
@@ -177,8 +203,10 @@ public final class ChangelogHarness {
 
     // ------------------------------------------------------------------ job
 
-    private static void run(Args a) throws Exception {
+    private static void run(Args a, Path tmp) throws Exception {
         Configuration conf = new Configuration();
+        conf.set(CoreOptions.TMP_DIRS, tmp.toString());
+        conf.set(WebOptions.TMP_DIR, tmp.toString());
         // A failed record fails the job at once (no restarts, no retries).
         conf.set(RestartStrategyOptions.RESTART_STRATEGY, "none");
         conf.set(CoreOptions.DEFAULT_PARALLELISM, a.parallelism);
