@@ -35,9 +35,14 @@ fi
 id postgres >/dev/null 2>&1 || useradd --system --home /var/lib/postgresql postgres
 
 # The real servers, resolved once per machine (cached under ~/.cache/walrelay and ~/.m2).
-echo "resolving Apache Kafka and OpenSearch from Maven Central (cached after the first run)"
+echo "resolving Apache Kafka, OpenSearch, Apicurio Registry and Flink from Maven Central, and a Python venv (cached after the first run)"
 bash tests/services/kafka/kafka.sh install >/dev/null
 bash tests/services/opensearch/opensearch.sh install >/dev/null
+# Avro (issue 15): a real schema registry (Apicurio, built from Maven Central), Python's
+# confluent-kafka and fastavro (a venv from PyPI), and Apache Flink's Debezium formats.
+bash tests/services/registry/registry.sh install >/dev/null
+bash tests/services/python/python.sh install >/dev/null
+bash tests/services/flink/flink.sh install >/dev/null
 
 # deploy/ and compose.yaml: promtool, Kubernetes schemas, compose structure.
 bash scripts/check-deploy.sh

@@ -5,11 +5,20 @@
 //!   consumer: Kafka record value ──decode──▶ Envelope (+ `after` as the codec keeps it) ──▶ sinks
 //! ```
 //!
-//! JSON (Debezium-shaped, [`crate::event`]) is the one codec today. Its encoder implements the
-//! producer's `encode::Encoder` trait, which the producer's emitter holds (it writes straight
-//! from Postgres' text cells, without building values); its decoder is [`json::decode`], which
-//! every consumer uses. A second codec (Avro with a schema registry) goes beside `json` with the same
-//! two halves; sinks see only the decoded [`crate::event::Envelope`], so they do not change.
+//! Two codecs, each with two halves. JSON (Debezium-shaped, [`crate::event`]): the producer's
+//! `encode::EnvelopeWriter` writes it straight from Postgres' text cells; [`json::decode`]
+//! reads it. Avro (Debezium's Avro layout in the Confluent wire format, the producer's
+//! `avro` module): [`avro::Decoder`] reads it, with the writer's schema fetched from the
+//! registry by the id in the record. [`is_avro`] tells them apart by the first byte (a JSON
+//! envelope starts with `{`, a Confluent record with 0). Sinks see only the decoded
+//! [`crate::event::Envelope`], the same whichever codec wrote it.
+
+/// Whether a record value is in the Confluent wire format (else JSON).
+pub fn is_avro(value: &[u8]) -> bool {
+    value.first() == Some(&0)
+}
+
+pub mod avro;
 
 /// Why a record is not a walrelay change event (definite: the record is dead-lettered).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

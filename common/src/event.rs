@@ -137,10 +137,26 @@ pub struct Source {
     pub txid: u64,
     /// Commit time in milliseconds since the Unix epoch (snapshot rows: when the snapshot began).
     pub ts_ms: i64,
-    /// True for rows read by the initial snapshot.
+    /// True for rows read by the initial snapshot. Read from walrelay's `true`/`false` or from
+    /// Debezium's strings (`"true"`, `"last"`, `"incremental"`; `"false"`), as
+    /// `--compat debezium` writes it.
+    #[serde(deserialize_with = "snapshot_flag")]
     pub snapshot: bool,
     /// 1-based position of the change in its transaction; 0 for snapshot rows.
     pub seq: u64,
+}
+
+fn snapshot_flag<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Flag {
+        Bool(bool),
+        Text(String),
+    }
+    Ok(match Flag::deserialize(d)? {
+        Flag::Bool(b) => b,
+        Flag::Text(t) => t != "false",
+    })
 }
 
 /// A decoded change event.

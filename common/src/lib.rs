@@ -11,6 +11,8 @@
 //!   durations, the TOML file, Kafka properties (refusing unsafe ones) and topic names.
 //! - [`postgres`]: libpq-style connection strings with `sslmode`, `sslrootcert`, `sslcert` and
 //!   `sslkey` (rustls), for every Postgres connection walrelay opens.
+//! - [`registry`]: a Confluent-compatible schema registry client (register, look up by id,
+//!   cached) and the Confluent wire format.
 //! - [`retry`]: the shared retry policy (capped exponential backoff with jitter); callers only
 //!   classify failures as transient or definite.
 //! - [`signal`]: a cancellation token for SIGTERM/SIGINT.
@@ -34,6 +36,7 @@ pub mod event;
 pub mod kafka;
 pub mod options;
 pub mod postgres;
+pub mod registry;
 pub mod retry;
 pub mod signal;
 pub mod sync;

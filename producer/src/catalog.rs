@@ -258,7 +258,7 @@ impl<'c> Catalog<'c> {
         let rows = self
             .client
             .query(
-                "SELECT attname::text, atttypid FROM pg_attribute \
+                "SELECT attname::text, atttypid, atttypmod FROM pg_attribute \
                  WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = '' \
                  ORDER BY attnum",
                 &[&table.oid],
@@ -271,8 +271,9 @@ impl<'c> Catalog<'c> {
         let mut columns = Vec::with_capacity(rows.len());
         for r in &rows {
             let name: String = r.get(0);
-            let kind = self.kind(r.get(1)).await?;
-            columns.push(ColumnShape::new(&name, kind, false));
+            let oid: u32 = r.get(1);
+            let kind = self.kind(oid).await?;
+            columns.push(ColumnShape::new(&name, kind, false).with_type(oid, r.get(2)));
         }
         let keys = self.key_columns(table.oid).await?;
         Ok(build_shape(&table.schema, &table.name, columns, &keys))

@@ -101,6 +101,53 @@ pub enum Delivery {
     ExactlyOnce,
 }
 
+/// The record format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    /// JSON envelopes (walrelay's and Debezium's JSON shape).
+    #[default]
+    Json,
+    /// Avro in the Confluent wire format with a schema registry (Debezium's Avro layout).
+    Avro,
+}
+
+/// Which topics the tables' events go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum TopicRouting {
+    /// Every table to `--topic`.
+    #[default]
+    Single,
+    /// Each table to `<topic>.<schema>.<table>`.
+    PerTable,
+}
+
+/// Where schema events go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SchemaEvents {
+    /// Into the data topic, to every partition, ordered with the rows (walrelay's consumers
+    /// use them).
+    #[default]
+    Inline,
+    /// To `<topic>.schema-changes` (one partition), out of the data topics.
+    Topic,
+}
+
+/// Compatibility with readers of other tools' topics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Compat {
+    /// walrelay's own envelope.
+    #[default]
+    None,
+    /// What an unmodified Debezium reader (Flink's `debezium-json`/`debezium-avro-confluent`,
+    /// ksqlDB, Materialize) expects: `source` typed as Debezium's, schema events in
+    /// `<topic>.schema-changes`, no snapshot markers in the data topics.
+    Debezium,
+}
+
 /// Every option, each unset unless given.
 #[derive(Debug, Clone, Default, Args, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -172,6 +219,58 @@ pub struct Options {
     /// in `<topic>.transactions` (Debezium's shape) [default: off].
     #[arg(long, env = "WALRELAY_TRANSACTION_METADATA", global = true, num_args = 0..=1, default_missing_value = "true")]
     pub transaction_metadata: Option<bool>,
+    /// Record format [default: json].
+    #[arg(long, env = "WALRELAY_FORMAT", global = true, value_enum)]
+    pub format: Option<Format>,
+    /// Schema registry base URL, Confluent-compatible (required with --format avro).
+    #[arg(
+        long,
+        env = "WALRELAY_SCHEMA_REGISTRY_URL",
+        global = true,
+        value_name = "URL"
+    )]
+    pub schema_registry_url: Option<String>,
+    /// Schema registry user (HTTP basic).
+    #[arg(long, env = "WALRELAY_SCHEMA_REGISTRY_USERNAME", global = true)]
+    pub schema_registry_username: Option<String>,
+    /// Schema registry password (HTTP basic); prefer the environment variable.
+    #[arg(
+        long,
+        env = "WALRELAY_SCHEMA_REGISTRY_PASSWORD",
+        global = true,
+        hide_env_values = true
+    )]
+    pub schema_registry_password: Option<String>,
+    /// Schema registry bearer token; prefer the environment variable.
+    #[arg(
+        long,
+        env = "WALRELAY_SCHEMA_REGISTRY_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
+    pub schema_registry_token: Option<String>,
+    /// PEM file of CA certificates for an https schema registry.
+    #[arg(
+        long,
+        env = "WALRELAY_SCHEMA_REGISTRY_CA_FILE",
+        global = true,
+        value_name = "FILE"
+    )]
+    pub schema_registry_ca_file: Option<PathBuf>,
+    /// Subject naming: auto (topic-record-name with one topic, topic-name with per-table
+    /// topics), topic-name, record-name, topic-record-name [default: auto].
+    #[arg(long, env = "WALRELAY_SUBJECT_STRATEGY", global = true, value_enum)]
+    pub subject_strategy: Option<crate::avro::SubjectStrategy>,
+    /// One topic for every table, or `<topic>.<schema>.<table>` per table [default: single].
+    #[arg(long, env = "WALRELAY_TOPIC_ROUTING", global = true, value_enum)]
+    pub topic_routing: Option<TopicRouting>,
+    /// Schema events inline in the data topics or in `<topic>.schema-changes`
+    /// [default: inline; topic under --compat debezium].
+    #[arg(long, env = "WALRELAY_SCHEMA_EVENTS", global = true, value_enum)]
+    pub schema_events: Option<SchemaEvents>,
+    /// Write topics that unmodified Debezium readers accept [default: none].
+    #[arg(long, env = "WALRELAY_COMPAT", global = true, value_enum)]
+    pub compat: Option<Compat>,
     /// A librdkafka property, KEY=VALUE; repeatable (env: comma-separated).
     #[arg(
         long = "kafka-property",
@@ -226,6 +325,22 @@ impl Options {
             transaction_interval: self.transaction_interval.or(file.transaction_interval),
             transactional_id: self.transactional_id.or(file.transactional_id),
             transaction_metadata: self.transaction_metadata.or(file.transaction_metadata),
+            format: self.format.or(file.format),
+            schema_registry_url: self.schema_registry_url.or(file.schema_registry_url),
+            schema_registry_username: self
+                .schema_registry_username
+                .or(file.schema_registry_username),
+            schema_registry_password: self
+                .schema_registry_password
+                .or(file.schema_registry_password),
+            schema_registry_token: self.schema_registry_token.or(file.schema_registry_token),
+            schema_registry_ca_file: self
+                .schema_registry_ca_file
+                .or(file.schema_registry_ca_file),
+            subject_strategy: self.subject_strategy.or(file.subject_strategy),
+            topic_routing: self.topic_routing.or(file.topic_routing),
+            schema_events: self.schema_events.or(file.schema_events),
+            compat: self.compat.or(file.compat),
             kafka_property,
             kafka_properties,
             log_format: self.log_format.or(file.log_format),
@@ -272,6 +387,18 @@ pub struct Settings {
     pub transactional_id: String,
     /// Transaction metadata in events and `<topic>.transactions`.
     pub transaction_metadata: bool,
+    /// Record format.
+    pub format: Format,
+    /// The schema registry (`--format avro`).
+    pub registry: Option<walrelay_common::registry::RegistryOptions>,
+    /// Subject naming.
+    pub subject_strategy: crate::avro::SubjectStrategy,
+    /// Topic per table or one topic.
+    pub topic_routing: TopicRouting,
+    /// Where schema events go.
+    pub schema_events: SchemaEvents,
+    /// Debezium compatibility.
+    pub compat: Compat,
     /// librdkafka properties.
     pub kafka_properties: walrelay_common::options::KafkaProperties,
     /// Log format.
@@ -353,7 +480,34 @@ impl Settings {
                 "a transactional id is 1-249 characters",
             ));
         }
+        let format = o.format.unwrap_or_default();
+        let registry = registry_options(
+            format,
+            o.schema_registry_url,
+            o.schema_registry_username,
+            o.schema_registry_password,
+            o.schema_registry_token,
+            o.schema_registry_ca_file,
+        )?;
+        let compat = o.compat.unwrap_or_default();
+        let schema_events = match (o.schema_events, compat) {
+            (Some(SchemaEvents::Inline), Compat::Debezium) => {
+                return Err(bad(
+                    "--schema-events",
+                    "inline schema events break Debezium readers: leave --schema-events unset (or `topic`) with --compat debezium",
+                ));
+            }
+            (Some(e), _) => e,
+            (None, Compat::Debezium) => SchemaEvents::Topic,
+            (None, Compat::None) => SchemaEvents::Inline,
+        };
         Ok(Self {
+            format,
+            registry,
+            subject_strategy: o.subject_strategy.unwrap_or_default(),
+            topic_routing: o.topic_routing.unwrap_or_default(),
+            schema_events,
+            compat,
             postgres,
             kafka_brokers: o.kafka_brokers.filter(|b| !b.trim().is_empty()),
             topic,
@@ -401,6 +555,22 @@ impl Settings {
         }
     }
 
+    /// The emitter's routing.
+    pub fn routing(&self) -> crate::emit::Routing {
+        crate::emit::Routing {
+            topic: std::sync::Arc::from(self.topic.as_str()),
+            per_table: self.topic_routing == TopicRouting::PerTable,
+            schema_topic: (self.schema_events == SchemaEvents::Topic)
+                .then(|| std::sync::Arc::from(self.schema_topic().as_str())),
+            markers: self.compat == Compat::None,
+        }
+    }
+
+    /// `<topic>.schema-changes`.
+    pub fn schema_topic(&self) -> String {
+        format!("{}.schema-changes", self.topic)
+    }
+
     /// Database name.
     pub fn database(&self) -> String {
         self.postgres
@@ -410,6 +580,60 @@ impl Settings {
             .unwrap_or("postgres")
             .to_string()
     }
+}
+
+/// The registry options, required with `--format avro` and refused without it.
+fn registry_options(
+    format: Format,
+    url: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+    token: Option<String>,
+    ca_file: Option<PathBuf>,
+) -> Result<Option<walrelay_common::registry::RegistryOptions>, ConfigError> {
+    use walrelay_common::registry::{RegistryAuth, RegistryOptions};
+    if format == Format::Json {
+        if url.is_some() {
+            return Err(bad(
+                "--schema-registry-url",
+                "is used by --format avro only; add --format avro or drop it",
+            ));
+        }
+        return Ok(None);
+    }
+    let url = url.ok_or_else(|| {
+        bad(
+            "--schema-registry-url",
+            "--format avro needs a Confluent-compatible schema registry, e.g. http://127.0.0.1:8081",
+        )
+    })?;
+    let auth = match (username, password, token) {
+        (None, None, None) => RegistryAuth::None,
+        (Some(username), Some(password), None) => RegistryAuth::Basic { username, password },
+        (None, None, Some(token)) => RegistryAuth::Bearer(token),
+        (Some(_), None, _) | (None, Some(_), _) => {
+            return Err(bad(
+                "--schema-registry-username",
+                "give both --schema-registry-username and --schema-registry-password",
+            ));
+        }
+        (Some(_), Some(_), Some(_)) => {
+            return Err(bad(
+                "--schema-registry-token",
+                "give either a token or a username and password, not both",
+            ));
+        }
+    };
+    let options = RegistryOptions {
+        url,
+        auth,
+        ca_file,
+        timeout: std::time::Duration::from_secs(10),
+    };
+    // Checks the URL and the CA file now, with the option named.
+    walrelay_common::registry::Registry::new(&options)
+        .map_err(|e| bad("--schema-registry-url", e.to_string()))?;
+    Ok(Some(options))
 }
 
 #[cfg(test)]
@@ -460,6 +684,38 @@ mod tests {
                 .option,
             "--postgres-url"
         );
+        let mut o = opts("postgres://u@h/db");
+        o.format = Some(Format::Avro);
+        assert_eq!(
+            Settings::from_options(o).expect_err("no registry").option,
+            "--schema-registry-url"
+        );
+        let mut o = opts("postgres://u@h/db");
+        o.schema_registry_url = Some("http://127.0.0.1:1".into());
+        assert_eq!(
+            Settings::from_options(o).expect_err("json").option,
+            "--schema-registry-url"
+        );
+        let mut o = opts("postgres://u@h/db");
+        o.format = Some(Format::Avro);
+        o.schema_registry_url = Some("http://127.0.0.1:1".into());
+        o.schema_registry_username = Some("u".into());
+        assert_eq!(
+            Settings::from_options(o).expect_err("no password").option,
+            "--schema-registry-username"
+        );
+        let mut o = opts("postgres://u@h/db");
+        o.compat = Some(Compat::Debezium);
+        o.schema_events = Some(SchemaEvents::Inline);
+        assert_eq!(
+            Settings::from_options(o).expect_err("inline").option,
+            "--schema-events"
+        );
+        let mut o = opts("postgres://u@h/db");
+        o.compat = Some(Compat::Debezium);
+        let s = Settings::from_options(o).expect("valid");
+        assert_eq!(s.schema_events, SchemaEvents::Topic);
+        assert!(!s.routing().markers);
         let unknown = toml::from_str::<Options>("slott = 'x'");
         assert!(unknown.is_err(), "unknown keys are refused");
     }

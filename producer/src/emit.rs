@@ -19,13 +19,37 @@
 //!
 //! Each emitter has its own encoding buffers; [`Emitter::fork`] makes another for a parallel
 //! snapshot worker.
+//!
+//! # Topics (`--topic-routing`, `--schema-events`, `--compat`)
+//!
+//! ```text
+//!   single:    every table ──▶ <topic>
+//!   per-table: schema.table ──▶ <topic>.<schema>.<table>   (created on first use, as <topic> is)
+//!   schema events ──▶ the table's topic, every partition   (inline, the default)
+//!                 ──▶ <topic>.schema-changes, one partition (--schema-events topic)
+//! ```
+//!
+//! A per-table topic name keeps `[A-Za-z0-9._-]` and turns every other character into `_`.
+//! Under `--compat debezium` schema events go to `<topic>.schema-changes` and snapshot markers
+//! are not written, so a data topic holds only what a Debezium reader knows.
+//!
+//! # Formats
+//!
+//! JSON: the key is the routing key, librdkafka's partitioner (murmur2, Kafka's) places it.
+//! Avro ([`crate::avro`]): the key is the table's Avro `Key` record, and the partition is
+//! computed here with the same murmur2 over the routing key, so a row lands where JSON would
+//! put it and the per-schema/per-table orders are kept whatever the record key.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use walrelay_common::event::{Op, SchemaChange};
+use walrelay_common::retry::Backoff;
 
+use crate::avro::{AvroCodec, Fixed, PrepareError, Prepared};
 use crate::checkpoint::TxnId;
-use crate::encode::{Encoder, EventMeta, Image, PartitionKey, TableShape};
+use crate::encode::{EncodeError, Encoder, EventMeta, Image, PartitionKey, TableShape};
 use crate::error::RunError;
 use crate::kafka::Writer;
 use crate::metrics::Metrics;
@@ -42,16 +66,127 @@ pub struct RowChange<'a, 'b> {
     pub key_row: &'b [Cell<'a>],
 }
 
+/// The record format.
+#[derive(Clone)]
+pub enum Codec {
+    /// JSON envelopes.
+    Json(Arc<dyn Encoder>),
+    /// Avro with a schema registry.
+    Avro(Arc<AvroCodec>),
+}
+
+/// Where events go.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    /// `--topic`.
+    pub topic: Arc<str>,
+    /// `--topic-routing per-table`.
+    pub per_table: bool,
+    /// `<topic>.schema-changes` under `--schema-events topic`.
+    pub schema_topic: Option<Arc<str>>,
+    /// Whether snapshot markers are written (not under `--compat debezium`).
+    pub markers: bool,
+}
+
+impl Routing {
+    /// Everything to `topic`, schema events and markers inline.
+    pub fn single(topic: &str) -> Self {
+        Self {
+            topic: Arc::from(topic),
+            per_table: false,
+            schema_topic: None,
+            markers: true,
+        }
+    }
+}
+
+/// The topic of a table under per-table routing: `<topic>.<schema>.<table>`, with characters
+/// Kafka refuses in a topic name turned into `_`.
+pub fn table_topic(topic: &str, schema: &str, table: &str) -> Result<String, EncodeError> {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    let name = format!("{topic}.{}.{}", clean(schema), clean(table));
+    if name.len() > 249 {
+        return Err(EncodeError::new(format!(
+            "table {schema}.{table}: its topic name {name:?} is longer than Kafka's 249 characters; use a shorter --topic or --topic-routing single"
+        )));
+    }
+    Ok(name)
+}
+
+/// Kafka's murmur2 (the Java client's and librdkafka's `murmur2` partitioner).
+pub fn murmur2(data: &[u8]) -> u32 {
+    const M: u32 = 0x5bd1_e995;
+    let len = data.len();
+    let mut h: u32 = 0x9747_b28c ^ (len as u32);
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() >= 3 {
+        h ^= u32::from(rest[2]) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= u32::from(rest[1]) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= u32::from(rest[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h
+}
+
+/// The partition Kafka's murmur2 partitioner gives `key` among `partitions`.
+pub fn partition_of(key: &[u8], partitions: i32) -> i32 {
+    let n = partitions.max(1) as u32;
+    ((murmur2(key) & 0x7fff_ffff) % n) as i32
+}
+
+/// A topic and its partition count.
+#[derive(Debug, Clone)]
+struct Topic {
+    name: Arc<str>,
+    partitions: i32,
+}
+
 /// Encodes events and hands them to Kafka.
 pub struct Emitter {
     writer: Arc<Writer>,
-    encoder: Arc<dyn Encoder>,
+    codec: Codec,
     partition_key: PartitionKey,
     partitions: i32,
     metrics: Arc<Metrics>,
+    routing: Arc<Routing>,
     /// `<topic>.transactions` under `--transaction-metadata`.
     transactions_topic: Option<Arc<str>>,
+    /// Per-table topics known to exist, by `schema.table`.
+    topics: HashMap<(String, String), Topic>,
+    /// Registered Avro schemas by (topic, shape fingerprint).
+    prepared: HashMap<(Arc<str>, u64), Arc<Prepared>>,
+    /// Registered fixed Avro schemas by (topic, record).
+    fixed: HashMap<(Arc<str>, Fixed), u32>,
+    /// The routing key (the Kafka key under JSON).
     key: Vec<u8>,
+    /// The Kafka key under Avro.
+    record_key: Vec<u8>,
     value: Vec<u8>,
 }
 
@@ -64,27 +199,60 @@ impl Emitter {
         partitions: i32,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self {
+        let topic = writer.topic().to_string();
+        Self::with(
             writer,
-            encoder,
+            Codec::Json(encoder),
+            Routing::single(&topic),
             partition_key,
             partitions,
             metrics,
+        )
+    }
+
+    /// An emitter with a codec and routing of its own.
+    pub fn with(
+        writer: Arc<Writer>,
+        codec: Codec,
+        routing: Routing,
+        partition_key: PartitionKey,
+        partitions: i32,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            writer,
+            codec,
+            partition_key,
+            partitions,
+            metrics,
+            routing: Arc::new(routing),
             transactions_topic: None,
+            topics: HashMap::new(),
+            prepared: HashMap::new(),
+            fixed: HashMap::new(),
             key: Vec::with_capacity(256),
+            record_key: Vec::with_capacity(256),
             value: Vec::with_capacity(4096),
         }
     }
 
-    /// Another emitter to the same writer and topic, with buffers of its own.
+    /// Another emitter to the same writer and topics, with buffers of its own.
     pub fn fork(&self) -> Self {
-        let mut e = Self::new(
-            Arc::clone(&self.writer),
-            Arc::clone(&self.encoder),
-            self.partition_key,
-            self.partitions,
-            Arc::clone(&self.metrics),
-        );
+        let mut e = Self {
+            writer: Arc::clone(&self.writer),
+            codec: self.codec.clone(),
+            partition_key: self.partition_key,
+            partitions: self.partitions,
+            metrics: Arc::clone(&self.metrics),
+            routing: Arc::clone(&self.routing),
+            transactions_topic: self.transactions_topic.clone(),
+            topics: self.topics.clone(),
+            prepared: self.prepared.clone(),
+            fixed: self.fixed.clone(),
+            key: Vec::with_capacity(256),
+            record_key: Vec::with_capacity(256),
+            value: Vec::with_capacity(4096),
+        };
         e.transactions_topic = self.transactions_topic.clone();
         e
     }
@@ -99,8 +267,128 @@ impl Emitter {
         self.transactions_topic.is_some()
     }
 
-    /// A `BEGIN`/`END` record of `<topic>.transactions` (partition 0, keyed `{"id":…}`).
-    /// Returns the records sent (0 without `--transaction-metadata`).
+    /// The writer (for its failure and in-flight state, and Kafka transactions).
+    pub fn writer(&self) -> &Arc<Writer> {
+        &self.writer
+    }
+
+    /// The topic of `shape`'s table, created first under per-table routing.
+    async fn topic_of(&mut self, shape: &TableShape) -> Result<Topic, RunError> {
+        if !self.routing.per_table {
+            return Ok(Topic {
+                name: Arc::clone(&self.routing.topic),
+                partitions: self.partitions,
+            });
+        }
+        let id = (shape.schema.clone(), shape.table.clone());
+        if let Some(t) = self.topics.get(&id) {
+            return Ok(t.clone());
+        }
+        let name = table_topic(&self.routing.topic, &shape.schema, &shape.table)?;
+        let partitions = self.writer.ensure_topic(&name, self.partitions).await?;
+        let t = Topic {
+            name: Arc::from(name),
+            partitions,
+        };
+        self.topics.insert(id, t.clone());
+        Ok(t)
+    }
+
+    /// `shape`'s registered Avro schemas for `topic`: cached, else registered now. While the
+    /// registry is unavailable this waits and retries (calling `on_wait`), like a send while
+    /// Kafka is down: reading pauses, nothing more is confirmed.
+    async fn prepared<F: FnMut()>(
+        &mut self,
+        avro: &AvroCodec,
+        shape: &TableShape,
+        topic: &Arc<str>,
+        on_wait: &mut F,
+    ) -> Result<Arc<Prepared>, RunError> {
+        let id = (Arc::clone(topic), shape.fingerprint);
+        if let Some(p) = self.prepared.get(&id) {
+            return Ok(Arc::clone(p));
+        }
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut failures = 0u32;
+        loop {
+            match avro.prepare(shape, topic).await {
+                Ok(p) => {
+                    if failures > 0 {
+                        tracing::info!(table = %shape.qualified(), failures, "The schema registry answers again.");
+                    }
+                    let p = Arc::new(p);
+                    self.prepared.insert(id, Arc::clone(&p));
+                    return Ok(p);
+                }
+                Err(PrepareError::Registry(e)) if e.is_transient() => {
+                    failures += 1;
+                    self.metrics.registry_errors.inc();
+                    self.registry_wait(&e, failures, &mut backoff, on_wait)
+                        .await?;
+                }
+                Err(PrepareError::Registry(e)) => return Err(e.into()),
+                Err(PrepareError::Encode(e)) => return Err(e.into()),
+            }
+        }
+    }
+
+    async fn fixed_id<F: FnMut()>(
+        &mut self,
+        avro: &AvroCodec,
+        topic: &Arc<str>,
+        which: Fixed,
+        on_wait: &mut F,
+    ) -> Result<u32, RunError> {
+        if let Some(id) = self.fixed.get(&(Arc::clone(topic), which)) {
+            return Ok(*id);
+        }
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut failures = 0u32;
+        loop {
+            match avro.fixed(topic, which).await {
+                Ok(id) => {
+                    self.fixed.insert((Arc::clone(topic), which), id);
+                    return Ok(id);
+                }
+                Err(e) if e.is_transient() => {
+                    failures += 1;
+                    self.metrics.registry_errors.inc();
+                    self.registry_wait(&e, failures, &mut backoff, on_wait)
+                        .await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Waits out one registry failure in 200 ms steps (each runs `on_wait`); a Kafka failure
+    /// meanwhile ends the wait.
+    async fn registry_wait<F: FnMut()>(
+        &self,
+        e: &walrelay_common::registry::RegistryError,
+        failures: u32,
+        backoff: &mut Backoff,
+        on_wait: &mut F,
+    ) -> Result<(), RunError> {
+        if failures == 1 || failures.is_power_of_two() {
+            tracing::warn!(error = %e, failures, "Schema registry unavailable: reading pauses and retries.");
+        }
+        let mut left = backoff.next_wait();
+        while !left.is_zero() {
+            let step = left.min(Duration::from_millis(200));
+            tokio::time::sleep(step).await;
+            left -= step;
+            on_wait();
+            if let Some(f) = self.writer.failure() {
+                return Err(f.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// A `BEGIN`/`END` record of `<topic>.transactions` (partition 0, keyed `{"id":…}` under
+    /// JSON, without a key under Avro). Returns the records sent (0 without
+    /// `--transaction-metadata`).
     pub async fn transaction_record<F: FnMut()>(
         &mut self,
         record: &walrelay_common::transaction::TransactionRecord,
@@ -115,21 +403,24 @@ impl Emitter {
         }
         self.key.clear();
         self.value.clear();
-        self.key.extend_from_slice(b"{\"id\":");
-        walrelay_common::event::write_json_str(&mut self.key, &record.id);
-        self.key.push(b'}');
-        self.encoder
-            .transaction(&mut self.value, record)
-            .map_err(|e| RunError::Protocol(e.to_string()))?;
+        match self.codec.clone() {
+            Codec::Json(enc) => {
+                self.key.extend_from_slice(b"{\"id\":");
+                walrelay_common::event::write_json_str(&mut self.key, &record.id);
+                self.key.push(b'}');
+                enc.transaction(&mut self.value, record)?;
+            }
+            Codec::Avro(avro) => {
+                let id = self
+                    .fixed_id(&avro, &topic, Fixed::Transaction, on_wait)
+                    .await?;
+                avro.transaction(&mut self.value, id, record);
+            }
+        }
         self.writer
             .send_to_topic(&topic, &self.key, &self.value, txn, Some(0), on_wait)
             .await?;
         Ok(1)
-    }
-
-    /// The writer (for its failure and in-flight state, and Kafka transactions).
-    pub fn writer(&self) -> &Arc<Writer> {
-        &self.writer
     }
 
     /// A row change (insert, update, delete or snapshot read), routed by its key. `on_wait`
@@ -142,13 +433,34 @@ impl Emitter {
         txn: TxnId,
         on_wait: &mut F,
     ) -> Result<u64, RunError> {
+        let topic = self.topic_of(shape).await?;
         self.key.clear();
         self.value.clear();
         let key_cells = (!change.key_row.is_empty()).then_some(change.key_row);
         shape.write_key(&mut self.key, self.partition_key, key_cells);
-        self.encoder
-            .row(&mut self.value, shape, meta, change.before, change.after);
-        self.send(shape, meta.op, txn, None, on_wait).await?;
+        match self.codec.clone() {
+            Codec::Json(enc) => {
+                enc.row(&mut self.value, shape, meta, change.before, change.after);
+                self.send(&topic, shape, meta.op, txn, None, on_wait)
+                    .await?;
+            }
+            Codec::Avro(avro) => {
+                let p = self.prepared(&avro, shape, &topic.name, on_wait).await?;
+                self.record_key.clear();
+                avro.row(
+                    &mut self.record_key,
+                    &mut self.value,
+                    &p,
+                    shape,
+                    meta,
+                    (change.before, change.after),
+                    key_cells,
+                )?;
+                let partition = partition_of(&self.key, topic.partitions);
+                self.send(&topic, shape, meta.op, txn, Some(partition), on_wait)
+                    .await?;
+            }
+        }
         Ok(1)
     }
 
@@ -161,21 +473,40 @@ impl Emitter {
         txn: TxnId,
         on_wait: &mut F,
     ) -> Result<u64, RunError> {
+        let topic = self.topic_of(shape).await?;
         self.key.clear();
         self.value.clear();
         shape.write_key(&mut self.key, self.partition_key, None);
-        self.encoder.row(&mut self.value, shape, meta, None, None);
+        let mut partition = None;
+        match self.codec.clone() {
+            Codec::Json(enc) => enc.row(&mut self.value, shape, meta, None, None),
+            Codec::Avro(avro) => {
+                let p = self.prepared(&avro, shape, &topic.name, on_wait).await?;
+                self.record_key.clear();
+                avro.row(
+                    &mut self.record_key,
+                    &mut self.value,
+                    &p,
+                    shape,
+                    meta,
+                    (None, None),
+                    None,
+                )?;
+                partition = Some(partition_of(&self.key, topic.partitions));
+            }
+        }
         if self.partition_key == PartitionKey::PrimaryKey {
-            self.send_to_every_partition(shape, meta.op, txn, on_wait)
+            self.send_to_every_partition(&topic, shape, meta.op, txn, on_wait)
                 .await
         } else {
-            self.send(shape, meta.op, txn, None, on_wait).await?;
+            self.send(&topic, shape, meta.op, txn, partition, on_wait)
+                .await?;
             Ok(1)
         }
     }
 
-    /// A schema event of `shape` (tagged with its new version), to every partition. Returns
-    /// the records sent.
+    /// A schema event of `shape` (tagged with its new version): to every partition of the
+    /// table's topic, or to `<topic>.schema-changes`. Returns the records sent.
     pub async fn schema<F: FnMut()>(
         &mut self,
         shape: &TableShape,
@@ -185,22 +516,44 @@ impl Emitter {
         on_wait: &mut F,
     ) -> Result<u64, RunError> {
         debug_assert_eq!(meta.op, Op::Ddl);
+        let topic = match &self.routing.schema_topic {
+            Some(t) => Topic {
+                name: Arc::clone(t),
+                partitions: 1,
+            },
+            None => self.topic_of(shape).await?,
+        };
         self.key.clear();
         self.value.clear();
         shape.write_key(&mut self.key, self.partition_key, None);
-        self.encoder
-            .schema(&mut self.value, shape, meta, change)
-            .map_err(|e| RunError::Protocol(e.to_string()))?;
-        let sent = self
-            .send_to_every_partition(shape, meta.op, txn, on_wait)
-            .await?;
+        match self.codec.clone() {
+            Codec::Json(enc) => enc
+                .schema(&mut self.value, shape, meta, change)
+                .map_err(|e| RunError::Protocol(e.to_string()))?,
+            Codec::Avro(avro) => {
+                let id = self
+                    .fixed_id(&avro, &topic.name, Fixed::SchemaChange, on_wait)
+                    .await?;
+                avro.schema_change(&mut self.value, id, shape, meta, change);
+                self.record_key.clear();
+            }
+        }
+        let sent = if self.routing.schema_topic.is_some() {
+            self.send(&topic, shape, meta.op, txn, Some(0), on_wait)
+                .await?;
+            1
+        } else {
+            self.send_to_every_partition(&topic, shape, meta.op, txn, on_wait)
+                .await?
+        };
         tracing::info!(
             table = %shape.qualified(),
             version = shape.schema_version,
             origin = %change.origin,
             command = change.command.as_deref().unwrap_or(""),
             dropped = change.dropped,
-            partitions = self.partitions,
+            topic = %topic.name,
+            records = sent,
             "Schema event."
         );
         Ok(sent)
@@ -209,7 +562,8 @@ impl Emitter {
     /// A snapshot marker of `shape`'s table (`meta.op` is [`Op::SnapshotStart`] or
     /// [`Op::SnapshotEnd`]), to every partition like a schema event: under any keying a table's
     /// snapshot rows may be on any partition, and each partition's consumer must see where one
-    /// attempt's rows of the table begin and end among them. Returns the records sent.
+    /// attempt's rows of the table begin and end among them. Not written under
+    /// `--compat debezium`. Returns the records sent.
     pub async fn snapshot_marker<F: FnMut()>(
         &mut self,
         shape: &TableShape,
@@ -219,32 +573,47 @@ impl Emitter {
         on_wait: &mut F,
     ) -> Result<u64, RunError> {
         debug_assert!(meta.op.is_snapshot_marker());
+        if !self.routing.markers {
+            return Ok(0);
+        }
+        let topic = self.topic_of(shape).await?;
         self.key.clear();
         self.value.clear();
         shape.write_key(&mut self.key, self.partition_key, None);
-        self.encoder
-            .snapshot_marker(&mut self.value, shape, meta, frame)
-            .map_err(|e| RunError::Protocol(e.to_string()))?;
-        self.send_to_every_partition(shape, meta.op, txn, on_wait)
+        match self.codec.clone() {
+            Codec::Json(enc) => enc
+                .snapshot_marker(&mut self.value, shape, meta, frame)
+                .map_err(|e| RunError::Protocol(e.to_string()))?,
+            Codec::Avro(avro) => {
+                let id = self
+                    .fixed_id(&avro, &topic.name, Fixed::SnapshotMarker, on_wait)
+                    .await?;
+                avro.snapshot_marker(&mut self.value, id, shape, meta, frame);
+                self.record_key.clear();
+            }
+        }
+        self.send_to_every_partition(&topic, shape, meta.op, txn, on_wait)
             .await
     }
 
     async fn send_to_every_partition<F: FnMut()>(
         &mut self,
+        topic: &Topic,
         shape: &TableShape,
         op: Op,
         txn: TxnId,
         on_wait: &mut F,
     ) -> Result<u64, RunError> {
-        for p in 0..self.partitions {
-            self.send(shape, op, txn, Some(p), on_wait).await?;
+        for p in 0..topic.partitions {
+            self.send(topic, shape, op, txn, Some(p), on_wait).await?;
         }
-        Ok(u64::try_from(self.partitions).unwrap_or(0))
+        Ok(u64::try_from(topic.partitions).unwrap_or(0))
     }
 
     /// Hands the encoded key and value to the writer and counts them.
     async fn send<F: FnMut()>(
         &mut self,
+        topic: &Topic,
         shape: &TableShape,
         op: Op,
         txn: TxnId,
@@ -256,10 +625,15 @@ impl Emitter {
         if self.writer.is_muted() {
             return Ok(());
         }
+        let key = match self.codec {
+            Codec::Json(_) => &self.key,
+            Codec::Avro(_) => &self.record_key,
+        };
         self.writer
-            .send_to(
+            .send_routed(
+                &topic.name,
                 &shape.table,
-                &self.key,
+                key,
                 &self.value,
                 txn,
                 partition,
@@ -269,5 +643,37 @@ impl Emitter {
         self.metrics.events_of(op).inc();
         self.metrics.event_bytes.inc_by(self.value.len() as u64);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_kafkas() {
+        // Values from Kafka's UtilsTest (Java's murmur2, as signed ints).
+        for (input, expected) in [
+            ("21", -973_932_308_i32),
+            ("foobar", -790_332_482),
+            ("a-little-bit-long-string", -985_981_536),
+            ("a-little-bit-longer-string", -1_486_304_829),
+            (
+                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
+            ("abc", 479_470_107),
+        ] {
+            assert_eq!(murmur2(input.as_bytes()) as i32, expected, "{input}");
+        }
+    }
+
+    #[test]
+    fn table_topics_keep_what_kafka_allows() {
+        assert_eq!(
+            table_topic("app", "public", "Order Items").ok().as_deref(),
+            Some("app.public.Order_Items")
+        );
+        assert!(table_topic("app", "public", &"x".repeat(300)).is_err());
     }
 }

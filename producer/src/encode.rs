@@ -29,6 +29,10 @@ pub struct ColumnShape {
     pub kind: Kind,
     /// Part of the replica identity (what a `K` old tuple carries).
     pub is_identity: bool,
+    /// The column's type (0 when unknown): the Avro codec tells int4 from int8 by it.
+    pub type_oid: u32,
+    /// The type modifier (-1 when none): a numeric's precision and scale.
+    pub typmod: i32,
 }
 
 impl ColumnShape {
@@ -42,7 +46,16 @@ impl ColumnShape {
             name_json,
             kind,
             is_identity,
+            type_oid: 0,
+            typmod: -1,
         }
+    }
+
+    /// The column with its type and type modifier.
+    pub fn with_type(mut self, type_oid: u32, typmod: i32) -> Self {
+        self.type_oid = type_oid;
+        self.typmod = typmod;
+        self
     }
 }
 
@@ -67,6 +80,9 @@ pub struct TableShape {
     /// `,"key":[…],"types":{…},"schema_version":…,"column_ids":{…}`, pre-encoded: what a
     /// consumer needs to address a row and to map its columns without asking Postgres.
     table_facts: Vec<u8>,
+    /// A hash of everything that decides the table's Avro schemas (names, types, key, version):
+    /// the emitter's cache key for registered schema ids.
+    pub fingerprint: u64,
 }
 
 impl TableShape {
@@ -91,6 +107,7 @@ impl TableShape {
             schema_version: 0,
             column_ids: Vec::new(),
             table_facts: Vec::new(),
+            fingerprint: 0,
         };
         shape.encode_facts();
         shape
@@ -104,6 +121,20 @@ impl TableShape {
     }
 
     fn encode_facts(&mut self) {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (
+            &self.schema,
+            &self.table,
+            &self.key_columns,
+            self.schema_version,
+        )
+            .hash(&mut h);
+        self.column_ids.hash(&mut h);
+        for c in &self.columns {
+            (&c.name, c.kind.label(), c.type_oid, c.typmod, c.is_identity).hash(&mut h);
+        }
+        self.fingerprint = h.finish();
         let out = &mut self.table_facts;
         out.clear();
         out.extend_from_slice(b",\"key\":[");
@@ -277,12 +308,22 @@ pub trait Encoder: Send + Sync {
 #[error("encoding an event: {0}")]
 pub struct EncodeError(String);
 
+impl EncodeError {
+    /// An error with this message.
+    pub fn new(message: String) -> Self {
+        Self(message)
+    }
+}
+
 /// The JSON codec's encoder: Debezium-shaped envelopes written straight from Postgres' text
 /// cells. Holds what is the same for every event of a database.
 #[derive(Debug, Clone)]
 pub struct EnvelopeWriter {
     /// `"version":"…","connector":"walrelay","db":"…"`, pre-encoded.
     prefix: Vec<u8>,
+    /// `--compat debezium`: `source` also carries Debezium's `name`, `txId` and `sequence`,
+    /// and `snapshot` is Debezium's string (`"true"`/`"false"`).
+    debezium: bool,
 }
 
 impl EnvelopeWriter {
@@ -295,7 +336,29 @@ impl EnvelopeWriter {
         write_json_str(&mut prefix, CONNECTOR);
         prefix.extend_from_slice(b",\"db\":");
         write_json_str(&mut prefix, db);
-        Self { prefix }
+        Self {
+            prefix,
+            debezium: false,
+        }
+    }
+
+    /// The writer of `--compat debezium`, `name` being the topic prefix (`source.name`).
+    pub fn debezium(mut self, name: &str) -> Self {
+        let mut prefix = Vec::new();
+        prefix.extend_from_slice(b"\"version\":");
+        write_json_str(&mut prefix, env!("CARGO_PKG_VERSION"));
+        prefix.extend_from_slice(b",\"connector\":");
+        write_json_str(&mut prefix, CONNECTOR);
+        prefix.extend_from_slice(b",\"name\":");
+        write_json_str(&mut prefix, name);
+        // `db` was the last field written by `new`.
+        if let Some(pos) = self.prefix.windows(6).position(|w| w == b"\"db\":\"") {
+            prefix.push(b',');
+            prefix.extend_from_slice(&self.prefix[pos..]);
+        }
+        self.prefix = prefix;
+        self.debezium = true;
+        self
     }
 }
 
@@ -326,9 +389,24 @@ impl Encoder for EnvelopeWriter {
         out.extend_from_slice(num.u64(meta.commit_lsn));
         out.extend_from_slice(b",\"txid\":");
         out.extend_from_slice(num.u64(meta.txid));
+        if self.debezium {
+            out.extend_from_slice(b",\"txId\":");
+            out.extend_from_slice(num.u64(meta.txid));
+            out.extend_from_slice(b",\"sequence\":\"[\\\"");
+            out.extend_from_slice(num.u64(meta.commit_lsn));
+            out.extend_from_slice(b"\\\",\\\"");
+            out.extend_from_slice(num.u64(meta.lsn));
+            out.extend_from_slice(b"\\\"]\"");
+        }
         out.extend_from_slice(b",\"ts_ms\":");
         out.extend_from_slice(num.i64(meta.ts_ms));
-        out.extend_from_slice(if meta.snapshot {
+        out.extend_from_slice(if self.debezium {
+            if meta.snapshot {
+                b",\"snapshot\":\"true\",\"seq\":".as_slice()
+            } else {
+                b",\"snapshot\":\"false\",\"seq\":".as_slice()
+            }
+        } else if meta.snapshot {
             b",\"snapshot\":true,\"seq\":".as_slice()
         } else {
             b",\"snapshot\":false,\"seq\":".as_slice()

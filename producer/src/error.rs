@@ -50,6 +50,13 @@ pub enum RunError {
     /// Set-up is missing or wrong (definite): the message names the fix.
     #[error("{0}")]
     Setup(String),
+    /// The schema registry (`--format avro`): refused a schema (definite) or failed.
+    #[error(transparent)]
+    Registry(#[from] walrelay_common::registry::RegistryError),
+    /// An event has no form in the chosen format (definite): the message names the table and
+    /// column.
+    #[error(transparent)]
+    Encode(#[from] crate::encode::EncodeError),
 }
 
 impl RunError {
@@ -59,7 +66,9 @@ impl RunError {
             RunError::Postgres(e) => e.is_transient(),
             RunError::Replication(_) => true,
             RunError::Write(e) => e.is_transient(),
-            RunError::ReplicationRefused(_)
+            RunError::Registry(e) => e.is_transient(),
+            RunError::Encode(_)
+            | RunError::ReplicationRefused(_)
             | RunError::Slot { .. }
             | RunError::Decode { .. }
             | RunError::Protocol(_)
@@ -76,6 +85,8 @@ impl RunError {
             RunError::Write(e) => e.kind(),
             RunError::Decode { .. } | RunError::Protocol(_) => "decode",
             RunError::Setup(_) => "setup",
+            RunError::Registry(_) => "schema_registry",
+            RunError::Encode(_) => "encode",
         }
     }
 

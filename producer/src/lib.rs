@@ -12,6 +12,8 @@
 //! - [`ddl`]: schema events: event-trigger capture, the schema registry, the Relation fallback.
 //! - [`emit`]: the output seam: encoding, routing (by key, one or every partition), the writer;
 //!   the listener, the snapshot and schema events all send through it.
+//! - [`avro`]: the Avro codec: Debezium's Avro layout, the Confluent wire format, schema
+//!   registration per table shape.
 //! - [`kafka`]: client config, topic creation, the byte-bounded writer.
 //! - [`encode`]: how a row becomes a Kafka record: table shapes pre-rendered, the key, the JSON
 //!   envelope (the producer's codec); [`value`]: Postgres text to JSON values; [`catalog`]:
@@ -24,6 +26,7 @@
 //!     └──── confirmed LSN ◀── checkpoint ◀────────────┘
 //! ```
 
+pub mod avro;
 pub mod catalog;
 pub mod checkpoint;
 pub mod commands;

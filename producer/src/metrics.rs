@@ -18,6 +18,8 @@ pub struct Metrics {
     events_by_op: [IntCounter; Op::ALL.len()],
     /// Bytes of event values handed to Kafka.
     pub event_bytes: IntCounter,
+    /// Failed schema-registry requests (`--format avro`), each retried.
+    pub registry_errors: IntCounter,
     /// Transactions seen on the stream.
     pub transactions: IntCounter,
     /// Bytes read from Postgres and not yet acknowledged by Kafka.
@@ -79,6 +81,10 @@ impl Metrics {
             event_bytes: IntCounter::new(
                 "walrelay_producer_event_bytes_total",
                 "Bytes of change events handed to Kafka.",
+            )?,
+            registry_errors: IntCounter::new(
+                "walrelay_producer_schema_registry_errors_total",
+                "Schema registry requests that failed transiently and were retried (--format avro).",
             )?,
             transactions: IntCounter::new(
                 "walrelay_producer_transactions_total",
@@ -190,6 +196,7 @@ impl Metrics {
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(m.events.clone()),
             Box::new(m.event_bytes.clone()),
+            Box::new(m.registry_errors.clone()),
             Box::new(m.transactions.clone()),
             Box::new(m.buffer_bytes.clone()),
             Box::new(m.buffer_capacity_bytes.clone()),

@@ -33,14 +33,16 @@ use std::time::Duration;
 
 use pgwire_replication::{Lsn, ReplicationClient};
 use tokio_util::sync::CancellationToken;
+use walrelay_common::registry::Registry as SchemaRegistry;
 use walrelay_common::retry::Backoff;
 use walrelay_common::telemetry::Readiness;
 
+use crate::avro::AvroCodec;
 use crate::catalog::{self, Catalog, PgError};
 use crate::checkpoint::Checkpointer;
-use crate::config::{Settings, SnapshotMode};
+use crate::config::{Compat, SchemaEvents, Settings, SnapshotMode, TopicRouting};
 use crate::ddl::Registry;
-use crate::emit::Emitter;
+use crate::emit::{Codec, Emitter};
 use crate::encode::EnvelopeWriter;
 use crate::error::RunError;
 use crate::kafka::{
@@ -228,9 +230,29 @@ async fn prepare(ctx: &Context) -> Result<Prepared, RunError> {
     )?);
     let partitions = writer.partitions(Duration::from_secs(10)).await?;
     ctx.readiness.set("kafka", true);
-    let mut emitter = Emitter::new(
+    if s.schema_events == SchemaEvents::Topic {
+        ensure_single_partition_topic(&writer_opts, &s.schema_topic()).await?;
+    }
+    let codec = match &s.registry {
+        Some(registry) => Codec::Avro(Arc::new(AvroCodec::new(
+            Arc::new(SchemaRegistry::new(registry)?),
+            s.subject_strategy,
+            s.topic_routing == TopicRouting::PerTable,
+            &s.topic,
+            &s.database(),
+        ))),
+        None => {
+            let json = EnvelopeWriter::new(&s.database());
+            Codec::Json(Arc::new(match s.compat {
+                Compat::Debezium => json.debezium(&s.topic),
+                Compat::None => json,
+            }))
+        }
+    };
+    let mut emitter = Emitter::with(
         Arc::clone(&writer),
-        Arc::new(EnvelopeWriter::new(&s.database())),
+        codec,
+        s.routing(),
         s.partition_key,
         partitions,
         Arc::clone(&ctx.metrics),

@@ -11,6 +11,9 @@
 //!   [`opensearch::Indexes`], one test's view of its indexes under a unique prefix.
 //! - [`broker`]: the librdkafka mock-cluster host, for benchmarks that measure the producer
 //!   without a broker's own cost.
+//! - [`registry`]: a real schema registry (Apicurio, Confluent API) shared per test binary, and
+//!   the independent readers of Avro and Debezium topics: Python (confluent-kafka, fastavro)
+//!   and Apache Flink.
 //! - [`topic`]: reads every record of a topic and rebuilds table state from envelopes.
 //! - [`certs`]: a throwaway CA issuing server and client certificates (PEM files).
 //! - [`process`]: spawns walrelay binaries with logs in a file; SIGTERM and SIGKILL.
@@ -24,6 +27,7 @@ pub mod kafka;
 pub mod opensearch;
 pub mod postgres;
 pub mod process;
+pub mod registry;
 pub mod search;
 pub mod topic;
 

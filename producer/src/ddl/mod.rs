@@ -382,7 +382,10 @@ pub async fn schema_event(
         col.logical = kind.label();
         columns.push(col);
         if !c.generated {
-            shaped.push(ColumnShape::new(&c.name, kind, c.key_position.is_some()));
+            shaped.push(
+                ColumnShape::new(&c.name, kind, c.key_position.is_some())
+                    .with_type(c.type_oid, crate::avro::types::typmod_of_name(&c.type_name)),
+            );
             if let Some(p) = c.key_position {
                 keys.push((p, c.name.clone()));
             }

@@ -321,6 +321,8 @@ pub struct Writer {
     max_message_bytes: usize,
     /// Exactly-once state; `None` under at-least-once.
     txns: Option<Transactions>,
+    /// The client configuration, for creating topics (`--topic-routing per-table`).
+    config: ClientConfig,
 }
 
 impl Writer {
@@ -358,11 +360,17 @@ impl Writer {
                 .transactions
                 .clone()
                 .map(|t| Transactions::new(t, options.reader_config())),
+            config: options.client_config(),
         })
     }
 
     fn ctx(&self) -> &DeliveryContext {
         self.producer.context()
+    }
+
+    /// The main topic (`--topic`).
+    pub fn topic(&self) -> &str {
+        &self.topic
     }
 
     /// The first delivery failure, if any.
@@ -397,6 +405,44 @@ impl Writer {
     ) -> Result<(), WriteError> {
         self.send_record(&self.topic, table, (key, value), txn, partition, on_wait)
             .await
+    }
+
+    /// Like [`Writer::send_to`], to `topic` (a table's own topic, `<topic>.schema-changes`).
+    /// An empty `key` writes a record without a key.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn send_routed<F: FnMut()>(
+        &self,
+        topic: &str,
+        table: &str,
+        key: &[u8],
+        value: &[u8],
+        txn: TxnId,
+        partition: Option<i32>,
+        on_wait: &mut F,
+    ) -> Result<(), WriteError> {
+        self.send_record(topic, table, (key, value), txn, partition, on_wait)
+            .await
+    }
+
+    /// Creates `topic` with `partitions` unless it exists (unlimited retention, as the main
+    /// topic), and returns how many partitions it has.
+    pub async fn ensure_topic(
+        self: &Arc<Self>,
+        topic: &str,
+        partitions: i32,
+    ) -> Result<i32, WriteError> {
+        kafka::ensure_topic(&self.config, topic, partitions)
+            .await
+            .map_err(|e| WriteError::Delivery {
+                message: e.to_string(),
+                transient: true,
+            })?;
+        let (this, topic) = (Arc::clone(self), topic.to_string());
+        tokio::task::spawn_blocking(move || {
+            this.fetch_partitions_of(&topic, Duration::from_secs(10))
+        })
+        .await
+        .map_err(|e| WriteError::Client(format!("reading topic metadata: {e}")))?
     }
 
     /// Like [`Writer::send_to`], to another topic (`<topic>.transactions`).
@@ -465,9 +511,10 @@ impl Writer {
             queued: Instant::now(),
         });
         loop {
-            let mut record = BaseRecord::with_opaque_to(topic, token)
-                .key(key)
-                .payload(value);
+            let mut record = BaseRecord::with_opaque_to(topic, token).payload(value);
+            if !key.is_empty() {
+                record = record.key(key);
+            }
             if let Some(p) = partition {
                 record = record.partition(p);
             }
@@ -559,12 +606,16 @@ impl Writer {
     }
 
     fn fetch_partitions(&self, timeout: Duration) -> Result<i32, WriteError> {
+        self.fetch_partitions_of(&self.topic, timeout)
+    }
+
+    fn fetch_partitions_of(&self, topic: &str, timeout: Duration) -> Result<i32, WriteError> {
         let fetch = || {
             self.producer
                 .client()
-                .fetch_metadata(Some(&self.topic), timeout)
+                .fetch_metadata(Some(topic), timeout)
                 .map_err(|e| WriteError::Delivery {
-                    message: format!("reading metadata of topic {}: {e}", self.topic),
+                    message: format!("reading metadata of topic {topic}: {e}"),
                     transient: true,
                 })
         };
@@ -573,7 +624,7 @@ impl Writer {
         let n = md.topics().first().map_or(0, |t| t.partitions().len());
         if n == 0 {
             return Err(WriteError::Delivery {
-                message: format!("topic {} has no partitions yet", self.topic),
+                message: format!("topic {topic} has no partitions yet"),
                 transient: true,
             });
         }

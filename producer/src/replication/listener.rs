@@ -463,7 +463,9 @@ impl Stream<'_> {
                 .catalog
                 .column_kind(c.type_oid, &format!("{namespace}.{name}"), c.name)
                 .await?;
-            shaped.push(ColumnShape::new(c.name, kind, c.is_key));
+            shaped.push(
+                ColumnShape::new(c.name, kind, c.is_key).with_type(c.type_oid, c.type_modifier),
+            );
         }
         let keys = self.io.catalog.key_columns(oid).await?;
         let mut rel = Relation {
