@@ -385,7 +385,11 @@ mod tests {
             panic!("index settings expected");
         };
         assert_eq!(shared.runtime.group, "cli-group");
-        assert_eq!(shared.runtime.topic, "from.file");
+        assert!(
+            matches!(&shared.runtime.topics, crate::topics::Topics::One(t) if t == "from.file"),
+            "{:?}",
+            shared.runtime.topics
+        );
         assert_eq!(shared.runtime.dead_letter_topic, "from.file.dlq");
         assert_eq!(shared.runtime.batch_max_wait, Duration::from_secs(1));
         assert_eq!(shared.runtime.batch_max_bytes, 3 << 20);
@@ -515,6 +519,116 @@ mod tests {
             change(&mut o);
             let err = settings(Command::Index(o)).expect_err(option);
             assert_eq!(err.option, option, "{err}");
+        }
+    }
+
+    #[test]
+    fn one_topic_or_one_pattern_and_a_dead_letter_topic_it_does_not_read() {
+        use crate::topics::Topics;
+        let parse = |args: &str| {
+            let argv = std::iter::once("walrelay-consumer").chain(args.split(' '));
+            Cli::try_parse_from(argv)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .command
+                .settings(FileOptions::default())
+        };
+        // Every command that reads the change topic takes a pattern.
+        for command in ["index", "reindex", "notify", "replay-dead-letters"] {
+            let args = |extra: &str| {
+                let common = if command.ends_with("index") {
+                    "--kafka-brokers k:9092 --search-url http://s:9200"
+                } else {
+                    "--kafka-brokers k:9092 --postgres-url postgres://app@db/app --api-token 0123456789abcdef0123"
+                };
+                format!("{command} {common} {extra}").trim_end().to_string()
+            };
+            let s = parse(&args(
+                r"--topic-pattern shop\.public\..* --dead-letter-topic shop.dlq",
+            ))
+            .unwrap_or_else(|e| panic!("{command}: {e}"));
+            let runtime = &s.shared().runtime;
+            let Topics::Pattern(p) = &runtime.topics else {
+                panic!("{command}: a pattern expected, got {:?}", runtime.topics);
+            };
+            assert!(p.selects("shop.public.orders") && !p.selects("shop.public.orders.dlq"));
+            assert_eq!(runtime.dead_letter_topic, "shop.dlq");
+            let s = parse(&args("")).unwrap_or_else(|e| panic!("{command}: {e}"));
+            assert!(
+                matches!(&s.shared().runtime.topics, Topics::One(t) if t == "walrelay.events"),
+                "{command}: the default topic"
+            );
+            let refused = [
+                (
+                    "--topic shop --topic-pattern shop\\..* --dead-letter-topic x.dlq",
+                    "--topic-pattern",
+                    "not both",
+                ),
+                (
+                    "--topic-pattern shop\\..*",
+                    "--dead-letter-topic",
+                    "required with --topic-pattern",
+                ),
+                (
+                    "--topic-pattern shop.( --dead-letter-topic x.dlq",
+                    "--topic-pattern",
+                    "not a valid regular expression",
+                ),
+                (
+                    "--topic-pattern shop\\..* --dead-letter-topic shop.errors",
+                    "--topic-pattern",
+                    "matches the dead-letter topic shop.errors",
+                ),
+                (
+                    "--topic-pattern shop\\..* --dead-letter-topic bad/name",
+                    "--dead-letter-topic",
+                    "topic name",
+                ),
+            ];
+            for (extra, option, says) in refused {
+                let err = parse(&args(extra)).expect_err(extra);
+                assert_eq!(err.option, option, "{command} {extra}: {err}");
+                assert!(err.message.contains(says), "{command} {extra}: {err}");
+            }
+        }
+        // The topic choice is one option across layers: a pattern given on the command line
+        // replaces the file's topic, and the file may hold a pattern.
+        let file_topic = file("topic = 'from.file'\ndead_letter_topic = 'f.dlq'").expect("file");
+        let mut cli = index();
+        cli.shared.topic_pattern = Some(r"shop\..*".into());
+        let s = Command::Index(cli).settings(file_topic).expect("valid");
+        assert!(
+            matches!(&s.shared().runtime.topics, Topics::Pattern(p) if p.as_str() == r"shop\..*")
+        );
+        let file_pattern =
+            file("topic_pattern = 'shop\\..*'\ndead_letter_topic = 'f.dlq'").expect("file");
+        let s = Command::Index(index())
+            .settings(file_pattern.clone())
+            .expect("valid");
+        assert!(
+            matches!(&s.shared().runtime.topics, Topics::Pattern(p) if p.as_str() == r"shop\..*")
+        );
+        let mut cli = index();
+        cli.shared.topic = Some("cli.topic".into());
+        let s = Command::Index(cli).settings(file_pattern).expect("valid");
+        assert!(matches!(&s.shared().runtime.topics, Topics::One(t) if t == "cli.topic"));
+    }
+
+    #[test]
+    fn the_help_says_how_side_topics_are_skipped() {
+        let mut cli = Cli::command();
+        cli.build();
+        for command in ["index", "reindex", "notify", "replay-dead-letters"] {
+            let help = cli
+                .find_subcommand_mut(command)
+                .expect("command")
+                .render_long_help()
+                .to_string();
+            assert!(
+                help.contains("--topic-pattern <REGEX>")
+                    && help.contains(".schema-changes")
+                    && help.contains("skipped"),
+                "{command}: {help}"
+            );
         }
     }
 

@@ -22,6 +22,8 @@ pub use walrelay_common::options::ConfigError;
 use walrelay_common::options::{self, parse_bytes, parse_duration};
 use walrelay_common::telemetry::LogFormat;
 
+use crate::topics::{TopicPattern, Topics};
+
 /// The options every command shares, each unset unless given.
 #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
 #[group(skip)]
@@ -29,15 +31,25 @@ pub struct Args {
     /// Kafka bootstrap servers, comma-separated.
     #[arg(long, env = "WALRELAY_KAFKA_BROKERS", value_name = "HOST:PORT,...")]
     pub kafka_brokers: Option<String>,
-    /// Topic the producer writes [default: walrelay.events].
+    /// Topic the producer writes [default: walrelay.events]. Not with --topic-pattern.
     #[arg(long, env = "WALRELAY_TOPIC")]
     pub topic: Option<String>,
+    /// Read every topic whose whole name matches this regular expression instead of one
+    /// --topic, e.g. 'walrelay\.events\..*' for the producer's per-table topics. Matching
+    /// topics created later are read within about 5 s (librdkafka's
+    /// topic.metadata.refresh.interval.ms). Names ending in .dlq, .progress, .transactions or
+    /// .schema-changes (walrelay's side topics) and Kafka's __ topics are skipped even when
+    /// they match (name one with --topic to read it). Requires --dead-letter-topic, which the
+    /// pattern must not match.
+    #[arg(long, env = "WALRELAY_TOPIC_PATTERN", value_name = "REGEX")]
+    pub topic_pattern: Option<String>,
     /// Consumer group [default: walrelay-indexer for index, walrelay-notifier for notify,
     /// walrelay-notifier.replay for replay-dead-letters]. `reindex` takes the value of `index`
     /// and derives its own group from it.
     #[arg(long, env = "WALRELAY_GROUP")]
     pub group: Option<String>,
-    /// Topic for events a sink rejects or that cannot be decoded [default: TOPIC.dlq].
+    /// Topic for events a sink rejects or that cannot be decoded [default: TOPIC.dlq; required
+    /// with --topic-pattern].
     #[arg(long, env = "WALRELAY_DEAD_LETTER_TOPIC")]
     pub dead_letter_topic: Option<String>,
     /// Most events per sink batch [default: 2000].
@@ -85,15 +97,22 @@ pub struct Args {
 }
 
 impl Args {
-    /// `self` where set, else `file`.
+    /// `self` where set, else `file`; `--topic` and `--topic-pattern` count as one option (either
+    /// set in `self` replaces both of `file`'s).
     pub fn or(self, file: Args) -> Args {
+        let (topic, topic_pattern) = if self.topic.is_some() || self.topic_pattern.is_some() {
+            (self.topic, self.topic_pattern)
+        } else {
+            (file.topic, file.topic_pattern)
+        };
         let (kafka_property, kafka_properties) = options::merge_kafka_options(
             (self.kafka_property, self.kafka_properties),
             (file.kafka_property, file.kafka_properties),
         );
         Args {
             kafka_brokers: self.kafka_brokers.or(file.kafka_brokers),
-            topic: self.topic.or(file.topic),
+            topic,
+            topic_pattern,
             group: self.group.or(file.group),
             dead_letter_topic: self.dead_letter_topic.or(file.dead_letter_topic),
             batch_max_events: self.batch_max_events.or(file.batch_max_events),
@@ -132,8 +151,6 @@ impl Args {
             .kafka_brokers
             .filter(|b| !b.trim().is_empty())
             .ok_or_else(|| ConfigError::missing("--kafka-brokers"))?;
-        let topic = o.topic.unwrap_or_else(|| "walrelay.events".into());
-        options::check_topic("--topic", &topic)?;
         let group = o.group.clone().unwrap_or_else(|| default_group.into());
         if group.trim().is_empty() || group.len() > 200 {
             return Err(ConfigError::new(
@@ -141,17 +158,7 @@ impl Args {
                 "a group id is 1-200 characters",
             ));
         }
-        let dead_letter_topic = o
-            .dead_letter_topic
-            .clone()
-            .unwrap_or_else(|| format!("{topic}.dlq"));
-        options::check_topic("--dead-letter-topic", &dead_letter_topic)?;
-        if dead_letter_topic == topic {
-            return Err(ConfigError::new(
-                "--dead-letter-topic",
-                "must differ from --topic, or rejected events would be read again",
-            ));
-        }
+        let (topics, dead_letter_topic) = topics(o.topic, o.topic_pattern, o.dead_letter_topic)?;
         let batch_max_events = o.batch_max_events.unwrap_or(2000);
         if !(1..=100_000).contains(&batch_max_events) {
             return Err(ConfigError::new(
@@ -177,7 +184,7 @@ impl Args {
         Ok(Shared {
             runtime: RuntimeSettings {
                 kafka_brokers,
-                topic,
+                topics,
                 group,
                 dead_letter_topic,
                 batch_max_events,
@@ -190,6 +197,52 @@ impl Args {
             metrics_addr: o.metrics_addr,
             log_format: o.log_format.unwrap_or_default(),
         })
+    }
+}
+
+/// The topics read and the dead-letter topic (`--topic`, `--topic-pattern`,
+/// `--dead-letter-topic`), checked: one topic or one pattern, and a dead-letter topic that is
+/// not read.
+fn topics(
+    topic: Option<String>,
+    pattern: Option<String>,
+    dead_letter_topic: Option<String>,
+) -> Result<(Topics, String), ConfigError> {
+    match (topic, pattern) {
+        (Some(_), Some(_)) => Err(ConfigError::new(
+            "--topic-pattern",
+            "give either --topic or --topic-pattern, not both (check WALRELAY_TOPIC and \
+             WALRELAY_TOPIC_PATTERN too)",
+        )),
+        (topic, None) => {
+            let topic = topic.unwrap_or_else(|| "walrelay.events".into());
+            options::check_topic("--topic", &topic)?;
+            let dead_letter_topic = dead_letter_topic.unwrap_or_else(|| format!("{topic}.dlq"));
+            options::check_topic("--dead-letter-topic", &dead_letter_topic)?;
+            if dead_letter_topic == topic {
+                return Err(ConfigError::new(
+                    "--dead-letter-topic",
+                    "must differ from --topic, or rejected events would be read again",
+                ));
+            }
+            Ok((Topics::One(topic), dead_letter_topic))
+        }
+        (None, Some(pattern)) => {
+            let pattern = TopicPattern::new(&pattern)
+                .map_err(|e| ConfigError::new("--topic-pattern", e.to_string()))?;
+            let dead_letter_topic = dead_letter_topic.ok_or_else(|| {
+                ConfigError::new(
+                    "--dead-letter-topic",
+                    "required with --topic-pattern (there is no single topic to name it \
+                     after), e.g. --dead-letter-topic walrelay.events.dlq",
+                )
+            })?;
+            options::check_topic("--dead-letter-topic", &dead_letter_topic)?;
+            pattern
+                .check_dead_letter_topic(&dead_letter_topic)
+                .map_err(|e| ConfigError::new("--topic-pattern", e.to_string()))?;
+            Ok((Topics::Pattern(pattern), dead_letter_topic))
+        }
     }
 }
 
@@ -221,8 +274,8 @@ pub struct Shared {
 pub struct RuntimeSettings {
     /// Bootstrap servers.
     pub kafka_brokers: String,
-    /// Topic read.
-    pub topic: String,
+    /// Topics read.
+    pub topics: Topics,
     /// Consumer group.
     pub group: String,
     /// Dead-letter topic.

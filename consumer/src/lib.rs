@@ -6,6 +6,8 @@
 //!   config file, the validated [`cli::Settings`] of the command given, and running it.
 //! - [`config`]: the options every command shares (Kafka, batching, retries, telemetry), the
 //!   runtime's settings ([`config::RuntimeSettings`]) and the TOML config file.
+//! - [`topics`]: which topics are read: one `--topic`, or every topic a `--topic-pattern`
+//!   selects (the producer's per-table topics), resolved again as topics come and go.
 //! - [`runtime`]: what every sink shares: the consumer group (cooperative rebalancing, bounded
 //!   prefetch), batches, the dead-letter topic, and the rule that an offset is committed only
 //!   after the sink handled it. The [`runtime::Sink`] trait is the contract a sink implements.
@@ -38,3 +40,4 @@ pub mod http;
 pub mod metrics;
 pub mod runtime;
 pub mod sinks;
+pub mod topics;

@@ -1,7 +1,8 @@
 //! The consumer's metric catalogue. Names follow Prometheus rules: `walrelay_consumer_` prefix,
 //! base units, `_total` on counters, bounded labels only (`op`; `table`, bounded by the
-//! captured tables; `partition`, bounded by the topic; `sink`, `kind` and `reason` from fixed
-//! lists).
+//! captured tables; `topic` and `partition`, bounded by the topics read and their partitions:
+//! with `--topic-pattern` over the producer's per-table topics, one topic per captured table,
+//! so no more series than `table` gives; `sink`, `kind` and `reason` from fixed lists).
 
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -29,7 +30,8 @@ pub struct Metrics {
     pub batch_events: Histogram,
     /// Commit time in Postgres to the sink having applied the event.
     pub end_to_end_seconds: Histogram,
-    /// Messages behind the end of each assigned partition (librdkafka statistics).
+    /// Messages behind the end of each assigned partition, by topic and partition (librdkafka
+    /// statistics).
     pub lag_messages: IntGaugeVec,
     /// Webhook delivery attempts by outcome class (`2xx`, `3xx`, `4xx`, `5xx`, `timeout`,
     /// `connection`, `refused`).
@@ -141,11 +143,11 @@ impl Metrics {
                     "walrelay_consumer_lag_messages",
                     "Messages between this consumer's position and the end of the partition.",
                 ),
-                &["partition"],
+                &["topic", "partition"],
             )?,
             assigned_partitions: IntGauge::new(
                 "walrelay_consumer_assigned_partitions",
-                "Partitions assigned to this process.",
+                "Partitions (of every topic read) assigned to this process.",
             )?,
             rebalances: IntCounter::new(
                 "walrelay_consumer_rebalances_total",
@@ -234,7 +236,7 @@ mod tests {
         m.sink_errors
             .with_label_values(&["search", "throttled"])
             .inc();
-        m.lag_messages.with_label_values(&["0"]).set(0);
+        m.lag_messages.with_label_values(&["t", "0"]).set(0);
         let names: Vec<String> = m
             .registry
             .gather()

@@ -28,6 +28,7 @@ mod deploy;
 mod notify;
 mod postgres_tls;
 mod secure_kafka;
+mod topic_pattern;
 mod types;
 
 fn consumer_bin() -> PathBuf {

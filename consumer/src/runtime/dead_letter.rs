@@ -2,7 +2,7 @@
 //! copied byte for byte with their origin and the error in headers.
 //!
 //! Headers: `walrelay.dlq.topic`, `walrelay.dlq.partition`, `walrelay.dlq.offset` (where the
-//! event was), `walrelay.dlq.reason` (`decode` or `rejected`), `walrelay.dlq.error` (why),
+//! event was: with `--topic-pattern`, the topic each event was read from), `walrelay.dlq.reason` (`decode` or `rejected`), `walrelay.dlq.error` (why),
 //! `walrelay.dlq.sink` and `walrelay.dlq.group`. Nothing is skipped silently: the batch's
 //! offsets are stored only after the dead-letter topic acknowledged every copy.
 
@@ -25,10 +25,16 @@ pub enum DeadLetterError {
     Client(String),
     /// Kafka refused the copy for good (too large, not authorised). Definite: stopping is the
     /// only way not to lose the event.
-    #[error("dead-letter topic {topic} refused an event from offset {offset}: {message}")]
+    #[error(
+        "dead-letter topic {topic} refused an event from {source_topic}/{partition} offset {offset}: {message}"
+    )]
     Refused {
         /// Dead-letter topic.
         topic: String,
+        /// Topic of the original.
+        source_topic: String,
+        /// Partition of the original.
+        partition: i32,
         /// Offset of the original.
         offset: i64,
         /// What Kafka said.
@@ -41,6 +47,8 @@ pub enum DeadLetterError {
 
 /// One event to dead-letter.
 pub struct DeadLetter<'a> {
+    /// Topic of the original.
+    pub topic: &'a str,
     /// Partition of the original.
     pub partition: i32,
     /// Offset of the original.
@@ -110,7 +118,6 @@ impl DeadLetters {
     /// failures until `shutdown`.
     pub async fn send(
         &self,
-        source_topic: &str,
         letters: &[DeadLetter<'_>],
         shutdown: &CancellationToken,
     ) -> Result<(), DeadLetterError> {
@@ -122,7 +129,7 @@ impl DeadLetters {
                 let headers = OwnedHeaders::new()
                     .insert(Header {
                         key: "walrelay.dlq.topic",
-                        value: Some(source_topic),
+                        value: Some(letter.topic),
                     })
                     .insert(Header {
                         key: "walrelay.dlq.partition",
@@ -180,6 +187,8 @@ impl DeadLetters {
                         if definite {
                             return Err(DeadLetterError::Refused {
                                 topic: self.topic.clone(),
+                                source_topic: letter.topic.to_string(),
+                                partition: letter.partition,
                                 offset: letter.offset,
                                 message: e.to_string(),
                             });

@@ -1,9 +1,10 @@
-//! Membership of the consumer group: the librdkafka consumer, its configuration, rebalance
-//! bookkeeping and lag from librdkafka's statistics.
+//! Membership of the consumer group: the librdkafka consumer, its configuration, the
+//! subscription (one topic, or the topics a pattern selects, followed as they come and go),
+//! rebalance bookkeeping per topic-partition and lag from librdkafka's statistics.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
@@ -12,7 +13,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::message::Message as _;
+use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use walrelay_common::kafka::{Reachability, quiet_log};
 use walrelay_common::telemetry::Readiness;
@@ -20,6 +21,7 @@ use walrelay_common::telemetry::Readiness;
 use super::{Pending, pending};
 use crate::config::RuntimeSettings;
 use crate::metrics::Metrics;
+use crate::topics::{self, TopicPattern, Topics};
 
 /// A failure to set up or use the consumer group.
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +32,7 @@ pub enum GroupError {
     /// Subscribing failed. Definite.
     #[error("subscribing to {topic}: {message}")]
     Subscribe {
-        /// Topic.
+        /// The topic, or the topics a pattern selected.
         topic: String,
         /// What librdkafka said.
         message: String,
@@ -73,7 +75,8 @@ pub fn consumer_config(settings: &RuntimeSettings, group_id: &str) -> ClientConf
         ("fetch.queue.backoff.ms", "5".into()),
         ("statistics.interval.ms", "5000".into()),
         // A topic created after the consumer subscribed (the producer started later) is seen,
-        // and assigned, within seconds instead of librdkafka's default 5 minutes.
+        // and assigned, within seconds instead of librdkafka's default 5 minutes. Also how
+        // often a --topic-pattern is resolved again (crate::topics).
         ("topic.metadata.refresh.interval.ms", "5000".into()),
         ("session.timeout.ms", "10000".into()),
         ("heartbeat.interval.ms", "1000".into()),
@@ -87,12 +90,16 @@ pub fn consumer_config(settings: &RuntimeSettings, group_id: &str) -> ClientConf
     cfg
 }
 
+/// Current assignment epoch per assigned partition, by topic. The topic's name is kept once,
+/// shared by every event read from it (`Event::topic`).
+type Epochs = HashMap<Arc<str>, HashMap<i32, u64>>;
+
 /// Rebalance bookkeeping shared with librdkafka's callbacks.
 pub struct GroupContext {
     metrics: Arc<Metrics>,
     readiness: Readiness,
-    /// Current assignment epoch per assigned partition.
-    epochs: Mutex<HashMap<i32, u64>>,
+    /// Current assignment epoch per assigned topic-partition.
+    epochs: Mutex<Epochs>,
     next_epoch: AtomicU64,
     reachability: Reachability,
 }
@@ -113,7 +120,7 @@ impl ClientContext for GroupContext {
                 if *id >= 0 && p.consumer_lag >= 0 {
                     self.metrics
                         .lag_messages
-                        .with_label_values(&[&id.to_string()])
+                        .with_label_values(&[&topic.topic, &id.to_string()])
                         .set(p.consumer_lag);
                 }
             }
@@ -126,13 +133,18 @@ impl ConsumerContext for GroupContext {
         if let Rebalance::Revoke(tpl) = rebalance {
             let mut epochs = walrelay_common::sync::lock(&self.epochs);
             for e in tpl.elements() {
-                epochs.remove(&e.partition());
+                if let Some(partitions) = epochs.get_mut(e.topic()) {
+                    partitions.remove(&e.partition());
+                    if partitions.is_empty() {
+                        epochs.remove(e.topic());
+                    }
+                }
                 let _ = self
                     .metrics
                     .lag_messages
-                    .remove_label_values(&[&e.partition().to_string()]);
+                    .remove_label_values(&[e.topic(), &e.partition().to_string()]);
             }
-            self.metrics.assigned_partitions.set(epochs.len() as i64);
+            self.metrics.assigned_partitions.set(assigned(&epochs));
             tracing::info!(revoked = ?partitions(tpl), "Partitions revoked.");
         }
     }
@@ -144,11 +156,22 @@ impl ConsumerContext for GroupContext {
                 let mut epochs = walrelay_common::sync::lock(&self.epochs);
                 for e in tpl.elements() {
                     let epoch = self.next_epoch.fetch_add(1, Ordering::Relaxed);
-                    epochs.insert(e.partition(), epoch);
+                    match epochs.get_mut(e.topic()) {
+                        Some(partitions) => {
+                            partitions.insert(e.partition(), epoch);
+                        }
+                        None => {
+                            epochs.insert(
+                                Arc::from(e.topic()),
+                                HashMap::from([(e.partition(), epoch)]),
+                            );
+                        }
+                    }
                 }
-                self.metrics.assigned_partitions.set(epochs.len() as i64);
+                let total = assigned(&epochs);
+                self.metrics.assigned_partitions.set(total);
                 self.readiness.set("kafka", true);
-                tracing::info!(assigned = ?partitions(tpl), total = epochs.len(), "Partitions assigned.");
+                tracing::info!(assigned = ?partitions(tpl), total, "Partitions assigned.");
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => tracing::warn!(error = %e, "Rebalance failed."),
@@ -166,18 +189,30 @@ impl ConsumerContext for GroupContext {
     }
 }
 
-fn partitions(tpl: &TopicPartitionList) -> Vec<i32> {
-    tpl.elements().iter().map(|e| e.partition()).collect()
+/// `topic/partition` of each element, for logs.
+fn partitions(tpl: &TopicPartitionList) -> Vec<String> {
+    tpl.elements()
+        .iter()
+        .map(|e| format!("{}/{}", e.topic(), e.partition()))
+        .collect()
 }
 
-/// A member of the consumer group, subscribed to the topic.
+/// How many topic-partitions are assigned.
+fn assigned(epochs: &Epochs) -> i64 {
+    epochs.values().map(HashMap::len).sum::<usize>() as i64
+}
+
+/// A member of the consumer group, subscribed to the topic or to the topics a pattern selects.
 pub struct Group {
     consumer: StreamConsumer<GroupContext>,
     last_error_log: Mutex<Option<Instant>>,
+    /// The topics a pattern selected at its last resolution (unused for one topic).
+    subscribed: Mutex<BTreeSet<String>>,
 }
 
 impl Group {
-    /// Creates the consumer and subscribes.
+    /// Creates the consumer and subscribes to one topic; a pattern's subscription is left to
+    /// [`follow`].
     pub fn join(
         settings: &RuntimeSettings,
         group_id: &str,
@@ -195,17 +230,54 @@ impl Group {
         let consumer: StreamConsumer<GroupContext> = consumer_config(settings, group_id)
             .create_with_context(context)
             .map_err(|e| GroupError::Client(e.to_string()))?;
-        consumer
-            .subscribe(&[&settings.topic])
-            .map_err(|e| GroupError::Subscribe {
-                topic: settings.topic.clone(),
-                message: e.to_string(),
-            })?;
-        tracing::info!(topic = %settings.topic, group = group_id, "Joined the consumer group.");
+        if let Topics::One(topic) = &settings.topics {
+            consumer
+                .subscribe(&[topic])
+                .map_err(|e| GroupError::Subscribe {
+                    topic: topic.clone(),
+                    message: e.to_string(),
+                })?;
+        }
+        tracing::info!(topics = %settings.topics, group = group_id, "Joined the consumer group.");
         Ok(Self {
             consumer,
             last_error_log: Mutex::new(None),
+            subscribed: Mutex::new(BTreeSet::new()),
         })
+    }
+
+    /// Resolves `pattern` against the cluster's topics and subscribes to what it selects, when
+    /// that changed since the last time (blocking: a metadata request); how many it selects.
+    fn resubscribe(&self, pattern: &TopicPattern) -> Result<usize, GroupError> {
+        let selected: BTreeSet<String> = Topics::Pattern(pattern.clone())
+            .partitions(&self.consumer, Duration::from_secs(10))
+            .map_err(|e| GroupError::Subscribe {
+                topic: format!("topics matching {:?}", pattern.as_str()),
+                message: e.to_string(),
+            })?
+            .into_keys()
+            .collect();
+        let mut subscribed = walrelay_common::sync::lock(&self.subscribed);
+        if *subscribed == selected {
+            return Ok(selected.len());
+        }
+        let added: Vec<&String> = selected.difference(&subscribed).collect();
+        let removed: Vec<&String> = subscribed.difference(&selected).collect();
+        tracing::info!(pattern = %pattern.as_str(), ?added, ?removed, "The topics the pattern selects changed; subscribing again.");
+        if selected.is_empty() {
+            self.consumer.unsubscribe();
+        } else {
+            let names: Vec<&str> = selected.iter().map(String::as_str).collect();
+            self.consumer
+                .subscribe(&names)
+                .map_err(|e| GroupError::Subscribe {
+                    topic: names.join(","),
+                    message: e.to_string(),
+                })?;
+        }
+        let count = selected.len();
+        *subscribed = selected;
+        Ok(count)
     }
 
     /// The librdkafka consumer.
@@ -213,11 +285,31 @@ impl Group {
         &self.consumer
     }
 
-    /// The current assignment epoch of `partition`, `None` when it is not assigned.
-    pub fn epoch(&self, partition: i32) -> Option<u64> {
+    /// The current assignment epoch of `topic`'s `partition`, `None` when it is not assigned.
+    pub fn epoch(&self, topic: &str, partition: i32) -> Option<u64> {
         walrelay_common::sync::lock(&self.consumer.context().epochs)
+            .get(topic)?
             .get(&partition)
             .copied()
+    }
+
+    /// The shared name of `topic` and the current assignment epoch of its `partition` (0, which
+    /// no assignment has, when it is not assigned: the record is dropped before the sink).
+    fn assignment(&self, topic: &str, partition: i32) -> (Arc<str>, u64) {
+        let epochs = walrelay_common::sync::lock(&self.consumer.context().epochs);
+        match epochs.get_key_value(topic) {
+            Some((name, partitions)) => (
+                Arc::clone(name),
+                partitions.get(&partition).copied().unwrap_or(0),
+            ),
+            None => (Arc::from(topic), 0),
+        }
+    }
+
+    /// A fetched message as a batch entry.
+    fn entry<M: Message>(&self, m: &M, bytes: &mut Vec<u8>) -> Pending {
+        let (topic, epoch) = self.assignment(m.topic(), m.partition());
+        pending(m, topic, epoch, bytes)
     }
 
     /// A message that is already fetched, without waiting; its key and value are appended to
@@ -225,10 +317,7 @@ impl Group {
     pub(super) fn try_recv(&self, bytes: &mut Vec<u8>) -> Option<Pending> {
         use futures_util::FutureExt as _;
         match self.consumer.recv().now_or_never()? {
-            Ok(m) => {
-                let epoch = self.epoch(m.partition()).unwrap_or(0);
-                Some(pending(&m, epoch, bytes))
-            }
+            Ok(m) => Some(self.entry(&m, bytes)),
             Err(e) => {
                 tracing::debug!(error = %e, "Kafka consumer error.");
                 None
@@ -250,8 +339,7 @@ impl Group {
             Err(_) => None,
             Ok(Ok(m)) => {
                 self.consumer.context().reachability.answered();
-                let epoch = self.epoch(m.partition()).unwrap_or(0);
-                Some(pending(&m, epoch, bytes))
+                Some(self.entry(&m, bytes))
             }
             Ok(Err(e)) => {
                 {
@@ -266,4 +354,40 @@ impl Group {
             }
         }
     }
+}
+
+/// Keeps a pattern's subscription current: resolves it at once, then every `interval`, until
+/// the group is dropped. A failed resolution keeps the last subscription and is tried again
+/// (logged once a minute at most).
+pub async fn follow(group: Weak<Group>, pattern: TopicPattern, interval: Duration) {
+    let mut last_warning: Option<Instant> = None;
+    let mut first = true;
+    loop {
+        let Some(g) = group.upgrade() else {
+            return;
+        };
+        let p = pattern.clone();
+        let resolved = tokio::task::spawn_blocking(move || g.resubscribe(&p)).await;
+        match resolved {
+            Ok(Ok(selected)) => {
+                if first && selected == 0 {
+                    tracing::info!(pattern = %pattern.as_str(), "No topic matches the pattern yet; waiting for one.");
+                }
+                first = false;
+            }
+            Ok(Err(e)) => {
+                if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                    tracing::warn!(error = %e, "Could not resolve the topic pattern; retrying.");
+                    last_warning = Some(Instant::now());
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "The topic pattern task failed; retrying."),
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// How often [`follow`] resolves the pattern.
+pub fn follow_interval(settings: &RuntimeSettings) -> Duration {
+    topics::refresh_interval(&settings.kafka_properties)
 }

@@ -1,26 +1,38 @@
 //! The consumer runtime every sink shares: a Kafka consumer group, batches, the dead-letter
 //! topic and offset progress.
 //!
+//! # Topics
+//!
+//! The group reads one topic (`--topic`) or every topic a pattern selects (`--topic-pattern`,
+//! e.g. the producer's per-table topics; [`crate::topics`]), so a batch may hold records of
+//! several topics, interleaved. Everything below is per **topic-partition**, the unit Kafka
+//! orders, assigns and commits: each [`Event`] carries its topic, and assignment epochs, stored
+//! offsets, revokes, dead letters (`walrelay.dlq.topic` names the record's own topic) and the
+//! lag metric are keyed by (topic, partition). Events of different topics have no order
+//! relative to each other, as events of different partitions of one topic never had.
+//!
 //! # Offset progress
 //!
 //! ```text
 //!  Kafka ─fetch─▶ librdkafka queue ─recv─▶ Batch ─write─▶ Sink ─verdicts─▶ dead letters (acked)
 //!   ▲   (≤ --max-queued-bytes)        (≤ events, bytes, wait)                   │
-//!   └──── auto-commit (1 s, on revoke, on close) ◀── store offset+1 per partition ◀┘
+//!   └─ auto-commit (1 s, on revoke, on close) ◀─ store offset+1 per topic-partition ◀┘
 //! ```
 //!
 //! An offset is stored, and so becomes eligible for commit, only after the sink returned a
 //! verdict for every event of the batch and every rejected or undecodable event of it was
-//! acknowledged by the dead-letter topic. A batch holds a prefix-closed run of each partition
-//! (events are fetched in order), so storing `last offset + 1` of a partition never covers an
-//! unfinished event. librdkafka commits stored offsets every second, before a partition is
-//! revoked, and on close; nothing else commits.
+//! acknowledged by the dead-letter topic. A batch holds a prefix-closed run of each
+//! topic-partition (events are fetched in order), so storing `last offset + 1` of a
+//! topic-partition never covers an unfinished event. librdkafka commits stored offsets every
+//! second, before a partition is revoked, and on close; nothing else commits.
 //!
-//! A revoke can happen while a batch fills (rebalances run inside `recv`). Events fetched under
-//! an assignment that was revoked since are dropped before the sink sees them: the partition's
-//! next owner (maybe us again) reads them from the committed offset. A revoke during the sink
-//! write is harmless: the write finishes, storing the offset fails quietly, and the new owner
-//! re-applies events the sink tolerates as duplicates.
+//! A revoke can happen while a batch fills (rebalances run inside `recv`; with a pattern, also
+//! when a topic comes or goes and the subscription changes). Events fetched under an
+//! assignment of their topic-partition that was revoked since are dropped before the sink sees
+//! them: its next owner (maybe us again) reads them from the committed offset; the other
+//! topic-partitions of the batch are unaffected. A revoke during the sink write is harmless:
+//! the write finishes, storing the offset fails quietly, and the new owner re-applies events
+//! the sink tolerates as duplicates.
 //!
 //! Reading and writing overlap: one task fetches and cuts batches, a blocking thread decodes
 //! the next batch while the writer applies one, in fetch order.
@@ -69,6 +81,7 @@ use walrelay_common::telemetry::Readiness;
 
 use crate::config::RuntimeSettings;
 use crate::metrics::Metrics;
+use crate::topics::Topics;
 
 pub use dead_letter::DeadLetterError;
 use dead_letter::{DeadLetter, DeadLetters};
@@ -78,6 +91,8 @@ pub use group::{GroupError, consumer_config};
 /// One decoded change event and where it came from.
 #[derive(Debug, Clone)]
 pub struct Event {
+    /// The topic it was read from (shared by the events of that topic: cheap to clone).
+    pub topic: Arc<str>,
     /// Partition of the topic.
     pub partition: i32,
     /// Offset in the partition.
@@ -135,19 +150,23 @@ pub enum SinkError {
 /// # Contract
 ///
 /// - **Call order.** `write` is called with batches in fetch order; within a batch, the events
-///   of one partition are in offset order. Events of different partitions may interleave.
+///   of one topic-partition ([`Event::topic`], [`Event::partition`]) are in offset order.
+///   Events of different partitions, or of different topics under `--topic-pattern`, may
+///   interleave and have no order relative to each other.
 /// - **Concurrency.** One call at a time per process (`&mut self`). Several processes of one
-///   group write concurrently, each for its own partitions; a row's changes are always in one
-///   partition, so concurrent writers never race on one row's order.
+///   group write concurrently, each for its own topic-partitions; a row's changes are always
+///   in one partition of one topic (its table's, with per-table topics), so concurrent writers
+///   never race on one row's order.
 /// - **Duplicates.** At-least-once: after a crash, a rebalance or a re-index, any event may be
 ///   delivered again, before or after newer events of the same row. A sink must make a
 ///   repeated or older event a no-op (the search sink uses external versions) and answer
 ///   [`Verdict::Stale`] or [`Verdict::Applied`] for it.
 /// - **Table-wide events.** Schema events (`Op::Ddl`) and snapshot markers
-///   (`Op::SnapshotStart`, `Op::SnapshotEnd`) carry no row and are written to every partition,
-///   so each arrives once per partition. A sink that keeps rows may use a table's end marker to
-///   drop what the latest complete snapshot no longer has (the search sink does); any other
-///   sink answers [`Verdict::Applied`] for markers.
+///   (`Op::SnapshotStart`, `Op::SnapshotEnd`) carry no row and are written to every partition
+///   (of the table's topic, with per-table topics), so each arrives once per partition. A
+///   sink that keeps rows may use a table's end marker to drop what the latest complete
+///   snapshot no longer has (the search sink does); any other sink answers
+///   [`Verdict::Applied`] for markers.
 /// - **Images.** `after` arrives as JSON text in [`Event::after_json`] (`envelope.after` is
 ///   `None`), so a sink that forwards it needs no map of it. The sink may take images out of
 ///   the events; the runtime reads only `op`, `source` and `ts_ms` afterwards.
@@ -202,6 +221,7 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
 /// A fetched record in a batch, with what the runtime needs beyond the sink's view.
 struct Pending {
+    topic: Arc<str>,
     partition: i32,
     offset: i64,
     epoch: u64,
@@ -269,10 +289,20 @@ pub struct Runtime {
     dead_letters: DeadLetters,
     settings: RuntimeSettings,
     metrics: Arc<Metrics>,
+    /// Keeps a `--topic-pattern` subscription current ([`group::follow`]).
+    follower: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if let Some(f) = self.follower.take() {
+            f.abort();
+        }
+    }
 }
 
 impl Runtime {
-    /// Joins `group_id` on the configured topic and prepares the dead-letter topic.
+    /// Joins `group_id` on the configured topics and prepares the dead-letter topic.
     pub async fn new(
         settings: &RuntimeSettings,
         group_id: &str,
@@ -286,11 +316,20 @@ impl Runtime {
             readiness,
         )?);
         let dead_letters = DeadLetters::new(settings, group_id).await?;
+        let follower = match &settings.topics {
+            Topics::One(_) => None,
+            Topics::Pattern(pattern) => Some(tokio::spawn(group::follow(
+                Arc::downgrade(&group),
+                pattern.clone(),
+                group::follow_interval(settings),
+            ))),
+        };
         Ok(Self {
             group,
             dead_letters,
             settings: settings.clone(),
             metrics,
+            follower,
         })
     }
 
@@ -356,6 +395,10 @@ impl Runtime {
             tracing::error!(error = %e, "The reader task failed.");
         }
         deadline_guard.abort();
+        // No more subscription changes (a rejoin) while leaving.
+        if let Some(f) = &self.follower {
+            f.abort();
+        }
         if let Err(e) = self
             .group
             .consumer()
@@ -372,10 +415,10 @@ impl Runtime {
 /// stored offsets and the dead-letter topic. [`Runtime`] is the Kafka implementation; the unit
 /// tests use a recorder, so the offset rule is tested without a broker.
 trait Effects {
-    /// The current assignment epoch of `partition`, `None` when it is not assigned.
-    fn epoch(&self, partition: i32) -> Option<u64>;
-    /// Stores `next` offsets (partition → offset of the next record to read).
-    fn store_offsets(&self, next: &BTreeMap<i32, i64>);
+    /// The current assignment epoch of `topic`'s `partition`, `None` when it is not assigned.
+    fn epoch(&self, topic: &str, partition: i32) -> Option<u64>;
+    /// Stores `next` offsets ((topic, partition) → offset of the next record to read).
+    fn store_offsets(&self, next: &BTreeMap<(&str, i32), i64>);
     /// Writes dead letters and waits for the topic's acknowledgement.
     fn dead_letter(
         &self,
@@ -387,15 +430,15 @@ trait Effects {
 }
 
 impl Effects for Runtime {
-    fn epoch(&self, partition: i32) -> Option<u64> {
-        self.group.epoch(partition)
+    fn epoch(&self, topic: &str, partition: i32) -> Option<u64> {
+        self.group.epoch(topic, partition)
     }
 
-    fn store_offsets(&self, next: &BTreeMap<i32, i64>) {
+    fn store_offsets(&self, next: &BTreeMap<(&str, i32), i64>) {
         let mut tpl = TopicPartitionList::new();
-        for (&partition, &offset) in next {
+        for (&(topic, partition), &offset) in next {
             if tpl
-                .add_partition_offset(&self.settings.topic, partition, Offset::Offset(offset))
+                .add_partition_offset(topic, partition, Offset::Offset(offset))
                 .is_err()
             {
                 continue;
@@ -412,9 +455,7 @@ impl Effects for Runtime {
         letters: &[DeadLetter<'_>],
         shutdown: &CancellationToken,
     ) -> Result<(), DeadLetterError> {
-        self.dead_letters
-            .send(&self.settings.topic, letters, shutdown)
-            .await
+        self.dead_letters.send(letters, shutdown).await
     }
 
     fn dead_letter_topic(&self) -> &str {
@@ -491,6 +532,7 @@ async fn flush<S: Sink, E: Effects>(
                 Some((Verdict::DeadLetters(letters), _)) => {
                     for l in letters {
                         dead.push(DeadLetter {
+                            topic: &p.topic,
                             partition: p.partition,
                             offset: p.offset,
                             key,
@@ -519,6 +561,7 @@ async fn flush<S: Sink, E: Effects>(
             },
         };
         dead.push(DeadLetter {
+            topic: &p.topic,
             partition: p.partition,
             offset: p.offset,
             key,
@@ -544,6 +587,8 @@ async fn flush<S: Sink, E: Effects>(
         tracing::warn!(
             count = dead.len(),
             topic = %fx.dead_letter_topic(),
+            first_topic = %dead[0].topic,
+            first_partition = dead[0].partition,
             first_offset = dead[0].offset,
             first_error = %dead[0].message,
             "Dead-lettered events."
@@ -566,14 +611,14 @@ async fn flush<S: Sink, E: Effects>(
 /// Removes the records (and their events) fetched under an assignment revoked since; moves
 /// nothing when every partition is still ours (the usual case).
 fn drop_revoked<E: Effects>(fx: &E, batch: &mut Vec<Pending>, events: &mut Vec<Event>) {
-    // One epoch lookup per partition, not per record.
-    let mut current: HashMap<i32, Option<u64>> = HashMap::new();
+    // One epoch lookup per topic-partition, not per record.
+    let mut current: HashMap<(&str, i32), Option<u64>> = HashMap::new();
     let keep: Vec<bool> = batch
         .iter()
         .map(|p| {
             *current
-                .entry(p.partition)
-                .or_insert_with(|| fx.epoch(p.partition))
+                .entry((&p.topic, p.partition))
+                .or_insert_with(|| fx.epoch(&p.topic, p.partition))
                 == Some(p.epoch)
         })
         .collect();
@@ -590,11 +635,11 @@ fn drop_revoked<E: Effects>(fx: &E, batch: &mut Vec<Pending>, events: &mut Vec<E
     batch.retain(|_| record_kept.next().copied().unwrap_or(false));
 }
 
-/// Stores `last offset + 1` of every partition in the batch.
+/// Stores `last offset + 1` of every topic-partition in the batch.
 fn store_offsets<E: Effects>(fx: &E, batch: &[Pending]) {
-    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
     for p in batch {
-        let e = next.entry(p.partition).or_insert(0);
+        let e = next.entry((&p.topic, p.partition)).or_insert(0);
         *e = (*e).max(p.offset + 1);
     }
     fx.store_offsets(&next);
@@ -656,9 +701,9 @@ fn decoding(mut batch: Batch) -> Decoding {
     })
 }
 
-/// Builds a batch entry from a fetched message, copying its key and value to the end of the
-/// batch's `bytes`; [`decode`] comes later, off the fetching task.
-fn pending<M: Message>(m: &M, epoch: u64, bytes: &mut Vec<u8>) -> Pending {
+/// Builds a batch entry from a fetched message of `topic` (its shared name), copying its key and
+/// value to the end of the batch's `bytes`; [`decode`] comes later, off the fetching task.
+fn pending<M: Message>(m: &M, topic: Arc<str>, epoch: u64, bytes: &mut Vec<u8>) -> Pending {
     let mut append = |data: &[u8]| {
         let start = bytes.len();
         bytes.extend_from_slice(data);
@@ -667,6 +712,7 @@ fn pending<M: Message>(m: &M, epoch: u64, bytes: &mut Vec<u8>) -> Pending {
     let key = m.key().map(&mut append);
     let payload = m.payload();
     Pending {
+        topic,
         partition: m.partition(),
         offset: m.offset(),
         epoch,
@@ -693,6 +739,7 @@ fn decode(batch: &mut Batch) {
         match codec::json::decode(&bytes[p.value.clone()]) {
             Ok(d) => {
                 events.push(Event {
+                    topic: Arc::clone(&p.topic),
                     partition: p.partition,
                     offset: p.offset,
                     envelope: d.envelope,

@@ -19,8 +19,8 @@ fn entries(l: &Log) -> Vec<String> {
 /// A sink that keeps what it is given in memory and answers scripted verdicts.
 struct MemorySink {
     log: Log,
-    /// Events applied, as (partition, offset).
-    applied: Vec<(i32, i64)>,
+    /// Events applied, as (topic, partition, offset).
+    applied: Vec<(String, i32, i64)>,
     /// The verdict for an event at this offset (default: applied).
     verdict: fn(i64) -> Verdict,
     /// When set, `write` fails with this instead.
@@ -56,7 +56,8 @@ impl Sink for MemorySink {
         let verdicts: Vec<Verdict> = events.iter().map(|e| (self.verdict)(e.offset)).collect();
         for (e, v) in events.iter().zip(&verdicts) {
             if *v == Verdict::Applied {
-                self.applied.push((e.partition, e.offset));
+                self.applied
+                    .push((e.topic.to_string(), e.partition, e.offset));
             }
         }
         Ok(verdicts)
@@ -71,21 +72,44 @@ impl Sink for MemorySink {
 /// otherwise.
 struct Recorder {
     log: Log,
-    /// (partition, current epoch); a partition not listed is not assigned.
+    /// (partition, current epoch) of topic `t`; a partition not listed is not assigned.
     epochs: Vec<(i32, u64)>,
+    /// (topic, partition, current epoch) of other topics.
+    other_epochs: Vec<(&'static str, i32, u64)>,
     dead_letters_fail: bool,
 }
 
+impl Recorder {
+    fn new(log: &Log, epochs: Vec<(i32, u64)>) -> Self {
+        Self {
+            log: Arc::clone(log),
+            epochs,
+            other_epochs: Vec::new(),
+            dead_letters_fail: false,
+        }
+    }
+}
+
 impl Effects for Recorder {
-    fn epoch(&self, partition: i32) -> Option<u64> {
-        self.epochs
-            .iter()
-            .find(|(p, _)| *p == partition)
-            .map(|(_, e)| *e)
+    fn epoch(&self, topic: &str, partition: i32) -> Option<u64> {
+        let t = self.epochs.iter().map(|&(p, e)| ("t", p, e));
+        t.chain(self.other_epochs.iter().copied())
+            .find(|&(tt, p, _)| tt == topic && p == partition)
+            .map(|(_, _, e)| e)
     }
 
-    fn store_offsets(&self, next: &BTreeMap<i32, i64>) {
-        log(&self.log, format!("store {next:?}"));
+    /// Logged as `{partition: offset}` for topic `t` alone, else `{"topic"/partition: offset}`.
+    fn store_offsets(&self, next: &BTreeMap<(&str, i32), i64>) {
+        if next.keys().all(|(t, _)| *t == "t") {
+            let only: BTreeMap<i32, i64> = next.iter().map(|(&(_, p), &o)| (p, o)).collect();
+            log(&self.log, format!("store {only:?}"));
+        } else {
+            let all: Vec<String> = next
+                .iter()
+                .map(|((t, p), o)| format!("{t}/{p}: {o}"))
+                .collect();
+            log(&self.log, format!("store {{{}}}", all.join(", ")));
+        }
     }
 
     async fn dead_letter(
@@ -95,7 +119,14 @@ impl Effects for Recorder {
     ) -> Result<(), DeadLetterError> {
         let what: Vec<String> = letters
             .iter()
-            .map(|l| format!("{}@{}:{}", l.reason, l.partition, l.offset))
+            .map(|l| {
+                let topic = if l.topic == "t" {
+                    String::new()
+                } else {
+                    format!("{}/", l.topic)
+                };
+                format!("{}@{topic}{}:{}", l.reason, l.partition, l.offset)
+            })
             .collect();
         log(&self.log, format!("dead-letter {what:?}"));
         if self.dead_letters_fail {
@@ -116,13 +147,24 @@ fn envelope(id: i64) -> String {
     )
 }
 
-/// A decoded batch of (partition, offset, epoch, value) records.
+/// A decoded batch of (partition, offset, epoch, value) records of topic `t`.
 fn batch(records: &[(i32, i64, u64, &str)]) -> Batch {
+    let records: Vec<_> = records
+        .iter()
+        .map(|&(p, o, e, v)| ("t", p, o, e, v))
+        .collect();
+    batch_of(&records)
+}
+
+/// A decoded batch of (topic, partition, offset, epoch, value) records.
+fn batch_of(records: &[(&str, i32, i64, u64, &str)]) -> Batch {
     let mut b = Batch::default();
-    for &(partition, offset, epoch, value) in records {
+    let mut names: HashMap<&str, Arc<str>> = HashMap::new();
+    for &(topic, partition, offset, epoch, value) in records {
         let start = b.bytes.len();
         b.bytes.extend_from_slice(value.as_bytes());
         b.records.push(Pending {
+            topic: Arc::clone(names.entry(topic).or_insert_with(|| Arc::from(topic))),
             partition,
             offset,
             epoch,
@@ -165,11 +207,7 @@ async fn offsets_are_stored_only_after_verdicts_and_dead_letter_acks() {
             Verdict::Applied
         }
     };
-    let fx = Recorder {
-        log: Arc::clone(&l),
-        epochs: vec![(0, 1), (1, 1)],
-        dead_letters_fail: false,
-    };
+    let fx = Recorder::new(&l, vec![(0, 1), (1, 1)]);
     run_flush(&fx, &mut sink, &mut b)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -183,7 +221,7 @@ async fn offsets_are_stored_only_after_verdicts_and_dead_letter_acks() {
             "settled",
         ]
     );
-    assert_eq!(sink.applied, [(0, 10), (1, 20)]);
+    assert_eq!(sink.applied, [("t".into(), 0, 10), ("t".into(), 1, 20)]);
 }
 
 #[tokio::test]
@@ -192,11 +230,8 @@ async fn a_dead_letter_write_that_fails_stores_no_offset() {
     let e1 = envelope(1);
     let mut b = batch(&[(0, 10, 1, &e1), (0, 11, 1, "[]")]);
     let mut sink = MemorySink::new(&l);
-    let fx = Recorder {
-        log: Arc::clone(&l),
-        epochs: vec![(0, 1)],
-        dead_letters_fail: true,
-    };
+    let mut fx = Recorder::new(&l, vec![(0, 1)]);
+    fx.dead_letters_fail = true;
     let r = run_flush(&fx, &mut sink, &mut b).await;
     assert!(matches!(r, Err(RuntimeError::DeadLetter(_))), "{r:?}");
     let log = entries(&l);
@@ -217,11 +252,7 @@ async fn a_sink_failure_or_a_wrong_verdict_count_stores_no_offset() {
         let mut b = batch(&[(0, 10, 1, &e1)]);
         let mut sink = MemorySink::new(&l);
         sink.fail = Some(fail);
-        let fx = Recorder {
-            log: Arc::clone(&l),
-            epochs: vec![(0, 1)],
-            dead_letters_fail: false,
-        };
+        let fx = Recorder::new(&l, vec![(0, 1)]);
         let r = run_flush(&fx, &mut sink, &mut b).await;
         assert!(matches!(r, Err(RuntimeError::Sink { .. })), "{r:?}");
         assert_eq!(entries(&l), ["write [10]"]);
@@ -245,11 +276,7 @@ async fn a_sink_failure_or_a_wrong_verdict_count_stores_no_offset() {
     let l = Log::default();
     let (e2, e3) = (envelope(2), envelope(3));
     let mut b = batch(&[(0, 10, 1, &e2), (0, 11, 1, &e3)]);
-    let fx = Recorder {
-        log: Arc::clone(&l),
-        epochs: vec![(0, 1)],
-        dead_letters_fail: false,
-    };
+    let fx = Recorder::new(&l, vec![(0, 1)]);
     let r = flush(
         &fx,
         &metrics(),
@@ -277,16 +304,12 @@ async fn events_fetched_under_a_revoked_assignment_are_dropped_before_the_sink()
         (2, 31, 1, &e3),
     ]);
     let mut sink = MemorySink::new(&l);
-    let fx = Recorder {
-        log: Arc::clone(&l),
-        epochs: vec![(0, 2), (1, 1)],
-        dead_letters_fail: false,
-    };
+    let fx = Recorder::new(&l, vec![(0, 2), (1, 1)]);
     run_flush(&fx, &mut sink, &mut b)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(entries(&l), ["write [20]", "store {1: 21}", "settled"]);
-    assert_eq!(sink.applied, [(1, 20)]);
+    assert_eq!(sink.applied, [("t".into(), 1, 20)]);
 }
 
 #[tokio::test]
@@ -295,13 +318,58 @@ async fn a_batch_wholly_revoked_touches_neither_sink_nor_offsets() {
     let e1 = envelope(1);
     let mut b = batch(&[(0, 10, 1, &e1)]);
     let mut sink = MemorySink::new(&l);
-    let fx = Recorder {
-        log: Arc::clone(&l),
-        epochs: vec![],
-        dead_letters_fail: false,
-    };
+    let fx = Recorder::new(&l, vec![]);
     run_flush(&fx, &mut sink, &mut b)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(entries(&l).is_empty(), "{:?}", entries(&l));
+}
+
+#[tokio::test]
+async fn offsets_epochs_and_dead_letters_are_per_topic_partition() {
+    let l = Log::default();
+    let (e1, e2, e3, e4) = (envelope(1), envelope(2), envelope(3), envelope(4));
+    // Partition 0 of two topics, read interleaved; a.x's partition 0 was revoked and assigned
+    // again (epoch 1 → 2) while a.y's stayed.
+    let mut b = batch_of(&[
+        ("a.x", 0, 10, 1, &e1),
+        ("a.y", 0, 10, 1, &e2),
+        ("a.y", 0, 11, 1, "{not json"),
+        ("a.y", 1, 5, 1, &e3),
+        ("a.x", 0, 11, 1, &e4),
+    ]);
+    let mut sink = MemorySink::new(&l);
+    let mut fx = Recorder::new(&l, vec![]);
+    fx.other_epochs = vec![("a.x", 0, 2), ("a.y", 0, 1), ("a.y", 1, 1)];
+    run_flush(&fx, &mut sink, &mut b)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        entries(&l),
+        [
+            "write [10, 5]",
+            r#"dead-letter ["decode@a.y/0:11"]"#,
+            "dead-letter acked",
+            "store {a.y/0: 12, a.y/1: 6}",
+            "settled",
+        ]
+    );
+    assert_eq!(
+        sink.applied,
+        [("a.y".into(), 0, 10), ("a.y".into(), 1, 5)],
+        "events know their topic"
+    );
+    // The same batch with both topics assigned stores both, each its own offset.
+    let l = Log::default();
+    let mut b = batch_of(&[("a.x", 0, 10, 1, &e1), ("a.y", 0, 3, 1, &e2)]);
+    let mut sink = MemorySink::new(&l);
+    let mut fx = Recorder::new(&l, vec![]);
+    fx.other_epochs = vec![("a.x", 0, 1), ("a.y", 0, 1)];
+    run_flush(&fx, &mut sink, &mut b)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        entries(&l),
+        ["write [10, 3]", "store {a.x/0: 11, a.y/0: 4}", "settled"]
+    );
 }

@@ -12,7 +12,8 @@
 //! writers of a re-index never move a document back (see [`encode`], "Versions"). Documents
 //! also record the Kafka partition they were written from, so that the end of a table's
 //! snapshot on a partition retires what that partition wrote before the snapshot and nothing
-//! rewrote ([`sweep`], "Snapshot attempts").
+//! rewrote ([`sweep`], "Snapshot attempts"; with per-table topics the partition of the table's
+//! own topic, "Per-table topics").
 //!
 //! # Layout
 //! - [`config`]: the sink's options (`--search-*`, `--index-template`, `--on-drop-table`, and

@@ -18,6 +18,16 @@
 //! index, and every event at or past `H` is written by `index` after the swap. Both writers use
 //! external versions, so whichever writes a document last, the newest version stays.
 //!
+//! # Several topics
+//!
+//! With `--topic-pattern` the build reads every topic the pattern selects, each from offset
+//! zero (its group is new), and `S` and `H` above are end offsets of every selected topic's
+//! partitions: the build is caught up when every partition of every topic selected at the
+//! previous check is consumed to the end it had then. A topic created during the build is
+//! counted from its appearance (the build's consumer subscribes to it within seconds); one
+//! created after the swap is `index`'s alone, which reads it from its first offset. The
+//! history check (offset zero still there) covers every selected topic.
+//!
 //! # Resuming
 //!
 //! Progress is a small state document (`walrelay-reindex-state/_doc/<group>`) with the
@@ -26,6 +36,9 @@
 //! redoes the swap (it is idempotent: aliases already on the new index stay), or finishes the
 //! hand-over and the clean-up. The live aliases move only after the build caught up, so they
 //! never point at a half-built index.
+//!
+//! (Over the usual ~500 lines: the state, the offsets it compares and the build's monitor are
+//! one algorithm, easier to check in one file.)
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -46,11 +59,12 @@ use super::sink::{Mode, SearchSink};
 use crate::config::RuntimeSettings;
 use crate::metrics::Metrics;
 use crate::runtime::{Runtime, RuntimeError};
+use crate::topics::Topics;
 
 /// What a re-index works with.
 #[derive(Debug, Clone, Copy)]
 pub struct Job<'a> {
-    /// The Kafka side (topic, and the base group the build's group is derived from).
+    /// The Kafka side (topics, and the base group the build's group is derived from).
     pub runtime: &'a RuntimeSettings,
     /// The search sink.
     pub search: &'a SearchSettings,
@@ -92,12 +106,15 @@ pub enum ReindexError {
     Interrupted,
 }
 
-/// Kafka offsets of the topic and of the build group.
+/// A topic-partition.
+type Tp = (String, i32);
+
+/// Kafka offsets of the topics read and of the build group.
 struct Offsets {
     client: BaseConsumer<QuietContext>,
     /// Looks past a gap between a committed offset and the end (see [`Offsets::behind`]).
     probe: BaseConsumer<QuietContext>,
-    topic: String,
+    topics: Topics,
 }
 
 impl Offsets {
@@ -113,47 +130,58 @@ impl Offsets {
         Ok(Self {
             client,
             probe,
-            topic: settings.runtime.topic.clone(),
+            topics: settings.runtime.topics.clone(),
         })
     }
 
-    fn partitions(&self) -> Result<Vec<i32>, ReindexError> {
-        let md = self
-            .client
-            .fetch_metadata(Some(&self.topic), Duration::from_secs(10))
-            .map_err(|e| ReindexError::Kafka(format!("metadata of {}: {e}", self.topic)))?;
-        let parts: Vec<i32> = md
-            .topics()
-            .iter()
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+    /// The partitions of every topic read, as the cluster lists them now.
+    fn partitions(&self) -> Result<Vec<Tp>, ReindexError> {
+        let parts: Vec<Tp> = self
+            .topics
+            .partitions(&self.client, Duration::from_secs(10))
+            .map_err(|e| ReindexError::Kafka(format!("metadata of {}: {e}", self.topics)))?
+            .into_iter()
+            .flat_map(|(topic, ids)| ids.into_iter().map(move |p| (topic.clone(), p)))
             .collect();
         if parts.is_empty() {
-            return Err(ReindexError::Kafka(format!(
-                "topic {} does not exist",
-                self.topic
-            )));
+            return Err(ReindexError::Kafka(match &self.topics {
+                Topics::One(t) => format!("topic {t} does not exist"),
+                Topics::Pattern(p) => format!(
+                    "no topic matches --topic-pattern {:?} (side topics and Kafka's internal ones never do)",
+                    p.as_str()
+                ),
+            }));
         }
         Ok(parts)
     }
 
-    /// (earliest, end) per partition.
-    fn watermarks(&self) -> Result<BTreeMap<i32, (i64, i64)>, ReindexError> {
+    /// (earliest, end) per topic-partition.
+    fn watermarks(&self) -> Result<BTreeMap<Tp, (i64, i64)>, ReindexError> {
         let mut out = BTreeMap::new();
-        for p in self.partitions()? {
+        for (topic, p) in self.partitions()? {
             let w = self
                 .client
-                .fetch_watermarks(&self.topic, p, Duration::from_secs(10))
-                .map_err(|e| ReindexError::Kafka(format!("offsets of {}/{p}: {e}", self.topic)))?;
-            out.insert(p, w);
+                .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                .map_err(|e| ReindexError::Kafka(format!("offsets of {topic}/{p}: {e}")))?;
+            out.insert((topic, p), w);
         }
         Ok(out)
     }
 
-    /// The build group's committed offset per partition (0 when none yet).
-    fn committed(&self, partitions: &[i32]) -> Result<BTreeMap<i32, i64>, ReindexError> {
+    /// End offsets per topic-partition.
+    fn ends(&self) -> Result<BTreeMap<Tp, i64>, ReindexError> {
+        Ok(self
+            .watermarks()?
+            .into_iter()
+            .map(|(tp, (_, end))| (tp, end))
+            .collect())
+    }
+
+    /// The build group's committed offset per topic-partition (0 when none yet).
+    fn committed(&self, partitions: &[&Tp]) -> Result<BTreeMap<Tp, i64>, ReindexError> {
         let mut tpl = TopicPartitionList::new();
-        for p in partitions {
-            tpl.add_partition(&self.topic, *p);
+        for (topic, p) in partitions {
+            tpl.add_partition(topic, *p);
         }
         let got = self
             .client
@@ -167,7 +195,7 @@ impl Offsets {
                     Offset::Offset(o) => o,
                     _ => 0,
                 };
-                (e.partition(), o)
+                ((e.topic().to_string(), e.partition()), o)
             })
             .collect())
     }
@@ -179,14 +207,17 @@ impl Offsets {
     /// receives, so its committed offset stops short of the end for good. Where a gap remains,
     /// a probe reads from the committed offset: if the first thing it meets is the partition's
     /// end, nothing in the gap is to be built.
-    fn behind(&self, targets: &BTreeMap<i32, i64>) -> Result<u64, ReindexError> {
-        let parts: Vec<i32> = targets.keys().copied().collect();
+    fn behind(&self, targets: &BTreeMap<Tp, i64>) -> Result<u64, ReindexError> {
+        if targets.is_empty() {
+            return Ok(0);
+        }
+        let parts: Vec<&Tp> = targets.keys().collect();
         let committed = self.committed(&parts)?;
         let mut total = 0;
-        for (p, end) in targets {
-            let from = committed.get(p).copied().unwrap_or(0);
+        for (tp, end) in targets {
+            let from = committed.get(tp).copied().unwrap_or(0);
             let gap = (end - from).max(0) as u64;
-            if gap > 0 && !self.readable_from(*p, from)? {
+            if gap > 0 && !self.readable_from(tp, from)? {
                 continue;
             }
             total += gap;
@@ -194,14 +225,15 @@ impl Offsets {
         Ok(total)
     }
 
-    /// Whether a `read_committed` reader finds a record at or after `offset` of partition `p`.
-    fn readable_from(&self, p: i32, offset: i64) -> Result<bool, ReindexError> {
+    /// Whether a `read_committed` reader finds a record at or after `offset` of `topic`'s
+    /// partition `p`.
+    fn readable_from(&self, (topic, p): &Tp, offset: i64) -> Result<bool, ReindexError> {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&self.topic, p, Offset::Offset(offset))
+        tpl.add_partition_offset(topic, *p, Offset::Offset(offset))
             .map_err(|e| ReindexError::Kafka(e.to_string()))?;
         self.probe
             .assign(&tpl)
-            .map_err(|e| ReindexError::Kafka(format!("probing {}/{p}: {e}", self.topic)))?;
+            .map_err(|e| ReindexError::Kafka(format!("probing {topic}/{p}: {e}")))?;
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             match self.probe.poll(Duration::from_millis(100)) {
@@ -215,27 +247,53 @@ impl Offsets {
     }
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 struct State {
     generation: u32,
     phase: String,
     old: BTreeMap<String, Vec<String>>,
-    handover: BTreeMap<i32, i64>,
+    handover: BTreeMap<Tp, i64>,
     swapped_at_ms: i64,
 }
 
 impl State {
+    /// The state document; `handover` is `{topic: {partition: offset}}`.
     fn to_json(&self) -> Value {
+        let mut handover: BTreeMap<&str, BTreeMap<String, i64>> = BTreeMap::new();
+        for ((topic, p), o) in &self.handover {
+            handover.entry(topic).or_default().insert(p.to_string(), *o);
+        }
         json!({
             "generation": self.generation,
             "phase": self.phase,
             "old": self.old,
-            "handover": self.handover.iter().map(|(p, o)| (p.to_string(), *o)).collect::<BTreeMap<_, _>>(),
+            "handover": handover,
             "swapped_at_ms": self.swapped_at_ms,
         })
     }
 
-    fn from_json(v: &Value) -> Self {
+    /// Reads a state document; a `handover` written before topics were recorded
+    /// (`{partition: offset}`) is of `topics`' one topic (with a pattern, whose topics it
+    /// cannot name, it is read as empty: the hand-over phase then takes the current ends).
+    fn from_json(v: &Value, topics: &Topics) -> Self {
+        let mut handover = BTreeMap::new();
+        for (key, value) in v["handover"].as_object().into_iter().flatten() {
+            match (value, topics) {
+                (Value::Object(partitions), _) => {
+                    for (p, o) in partitions {
+                        if let (Ok(p), Some(o)) = (p.parse(), o.as_i64()) {
+                            handover.insert((key.clone(), p), o);
+                        }
+                    }
+                }
+                (Value::Number(o), Topics::One(topic)) => {
+                    if let (Ok(p), Some(o)) = (key.parse(), o.as_i64()) {
+                        handover.insert((topic.clone(), p), o);
+                    }
+                }
+                _ => {}
+            }
+        }
         Self {
             generation: v["generation"]
                 .as_u64()
@@ -243,12 +301,7 @@ impl State {
                 .unwrap_or(0),
             phase: v["phase"].as_str().unwrap_or_default().to_string(),
             old: serde_json::from_value(v["old"].clone()).unwrap_or_default(),
-            handover: v["handover"]
-                .as_object()
-                .into_iter()
-                .flatten()
-                .filter_map(|(p, o)| Some((p.parse().ok()?, o.as_i64()?)))
-                .collect(),
+            handover,
             swapped_at_ms: v["swapped_at_ms"].as_i64().unwrap_or(0),
         }
     }
@@ -265,20 +318,24 @@ pub async fn run(
     let client = SearchClient::new(search)?;
     let base_group = &settings.runtime.group;
     let mut state = match client.get_doc(STATE_INDEX, base_group).await? {
-        Some((_, doc)) => State::from_json(&Value::Object(doc)),
+        Some((_, doc)) => State::from_json(&Value::Object(doc), &settings.runtime.topics),
         None => State::default(),
     };
     if state.generation == 0 || state.phase == "done" {
         let source = Offsets::new(settings, &format!("{base_group}.reindex-probe"))?;
-        for (partition, (earliest, _)) in source.watermarks()? {
-            if earliest > 0 {
+        let start = source.watermarks()?;
+        for ((topic, partition), (earliest, _)) in &start {
+            if *earliest > 0 {
                 return Err(ReindexError::HistoryDeleted {
-                    topic: settings.runtime.topic.clone(),
-                    partition,
-                    earliest,
+                    topic: topic.clone(),
+                    partition: *partition,
+                    earliest: *earliest,
                 });
             }
         }
+        let topics: std::collections::BTreeSet<&str> =
+            start.keys().map(|(t, _)| t.as_str()).collect();
+        tracing::info!(?topics, "Re-indexing from offset zero of every topic read.");
         // Only this deployment's aliases count: others may share the cluster.
         let current = client
             .all_aliases()
@@ -377,19 +434,19 @@ async fn build(
         let started = Instant::now();
         let mut last_log = Instant::now();
         let mut last_behind: Option<(Instant, u64)> = None;
-        let mut previous_targets: Option<BTreeMap<i32, i64>> = None;
+        let mut previous_targets: Option<BTreeMap<Tp, i64>> = None;
         loop {
             tokio::select! {
                 () = stop.cancelled() => return Err(ReindexError::Interrupted),
                 () = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
-            let targets: BTreeMap<i32, i64> = if state.phase == "building" {
-                offsets
-                    .watermarks()?
-                    .into_iter()
-                    .map(|(p, (_, end))| (p, end))
-                    .collect()
+            let targets: BTreeMap<Tp, i64> = if state.phase == "building" {
+                offsets.ends()?
             } else {
+                if state.handover.is_empty() {
+                    // Not recorded (see State::from_json): ends taken now are later, so safe.
+                    state.handover = offsets.ends()?;
+                }
                 state.handover.clone()
             };
             let behind = offsets.behind(&targets)?;
@@ -419,11 +476,7 @@ async fn build(
             previous_targets = Some(targets);
             if state.phase == "building" && caught_up {
                 swap(client, &tables_snapshot(&tables), state).await?;
-                state.handover = offsets
-                    .watermarks()?
-                    .into_iter()
-                    .map(|(p, (_, end))| (p, end))
-                    .collect();
+                state.handover = offsets.ends()?;
                 state.phase = "swapped".into();
                 state.swapped_at_ms = now_ms();
                 client
@@ -488,4 +541,50 @@ async fn swap(
         tracing::info!(%alias, index = %new_index, "Alias now points at the new index.");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::topics::TopicPattern;
+
+    #[test]
+    fn the_hand_over_is_kept_per_topic_partition_and_old_documents_still_read() {
+        let state = State {
+            generation: 3,
+            phase: "swapped".into(),
+            old: BTreeMap::from([("public.a".into(), vec!["public.a-v2".into()])]),
+            handover: BTreeMap::from([
+                (("w.public.a".into(), 0), 5),
+                (("w.public.a".into(), 1), 7),
+                (("w.public.b".into(), 0), 2),
+            ]),
+            swapped_at_ms: 42,
+        };
+        let doc = state.to_json();
+        assert_eq!(
+            doc["handover"],
+            json!({"w.public.a": {"0": 5, "1": 7}, "w.public.b": {"0": 2}})
+        );
+        let pattern = TopicPattern::new(r"w\.public\..*").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            State::from_json(&doc, &Topics::Pattern(pattern.clone())),
+            state
+        );
+        // Written by a version that read one topic: partitions of that topic.
+        let old = json!({"generation": 2, "phase": "swapped", "handover": {"0": 9, "1": 4}});
+        let read = State::from_json(&old, &Topics::One("w".into()));
+        assert_eq!(
+            read.handover,
+            BTreeMap::from([(("w".into(), 0), 9), (("w".into(), 1), 4)])
+        );
+        assert!(
+            State::from_json(&old, &Topics::Pattern(pattern))
+                .handover
+                .is_empty(),
+            "a pattern cannot name the old topic: the ends are taken again"
+        );
+    }
 }

@@ -35,6 +35,29 @@
 //! a contiguous run of offsets, so an earlier attempt's row it writes again is retired again by
 //! the marker after it. A snapshot row the index refused (dead-lettered) rewrote nothing, so
 //! its older document is retired too: the index never keeps a stale copy of a row.
+//!
+//! # Per-table topics
+//!
+//! With the producer's `--topic-routing per-table` and `--topic-pattern` here, partition `p`
+//! above is partition `p` of the **table's own topic** (`<topic>.<schema>.<table>`), and
+//! `walrelay_partition` records only the partition number, not the topic. That is still
+//! unambiguous: an index holds one table (the index template names it), every event of that
+//! table is in that one topic, so every document of the index was written from that topic and
+//! "written from partition `p`" can only mean its partition `p`. The argument above carries
+//! over as it is: the producer keeps the partition count and the key-to-partition mapping per
+//! table topic, writes a table's snapshot rows to the partition their key maps to and its
+//! markers to every partition of that topic after them, so on `p` of the table's topic every
+//! row alive at `c` and keyed to `p` still precedes the end marker. Events of other tables, in
+//! other topics, never reach this index, and their order relative to ours does not matter.
+//!
+//! What the rule does need is one ordered log per (table, partition). A table whose events are
+//! split over two topics read together (a pattern matching both the single topic of
+//! `--topic-routing single` and the per-table topics while a deployment switches, or a table
+//! renamed between per-table topics whose index the new name takes along) has two logs behind
+//! one partition number, with no order between them: a late event below `c` from the other
+//! topic can bring back a row the marker retired, until the table's next snapshot. Truncates
+//! (above) have the same limit. Switch layouts with a `reindex` over the new topics, or let
+//! the consumer finish the old topic before the new one's snapshot ends.
 
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -160,6 +183,7 @@ mod tests {
         let d = walrelay_common::codec::json::decode(env.to_string().as_bytes())
             .unwrap_or_else(|e| panic!("{e}"));
         Event {
+            topic: Arc::from("t"),
             partition,
             offset: 0,
             envelope: d.envelope,

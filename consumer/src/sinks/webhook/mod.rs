@@ -19,7 +19,7 @@
 //!   or a redirect, the event is dead-lettered with `walrelay.dlq.subscription`,
 //!   `walrelay.dlq.status` and `walrelay.dlq.url` headers (`--on-delivery-failure stop` halts
 //!   the notifier instead).
-//! - **Progress.** The runtime stores a partition's offset only after the whole batch has a
+//! - **Progress.** The runtime stores a topic-partition's offset only after the whole batch has a
 //!   final answer for every subscription, so nothing is committed past an event still being
 //!   retried. The batch is the bounded queue: a slow or dead endpoint holds the next batch
 //!   back only after every other chain of the current one has been delivered.
