@@ -607,6 +607,21 @@ mod tests {
         assert!(
             matches!(&s.shared().runtime.topics, Topics::Pattern(p) if p.as_str() == r"shop\..*")
         );
+        // Side topics: included only on request, and only with a pattern.
+        let mut cli = index();
+        cli.shared.topic_pattern = Some(r"shop\.[^.]+\..+".into());
+        cli.shared.dead_letter_topic = Some("shop.dlq".into());
+        cli.shared.include_side_topics = true;
+        let s = Command::Index(cli)
+            .settings(FileOptions::default())
+            .expect("valid");
+        assert!(
+            matches!(&s.shared().runtime.topics, Topics::Pattern(p) if p.selects("shop.public.transactions") && !p.selects("shop.transactions"))
+        );
+        let mut cli = index();
+        cli.shared.include_side_topics = true;
+        let err = settings(Command::Index(cli)).expect_err("without a pattern");
+        assert_eq!(err.option, "--include-side-topics", "{err}");
         let mut cli = index();
         cli.shared.topic = Some("cli.topic".into());
         let s = Command::Index(cli).settings(file_pattern).expect("valid");

@@ -39,10 +39,17 @@ pub struct Args {
     /// topics created later are read within about 5 s (librdkafka's
     /// topic.metadata.refresh.interval.ms). Names ending in .dlq, .progress, .transactions or
     /// .schema-changes (walrelay's side topics) and Kafka's __ topics are skipped even when
-    /// they match (name one with --topic to read it). Requires --dead-letter-topic, which the
-    /// pattern must not match.
+    /// they match (see --include-side-topics). Requires --dead-letter-topic, which the pattern
+    /// must not match.
     #[arg(long, env = "WALRELAY_TOPIC_PATTERN", value_name = "REGEX")]
     pub topic_pattern: Option<String>,
+    /// With --topic-pattern, also read matching topics named like side topics: the topic of a
+    /// table named transactions or progress, say. Write the pattern so that it leaves the real
+    /// side topics out, e.g. 'walrelay\.events\.[^.]+\..+' (schema and table after the
+    /// prefix; side topics have one name there).
+    #[arg(long, env = "WALRELAY_INCLUDE_SIDE_TOPICS")]
+    #[serde(default)]
+    pub include_side_topics: bool,
     /// Consumer group [default: walrelay-indexer for index, walrelay-notifier for notify,
     /// walrelay-notifier.replay for replay-dead-letters]. `reindex` takes the value of `index`
     /// and derives its own group from it.
@@ -113,6 +120,7 @@ impl Args {
             kafka_brokers: self.kafka_brokers.or(file.kafka_brokers),
             topic,
             topic_pattern,
+            include_side_topics: self.include_side_topics || file.include_side_topics,
             group: self.group.or(file.group),
             dead_letter_topic: self.dead_letter_topic.or(file.dead_letter_topic),
             batch_max_events: self.batch_max_events.or(file.batch_max_events),
@@ -158,7 +166,14 @@ impl Args {
                 "a group id is 1-200 characters",
             ));
         }
-        let (topics, dead_letter_topic) = topics(o.topic, o.topic_pattern, o.dead_letter_topic)?;
+        if o.include_side_topics && o.topic_pattern.is_none() {
+            return Err(ConfigError::new(
+                "--include-side-topics",
+                "only with --topic-pattern (a --topic is read whatever its name)",
+            ));
+        }
+        let pattern = o.topic_pattern.map(|p| (p, o.include_side_topics));
+        let (topics, dead_letter_topic) = topics(o.topic, pattern, o.dead_letter_topic)?;
         let batch_max_events = o.batch_max_events.unwrap_or(2000);
         if !(1..=100_000).contains(&batch_max_events) {
             return Err(ConfigError::new(
@@ -205,7 +220,7 @@ impl Args {
 /// not read.
 fn topics(
     topic: Option<String>,
-    pattern: Option<String>,
+    pattern: Option<(String, bool)>,
     dead_letter_topic: Option<String>,
 ) -> Result<(Topics, String), ConfigError> {
     match (topic, pattern) {
@@ -227,9 +242,10 @@ fn topics(
             }
             Ok((Topics::One(topic), dead_letter_topic))
         }
-        (None, Some(pattern)) => {
+        (None, Some((pattern, include_side_topics))) => {
             let pattern = TopicPattern::new(&pattern)
-                .map_err(|e| ConfigError::new("--topic-pattern", e.to_string()))?;
+                .map_err(|e| ConfigError::new("--topic-pattern", e.to_string()))?
+                .including_side_topics(include_side_topics);
             let dead_letter_topic = dead_letter_topic.ok_or_else(|| {
                 ConfigError::new(
                     "--dead-letter-topic",

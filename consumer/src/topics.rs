@@ -15,11 +15,15 @@
 //! given up. With cooperative rebalancing a change of the list moves only the partitions of
 //! the topics that came or went.
 //!
-//! Never selected, whatever the pattern says: walrelay's side topics (names ending in
+//! Not selected by default, whatever the pattern says: walrelay's side topics (names ending in
 //! [`SIDE_TOPIC_SUFFIXES`]: dead letters, exactly-once progress, transaction metadata, schema
-//! history), which hold no change events, and Kafka's internal topics (`__…`). A pattern
-//! that would select the consumer's own dead-letter topic is refused at start: rejected
-//! events would be read again. A side topic can still be read by naming it with `--topic`.
+//! history), which hold no change events. Recognised by name alone, so a table named
+//! `transactions` or `progress` has a per-table topic that looks like one: such a topic is
+//! logged as skipped, and `--include-side-topics` reads it, with a pattern written to leave the
+//! real side topics out (e.g. `walrelay\.events\.[^.]+\..+`: schema and table after the
+//! prefix, where side topics have one name). Kafka's internal topics (`__…`) are never
+//! selected. A pattern that would select the consumer's own dead-letter topic is refused at
+//! start: rejected events would be read again.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -58,9 +62,14 @@ pub enum PatternError {
     },
 }
 
-/// Whether `topic` is one of walrelay's side topics or a Kafka internal topic.
+/// Whether `topic`'s name ends like one of walrelay's side topics.
 pub fn is_side_topic(topic: &str) -> bool {
-    topic.starts_with("__") || SIDE_TOPIC_SUFFIXES.iter().any(|s| topic.ends_with(s))
+    SIDE_TOPIC_SUFFIXES.iter().any(|s| topic.ends_with(s))
+}
+
+/// Whether `topic` is one of Kafka's internal topics (`__consumer_offsets`, ...).
+pub fn is_internal(topic: &str) -> bool {
+    topic.starts_with("__")
 }
 
 /// A validated `--topic-pattern`.
@@ -68,6 +77,8 @@ pub fn is_side_topic(topic: &str) -> bool {
 pub struct TopicPattern {
     text: String,
     whole: regex::Regex,
+    /// `--include-side-topics`.
+    include_side_topics: bool,
 }
 
 impl fmt::Debug for TopicPattern {
@@ -89,7 +100,14 @@ impl TopicPattern {
         Ok(Self {
             text: text.to_string(),
             whole,
+            include_side_topics: false,
         })
+    }
+
+    /// Also selects matching topics named like side topics (`--include-side-topics`).
+    pub fn including_side_topics(mut self, include: bool) -> Self {
+        self.include_side_topics = include;
+        self
     }
 
     /// The pattern as given.
@@ -97,9 +115,21 @@ impl TopicPattern {
         &self.text
     }
 
-    /// Whether `topic` is read: its whole name matches and it is no side topic.
+    /// Whether `topic` is read: its whole name matches, it is not internal, and it is named
+    /// like no side topic unless those are included.
     pub fn selects(&self, topic: &str) -> bool {
-        !is_side_topic(topic) && self.whole.is_match(topic)
+        !is_internal(topic)
+            && (self.include_side_topics || !is_side_topic(topic))
+            && self.whole.is_match(topic)
+    }
+
+    /// Whether `topic` matches but is left out for its side-topic name (worth a log line: it
+    /// may be a table's topic).
+    pub fn skips_as_side_topic(&self, topic: &str) -> bool {
+        !self.include_side_topics
+            && !is_internal(topic)
+            && is_side_topic(topic)
+            && self.whole.is_match(topic)
     }
 
     /// Refuses a pattern that selects `dead_letter_topic`.
@@ -156,19 +186,35 @@ impl Topics {
             Topics::One(t) => Some(t.as_str()),
             Topics::Pattern(_) => None,
         };
-        let md = client.fetch_metadata(only, timeout)?;
-        Ok(md
-            .topics()
-            .iter()
-            .filter(|t| t.error().is_none() && self.selects(t.name()))
-            .map(|t| {
-                let mut ids: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
-                ids.sort_unstable();
-                (t.name().to_string(), ids)
-            })
-            .filter(|(_, ids)| !ids.is_empty())
-            .collect())
+        let mut all = listed(client, only, timeout)?;
+        all.retain(|name, _| self.selects(name));
+        Ok(all)
     }
+}
+
+/// The topics the cluster lists (`only` one, or all), with their partition ids; topics in
+/// error (not there, being deleted) or without partitions are left out.
+pub fn listed<X, C>(
+    client: &X,
+    only: Option<&str>,
+    timeout: Duration,
+) -> Result<BTreeMap<String, Vec<i32>>, KafkaError>
+where
+    X: Consumer<C>,
+    C: ConsumerContext,
+{
+    let md = client.fetch_metadata(only, timeout)?;
+    Ok(md
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none())
+        .map(|t| {
+            let mut ids: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+            ids.sort_unstable();
+            (t.name().to_string(), ids)
+        })
+        .filter(|(_, ids)| !ids.is_empty())
+        .collect())
 }
 
 /// How often a pattern is resolved again: librdkafka's `topic.metadata.refresh.interval.ms`
@@ -221,8 +267,20 @@ mod tests {
             "__transaction_state",
         ] {
             assert!(!p.selects(side), "{side}");
-            assert!(is_side_topic(side), "{side}");
+            assert!(is_side_topic(side) || is_internal(side), "{side}");
         }
+        assert!(p.skips_as_side_topic("shop.public.transactions"));
+        assert!(!p.skips_as_side_topic("__consumer_offsets"));
+        // A table named like a side topic: included on request, with a pattern that leaves
+        // the real side topics (one name after the prefix) out.
+        let p = pattern(r"shop\.[^.]+\..+").including_side_topics(true);
+        assert!(p.selects("shop.public.transactions") && p.selects("shop.public.orders"));
+        assert!(!p.selects("shop.transactions") && !p.selects("shop.progress"));
+        assert!(!p.selects("__consumer_offsets"), "internal topics stay out");
+        assert!(!p.skips_as_side_topic("shop.public.transactions"));
+        let all = pattern(".*").including_side_topics(true);
+        all.check_dead_letter_topic("shop.dlq")
+            .expect_err("an included .dlq name is the dead-letter topic");
         assert!(
             p.selects("shop.public.dlqueue"),
             "only the whole suffix counts"

@@ -206,8 +206,9 @@ fn assigned(epochs: &Epochs) -> i64 {
 pub struct Group {
     consumer: StreamConsumer<GroupContext>,
     last_error_log: Mutex<Option<Instant>>,
-    /// The topics a pattern selected at its last resolution (unused for one topic).
-    subscribed: Mutex<BTreeSet<String>>,
+    /// The topics a pattern selected at its last resolution, and those it skipped for their
+    /// side-topic names (logged once each); unused for one topic.
+    subscribed: Mutex<(BTreeSet<String>, BTreeSet<String>)>,
 }
 
 impl Group {
@@ -242,26 +243,33 @@ impl Group {
         Ok(Self {
             consumer,
             last_error_log: Mutex::new(None),
-            subscribed: Mutex::new(BTreeSet::new()),
+            subscribed: Mutex::new((BTreeSet::new(), BTreeSet::new())),
         })
     }
 
     /// Resolves `pattern` against the cluster's topics and subscribes to what it selects, when
     /// that changed since the last time (blocking: a metadata request); how many it selects.
     fn resubscribe(&self, pattern: &TopicPattern) -> Result<usize, GroupError> {
-        let selected: BTreeSet<String> = Topics::Pattern(pattern.clone())
-            .partitions(&self.consumer, Duration::from_secs(10))
-            .map_err(|e| GroupError::Subscribe {
+        let all = topics::listed(&self.consumer, None, Duration::from_secs(10)).map_err(|e| {
+            GroupError::Subscribe {
                 topic: format!("topics matching {:?}", pattern.as_str()),
                 message: e.to_string(),
-            })?
-            .into_keys()
-            .collect();
-        let mut subscribed = walrelay_common::sync::lock(&self.subscribed);
+            }
+        })?;
+        let selected: BTreeSet<String> =
+            all.keys().filter(|t| pattern.selects(t)).cloned().collect();
+        let mut guard = walrelay_common::sync::lock(&self.subscribed);
+        let (subscribed, skipped) = &mut *guard;
+        skipped.retain(|t| all.contains_key(t));
+        for t in all.keys().filter(|t| pattern.skips_as_side_topic(t)) {
+            if skipped.insert(t.clone()) {
+                tracing::warn!(topic = %t, pattern = %pattern.as_str(), "Not reading a matching topic: it is named like a walrelay side topic. If it is a table's topic, use --include-side-topics with a pattern that leaves the side topics out.");
+            }
+        }
         if *subscribed == selected {
             return Ok(selected.len());
         }
-        let added: Vec<&String> = selected.difference(&subscribed).collect();
+        let added: Vec<&String> = selected.difference(subscribed).collect();
         let removed: Vec<&String> = subscribed.difference(&selected).collect();
         tracing::info!(pattern = %pattern.as_str(), ?added, ?removed, "The topics the pattern selects changed; subscribing again.");
         if selected.is_empty() {
