@@ -101,6 +101,26 @@ pub struct Args {
     /// Log format [default: text].
     #[arg(long, env = "WALRELAY_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Schema registry of Avro topics (the producer's --format avro), Confluent-compatible. JSON
+    /// records are read without it; an Avro record without it is dead-lettered.
+    #[arg(long, env = "WALRELAY_SCHEMA_REGISTRY_URL", value_name = "URL")]
+    pub schema_registry_url: Option<String>,
+    /// Schema registry user (HTTP basic).
+    #[arg(long, env = "WALRELAY_SCHEMA_REGISTRY_USERNAME")]
+    pub schema_registry_username: Option<String>,
+    /// Schema registry password (HTTP basic); prefer the environment variable.
+    #[arg(
+        long,
+        env = "WALRELAY_SCHEMA_REGISTRY_PASSWORD",
+        hide_env_values = true
+    )]
+    pub schema_registry_password: Option<String>,
+    /// Schema registry bearer token; prefer the environment variable.
+    #[arg(long, env = "WALRELAY_SCHEMA_REGISTRY_TOKEN", hide_env_values = true)]
+    pub schema_registry_token: Option<String>,
+    /// PEM file of CA certificates for an https schema registry.
+    #[arg(long, env = "WALRELAY_SCHEMA_REGISTRY_CA_FILE", value_name = "FILE")]
+    pub schema_registry_ca_file: Option<PathBuf>,
 }
 
 impl Args {
@@ -133,6 +153,17 @@ impl Args {
             kafka_property,
             kafka_properties,
             log_format: self.log_format.or(file.log_format),
+            schema_registry_url: self.schema_registry_url.or(file.schema_registry_url),
+            schema_registry_username: self
+                .schema_registry_username
+                .or(file.schema_registry_username),
+            schema_registry_password: self
+                .schema_registry_password
+                .or(file.schema_registry_password),
+            schema_registry_token: self.schema_registry_token.or(file.schema_registry_token),
+            schema_registry_ca_file: self
+                .schema_registry_ca_file
+                .or(file.schema_registry_ca_file),
         }
     }
 
@@ -196,6 +227,13 @@ impl Args {
             ));
         }
         let kafka_properties = options::kafka_properties(o.kafka_properties, &o.kafka_property)?;
+        let registry = registry(
+            o.schema_registry_url,
+            o.schema_registry_username,
+            o.schema_registry_password,
+            o.schema_registry_token,
+            o.schema_registry_ca_file,
+        )?;
         Ok(Shared {
             runtime: RuntimeSettings {
                 kafka_brokers,
@@ -207,6 +245,7 @@ impl Args {
                 batch_max_wait: o.batch_max_wait.unwrap_or(Duration::from_millis(200)),
                 max_queued_bytes: usize::try_from(max_queued_bytes).unwrap_or(usize::MAX),
                 kafka_properties,
+                registry,
             },
             retry,
             metrics_addr: o.metrics_addr,
@@ -306,6 +345,54 @@ pub struct RuntimeSettings {
     pub max_queued_bytes: usize,
     /// librdkafka properties given by the user.
     pub kafka_properties: walrelay_common::options::KafkaProperties,
+    /// The schema registry of Avro records, if given.
+    pub registry: Option<walrelay_common::registry::RegistryOptions>,
+}
+
+/// The schema registry options (`--schema-registry-*`), checked.
+fn registry(
+    url: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+    token: Option<String>,
+    ca_file: Option<PathBuf>,
+) -> Result<Option<walrelay_common::registry::RegistryOptions>, ConfigError> {
+    use walrelay_common::registry::{Registry, RegistryAuth, RegistryOptions};
+    let Some(url) = url else {
+        if username.is_some() || token.is_some() || ca_file.is_some() {
+            return Err(ConfigError::new(
+                "--schema-registry-url",
+                "the registry's credentials and CA file need its URL",
+            ));
+        }
+        return Ok(None);
+    };
+    let auth = match (username, password, token) {
+        (None, None, None) => RegistryAuth::None,
+        (Some(username), Some(password), None) => RegistryAuth::Basic { username, password },
+        (None, None, Some(token)) => RegistryAuth::Bearer(token),
+        (Some(_), Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                "--schema-registry-token",
+                "give either a token or a username and password, not both",
+            ));
+        }
+        _ => {
+            return Err(ConfigError::new(
+                "--schema-registry-username",
+                "give both --schema-registry-username and --schema-registry-password",
+            ));
+        }
+    };
+    let options = RegistryOptions {
+        url,
+        auth,
+        ca_file,
+        timeout: Duration::from_secs(10),
+    };
+    Registry::new(&options)
+        .map_err(|e| ConfigError::new("--schema-registry-url", e.to_string()))?;
+    Ok(Some(options))
 }
 
 /// The keys a serde struct accepts (what serde hands `deserialize_struct` as its fields).

@@ -24,6 +24,7 @@ use walrelay_tests::process::Proc;
 use walrelay_tests::search::{Faults, SearchStandIn};
 use walrelay_tests::topic::Record;
 
+mod avro;
 mod deploy;
 mod notify;
 mod postgres_tls;

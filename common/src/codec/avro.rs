@@ -1,5 +1,5 @@
 //! The Avro codec's decoder: a Confluent wire-format record written by walrelay's producer
-//! (`--format avro`) back into the [`Envelope`] the JSON codec gives, values in the same
+//! (`--format avro`) back into the [`Envelope`](crate::event::Envelope) the JSON codec gives, values in the same
 //! forms (numeric as an exact string, bytea as base64, timestamps as ISO strings, json
 //! embedded), so sinks cannot tell the formats apart.
 //!

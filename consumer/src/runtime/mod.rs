@@ -214,6 +214,9 @@ pub enum RuntimeError {
         /// What it said.
         error: SinkError,
     },
+    /// The schema registry options cannot make a client.
+    #[error("schema registry: {0}")]
+    Registry(String),
 }
 
 /// How long the final batch may take after a shutdown request before it is abandoned.
@@ -291,6 +294,8 @@ pub struct Runtime {
     metrics: Arc<Metrics>,
     /// Keeps a `--topic-pattern` subscription current ([`group::follow`]).
     follower: Option<tokio::task::JoinHandle<()>>,
+    /// Reads Avro records (`--schema-registry-url`).
+    avro: Option<Arc<codec::avro::Decoder>>,
 }
 
 impl Drop for Runtime {
@@ -324,12 +329,20 @@ impl Runtime {
                 group::follow_interval(settings),
             ))),
         };
+        let avro = match &settings.registry {
+            Some(options) => Some(Arc::new(codec::avro::Decoder::new(Arc::new(
+                walrelay_common::registry::Registry::new(options)
+                    .map_err(|e| RuntimeError::Registry(e.to_string()))?,
+            )))),
+            None => None,
+        };
         Ok(Self {
             group,
             dead_letters,
             settings: settings.clone(),
             metrics,
             follower,
+            avro,
         })
     }
 
@@ -386,6 +399,7 @@ impl Runtime {
         let reader = tokio::spawn(read(
             Arc::clone(&self.group),
             self.settings.clone(),
+            self.avro.clone(),
             tx,
             Arc::clone(&spares),
             shutdown.clone(),
@@ -650,6 +664,7 @@ fn store_offsets<E: Effects>(fx: &E, batch: &[Pending]) {
 async fn read(
     group: Arc<Group>,
     settings: RuntimeSettings,
+    avro: Option<Arc<codec::avro::Decoder>>,
     tx: tokio::sync::mpsc::Sender<Decoding>,
     spares: Arc<Spares>,
     shutdown: CancellationToken,
@@ -682,23 +697,76 @@ async fn read(
             let Ok(permit) = tx.reserve().await else {
                 return;
             };
-            permit.send(decoding(std::mem::replace(&mut batch, spares.take())));
+            permit.send(decoding(
+                std::mem::replace(&mut batch, spares.take()),
+                avro.clone(),
+            ));
             started = None;
         }
     }
     if !batch.records.is_empty() {
-        let _ = tx.send(decoding(batch)).await;
+        let _ = tx.send(decoding(batch, avro)).await;
     }
 }
 
 /// A batch being decoded.
 type Decoding = tokio::task::JoinHandle<Batch>;
 
-fn decoding(mut batch: Batch) -> Decoding {
-    tokio::task::spawn_blocking(move || {
-        decode(&mut batch);
-        batch
+/// Decodes `batch` off the runtime's threads. Avro records whose schema is not cached yet
+/// have it fetched first; while the registry is unavailable this waits and retries (the batch
+/// is not written, nothing is committed), like a sink retrying.
+fn decoding(mut batch: Batch, avro: Option<Arc<codec::avro::Decoder>>) -> Decoding {
+    tokio::spawn(async move {
+        if let Some(d) = &avro {
+            fetch_schemas(d, &mut batch).await;
+        }
+        tokio::task::spawn_blocking(move || {
+            decode(&mut batch, avro.as_deref());
+            batch
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
     })
+}
+
+async fn fetch_schemas(d: &codec::avro::Decoder, batch: &mut Batch) {
+    let mut failed: HashMap<u32, String> = HashMap::new();
+    for i in 0..batch.records.len() {
+        let p = &batch.records[i];
+        if p.decode_error.is_some() {
+            continue;
+        }
+        let Some(id) = d.unknown_id(&batch.bytes[p.value.clone()]) else {
+            continue;
+        };
+        if let Some(e) = failed.get(&id) {
+            batch.records[i].decode_error = Some(e.clone());
+            continue;
+        }
+        let mut backoff = walrelay_common::retry::Backoff::new(
+            Duration::from_millis(200),
+            Duration::from_secs(10),
+        );
+        let mut failures = 0u32;
+        loop {
+            match d.fetch(id).await {
+                Ok(()) => break,
+                Err(e) if e.is_transient() => {
+                    failures += 1;
+                    if failures == 1 || failures.is_power_of_two() {
+                        tracing::warn!(error = %e, schema_id = id, failures, "Schema registry unavailable: the batch waits and retries.");
+                    }
+                    tokio::time::sleep(backoff.next_wait()).await;
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    failed.insert(id, message.clone());
+                    batch.records[i].decode_error = Some(message);
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// Builds a batch entry from a fetched message of `topic` (its shared name), copying its key and
@@ -725,7 +793,7 @@ fn pending<M: Message>(m: &M, topic: Arc<str>, epoch: u64, bytes: &mut Vec<u8>) 
 }
 
 /// Decodes every record of a batch into its events, in order; the others get their error.
-fn decode(batch: &mut Batch) {
+fn decode(batch: &mut Batch, avro: Option<&codec::avro::Decoder>) {
     let Batch {
         records,
         bytes,
@@ -736,7 +804,16 @@ fn decode(batch: &mut Batch) {
         if p.decode_error.is_some() {
             continue;
         }
-        match codec::json::decode(&bytes[p.value.clone()]) {
+        let value = &bytes[p.value.clone()];
+        let decoded = match (codec::is_avro(value), avro) {
+            (false, _) => codec::json::decode(value),
+            (true, Some(d)) => d.decode(value),
+            (true, None) => Err(codec::DecodeError(
+                "an Avro record (Confluent wire format): give --schema-registry-url to read it"
+                    .into(),
+            )),
+        };
+        match decoded {
             Ok(d) => {
                 events.push(Event {
                     topic: Arc::clone(&p.topic),

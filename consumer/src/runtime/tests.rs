@@ -173,7 +173,7 @@ fn batch_of(records: &[(&str, i32, i64, u64, &str)]) -> Batch {
             decode_error: None,
         });
     }
-    decode(&mut b);
+    decode(&mut b, None);
     b
 }
 

@@ -12,8 +12,8 @@
 //! `Value` has one field per column (types: [`types`]); `Source` is Debezium's
 //! `io.debezium.connector.postgresql.Source` plus walrelay's `commit_lsn` and `seq`. A keyless
 //! table's records have no key. Schema events, snapshot markers and `BEGIN`/`END` records have
-//! records of their own ([`schema::SCHEMA_CHANGE`], [`schema::SNAPSHOT_MARKER`],
-//! [`schema::TRANSACTION`]).
+//! records of their own ([`schema::schema_change`], [`schema::snapshot_marker`],
+//! [`schema::transaction`]).
 //!
 //! What walrelay's consumers need beyond Debezium's layout (the original column names, the
 //! `types` labels, the key columns, the schema version, column ids) travels in the *schema*,
