@@ -228,6 +228,14 @@ impl Registry {
             .await
             .map_err(|e| RegistryError::Unavailable(format!("{}: {}", what(), plain(&e))))?;
         if status == 409 {
+            // A 409 is also how Apicurio answers a registration that raced another one of the
+            // same schema (two snapshot workers, or a retry after a 5xx whose first attempt
+            // went through): the schema is then registered, and only a schema the subject
+            // does not hold is incompatible.
+            if let Some(id) = self.lookup(subject, schema).await? {
+                lock(&self.registered).insert(key, id);
+                return Ok(id);
+            }
             return Err(RegistryError::Incompatible {
                 subject: subject.to_string(),
                 message: message_of(&text),
@@ -246,6 +254,33 @@ impl Registry {
             .entry(id)
             .or_insert_with(|| Arc::from(schema));
         Ok(id)
+    }
+
+    /// The id of `schema` if `subject` holds it (`POST /subjects/{subject}`), else `None`.
+    pub async fn lookup(&self, subject: &str, schema: &str) -> Result<Option<u32>, RegistryError> {
+        let url = format!("{}/subjects/{}", self.base, encode_path(subject));
+        let what = || format!("looking up a schema under subject {subject}");
+        let resp = self
+            .authorize(self.http.post(&url))
+            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
+            .header(reqwest::header::ACCEPT, CONTENT_TYPE)
+            .body(serde_json::json!({ "schema": schema }).to_string())
+            .send()
+            .await
+            .map_err(|e| RegistryError::Unavailable(format!("{}: {}", what(), plain(&e))))?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| RegistryError::Unavailable(format!("{}: {}", what(), plain(&e))))?;
+        if status == 404 {
+            return Ok(None);
+        }
+        check_status(status, &text, &what)?;
+        Ok(serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("id").and_then(serde_json::Value::as_u64))
+            .and_then(|id| u32::try_from(id).ok()))
     }
 
     /// The schema text of `id` if it is cached.
@@ -436,6 +471,65 @@ mod tests {
         );
         assert!(check_status(200, "", &what).is_ok());
         assert_eq!(encode_path("a b/c"), "a%20b%2Fc");
+    }
+
+    /// A registry stand-in for what a real one does only under a race: registration answers
+    /// 409, and the lookup says whether the subject holds the schema (`held`).
+    async fn racing_registry(held: bool) -> String {
+        use axum::routing::post;
+        let app = axum::Router::new()
+            .route(
+                "/subjects/{subject}/versions",
+                post(|| async {
+                    (
+                        axum::http::StatusCode::CONFLICT,
+                        r#"{"error_code":409,"message":"An artifact with ID 's' already exists."}"#,
+                    )
+                }),
+            )
+            .route(
+                "/subjects/{subject}",
+                post(move || async move {
+                    if held {
+                        (
+                            axum::http::StatusCode::OK,
+                            r#"{"subject":"s","version":1,"id":7}"#,
+                        )
+                    } else {
+                        (
+                            axum::http::StatusCode::NOT_FOUND,
+                            r#"{"error_code":40403,"message":"Schema not found"}"#,
+                        )
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn a_409_for_a_schema_the_subject_holds_is_its_id_else_incompatible() {
+        for (held, expect) in [(true, Ok(7)), (false, Err("incompatible"))] {
+            let r = Registry::new(&RegistryOptions {
+                url: racing_registry(held).await,
+                auth: RegistryAuth::None,
+                ca_file: None,
+                timeout: Duration::from_secs(5),
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+            let got = r.register("s", "\"string\"").await;
+            match (got, expect) {
+                (Ok(id), Ok(want)) => assert_eq!(id, want),
+                (Err(RegistryError::Incompatible { subject, .. }), Err(_)) => {
+                    assert_eq!(subject, "s");
+                }
+                (got, want) => panic!("held {held}: {got:?}, expected {want:?}"),
+            }
+        }
     }
 
     #[tokio::test]

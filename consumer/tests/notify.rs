@@ -1023,3 +1023,64 @@ async fn the_api_is_bounded_over_https_and_deliveries_use_only_the_configured_pr
     );
     notify.terminate();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_avro_topic_is_delivered_to_webhooks_as_json_envelopes() {
+    let registry = walrelay_tests::registry::SchemaRegistry::shared();
+    let url = registry.url();
+    let s = Stack::start_with_producer_args(
+        "CREATE TABLE orders (id int PRIMARY KEY, state text, total numeric(10,2));",
+        &["--format", "avro", "--schema-registry-url", &url],
+    )
+    .await;
+    s.wait_streaming().await;
+    let state = Arc::new(Mutex::new(Receiver::default()));
+    let port = start_receiver(Arc::clone(&state)).await;
+    let api_port = walrelay_tests::free_port();
+    let mut args = notify_args(&s, api_port, "notify");
+    let command = args.pop().unwrap_or_default();
+    args.extend(["--schema-registry-url".into(), url.clone(), command]);
+    let mut s = s;
+    let log = s.log_path("notify-avro");
+    let mut notify = Proc::spawn(&consumer_bin(), &args, &[], &log);
+    let http = reqwest::Client::new();
+    let (st, v) = subscribe(
+        &http,
+        api_port,
+        json!({"url": format!("http://127.0.0.2:{port}/avro"), "table": "orders", "secret": SECRET}),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    s.exec("INSERT INTO orders VALUES (1, 'new', 12.5); UPDATE orders SET state = 'paid' WHERE id = 1;")
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let bodies = loop {
+        let bodies: Vec<Value> = state
+            .lock()
+            .expect("lock")
+            .accepted
+            .get("/avro")
+            .map(|v| {
+                v.iter()
+                    .map(|d| d.body.clone())
+                    .filter(|b| b["op"] != "ddl")
+                    .collect()
+            })
+            .unwrap_or_default();
+        if bodies.len() >= 2 {
+            break bodies;
+        }
+        assert!(Instant::now() < deadline, "not delivered\n{}", s.all_logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // JSON envelopes, the same as a JSON topic gives: numeric as an exact string.
+    assert_eq!(bodies[0]["op"], "c", "{bodies:?}");
+    assert_eq!(
+        bodies[0]["after"],
+        json!({"id": 1, "state": "new", "total": "12.50"})
+    );
+    assert_eq!(bodies[1]["op"], "u");
+    assert_eq!(bodies[1]["after"]["state"], "paid");
+    assert_eq!(state.lock().expect("lock").bad_signatures, 0);
+    notify.terminate();
+}

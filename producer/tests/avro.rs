@@ -109,7 +109,8 @@ async fn every_type_decodes_with_pythons_avro_deserializer_under_both_routings()
             )
             .await;
         env.init();
-        let args = avro_args(&registry, routing);
+        let mut args = avro_args(&registry, routing);
+        args.push("--transaction-metadata=true".into());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut producer = env.spawn(&args);
         env.wait_streaming(Duration::from_secs(90)).await;
@@ -202,8 +203,74 @@ async fn every_type_decodes_with_pythons_avro_deserializer_under_both_routings()
             _ => format!("{typed_topic}-value"),
         };
         assert!(subjects.contains(&want), "{want} not in {subjects:?}");
+        // Transaction metadata: Debezium's BEGIN/END records, in Avro too, and the events'
+        // transaction block.
+        let txns = python_decode(
+            &env.broker.brokers(),
+            &registry.url(),
+            &[&format!("{}.transactions", env.topic)],
+        );
+        let statuses: Vec<&str> = txns
+            .iter()
+            .filter_map(|r| r.pointer("/value/status").and_then(Value::as_str))
+            .collect();
+        assert!(
+            statuses.contains(&"BEGIN") && statuses.contains(&"END"),
+            "{statuses:?}"
+        );
+        assert!(
+            streamed[0].pointer("/transaction/total_order").is_some(),
+            "{}",
+            streamed[0]
+        );
         producer.terminate();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incompatible_schema_change_stops_naming_the_subject_and_the_change() {
+    let registry = SchemaRegistry::shared();
+    let mut env = Env::start().await;
+    env.pg
+        .exec(
+            &env.db,
+            "CREATE TABLE gauges (id int PRIMARY KEY, reading int4);",
+        )
+        .await;
+    env.init();
+    let args = avro_args(&registry, "per-table");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut producer = env.spawn(&args);
+    env.wait_streaming(Duration::from_secs(90)).await;
+    env.pg
+        .exec(&env.db, "INSERT INTO gauges VALUES (1, 5);")
+        .await;
+    env.wait_confirmed_current(Duration::from_secs(60)).await;
+    // int → text: a reader of the new schema cannot read the old records (BACKWARD refuses).
+    env.pg
+        .exec(
+            &env.db,
+            "ALTER TABLE gauges ALTER COLUMN reading TYPE text; INSERT INTO gauges VALUES (2, 'high');",
+        )
+        .await;
+    let lsn = env.insert_lsn().await;
+    let code = env.exit_code(&mut producer, Duration::from_secs(60)).await;
+    assert_eq!(code, Some(1), "a definite error\n{}", env.all_logs());
+    let subject = format!("{}.public.gauges-value", env.topic);
+    let log = producer.log();
+    assert!(
+        log.contains(&subject) && log.contains("incompatible") && log.contains("reading text"),
+        "{log}"
+    );
+    assert!(
+        !env.confirmed_past(&lsn).await,
+        "nothing confirmed past the change"
+    );
+    assert_eq!(
+        registry.versions(&subject).len(),
+        1,
+        "the registry kept one version"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,5 +496,62 @@ async fn flink_reads_compat_debezium_topics_as_changelog_tables_in_json_and_avro
         );
         assert!(schema_changes.is_some_and(|n| n >= 1), "{schema_changes:?}");
         producer.terminate();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_registrations_of_one_schema_all_succeed() {
+    use walrelay_common::registry::{Registry, RegistryAuth, RegistryOptions};
+    let registry = SchemaRegistry::shared();
+    let subject = walrelay_tests::unique("race");
+    let schema = r#"{"type":"record","name":"R","fields":[{"name":"a","type":"long"}]}"#;
+    // Each its own client, as separate producers or snapshot workers with cold caches.
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let client = Registry::new(&RegistryOptions {
+                url: registry.url(),
+                auth: RegistryAuth::None,
+                ca_file: None,
+                timeout: Duration::from_secs(10),
+            })
+            .expect("client");
+            let subject = subject.clone();
+            tokio::spawn(async move {
+                let mut last = None;
+                // A 5xx (Apicurio's storage lock timeouts under a race) is retried, as the
+                // emitter does.
+                for _ in 0..20 {
+                    match client.register(&subject, schema).await {
+                        Ok(id) => return Ok(id),
+                        Err(e) if e.is_transient() => {
+                            last = Some(e);
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(last.expect("an error"))
+            })
+        })
+        .collect();
+    let mut ids = std::collections::BTreeSet::new();
+    for t in tasks {
+        let id = t.await.expect("task").unwrap_or_else(|e| panic!("{e}"));
+        ids.insert(id);
+    }
+    // Apicurio may keep a racing registration as a second version with its own id: every id
+    // given out names the same schema, which is what a reader needs.
+    for id in &ids {
+        let (status, body) = registry
+            .get(&format!("/schemas/ids/{id}"))
+            .expect("the registry answers");
+        assert_eq!(status, 200, "{body}");
+        let got: Value = serde_json::from_str(&body).expect("json");
+        let text = got["schema"].as_str().expect("schema text");
+        assert_eq!(
+            serde_json::from_str::<Value>(text).expect("schema json"),
+            serde_json::from_str::<Value>(schema).expect("schema json"),
+            "id {id}"
+        );
     }
 }

@@ -88,6 +88,12 @@ impl Decoder {
 
     /// Decodes a record value (its schema fetched before).
     pub fn decode(&self, value: &[u8]) -> Result<Decoded, DecodeError> {
+        self.decode_to_json(value).map(|(d, _)| d)
+    }
+
+    /// Decodes a record value, and gives the JSON envelope text it equals (what a sink that
+    /// forwards records whole, such as webhooks, sends instead of Avro bytes).
+    pub fn decode_to_json(&self, value: &[u8]) -> Result<(Decoded, Vec<u8>), DecodeError> {
         let (id, mut body) =
             unframe(value).ok_or_else(|| DecodeError("not in the Confluent wire format".into()))?;
         let writer = lock(&self.writers)
@@ -114,7 +120,7 @@ impl Decoder {
             Kind::SnapshotMarker => snapshot_marker(fields)?,
         };
         let text = serde_json::to_vec(&envelope).map_err(|e| DecodeError(e.to_string()))?;
-        super::json::decode(&text)
+        super::json::decode(&text).map(|d| (d, text))
     }
 }
 

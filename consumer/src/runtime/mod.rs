@@ -102,8 +102,9 @@ pub struct Event {
     /// The `after` image as it arrived (JSON text), so a sink that only forwards it need not
     /// build a map of it.
     pub after_json: Option<Box<RawValue>>,
-    /// The record's value as it arrived, for sinks that forward it whole
-    /// ([`Sink::wants_raw`]); `None` otherwise.
+    /// The record's value as JSON, for sinks that forward it whole ([`Sink::wants_raw`]): a
+    /// JSON record as it arrived, an Avro record as the envelope it decodes to; `None`
+    /// otherwise.
     pub raw: Option<Vec<u8>>,
 }
 
@@ -178,7 +179,9 @@ pub trait Sink: Send {
     /// Short name for metrics and logs.
     fn name(&self) -> &'static str;
 
-    /// Whether events should carry the record's value as it arrived ([`Event::raw`]).
+    /// Whether events should carry the record's value as it arrived ([`Event::raw`]): a JSON
+    /// record's bytes, or for an Avro record the JSON envelope it decodes to (so a sink that
+    /// forwards events sends JSON whatever the topic's format).
     fn wants_raw(&self) -> bool {
         false
     }
@@ -505,9 +508,16 @@ async fn flush<S: Sink, E: Effects>(
         return Ok(());
     }
     if sink.wants_raw() {
+        // JSON records as they arrived; Avro records as the JSON envelope decoding gave.
         let decoded = batch.iter().filter(|p| p.decode_error.is_none());
         for (e, p) in events.iter_mut().zip(decoded) {
-            e.raw = Some(bytes[p.value.clone()].to_vec());
+            if e.raw.is_none() {
+                e.raw = Some(bytes[p.value.clone()].to_vec());
+            }
+        }
+    } else {
+        for e in events.iter_mut() {
+            e.raw = None;
         }
     }
     let verdicts = if events.is_empty() {
@@ -805,9 +815,14 @@ fn decode(batch: &mut Batch, avro: Option<&codec::avro::Decoder>) {
             continue;
         }
         let value = &bytes[p.value.clone()];
+        // An Avro record keeps the JSON envelope it equals, for sinks that forward records whole.
+        let mut json = None;
         let decoded = match (codec::is_avro(value), avro) {
             (false, _) => codec::json::decode(value),
-            (true, Some(d)) => d.decode(value),
+            (true, Some(d)) => d.decode_to_json(value).map(|(d, text)| {
+                json = Some(text);
+                d
+            }),
             (true, None) => Err(codec::DecodeError(
                 "an Avro record (Confluent wire format): give --schema-registry-url to read it"
                     .into(),
@@ -821,7 +836,7 @@ fn decode(batch: &mut Batch, avro: Option<&codec::avro::Decoder>) {
                     offset: p.offset,
                     envelope: d.envelope,
                     after_json: d.after,
-                    raw: None,
+                    raw: json,
                 });
             }
             Err(e) => p.decode_error = Some(e.to_string()),

@@ -139,11 +139,31 @@ impl AvroCodec {
     /// when the shape changed). Transient errors are for the caller to retry.
     pub async fn prepare(&self, shape: &TableShape, topic: &str) -> Result<Prepared, PrepareError> {
         let built = schema::table(&self.prefix, shape).map_err(PrepareError::Encode)?;
+        // A refusal names the table and the schema version that the change made.
+        let change = |e: RegistryError| match e {
+            RegistryError::Incompatible { subject, message } => RegistryError::Incompatible {
+                subject,
+                message: format!(
+                    "table {} at schema version {} ({} columns: {}): {message}",
+                    shape.qualified(),
+                    shape.schema_version,
+                    shape.columns.len(),
+                    shape
+                        .columns
+                        .iter()
+                        .map(|c| format!("{} {}", c.name, c.kind.label()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            },
+            other => other,
+        };
         let key_id = match &built.key {
             Some(key) => Some(
                 self.registry
                     .register(&self.subject(topic, &built.key_name, "key", false), key)
-                    .await?,
+                    .await
+                    .map_err(change)?,
             ),
             None => None,
         };
@@ -153,7 +173,8 @@ impl AvroCodec {
                 &self.subject(topic, &built.value_name, "value", false),
                 &built.value,
             )
-            .await?;
+            .await
+            .map_err(change)?;
         tracing::info!(
             table = %shape.qualified(),
             topic,
