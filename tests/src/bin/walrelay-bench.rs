@@ -26,12 +26,13 @@
 //!
 //! Configurations: `mock schema` (4 partitions, the default keying: every event of the
 //! `public` schema on one partition), `mock primary-key` (8 partitions), `kafka schema`,
-//! `kafka primary-key`, each under `--delivery at-least-once` and then `exactly-once` (Kafka
-//! transactions), side by side.
+//! `kafka primary-key`, each under `--delivery at-least-once` in JSON and in Avro (a real
+//! Apicurio registry, `--format avro`), then `exactly-once` (Kafka transactions) in JSON, side by
+//! side. The latency phase runs for the JSON configurations (its probe reads JSON).
 //!
 //! Usage: `scripts/bench.sh [--rows N] [--txn-rows N] [--big-rows N] [--rate ROWS_PER_S]
 //! [--seconds S] [--buffer SIZE] [--only mock|kafka] [--keying schema|primary-key]
-//! [--delivery at-least-once|exactly-once]
+//! [--delivery at-least-once|exactly-once] [--format json|avro]
 //! [--pk-partitions N] [--kafka-property KEY=VALUE]... [--skip-snapshot] [--skip-latency]
 //! [--skip-memory]`. `--kafka-property` is passed to the producer of the stream and latency
 //! phases (for experiments, e.g. `statistics.interval.ms`).
@@ -88,6 +89,21 @@ impl Delivery {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Json,
+    Avro,
+}
+
+impl Format {
+    fn name(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Avro => "avro",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Keying {
     Schema,
     PrimaryKey,
@@ -119,6 +135,7 @@ struct Args {
     only: Option<Backend>,
     keying: Option<Keying>,
     delivery: Option<Delivery>,
+    format: Option<Format>,
     pk_partitions: i32,
     kafka_properties: Vec<String>,
     skip_snapshot: bool,
@@ -137,6 +154,7 @@ fn parse_args() -> anyhow::Result<Args> {
         only: None,
         keying: None,
         delivery: None,
+        format: None,
         pk_partitions: 8,
         kafka_properties: Vec::new(),
         skip_snapshot: false,
@@ -184,6 +202,13 @@ fn parse_args() -> anyhow::Result<Args> {
                     _ => bail!("--delivery takes at-least-once or exactly-once"),
                 })
             }
+            "--format" => {
+                a.format = Some(match v.as_str() {
+                    "json" => Format::Json,
+                    "avro" => Format::Avro,
+                    _ => bail!("--format takes json or avro"),
+                })
+            }
             "--keying" => {
                 a.keying = Some(match v.as_str() {
                     "schema" => Keying::Schema,
@@ -227,6 +252,7 @@ struct Target {
     backend: Backend,
     keying: Keying,
     delivery: Delivery,
+    format: Format,
     partitions: i32,
     brokers: String,
     topic: String,
@@ -236,11 +262,12 @@ struct Target {
 impl Target {
     fn label(&self) -> String {
         format!(
-            "{} {} ×{} {}",
+            "{} {} ×{} {} {}",
             self.backend.name(),
             self.keying.name(),
             self.partitions,
-            self.delivery.name()
+            self.delivery.name(),
+            self.format.name()
         )
     }
 }
@@ -253,6 +280,8 @@ struct Bench {
     /// `--kafka-property` flags for the stream and latency producers.
     extra: Vec<String>,
     http: reqwest::Client,
+    /// The schema registry of the Avro configurations.
+    registry: Option<walrelay_tests::registry::SchemaRegistry>,
 }
 
 impl Bench {
@@ -292,6 +321,14 @@ impl Bench {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if let (Format::Avro, Some(r)) = (t.format, &self.registry) {
+            v.extend([
+                "--format".into(),
+                "avro".into(),
+                "--schema-registry-url".into(),
+                r.url(),
+            ]);
+        }
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     }
@@ -838,12 +875,23 @@ fn keyings(args: &Args) -> Vec<Keying> {
         .collect()
 }
 
-/// Keying × delivery, the two deliveries of one keying side by side.
-fn configurations(args: &Args) -> Vec<(Keying, Delivery)> {
-    keyings(args)
-        .into_iter()
-        .flat_map(|k| deliveries(args).into_iter().map(move |d| (k, d)))
-        .collect()
+/// Keying × delivery × format, side by side per keying: JSON and Avro under at-least-once, then
+/// JSON under exactly-once (Avro under exactly-once only with `--format avro`).
+fn configurations(args: &Args) -> Vec<(Keying, Delivery, Format)> {
+    let mut v = Vec::new();
+    for k in keyings(args) {
+        for d in deliveries(args) {
+            for f in [Format::Json, Format::Avro] {
+                if args.format.is_some_and(|only| only != f)
+                    || (f == Format::Avro && d == Delivery::ExactlyOnce && args.format.is_none())
+                {
+                    continue;
+                }
+                v.push((k, d, f));
+            }
+        }
+    }
+    v
 }
 
 fn deliveries(args: &Args) -> Vec<Delivery> {
@@ -855,30 +903,33 @@ fn deliveries(args: &Args) -> Vec<Delivery> {
 
 fn target(
     backend: Backend,
-    (keying, delivery): (Keying, Delivery),
+    (keying, delivery, format): (Keying, Delivery, Format),
     brokers: &str,
     args: &Args,
 ) -> Target {
     let slot = format!(
-        "bench_{}_{}_{}",
+        "bench_{}_{}_{}_{}",
         backend.name(),
         keying.short(),
-        delivery.short()
+        delivery.short(),
+        format.name()
     );
     Target {
         backend,
         keying,
         delivery,
+        format,
         partitions: match keying {
             Keying::Schema => 4,
             Keying::PrimaryKey => args.pk_partitions,
         },
         brokers: brokers.to_string(),
         topic: format!(
-            "walrelay.bench.{}.{}.{}",
+            "walrelay.bench.{}.{}.{}.{}",
             backend.name(),
             keying.short(),
-            delivery.short()
+            delivery.short(),
+            format.name()
         ),
         slot,
     }
@@ -909,7 +960,16 @@ async fn main() -> anyhow::Result<()> {
         runs: 0,
         extra: args.kafka_properties.clone(),
         http: reqwest::Client::new(),
+        registry: None,
     };
+    if configurations(&args).iter().any(|c| c.2 == Format::Avro) {
+        let r = tokio::task::block_in_place(walrelay_tests::registry::SchemaRegistry::start);
+        println!(
+            "schema registry (Avro configurations): Apicurio at {}",
+            r.url()
+        );
+        b.registry = Some(r);
+    }
     if std::env::var_os("WALRELAY_BENCH_LOG").is_some() {
         eprintln!("producer logs kept in {}", b.logs.path().display());
     }
@@ -944,6 +1004,7 @@ async fn main() -> anyhow::Result<()> {
         backend: Backend::Mock,
         keying: Keying::Schema,
         delivery: Delivery::AtLeastOnce,
+        format: Format::Json,
         partitions: 4,
         brokers: brokers.to_string(),
         topic: TOPIC.into(),
@@ -957,8 +1018,8 @@ async fn main() -> anyhow::Result<()> {
     if args.only != Some(Backend::Kafka) {
         // The mock has no CreateTopics: every topic a configuration uses is made here.
         let mut topics = vec![format!("{TOPIC}:4")];
-        for (keying, delivery) in configurations(&args) {
-            let t = target(Backend::Mock, (keying, delivery), "", &args);
+        for (keying, delivery, format) in configurations(&args) {
+            let t = target(Backend::Mock, (keying, delivery, format), "", &args);
             topics.push(format!("{}:{}", t.topic, t.partitions));
             topics.push(format!("{}.progress:1", t.topic));
         }
@@ -1027,7 +1088,7 @@ async fn main() -> anyhow::Result<()> {
             let t = target(Backend::Mock, config, &brokers, &args);
             b.stream(&t, &args, next_rows, &|| 0.0).await?;
             next_rows += args.rows;
-            if !args.skip_latency {
+            if !args.skip_latency && t.format == Format::Json {
                 b.latency(&t, &args, index).await?;
             }
             index += 1;
@@ -1104,7 +1165,7 @@ async fn main() -> anyhow::Result<()> {
             b.stream(&t, &args, next_rows, &|| kafka.cpu_seconds())
                 .await?;
             next_rows += args.rows;
-            if !args.skip_latency {
+            if !args.skip_latency && t.format == Format::Json {
                 b.latency(&t, &args, index).await?;
             }
             index += 1;
