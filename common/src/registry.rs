@@ -131,6 +131,9 @@ pub struct Registry {
     registered: Mutex<HashMap<(String, String), u32>>,
     /// id → schema text.
     schemas: Mutex<HashMap<u32, Arc<str>>>,
+    /// Registrations of this process go one at a time (they are rare: a new table shape), so
+    /// two snapshot workers never race each other to create a subject.
+    registering: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -193,6 +196,7 @@ impl Registry {
             auth: options.auth.clone(),
             registered: Mutex::new(HashMap::new()),
             schemas: Mutex::new(HashMap::new()),
+            registering: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -206,11 +210,53 @@ impl Registry {
 
     /// The id of `schema` under `subject`, registering it (a new version) when the registry
     /// does not hold it yet. Cached: the same text under the same subject asks once.
+    ///
+    /// A 409 is an incompatible schema, but it is also how Apicurio answers a first
+    /// registration that raced another process's (`An artifact … already exists`), or a retry
+    /// whose first attempt went through behind a 5xx. So a 409 is looked up (the subject may
+    /// hold the schema now) and tried again a few times over about two seconds; only a schema
+    /// the subject still refuses is [`RegistryError::Incompatible`].
     pub async fn register(&self, subject: &str, schema: &str) -> Result<u32, RegistryError> {
         let key = (subject.to_string(), schema.to_string());
         if let Some(id) = lock(&self.registered).get(&key) {
             return Ok(*id);
         }
+        let _one_at_a_time = self.registering.lock().await;
+        if let Some(id) = lock(&self.registered).get(&key) {
+            return Ok(*id);
+        }
+        let mut attempt = 0u64;
+        let id = loop {
+            match self.post_version(subject, schema).await? {
+                Ok(id) => break id,
+                Err(message) => {
+                    if let Some(id) = self.lookup(subject, schema).await? {
+                        break id;
+                    }
+                    attempt += 1;
+                    if attempt > 4 {
+                        return Err(RegistryError::Incompatible {
+                            subject: subject.to_string(),
+                            message,
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                }
+            }
+        };
+        lock(&self.registered).insert(key, id);
+        lock(&self.schemas)
+            .entry(id)
+            .or_insert_with(|| Arc::from(schema));
+        Ok(id)
+    }
+
+    /// `POST /subjects/{subject}/versions`: the id, or the registry's message of a 409.
+    async fn post_version(
+        &self,
+        subject: &str,
+        schema: &str,
+    ) -> Result<Result<u32, String>, RegistryError> {
         let url = format!("{}/subjects/{}/versions", self.base, encode_path(subject));
         let body = serde_json::json!({ "schema": schema });
         let what = || format!("registering a schema under subject {subject}");
@@ -228,32 +274,17 @@ impl Registry {
             .await
             .map_err(|e| RegistryError::Unavailable(format!("{}: {}", what(), plain(&e))))?;
         if status == 409 {
-            // A 409 is also how Apicurio answers a registration that raced another one of the
-            // same schema (two snapshot workers, or a retry after a 5xx whose first attempt
-            // went through): the schema is then registered, and only a schema the subject
-            // does not hold is incompatible.
-            if let Some(id) = self.lookup(subject, schema).await? {
-                lock(&self.registered).insert(key, id);
-                return Ok(id);
-            }
-            return Err(RegistryError::Incompatible {
-                subject: subject.to_string(),
-                message: message_of(&text),
-            });
+            return Ok(Err(message_of(&text)));
         }
         check_status(status, &text, &what)?;
-        let id = serde_json::from_str::<serde_json::Value>(&text)
+        serde_json::from_str::<serde_json::Value>(&text)
             .ok()
             .and_then(|v| v.get("id").and_then(serde_json::Value::as_u64))
             .and_then(|id| u32::try_from(id).ok())
+            .map(Ok)
             .ok_or_else(|| {
                 RegistryError::Protocol(format!("{}: no id in {}", what(), truncate(&text)))
-            })?;
-        lock(&self.registered).insert(key, id);
-        lock(&self.schemas)
-            .entry(id)
-            .or_insert_with(|| Arc::from(schema));
-        Ok(id)
+            })
     }
 
     /// The id of `schema` if `subject` holds it (`POST /subjects/{subject}`), else `None`.
@@ -473,28 +504,32 @@ mod tests {
         assert_eq!(encode_path("a b/c"), "a%20b%2Fc");
     }
 
-    /// A registry stand-in for what a real one does only under a race: registration answers
-    /// 409, and the lookup says whether the subject holds the schema (`held`).
-    async fn racing_registry(held: bool) -> String {
+    /// A registry stand-in for what a real one does only under a race: the first registration
+    /// answers 409; later ones answer 409 again (`refuses`) or 200 with id 9; the lookup finds
+    /// the schema (id 7) when `held`.
+    async fn racing_registry(held: bool, refuses: bool) -> String {
         use axum::routing::post;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let posts = Arc::new(AtomicUsize::new(0));
         let app = axum::Router::new()
             .route(
                 "/subjects/{subject}/versions",
-                post(|| async {
-                    (
-                        axum::http::StatusCode::CONFLICT,
-                        r#"{"error_code":409,"message":"An artifact with ID 's' already exists."}"#,
-                    )
+                post(move || async move {
+                    if posts.fetch_add(1, Ordering::SeqCst) == 0 || refuses {
+                        (
+                            axum::http::StatusCode::CONFLICT,
+                            r#"{"error_code":409,"message":"An artifact with ID 's' already exists."}"#,
+                        )
+                    } else {
+                        (axum::http::StatusCode::OK, r#"{"id":9}"#)
+                    }
                 }),
             )
             .route(
                 "/subjects/{subject}",
                 post(move || async move {
                     if held {
-                        (
-                            axum::http::StatusCode::OK,
-                            r#"{"subject":"s","version":1,"id":7}"#,
-                        )
+                        (axum::http::StatusCode::OK, r#"{"subject":"s","version":1,"id":7}"#)
                     } else {
                         (
                             axum::http::StatusCode::NOT_FOUND,
@@ -512,10 +547,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_409_for_a_schema_the_subject_holds_is_its_id_else_incompatible() {
-        for (held, expect) in [(true, Ok(7)), (false, Err("incompatible"))] {
+    async fn a_409_is_looked_up_and_retried_before_it_counts_as_incompatible() {
+        // (held by the subject, refuses every time) → expected
+        for (held, refuses, expect) in [
+            (true, true, Ok(7)),
+            (false, false, Ok(9)),
+            (false, true, Err("incompatible")),
+        ] {
             let r = Registry::new(&RegistryOptions {
-                url: racing_registry(held).await,
+                url: racing_registry(held, refuses).await,
                 auth: RegistryAuth::None,
                 ca_file: None,
                 timeout: Duration::from_secs(5),
@@ -527,7 +567,7 @@ mod tests {
                 (Err(RegistryError::Incompatible { subject, .. }), Err(_)) => {
                     assert_eq!(subject, "s");
                 }
-                (got, want) => panic!("held {held}: {got:?}, expected {want:?}"),
+                (got, want) => panic!("held {held}, refuses {refuses}: {got:?}, expected {want:?}"),
             }
         }
     }
