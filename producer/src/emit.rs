@@ -179,8 +179,8 @@ pub struct Emitter {
     transactions_topic: Option<Arc<str>>,
     /// Per-table topics known to exist, by `schema.table`.
     topics: HashMap<(String, String), Topic>,
-    /// Registered Avro schemas by (topic, shape fingerprint).
-    prepared: HashMap<(Arc<str>, u64), Arc<Prepared>>,
+    /// Registered Avro schemas by shape fingerprint (which names the table, and so its topic).
+    prepared: HashMap<u64, Arc<Prepared>>,
     /// Registered fixed Avro schemas by (topic, record).
     fixed: HashMap<(Arc<str>, Fixed), u32>,
     /// The routing key (the Kafka key under JSON).
@@ -304,7 +304,7 @@ impl Emitter {
         topic: &Arc<str>,
         on_wait: &mut F,
     ) -> Result<Arc<Prepared>, RunError> {
-        let id = (Arc::clone(topic), shape.fingerprint);
+        let id = shape.fingerprint;
         if let Some(p) = self.prepared.get(&id) {
             return Ok(Arc::clone(p));
         }

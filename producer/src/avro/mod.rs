@@ -41,6 +41,7 @@ pub mod binary;
 pub mod schema;
 pub mod types;
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use walrelay_common::event::{CONNECTOR, Op, SchemaChange, SnapshotFrame, UNCHANGED_TOAST};
@@ -233,8 +234,9 @@ impl AvroCodec {
         match meta.transaction {
             Some(order) => {
                 binary::branch(value, 1);
-                let id = format!("{}:{}", meta.txid, meta.commit_lsn);
-                binary::bytes(value, id.as_bytes());
+                let mut id = Scratch::default();
+                let _ = write!(id, "{}:{}", meta.txid, meta.commit_lsn);
+                binary::bytes(value, id.bytes());
                 binary::long(value, order.total as i64);
                 binary::long(value, order.collection as i64);
             }
@@ -268,8 +270,9 @@ impl AvroCodec {
         );
         binary::bytes(out, self.db.as_bytes());
         binary::branch(out, 1);
-        let sequence = format!("[\"{}\",\"{}\"]", meta.commit_lsn, meta.lsn);
-        binary::bytes(out, sequence.as_bytes());
+        let mut sequence = Scratch::default();
+        let _ = write!(sequence, "[\"{}\",\"{}\"]", meta.commit_lsn, meta.lsn);
+        binary::bytes(out, sequence.bytes());
         binary::bytes(out, shape.schema.as_bytes());
         binary::bytes(out, shape.table.as_bytes());
         binary::branch(out, 1);
@@ -401,6 +404,39 @@ impl AvroCodec {
             None => binary::branch(out, 0),
         }
         binary::long(out, r.ts_ms);
+    }
+}
+
+/// A short text formatted on the stack (the hot path allocates nothing per event).
+struct Scratch {
+    buf: [u8; 64],
+    len: usize,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Self {
+            buf: [0; 64],
+            len: 0,
+        }
+    }
+}
+
+impl Scratch {
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl std::fmt::Write for Scratch {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        if end > self.buf.len() {
+            return Err(std::fmt::Error);
+        }
+        self.buf[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
     }
 }
 

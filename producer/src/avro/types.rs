@@ -381,7 +381,21 @@ fn timestamp_micros(s: &str) -> Result<i64, String> {
         None => (s, ""),
     };
     let space = core.find(' ').ok_or_else(bad)?;
-    let (days, _) = parse_date(&format!("{}{bc}", &core[..space]))?;
+    // Only a BC date needs its suffix back for parse_date (rare: allocate then only).
+    let days = if bc.is_empty() {
+        let (days, rest) = parse_date(&core[..space])?;
+        if !rest.is_empty() {
+            return Err(bad());
+        }
+        days
+    } else {
+        let owned = format!("{} BC", &core[..space]);
+        let (days, rest) = parse_date(&owned)?;
+        if !rest.is_empty() {
+            return Err(bad());
+        }
+        days
+    };
     let (time, offset) = parse_time(&core[space + 1..]).ok_or_else(bad)?;
     let offset_secs = parse_offset(offset).ok_or_else(bad)?;
     days.checked_mul(86_400_000_000)
@@ -571,6 +585,19 @@ mod tests {
             Ok(long_of(1_704_164_645_123_456))
         );
         assert!(enc(&ts, "-infinity").is_err());
+        assert_eq!(
+            enc(
+                &AvroType::Timestamp { zoned: false },
+                "0001-01-01 00:00:00 BC"
+            ),
+            Ok(long_of(days_from_civil(0, 1, 1) * 86_400_000_000))
+        );
+        assert_eq!(
+            enc(&ts, "0044-03-15 12:00:00+00 BC"),
+            Ok(long_of(
+                days_from_civil(-43, 3, 15) * 86_400_000_000 + 43_200_000_000
+            ))
+        );
     }
 
     #[test]
