@@ -8,6 +8,7 @@
 //! | `reindex` | [`sinks::search`] | shared, [`search::config::Args`], [`search::config::ReindexArgs`] |
 //! | `notify` | [`sinks::webhook`] | shared, [`webhook::config::Args`] |
 //! | `replay-dead-letters` | [`sinks::webhook`] | shared, [`webhook::config::Args`] |
+//! | `stream` | [`crate::stream`] (a WebSocket gateway, no sink) | shared, [`stream::config::Args`] |
 //!
 //! Options written before the command (`walrelay-consumer --kafka-brokers k index`, the only
 //! form before each command had options of its own) are still read: [`command_first`] moves
@@ -27,6 +28,7 @@ use crate::sinks;
 use crate::sinks::search::reindex::{self, Job, ReindexError};
 use crate::sinks::search::{self, ReindexSettings, SearchSettings};
 use crate::sinks::webhook::{self, WebhookSettings};
+use crate::stream::{self, StreamSettings};
 
 /// `walrelay-consumer`: walrelay's change events from Kafka into sinks.
 #[derive(Debug, Parser)]
@@ -59,6 +61,21 @@ pub enum Command {
     /// Deliver the webhook dead letters again, each to the subscription its headers name,
     /// then exit.
     ReplayDeadLetters(WebhookArgs),
+    /// Serve change events over WebSocket (GET /v1/stream) to clients that acknowledge
+    /// them, each connection a member of the Kafka group it names.
+    Stream(StreamArgs),
+}
+
+/// `stream`'s options.
+#[derive(Debug, Clone, Default, clap::Args)]
+#[group(skip)]
+pub struct StreamArgs {
+    /// Shared.
+    #[command(flatten)]
+    pub shared: config::Args,
+    /// The gateway's.
+    #[command(flatten)]
+    pub stream: stream::config::Args,
 }
 
 /// `index`'s options.
@@ -107,6 +124,7 @@ pub struct FileOptions {
     search: search::config::Args,
     reindex: search::config::ReindexArgs,
     webhook: webhook::config::Args,
+    stream: stream::config::Args,
 }
 
 impl FileOptions {
@@ -118,12 +136,14 @@ impl FileOptions {
             keys_of::<search::config::Args>(),
             keys_of::<search::config::ReindexArgs>(),
             keys_of::<webhook::config::Args>(),
+            keys_of::<stream::config::Args>(),
         ])?;
         Ok(Self {
             shared: file.section()?,
             search: file.section()?,
             reindex: file.section()?,
             webhook: file.section()?,
+            stream: file.section()?,
         })
     }
 }
@@ -161,6 +181,13 @@ pub enum Settings {
         /// The webhook sink.
         webhook: WebhookSettings,
     },
+    /// `stream`.
+    Stream {
+        /// Shared (the group is each connection's).
+        shared: Shared,
+        /// The gateway.
+        stream: StreamSettings,
+    },
 }
 
 impl Settings {
@@ -170,7 +197,8 @@ impl Settings {
             Settings::Index { shared, .. }
             | Settings::Reindex { shared, .. }
             | Settings::Notify { shared, .. }
-            | Settings::ReplayDeadLetters { shared, .. } => shared,
+            | Settings::ReplayDeadLetters { shared, .. }
+            | Settings::Stream { shared, .. } => shared,
         }
     }
 }
@@ -221,6 +249,29 @@ impl Command {
                 Ok(Settings::ReplayDeadLetters {
                     shared: shared.settings("walrelay-notifier.replay")?,
                     webhook,
+                })
+            }
+            Command::Stream(a) => {
+                let mut shared = a.shared.or(file.shared);
+                if shared.group.is_some() {
+                    return Err(ConfigError::new(
+                        "--group",
+                        "stream takes each connection's group from its ?group= (prefixed with \
+                         --group-prefix); remove --group (or WALRELAY_GROUP)",
+                    ));
+                }
+                // Per connection: each is a group member with its own prefetch.
+                shared.max_queued_bytes.get_or_insert(2 << 20);
+                // Never written: the gateway skips what it cannot decode (crate::stream).
+                if shared.topic_pattern.is_some() {
+                    shared
+                        .dead_letter_topic
+                        .get_or_insert_with(|| "walrelay.stream.unused.dlq".into());
+                }
+                let stream = a.stream.or(file.stream).settings()?;
+                Ok(Settings::Stream {
+                    shared: shared.settings("walrelay-stream")?,
+                    stream,
                 })
             }
         }
@@ -282,6 +333,7 @@ pub async fn run(settings: Settings) -> ExitCode {
     let conditions: &[&str] = match settings {
         Settings::Index { .. } | Settings::Reindex { .. } => &["kafka", "search"],
         Settings::Notify { .. } | Settings::ReplayDeadLetters { .. } => &["kafka"],
+        Settings::Stream { .. } => &["listening"],
     };
     for condition in conditions {
         readiness.set(condition, false);
@@ -322,6 +374,11 @@ pub async fn run(settings: Settings) -> ExitCode {
         }
         Settings::Notify { shared, webhook } => {
             webhook::command::notify(&shared.runtime, webhook, metrics, readiness, shutdown)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        Settings::Stream { shared, stream } => {
+            stream::command::stream(&shared.runtime, stream, metrics, readiness, shutdown)
                 .await
                 .map_err(|e| e.to_string())
         }
@@ -667,6 +724,34 @@ mod tests {
             !debug.contains("token-token-token-1234") && !debug.contains("pg-s3cret"),
             "{debug}"
         );
+    }
+
+    #[test]
+    fn stream_takes_its_group_from_the_connection() {
+        let parse = |args: &str| {
+            let argv = std::iter::once("walrelay-consumer").chain(args.split(' '));
+            Cli::try_parse_from(argv)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .command
+                .settings(FileOptions::default())
+        };
+        let base = "stream --kafka-brokers k:9092 --api-token 0123456789abcdef0123";
+        let s = parse(base).expect("valid");
+        let Settings::Stream { shared, stream } = &s else {
+            panic!("stream settings expected");
+        };
+        assert_eq!(shared.runtime.max_queued_bytes, 2 << 20, "per connection");
+        assert_eq!(stream.max_unacked, 1000);
+        let err = parse(&format!("{base} --group g")).expect_err("--group");
+        assert_eq!(err.option, "--group", "{err}");
+        // A pattern needs no dead-letter topic: the gateway never writes one.
+        let s = parse(&format!("{base} --topic-pattern shop\\..*")).expect("valid");
+        assert!(matches!(
+            &s.shared().runtime.topics,
+            crate::topics::Topics::Pattern(_)
+        ));
+        let err = parse(&format!("{base} --max-unacked 0")).expect_err("--max-unacked");
+        assert_eq!(err.option, "--max-unacked", "{err}");
     }
 
     #[test]

@@ -18,6 +18,8 @@
 //! - [`http`]: what sinks that speak HTTP share: the SSRF guard for user-chosen targets and
 //!   `Retry-After`.
 //! - [`metrics`]: the `walrelay_consumer_*` catalogue.
+//! - [`stream`]: the `stream` command, a WebSocket gateway (no sink): each connection a member
+//!   of the consumer group it names, committing only what its client acknowledged.
 //!
 //! The binary (`main.rs`) only builds the command's settings and runs it.
 //!
@@ -40,4 +42,5 @@ pub mod http;
 pub mod metrics;
 pub mod runtime;
 pub mod sinks;
+pub mod stream;
 pub mod topics;
