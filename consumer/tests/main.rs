@@ -26,11 +26,14 @@ use walrelay_tests::topic::Record;
 
 mod avro;
 mod deploy;
+mod live_view;
 mod notify;
 mod postgres_tls;
 mod secure_kafka;
+mod stream;
 mod topic_pattern;
 mod types;
+mod webhook_isolation;
 
 fn consumer_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_walrelay-consumer"))

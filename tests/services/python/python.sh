@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# python.sh: the Python side of walrelay's Avro tests, in a venv of its own:
+# python.sh: the Python side of walrelay's Avro and stream tests, in a venv of its own:
 # decode.py (every Avro record of some topics decoded with confluent-kafka's
-# AvroDeserializer and, independently, with fastavro) and its selfcheck.
+# AvroDeserializer and, independently, with fastavro) and its selfcheck;
+# ws_client.py (a client of the stream gateway, with `websockets`).
 #
 #   python.sh install
 #       Create a venv from requirements.txt (beside this script) in
@@ -69,7 +70,7 @@ cmd_install() {
           --disable-pip-version-check -r "$REQUIREMENTS" >&2 \
           || die "pip install failed (install python3-venv, or a pip of 22.3 or newer)"
       fi
-      "$VENV_PYTHON" -c 'import fastavro, confluent_kafka.schema_registry.avro' >&2 \
+      "$VENV_PYTHON" -c 'import fastavro, confluent_kafka.schema_registry.avro, websockets' >&2 \
         || die "the venv's packages do not import"
       # Written last: an interrupted run leaves no marker and is redone.
       echo "$REQ_SUM" >"$INSTALL_DIR/.installed"
