@@ -44,6 +44,14 @@ pub struct Metrics {
     pub webhook_disabled: IntCounter,
     /// Partitions assigned to this process.
     pub assigned_partitions: IntGauge,
+    /// Assigned partitions whose fetching is paused (the sink is behind, or its backlog full).
+    pub paused_partitions: IntGauge,
+    /// Webhook subscriptions parked (their endpoint kept failing or was too slow).
+    pub webhook_parked: IntGauge,
+    /// Events held in memory for parked subscriptions (strict mode).
+    pub webhook_held_events: IntGauge,
+    /// Bytes of the events held for parked subscriptions (strict mode).
+    pub webhook_held_bytes: IntGauge,
     /// Rebalances this process took part in.
     pub rebalances: IntCounter,
     /// reindex: events left to read before the new indexes are caught up.
@@ -149,6 +157,22 @@ impl Metrics {
                 "walrelay_consumer_assigned_partitions",
                 "Partitions (of every topic read) assigned to this process.",
             )?,
+            paused_partitions: IntGauge::new(
+                "walrelay_consumer_paused_partitions",
+                "Assigned partitions whose fetching is paused while polling goes on (the sink is behind, or its backlog is full).",
+            )?,
+            webhook_parked: IntGauge::new(
+                "walrelay_consumer_webhook_subscriptions_parked",
+                "Webhook subscriptions parked because their endpoint kept failing or was too slow.",
+            )?,
+            webhook_held_events: IntGauge::new(
+                "walrelay_consumer_webhook_held_events",
+                "Events held in memory for parked webhook subscriptions (strict mode).",
+            )?,
+            webhook_held_bytes: IntGauge::new(
+                "walrelay_consumer_webhook_held_bytes",
+                "Bytes of the events held in memory for parked webhook subscriptions (strict mode).",
+            )?,
             rebalances: IntCounter::new(
                 "walrelay_consumer_rebalances_total",
                 "Consumer-group rebalances this process took part in.",
@@ -170,7 +194,7 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         // Every bounded label value exists from the start, so rates and alerts see zeros.
-        for reason in ["decode", "rejected", "delivery_failed", "gone"] {
+        for reason in ["decode", "rejected", "delivery_failed", "gone", "parked"] {
             m.dead_letters.with_label_values(&[reason]);
         }
         for class in [
@@ -213,6 +237,10 @@ impl Metrics {
             Box::new(self.end_to_end_seconds.clone()),
             Box::new(self.lag_messages.clone()),
             Box::new(self.assigned_partitions.clone()),
+            Box::new(self.paused_partitions.clone()),
+            Box::new(self.webhook_parked.clone()),
+            Box::new(self.webhook_held_events.clone()),
+            Box::new(self.webhook_held_bytes.clone()),
             Box::new(self.rebalances.clone()),
             Box::new(self.reindex_lag_messages.clone()),
             Box::new(self.build_info.clone()),

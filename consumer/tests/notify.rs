@@ -17,8 +17,8 @@ use walrelay_tests::process::Proc;
 
 use crate::{Stack, consumer_bin};
 
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-const TOKEN: &str = "test-token-0123456789abcdef";
+pub(crate) const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+pub(crate) const TOKEN: &str = "test-token-0123456789abcdef";
 
 /// One delivery a receiver accepted.
 #[derive(Debug, Clone)]
@@ -174,7 +174,7 @@ pub(crate) fn notify_args(s: &Stack, api_port: u16, command: &str) -> Vec<String
     .collect()
 }
 
-async fn api(
+pub(crate) async fn api(
     http: &reqwest::Client,
     port: u16,
     method: reqwest::Method,
@@ -222,7 +222,7 @@ async fn api_at(
 }
 
 /// `POST /v1/subscriptions` with the test token.
-async fn subscribe(http: &reqwest::Client, port: u16, body: Value) -> (u16, Value) {
+pub(crate) async fn subscribe(http: &reqwest::Client, port: u16, body: Value) -> (u16, Value) {
     api(
         http,
         port,
@@ -235,7 +235,7 @@ async fn subscribe(http: &reqwest::Client, port: u16, body: Value) -> (u16, Valu
 }
 
 /// Dead letters of the notifier: (subscription, status, reason, payload).
-fn dead_letters(s: &Stack) -> Vec<(String, String, String, Value)> {
+pub(crate) fn dead_letters(s: &Stack) -> Vec<(String, String, String, Value)> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", s.broker.brokers())
         .set("group.id", walrelay_tests::unique("dlq-reader"))

@@ -115,13 +115,28 @@ impl DeadLetters {
     }
 
     /// Writes every letter and waits for Kafka's acknowledgements, retrying transient
-    /// failures until `shutdown`.
+    /// failures until `shutdown`. The letters are handed to the producer in order, all at once
+    /// (a batch's letters are in memory already), and their acknowledgements awaited together:
+    /// a batch that dead-letters every event for a parked webhook subscription takes one round
+    /// trip, not one per letter.
     pub async fn send(
         &self,
         letters: &[DeadLetter<'_>],
         shutdown: &CancellationToken,
     ) -> Result<(), DeadLetterError> {
-        for letter in letters {
+        let sent =
+            futures_util::future::join_all(letters.iter().map(|l| self.send_one(l, shutdown)))
+                .await;
+        sent.into_iter().collect()
+    }
+
+    /// Writes one letter and waits for its acknowledgement, retrying transient failures.
+    async fn send_one(
+        &self,
+        letter: &DeadLetter<'_>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), DeadLetterError> {
+        {
             let partition = letter.partition.to_string();
             let offset = letter.offset.to_string();
             let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));

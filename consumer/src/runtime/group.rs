@@ -301,6 +301,21 @@ impl Group {
             .copied()
     }
 
+    /// Every assigned topic-partition with its assignment epoch.
+    pub(super) fn assigned(&self) -> Vec<(Arc<str>, i32, u64)> {
+        walrelay_common::sync::lock(&self.consumer.context().epochs)
+            .iter()
+            .flat_map(|(topic, partitions)| {
+                partitions.iter().map(|(p, e)| (Arc::clone(topic), *p, *e))
+            })
+            .collect()
+    }
+
+    /// The consumer's metrics.
+    pub(super) fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.consumer.context().metrics)
+    }
+
     /// The shared name of `topic` and the current assignment epoch of its `partition` (0, which
     /// no assignment has, when it is not assigned: the record is dropped before the sink).
     fn assignment(&self, topic: &str, partition: i32) -> (Arc<str>, u64) {

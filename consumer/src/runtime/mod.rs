@@ -34,8 +34,22 @@
 //! the write finishes, storing the offset fails quietly, and the new owner re-applies events
 //! the sink tolerates as duplicates.
 //!
+//! A sink may answer for an event it still owes (the webhook sink's events held for a parked
+//! subscription): it reports them as its [`Backlog`], and no offset past the oldest of them is
+//! stored; the writer looks again every second and stores what the backlog no longer holds
+//! back.
+//!
 //! Reading and writing overlap: one task fetches and cuts batches, a blocking thread decodes
 //! the next batch while the writer applies one, in fetch order.
+//!
+//! # Polling never stops
+//!
+//! The consumer is polled all the time, however long the sink takes, so it never leaves the
+//! group for not polling (`max.poll.interval.ms`). When a cut batch has waited a second for the
+//! writer, fetching of every assigned topic-partition is **paused** (librdkafka drops what it
+//! prefetched for them and fetches it again on resume) while polling goes on (rebalances and
+//! heartbeats are served); fetching resumes as soon as the batch is taken. The topic-partitions
+//! of a full sink backlog ([`Backlog::full`]) are paused likewise until it is not.
 //!
 //! # Memory
 //!
@@ -49,7 +63,10 @@
 //!   emptied one kept for reuse. The reader cuts a batch only when the writer has taken the
 //!   previous one, so at most two are decoded at a time; a decoded event takes about 1 KiB
 //!   (the envelope's fields) plus a copy of its `after` image;
-//! - the sink's bulk request for the batch being written (about the batch's bytes again).
+//! - the sink's bulk request for the batch being written (about the batch's bytes again);
+//! - what the sink holds in its [`Backlog`] (bounded by the sink; the webhook sink's
+//!   `--max-held-bytes`), and the few records that arrive between a pause and its effect,
+//!   which join the waiting batch.
 //!
 //! A batch's records, bytes and events sit in three vectors that are emptied and reused
 //! (`Spares`) rather than allocated per batch. With the defaults (8 MiB queue, 2000 events)
@@ -64,7 +81,7 @@ mod group;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::ops::Range;
 use std::sync::Arc;
@@ -134,6 +151,17 @@ pub struct Letter {
     pub headers: Vec<(&'static str, String)>,
 }
 
+/// What a sink still owes after `write` answered for it: events it keeps for a destination that
+/// is down (the webhook sink's parked subscriptions in strict mode), by topic-partition.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Backlog {
+    /// The oldest offset still owed, per (topic, partition): no offset past it is stored.
+    pub oldest: BTreeMap<(Arc<str>, i32), i64>,
+    /// The backlog reached the sink's bound: fetching the topic-partitions of `oldest` is
+    /// paused (the consumer keeps polling) until it is below it again.
+    pub full: bool,
+}
+
 /// Why a sink could not finish a batch.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -175,6 +203,9 @@ pub enum SinkError {
 ///   connection error) is the sink's to retry, with backoff, until it succeeds or `shutdown`
 ///   fires ([`SinkError::Interrupted`]). [`Verdict::Rejected`] only for events that would fail
 ///   again in the same way; they go to the dead-letter topic and the stream moves on.
+/// - **Backlog.** A sink may answer for an event it still has to deliver later (it keeps it
+///   in memory); it then reports it in [`Sink::backlog`], and the runtime stores no offset
+///   past it until it is gone from there.
 pub trait Sink: Send {
     /// Short name for metrics and logs.
     fn name(&self) -> &'static str;
@@ -192,6 +223,12 @@ pub trait Sink: Send {
         events: &mut [Event],
         shutdown: &CancellationToken,
     ) -> impl Future<Output = Result<Vec<Verdict>, SinkError>> + Send;
+
+    /// What the sink still owes for events it answered (see [`Backlog`]); asked after every
+    /// `write` and every second. Nothing by default.
+    fn backlog(&self) -> Backlog {
+        Backlog::default()
+    }
 
     /// Called after the last `write`'s dead letters were acknowledged and its offsets stored:
     /// the place for side effects that must not happen before then.
@@ -224,6 +261,12 @@ pub enum RuntimeError {
 
 /// How long the final batch may take after a shutdown request before it is abandoned.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// How often a sink's backlog is looked at between batches.
+const BACKLOG_TICK: Duration = Duration::from_secs(1);
+
+/// How long a cut batch may wait for the writer before fetching pauses (while polling goes on).
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
 
 /// A fetched record in a batch, with what the runtime needs beyond the sink's view.
 struct Pending {
@@ -373,9 +416,26 @@ impl Runtime {
         // writes one, the next waits in the channel and the reader fills the one after it.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Decoding>(1);
         let spares = Arc::new(Spares::default());
+        let paused = Arc::new(BacklogPause::default());
         let writer = async {
             let mut idle_since = Instant::now();
-            while let Some(decoding) = rx.recv().await {
+            let mut progress = Progress::default();
+            let mut tick = tokio::time::interval(BACKLOG_TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let decoding = tokio::select! {
+                    d = rx.recv() => match d {
+                        Some(d) => d,
+                        None => break,
+                    },
+                    _ = tick.tick() => {
+                        // A backlog shrinks between batches too (a parked endpoint is back).
+                        let backlog = sink.backlog();
+                        progress.restore(self, &backlog);
+                        paused.set(&backlog);
+                        continue;
+                    }
+                };
                 let Ok(mut batch) = decoding.await else {
                     rx.close();
                     return Err(RuntimeError::Sink {
@@ -389,6 +449,8 @@ impl Runtime {
                     rx.close();
                     return Err(e);
                 }
+                progress.record(&batch.records);
+                paused.set(&sink.backlog());
                 spares.give(batch, &self.settings);
                 tracing::trace!(
                     waited_ms = waited.as_millis() as u64,
@@ -405,6 +467,7 @@ impl Runtime {
             self.avro.clone(),
             tx,
             Arc::clone(&spares),
+            Arc::clone(&paused),
             shutdown.clone(),
         ));
         let written = writer.await;
@@ -618,7 +681,7 @@ async fn flush<S: Sink, E: Effects>(
             "Dead-lettered events."
         );
     }
-    store_offsets(fx, batch);
+    store_offsets(fx, batch, &sink.backlog());
     sink.settled().await;
     metrics
         .batch_seconds
@@ -659,35 +722,224 @@ fn drop_revoked<E: Effects>(fx: &E, batch: &mut Vec<Pending>, events: &mut Vec<E
     batch.retain(|_| record_kept.next().copied().unwrap_or(false));
 }
 
-/// Stores `last offset + 1` of every topic-partition in the batch.
-fn store_offsets<E: Effects>(fx: &E, batch: &[Pending]) {
+/// Stores `last offset + 1` of every topic-partition in the batch, or the oldest offset the
+/// sink still owes there ([`Sink::backlog`]) when that is lower.
+fn store_offsets<E: Effects>(fx: &E, batch: &[Pending], backlog: &Backlog) {
     let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
     for p in batch {
         let e = next.entry((&p.topic, p.partition)).or_insert(0);
         *e = (*e).max(p.offset + 1);
     }
+    if !backlog.oldest.is_empty() {
+        for (&(topic, partition), offset) in next.iter_mut() {
+            if let Some(oldest) = backlog.oldest.get(&(Arc::from(topic), partition)) {
+                *offset = (*offset).min(*oldest);
+            }
+        }
+    }
     fx.store_offsets(&next);
+}
+
+/// The offsets written so far per topic-partition (with the assignment they were read under),
+/// so that they can be stored again as a sink's [`Backlog`] shrinks between batches.
+#[derive(Default)]
+struct Progress {
+    done: HashMap<(Arc<str>, i32), (u64, i64)>,
+    /// The backlog was not empty when last looked at.
+    owed: bool,
+}
+
+impl Progress {
+    /// Records a written batch.
+    fn record(&mut self, batch: &[Pending]) {
+        for p in batch {
+            let e = self
+                .done
+                .entry((Arc::clone(&p.topic), p.partition))
+                .or_insert((p.epoch, 0));
+            if e.0 != p.epoch {
+                *e = (p.epoch, 0);
+            }
+            e.1 = e.1.max(p.offset + 1);
+        }
+    }
+
+    /// Stores again what was written, capped by `backlog`, for the topic-partitions still held
+    /// under the same assignment; only while a backlog exists or just emptied.
+    fn restore<E: Effects>(&mut self, fx: &E, backlog: &Backlog) {
+        let owed = !backlog.oldest.is_empty();
+        if !owed && !self.owed {
+            return;
+        }
+        self.owed = owed;
+        self.done
+            .retain(|(topic, partition), (epoch, _)| fx.epoch(topic, *partition) == Some(*epoch));
+        let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+        for ((topic, partition), (_, offset)) in &self.done {
+            let cap = backlog
+                .oldest
+                .get(&(Arc::clone(topic), *partition))
+                .copied()
+                .unwrap_or(i64::MAX);
+            next.insert((&**topic, *partition), (*offset).min(cap));
+        }
+        if !next.is_empty() {
+            fx.store_offsets(&next);
+        }
+    }
+}
+
+/// Topic-partitions, by shared topic name.
+type TopicPartitions = BTreeSet<(Arc<str>, i32)>;
+
+/// The topic-partitions a full sink backlog pauses (with a generation that changes with them),
+/// set by the writer and applied by the reader.
+#[derive(Default)]
+struct BacklogPause(std::sync::Mutex<(u64, TopicPartitions)>);
+
+impl BacklogPause {
+    fn set(&self, backlog: &Backlog) {
+        let wanted: TopicPartitions = if backlog.full {
+            backlog.oldest.keys().cloned().collect()
+        } else {
+            BTreeSet::new()
+        };
+        let mut state = walrelay_common::sync::lock(&self.0);
+        if state.1 != wanted {
+            state.0 += 1;
+            state.1 = wanted;
+        }
+    }
+
+    fn get(&self) -> (u64, TopicPartitions) {
+        walrelay_common::sync::lock(&self.0).clone()
+    }
+}
+
+/// Which topic-partitions the reader has paused (with the assignment epoch they were paused
+/// under: a new assignment starts unpaused), and why.
+#[derive(Default)]
+struct Pauser {
+    paused: HashMap<(Arc<str>, i32), u64>,
+    /// (everything, backlog generation) at the last look, and when.
+    last: Option<(bool, u64, Instant)>,
+}
+
+impl Pauser {
+    /// Pauses what must not be fetched now (every assigned topic-partition when `all`, else
+    /// those of a full backlog) and resumes the rest; looks again at most every 200 ms unless
+    /// the reason changed.
+    fn apply(&mut self, group: &Group, all: bool, backlog: &BacklogPause, metrics: &Metrics) {
+        let (generation, held) = backlog.get();
+        if self.last.is_some_and(|(a, g, t)| {
+            a == all && g == generation && t.elapsed() < Duration::from_millis(200)
+        }) {
+            return;
+        }
+        self.last = Some((all, generation, Instant::now()));
+        let assigned = group.assigned();
+        // A pause does not outlive its assignment.
+        self.paused.retain(|(topic, partition), epoch| {
+            assigned
+                .iter()
+                .any(|(t, p, e)| t == topic && p == partition && e == epoch)
+        });
+        let mut pause = TopicPartitionList::new();
+        let mut resume = TopicPartitionList::new();
+        for (topic, partition, epoch) in &assigned {
+            let key = (Arc::clone(topic), *partition);
+            let wanted = all || held.contains(&key);
+            let is = self.paused.contains_key(&key);
+            if wanted && !is {
+                let _ = pause.add_partition(topic, *partition);
+                self.paused.insert(key, *epoch);
+            } else if !wanted && is {
+                let _ = resume.add_partition(topic, *partition);
+                self.paused.remove(&key);
+            }
+        }
+        let consumer = group.consumer();
+        if pause.count() > 0 {
+            if let Err(e) = consumer.pause(&pause) {
+                tracing::debug!(error = %e, "Could not pause fetching (partition revoked?).");
+            }
+            tracing::debug!(
+                partitions = pause.count(),
+                everything = all,
+                "Fetching paused; polling goes on."
+            );
+        }
+        if resume.count() > 0 {
+            if let Err(e) = consumer.resume(&resume) {
+                tracing::debug!(error = %e, "Could not resume fetching (partition revoked?).");
+            }
+            tracing::debug!(partitions = resume.count(), "Fetching resumed.");
+        }
+        metrics.paused_partitions.set(self.paused.len() as i64);
+    }
 }
 
 /// Fetches, decodes and cuts batches until `shutdown` (then hands over the partial batch)
 /// or until the writer stops.
+///
+/// The consumer is polled all the time, so it never leaves the group for not polling
+/// (`max.poll.interval.ms`), however long the sink takes: when a cut batch has waited
+/// [`PAUSE_AFTER`] for the writer, fetching of every assigned topic-partition is paused
+/// (librdkafka drops what it prefetched and fetches it again on resume) and polling goes on;
+/// the few records already on their way then join the waiting batch. The topic-partitions of a
+/// full sink backlog are paused likewise.
 async fn read(
     group: Arc<Group>,
     settings: RuntimeSettings,
     avro: Option<Arc<codec::avro::Decoder>>,
     tx: tokio::sync::mpsc::Sender<Decoding>,
     spares: Arc<Spares>,
+    backlog: Arc<BacklogPause>,
     shutdown: CancellationToken,
 ) {
+    let metrics = group.metrics();
+    let mut pauser = Pauser::default();
     let mut batch = spares.take();
     let mut started: Option<Instant> = None;
+    let mut waiting_since: Option<Instant> = None;
     loop {
         let deadline = started.map(|t| t + settings.batch_max_wait);
-        let received = tokio::select! {
-            biased;
-            () = shutdown.cancelled() => break,
-            () = tx.closed() => return,
-            r = group.recv(deadline, &mut batch.bytes) => r,
+        let now = Instant::now();
+        let ready = !batch.records.is_empty()
+            && (batch.is_full(&settings) || deadline.is_some_and(|d| now >= d));
+        if !ready {
+            waiting_since = None;
+        }
+        let stalled = ready && now >= *waiting_since.get_or_insert(now) + PAUSE_AFTER;
+        pauser.apply(&group, stalled, &backlog, &metrics);
+        let received = if ready {
+            // Decoding starts only once the channel has room for the batch: at most two
+            // decoded batches exist (the one being written and the next).
+            let until = waiting_since.unwrap_or(now) + PAUSE_AFTER;
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                permit = tx.reserve() => {
+                    let Ok(permit) = permit else {
+                        return;
+                    };
+                    permit.send(decoding(
+                        std::mem::replace(&mut batch, spares.take()),
+                        avro.clone(),
+                    ));
+                    started = None;
+                    continue;
+                }
+                r = group.recv(Some(now + Duration::from_millis(200)), &mut batch.bytes), if stalled => r,
+                () = tokio::time::sleep_until(until.into()), if !stalled => continue,
+            }
+        } else {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                () = tx.closed() => return,
+                r = group.recv(deadline, &mut batch.bytes) => r,
+            }
         };
         // Take what is already fetched without a timer per message.
         let mut next = received;
@@ -698,20 +950,6 @@ async fn read(
                 break;
             }
             next = group.try_recv(&mut batch.bytes);
-        }
-        let due = deadline.is_some_and(|d| Instant::now() >= d);
-        if !batch.records.is_empty() && (batch.is_full(&settings) || due) {
-            // Decoding starts only once the channel has room for the batch: at most two decoded
-            // batches exist (the one being written and the next); fetching waits meanwhile
-            // (librdkafka's queue keeps prefetching).
-            let Ok(permit) = tx.reserve().await else {
-                return;
-            };
-            permit.send(decoding(
-                std::mem::replace(&mut batch, spares.take()),
-                avro.clone(),
-            ));
-            started = None;
         }
     }
     if !batch.records.is_empty() {

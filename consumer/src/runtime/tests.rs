@@ -25,6 +25,8 @@ struct MemorySink {
     verdict: fn(i64) -> Verdict,
     /// When set, `write` fails with this instead.
     fail: Option<fn() -> SinkError>,
+    /// What `backlog` answers.
+    backlog: Backlog,
 }
 
 impl MemorySink {
@@ -34,6 +36,7 @@ impl MemorySink {
             applied: Vec::new(),
             verdict: |_| Verdict::Applied,
             fail: None,
+            backlog: Backlog::default(),
         }
     }
 }
@@ -65,6 +68,10 @@ impl Sink for MemorySink {
 
     async fn settled(&mut self) {
         log(&self.log, "settled".into());
+    }
+
+    fn backlog(&self) -> Backlog {
+        self.backlog.clone()
     }
 }
 
@@ -372,4 +379,38 @@ async fn offsets_epochs_and_dead_letters_are_per_topic_partition() {
         entries(&l),
         ["write [10, 3]", "store {a.x/0: 11, a.y/0: 4}", "settled"]
     );
+}
+
+#[tokio::test]
+async fn no_offset_is_stored_past_the_sinks_backlog_and_it_is_stored_once_the_backlog_empties() {
+    let l = Log::default();
+    let (e1, e2, e3) = (envelope(1), envelope(2), envelope(3));
+    let mut b = batch(&[(0, 10, 1, &e1), (0, 11, 1, &e2), (1, 20, 1, &e3)]);
+    let fx = Recorder::new(&l, vec![(0, 1), (1, 1)]);
+    let mut sink = MemorySink::new(&l);
+    // The sink still owes partition 0's offset 11.
+    sink.backlog.oldest.insert((Arc::from("t"), 0), 11);
+    run_flush(&fx, &mut sink, &mut b).await.expect("flush");
+    assert!(
+        entries(&l).contains(&"store {0: 11, 1: 21}".to_string()),
+        "{:?}",
+        entries(&l)
+    );
+    let mut progress = Progress::default();
+    progress.record(&b.records);
+    progress.restore(&fx, &sink.backlog);
+    assert_eq!(
+        entries(&l).last().map(String::as_str),
+        Some("store {0: 11, 1: 21}")
+    );
+    // Delivered: the next look stores what it held back, then nothing more.
+    sink.backlog = Backlog::default();
+    progress.restore(&fx, &sink.backlog);
+    assert_eq!(
+        entries(&l).last().map(String::as_str),
+        Some("store {0: 12, 1: 21}")
+    );
+    let n = entries(&l).len();
+    progress.restore(&fx, &sink.backlog);
+    assert_eq!(entries(&l).len(), n, "nothing owed, nothing stored again");
 }

@@ -5,6 +5,10 @@
 //! | `POST /v1/subscriptions` `{"url", "schema"?, "table"?, "ops"?, "secret"?}` | 201 with the subscription and its `secret` (shown only here) |
 //! | `GET /v1/subscriptions` | 200 `{"subscriptions": [...]}` |
 //! | `GET /v1/subscriptions/{id}` | 200, or 404 |
+//!
+//! A subscription shows its `state` in this notifier: `active`, `disabled` (410 Gone), or
+//! `parked` with `parked_since_ms` (Unix milliseconds), `last_error` and `held_events` (strict
+//! mode); see [`parking`](super::parking).
 //! | `DELETE /v1/subscriptions/{id}` | 204, or 404 |
 //!
 //! Errors are `{"error": {"field": ..., "message": ...}}`: 400 malformed, 401 no or wrong
@@ -32,6 +36,7 @@ use futures_util::StreamExt;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
+use super::parking::Parking;
 use super::signing::Secret;
 use super::subscriptions::{NewSubscription, Store, StoreError, Subscription};
 use crate::http::guard::Guard;
@@ -47,6 +52,8 @@ pub struct Api {
     pub token: Arc<str>,
     /// Most subscriptions the deployment may hold (`--max-subscriptions`).
     pub max_subscriptions: u64,
+    /// The parked subscriptions (their state is shown).
+    pub parking: Arc<Parking>,
 }
 
 /// Largest request body (a subscription takes well under 1 KiB).
@@ -252,18 +259,29 @@ async fn drain(stream: &mut axum::body::BodyDataStream) {
     let _ = tokio::time::timeout(BODY_TIMEOUT, discard).await;
 }
 
-fn view(s: &Subscription) -> Value {
-    serde_json::to_value(s).unwrap_or(Value::Null)
+fn view(s: &Subscription, parking: &Parking) -> Value {
+    let mut v = serde_json::to_value(s).unwrap_or(Value::Null);
+    if let (Value::Object(o), Value::Object(state)) =
+        (&mut v, parking.view(&s.id, s.disabled.is_some()))
+    {
+        o.extend(state);
+    }
+    v
 }
 
 async fn list(State(api): State<Api>) -> Response {
-    let subs: Vec<Value> = api.store.current().iter().map(view).collect();
+    let subs: Vec<Value> = api
+        .store
+        .current()
+        .iter()
+        .map(|s| view(s, &api.parking))
+        .collect();
     (StatusCode::OK, axum::Json(json!({ "subscriptions": subs }))).into_response()
 }
 
 async fn one(State(api): State<Api>, Path(id): Path<String>) -> Response {
     match api.store.get(&id) {
-        Some(s) => (StatusCode::OK, axum::Json(view(&s))).into_response(),
+        Some(s) => (StatusCode::OK, axum::Json(view(&s, &api.parking))).into_response(),
         None => error(
             StatusCode::NOT_FOUND,
             Some("id"),
@@ -298,7 +316,7 @@ async fn create(State(api): State<Api>, headers: HeaderMap, body: Body) -> Respo
     let secret = new.secret.clone();
     match api.store.create(new, api.max_subscriptions).await {
         Ok(s) => {
-            let mut v = view(&s);
+            let mut v = view(&s, &api.parking);
             v["secret"] = Value::String(secret);
             tracing::info!(id = %s.id, url = %walrelay_common::options::without_userinfo(&s.url), "Subscription created.");
             (StatusCode::CREATED, axum::Json(v)).into_response()

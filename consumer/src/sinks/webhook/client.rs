@@ -10,11 +10,15 @@
 //!   before each attempt (see the sink's module documentation for what that guarantees).
 //! - Timeouts, connection errors, 408, 425, 429 and 5xx are retried (`Retry-After` in seconds
 //!   on 429 and 503 is honoured, capped by `--retry-max-backoff`), up to `--max-attempts`.
+//! - A delivery permit ([`Gate`]) is held only while a request is in flight, never while
+//!   backing off, and a delivery stops at once (mid-request too) when its subscription is
+//!   parked or the notifier stops.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::{StatusCode, Url};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use walrelay_common::retry::Backoff;
 
@@ -34,6 +38,9 @@ pub enum Failure {
         status: Option<u16>,
         /// What happened.
         message: String,
+        /// The attempts ran out on answers worth retrying (the endpoint may come back): not a
+        /// definite refusal.
+        exhausted: bool,
     },
     /// Shutdown came while retrying.
     Interrupted,
@@ -59,7 +66,45 @@ enum Outcome {
 }
 
 fn failed(status: Option<u16>, message: String) -> Failure {
-    Failure::Failed { status, message }
+    Failure::Failed {
+        status,
+        message,
+        exhausted: false,
+    }
+}
+
+/// What bounds one delivery: the permits it takes (only while a request is in flight, never
+/// while backing off), when it must stop, how many attempts it has, and who hears of them.
+pub struct Gate<'a> {
+    /// Requests in flight for every subscription (`--max-concurrent-deliveries`).
+    pub limit: &'a Semaphore,
+    /// The subscription's share of them in the batch being written, if any.
+    pub share: Option<&'a Semaphore>,
+    /// Shutdown, or the subscription parked: the delivery stops, even mid-request.
+    pub stop: &'a CancellationToken,
+    /// Attempts at most (`--max-attempts`; 1 for a probe).
+    pub attempts: u32,
+    /// Told of each attempt: `None` for an answer that settles the event (a success or a
+    /// definite refusal), `Some(error)` for a failure worth retrying.
+    pub report: &'a (dyn Fn(Option<&str>) + Sync),
+}
+
+impl Gate<'_> {
+    /// The permits of one request, or `None` when the delivery must stop first.
+    async fn permits(&self) -> Option<Vec<tokio::sync::SemaphorePermit<'_>>> {
+        let take = async {
+            let mut held = Vec::with_capacity(2);
+            if let Some(share) = self.share {
+                held.push(share.acquire().await.ok()?);
+            }
+            held.push(self.limit.acquire().await.ok()?);
+            Some(held)
+        };
+        tokio::select! {
+            () = self.stop.cancelled() => None,
+            p = take => p,
+        }
+    }
 }
 
 /// Delivers signed requests to subscription endpoints.
@@ -122,13 +167,13 @@ impl WebhookClient {
         }
     }
 
-    /// Delivers one event to one subscription, retrying until a final answer.
+    /// Delivers one event to one subscription, retrying until a final answer, within `gate`.
     pub async fn deliver(
         &self,
         sub: &Subscription,
         id: &str,
         body: &[u8],
-        shutdown: &CancellationToken,
+        gate: &Gate<'_>,
     ) -> Result<(), Failure> {
         let url = Url::parse(&sub.url).map_err(|e| failed(None, format!("bad URL: {e}")))?;
         if let Err(refused) = self.guard.check_url(&url) {
@@ -154,9 +199,13 @@ impl WebhookClient {
                 self.count("refused");
                 return Err(failed(None, refused.to_string()));
             }
+            // The permits are held for the request only.
+            let Some(permits) = gate.permits().await else {
+                return Err(Failure::Interrupted);
+            };
             let ts = walrelay_common::clock::now_ms() / 1000;
             let started = Instant::now();
-            let sent = self
+            let request = self
                 .http
                 .post(url.clone())
                 .header("content-type", "application/json")
@@ -164,14 +213,24 @@ impl WebhookClient {
                 .header("webhook-timestamp", ts.to_string())
                 .header("webhook-signature", secret.sign(id, ts, body))
                 .body(payload.clone())
-                .send()
-                .await;
+                .send();
+            let sent = tokio::select! {
+                () = gate.stop.cancelled() => return Err(Failure::Interrupted),
+                sent = request => sent,
+            };
+            drop(permits);
             self.metrics
                 .webhook_duration_seconds
                 .observe(started.elapsed().as_secs_f64());
             let (class, retry_after, status, message) = match self.outcome(sent) {
-                Outcome::Delivered => return Ok(()),
-                Outcome::Final(failure) => return Err(failure),
+                Outcome::Delivered => {
+                    (gate.report)(None);
+                    return Ok(());
+                }
+                Outcome::Final(failure) => {
+                    (gate.report)(None);
+                    return Err(failure);
+                }
                 Outcome::Retry {
                     class,
                     retry_after,
@@ -179,11 +238,13 @@ impl WebhookClient {
                     message,
                 } => (class, retry_after, status, message),
             };
-            if attempt >= self.settings.max_attempts {
-                return Err(failed(
+            (gate.report)(Some(&message));
+            if attempt >= gate.attempts {
+                return Err(Failure::Failed {
                     status,
-                    format!("{message} after {attempt} attempts"),
-                ));
+                    message: format!("{message} after {attempt} attempts"),
+                    exhausted: true,
+                });
             }
             self.metrics.webhook_retries.inc();
             // The backoff steps on every retry, also when the endpoint said how long to wait.
@@ -193,7 +254,7 @@ impl WebhookClient {
                 .unwrap_or(jittered);
             tracing::debug!(subscription = %sub.id, %class, wait_ms = wait.as_millis() as u64, "Delivery failed; retrying.");
             tokio::select! {
-                () = shutdown.cancelled() => return Err(Failure::Interrupted),
+                () = gate.stop.cancelled() => return Err(Failure::Interrupted),
                 () = tokio::time::sleep(wait) => {}
             }
         }

@@ -86,11 +86,20 @@ pub async fn notify(
     let store = open_store(n, &shutdown).await?;
     tokio::spawn(Arc::clone(&store).keep_fresh(n.subscriptions_refresh, shutdown.clone()));
     let guard = Arc::new(n.guard.clone());
+    let mut sink = WebhookSink::new(
+        n.delivery.clone(),
+        Arc::clone(&guard),
+        Arc::clone(&store),
+        Arc::clone(&metrics),
+    )
+    .map_err(|e| WebhookError::Setup(format!("HTTP client: {e}")))?;
+    tokio::spawn(sink.probe_parked(shutdown.clone()));
     let app = api::router(Api {
         store: Arc::clone(&store),
-        guard: Arc::clone(&guard),
+        guard,
         token: Arc::from(n.api_token.0.as_str()),
         max_subscriptions: n.max_subscriptions,
+        parking: sink.parking(),
     });
     let listener = tokio::net::TcpListener::bind(n.api_addr)
         .await
@@ -106,8 +115,6 @@ pub async fn notify(
         n.api_tls.as_ref().map(|t| Arc::clone(&t.0)),
         shutdown.clone(),
     ));
-    let mut sink = WebhookSink::new(n.delivery.clone(), guard, store, Arc::clone(&metrics))
-        .map_err(|e| WebhookError::Setup(format!("HTTP client: {e}")))?;
     let consumer = Runtime::new(runtime, &runtime.group, metrics, readiness)
         .await
         .map_err(WebhookError::Runtime)?;

@@ -64,9 +64,21 @@ pub struct Args {
     #[arg(long, env = "WALRELAY_MAX_CONCURRENT_DELIVERIES")]
     pub max_concurrent_deliveries: Option<usize>,
     /// What a delivery that failed for good does: `dead-letter` and go on, or `stop`
-    /// (strict) [default: dead-letter].
+    /// (strict: a definite refusal stops the notifier; a parked subscription's events are
+    /// held until its endpoint is back) [default: dead-letter].
     #[arg(long, env = "WALRELAY_ON_DELIVERY_FAILURE", value_enum)]
     pub on_delivery_failure: Option<OnFailure>,
+    /// A subscription whose endpoint gave no answer (nor a success) for this long while it
+    /// had events, or that is still delivering this long after another subscription finished
+    /// the batch, is parked; also how often a parked one is probed, e.g. 10s [default: 10s].
+    #[arg(long, env = "WALRELAY_PARK_AFTER", value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "options::deserialize_duration")]
+    pub park_after: Option<Duration>,
+    /// Most bytes of events held in memory for parked subscriptions in strict mode; at the
+    /// bound, fetching their partitions pauses, e.g. 64MiB [default: 64MiB].
+    #[arg(long, env = "WALRELAY_MAX_HELD_BYTES", value_parser = options::parse_bytes)]
+    #[serde(default, deserialize_with = "options::deserialize_bytes")]
+    pub max_held_bytes: Option<u64>,
     /// How often subscriptions are reloaded from Postgres, e.g. 2s [default: 2s].
     #[arg(long, env = "WALRELAY_SUBSCRIPTIONS_REFRESH", value_parser = parse_duration)]
     #[serde(default, deserialize_with = "options::deserialize_duration")]
@@ -91,6 +103,8 @@ impl Args {
                 .max_concurrent_deliveries
                 .or(file.max_concurrent_deliveries),
             on_delivery_failure: self.on_delivery_failure.or(file.on_delivery_failure),
+            park_after: self.park_after.or(file.park_after),
+            max_held_bytes: self.max_held_bytes.or(file.max_held_bytes),
             subscriptions_refresh: self.subscriptions_refresh.or(file.subscriptions_refresh),
         }
     }
@@ -132,6 +146,14 @@ impl Args {
         let delivery_timeout = o.delivery_timeout.unwrap_or(Duration::from_secs(10));
         if delivery_timeout.is_zero() {
             return Err(ConfigError::new("--delivery-timeout", "must be positive"));
+        }
+        let park_after = o.park_after.unwrap_or(Duration::from_secs(10));
+        if park_after < Duration::from_millis(100) {
+            return Err(ConfigError::new("--park-after", "must be 100ms or more"));
+        }
+        let max_held_bytes = o.max_held_bytes.unwrap_or(64 << 20);
+        if max_held_bytes < 1 << 20 {
+            return Err(ConfigError::new("--max-held-bytes", "must be 1MiB or more"));
         }
         let api_tls = match (&o.api_tls_cert, &o.api_tls_key) {
             (None, None) => None,
@@ -182,6 +204,8 @@ impl Args {
                 max_concurrent_deliveries,
                 on_failure: o.on_delivery_failure.unwrap_or_default(),
                 proxy,
+                park_after,
+                max_held_bytes: usize::try_from(max_held_bytes).unwrap_or(usize::MAX),
             },
             subscriptions_refresh: o.subscriptions_refresh.unwrap_or(Duration::from_secs(2)),
         })
@@ -195,7 +219,8 @@ pub enum OnFailure {
     /// Dead-letter the event for that subscription and go on.
     #[default]
     DeadLetter,
-    /// Stop the notifier (exit 1) without committing: strict mode.
+    /// Strict mode: a definite refusal stops the notifier (exit 1) without committing; a
+    /// parked subscription's events are held (never dead-lettered, never committed past).
     Stop,
 }
 
@@ -216,6 +241,10 @@ pub struct DeliverySettings {
     pub on_failure: OnFailure,
     /// The proxy every delivery goes through (`--webhook-proxy`), if any.
     pub proxy: Option<ProxyUrl>,
+    /// When a subscription is parked, and how often a parked one is probed.
+    pub park_after: Duration,
+    /// Most bytes held for parked subscriptions (strict mode).
+    pub max_held_bytes: usize,
 }
 
 /// `--webhook-proxy`: an http(s) proxy URL, possibly with credentials (kept out of debug

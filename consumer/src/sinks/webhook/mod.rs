@@ -18,11 +18,45 @@
 //!   the subscription. After the last attempt, or on another 4xx, a refusal by the SSRF guard
 //!   or a redirect, the event is dead-lettered with `walrelay.dlq.subscription`,
 //!   `walrelay.dlq.status` and `walrelay.dlq.url` headers (`--on-delivery-failure stop` halts
-//!   the notifier instead).
+//!   the notifier instead on a definite refusal; attempts that run out park the subscription).
 //! - **Progress.** The runtime stores a topic-partition's offset only after the whole batch has a
-//!   final answer for every subscription, so nothing is committed past an event still being
-//!   retried. The batch is the bounded queue: a slow or dead endpoint holds the next batch
-//!   back only after every other chain of the current one has been delivered.
+//!   final answer for every subscription (delivered, dead-lettered, or held: see below), and
+//!   never past an event still held for a parked subscription, so nothing is committed past an
+//!   event that has not had its final answer for every subscription.
+//!
+//! # Isolation: one endpoint cannot hold the others back
+//!
+//! A batch ends when every subscription is done with it, so a subscription that cannot keep up
+//! is taken out of the batches (**parked**, [`parking`]) instead of making every other one wait:
+//!
+//! - **Permits.** In a batch, each subscription with events takes at most its share of the
+//!   permits, `max(1, --max-concurrent-deliveries / subscriptions delivering)`, and a permit is
+//!   held only while a request is in flight: never while backing off.
+//! - **Parking.** A subscription is parked when, with events in the batch, it got no settling
+//!   answer (a success or a definite refusal) for `--park-after` (default 10 s; timeouts,
+//!   connection errors, 429 and 5xx do not count), or is still delivering `--park-after` after
+//!   the first other subscription with events finished the batch; in strict mode also when an
+//!   event's attempts run out. Parking stops its requests at once (in flight too); the events it
+//!   has not delivered, and all its events while it stays parked, are dead-lettered with reason
+//!   `parked` (lenient) or held in memory (strict) and delivered in order once it is back.
+//! - **Probes.** Every `--park-after`, one attempt in the background (never in a batch): the
+//!   newest dead-lettered event (lenient), or the oldest held event (strict, which then sends
+//!   the rest one by one). An answer resumes the subscription.
+//! - **The bound.** A failing, silent or slow endpoint delays the other subscriptions'
+//!   deliveries by at most `--park-after` (plus up to a twentieth of it, how often the batch
+//!   looks) each time it is parked, and not at all while parked. It never takes more than its
+//!   share of the permits. The consumer polls Kafka all the time (the runtime pauses fetching
+//!   instead of stopping to poll), so a slow batch never makes it leave its group.
+//! - **Memory.** Lenient: a parked subscription keeps one event (its probe). Strict: held
+//!   events take at most `--max-held-bytes` (default 64 MiB) plus the batches already fetched
+//!   when the bound is reached (three at most); at the bound the runtime pauses fetching the
+//!   topic-partitions they belong to, for every subscription, until the endpoint is back: a
+//!   strict notifier trades the others' progress for never dead-lettering. Offsets are never
+//!   stored past the oldest held event, so a restart delivers held events again.
+//! - **Not covered.** A subscription parked under `--park-after` that is slow but answers
+//!   (more than `--park-after` behind the others on a large batch) is treated like a failing
+//!   one: in lenient mode its events are dead-lettered until a probe succeeds. Parking is per
+//!   process: other notifiers of the group park on their own.
 //! - **Proxies.** Proxy environment variables (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, ...)
 //!   are ignored: deliveries connect directly unless `--webhook-proxy` names a proxy, and then
 //!   every delivery goes through it (plain-HTTP targets as absolute-form requests, HTTPS
@@ -55,6 +89,7 @@
 //! - [`signing`]: Standard Webhooks signatures and secrets.
 //! - [`crate::http::guard`] (shared): the SSRF guard (literal addresses, and every resolved address
 //!   at connect time).
+//! - [`parking`]: parked subscriptions, their held events and probes.
 //! - [`subscriptions`]: the subscriptions in Postgres and their cache.
 //! - [`api`]: the subscriptions HTTP API; [`server`] serves it (TLS, timeouts and limits).
 
@@ -63,6 +98,7 @@ pub mod client;
 pub mod command;
 pub mod config;
 pub mod encode;
+pub mod parking;
 pub mod server;
 pub mod signing;
 pub mod sink;

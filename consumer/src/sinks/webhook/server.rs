@@ -210,6 +210,12 @@ mod tests {
             guard: Arc::new(Guard::default()),
             token: Arc::from(TOKEN),
             max_subscriptions: 10,
+            parking: Arc::new(crate::sinks::webhook::parking::Parking::new(
+                std::time::Duration::from_secs(10),
+                1 << 20,
+                false,
+                Arc::new(crate::metrics::Metrics::new().expect("metrics")),
+            )),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
