@@ -41,6 +41,55 @@ pub struct RegistryOptions {
     pub timeout: Duration,
 }
 
+impl RegistryOptions {
+    /// The options of the `--schema-registry-*` flags, checked (credentials given in pairs, the
+    /// URL parsed, the CA file read), or `None` without a URL. Errors name the flag.
+    pub fn from_flags(
+        url: Option<String>,
+        username: Option<String>,
+        password: Option<String>,
+        token: Option<String>,
+        ca_file: Option<PathBuf>,
+    ) -> Result<Option<Self>, crate::options::ConfigError> {
+        use crate::options::ConfigError;
+        let Some(url) = url else {
+            if username.is_some() || password.is_some() || token.is_some() || ca_file.is_some() {
+                return Err(ConfigError::new(
+                    "--schema-registry-url",
+                    "the registry's credentials and CA file need its URL",
+                ));
+            }
+            return Ok(None);
+        };
+        let auth = match (username, password, token) {
+            (None, None, None) => RegistryAuth::None,
+            (Some(username), Some(password), None) => RegistryAuth::Basic { username, password },
+            (None, None, Some(token)) => RegistryAuth::Bearer(token),
+            (Some(_), Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "--schema-registry-token",
+                    "give either a token or a username and password, not both",
+                ));
+            }
+            _ => {
+                return Err(ConfigError::new(
+                    "--schema-registry-username",
+                    "give both --schema-registry-username and --schema-registry-password",
+                ));
+            }
+        };
+        let options = Self {
+            url,
+            auth,
+            ca_file,
+            timeout: Duration::from_secs(10),
+        };
+        Registry::new(&options)
+            .map_err(|e| ConfigError::new("--schema-registry-url", e.to_string()))?;
+        Ok(Some(options))
+    }
+}
+
 /// Registry credentials. `Debug` never prints a secret.
 #[derive(Clone, PartialEq, Eq, Default)]
 pub enum RegistryAuth {
@@ -200,6 +249,41 @@ impl Registry {
         })
     }
 
+    /// Sends `req` (authorized, JSON accepted): the status and body, or `Unavailable` when no
+    /// answer came. `what` names the request in errors.
+    async fn call(
+        &self,
+        req: reqwest::RequestBuilder,
+        what: &(dyn Fn() -> String + Sync),
+    ) -> Result<(u16, String), RegistryError> {
+        let unavailable =
+            |e: reqwest::Error| RegistryError::Unavailable(format!("{}: {}", what(), plain(&e)));
+        let resp = self
+            .authorize(req)
+            .header(reqwest::header::ACCEPT, CONTENT_TYPE)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await.map_err(unavailable)?;
+        Ok((status, text))
+    }
+
+    /// A POST of `{"schema": schema}` to `url`.
+    async fn post_schema(
+        &self,
+        url: &str,
+        schema: &str,
+        what: &(dyn Fn() -> String + Sync),
+    ) -> Result<(u16, String), RegistryError> {
+        let req = self
+            .http
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
+            .body(serde_json::json!({ "schema": schema }).to_string());
+        self.call(req, what).await
+    }
+
     fn authorize(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.auth {
             RegistryAuth::None => req,
@@ -258,21 +342,8 @@ impl Registry {
         schema: &str,
     ) -> Result<Result<u32, String>, RegistryError> {
         let url = format!("{}/subjects/{}/versions", self.base, encode_path(subject));
-        let body = serde_json::json!({ "schema": schema });
         let what = || format!("registering a schema under subject {subject}");
-        let resp = self
-            .authorize(self.http.post(&url))
-            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
-            .header(reqwest::header::ACCEPT, CONTENT_TYPE)
-            .body(body.to_string())
-            .send()
-            .await
-            .map_err(|e| RegistryError::Unavailable(format!("{}: {}", what(), plain(&e))))?;
-        let status = resp.status().as_u16();
-        let text = resp
-            .text()
-            .await
-            .map_err(|e| RegistryError::Unavailable(format!("{}: {}", what(), plain(&e))))?;
+        let (status, text) = self.post_schema(&url, schema, &what).await?;
         if status == 409 {
             return Ok(Err(message_of(&text)));
         }
@@ -291,19 +362,7 @@ impl Registry {
     pub async fn lookup(&self, subject: &str, schema: &str) -> Result<Option<u32>, RegistryError> {
         let url = format!("{}/subjects/{}", self.base, encode_path(subject));
         let what = || format!("looking up a schema under subject {subject}");
-        let resp = self
-            .authorize(self.http.post(&url))
-            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
-            .header(reqwest::header::ACCEPT, CONTENT_TYPE)
-            .body(serde_json::json!({ "schema": schema }).to_string())
-            .send()
-            .await
-            .map_err(|e| RegistryError::Unavailable(format!("{}: {}", what(), plain(&e))))?;
-        let status = resp.status().as_u16();
-        let text = resp
-            .text()
-            .await
-            .map_err(|e| RegistryError::Unavailable(format!("{}: {}", what(), plain(&e))))?;
+        let (status, text) = self.post_schema(&url, schema, &what).await?;
         if status == 404 {
             return Ok(None);
         }
@@ -326,17 +385,7 @@ impl Registry {
         }
         let url = format!("{}/schemas/ids/{id}", self.base);
         let what = || format!("schema id {id}");
-        let resp = self
-            .authorize(self.http.get(&url))
-            .header(reqwest::header::ACCEPT, CONTENT_TYPE)
-            .send()
-            .await
-            .map_err(|e| RegistryError::Unavailable(format!("{}: {}", what(), plain(&e))))?;
-        let status = resp.status().as_u16();
-        let text = resp
-            .text()
-            .await
-            .map_err(|e| RegistryError::Unavailable(format!("{}: {}", what(), plain(&e))))?;
+        let (status, text) = self.call(self.http.get(&url), &what).await?;
         if status == 404 {
             return Err(RegistryError::UnknownId(id));
         }
@@ -357,7 +406,11 @@ impl Registry {
     }
 }
 
-fn check_status(status: u16, text: &str, what: &dyn Fn() -> String) -> Result<(), RegistryError> {
+fn check_status(
+    status: u16,
+    text: &str,
+    what: &(dyn Fn() -> String + Sync),
+) -> Result<(), RegistryError> {
     match status {
         200..=299 => Ok(()),
         401 | 403 => Err(RegistryError::Unauthorized(status)),

@@ -227,7 +227,7 @@ impl Args {
             ));
         }
         let kafka_properties = options::kafka_properties(o.kafka_properties, &o.kafka_property)?;
-        let registry = registry(
+        let registry = walrelay_common::registry::RegistryOptions::from_flags(
             o.schema_registry_url,
             o.schema_registry_username,
             o.schema_registry_password,
@@ -347,52 +347,6 @@ pub struct RuntimeSettings {
     pub kafka_properties: walrelay_common::options::KafkaProperties,
     /// The schema registry of Avro records, if given.
     pub registry: Option<walrelay_common::registry::RegistryOptions>,
-}
-
-/// The schema registry options (`--schema-registry-*`), checked.
-fn registry(
-    url: Option<String>,
-    username: Option<String>,
-    password: Option<String>,
-    token: Option<String>,
-    ca_file: Option<PathBuf>,
-) -> Result<Option<walrelay_common::registry::RegistryOptions>, ConfigError> {
-    use walrelay_common::registry::{Registry, RegistryAuth, RegistryOptions};
-    let Some(url) = url else {
-        if username.is_some() || token.is_some() || ca_file.is_some() {
-            return Err(ConfigError::new(
-                "--schema-registry-url",
-                "the registry's credentials and CA file need its URL",
-            ));
-        }
-        return Ok(None);
-    };
-    let auth = match (username, password, token) {
-        (None, None, None) => RegistryAuth::None,
-        (Some(username), Some(password), None) => RegistryAuth::Basic { username, password },
-        (None, None, Some(token)) => RegistryAuth::Bearer(token),
-        (Some(_), Some(_), Some(_)) => {
-            return Err(ConfigError::new(
-                "--schema-registry-token",
-                "give either a token or a username and password, not both",
-            ));
-        }
-        _ => {
-            return Err(ConfigError::new(
-                "--schema-registry-username",
-                "give both --schema-registry-username and --schema-registry-password",
-            ));
-        }
-    };
-    let options = RegistryOptions {
-        url,
-        auth,
-        ca_file,
-        timeout: Duration::from_secs(10),
-    };
-    Registry::new(&options)
-        .map_err(|e| ConfigError::new("--schema-registry-url", e.to_string()))?;
-    Ok(Some(options))
 }
 
 /// The keys a serde struct accepts (what serde hands `deserialize_struct` as its fields).

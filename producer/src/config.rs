@@ -591,7 +591,6 @@ fn registry_options(
     token: Option<String>,
     ca_file: Option<PathBuf>,
 ) -> Result<Option<walrelay_common::registry::RegistryOptions>, ConfigError> {
-    use walrelay_common::registry::{RegistryAuth, RegistryOptions};
     if format == Format::Json {
         if url.is_some() {
             return Err(bad(
@@ -601,39 +600,13 @@ fn registry_options(
         }
         return Ok(None);
     }
-    let url = url.ok_or_else(|| {
-        bad(
+    if url.is_none() {
+        return Err(bad(
             "--schema-registry-url",
             "--format avro needs a Confluent-compatible schema registry, e.g. http://127.0.0.1:8081",
-        )
-    })?;
-    let auth = match (username, password, token) {
-        (None, None, None) => RegistryAuth::None,
-        (Some(username), Some(password), None) => RegistryAuth::Basic { username, password },
-        (None, None, Some(token)) => RegistryAuth::Bearer(token),
-        (Some(_), None, _) | (None, Some(_), _) => {
-            return Err(bad(
-                "--schema-registry-username",
-                "give both --schema-registry-username and --schema-registry-password",
-            ));
-        }
-        (Some(_), Some(_), Some(_)) => {
-            return Err(bad(
-                "--schema-registry-token",
-                "give either a token or a username and password, not both",
-            ));
-        }
-    };
-    let options = RegistryOptions {
-        url,
-        auth,
-        ca_file,
-        timeout: std::time::Duration::from_secs(10),
-    };
-    // Checks the URL and the CA file now, with the option named.
-    walrelay_common::registry::Registry::new(&options)
-        .map_err(|e| bad("--schema-registry-url", e.to_string()))?;
-    Ok(Some(options))
+        ));
+    }
+    walrelay_common::registry::RegistryOptions::from_flags(url, username, password, token, ca_file)
 }
 
 #[cfg(test)]

@@ -294,9 +294,7 @@ impl Emitter {
         Ok(t)
     }
 
-    /// `shape`'s registered Avro schemas for `topic`: cached, else registered now. While the
-    /// registry is unavailable this waits and retries (calling `on_wait`), like a send while
-    /// Kafka is down: reading pauses, nothing more is confirmed.
+    /// `shape`'s registered Avro schemas for `topic`: cached, else registered now.
     async fn prepared<F: FnMut()>(
         &mut self,
         avro: &AvroCodec,
@@ -308,30 +306,15 @@ impl Emitter {
         if let Some(p) = self.prepared.get(&id) {
             return Ok(Arc::clone(p));
         }
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        let mut failures = 0u32;
-        loop {
-            match avro.prepare(shape, topic).await {
-                Ok(p) => {
-                    if failures > 0 {
-                        tracing::info!(table = %shape.qualified(), failures, "The schema registry answers again.");
-                    }
-                    let p = Arc::new(p);
-                    self.prepared.insert(id, Arc::clone(&p));
-                    return Ok(p);
-                }
-                Err(PrepareError::Registry(e)) if e.is_transient() => {
-                    failures += 1;
-                    self.metrics.registry_errors.inc();
-                    self.registry_wait(&e, failures, &mut backoff, on_wait)
-                        .await?;
-                }
-                Err(PrepareError::Registry(e)) => return Err(e.into()),
-                Err(PrepareError::Encode(e)) => return Err(e.into()),
-            }
-        }
+        let p = Arc::new(
+            self.with_registry(on_wait, || avro.prepare(shape, topic))
+                .await?,
+        );
+        self.prepared.insert(id, Arc::clone(&p));
+        Ok(p)
     }
 
+    /// The id of a fixed record's schema under `topic`: cached, else registered now.
     async fn fixed_id<F: FnMut()>(
         &mut self,
         avro: &AvroCodec,
@@ -342,48 +325,58 @@ impl Emitter {
         if let Some(id) = self.fixed.get(&(Arc::clone(topic), which)) {
             return Ok(*id);
         }
+        let id = self
+            .with_registry(on_wait, || async {
+                avro.fixed(topic, which).await.map_err(PrepareError::from)
+            })
+            .await?;
+        self.fixed.insert((Arc::clone(topic), which), id);
+        Ok(id)
+    }
+
+    /// Runs a registry call until it succeeds or fails definitely. While the registry is
+    /// unavailable this waits and retries like a send while Kafka is down: reading pauses,
+    /// nothing more is confirmed; the waits go in 200 ms steps, each running `on_wait`, and a
+    /// Kafka failure meanwhile ends them.
+    async fn with_registry<T, Fut, F>(
+        &self,
+        on_wait: &mut F,
+        mut call: impl FnMut() -> Fut,
+    ) -> Result<T, RunError>
+    where
+        Fut: std::future::Future<Output = Result<T, PrepareError>>,
+        F: FnMut(),
+    {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         let mut failures = 0u32;
         loop {
-            match avro.fixed(topic, which).await {
-                Ok(id) => {
-                    self.fixed.insert((Arc::clone(topic), which), id);
-                    return Ok(id);
+            let e = match call().await {
+                Ok(v) => {
+                    if failures > 0 {
+                        tracing::info!(failures, "The schema registry answers again.");
+                    }
+                    return Ok(v);
                 }
-                Err(e) if e.is_transient() => {
-                    failures += 1;
-                    self.metrics.registry_errors.inc();
-                    self.registry_wait(&e, failures, &mut backoff, on_wait)
-                        .await?;
+                Err(PrepareError::Registry(e)) if e.is_transient() => e,
+                Err(PrepareError::Registry(e)) => return Err(e.into()),
+                Err(PrepareError::Encode(e)) => return Err(e.into()),
+            };
+            failures += 1;
+            self.metrics.registry_errors.inc();
+            if failures == 1 || failures.is_power_of_two() {
+                tracing::warn!(error = %e, failures, "Schema registry unavailable: reading pauses and retries.");
+            }
+            let mut left = backoff.next_wait();
+            while !left.is_zero() {
+                let step = left.min(Duration::from_millis(200));
+                tokio::time::sleep(step).await;
+                left -= step;
+                on_wait();
+                if let Some(f) = self.writer.failure() {
+                    return Err(f.into());
                 }
-                Err(e) => return Err(e.into()),
             }
         }
-    }
-
-    /// Waits out one registry failure in 200 ms steps (each runs `on_wait`); a Kafka failure
-    /// meanwhile ends the wait.
-    async fn registry_wait<F: FnMut()>(
-        &self,
-        e: &walrelay_common::registry::RegistryError,
-        failures: u32,
-        backoff: &mut Backoff,
-        on_wait: &mut F,
-    ) -> Result<(), RunError> {
-        if failures == 1 || failures.is_power_of_two() {
-            tracing::warn!(error = %e, failures, "Schema registry unavailable: reading pauses and retries.");
-        }
-        let mut left = backoff.next_wait();
-        while !left.is_zero() {
-            let step = left.min(Duration::from_millis(200));
-            tokio::time::sleep(step).await;
-            left -= step;
-            on_wait();
-            if let Some(f) = self.writer.failure() {
-                return Err(f.into());
-            }
-        }
-        Ok(())
     }
 
     /// A `BEGIN`/`END` record of `<topic>.transactions` (partition 0, keyed `{"id":…}` under

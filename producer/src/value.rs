@@ -179,7 +179,8 @@ fn is_json_number(s: &str) -> bool {
         && !s.ends_with('.')
 }
 
-fn decode_hex_bytea(s: &str) -> Option<Vec<u8>> {
+/// The bytes of bytea's hex text form (`\\x…`), or `None` when it is not that form.
+pub(crate) fn decode_hex_bytea(s: &str) -> Option<Vec<u8>> {
     let hex = s.strip_prefix("\\x")?.as_bytes();
     if hex.len() % 2 != 0 {
         return None;

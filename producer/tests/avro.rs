@@ -227,21 +227,33 @@ async fn every_type_decodes_with_pythons_avro_deserializer_under_both_routings()
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_incompatible_schema_change_stops_naming_the_subject_and_the_change() {
+/// A producer streaming `schema_sql`'s tables in Avro with `routing`.
+async fn streaming(
+    schema_sql: &str,
+    routing: &str,
+) -> (
+    Env,
+    walrelay_tests::process::Proc,
+    std::sync::Arc<SchemaRegistry>,
+) {
     let registry = SchemaRegistry::shared();
     let mut env = Env::start().await;
-    env.pg
-        .exec(
-            &env.db,
-            "CREATE TABLE gauges (id int PRIMARY KEY, reading int4);",
-        )
-        .await;
+    env.pg.exec(&env.db, schema_sql).await;
     env.init();
-    let args = avro_args(&registry, "per-table");
+    let args = avro_args(&registry, routing);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut producer = env.spawn(&args);
+    let producer = env.spawn(&args);
     env.wait_streaming(Duration::from_secs(90)).await;
+    (env, producer, registry)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incompatible_schema_change_stops_naming_the_subject_and_the_change() {
+    let (env, mut producer, registry) = streaming(
+        "CREATE TABLE gauges (id int PRIMARY KEY, reading int4);",
+        "per-table",
+    )
+    .await;
     env.pg
         .exec(&env.db, "INSERT INTO gauges VALUES (1, 5);")
         .await;
@@ -275,19 +287,11 @@ async fn an_incompatible_schema_change_stops_naming_the_subject_and_the_change()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_value_avro_cannot_carry_stops_the_producer_naming_table_and_column() {
-    let registry = SchemaRegistry::shared();
-    let mut env = Env::start().await;
-    env.pg
-        .exec(
-            &env.db,
-            "CREATE TABLE grid (id int PRIMARY KEY, cells int[]);",
-        )
-        .await;
-    env.init();
-    let args = avro_args(&registry, "single");
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut producer = env.spawn(&args);
-    env.wait_streaming(Duration::from_secs(90)).await;
+    let (env, mut producer, _registry) = streaming(
+        "CREATE TABLE grid (id int PRIMARY KEY, cells int[]);",
+        "single",
+    )
+    .await;
     env.pg
         .exec(
             &env.db,

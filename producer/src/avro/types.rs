@@ -236,7 +236,7 @@ impl AvroType {
             }
             AvroType::String(_) | AvroType::Uuid => binary::bytes(out, s.as_bytes()),
             AvroType::Bytes => {
-                let b = unhex(s).ok_or_else(|| not_a("hex bytea", s))?;
+                let b = crate::value::decode_hex_bytea(s).ok_or_else(|| not_a("hex bytea", s))?;
                 binary::bytes(out, &b);
             }
             AvroType::Date => binary::long(out, i64::from(date_days(s)?)),
@@ -282,22 +282,6 @@ pub fn typmod_of_name(name: &str) -> i32 {
         (Ok(p), Ok(s)) => ((p << 16) | (s & 0x7ff)) + 4,
         _ => -1,
     }
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    let hex = s.strip_prefix("\\x")?.as_bytes();
-    if hex.len() % 2 != 0 {
-        return None;
-    }
-    let nibble = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    };
-    hex.chunks(2)
-        .map(|p| Some((nibble(p[0])? << 4) | nibble(p[1])?))
-        .collect()
 }
 
 /// Days from 1970-01-01 to a proleptic Gregorian date (astronomical year numbering).
