@@ -11,7 +11,7 @@
 //!   it again, with the same `webhook-id`.
 //! - **Strict** (`--on-delivery-failure stop`): they are **held** here, in delivery order (per
 //!   row, and phase by phase), and reported to the runtime as the sink's
-//!   [`Backlog`](crate::runtime::Backlog): no offset past the oldest held event is stored.
+//!   [`Backlog`]: no offset past the oldest held event is stored.
 //!   The oldest held event is the probe (one attempt every `--park-after`); once it is
 //!   delivered the rest follow one by one, in order, and the subscription resumes when none
 //!   is left. At `--max-held-bytes` the backlog is full: the runtime pauses fetching the
