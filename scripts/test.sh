@@ -43,6 +43,8 @@ bash tests/services/opensearch/opensearch.sh install >/dev/null
 bash tests/services/registry/registry.sh install >/dev/null
 bash tests/services/python/python.sh install >/dev/null
 bash tests/services/flink/flink.sh install >/dev/null
+# The live view's browser test (issue 16): Debian's chromium and a small venv.
+bash tests/services/browser/browser.sh install >/dev/null
 
 # deploy/ and compose.yaml: promtool, Kubernetes schemas, compose structure.
 bash scripts/check-deploy.sh
