@@ -1,7 +1,7 @@
 //! `stream`: binds the listener, then serves streams until stopped.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio_util::sync::CancellationToken;
 use walrelay_common::codec;
@@ -44,6 +44,7 @@ pub async fn stream(
         avro,
         shutdown: shutdown.clone(),
         next_id: AtomicU64::new(1),
+        closing: AtomicUsize::new(0),
     });
     tracing::info!(
         addr = %settings.listen,
@@ -54,13 +55,16 @@ pub async fn stream(
     );
     readiness.set("listening", true);
     let gauge = gw.metrics.connections.clone();
+    let closing = Arc::clone(&gw);
     let tls = settings.tls.as_ref().map(|t| Arc::clone(&t.0));
     server::serve(listener, server::router(gw), tls, shutdown.clone()).await;
-    // Streams see the same token: wait (5 s at most) for them to close and commit.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while gauge.get() > 0 && std::time::Instant::now() < deadline {
+    // Streams see the same token: wait (10 s at most) for them to close and make their final
+    // commits.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while (gauge.get() > 0 || closing.closing.load(Ordering::Relaxed) > 0)
+        && std::time::Instant::now() < deadline
+    {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     Ok(())
 }

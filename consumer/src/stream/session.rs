@@ -12,13 +12,13 @@
 //!    the shared codec; skipping those no `tables` pattern matches, tombstones and undecodable
 //!    records), then `caught_up` once it is due;
 //! 3. pauses the member's partitions while the queue holds `--max-queued-bytes` (resumes when
-//!    it is empty), so memory stays bounded and polling (hence rebalances) goes on;
+//!    it is half empty), so memory stays bounded and polling (hence rebalances) goes on;
 //! 4. waits for the first of: shutdown, a client frame, the 200 ms tick (offsets stored, idle
 //!    checks, pings, lag), start offsets, a record.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
@@ -54,6 +54,8 @@ pub struct Gateway {
     pub shutdown: CancellationToken,
     /// Connection ids (for the lag metric).
     pub next_id: AtomicU64,
+    /// Members whose final commit is under way.
+    pub closing: AtomicUsize,
 }
 
 /// Frames sent per write before the loop looks at Kafka and the client again.
@@ -119,17 +121,33 @@ pub async fn run(socket: WebSocket, query: Query, gw: Arc<Gateway>, _permit: Own
             let last = s.tracker.all_committable();
             gw.metrics.report_lag(&query.group, id, None);
             // The final commit covers what was acknowledged (never beyond), then the member
-            // leaves the group (blocking: librdkafka's close).
-            tokio::task::spawn_blocking(move || {
-                let tpl = tpl(&last);
-                if tpl.count() > 0 {
-                    let _ = member.store_offsets(&tpl);
-                    if let Err(e) = member.commit(&tpl, CommitMode::Sync) {
-                        tracing::debug!(error = %e, "Final commit of a stream failed (partitions revoked?).");
+            // leaves the group. On a thread of its own: librdkafka's close blocks, and a client
+            // that never finishes closing must not hold the process at exit.
+            gw.closing.fetch_add(1, Ordering::Relaxed);
+            let gw2 = Arc::clone(&gw);
+            let closed = std::thread::Builder::new()
+                .name("stream-close".into())
+                .spawn(move || {
+                    // Paused partitions are resumed first (a consumer destroyed with paused
+                    // partitions was seen to hang in librdkafka's destroy).
+                    if let Ok(assignment) = member.assignment() {
+                        let _ = member.resume(&assignment);
                     }
-                }
-                drop(member);
-            });
+                    let tpl = tpl(&last);
+                    if tpl.count() > 0 {
+                        let _ = member.store_offsets(&tpl);
+                        if let Err(e) = member.commit(&tpl, CommitMode::Sync) {
+                            tracing::debug!(error = %e, "Final commit of a stream failed (partitions revoked?).");
+                        }
+                    }
+                    gw2.closing.fetch_sub(1, Ordering::Relaxed);
+                    drop(member);
+                    tracing::debug!("A stream's Kafka member closed.");
+                });
+            if let Err(e) = closed {
+                gw.closing.fetch_sub(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "Could not start a thread to close a stream's member.");
+            }
             (end, unacked)
         }
     };
@@ -622,11 +640,13 @@ impl<'a> Session<'a> {
             })
     }
 
-    /// Pauses the member while the queue is full, resumes it once empty.
+    /// Pauses the member while the queue is full, resumes it once half empty (so that the
+    /// fetch restarts while there is still something to send).
     fn pace(&mut self) {
-        if !self.paused && self.ready_bytes >= self.gw.runtime.max_queued_bytes {
+        let max = self.gw.runtime.max_queued_bytes;
+        if !self.paused && self.ready_bytes >= max {
             self.set_paused(true);
-        } else if self.paused && self.ready.is_empty() {
+        } else if self.paused && self.ready_bytes < max / 2 {
             self.set_paused(false);
         }
     }

@@ -220,7 +220,7 @@ async fn main() -> anyhow::Result<()> {
     for p in kafka.client_properties() {
         args.extend(["--kafka-property".into(), p]);
     }
-    let mut gw = Proc::spawn(&consumer, &args, &[], &logs.path().join("stream.log"));
+    let gw = Proc::spawn(&consumer, &args, &[], &logs.path().join("stream.log"));
     let deadline = Instant::now() + Duration::from_secs(30);
     while tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -236,8 +236,16 @@ async fn main() -> anyhow::Result<()> {
     let (events, seconds) = throughput(port, &o).await?;
     let cpu = cpu_seconds_of(gw.pid()).unwrap_or(0.0) - cpu_before;
     let hwm = status_kib(gw.pid(), "VmHWM:").unwrap_or(0);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let threads_after = status_kib(gw.pid(), "Threads:").unwrap_or(0);
+    let mut names: BTreeMap<String, usize> = BTreeMap::new();
+    for t in std::fs::read_dir(format!("/proc/{}/task", gw.pid()))?.flatten() {
+        let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        *names.entry(name.trim().to_string()).or_default() += 1;
+    }
+    eprintln!("gateway threads 3 s after the client left: {names:?}");
     println!(
-        "throughput: {events} events in {seconds:.2}s = {:.0} events/s through one client (acks every {} events, --max-unacked {}); gateway CPU {cpu:.1}s ({:.0}% of one core), peak RSS {:.0} MiB (at start {:.0} MiB)",
+        "throughput: {events} events in {seconds:.2}s = {:.0} events/s through one client (acks every {} events, --max-unacked {}); gateway CPU {cpu:.1}s ({:.0}% of one core), peak RSS {:.0} MiB (at start {:.0} MiB); {threads_after} threads 3 s after the client left",
         events as f64 / seconds,
         o.ack_every,
         o.max_unacked,
@@ -275,9 +283,24 @@ async fn main() -> anyhow::Result<()> {
         before as f64 * 1024.0 / MIB,
         (after.saturating_sub(before)) as f64 * 1024.0 / MIB / o.connections as f64,
     );
+    // SIGTERM with the idle connections open: each closes (1001) and commits, each member
+    // leaves its group.
+    let stopping = Instant::now();
+    let code = tokio::task::spawn_blocking(move || {
+        let mut gw = gw;
+        gw.terminate()
+    })
+    .await?;
+    println!(
+        "stop: SIGTERM with {} connections open: exited ({code:?}) in {:.1}s",
+        o.connections,
+        stopping.elapsed().as_secs_f64()
+    );
     for h in held {
         h.abort();
     }
-    gw.terminate();
+    let stopped = Instant::now();
+    drop(kafka);
+    eprintln!("kafka stopped in {:.1}s", stopped.elapsed().as_secs_f64());
     Ok(())
 }
