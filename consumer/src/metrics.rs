@@ -265,6 +265,10 @@ mod tests {
             .with_label_values(&["search", "throttled"])
             .inc();
         m.lag_messages.with_label_values(&["t", "0"]).set(0);
+        // The stream gateway's metrics go to the same registry when it runs.
+        let stream = crate::stream::metrics::StreamMetrics::new(&m.registry).expect("stream");
+        stream.refused.with_label_values(&["token"]).inc();
+        stream.report_lag("g", 1, Some(0));
         let names: Vec<String> = m
             .registry
             .gather()
