@@ -20,6 +20,22 @@ pub fn is_avro(value: &[u8]) -> bool {
 
 pub mod avro;
 
+/// Decodes a record value of either codec: a JSON envelope as it is, an Avro record (its
+/// schema cached, see [`avro::Decoder::ready`]) with `avro`, also giving the JSON envelope text
+/// it equals. An Avro record without a decoder is an error naming the missing option.
+pub fn decode(
+    value: &[u8],
+    avro: Option<&avro::Decoder>,
+) -> Result<(json::Decoded, Option<Vec<u8>>), DecodeError> {
+    match (is_avro(value), avro) {
+        (false, _) => json::decode(value).map(|d| (d, None)),
+        (true, Some(d)) => d.decode_to_json(value).map(|(d, text)| (d, Some(text))),
+        (true, None) => Err(DecodeError(
+            "an Avro record (Confluent wire format): give --schema-registry-url to read it".into(),
+        )),
+    }
+}
+
 /// Why a record is not a walrelay change event (definite: the record is dead-lettered).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("not a walrelay change event: {0}")]

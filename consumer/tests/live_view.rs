@@ -86,7 +86,8 @@ async fn the_live_view_shows_a_new_row_in_a_real_browser() {
         String::from_utf8_lossy(&install.stderr)
     );
 
-    let mut s = Stack::start_with_stand_in(
+    // The real OpenSearch node the binary shares (the page needs no search; no fault is injected).
+    let mut s = Stack::start(
         "CREATE TABLE notes (id int PRIMARY KEY, body text, n int);
          ALTER TABLE notes REPLICA IDENTITY FULL;
          INSERT INTO notes VALUES (1, 'first note', 1), (2, 'second note', 2);",

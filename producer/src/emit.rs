@@ -520,9 +520,7 @@ impl Emitter {
         self.value.clear();
         shape.write_key(&mut self.key, self.partition_key, None);
         match self.codec.clone() {
-            Codec::Json(enc) => enc
-                .schema(&mut self.value, shape, meta, change)
-                .map_err(|e| RunError::Protocol(e.to_string()))?,
+            Codec::Json(enc) => enc.schema(&mut self.value, shape, meta, change)?,
             Codec::Avro(avro) => {
                 let id = self
                     .fixed_id(&avro, &topic.name, Fixed::SchemaChange, on_wait)
@@ -574,9 +572,7 @@ impl Emitter {
         self.value.clear();
         shape.write_key(&mut self.key, self.partition_key, None);
         match self.codec.clone() {
-            Codec::Json(enc) => enc
-                .snapshot_marker(&mut self.value, shape, meta, frame)
-                .map_err(|e| RunError::Protocol(e.to_string()))?,
+            Codec::Json(enc) => enc.snapshot_marker(&mut self.value, shape, meta, frame)?,
             Codec::Avro(avro) => {
                 let id = self
                     .fixed_id(&avro, &topic.name, Fixed::SnapshotMarker, on_wait)

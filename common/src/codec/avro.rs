@@ -54,7 +54,12 @@ struct Facts {
 pub struct Decoder {
     registry: Arc<Registry>,
     writers: Mutex<HashMap<u32, Arc<Writer>>>,
+    /// Ids that failed definitely (at most [`MAX_FAILED`]), with why: not asked again.
+    failed: Mutex<HashMap<u32, String>>,
 }
+
+/// Failed ids remembered at most (ids come from records, which anyone may write).
+const MAX_FAILED: usize = 1000;
 
 impl Decoder {
     /// A decoder fetching schemas from `registry`.
@@ -62,6 +67,7 @@ impl Decoder {
         Self {
             registry,
             writers: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
         }
     }
 
@@ -83,6 +89,52 @@ impl Decoder {
             Err(e) => Err(RegistryError::Protocol(format!(
                 "schema id {id} is not one of walrelay's Avro schemas: {e}"
             ))),
+        }
+    }
+
+    /// Makes sure the schema of `id` is cached: fetched, and while the registry is unavailable
+    /// fetched again with the shared backoff (the caller's reading waits, nothing is
+    /// committed) until `stop` completes. The error of a definite failure (an unknown id, a
+    /// schema that is not walrelay's) is remembered and returned for every record of the id.
+    pub async fn ready<S: std::future::Future<Output = ()>>(
+        &self,
+        id: u32,
+        stop: S,
+    ) -> Result<(), String> {
+        if lock(&self.writers).contains_key(&id) {
+            return Ok(());
+        }
+        if let Some(e) = lock(&self.failed).get(&id) {
+            return Err(e.clone());
+        }
+        let mut backoff = crate::retry::Backoff::new(
+            std::time::Duration::from_millis(200),
+            std::time::Duration::from_secs(10),
+        );
+        let mut failures = 0u32;
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            match self.fetch(id).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_transient() => {
+                    failures += 1;
+                    if failures == 1 || failures.is_power_of_two() {
+                        tracing::warn!(error = %e, schema_id = id, failures, "Schema registry unavailable: reading waits and retries.");
+                    }
+                    tokio::select! {
+                        () = &mut stop => return Err("stopped while the schema registry was unavailable".into()),
+                        () = tokio::time::sleep(backoff.next_wait()) => {}
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    let mut failed = lock(&self.failed);
+                    if failed.len() < MAX_FAILED {
+                        failed.insert(id, message.clone());
+                    }
+                    return Err(message);
+                }
+            }
         }
     }
 

@@ -978,7 +978,6 @@ fn decoding(mut batch: Batch, avro: Option<Arc<codec::avro::Decoder>>) -> Decodi
 }
 
 async fn fetch_schemas(d: &codec::avro::Decoder, batch: &mut Batch) {
-    let mut failed: HashMap<u32, String> = HashMap::new();
     for i in 0..batch.records.len() {
         let p = &batch.records[i];
         if p.decode_error.is_some() {
@@ -987,32 +986,8 @@ async fn fetch_schemas(d: &codec::avro::Decoder, batch: &mut Batch) {
         let Some(id) = d.unknown_id(&batch.bytes[p.value.clone()]) else {
             continue;
         };
-        if let Some(e) = failed.get(&id) {
-            batch.records[i].decode_error = Some(e.clone());
-            continue;
-        }
-        let mut backoff = walrelay_common::retry::Backoff::new(
-            Duration::from_millis(200),
-            Duration::from_secs(10),
-        );
-        let mut failures = 0u32;
-        loop {
-            match d.fetch(id).await {
-                Ok(()) => break,
-                Err(e) if e.is_transient() => {
-                    failures += 1;
-                    if failures == 1 || failures.is_power_of_two() {
-                        tracing::warn!(error = %e, schema_id = id, failures, "Schema registry unavailable: the batch waits and retries.");
-                    }
-                    tokio::time::sleep(backoff.next_wait()).await;
-                }
-                Err(e) => {
-                    let message = e.to_string();
-                    failed.insert(id, message.clone());
-                    batch.records[i].decode_error = Some(message);
-                    break;
-                }
-            }
+        if let Err(e) = d.ready(id, std::future::pending()).await {
+            batch.records[i].decode_error = Some(e);
         }
     }
 }
@@ -1052,22 +1027,10 @@ fn decode(batch: &mut Batch, avro: Option<&codec::avro::Decoder>) {
         if p.decode_error.is_some() {
             continue;
         }
-        let value = &bytes[p.value.clone()];
         // An Avro record keeps the JSON envelope it equals, for sinks that forward records whole.
-        let mut json = None;
-        let decoded = match (codec::is_avro(value), avro) {
-            (false, _) => codec::json::decode(value),
-            (true, Some(d)) => d.decode_to_json(value).map(|(d, text)| {
-                json = Some(text);
-                d
-            }),
-            (true, None) => Err(codec::DecodeError(
-                "an Avro record (Confluent wire format): give --schema-registry-url to read it"
-                    .into(),
-            )),
-        };
+        let decoded = codec::decode(&bytes[p.value.clone()], avro);
         match decoded {
-            Ok(d) => {
+            Ok((d, json)) => {
                 events.push(Event {
                     topic: Arc::clone(&p.topic),
                     partition: p.partition,

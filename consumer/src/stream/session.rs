@@ -238,8 +238,6 @@ struct Session<'a> {
     errors_in_row: u32,
     /// Skipped since the last log line: (undecodable count, first error).
     undecodable: (u64, Option<String>),
-    /// Schema ids the registry definitively refused (bounded).
-    failed_ids: HashMap<u32, String>,
 }
 
 impl<'a> Session<'a> {
@@ -272,7 +270,6 @@ impl<'a> Session<'a> {
             last_lag: now,
             errors_in_row: 0,
             undecodable: (0, None),
-            failed_ids: HashMap::new(),
         }
     }
 
@@ -518,33 +515,30 @@ impl<'a> Session<'a> {
             metrics.skipped.with_label_values(&["tombstone"]).inc();
             return None;
         };
-        let decoded = if codec::is_avro(&value) {
-            match gw.avro.clone() {
-                None => Err(
-                    "an Avro record (Confluent wire format): give --schema-registry-url to read it"
-                        .to_string(),
-                ),
-                Some(d) => match self.schema_ready(&d, &value).await {
-                    Err(e) => Err(e),
-                    Ok(()) => d
-                        .decode_to_json(&value)
-                        .map_err(|e| e.to_string())
-                        .and_then(|(d, json)| {
-                            String::from_utf8(json)
-                                .map(|j| (d, j))
-                                .map_err(|e| e.to_string())
-                        }),
-                },
-            }
-        } else {
-            codec::json::decode(&value)
-                .map_err(|e| e.to_string())
-                .and_then(|d| {
-                    String::from_utf8(value)
-                        .map(|j| (d, j))
-                        .map_err(|e| e.to_string())
-                })
+        let ready = match (codec::is_avro(&value), gw.avro.as_deref()) {
+            (true, Some(d)) => match d.unknown_id(&value) {
+                Some(id) => {
+                    let r = d.ready(id, gw.shutdown.cancelled()).await;
+                    // Time spent waiting for the registry is not the client's.
+                    self.last_heard = Instant::now();
+                    self.last_progress = Instant::now();
+                    r
+                }
+                None => Ok(()),
+            },
+            _ => Ok(()),
         };
+        let decoded = ready.and_then(|()| {
+            let (d, avro_json) =
+                codec::decode(&value, gw.avro.as_deref()).map_err(|e| e.to_string())?;
+            let json = match avro_json {
+                Some(j) => j,
+                None => value,
+            };
+            String::from_utf8(json)
+                .map(|j| (d, j))
+                .map_err(|e| e.to_string())
+        });
         match decoded {
             Ok((d, json)) => {
                 let source = &d.envelope.source;
@@ -564,48 +558,6 @@ impl<'a> Session<'a> {
                 None
             }
         }
-    }
-
-    /// Makes sure the schema of an Avro `value` is cached, waiting and retrying while the
-    /// registry is unavailable (as the runtime's batches do); a definite failure is the
-    /// record's decode error.
-    async fn schema_ready(&mut self, d: &codec::avro::Decoder, value: &[u8]) -> Result<(), String> {
-        let Some(id) = d.unknown_id(value) else {
-            return Ok(());
-        };
-        if let Some(e) = self.failed_ids.get(&id) {
-            return Err(e.clone());
-        }
-        let mut backoff = walrelay_common::retry::Backoff::new(
-            Duration::from_millis(200),
-            Duration::from_secs(10),
-        );
-        let mut failures = 0u32;
-        loop {
-            match d.fetch(id).await {
-                Ok(()) => break,
-                Err(e) if e.is_transient() => {
-                    failures += 1;
-                    if failures == 1 || failures.is_power_of_two() {
-                        tracing::warn!(error = %e, schema_id = id, failures, "Schema registry unavailable: the stream waits and retries.");
-                    }
-                    tokio::select! {
-                        () = self.gw.shutdown.cancelled() => return Err("shutting down".into()),
-                        () = tokio::time::sleep(backoff.next_wait()) => {}
-                    }
-                }
-                Err(e) => {
-                    if self.failed_ids.len() < 1000 {
-                        self.failed_ids.insert(id, e.to_string());
-                    }
-                    return Err(e.to_string());
-                }
-            }
-        }
-        // Time spent waiting for the registry is not the client's.
-        self.last_heard = Instant::now();
-        self.last_progress = Instant::now();
-        Ok(())
     }
 
     /// Whether every assigned partition reached the end offset seen at the start, and what
