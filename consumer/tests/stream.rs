@@ -396,6 +396,32 @@ async fn a_new_group_gets_the_state_then_changes_and_a_reconnect_only_what_was_n
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert!(g_alive(&g), "{}", s.all_logs());
+
+    // Every closed connection's Kafka client is gone: no librdkafka thread is left behind.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = rdkafka_threads(g.proc.pid());
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "closed streams left librdkafka threads behind: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The names of `pid`'s librdkafka threads (`rdk:…`).
+fn rdkafka_threads(pid: u32) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .filter(|n| n.starts_with("rdk:"))
+        .collect()
 }
 
 fn g_alive(g: &Gateway) -> bool {

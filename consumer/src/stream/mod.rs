@@ -66,14 +66,15 @@
 //! Kafka transactions ends with a commit marker no record reaches). A new group reading from
 //! `earliest` has then received the current state: the snapshot and every change since.
 //!
-//! # Known issue
+//! # Leaving
 //!
-//! A member that delivered records does not finish librdkafka's destroy after its final commit
-//! (seen in the benchmark: its `rdk:main` and `rdk:broker` threads wait on each other; members
-//! that delivered nothing close fully). The commit is made first and the close runs on a thread
-//! of its own, so offsets are right and SIGTERM stops the gateway at once, but each such
-//! connection leaves three threads and its client's memory behind until the process ends. Not
-//! yet understood; to investigate before production use.
+//! When a connection ends, its member commits what was acknowledged, unsubscribes, and is
+//! polled until its assignment is empty and no fetched record is left, before it is destroyed
+//! on a thread of its own. A record fetched but never polled holds its partition, and through
+//! it the broker connection, so `rd_kafka_destroy` would wait for it forever (its broker
+//! threads never end): each closed connection used to leave three threads and its client's
+//! memory behind (the symptom of rust-rdkafka issue 509). The stream test counts the gateway's
+//! librdkafka threads once its connections closed.
 //!
 //! Layout: [`config`] (options), [`query`] (the query string), [`frames`] (the protocol),
 //! [`server`] (routes, token, serving), [`session`] (one connection), [`tracker`] (the offset

@@ -121,33 +121,9 @@ pub async fn run(socket: WebSocket, query: Query, gw: Arc<Gateway>, _permit: Own
             let last = s.tracker.all_committable();
             gw.metrics.report_lag(&query.group, id, None);
             // The final commit covers what was acknowledged (never beyond), then the member
-            // leaves the group. On a thread of its own: librdkafka's close blocks, and a client
-            // that never finishes closing must not hold the process at exit.
+            // leaves the group; in a task of its own so the close frame goes out at once.
             gw.closing.fetch_add(1, Ordering::Relaxed);
-            let gw2 = Arc::clone(&gw);
-            let closed = std::thread::Builder::new()
-                .name("stream-close".into())
-                .spawn(move || {
-                    // Paused partitions are resumed first (a consumer destroyed with paused
-                    // partitions was seen to hang in librdkafka's destroy).
-                    if let Ok(assignment) = member.assignment() {
-                        let _ = member.resume(&assignment);
-                    }
-                    let tpl = tpl(&last);
-                    if tpl.count() > 0 {
-                        let _ = member.store_offsets(&tpl);
-                        if let Err(e) = member.commit(&tpl, CommitMode::Sync) {
-                            tracing::debug!(error = %e, "Final commit of a stream failed (partitions revoked?).");
-                        }
-                    }
-                    gw2.closing.fetch_sub(1, Ordering::Relaxed);
-                    drop(member);
-                    tracing::debug!("A stream's Kafka member closed.");
-                });
-            if let Err(e) = closed {
-                gw.closing.fetch_sub(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "Could not start a thread to close a stream's member.");
-            }
+            tokio::spawn(leave(Arc::clone(&gw), member, last));
             (end, unacked)
         }
     };
@@ -172,6 +148,66 @@ pub async fn run(socket: WebSocket, query: Query, gw: Arc<Gateway>, _permit: Own
             };
             let _ = tokio::time::timeout(CLOSE_WAIT, close).await;
         }
+    }
+}
+
+/// Longest wait for a member to give up its partitions and empty its queue when it leaves.
+const LEAVE_WAIT: Duration = Duration::from_secs(10);
+
+/// Commits `last`, leaves the group, drains what the member had fetched, then destroys it.
+///
+/// Records librdkafka fetched but nobody polled hold references to their partitions, and
+/// through them to the broker connections; `rd_kafka_destroy` waits for those forever (its
+/// broker threads never end). So the member unsubscribes and is polled until its assignment is
+/// empty and nothing more arrives, and only then dropped (on a thread of its own: the drop
+/// blocks until the consumer is closed, and must never hold a runtime thread or the process's
+/// exit). The test `a_new_group_gets_the_state…` counts the gateway's librdkafka threads after
+/// its connections closed.
+async fn leave(gw: Arc<Gateway>, member: Arc<Member>, last: Vec<(Key, i64)>) {
+    let m = Arc::clone(&member);
+    let committed = tokio::task::spawn_blocking(move || {
+        // Paused partitions are resumed: their fetched records are drained below like the rest.
+        if let Ok(assignment) = m.assignment() {
+            let _ = m.resume(&assignment);
+        }
+        let tpl = tpl(&last);
+        if tpl.count() > 0 {
+            let _ = m.store_offsets(&tpl);
+            if let Err(e) = m.commit(&tpl, CommitMode::Sync) {
+                tracing::debug!(error = %e, "Final commit of a stream failed (partitions revoked?).");
+            }
+        }
+        m.unsubscribe();
+    })
+    .await;
+    if let Err(e) = committed {
+        tracing::warn!(error = %e, "The final commit of a stream did not run.");
+    }
+    let deadline = Instant::now() + LEAVE_WAIT;
+    {
+        let mut records = member.stream();
+        while Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_millis(100), records.next()).await {
+                // Dropped at once: nothing past the final commit is sent or stored.
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(_) => {
+                    if member.assignment().map(|a| a.count() == 0).unwrap_or(true) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    gw.closing.fetch_sub(1, Ordering::Relaxed);
+    let dropped = std::thread::Builder::new()
+        .name("stream-close".into())
+        .spawn(move || {
+            drop(member);
+            tracing::debug!("A stream's Kafka member closed.");
+        });
+    if let Err(e) = dropped {
+        tracing::warn!(error = %e, "Could not start a thread to close a stream's member.");
     }
 }
 
