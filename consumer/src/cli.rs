@@ -9,6 +9,7 @@
 //! | `notify` | [`sinks::webhook`] | shared, [`webhook::config::Args`] |
 //! | `replay-dead-letters` | [`sinks::webhook`] | shared, [`webhook::config::Args`] |
 //! | `stream` | [`crate::stream`] (a WebSocket gateway, no sink) | shared, [`stream::config::Args`] |
+//! | `replicate` | [`sinks::postgres`] | shared, [`postgres::config::Args`] |
 //!
 //! Options written before the command (`walrelay-consumer --kafka-brokers k index`, the only
 //! form before each command had options of its own) are still read: [`command_first`] moves
@@ -25,6 +26,7 @@ use walrelay_common::telemetry::{self, Readiness};
 use crate::config::{self, ConfigError, ConfigFile, Shared, keys_of};
 use crate::metrics::Metrics;
 use crate::sinks;
+use crate::sinks::postgres::{self, ReplicateSettings};
 use crate::sinks::search::reindex::{self, Job, ReindexError};
 use crate::sinks::search::{self, ReindexSettings, SearchSettings};
 use crate::sinks::webhook::{self, WebhookSettings};
@@ -64,6 +66,21 @@ pub enum Command {
     /// Serve change events over WebSocket (GET /v1/stream) to clients that acknowledge
     /// them, each connection a member of the Kafka group it names.
     Stream(StreamArgs),
+    /// Apply the topic to another Postgres database (rows and schema changes, each record
+    /// once), until stopped; `--check` only checks the target.
+    Replicate(ReplicateArgs),
+}
+
+/// `replicate`'s options.
+#[derive(Debug, Clone, Default, clap::Args)]
+#[group(skip)]
+pub struct ReplicateArgs {
+    /// Shared.
+    #[command(flatten)]
+    pub shared: config::Args,
+    /// The Postgres target's.
+    #[command(flatten)]
+    pub postgres: postgres::config::Args,
 }
 
 /// `stream`'s options.
@@ -125,6 +142,7 @@ pub struct FileOptions {
     reindex: search::config::ReindexArgs,
     webhook: webhook::config::Args,
     stream: stream::config::Args,
+    postgres: postgres::config::Args,
 }
 
 impl FileOptions {
@@ -137,6 +155,7 @@ impl FileOptions {
             keys_of::<search::config::ReindexArgs>(),
             keys_of::<webhook::config::Args>(),
             keys_of::<stream::config::Args>(),
+            keys_of::<postgres::config::Args>(),
         ])?;
         Ok(Self {
             shared: file.section()?,
@@ -144,6 +163,7 @@ impl FileOptions {
             reindex: file.section()?,
             webhook: file.section()?,
             stream: file.section()?,
+            postgres: file.section()?,
         })
     }
 }
@@ -188,6 +208,13 @@ pub enum Settings {
         /// The gateway.
         stream: StreamSettings,
     },
+    /// `replicate`.
+    Replicate {
+        /// Shared.
+        shared: Shared,
+        /// The Postgres target.
+        postgres: ReplicateSettings,
+    },
 }
 
 impl Settings {
@@ -198,7 +225,8 @@ impl Settings {
             | Settings::Reindex { shared, .. }
             | Settings::Notify { shared, .. }
             | Settings::ReplayDeadLetters { shared, .. }
-            | Settings::Stream { shared, .. } => shared,
+            | Settings::Stream { shared, .. }
+            | Settings::Replicate { shared, .. } => shared,
         }
     }
 }
@@ -274,6 +302,14 @@ impl Command {
                     stream,
                 })
             }
+            Command::Replicate(a) => {
+                let shared = a.shared.or(file.shared);
+                let postgres = a.postgres.or(file.postgres).settings()?;
+                Ok(Settings::Replicate {
+                    shared: shared.settings("walrelay-replicator")?,
+                    postgres,
+                })
+            }
         }
     }
 }
@@ -334,6 +370,7 @@ pub async fn run(settings: Settings) -> ExitCode {
         Settings::Index { .. } | Settings::Reindex { .. } => &["kafka", "search"],
         Settings::Notify { .. } | Settings::ReplayDeadLetters { .. } => &["kafka"],
         Settings::Stream { .. } => &["listening"],
+        Settings::Replicate { .. } => &["kafka"],
     };
     for condition in conditions {
         readiness.set(condition, false);
@@ -345,6 +382,20 @@ pub async fn run(settings: Settings) -> ExitCode {
                 tracing::error!(%error, %addr, "Cannot serve metrics.");
             }
         });
+    }
+    if let Settings::Replicate { shared, postgres } = &settings
+        && postgres.check
+    {
+        let findings = sinks::postgres::command::check(&shared.runtime, postgres).await;
+        let failed = findings.iter().any(|f| f.level == "FAIL");
+        for f in findings {
+            println!("{:<4} {}", f.level, f.message);
+        }
+        return if failed {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        };
     }
     let shutdown = walrelay_common::signal::shutdown_token();
     let ran = match &settings {
@@ -382,6 +433,15 @@ pub async fn run(settings: Settings) -> ExitCode {
                 .await
                 .map_err(|e| e.to_string())
         }
+        Settings::Replicate { shared, postgres } => sinks::postgres::command::replicate(
+            &shared.runtime,
+            postgres,
+            metrics,
+            readiness,
+            shutdown,
+        )
+        .await
+        .map_err(|e| e.to_string()),
         Settings::ReplayDeadLetters { shared, webhook } => {
             match webhook::command::replay(&shared.runtime, webhook, metrics, shutdown).await {
                 Ok(n) => {

@@ -235,6 +235,17 @@ pub trait Sink: Send {
     fn settled(&mut self) -> impl Future<Output = ()> + Send {
         async {}
     }
+
+    /// Called about every second between batches (before [`Sink::backlog`] is asked): the
+    /// place to finish work a quiet stream would otherwise leave pending (the Postgres target
+    /// commits a transaction it held open for the rest of a source transaction). An error
+    /// stops the runtime as a failed `write` does. Nothing by default.
+    fn tick(
+        &mut self,
+        _shutdown: &CancellationToken,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send {
+        async { Ok(()) }
+    }
 }
 
 /// Why the runtime stopped.
@@ -429,6 +440,10 @@ impl Runtime {
                         None => break,
                     },
                     _ = tick.tick() => {
+                        if let Err(error) = sink.tick(&drain).await {
+                            rx.close();
+                            return Err(RuntimeError::Sink { sink: sink.name(), error });
+                        }
                         // A backlog shrinks between batches too (a parked endpoint is back).
                         let backlog = sink.backlog();
                         progress.restore(self, &backlog);

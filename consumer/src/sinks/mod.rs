@@ -15,6 +15,9 @@
 //! - [`webhook`] (`notify`, `replay-dead-letters`): signed HTTP deliveries to subscribed
 //!   endpoints; also `subscriptions.rs`, `api.rs` and `server.rs` (the subscriptions API),
 //!   `guard.rs` (the SSRF guard) and `signing.rs`.
+//! - [`postgres`] (`replicate`): another Postgres database kept in sync, schema changes
+//!   included; also `ddl.rs` (schema events to statements).
 
+pub mod postgres;
 pub mod search;
 pub mod webhook;

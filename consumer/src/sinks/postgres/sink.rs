@@ -1,0 +1,1086 @@
+//! The [`Sink`]: applies batches to the target inside transactions that also move the applied
+//! positions, cut at source-transaction boundaries (the rules are in [`super`]).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use serde_json::Value;
+use serde_json::value::RawValue;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+use walrelay_common::event::{Op, SchemaChange};
+use walrelay_common::retry::Backoff;
+
+use super::client::{self, Replicated, TargetError};
+use super::config::{OnSchemaError, ReplicateSettings};
+use super::ddl;
+use super::encode::{self, TargetTable, qualified};
+use crate::runtime::{Backlog, Event, Sink, SinkError, Verdict};
+
+/// The replicator's metrics (`walrelay_consumer_replicate_*`).
+#[derive(Clone)]
+pub struct ReplicateMetrics {
+    rows: IntCounterVec,
+    schema_changes: IntCounterVec,
+    errors: IntCounterVec,
+    replays_skipped: IntCounter,
+    commit_latency: Histogram,
+    commits: IntCounter,
+}
+
+impl ReplicateMetrics {
+    /// Creates the metrics and registers them into `registry`.
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let m = Self {
+            rows: IntCounterVec::new(
+                Opts::new(
+                    "walrelay_consumer_replicate_rows_total",
+                    "Row events applied to the target, by op (c, u, d, r; t counts truncates).",
+                ),
+                &["op"],
+            )?,
+            schema_changes: IntCounterVec::new(
+                Opts::new(
+                    "walrelay_consumer_replicate_schema_changes_total",
+                    "Schema events handled by the replicator, by outcome (applied, unchanged: already applied or a copy from another partition, refused).",
+                ),
+                &["outcome"],
+            )?,
+            errors: IntCounterVec::new(
+                Opts::new(
+                    "walrelay_consumer_replicate_errors_total",
+                    "Target failures, by kind (transient: retried; definite: stopped; schema: a refused schema change).",
+                ),
+                &["kind"],
+            )?,
+            replays_skipped: IntCounter::new(
+                "walrelay_consumer_replicate_replays_skipped_total",
+                "Records read again (after a crash or rebalance) that the target had already applied, skipped.",
+            )?,
+            commit_latency: Histogram::with_opts(
+                HistogramOpts::new(
+                    "walrelay_consumer_replicate_apply_latency_seconds",
+                    "Source commit to target commit, per target transaction (its newest event).",
+                )
+                .buckets(vec![
+                    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 300.0,
+                ]),
+            )?,
+            commits: IntCounter::new(
+                "walrelay_consumer_replicate_transactions_total",
+                "Target transactions committed.",
+            )?,
+        };
+        for op in ["c", "u", "d", "r", "t"] {
+            m.rows.with_label_values(&[op]);
+        }
+        for o in ["applied", "unchanged", "refused"] {
+            m.schema_changes.with_label_values(&[o]);
+        }
+        for k in ["transient", "definite", "schema"] {
+            m.errors.with_label_values(&[k]);
+        }
+        registry.register(Box::new(m.rows.clone()))?;
+        registry.register(Box::new(m.schema_changes.clone()))?;
+        registry.register(Box::new(m.errors.clone()))?;
+        registry.register(Box::new(m.replays_skipped.clone()))?;
+        registry.register(Box::new(m.commit_latency.clone()))?;
+        registry.register(Box::new(m.commits.clone()))?;
+        Ok(m)
+    }
+}
+
+/// A topic-partition.
+type Tp = (Arc<str>, i32);
+
+/// One partition's place in the open target transaction.
+#[derive(Debug, Default, Clone)]
+struct Part {
+    /// Records below this offset are applied (committed, or in the open transaction).
+    next: i64,
+    /// Records handled in the open transaction.
+    handled: i64,
+    /// The first offset handled in the open transaction (owed until it commits).
+    first: Option<i64>,
+    /// The commit LSN of the source transaction the open transaction may hold only part of.
+    tail: Option<u64>,
+}
+
+/// The open target transaction.
+#[derive(Debug, Default)]
+struct Open {
+    parts: BTreeMap<Tp, Part>,
+    /// It holds records of an earlier `write` (lost with it if it fails).
+    carried: bool,
+    /// Newest source commit time (ms) applied in it.
+    newest_ts_ms: i64,
+}
+
+/// What the sink knows of a source table (from its last schema event).
+#[derive(Debug, Clone)]
+struct Source {
+    known: Option<Replicated>,
+    /// Target schema and table.
+    target: (String, String),
+    /// Per `column_ids` text: row column name to the current name (`None`: dropped since).
+    renames: HashMap<String, Arc<HashMap<String, Option<String>>>>,
+}
+
+/// A row change waiting in a run.
+#[derive(Debug)]
+enum Change {
+    Upsert {
+        values: BTreeMap<String, Box<RawValue>>,
+        /// Unchanged TOAST columns (left as they are in the target).
+        keep: BTreeSet<String>,
+    },
+    Delete {
+        key: Vec<(String, String)>,
+    },
+}
+
+/// A table's pending row changes, last change per key.
+#[derive(Debug, Default)]
+struct Run {
+    key: Vec<String>,
+    rows: HashMap<String, Change>,
+    /// Rows of a table without a key (inserts only).
+    inserts: Vec<BTreeMap<String, Box<RawValue>>>,
+}
+
+/// Why applying failed.
+enum Failure {
+    /// The session or a transaction failed in a way a retry may fix.
+    Transient(String),
+    /// Stop: retrying will not help.
+    Definite(String),
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(e: tokio_postgres::Error) -> Self {
+        if client::transient(&e) {
+            Failure::Transient(client::describe(&e))
+        } else {
+            Failure::Definite(format!("target database: {}", client::describe(&e)))
+        }
+    }
+}
+
+impl From<TargetError> for Failure {
+    fn from(e: TargetError) -> Self {
+        if e.is_transient() {
+            Failure::Transient(e.to_string())
+        } else {
+            Failure::Definite(e.to_string())
+        }
+    }
+}
+
+/// Applies change events to a Postgres database.
+pub struct PostgresSink {
+    settings: Arc<ReplicateSettings>,
+    group: String,
+    metrics: ReplicateMetrics,
+    session: Option<Client>,
+    open: Option<Open>,
+    /// Source (db, schema, table) to what is known of it; cleared when a transaction is lost.
+    sources: HashMap<(String, String, String), Source>,
+    /// Tables dropped by a schema event this process applied: rows still arriving for them
+    /// from other partitions are skipped.
+    dropped: HashSet<(String, String, String)>,
+    /// Target catalog, by `"schema"."table"`.
+    targets: HashMap<String, TargetTable>,
+    runs: BTreeMap<(String, String), Run>,
+    last_write: Instant,
+    /// A quiet stream's open transaction commits after this long without a batch.
+    idle_commit: Duration,
+}
+
+impl PostgresSink {
+    /// A sink for `group` (the applied positions are per group); connects on first use.
+    pub fn new(
+        settings: Arc<ReplicateSettings>,
+        group: String,
+        metrics: ReplicateMetrics,
+        batch_max_wait: Duration,
+    ) -> Self {
+        Self {
+            settings,
+            group,
+            metrics,
+            session: None,
+            open: None,
+            sources: HashMap::new(),
+            dropped: HashSet::new(),
+            targets: HashMap::new(),
+            runs: BTreeMap::new(),
+            last_write: Instant::now(),
+            idle_commit: (batch_max_wait * 2).max(Duration::from_millis(500)),
+        }
+    }
+
+    /// Forgets the session and everything learned inside the transaction it lost.
+    fn reset(&mut self) {
+        self.session = None;
+        self.open = None;
+        self.sources.clear();
+        self.dropped.clear();
+        self.targets.clear();
+        self.runs.clear();
+    }
+
+    async fn session(&mut self) -> Result<&Client, Failure> {
+        if self.session.as_ref().is_none_or(Client::is_closed) {
+            self.reset();
+            let c = client::connect(&self.settings.target).await?;
+            client::prepare(&c).await?;
+            self.session = Some(c);
+        }
+        self.session
+            .as_ref()
+            .ok_or_else(|| Failure::Transient("no session".into()))
+    }
+
+    async fn begin(&mut self) -> Result<(), Failure> {
+        self.session().await?.batch_execute("BEGIN").await?;
+        self.open = Some(Open::default());
+        Ok(())
+    }
+
+    /// Locks (and reads) the applied positions of `parts` not yet in the open transaction.
+    async fn lock(&mut self, parts: &BTreeSet<Tp>) -> Result<(), Failure> {
+        let open = self
+            .open
+            .as_ref()
+            .ok_or_else(|| Failure::Transient("no transaction".into()))?;
+        let new: Vec<(String, i32)> = parts
+            .iter()
+            .filter(|tp| !open.parts.contains_key(*tp))
+            .map(|(t, p)| (t.to_string(), *p))
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let session = self
+            .session
+            .as_ref()
+            .ok_or_else(|| Failure::Transient("no session".into()))?;
+        let positions = client::lock_positions(session, &self.group, &new).await?;
+        let open = self
+            .open
+            .as_mut()
+            .ok_or_else(|| Failure::Transient("no transaction".into()))?;
+        for (t, p) in new {
+            let next = positions.get(&(t.clone(), p)).copied().unwrap_or(0);
+            open.parts.insert(
+                (Arc::from(t.as_str()), p),
+                Part {
+                    next,
+                    ..Part::default()
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Applies what is pending, moves the positions and commits.
+    async fn commit(&mut self) -> Result<(), Failure> {
+        let Some(_) = self.open else {
+            return Ok(());
+        };
+        self.flush().await?;
+        let Some(open) = self.open.take() else {
+            return Ok(());
+        };
+        let moves: Vec<(String, i32, i64, i64)> = open
+            .parts
+            .iter()
+            .filter(|(_, p)| p.handled > 0)
+            .map(|((t, p), part)| (t.to_string(), *p, part.next, part.handled))
+            .collect();
+        let session = self
+            .session
+            .as_ref()
+            .ok_or_else(|| Failure::Transient("no session".into()))?;
+        client::advance(session, &self.group, &moves).await?;
+        session.batch_execute("COMMIT").await?;
+        self.metrics.commits.inc();
+        if open.newest_ts_ms > 0 {
+            let age = walrelay_common::clock::now_ms().saturating_sub(open.newest_ts_ms);
+            self.metrics
+                .commit_latency
+                .observe(age.max(0) as f64 / 1000.0);
+        }
+        Ok(())
+    }
+
+    /// What is known of a source table, loaded from the bookkeeping (or the target's catalog)
+    /// on first use.
+    async fn source(
+        &mut self,
+        db: &str,
+        schema: &str,
+        table: &str,
+    ) -> Result<&mut Source, Failure> {
+        let k = (db.to_string(), schema.to_string(), table.to_string());
+        if !self.sources.contains_key(&k) {
+            let session = self
+                .session
+                .as_ref()
+                .ok_or_else(|| Failure::Transient("no session".into()))?;
+            let known = client::replicated(session, db, None, (schema, table)).await?;
+            let target = match &known {
+                Some(r) => (r.schema.clone(), r.table.clone()),
+                None => (
+                    self.settings.target_schema(schema).to_string(),
+                    table.to_string(),
+                ),
+            };
+            self.sources.insert(
+                k.clone(),
+                Source {
+                    known,
+                    target,
+                    renames: HashMap::new(),
+                },
+            );
+        }
+        self.sources
+            .get_mut(&k)
+            .ok_or_else(|| Failure::Transient("source table cache".into()))
+    }
+
+    /// The target table's catalog entry.
+    async fn target(&mut self, schema: &str, table: &str) -> Result<Option<TargetTable>, Failure> {
+        let name = qualified(schema, table);
+        if let Some(t) = self.targets.get(&name) {
+            return Ok(Some(t.clone()));
+        }
+        let session = self
+            .session
+            .as_ref()
+            .ok_or_else(|| Failure::Transient("no session".into()))?;
+        let t = client::table(session, schema, table).await?;
+        if let Some(t) = &t {
+            self.targets.insert(name, t.clone());
+        }
+        Ok(t)
+    }
+
+    /// Applies the pending runs (deletes, then upserts grouped by their column sets).
+    async fn flush(&mut self) -> Result<(), Failure> {
+        let runs = std::mem::take(&mut self.runs);
+        for ((schema, table), run) in runs {
+            let Some(t) = self.target(&schema, &table).await? else {
+                return Err(Failure::Definite(format!(
+                    "target table {} does not exist: create it, or run the replicator with \
+                     --initial from the topic's beginning so that its schema event creates it",
+                    qualified(&schema, &table)
+                )));
+            };
+            let session = self
+                .session
+                .as_ref()
+                .ok_or_else(|| Failure::Transient("no session".into()))?;
+            let mut deletes = String::new();
+            let mut groups: BTreeMap<(Vec<String>, BTreeSet<String>), String> = BTreeMap::new();
+            for change in run.rows.values() {
+                match change {
+                    Change::Delete { key } => {
+                        encode::push_row(
+                            &mut deletes,
+                            key.iter().map(|(c, v)| (c.as_str(), v.as_str())),
+                        );
+                    }
+                    Change::Upsert { values, keep } => {
+                        let cols: Vec<String> = values.keys().cloned().collect();
+                        let json = groups.entry((cols, keep.clone())).or_default();
+                        encode::push_row(json, values.iter().map(|(c, v)| (c.as_str(), v.get())));
+                    }
+                }
+            }
+            if !deletes.is_empty() {
+                deletes.push(']');
+                let sql =
+                    encode::delete(&t, &run.key).map_err(|e| Failure::Definite(e.to_string()))?;
+                session
+                    .execute(&sql, &[&deletes])
+                    .await
+                    .map_err(|e| statement_failure(&e, &sql))?;
+            }
+            for ((cols, keep), mut json) in groups {
+                json.push(']');
+                let sql = encode::upsert(&t, &cols, &run.key, &keep)
+                    .map_err(|e| Failure::Definite(e.to_string()))?;
+                session
+                    .execute(&sql, &[&json])
+                    .await
+                    .map_err(|e| statement_failure(&e, &sql))?;
+            }
+            // Tables without a key: plain inserts.
+            let mut plain: BTreeMap<Vec<String>, String> = BTreeMap::new();
+            for values in &run.inserts {
+                let cols: Vec<String> = values.keys().cloned().collect();
+                encode::push_row(
+                    plain.entry(cols).or_default(),
+                    values.iter().map(|(c, v)| (c.as_str(), v.get())),
+                );
+            }
+            for (cols, mut json) in plain {
+                json.push(']');
+                let sql = plain_insert(&t, &cols);
+                session
+                    .execute(&sql, &[&json])
+                    .await
+                    .map_err(|e| statement_failure(&e, &sql))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a schema event (after the pending rows); `Ok(Some(reason))` when it was refused
+    /// and is to be dead-lettered.
+    async fn schema_change(
+        &mut self,
+        e: &Event,
+        ch: &SchemaChange,
+    ) -> Result<Option<String>, Failure> {
+        self.flush().await?;
+        let src = &e.envelope.source;
+        let db = src.db.clone();
+        let session = self
+            .session
+            .as_ref()
+            .ok_or_else(|| Failure::Transient("no session".into()))?;
+        let known = client::replicated(session, &db, Some(ch.table_oid), ("", "")).await?;
+        if let Some(k) = &known
+            && k.version >= e.envelope.schema_version
+            && e.envelope.schema_version > 0
+        {
+            self.metrics
+                .schema_changes
+                .with_label_values(&["unchanged"])
+                .inc();
+            return Ok(None);
+        }
+        if known.is_none() && ch.dropped {
+            self.metrics
+                .schema_changes
+                .with_label_values(&["unchanged"])
+                .inc();
+            self.dropped
+                .insert((db, src.schema.clone(), src.table.clone()));
+            return Ok(None);
+        }
+        let target_schema = self.settings.target_schema(&src.schema).to_string();
+        let target_table = src.table.clone();
+        let planned = ddl::plan(
+            session,
+            known.as_ref(),
+            &target_schema,
+            &target_table,
+            &ch.columns,
+            ch.dropped,
+            self.settings.initial,
+        )
+        .await?;
+        let plan = match planned {
+            Ok(p) => p,
+            Err(message) => return self.refused(&message),
+        };
+        let savepoint = self.settings.on_schema_error == OnSchemaError::DeadLetter;
+        if savepoint {
+            session.batch_execute("SAVEPOINT walrelay_ddl").await?;
+        }
+        for sql in &plan.statements {
+            if let Err(err) = session.batch_execute(sql).await {
+                if client::transient(&err) {
+                    return Err(err.into());
+                }
+                let message = format!(
+                    "the target refused the schema change of {}.{} ({}): {sql}: {}",
+                    src.schema,
+                    src.table,
+                    ch.command.as_deref().unwrap_or("schema event"),
+                    client::describe(&err)
+                );
+                if savepoint {
+                    session
+                        .batch_execute("ROLLBACK TO SAVEPOINT walrelay_ddl")
+                        .await?;
+                }
+                return self.refused(&message);
+            }
+        }
+        let replicated = (!ch.dropped).then(|| Replicated {
+            oid: ch.table_oid,
+            source_schema: src.schema.clone(),
+            source_table: src.table.clone(),
+            version: e.envelope.schema_version,
+            schema: target_schema.clone(),
+            table: target_table.clone(),
+            columns: ch.columns.clone(),
+        });
+        client::remember(session, &db, ch.table_oid, replicated.as_ref()).await?;
+        if savepoint {
+            session
+                .batch_execute("RELEASE SAVEPOINT walrelay_ddl")
+                .await?;
+        }
+        for w in &plan.warnings {
+            tracing::warn!(table = %format!("{}.{}", src.schema, src.table), "{w}");
+        }
+        if !plan.statements.is_empty() {
+            tracing::info!(
+                table = %format!("{}.{}", src.schema, src.table),
+                statements = ?plan.statements,
+                "Schema change applied to the target."
+            );
+        }
+        self.metrics
+            .schema_changes
+            .with_label_values(&["applied"])
+            .inc();
+        // What changed by name: the old name (a rename) and the new.
+        self.targets.clear();
+        if let Some(k) = &known {
+            let old = (db.clone(), k.source_schema.clone(), k.source_table.clone());
+            if ch.dropped {
+                self.dropped.insert(old.clone());
+                self.sources.remove(&old);
+            } else if let Some(s) = self.sources.get_mut(&old) {
+                // Rows still arriving under the old name (from other partitions) go to the new.
+                s.known = replicated.clone();
+                s.target = (target_schema.clone(), target_table.clone());
+                s.renames.clear();
+            }
+        }
+        let new = (db.clone(), src.schema.clone(), src.table.clone());
+        if ch.dropped {
+            self.dropped.insert(new.clone());
+            self.sources.remove(&new);
+        } else {
+            self.dropped.remove(&new);
+            self.sources.insert(
+                new,
+                Source {
+                    known: replicated,
+                    target: (target_schema, target_table),
+                    renames: HashMap::new(),
+                },
+            );
+        }
+        Ok(None)
+    }
+
+    fn refused(&mut self, message: &str) -> Result<Option<String>, Failure> {
+        self.metrics.errors.with_label_values(&["schema"]).inc();
+        self.metrics
+            .schema_changes
+            .with_label_values(&["refused"])
+            .inc();
+        match self.settings.on_schema_error {
+            OnSchemaError::Halt => Err(Failure::Definite(format!(
+                "{message}. Nothing after it was applied; fix the target and restart the \
+                 replicator (or run it with --on-schema-error dead-letter to skip such changes)"
+            ))),
+            OnSchemaError::DeadLetter => {
+                tracing::error!(error = %message, "Schema change refused by the target; dead-lettered.");
+                Ok(Some(message.to_string()))
+            }
+        }
+    }
+
+    /// Stages a row event into its table's run; `Some(reason)` when it cannot be applied.
+    async fn stage_row(&mut self, e: &Event) -> Result<Option<String>, Failure> {
+        let env = &e.envelope;
+        let src = &env.source;
+        let name = (src.db.clone(), src.schema.clone(), src.table.clone());
+        if self.dropped.contains(&name) {
+            return Ok(None);
+        }
+        let source = self.source(&src.db, &src.schema, &src.table).await?;
+        let target = source.target.clone();
+        // Row column names to current names, through the stable column ids.
+        let renames: Option<Arc<HashMap<String, Option<String>>>> = match &source.known {
+            Some(k) if env.column_ids.raw() != "{}" => {
+                let raw = env.column_ids.raw();
+                if let Some(r) = source.renames.get(raw) {
+                    Some(Arc::clone(r))
+                } else {
+                    let ids = env.column_ids.parse();
+                    let map: HashMap<String, Option<String>> = ids
+                        .iter()
+                        .map(|(name, id)| {
+                            let current = k
+                                .columns
+                                .iter()
+                                .find(|c| c.id == *id)
+                                .map(|c| c.name.clone());
+                            (name.clone(), current)
+                        })
+                        .filter(|(name, current)| current.as_deref() != Some(name.as_str()))
+                        .collect();
+                    let map = Arc::new(map);
+                    source.renames.insert(raw.to_string(), Arc::clone(&map));
+                    Some(map)
+                }
+            }
+            _ => None,
+        };
+        let rename = |n: &str| -> Option<String> {
+            match renames.as_ref().and_then(|r| r.get(n)) {
+                Some(current) => current.clone(),
+                None => Some(n.to_string()),
+            }
+        };
+        let key: Vec<String> = env.key.iter().filter_map(|k| rename(k)).collect();
+        let run = self.runs.entry(target.clone()).or_default();
+        if run.key != key && (!run.rows.is_empty() || !run.inserts.is_empty()) {
+            // The key changed within the batch: what is pending goes first.
+            self.flush().await?;
+        }
+        let run = self.runs.entry(target).or_default();
+        run.key = key.clone();
+        match env.op {
+            Op::Delete => {
+                let Some(before) = &env.before else {
+                    return Ok(Some(
+                        "a delete without its key (before) cannot be applied".into(),
+                    ));
+                };
+                if key.is_empty() {
+                    return Ok(Some(format!(
+                        "{}.{} has no key: deletes cannot be replicated (give the table a primary key)",
+                        src.schema, src.table
+                    )));
+                }
+                let k = key_of_map(before, &env.key, &key);
+                let Some(k) = k else {
+                    return Ok(Some("the delete's before image lacks key columns".into()));
+                };
+                let id = key_id(&k);
+                run.rows.insert(id, Change::Delete { key: k });
+                Ok(None)
+            }
+            Op::Create | Op::Update | Op::Read => {
+                let Some(after) = &e.after_json else {
+                    return Ok(Some("a row event without its after image".into()));
+                };
+                let raw: BTreeMap<String, Box<RawValue>> = serde_json::from_str(after.get())
+                    .map_err(|err| {
+                        Failure::Definite(format!("the after image is not a JSON object: {err}"))
+                    })?;
+                let mut values = BTreeMap::new();
+                for (n, v) in raw {
+                    if let Some(current) = rename(&n) {
+                        values.insert(current, v);
+                    }
+                }
+                let mut keep: BTreeSet<String> = env
+                    .unchanged_toast
+                    .iter()
+                    .filter_map(|c| rename(c))
+                    .collect();
+                for c in &keep {
+                    values.remove(c);
+                }
+                if key.is_empty() {
+                    if env.op == Op::Update {
+                        return Ok(Some(format!(
+                            "{}.{} has no key: updates cannot be replicated (give the table a primary key)",
+                            src.schema, src.table
+                        )));
+                    }
+                    run.inserts.push(values);
+                    return Ok(None);
+                }
+                let mut k = Vec::with_capacity(key.len());
+                for c in &key {
+                    let Some(v) = values.get(c) else {
+                        return Ok(Some(format!("the row lacks its key column {c:?}")));
+                    };
+                    k.push((c.clone(), canonical(v.get())));
+                }
+                // An update that moved the row to another key deletes the old one.
+                if env.op == Op::Update
+                    && let Some(before) = &env.before
+                    && let Some(old) = key_of_map(before, &env.key, &key)
+                    && old != k
+                {
+                    run.rows.insert(key_id(&old), Change::Delete { key: old });
+                }
+                let id = key_id(&k);
+                if let Some(Change::Upsert { values: prev, .. }) = run.rows.get_mut(&id) {
+                    // An unchanged TOAST value keeps what an earlier change of the batch set.
+                    let mut still = BTreeSet::new();
+                    for c in &keep {
+                        match prev.remove(c) {
+                            Some(v) => {
+                                values.insert(c.clone(), v);
+                            }
+                            None => {
+                                still.insert(c.clone());
+                            }
+                        }
+                    }
+                    keep = still;
+                }
+                run.rows.insert(id, Change::Upsert { values, keep });
+                Ok(None)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn truncate(&mut self, e: &Event) -> Result<(), Failure> {
+        self.flush().await?;
+        let src = &e.envelope.source;
+        let name = (src.db.clone(), src.schema.clone(), src.table.clone());
+        if self.dropped.contains(&name) {
+            return Ok(());
+        }
+        let target = self
+            .source(&src.db, &src.schema, &src.table)
+            .await?
+            .target
+            .clone();
+        let sql = format!("TRUNCATE {}", qualified(&target.0, &target.1));
+        let session = self
+            .session
+            .as_ref()
+            .ok_or_else(|| Failure::Transient("no session".into()))?;
+        session
+            .batch_execute(&sql)
+            .await
+            .map_err(|err| statement_failure(&err, &sql))?;
+        Ok(())
+    }
+
+    /// Applies the events `which` selects, in order; their verdicts go into `verdicts`.
+    async fn apply(
+        &mut self,
+        events: &[Event],
+        which: &[bool],
+        verdicts: &mut [Verdict],
+    ) -> Result<(), Failure> {
+        for (i, e) in events.iter().enumerate() {
+            if !which[i] {
+                continue;
+            }
+            let tp: Tp = (Arc::clone(&e.topic), e.partition);
+            let open = self
+                .open
+                .as_mut()
+                .ok_or_else(|| Failure::Transient("no transaction".into()))?;
+            let part = open.parts.entry(tp).or_default();
+            if e.offset < part.next {
+                self.metrics.replays_skipped.inc();
+                continue;
+            }
+            part.next = e.offset + 1;
+            part.handled += 1;
+            part.first.get_or_insert(e.offset);
+            open.newest_ts_ms = open.newest_ts_ms.max(e.envelope.ts_ms);
+            let env = &e.envelope;
+            let selected = self
+                .settings
+                .tables
+                .matches(&env.source.schema, &env.source.table)
+                || env
+                    .ddl
+                    .as_ref()
+                    .and_then(|d| d.previous.as_ref())
+                    .is_some_and(|p| self.settings.tables.matches(&p.schema, &p.table));
+            if !selected {
+                continue;
+            }
+            let refused = match env.op {
+                Op::Create | Op::Update | Op::Delete | Op::Read => {
+                    let r = self.stage_row(e).await?;
+                    if r.is_none() {
+                        self.metrics.rows.with_label_values(&[env.op.code()]).inc();
+                    }
+                    r
+                }
+                Op::Truncate => {
+                    self.truncate(e).await?;
+                    self.metrics.rows.with_label_values(&["t"]).inc();
+                    None
+                }
+                Op::Ddl => match &env.ddl {
+                    Some(ch) => self.schema_change(e, ch).await?,
+                    None => Some("a schema event without its schema".into()),
+                },
+                Op::SnapshotStart | Op::SnapshotEnd => None,
+            };
+            if let Some(reason) = refused {
+                verdicts[i] = Verdict::Rejected(reason);
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_once(&mut self, events: &[Event]) -> Result<Vec<Verdict>, Failure> {
+        self.session().await?;
+        let mut verdicts = vec![Verdict::Applied; events.len()];
+        if events.is_empty() {
+            return Ok(verdicts);
+        }
+        if self.open.is_none() {
+            self.begin().await?;
+        } else if let Some(o) = self.open.as_mut() {
+            o.carried = true;
+        }
+        let parts: BTreeSet<Tp> = events
+            .iter()
+            .map(|e| (Arc::clone(&e.topic), e.partition))
+            .collect();
+        self.lock(&parts).await?;
+        // Per partition: its last event's source transaction may continue in the next batch
+        // (the tail), unless it is a snapshot row or a marker.
+        let mut last: HashMap<Tp, usize> = HashMap::new();
+        for (i, e) in events.iter().enumerate() {
+            last.insert((Arc::clone(&e.topic), e.partition), i);
+        }
+        let mut tail_lsn: HashMap<Tp, u64> = HashMap::new();
+        for (tp, i) in &last {
+            let env = &events[*i].envelope;
+            if !streamed(env.op, env.source.snapshot) {
+                continue;
+            }
+            tail_lsn.insert(tp.clone(), env.source.commit_lsn);
+        }
+        let mut in_tail = vec![false; events.len()];
+        let mut closed: HashSet<Tp> = HashSet::new();
+        for (i, e) in events.iter().enumerate().rev() {
+            let tp: Tp = (Arc::clone(&e.topic), e.partition);
+            if closed.contains(&tp) {
+                continue;
+            }
+            match tail_lsn.get(&tp) {
+                Some(l)
+                    if *l == e.envelope.source.commit_lsn
+                        && streamed(e.envelope.op, e.envelope.source.snapshot) =>
+                {
+                    in_tail[i] = true;
+                }
+                _ => {
+                    closed.insert(tp);
+                }
+            }
+        }
+        // The open transaction may commit once every source transaction it holds part of has
+        // ended: a later event of its partition is in this batch.
+        let open = self
+            .open
+            .as_ref()
+            .ok_or_else(|| Failure::Transient("no transaction".into()))?;
+        let ends = open.parts.iter().all(|(tp, part)| match part.tail {
+            None => true,
+            Some(l) => events.iter().any(|e| {
+                e.topic == tp.0
+                    && e.partition == tp.1
+                    && (e.envelope.source.commit_lsn != l
+                        || !streamed(e.envelope.op, e.envelope.source.snapshot))
+            }),
+        });
+        let any_tail = in_tail.iter().any(|t| *t);
+        if ends {
+            let head: Vec<bool> = in_tail.iter().map(|t| !*t).collect();
+            self.apply(events, &head, &mut verdicts).await?;
+            self.commit().await?;
+            if any_tail {
+                self.begin().await?;
+                self.lock(&parts).await?;
+                self.apply(events, &in_tail, &mut verdicts).await?;
+            }
+        } else {
+            let all = vec![true; events.len()];
+            self.apply(events, &all, &mut verdicts).await?;
+        }
+        if let Some(open) = self.open.as_mut() {
+            for (tp, part) in open.parts.iter_mut() {
+                // Partitions without events in this batch keep the tail they had.
+                if last.contains_key(tp) {
+                    part.tail = if part.handled > 0 {
+                        tail_lsn.get(tp).copied()
+                    } else {
+                        None
+                    };
+                }
+            }
+            if open.parts.values().all(|p| p.handled == 0) && !open.carried {
+                // Nothing but skipped replays: nothing to hold open.
+                self.flush().await?;
+                let session = self
+                    .session
+                    .as_ref()
+                    .ok_or_else(|| Failure::Transient("no session".into()))?;
+                session.batch_execute("COMMIT").await?;
+                self.open = None;
+            }
+        }
+        Ok(verdicts)
+    }
+}
+
+/// A statement's failure: transient (the connection) or definite, with the statement's
+/// beginning and Postgres' message.
+fn statement_failure(e: &tokio_postgres::Error, sql: &str) -> Failure {
+    if client::transient(e) {
+        return Failure::Transient(client::describe(e));
+    }
+    let head: String = sql.chars().take(200).collect();
+    Failure::Definite(format!(
+        "the target refused a statement: {}; statement: {head}",
+        client::describe(e)
+    ))
+}
+
+/// A streamed change (part of a source transaction), as opposed to a snapshot row or marker.
+fn streamed(op: Op, snapshot: bool) -> bool {
+    !snapshot && !op.is_snapshot_marker()
+}
+
+/// `INSERT` without a conflict target (tables without a key).
+fn plain_insert(t: &TargetTable, cols: &[String]) -> String {
+    let names: Vec<String> = cols.iter().map(|c| encode::ident(c)).collect();
+    let decls: Vec<String> = cols
+        .iter()
+        .map(|c| format!("{} {}", encode::ident(c), t.type_of(c).unwrap_or("text")))
+        .collect();
+    format!(
+        "INSERT INTO {} ({}) SELECT {} FROM json_to_recordset($1::text::json) AS x({})",
+        t.name,
+        names.join(", "),
+        cols.iter()
+            .map(|c| match t.type_of(c) {
+                Some("bytea") => format!("decode(x.{}, 'base64')", encode::ident(c)),
+                _ => format!("x.{}", encode::ident(c)),
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        decls
+            .iter()
+            .map(|d| if d.ends_with(" bytea") {
+                d.replace(" bytea", " text")
+            } else {
+                d.clone()
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// A JSON value's canonical text (so that a key reads the same from `before` and `after`).
+fn canonical(raw: &str) -> String {
+    serde_json::from_str::<Value>(raw)
+        .map(|v| v.to_string())
+        .unwrap_or_else(|_| raw.to_string())
+}
+
+/// The key columns (`current` names) of an image whose columns are named as in the event
+/// (`names`).
+fn key_of_map(
+    image: &serde_json::Map<String, Value>,
+    names: &[String],
+    current: &[String],
+) -> Option<Vec<(String, String)>> {
+    if names.len() != current.len() {
+        return None;
+    }
+    names
+        .iter()
+        .zip(current)
+        .map(|(n, c)| image.get(n).map(|v| (c.clone(), v.to_string())))
+        .collect()
+}
+
+fn key_id(k: &[(String, String)]) -> String {
+    let mut s = String::new();
+    for (_, v) in k {
+        s.push_str(v);
+        s.push('\u{1}');
+    }
+    s
+}
+
+impl Sink for PostgresSink {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn write(
+        &mut self,
+        events: &mut [Event],
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<Verdict>, SinkError> {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            let carried = self.open.is_some();
+            match self.write_once(events).await {
+                Ok(v) => {
+                    self.last_write = Instant::now();
+                    return Ok(v);
+                }
+                Err(Failure::Definite(m)) => {
+                    self.metrics.errors.with_label_values(&["definite"]).inc();
+                    self.reset();
+                    return Err(SinkError::Definite(m));
+                }
+                Err(Failure::Transient(m)) => {
+                    self.metrics.errors.with_label_values(&["transient"]).inc();
+                    self.reset();
+                    if carried {
+                        // The lost transaction held records of earlier batches, which are not
+                        // kept in memory: a restart reads them again from Kafka's committed
+                        // offset (the target skips what it had committed).
+                        return Err(SinkError::Definite(format!(
+                            "the target transaction holding earlier batches was lost ({m}); \
+                             restart the replicator to resume from the last committed position"
+                        )));
+                    }
+                    tracing::warn!(error = %m, "Target unavailable; retrying the batch.");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Err(SinkError::Interrupted),
+                        () = tokio::time::sleep(backoff.next_wait()) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn backlog(&self) -> Backlog {
+        let mut b = Backlog::default();
+        if let Some(open) = &self.open {
+            for (tp, part) in &open.parts {
+                if let Some(first) = part.first {
+                    b.oldest.insert(tp.clone(), first);
+                }
+            }
+        }
+        b
+    }
+
+    async fn tick(&mut self, _shutdown: &CancellationToken) -> Result<(), SinkError> {
+        if self.open.is_none() || self.last_write.elapsed() < self.idle_commit {
+            return Ok(());
+        }
+        // Nothing came for a while: the stream holds no more of the open transaction's last
+        // source transactions (see the module's "Consistency").
+        match self.commit().await {
+            Ok(()) => Ok(()),
+            Err(Failure::Definite(m) | Failure::Transient(m)) => {
+                self.metrics.errors.with_label_values(&["definite"]).inc();
+                self.reset();
+                Err(SinkError::Definite(format!(
+                    "committing the target transaction failed ({m}); restart the replicator to \
+                     resume from the last committed position"
+                )))
+            }
+        }
+    }
+}
