@@ -269,6 +269,8 @@ mod tests {
         let stream = crate::stream::metrics::StreamMetrics::new(&m.registry).expect("stream");
         stream.refused.with_label_values(&["token"]).inc();
         stream.report_lag("g", 1, Some(0));
+        // So do the replicator's.
+        crate::sinks::postgres::sink::ReplicateMetrics::new(&m.registry).expect("replicate");
         let names: Vec<String> = m
             .registry
             .gather()

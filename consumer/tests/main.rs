@@ -29,6 +29,7 @@ mod deploy;
 mod live_view;
 mod notify;
 mod postgres_tls;
+mod replicate;
 mod secure_kafka;
 mod stream;
 mod topic_pattern;

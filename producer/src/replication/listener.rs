@@ -510,6 +510,26 @@ impl Stream<'_> {
                 }
             }
         }
+        // An update that moved the row to another key: the old key's delete goes first, as
+        // an event of its own keyed (and so partitioned) by the old key, so that every change
+        // of a key stays in that key's partition, in order (a consumer applying partitions
+        // independently would otherwise see the delete before the old key's earlier changes).
+        // pgoutput sends the old key only when it changed; a full old row is compared.
+        if let Some((kind, old_row)) = old {
+            let moved = match kind {
+                OldKind::Key => true,
+                OldKind::Full => {
+                    let shape = shape_of(&self.relations, oid)?;
+                    shape
+                        .key_columns
+                        .iter()
+                        .any(|&i| old_row.0.get(i) != new.0.get(i))
+                }
+            };
+            if moved {
+                self.delete(oid, lsn, *kind, old_row).await?;
+            }
+        }
         let change = RowChange {
             before: old.map(|(k, row)| Image {
                 cells: &row.0,

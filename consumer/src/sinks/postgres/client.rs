@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | `walrelay.applied` | (group, topic, partition) | `next_offset`: every record below it is applied; `events_applied`: records handled, each once |
 //! | `walrelay.replicated_tables` | source table (database, OID) | its target name and the columns of the last schema event applied |
+//! | `walrelay.replicated_names` | name a source table had | its OID: rows still arriving under an old name (from a partition behind its copy of the rename or drop) find the table, or that it was dropped |
 //!
 //! Both change only inside the transactions that apply rows and schema changes, so they are
 //! exactly as current as the target's data.
@@ -109,8 +110,16 @@ pub async fn prepare(client: &Client) -> Result<(), TargetError> {
                  target_table text NOT NULL,
                  schema_version bigint NOT NULL,
                  columns jsonb NOT NULL,
+                 truncated_lsn bigint NOT NULL DEFAULT 0,
+                 truncated_seq bigint NOT NULL DEFAULT 0,
                  updated_at timestamptz NOT NULL DEFAULT now(),
-                 PRIMARY KEY (source_db, table_oid));",
+                 PRIMARY KEY (source_db, table_oid));
+             CREATE TABLE IF NOT EXISTS walrelay.replicated_names (
+                 source_db text NOT NULL,
+                 source_schema text NOT NULL,
+                 source_table text NOT NULL,
+                 table_oid bigint NOT NULL,
+                 PRIMARY KEY (source_db, source_schema, source_table));",
         )
         .await
         .map_err(|e| TargetError::sql(&e))
@@ -197,6 +206,9 @@ pub struct Replicated {
     pub table: String,
     /// The columns of the last schema event applied.
     pub columns: Vec<ColumnSchema>,
+    /// Where the last truncate applied was in the log (commit LSN, sequence): row changes
+    /// from before it, still arriving from partitions behind their copy of it, are skipped.
+    pub truncated: (u64, u64),
 }
 
 /// The bookkeeping row of a source table, by OID or (when `oid` is `None`) by source name.
@@ -210,7 +222,7 @@ pub async fn replicated(
     let row = tx
         .query_opt(
             "SELECT table_oid, source_schema, source_table, schema_version, target_schema,
-                    target_table, columns::text
+                    target_table, columns::text, truncated_lsn, truncated_seq
              FROM walrelay.replicated_tables
              WHERE source_db = $1 AND CASE WHEN $2::bigint IS NULL
                    THEN source_schema = $3 AND source_table = $4 ELSE table_oid = $2 END",
@@ -227,8 +239,32 @@ pub async fn replicated(
             schema: r.get(4),
             table: r.get(5),
             columns,
+            truncated: (
+                u64::try_from(r.get::<_, i64>(7)).unwrap_or(0),
+                u64::try_from(r.get::<_, i64>(8)).unwrap_or(0),
+            ),
         })
     }))
+}
+
+/// A source table by any name it had: its OID, and what is known of it (`None`: dropped).
+pub async fn by_name(
+    tx: &impl GenericClient,
+    db: &str,
+    schema: &str,
+    table: &str,
+) -> Result<Option<(u32, Option<Replicated>)>, tokio_postgres::Error> {
+    let row = tx
+        .query_opt(
+            "SELECT table_oid FROM walrelay.replicated_names
+             WHERE source_db = $1 AND source_schema = $2 AND source_table = $3",
+            &[&db, &schema, &table],
+        )
+        .await?;
+    let Some(oid) = row.and_then(|r| u32::try_from(r.get::<_, i64>(0)).ok()) else {
+        return Ok(None);
+    };
+    Ok(Some((oid, replicated(tx, db, Some(oid), ("", "")).await?)))
 }
 
 /// Records (or forgets, when `r` is `None`) what the target holds of a source table.
@@ -268,8 +304,36 @@ pub async fn remember(
                 ],
             )
             .await?;
+            tx.execute(
+                "INSERT INTO walrelay.replicated_names (source_db, source_schema, source_table, table_oid)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (source_db, source_schema, source_table) DO UPDATE SET table_oid = EXCLUDED.table_oid",
+                &[&db, &r.source_schema, &r.source_table, &i64::from(oid)],
+            )
+            .await?;
         }
     }
+    Ok(())
+}
+
+/// Records where a truncate of a source table was applied.
+pub async fn truncated(
+    tx: &impl GenericClient,
+    db: &str,
+    oid: u32,
+    at: (u64, u64),
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "UPDATE walrelay.replicated_tables SET truncated_lsn = $3, truncated_seq = $4, updated_at = now()
+         WHERE source_db = $1 AND table_oid = $2",
+        &[
+            &db,
+            &i64::from(oid),
+            &i64::try_from(at.0).unwrap_or(i64::MAX),
+            &i64::try_from(at.1).unwrap_or(i64::MAX),
+        ],
+    )
+    .await?;
     Ok(())
 }
 

@@ -17,8 +17,9 @@
 //! | same id, new type | `ALTER COLUMN … TYPE … USING col::type` |
 //! | nullability, default | `SET/DROP NOT NULL`, `SET/DROP DEFAULT` |
 //!
-//! Types are the source's `format_type` text; a type the target lacks (an enum or domain not
-//! created there) becomes `text` (`text[]` for its arrays), and its values are the labels.
+//! Types are the source's `format_type` text; a type the target lacks becomes its logical type
+//! when the target has that (a domain: its base type), else `text` (`text[]` for arrays: an
+//! enum not created there), and its values are the labels.
 //! Defaults are kept only when constant (`encode::is_constant_default`); identity, serial and
 //! generated columns become plain columns (their values arrive in the rows), with a warning.
 //! A column added `NOT NULL` without a constant default is added nullable: rows written
@@ -47,6 +48,10 @@ async fn target_type(
 ) -> Result<String, tokio_postgres::Error> {
     if client::has_type(tx, &c.type_name).await? {
         return Ok(c.type_name.clone());
+    }
+    // A domain the target lacks: its base type (the envelope's logical type names it).
+    if !c.logical.is_empty() && client::has_type(tx, &c.logical).await? {
+        return Ok(c.logical.clone());
     }
     Ok(if c.type_name.ends_with("[]") {
         "text[]".into()

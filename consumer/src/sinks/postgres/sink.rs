@@ -316,21 +316,31 @@ impl PostgresSink {
         Ok(())
     }
 
-    /// What is known of a source table, loaded from the bookkeeping (or the target's catalog)
-    /// on first use.
+    /// What is known of a source table by a name it has or had, loaded from the bookkeeping
+    /// on first use; `None` when that table was dropped.
     async fn source(
         &mut self,
         db: &str,
         schema: &str,
         table: &str,
-    ) -> Result<&mut Source, Failure> {
+    ) -> Result<Option<&mut Source>, Failure> {
         let k = (db.to_string(), schema.to_string(), table.to_string());
+        if self.dropped.contains(&k) {
+            return Ok(None);
+        }
         if !self.sources.contains_key(&k) {
             let session = self
                 .session
                 .as_ref()
                 .ok_or_else(|| Failure::Transient("no session".into()))?;
-            let known = client::replicated(session, db, None, (schema, table)).await?;
+            let known = match client::by_name(session, db, schema, table).await? {
+                Some((_, Some(r))) => Some(r),
+                Some((_, None)) => {
+                    self.dropped.insert(k);
+                    return Ok(None);
+                }
+                None => None,
+            };
             let target = match &known {
                 Some(r) => (r.schema.clone(), r.table.clone()),
                 None => (
@@ -347,9 +357,7 @@ impl PostgresSink {
                 },
             );
         }
-        self.sources
-            .get_mut(&k)
-            .ok_or_else(|| Failure::Transient("source table cache".into()))
+        Ok(self.sources.get_mut(&k))
     }
 
     /// The target table's catalog entry.
@@ -522,6 +530,7 @@ impl PostgresSink {
             schema: target_schema.clone(),
             table: target_table.clone(),
             columns: ch.columns.clone(),
+            truncated: known.as_ref().map_or((0, 0), |k| k.truncated),
         });
         client::remember(session, &db, ch.table_oid, replicated.as_ref()).await?;
         if savepoint {
@@ -550,11 +559,17 @@ impl PostgresSink {
             if ch.dropped {
                 self.dropped.insert(old.clone());
                 self.sources.remove(&old);
-            } else if let Some(s) = self.sources.get_mut(&old) {
-                // Rows still arriving under the old name (from other partitions) go to the new.
-                s.known = replicated.clone();
-                s.target = (target_schema.clone(), target_table.clone());
-                s.renames.clear();
+            } else if old.1 != src.schema || old.2 != src.table {
+                // Rows still arriving under the old name (from other partitions, before their
+                // copy of this event) go to the new.
+                self.sources.insert(
+                    old,
+                    Source {
+                        known: replicated.clone(),
+                        target: (target_schema.clone(), target_table.clone()),
+                        renames: HashMap::new(),
+                    },
+                );
             }
         }
         let new = (db.clone(), src.schema.clone(), src.table.clone());
@@ -597,11 +612,16 @@ impl PostgresSink {
     async fn stage_row(&mut self, e: &Event) -> Result<Option<String>, Failure> {
         let env = &e.envelope;
         let src = &env.source;
-        let name = (src.db.clone(), src.schema.clone(), src.table.clone());
-        if self.dropped.contains(&name) {
+        let Some(source) = self.source(&src.db, &src.schema, &src.table).await? else {
+            // Its table was dropped further on in the log (seen on another partition).
+            return Ok(None);
+        };
+        if let Some(k) = &source.known
+            && (src.commit_lsn, src.seq) < k.truncated
+        {
+            // From before a truncate already applied (this partition is behind its copy).
             return Ok(None);
         }
-        let source = self.source(&src.db, &src.schema, &src.table).await?;
         let target = source.target.clone();
         // Row column names to current names, through the stable column ids.
         let renames: Option<Arc<HashMap<String, Option<String>>>> = match &source.known {
@@ -735,18 +755,27 @@ impl PostgresSink {
         }
     }
 
+    /// A truncate is written to every partition; the first copy applied truncates (every
+    /// partition is then before its own copy, so everything applied so far is older), later
+    /// copies are skipped, and so are row changes from before it that partitions behind their
+    /// copy still bring.
     async fn truncate(&mut self, e: &Event) -> Result<(), Failure> {
         self.flush().await?;
         let src = &e.envelope.source;
-        let name = (src.db.clone(), src.schema.clone(), src.table.clone());
-        if self.dropped.contains(&name) {
+        let at = (src.commit_lsn, src.seq);
+        let db = src.db.clone();
+        let Some(source) = self.source(&src.db, &src.schema, &src.table).await? else {
             return Ok(());
-        }
-        let target = self
-            .source(&src.db, &src.schema, &src.table)
-            .await?
-            .target
-            .clone();
+        };
+        let target = source.target.clone();
+        let oid = match &mut source.known {
+            Some(k) if k.truncated >= at => return Ok(()),
+            Some(k) => {
+                k.truncated = at;
+                Some(k.oid)
+            }
+            None => None,
+        };
         let sql = format!("TRUNCATE {}", qualified(&target.0, &target.1));
         let session = self
             .session
@@ -756,6 +785,9 @@ impl PostgresSink {
             .batch_execute(&sql)
             .await
             .map_err(|err| statement_failure(&err, &sql))?;
+        if let Some(oid) = oid {
+            client::truncated(session, &db, oid, at).await?;
+        }
         Ok(())
     }
 
