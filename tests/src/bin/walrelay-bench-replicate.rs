@@ -16,7 +16,8 @@
 //!    replicator created the table), so `applied_at - at` is source insert to target apply,
 //!    per row: p50, p99, max.
 //!
-//! Usage: `scripts/bench-replicate.sh [--rows N] [--rate N] [--seconds N]`.
+//! Usage: `scripts/bench-replicate.sh [--rows N] [--rate N] [--seconds N] [-- REPLICATOR
+//! OPTIONS...]`.
 
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,8 @@ struct Opts {
     rows: u64,
     rate: u64,
     seconds: u64,
+    /// Passed to the replicator as they are (after `--`).
+    extra: Vec<String>,
 }
 
 fn opts() -> anyhow::Result<Opts> {
@@ -35,6 +38,7 @@ fn opts() -> anyhow::Result<Opts> {
         rows: 1_000_000,
         rate: 5000,
         seconds: 20,
+        extra: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -48,6 +52,10 @@ fn opts() -> anyhow::Result<Opts> {
             "--rows" => o.rows = value()?,
             "--rate" => o.rate = value()?.max(1),
             "--seconds" => o.seconds = value()?.max(1),
+            "--" => {
+                o.extra = args.by_ref().collect();
+                break;
+            }
             other => bail!("unknown option {other}; see the file's header"),
         }
     }
@@ -121,6 +129,25 @@ fn records_in(brokers: &str, topic: &str) -> anyhow::Result<i64> {
         }
     }
     Ok(n)
+}
+
+/// A counter's value from the replicator's /metrics (-1 when it cannot be read).
+async fn metric(port: u16, name: &str) -> i64 {
+    let Ok(resp) = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .map(|c| c.get(format!("http://127.0.0.1:{port}/metrics")))
+    else {
+        return -1;
+    };
+    let Ok(text) = async { resp.send().await?.text().await }.await else {
+        return -1;
+    };
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(-1, |v| v as i64)
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -219,8 +246,12 @@ async fn main() -> anyhow::Result<()> {
     );
     // Throughput.
     let group = "bench-replicator";
+    let metrics_port = walrelay_tests::free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let mut rargs: Vec<String> = [
         "replicate",
+        "--metrics-addr",
+        &metrics_addr,
         "--kafka-brokers",
         &kafka.brokers(),
         "--topic",
@@ -238,13 +269,19 @@ async fn main() -> anyhow::Result<()> {
         rargs.push("--kafka-property".into());
         rargs.push(p);
     }
+    rargs.extend(o.extra.iter().cloned());
     let tgt = target.client(&tdb).await;
     let target_cpu_before = cluster_cpu(&target);
     let started = Instant::now();
     let mut replicator = Proc::spawn(&consumer, &rargs, &[], &logs.path().join("replicate.log"));
     let deadline = Instant::now() + Duration::from_secs(900);
+    let mut first: Option<(Instant, i64)> = None;
     loop {
-        if applied(&tgt, group).await >= records {
+        let n = applied(&tgt, group).await;
+        if n > 0 && first.is_none() {
+            first = Some((Instant::now(), n));
+        }
+        if n >= records {
             break;
         }
         if let Some(code) = replicator.try_exit() {
@@ -256,6 +293,8 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let seconds = started.elapsed().as_secs_f64();
+    let (steady_from, steady_base) = first.unwrap_or((started, 0));
+    let steady = (records - steady_base) as f64 / steady_from.elapsed().as_secs_f64();
     let cpu = cpu_seconds_of(replicator.pid()).unwrap_or(0.0);
     let hwm = status_kib(replicator.pid(), "VmHWM:").unwrap_or(0);
     let target_cpu = cluster_cpu(&target) - target_cpu_before;
@@ -263,8 +302,13 @@ async fn main() -> anyhow::Result<()> {
         .query_one("SELECT count(*) FROM public.items", &[])
         .await?
         .get(0);
+    let commits = metric(
+        metrics_port,
+        "walrelay_consumer_replicate_transactions_total",
+    )
+    .await;
     println!(
-        "throughput: {records} records ({rows_in_target} rows in the target) applied in {seconds:.1}s from the replicator's start = {:.0} rows/s; replicator CPU {cpu:.1}s, peak RSS {:.0} MiB; target Postgres CPU {target_cpu:.1}s",
+        "throughput: {records} records ({rows_in_target} rows in the target) applied in {seconds:.1}s from the replicator's start = {:.0} rows/s ({steady:.0} records/s from its first commit, after the group join) in {commits} target transactions; replicator CPU {cpu:.1}s, peak RSS {:.0} MiB; target Postgres CPU {target_cpu:.1}s",
         o.rows as f64 / seconds,
         hwm as f64 / 1024.0,
     );

@@ -307,6 +307,11 @@ impl PostgresSink {
         client::advance(session, &self.group, &moves).await?;
         session.batch_execute("COMMIT").await?;
         self.metrics.commits.inc();
+        tracing::debug!(
+            records = moves.iter().map(|m| m.3).sum::<i64>(),
+            partitions = moves.len(),
+            "Target transaction committed."
+        );
         if open.newest_ts_ms > 0 {
             let age = walrelay_common::clock::now_ms().saturating_sub(open.newest_ts_ms);
             self.metrics
@@ -933,6 +938,9 @@ impl PostgresSink {
             let all = vec![true; events.len()];
             self.apply(events, &all, &mut verdicts).await?;
         }
+        // What this batch staged is written now, committed or not: the open transaction, not
+        // this process, holds a long source transaction's rows.
+        self.flush().await?;
         if let Some(open) = self.open.as_mut() {
             for (tp, part) in open.parts.iter_mut() {
                 // Partitions without events in this batch keep the tail they had.
