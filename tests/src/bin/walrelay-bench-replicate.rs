@@ -147,7 +147,7 @@ async fn metric(port: u16, name: &str) -> i64 {
         .find(|l| l.starts_with(name))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse::<f64>().ok())
-        .map_or(-1, |v| v as i64)
+        .map_or(-1, |v| v.round() as i64)
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -307,8 +307,10 @@ async fn main() -> anyhow::Result<()> {
         "walrelay_consumer_replicate_transactions_total",
     )
     .await;
+    let batches = metric(metrics_port, "walrelay_consumer_batch_events_count").await;
+    let busy_ms = metric(metrics_port, "walrelay_consumer_batch_duration_seconds_sum").await;
     println!(
-        "throughput: {records} records ({rows_in_target} rows in the target) applied in {seconds:.1}s from the replicator's start = {:.0} rows/s ({steady:.0} records/s from its first commit, after the group join) in {commits} target transactions; replicator CPU {cpu:.1}s, peak RSS {:.0} MiB; target Postgres CPU {target_cpu:.1}s",
+        "throughput: {records} records ({rows_in_target} rows in the target) applied in {seconds:.1}s from the replicator's start = {:.0} rows/s ({steady:.0} records/s from its first commit, after the group join) in {commits} target transactions, {batches} batches ({busy_ms} s in the writer's batches); replicator CPU {cpu:.1}s, peak RSS {:.0} MiB; target Postgres CPU {target_cpu:.1}s",
         o.rows as f64 / seconds,
         hwm as f64 / 1024.0,
     );

@@ -95,6 +95,9 @@ impl ReplicateMetrics {
 /// A topic-partition.
 type Tp = (Arc<str>, i32);
 
+/// Age at which an open target transaction commits at the next source-transaction boundary.
+const COMMIT_AFTER: Duration = Duration::from_millis(100);
+
 /// One partition's place in the open target transaction.
 #[derive(Debug, Default, Clone)]
 struct Part {
@@ -109,8 +112,10 @@ struct Part {
 }
 
 /// The open target transaction.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Open {
+    /// When it began.
+    began: Instant,
     parts: BTreeMap<Tp, Part>,
     /// It holds records of an earlier `write` (lost with it if it fails).
     carried: bool,
@@ -183,7 +188,10 @@ pub struct PostgresSink {
     settings: Arc<ReplicateSettings>,
     group: String,
     metrics: ReplicateMetrics,
-    session: Option<Client>,
+    session: Option<Arc<Client>>,
+    /// The statements of the last write, running on the target while the next batch is
+    /// staged; every other use of the session waits for them first ([`Self::db`]).
+    inflight: Option<tokio::task::JoinHandle<Result<(), Failure>>>,
     open: Option<Open>,
     /// Source (db, schema, table) to what is known of it; cleared when a transaction is lost.
     sources: HashMap<(String, String, String), Source>,
@@ -211,6 +219,7 @@ impl PostgresSink {
             group,
             metrics,
             session: None,
+            inflight: None,
             open: None,
             sources: HashMap::new(),
             dropped: HashSet::new(),
@@ -223,6 +232,9 @@ impl PostgresSink {
 
     /// Forgets the session and everything learned inside the transaction it lost.
     fn reset(&mut self) {
+        if let Some(h) = self.inflight.take() {
+            h.abort();
+        }
         self.session = None;
         self.open = None;
         self.sources.clear();
@@ -231,21 +243,37 @@ impl PostgresSink {
         self.runs.clear();
     }
 
-    async fn session(&mut self) -> Result<&Client, Failure> {
-        if self.session.as_ref().is_none_or(Client::is_closed) {
+    /// The session, once the statements still running on it are done (their failure is
+    /// this call's).
+    async fn db(&mut self) -> Result<Arc<Client>, Failure> {
+        if let Some(h) = self.inflight.take() {
+            match h.await {
+                Ok(r) => r?,
+                Err(e) => return Err(Failure::Transient(format!("statement task: {e}"))),
+            }
+        }
+        if self.session.as_ref().is_none_or(|c| c.is_closed()) {
             self.reset();
             let c = client::connect(&self.settings.target).await?;
             client::prepare(&c).await?;
-            self.session = Some(c);
+            // Safe for exactly-once: a commit the target loses in a crash loses its applied
+            // positions with it, so those records are applied again.
+            c.batch_execute("SET synchronous_commit TO off").await?;
+            self.session = Some(Arc::new(c));
         }
         self.session
-            .as_ref()
+            .clone()
             .ok_or_else(|| Failure::Transient("no session".into()))
     }
 
     async fn begin(&mut self) -> Result<(), Failure> {
-        self.session().await?.batch_execute("BEGIN").await?;
-        self.open = Some(Open::default());
+        self.db().await?.batch_execute("BEGIN").await?;
+        self.open = Some(Open {
+            began: Instant::now(),
+            parts: BTreeMap::new(),
+            carried: false,
+            newest_ts_ms: 0,
+        });
         Ok(())
     }
 
@@ -263,10 +291,7 @@ impl PostgresSink {
         if new.is_empty() {
             return Ok(());
         }
-        let session = self
-            .session
-            .as_ref()
-            .ok_or_else(|| Failure::Transient("no session".into()))?;
+        let session = &*self.db().await?;
         let positions = client::lock_positions(session, &self.group, &new).await?;
         let open = self
             .open
@@ -300,10 +325,7 @@ impl PostgresSink {
             .filter(|(_, p)| p.handled > 0)
             .map(|((t, p), part)| (t.to_string(), *p, part.next, part.handled))
             .collect();
-        let session = self
-            .session
-            .as_ref()
-            .ok_or_else(|| Failure::Transient("no session".into()))?;
+        let session = &*self.db().await?;
         client::advance(session, &self.group, &moves).await?;
         session.batch_execute("COMMIT").await?;
         self.metrics.commits.inc();
@@ -334,10 +356,7 @@ impl PostgresSink {
             return Ok(None);
         }
         if !self.sources.contains_key(&k) {
-            let session = self
-                .session
-                .as_ref()
-                .ok_or_else(|| Failure::Transient("no session".into()))?;
+            let session = &*self.db().await?;
             let known = match client::by_name(session, db, schema, table).await? {
                 Some((_, Some(r))) => Some(r),
                 Some((_, None)) => {
@@ -371,10 +390,7 @@ impl PostgresSink {
         if let Some(t) = self.targets.get(&name) {
             return Ok(Some(t.clone()));
         }
-        let session = self
-            .session
-            .as_ref()
-            .ok_or_else(|| Failure::Transient("no session".into()))?;
+        let session = &*self.db().await?;
         let t = client::table(session, schema, table).await?;
         if let Some(t) = &t {
             self.targets.insert(name, t.clone());
@@ -382,9 +398,11 @@ impl PostgresSink {
         Ok(t)
     }
 
-    /// Applies the pending runs (deletes, then upserts grouped by their column sets).
-    async fn flush(&mut self) -> Result<(), Failure> {
+    /// The statements of the pending runs: per table, one delete, then one upsert per column
+    /// set (and plain inserts for tables without a key), each with its rows as JSON.
+    async fn statements(&mut self) -> Result<Vec<(String, String)>, Failure> {
         let runs = std::mem::take(&mut self.runs);
+        let mut out = Vec::new();
         for ((schema, table), run) in runs {
             let Some(t) = self.target(&schema, &table).await? else {
                 return Err(Failure::Definite(format!(
@@ -393,10 +411,6 @@ impl PostgresSink {
                     qualified(&schema, &table)
                 )));
             };
-            let session = self
-                .session
-                .as_ref()
-                .ok_or_else(|| Failure::Transient("no session".into()))?;
             let mut deletes = String::new();
             let mut groups: BTreeMap<(Vec<String>, BTreeSet<String>), String> = BTreeMap::new();
             for change in run.rows.values() {
@@ -418,19 +432,13 @@ impl PostgresSink {
                 deletes.push(']');
                 let sql =
                     encode::delete(&t, &run.key).map_err(|e| Failure::Definite(e.to_string()))?;
-                session
-                    .execute(&sql, &[&deletes])
-                    .await
-                    .map_err(|e| statement_failure(&e, &sql))?;
+                out.push((sql, deletes));
             }
             for ((cols, keep), mut json) in groups {
                 json.push(']');
                 let sql = encode::upsert(&t, &cols, &run.key, &keep)
                     .map_err(|e| Failure::Definite(e.to_string()))?;
-                session
-                    .execute(&sql, &[&json])
-                    .await
-                    .map_err(|e| statement_failure(&e, &sql))?;
+                out.push((sql, json));
             }
             // Tables without a key: plain inserts.
             let mut plain: BTreeMap<Vec<String>, String> = BTreeMap::new();
@@ -443,13 +451,33 @@ impl PostgresSink {
             }
             for (cols, mut json) in plain {
                 json.push(']');
-                let sql = plain_insert(&t, &cols);
-                session
-                    .execute(&sql, &[&json])
-                    .await
-                    .map_err(|e| statement_failure(&e, &sql))?;
+                out.push((plain_insert(&t, &cols), json));
             }
         }
+        Ok(out)
+    }
+
+    /// Applies the pending runs now.
+    async fn flush(&mut self) -> Result<(), Failure> {
+        let statements = self.statements().await?;
+        if statements.is_empty() {
+            return Ok(());
+        }
+        let session = &*self.db().await?;
+        run_statements(session, statements).await
+    }
+
+    /// Starts applying the pending runs and returns: they run on the target while the next
+    /// batch is read and staged (the open transaction is not committed before they are done).
+    async fn flush_deferred(&mut self) -> Result<(), Failure> {
+        let statements = self.statements().await?;
+        if statements.is_empty() {
+            return Ok(());
+        }
+        let session = self.db().await?;
+        self.inflight = Some(tokio::spawn(async move {
+            run_statements(&session, statements).await
+        }));
         Ok(())
     }
 
@@ -463,10 +491,7 @@ impl PostgresSink {
         self.flush().await?;
         let src = &e.envelope.source;
         let db = src.db.clone();
-        let session = self
-            .session
-            .as_ref()
-            .ok_or_else(|| Failure::Transient("no session".into()))?;
+        let session = &*self.db().await?;
         let known = client::replicated(session, &db, Some(ch.table_oid), ("", "")).await?;
         if let Some(k) = &known
             && k.version >= e.envelope.schema_version
@@ -782,10 +807,7 @@ impl PostgresSink {
             None => None,
         };
         let sql = format!("TRUNCATE {}", qualified(&target.0, &target.1));
-        let session = self
-            .session
-            .as_ref()
-            .ok_or_else(|| Failure::Transient("no session".into()))?;
+        let session = &*self.db().await?;
         session
             .batch_execute(&sql)
             .await
@@ -861,7 +883,7 @@ impl PostgresSink {
     }
 
     async fn write_once(&mut self, events: &[Event]) -> Result<Vec<Verdict>, Failure> {
-        self.session().await?;
+        self.db().await?;
         let mut verdicts = vec![Verdict::Applied; events.len()];
         if events.is_empty() {
             return Ok(verdicts);
@@ -925,7 +947,10 @@ impl PostgresSink {
             }),
         });
         let any_tail = in_tail.iter().any(|t| *t);
-        if ends {
+        // Committing costs a round of statements; under a steady stream the open transaction
+        // goes on for a while (its statements run while the next batch is staged) and commits
+        // at the first boundary once it is COMMIT_AFTER old.
+        if ends && open.began.elapsed() >= COMMIT_AFTER {
             let head: Vec<bool> = in_tail.iter().map(|t| !*t).collect();
             self.apply(events, &head, &mut verdicts).await?;
             self.commit().await?;
@@ -938,9 +963,9 @@ impl PostgresSink {
             let all = vec![true; events.len()];
             self.apply(events, &all, &mut verdicts).await?;
         }
-        // What this batch staged is written now, committed or not: the open transaction, not
-        // this process, holds a long source transaction's rows.
-        self.flush().await?;
+        // What this batch staged is written now, committed or not (the open transaction, not
+        // this process, holds a long source transaction's rows), while the next batch is staged.
+        self.flush_deferred().await?;
         if let Some(open) = self.open.as_mut() {
             for (tp, part) in open.parts.iter_mut() {
                 // Partitions without events in this batch keep the tail they had.
@@ -955,16 +980,27 @@ impl PostgresSink {
             if open.parts.values().all(|p| p.handled == 0) && !open.carried {
                 // Nothing but skipped replays: nothing to hold open.
                 self.flush().await?;
-                let session = self
-                    .session
-                    .as_ref()
-                    .ok_or_else(|| Failure::Transient("no session".into()))?;
+                let session = &*self.db().await?;
                 session.batch_execute("COMMIT").await?;
                 self.open = None;
             }
         }
         Ok(verdicts)
     }
+}
+
+/// Runs statements one after the other, each with its JSON rows as `$1`.
+async fn run_statements(
+    session: &Client,
+    statements: Vec<(String, String)>,
+) -> Result<(), Failure> {
+    for (sql, json) in statements {
+        session
+            .execute(&sql, &[&json])
+            .await
+            .map_err(|e| statement_failure(&e, &sql))?;
+    }
+    Ok(())
 }
 
 /// A statement's failure: transient (the connection) or definite, with the statement's
