@@ -1181,3 +1181,78 @@ async fn a_schema_change_the_target_refuses_stops_then_resumes_after_the_fix() {
     assert_running(&s, &mut r, "at the end");
     r.kill9();
 }
+
+/// `replicate --check` against a real target: what would stop the replicator is named with
+/// the fix (exit 1); a target that can take the topic passes (exit 0). No Kafka is needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_what_the_target_lacks() {
+    let t = Target::start(
+        "CREATE SCHEMA app;
+         CREATE TABLE app.nokey (id int, v text);
+         CREATE TABLE app.fine (id int PRIMARY KEY);
+         CREATE ROLE weak LOGIN;
+         GRANT USAGE ON SCHEMA app TO weak;",
+    )
+    .await;
+    let check = |url: String, extra: &[&str]| {
+        let mut args: Vec<String> = [
+            "replicate",
+            "--kafka-brokers",
+            "127.0.0.1:1",
+            "--topic",
+            "unused",
+            "--target-url",
+            &url,
+            "--target-schema-map",
+            "public=app",
+            "--check",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let out = std::process::Command::new(consumer_bin())
+            .args(&args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run replicate --check");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    // The superuser: only the table without a primary key fails.
+    let (code, out) = check(t.url(), &[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("FAIL") && out.contains(r#""app"."nokey" has no primary key"#),
+        "{out}"
+    );
+    assert!(out.contains("ADD PRIMARY KEY"), "{out}");
+    assert!(!out.contains(r#""app"."fine""#), "{out}");
+    assert!(out.contains("ok   schema walrelay"), "{out}");
+    // Only tables the replicator would write count.
+    let (code, out) = check(t.url(), &["--tables", "public.fine"]);
+    assert_eq!(code, Some(0), "{out}");
+    // A role that can create nothing: the bookkeeping schema and the target schema are named.
+    let weak = t.url().replace("postgres://postgres@", "postgres://weak@");
+    let (code, out) = check(weak, &["--tables", "public.fine", "--initial"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("cannot create or write schema walrelay") && out.contains("GRANT CREATE"),
+        "{out}"
+    );
+    assert!(
+        out.contains(r#"schema "app": no CREATE privilege"#),
+        "{out}"
+    );
+    // A target that cannot be reached, with a password in the URL that must not be echoed.
+    let port = walrelay_tests::free_port();
+    let (code, out) = check(
+        format!("postgres://postgres:s3cret-pw@127.0.0.1:{port}/x"),
+        &[],
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.starts_with("FAIL"), "{out}");
+    assert!(!out.contains("s3cret-pw"), "{out}");
+}

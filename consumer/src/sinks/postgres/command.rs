@@ -124,7 +124,7 @@ pub async fn check(runtime: &RuntimeSettings, r: &ReplicateSettings) -> Vec<Find
     // creating it.
     match q("SELECT CASE WHEN to_regnamespace('walrelay') IS NULL
                      THEN has_database_privilege(current_database(), 'CREATE')
-                     ELSE has_schema_privilege('walrelay', 'CREATE,USAGE') END")
+                     ELSE has_schema_privilege('walrelay', 'CREATE') AND has_schema_privilege('walrelay', 'USAGE') END")
     .await
     {
         Ok(row) if row.get::<_, bool>(0) => out.push(finding(
@@ -162,7 +162,7 @@ pub async fn check(runtime: &RuntimeSettings, r: &ReplicateSettings) -> Vec<Find
             .query_one(
                 "SELECT to_regnamespace($1) IS NOT NULL,
                         CASE WHEN to_regnamespace($1) IS NULL THEN has_database_privilege(current_database(), 'CREATE')
-                             ELSE has_schema_privilege($1, 'CREATE,USAGE') END",
+                             ELSE has_schema_privilege($1, 'CREATE') AND has_schema_privilege($1, 'USAGE') END",
                 &[s],
             )
             .await;
