@@ -182,15 +182,30 @@ impl Stack {
         broker: Arc<KafkaCluster>,
         extra: &[&str],
     ) -> Self {
+        let topic = walrelay_tests::unique("ev").replace('_', ".");
+        let mut s = Self::new(schema_sql, search, broker, topic, extra).await;
+        s.spawn_producer();
+        s
+    }
+
+    /// A new database holding `schema_sql`, and the producer's `init` for `topic` (not yet
+    /// running).
+    async fn new(
+        schema_sql: &str,
+        search: Search,
+        broker: Arc<KafkaCluster>,
+        topic: String,
+        extra: &[&str],
+    ) -> Self {
         let pg = PgCluster::start();
         let db = pg.create_database("wrc").await;
         pg.exec(&db, schema_sql).await;
-        let mut s = Self {
+        let s = Self {
             pg,
             broker,
             search,
             db,
-            topic: walrelay_tests::unique("ev").replace('_', "."),
+            topic,
             slot: walrelay_tests::unique("slot"),
             group: walrelay_tests::unique("grp"),
             logs: tempfile::tempdir().expect("log dir"),
@@ -210,6 +225,28 @@ impl Stack {
             "init: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        s
+    }
+
+    /// Postgres, Kafka and the producer streaming `schema_sql`'s database into a topic of
+    /// `partitions` partitions (created before the producer starts), for tests that use no
+    /// search server (a stand-in of the test's own only fills the field).
+    async fn start_without_search(schema_sql: &str, partitions: i32) -> Self {
+        let stand_in = SearchStandIn::start().await;
+        let indexes = Indexes::new(&stand_in.url());
+        let broker = KafkaCluster::shared();
+        let topic = walrelay_tests::unique("ev").replace('_', ".");
+        walrelay_common::kafka::ensure_topic(&broker.client_config(), &topic, partitions)
+            .await
+            .unwrap_or_else(|e| panic!("create {topic}: {e}"));
+        let mut s = Self::new(
+            schema_sql,
+            Search::StandIn(stand_in, indexes),
+            broker,
+            topic,
+            &[],
+        )
+        .await;
         s.spawn_producer();
         s
     }

@@ -10,11 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use walrelay_tests::process::Proc;
 
-use walrelay_tests::kafka::KafkaCluster;
-use walrelay_tests::opensearch::Indexes;
-use walrelay_tests::search::SearchStandIn;
-
-use crate::{Search, Stack, consumer_bin, producer_bin};
+use crate::{Stack, consumer_bin};
 
 const TOKEN: &str = "stream-test-token-0123456789";
 
@@ -50,44 +46,9 @@ fn python() -> PathBuf {
 }
 
 /// Postgres, Kafka and the producer streaming `schema_sql`'s database into a topic of
-/// `partitions` partitions (created before the producer starts); no search server is used.
+/// `partitions` partitions; no search server is used.
 async fn stack(schema_sql: &str, partitions: i32) -> Stack {
-    let stand_in = SearchStandIn::start().await;
-    let indexes = Indexes::new(&stand_in.url());
-    let broker = KafkaCluster::shared();
-    let topic = walrelay_tests::unique("ev").replace('_', ".");
-    walrelay_common::kafka::ensure_topic(&broker.client_config(), &topic, partitions)
-        .await
-        .unwrap_or_else(|e| panic!("create {topic}: {e}"));
-    let pg = walrelay_tests::postgres::PgCluster::start();
-    let db = pg.create_database("wrs").await;
-    pg.exec(&db, schema_sql).await;
-    let mut s = Stack {
-        pg,
-        broker,
-        search: Search::StandIn(stand_in, indexes),
-        db,
-        topic,
-        slot: walrelay_tests::unique("slot"),
-        group: walrelay_tests::unique("grp"),
-        logs: tempfile::tempdir().expect("log dir"),
-        spawned: 0,
-        producer: None,
-        producer_metrics: walrelay_tests::free_port(),
-        producer_extra: Vec::new(),
-    };
-    let out = std::process::Command::new(producer_bin())
-        .args(s.producer_args(&["init"]))
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run walrelay-producer init");
-    assert!(
-        out.status.success(),
-        "init: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    s.spawn_producer();
-    s
+    Stack::start_without_search(schema_sql, partitions).await
 }
 
 /// A running gateway.
