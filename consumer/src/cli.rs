@@ -303,7 +303,11 @@ impl Command {
                 })
             }
             Command::Replicate(a) => {
-                let shared = a.shared.or(file.shared);
+                let mut shared = a.shared.or(file.shared);
+                // Larger batches: the target's statements for one batch run while the next is
+                // staged, so fewer, larger statements keep Postgres busier (README, benchmark).
+                shared.batch_max_events.get_or_insert(5000);
+                shared.batch_max_bytes.get_or_insert(16 << 20);
                 let postgres = a.postgres.or(file.postgres).settings()?;
                 Ok(Settings::Replicate {
                     shared: shared.settings("walrelay-replicator")?,

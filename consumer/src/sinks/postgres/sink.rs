@@ -883,7 +883,11 @@ impl PostgresSink {
     }
 
     async fn write_once(&mut self, events: &[Event]) -> Result<Vec<Verdict>, Failure> {
-        self.db().await?;
+        // A session, without waiting for the statements still running on it: this batch is
+        // staged meanwhile (anything that needs the session waits for them).
+        if self.session.as_ref().is_none_or(|c| c.is_closed()) {
+            self.db().await?;
+        }
         let mut verdicts = vec![Verdict::Applied; events.len()];
         if events.is_empty() {
             return Ok(verdicts);
