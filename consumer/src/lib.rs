@@ -19,7 +19,8 @@
 //!   `Retry-After`.
 //! - [`metrics`]: the `walrelay_consumer_*` catalogue.
 //! - [`stream`]: the `stream` command, a WebSocket gateway (no sink): each connection a member
-//!   of the consumer group it names, committing only what its client acknowledged.
+//!   of the consumer group it names, committing only what its client acknowledged; its
+//!   `tables` patterns ([`stream::query::Tables`]) also serve `replicate --tables`.
 //!
 //! The binary (`main.rs`) only builds the command's settings and runs it.
 //!
@@ -33,8 +34,11 @@
 //! module, [`WebhookSettings`](sinks::webhook::WebhookSettings) and
 //! [`WebhookSink`](sinks::webhook::WebhookSink); its commands are `notify` (deliver, and serve
 //! the subscriptions API) and `replay-dead-letters`, with default groups `walrelay-notifier`
-//! and `walrelay-notifier.replay`. Command and metric names are the ones users and dashboards
-//! already know.
+//! and `walrelay-notifier.replay`. The Postgres target is the [`sinks::postgres`] module,
+//! [`ReplicateSettings`](sinks::postgres::ReplicateSettings) and
+//! [`PostgresSink`](sinks::postgres::PostgresSink); its command is `replicate` (default group
+//! `walrelay-replicator`, metrics `walrelay_consumer_replicate_*`). Command and metric names
+//! are the ones users and dashboards already know.
 
 pub mod cli;
 pub mod config;

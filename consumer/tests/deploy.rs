@@ -122,6 +122,32 @@ async fn dashboards_and_alert_rules_use_only_exposed_metrics() {
     ]);
     let log = s.log_path("notify");
     let mut notifier = Proc::spawn(&consumer_bin(), &args, &[], &log);
+    // The Postgres target, into a cluster of its own, in a group of its own.
+    let target = walrelay_tests::postgres::PgCluster::start();
+    let target_db = target.create_database("tgt").await;
+    let replicate_metrics = walrelay_tests::free_port();
+    let mut args: Vec<String> = [
+        "replicate",
+        "--kafka-brokers",
+        &s.broker.brokers(),
+        "--topic",
+        &s.topic,
+        "--group",
+        &walrelay_tests::unique("replicator"),
+        "--target-url",
+        &target.url(&target_db),
+        "--initial",
+        "--metrics-addr",
+        &format!("127.0.0.1:{replicate_metrics}"),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    for p in s.broker.client_properties() {
+        args.extend(["--kafka-property".to_string(), p]);
+    }
+    let log = s.log_path("replicate");
+    let mut replicator = Proc::spawn(&consumer_bin(), &args, &[], &log);
     s.wait_equal("items", "public.items", Duration::from_secs(60))
         .await;
     s.exec("UPDATE items SET v = 'w' WHERE id < 10; DELETE FROM items WHERE id = 50")
@@ -131,7 +157,12 @@ async fn dashboards_and_alert_rules_use_only_exposed_metrics() {
     // librdkafka statistics (partition lag) arrive every 5 s.
     tokio::time::sleep(Duration::from_secs(7)).await;
     let mut have = BTreeSet::new();
-    for port in [s.producer_metrics, index_metrics, notify_metrics] {
+    for port in [
+        s.producer_metrics,
+        index_metrics,
+        notify_metrics,
+        replicate_metrics,
+    ] {
         have.extend(exposed(&scrape(port, &s.all_logs()).await));
     }
     let missing: Vec<&String> = wanted.iter().filter(|n| !have.contains(*n)).collect();
@@ -141,6 +172,7 @@ async fn dashboards_and_alert_rules_use_only_exposed_metrics() {
     );
     indexer.kill9();
     notifier.kill9();
+    replicator.kill9();
 }
 
 #[test]
