@@ -514,18 +514,18 @@ impl Stream<'_> {
         // an event of its own keyed (and so partitioned) by the old key, so that every change
         // of a key stays in that key's partition, in order (a consumer applying partitions
         // independently would otherwise see the delete before the old key's earlier changes).
-        // pgoutput sends the old key only when it changed; a full old row is compared.
+        // Postgres logs the old key when it changed, and also when a key value is stored out
+        // of line (TOAST) though unchanged: the key cells are compared (a new cell sent as
+        // unchanged TOAST is the old value).
         if let Some((kind, old_row)) = old {
-            let moved = match kind {
-                OldKind::Key => true,
-                OldKind::Full => {
-                    let shape = shape_of(&self.relations, oid)?;
-                    shape
-                        .key_columns
-                        .iter()
-                        .any(|&i| old_row.0.get(i) != new.0.get(i))
-                }
-            };
+            let shape = shape_of(&self.relations, oid)?;
+            let moved = shape
+                .key_columns
+                .iter()
+                .any(|&i| match (old_row.0.get(i), new.0.get(i)) {
+                    (_, Some(Cell::UnchangedToast)) => false,
+                    (a, b) => a != b,
+                });
             if moved {
                 self.delete(oid, lsn, *kind, old_row).await?;
             }

@@ -66,14 +66,12 @@ pub fn transient(e: &tokio_postgres::Error) -> bool {
     }
 }
 
-/// Postgres' error with its detail and hint.
+/// Postgres' error with its hint (not its detail, which can quote row values: "Failing row
+/// contains …").
 pub fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => {
             let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
-            if let Some(d) = db.detail() {
-                s.push_str(&format!("; detail: {d}"));
-            }
             if let Some(h) = db.hint() {
                 s.push_str(&format!("; hint: {h}"));
             }
@@ -373,6 +371,16 @@ pub async fn table(
             .map(|r| r.get(0))
             .collect(),
     }))
+}
+
+/// Serialises the members of all groups on one source table's schema changes and truncates,
+/// until the transaction ends.
+pub async fn lock_table(tx: &impl GenericClient, oid: u32) -> Result<(), tokio_postgres::Error> {
+    // Two int4 keys: walrelay's namespace ("WRLY") and the OID's bits.
+    let oid = i32::from_ne_bytes(oid.to_ne_bytes());
+    tx.execute("SELECT pg_advisory_xact_lock(1465011289, $1)", &[&oid])
+        .await?;
+    Ok(())
 }
 
 /// Whether the target knows a type name.

@@ -146,6 +146,29 @@ pub fn upsert(
     ))
 }
 
+/// `INSERT … SELECT … FROM json_to_recordset($1)` without a conflict target (tables without a
+/// key: inserts only).
+pub fn insert(table: &TargetTable, columns: &[String]) -> Result<String, EncodeError> {
+    let (mut names, mut exprs, mut decls) = (Vec::new(), Vec::new(), Vec::new());
+    for c in columns {
+        let type_sql = table.type_of(c).ok_or_else(|| EncodeError::MissingColumn {
+            table: table.name.clone(),
+            column: c.clone(),
+        })?;
+        let (decl, expr) = transport(c, type_sql);
+        names.push(ident(c));
+        exprs.push(expr);
+        decls.push(format!("{} {decl}", ident(c)));
+    }
+    Ok(format!(
+        "INSERT INTO {} ({}) SELECT {} FROM json_to_recordset($1::text::json) AS x({})",
+        table.name,
+        names.join(", "),
+        exprs.join(", "),
+        decls.join(", ")
+    ))
+}
+
 /// `DELETE … USING json_to_recordset($1) … WHERE key = …` for rows given by their key.
 pub fn delete(table: &TargetTable, key: &[String]) -> Result<String, EncodeError> {
     if key.is_empty() {
@@ -296,6 +319,15 @@ mod tests {
         assert_eq!(
             sql,
             r#"DELETE FROM "public"."items" AS t USING json_to_recordset($1::text::json) AS x("id" integer) WHERE t."id" = x."id""#
+        );
+    }
+
+    #[test]
+    fn inserts_without_a_key_decode_bytea_and_quote_names() {
+        let sql = insert(&items(), &["raw".into(), "we\"ird".into()]).expect("insert");
+        assert_eq!(
+            sql,
+            r#"INSERT INTO "public"."items" ("raw", "we""ird") SELECT decode(x."raw", 'base64'), (SELECT array_agg(decode(e, 'base64') ORDER BY o) FROM unnest(x."we""ird") WITH ORDINALITY AS u(e, o)) FROM json_to_recordset($1::text::json) AS x("raw" text, "we""ird" text[])"#
         );
     }
 

@@ -204,6 +204,8 @@ pub struct PostgresSink {
     last_write: Instant,
     /// A quiet stream's open transaction commits after this long without a batch.
     idle_commit: Duration,
+    /// When each partition last brought events (one entry per partition read).
+    seen: HashMap<Tp, Instant>,
 }
 
 impl PostgresSink {
@@ -227,6 +229,7 @@ impl PostgresSink {
             runs: BTreeMap::new(),
             last_write: Instant::now(),
             idle_commit: (batch_max_wait * 2).max(Duration::from_millis(500)),
+            seen: HashMap::new(),
         }
     }
 
@@ -256,9 +259,9 @@ impl PostgresSink {
             self.reset();
             let c = client::connect(&self.settings.target).await?;
             client::prepare(&c).await?;
-            // Safe for exactly-once: a commit the target loses in a crash loses its applied
-            // positions with it, so those records are applied again.
-            c.batch_execute("SET synchronous_commit TO off").await?;
+            // synchronous_commit stays as the target has it: Kafka's offsets move past a
+            // record once its commit returned, and nothing seeks back to walrelay.applied, so
+            // a commit the target could still lose would lose its records.
             self.session = Some(Arc::new(c));
         }
         self.session
@@ -451,7 +454,10 @@ impl PostgresSink {
             }
             for (cols, mut json) in plain {
                 json.push(']');
-                out.push((plain_insert(&t, &cols), json));
+                out.push((
+                    encode::insert(&t, &cols).map_err(|e| Failure::Definite(e.to_string()))?,
+                    json,
+                ));
             }
         }
         Ok(out)
@@ -492,6 +498,9 @@ impl PostgresSink {
         let src = &e.envelope.source;
         let db = src.db.clone();
         let session = &*self.db().await?;
+        // Members of one group that own different partitions see each copy of the event: one
+        // applies it, the others wait here and then find its version applied.
+        client::lock_table(session, ch.table_oid).await?;
         let known = client::replicated(session, &db, Some(ch.table_oid), ("", "")).await?;
         if let Some(k) = &known
             && k.version >= e.envelope.schema_version
@@ -501,6 +510,11 @@ impl PostgresSink {
                 .schema_changes
                 .with_label_values(&["unchanged"])
                 .inc();
+            // Applied elsewhere (another partition's copy, another member): what this process
+            // cached of the table is read again.
+            self.sources
+                .retain(|_, s| s.known.as_ref().is_none_or(|r| r.oid != k.oid));
+            self.targets.clear();
             return Ok(None);
         }
         if known.is_none() && ch.dropped {
@@ -642,6 +656,17 @@ impl PostgresSink {
     async fn stage_row(&mut self, e: &Event) -> Result<Option<String>, Failure> {
         let env = &e.envelope;
         let src = &env.source;
+        let name = (src.db.clone(), src.schema.clone(), src.table.clone());
+        // A row written under a schema newer than the one cached: another member (or a copy
+        // of the event on a partition owned elsewhere) applied it; read it again.
+        if self.sources.get(&name).is_some_and(|s| {
+            s.known
+                .as_ref()
+                .is_some_and(|k| env.schema_version > k.version)
+        }) {
+            self.sources.remove(&name);
+            self.targets.clear();
+        }
         let Some(source) = self.source(&src.db, &src.schema, &src.table).await? else {
             // Its table was dropped further on in the log (seen on another partition).
             return Ok(None);
@@ -754,13 +779,24 @@ impl PostgresSink {
                     };
                     k.push((c.clone(), canonical(v.get())));
                 }
-                // An update that moved the row to another key deletes the old one.
+                // An update that moved the row to another key: the producer wrote the old key's
+                // delete as an event of its own, on the old key's partition, in order with the
+                // old key's other changes (deleting it here could delete a newer row of that
+                // key). Values left unchanged in TOAST are not in the log for the new key's
+                // row, which does not exist in the target yet: refused, not written as nulls.
                 if env.op == Op::Update
+                    && !keep.is_empty()
                     && let Some(before) = &env.before
-                    && let Some(old) = key_of_map(before, &env.key, &key)
-                    && old != k
+                    && key_of_map(before, &env.key, &key).is_some_and(|old| old != k)
                 {
-                    run.rows.insert(key_id(&old), Change::Delete { key: old });
+                    return Ok(Some(format!(
+                        "{}.{}: an update that changed the key left {} unchanged in TOAST, whose \
+                         values the log does not carry; set REPLICA IDENTITY FULL on the source \
+                         table to replicate such updates",
+                        src.schema,
+                        src.table,
+                        keep.iter().cloned().collect::<Vec<_>>().join(", ")
+                    )));
                 }
                 let id = key_id(&k);
                 if let Some(Change::Upsert { values: prev, .. }) = run.rows.get_mut(&id) {
@@ -798,16 +834,31 @@ impl PostgresSink {
             return Ok(());
         };
         let target = source.target.clone();
-        let oid = match &mut source.known {
-            Some(k) if k.truncated >= at => return Ok(()),
-            Some(k) => {
-                k.truncated = at;
-                Some(k.oid)
-            }
-            None => None,
-        };
-        let sql = format!("TRUNCATE {}", qualified(&target.0, &target.1));
+        let oid = source.known.as_ref().map(|k| k.oid);
         let session = &*self.db().await?;
+        if let Some(oid) = oid {
+            // The truncate position as committed (another member may have applied a copy).
+            client::lock_table(session, oid).await?;
+            let fresh = client::replicated(session, &db, Some(oid), ("", "")).await?;
+            if fresh.as_ref().is_some_and(|k| k.truncated >= at) {
+                if let Some(Some(k)) = self
+                    .sources
+                    .get_mut(&(db.clone(), src.schema.clone(), src.table.clone()))
+                    .map(|s| s.known.as_mut())
+                {
+                    k.truncated = k.truncated.max(fresh.map_or(at, |f| f.truncated));
+                }
+                return Ok(());
+            }
+        }
+        if let Some(Some(k)) = self
+            .sources
+            .get_mut(&(db.clone(), src.schema.clone(), src.table.clone()))
+            .map(|s| s.known.as_mut())
+        {
+            k.truncated = at;
+        }
+        let sql = format!("TRUNCATE {}", qualified(&target.0, &target.1));
         session
             .batch_execute(&sql)
             .await
@@ -908,6 +959,10 @@ impl PostgresSink {
         for (i, e) in events.iter().enumerate() {
             last.insert((Arc::clone(&e.topic), e.partition), i);
         }
+        let now = Instant::now();
+        for tp in last.keys() {
+            self.seen.insert(tp.clone(), now);
+        }
         let mut tail_lsn: HashMap<Tp, u64> = HashMap::new();
         for (tp, i) in &last {
             let env = &events[*i].envelope;
@@ -941,14 +996,21 @@ impl PostgresSink {
             .open
             .as_ref()
             .ok_or_else(|| Failure::Transient("no transaction".into()))?;
+        // A partition quiet for the idle spell holds no more of its last transaction (as for
+        // the tick): a busy partition must not keep a quiet one's tail (a schema event's copy,
+        // a partition since revoked) open.
+        let seen = &self.seen;
         let ends = open.parts.iter().all(|(tp, part)| match part.tail {
             None => true,
-            Some(l) => events.iter().any(|e| {
-                e.topic == tp.0
-                    && e.partition == tp.1
-                    && (e.envelope.source.commit_lsn != l
-                        || !streamed(e.envelope.op, e.envelope.source.snapshot))
-            }),
+            Some(l) => {
+                events.iter().any(|e| {
+                    e.topic == tp.0
+                        && e.partition == tp.1
+                        && (e.envelope.source.commit_lsn != l
+                            || !streamed(e.envelope.op, e.envelope.source.snapshot))
+                }) || (!last.contains_key(tp)
+                    && seen.get(tp).is_none_or(|t| t.elapsed() >= self.idle_commit))
+            }
         });
         let any_tail = in_tail.iter().any(|t| *t);
         // Committing costs a round of statements; under a steady stream the open transaction
@@ -1023,36 +1085,6 @@ fn statement_failure(e: &tokio_postgres::Error, sql: &str) -> Failure {
 /// A streamed change (part of a source transaction), as opposed to a snapshot row or marker.
 fn streamed(op: Op, snapshot: bool) -> bool {
     !snapshot && !op.is_snapshot_marker()
-}
-
-/// `INSERT` without a conflict target (tables without a key).
-fn plain_insert(t: &TargetTable, cols: &[String]) -> String {
-    let names: Vec<String> = cols.iter().map(|c| encode::ident(c)).collect();
-    let decls: Vec<String> = cols
-        .iter()
-        .map(|c| format!("{} {}", encode::ident(c), t.type_of(c).unwrap_or("text")))
-        .collect();
-    format!(
-        "INSERT INTO {} ({}) SELECT {} FROM json_to_recordset($1::text::json) AS x({})",
-        t.name,
-        names.join(", "),
-        cols.iter()
-            .map(|c| match t.type_of(c) {
-                Some("bytea") => format!("decode(x.{}, 'base64')", encode::ident(c)),
-                _ => format!("x.{}", encode::ident(c)),
-            })
-            .collect::<Vec<_>>()
-            .join(", "),
-        decls
-            .iter()
-            .map(|d| if d.ends_with(" bytea") {
-                d.replace(" bytea", " text")
-            } else {
-                d.clone()
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
-    )
 }
 
 /// A JSON value's canonical text (so that a key reads the same from `before` and `after`).
