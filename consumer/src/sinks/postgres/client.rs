@@ -5,7 +5,7 @@
 //! | table | one row per | holds |
 //! |---|---|---|
 //! | `walrelay.applied` | (group, topic, partition) | `next_offset`: every record below it is applied; `events_applied`: records handled, each once |
-//! | `walrelay.replicated_tables` | source table (database, OID) | its target name and the columns of the last schema event applied |
+//! | `walrelay.replicated_tables` | source table (database, OID) | its target name and the columns of the last schema event applied; a dropped table stays as a tombstone (`dropped`, with the drop's version), so that a lagging copy of an older schema event of it is recognised as applied |
 //! | `walrelay.replicated_names` | name a source table had | its OID: rows still arriving under an old name (from a partition behind its copy of the rename or drop) find the table, or that it was dropped |
 //!
 //! Both change only inside the transactions that apply rows and schema changes, so they are
@@ -112,6 +112,8 @@ pub async fn prepare(client: &Client) -> Result<(), TargetError> {
                  truncated_seq bigint NOT NULL DEFAULT 0,
                  updated_at timestamptz NOT NULL DEFAULT now(),
                  PRIMARY KEY (source_db, table_oid));
+             ALTER TABLE walrelay.replicated_tables
+                 ADD COLUMN IF NOT EXISTS dropped boolean NOT NULL DEFAULT false;
              CREATE TABLE IF NOT EXISTS walrelay.replicated_names (
                  source_db text NOT NULL,
                  source_schema text NOT NULL,
@@ -207,6 +209,8 @@ pub struct Replicated {
     /// Where the last truncate applied was in the log (commit LSN, sequence): row changes
     /// from before it, still arriving from partitions behind their copy of it, are skipped.
     pub truncated: (u64, u64),
+    /// Dropped (a tombstone: `version` is the drop's).
+    pub dropped: bool,
 }
 
 /// The bookkeeping row of a source table, by OID or (when `oid` is `None`) by source name.
@@ -220,7 +224,7 @@ pub async fn replicated(
     let row = tx
         .query_opt(
             "SELECT table_oid, source_schema, source_table, schema_version, target_schema,
-                    target_table, columns::text, truncated_lsn, truncated_seq
+                    target_table, columns::text, truncated_lsn, truncated_seq, dropped
              FROM walrelay.replicated_tables
              WHERE source_db = $1 AND CASE WHEN $2::bigint IS NULL
                    THEN source_schema = $3 AND source_table = $4 ELSE table_oid = $2 END",
@@ -241,11 +245,33 @@ pub async fn replicated(
                 u64::try_from(r.get::<_, i64>(7)).unwrap_or(0),
                 u64::try_from(r.get::<_, i64>(8)).unwrap_or(0),
             ),
+            dropped: r.get(9),
         })
     }))
 }
 
-/// A source table by any name it had: its OID, and what is known of it (`None`: dropped).
+/// The version of a dropped table's tombstone.
+pub async fn mark_dropped_version(
+    tx: &impl GenericClient,
+    db: &str,
+    oid: u32,
+    version: u64,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "UPDATE walrelay.replicated_tables SET schema_version = greatest(schema_version, $3)
+         WHERE source_db = $1 AND table_oid = $2 AND dropped",
+        &[
+            &db,
+            &i64::from(oid),
+            &i64::try_from(version).unwrap_or(i64::MAX),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A source table by any name it had: its OID, and what is known of it (`None`, or a
+/// tombstone: dropped).
 pub async fn by_name(
     tx: &impl GenericClient,
     db: &str,
@@ -265,7 +291,8 @@ pub async fn by_name(
     Ok(Some((oid, replicated(tx, db, Some(oid), ("", "")).await?)))
 }
 
-/// Records (or forgets, when `r` is `None`) what the target holds of a source table.
+/// Records what the target holds of a source table, or (when `r` is `None`) that it was
+/// dropped (the row stays, as a tombstone; [`mark_dropped_version`] sets its version).
 pub async fn remember(
     tx: &impl GenericClient,
     db: &str,
@@ -275,7 +302,8 @@ pub async fn remember(
     match r {
         None => {
             tx.execute(
-                "DELETE FROM walrelay.replicated_tables WHERE source_db = $1 AND table_oid = $2",
+                "UPDATE walrelay.replicated_tables SET dropped = true, updated_at = now()
+                 WHERE source_db = $1 AND table_oid = $2",
                 &[&db, &i64::from(oid)],
             )
             .await?;
@@ -286,7 +314,8 @@ pub async fn remember(
                 "INSERT INTO walrelay.replicated_tables (source_db, table_oid, target_schema,
                      target_table, schema_version, columns, source_schema, source_table)
                  VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7, $8)
-                 ON CONFLICT (source_db, table_oid) DO UPDATE SET target_schema = EXCLUDED.target_schema,
+                 ON CONFLICT (source_db, table_oid) DO UPDATE SET dropped = false,
+                     target_schema = EXCLUDED.target_schema,
                      source_schema = EXCLUDED.source_schema, source_table = EXCLUDED.source_table,
                      target_table = EXCLUDED.target_table, schema_version = EXCLUDED.schema_version,
                      columns = EXCLUDED.columns, updated_at = now()",

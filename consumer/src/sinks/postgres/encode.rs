@@ -28,11 +28,6 @@ pub fn qualified(schema: &str, table: &str) -> String {
     format!("{}.{}", ident(schema), ident(table))
 }
 
-/// A single-quoted SQL string literal.
-pub fn literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
-
 /// A target table's columns as the target's catalog has them.
 #[derive(Debug, Clone, Default)]
 pub struct TargetTable {

@@ -361,8 +361,8 @@ impl PostgresSink {
         if !self.sources.contains_key(&k) {
             let session = &*self.db().await?;
             let known = match client::by_name(session, db, schema, table).await? {
-                Some((_, Some(r))) => Some(r),
-                Some((_, None)) => {
+                Some((_, Some(r))) if !r.dropped => Some(r),
+                Some((_, _)) => {
                     self.dropped.insert(k);
                     return Ok(None);
                 }
@@ -517,6 +517,8 @@ impl PostgresSink {
             self.targets.clear();
             return Ok(None);
         }
+        // A tombstone of an older table with this OID (reused): as if unknown.
+        let known = known.filter(|k| !k.dropped);
         if known.is_none() && ch.dropped {
             self.metrics
                 .schema_changes
@@ -575,8 +577,13 @@ impl PostgresSink {
             table: target_table.clone(),
             columns: ch.columns.clone(),
             truncated: known.as_ref().map_or((0, 0), |k| k.truncated),
+            dropped: false,
         });
         client::remember(session, &db, ch.table_oid, replicated.as_ref()).await?;
+        if ch.dropped {
+            client::mark_dropped_version(session, &db, ch.table_oid, e.envelope.schema_version)
+                .await?;
+        }
         if savepoint {
             session
                 .batch_execute("RELEASE SAVEPOINT walrelay_ddl")
@@ -840,6 +847,9 @@ impl PostgresSink {
             // The truncate position as committed (another member may have applied a copy).
             client::lock_table(session, oid).await?;
             let fresh = client::replicated(session, &db, Some(oid), ("", "")).await?;
+            if fresh.as_ref().is_some_and(|k| k.dropped) {
+                return Ok(());
+            }
             if fresh.as_ref().is_some_and(|k| k.truncated >= at) {
                 if let Some(Some(k)) = self
                     .sources
