@@ -206,6 +206,10 @@ pub struct Envelope<A = Map<String, Value>> {
     /// ([`crate::transaction`]); absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transaction: Option<crate::transaction::TransactionRef>,
+    /// Where the whole event is when it was over `--max-event-bytes` and its largest values
+    /// were replaced ([`crate::oversized`]); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oversized: Option<crate::oversized::Reference>,
 }
 
 /// The frame a snapshot marker carries: which snapshot attempt the table's rows belong to.
@@ -345,6 +349,7 @@ impl<A> Envelope<A> {
             ddl,
             snapshot,
             transaction,
+            oversized,
         } = self;
         let rest = Envelope {
             op,
@@ -360,6 +365,7 @@ impl<A> Envelope<A> {
             ddl,
             snapshot,
             transaction,
+            oversized,
         };
         (rest, after)
     }
@@ -485,6 +491,7 @@ mod tests {
             ddl: None,
             snapshot: None,
             transaction: None,
+            oversized: None,
         };
         let json = serde_json::to_value(&env).expect("serialize");
         assert!(

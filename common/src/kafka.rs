@@ -129,6 +129,55 @@ pub async fn ensure_topic(
     ensure_topic_with(config, topic, partitions, &[]).await
 }
 
+/// Which configuration to read with [`config_value`].
+#[derive(Debug, Clone, Copy)]
+pub enum ConfigOf<'a> {
+    /// A topic's (its own setting, else the broker's default for it).
+    Topic(&'a str),
+    /// A broker's, by node id.
+    Broker(i32),
+}
+
+/// The effective value of configuration `name` of a topic or broker (`None` when the broker
+/// does not report it, e.g. without DescribeConfigs permission: callers fall back to their own
+/// assumption and say so).
+pub async fn config_value(
+    config: &ClientConfig,
+    of: ConfigOf<'_>,
+    name: &str,
+) -> Result<Option<String>, TopicError> {
+    use rdkafka::admin::ResourceSpecifier;
+    let label = match of {
+        ConfigOf::Topic(t) => t.to_string(),
+        ConfigOf::Broker(id) => format!("broker {id}"),
+    };
+    let fail = |message: String| TopicError {
+        topic: label.clone(),
+        message,
+    };
+    let admin: AdminClient<QuietContext> = config
+        .create_with_context(QuietContext)
+        .map_err(|e| fail(e.to_string()))?;
+    let spec = match of {
+        ConfigOf::Topic(t) => ResourceSpecifier::Topic(t),
+        ConfigOf::Broker(id) => ResourceSpecifier::Broker(id),
+    };
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .describe_configs([&spec], &opts)
+        .await
+        .map_err(|e| fail(format!("describing its configuration: {e}")))?;
+    match results.into_iter().next() {
+        Some(Ok(resource)) => Ok(resource.get(name).and_then(|entry| entry.value.clone())),
+        Some(Err(
+            RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed,
+        ))
+        | None => Ok(None),
+        Some(Err(code)) => Err(fail(format!("describing its configuration: {code}"))),
+    }
+}
+
 /// [`ensure_topic`] with topic settings beyond unlimited retention (a compacted topic, say).
 pub async fn ensure_topic_with(
     config: &ClientConfig,

@@ -7,6 +7,8 @@
 //! - [`event`]: the change-event envelope as it travels through Kafka (Debezium-shaped JSON), the
 //!   operation codes, and how an envelope is read back.
 //! - [`kafka`]: a quiet librdkafka client context and topic creation with unlimited retention.
+//! - [`oversized`]: events over `--max-event-bytes`: the chunk topic, the reference a row
+//!   carries in their place, and putting the whole event together again.
 //! - [`options`]: what every binary's options share: the error naming a bad option, sizes,
 //!   durations, the TOML file, Kafka properties (refusing unsafe ones) and topic names.
 //! - [`postgres`]: libpq-style connection strings with `sslmode`, `sslrootcert`, `sslcert` and
@@ -35,6 +37,7 @@ pub mod codec;
 pub mod event;
 pub mod kafka;
 pub mod options;
+pub mod oversized;
 pub mod postgres;
 pub mod registry;
 pub mod retry;

@@ -26,6 +26,7 @@ use walrelay_tests::topic::Record;
 
 mod avro;
 mod deploy;
+mod large;
 mod live_view;
 mod notify;
 mod postgres_tls;

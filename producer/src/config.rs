@@ -187,6 +187,13 @@ pub struct Options {
     #[arg(long, env = "WALRELAY_MAX_BUFFER_BYTES", global = true, value_parser = parse_bytes)]
     #[serde(default, deserialize_with = "options::deserialize_bytes")]
     pub max_buffer_bytes: Option<u64>,
+    /// Largest event written whole, e.g. 16MiB: the Kafka client's
+    /// message.max.bytes and the created topics' max.message.bytes. A larger event goes in chunks
+    /// to <topic>.oversized and its row carries a reference in place of its largest values
+    /// [default: 16MiB, or half of --max-buffer-bytes when that is less].
+    #[arg(long, env = "WALRELAY_MAX_EVENT_BYTES", global = true, value_parser = parse_bytes)]
+    #[serde(default, deserialize_with = "options::deserialize_bytes")]
+    pub max_event_bytes: Option<u64>,
     /// Address of /metrics, /healthz and /readyz, e.g. 0.0.0.0:9187 [default: off].
     #[arg(long, env = "WALRELAY_METRICS_ADDR", global = true)]
     pub metrics_addr: Option<SocketAddr>,
@@ -316,6 +323,7 @@ impl Options {
             partition_key: self.partition_key.or(file.partition_key),
             topic_partitions: self.topic_partitions.or(file.topic_partitions),
             max_buffer_bytes: self.max_buffer_bytes.or(file.max_buffer_bytes),
+            max_event_bytes: self.max_event_bytes.or(file.max_event_bytes),
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
             snapshot: self.snapshot.or(file.snapshot),
             ddl_statement: self.ddl_statement.or(file.ddl_statement),
@@ -369,6 +377,8 @@ pub struct Settings {
     pub topic_partitions: i32,
     /// Byte budget.
     pub max_buffer_bytes: usize,
+    /// Largest event written whole (`--max-event-bytes`).
+    pub max_event_bytes: usize,
     /// Probe and metrics address.
     pub metrics_addr: Option<SocketAddr>,
     /// Snapshot mode.
@@ -447,6 +457,20 @@ impl Settings {
         if max_buffer_bytes < 1 << 20 {
             return Err(bad("--max-buffer-bytes", "must be at least 1MiB"));
         }
+        // The default leaves room in a small buffer: 16MiB, or half the buffer.
+        let max_event_bytes = o
+            .max_event_bytes
+            .unwrap_or((16 << 20).min(max_buffer_bytes / 2));
+        if !(64 << 10..=512 << 20).contains(&max_event_bytes) {
+            return Err(bad("--max-event-bytes", "must be between 64KiB and 512MiB"));
+        }
+        if max_event_bytes + (64 << 10) > max_buffer_bytes {
+            return Err(bad(
+                "--max-event-bytes",
+                "must be at least 64KiB below --max-buffer-bytes (an event must fit the buffer): \
+                 lower it or raise --max-buffer-bytes",
+            ));
+        }
         let snapshot_parallelism = o.snapshot_parallelism.unwrap_or(4);
         if !(1..=64).contains(&snapshot_parallelism) {
             return Err(bad("--snapshot-parallelism", "must be between 1 and 64"));
@@ -456,6 +480,13 @@ impl Settings {
             return Err(bad("--snapshot-chunk-pages", "must be at least 1"));
         }
         let kafka_properties = options::kafka_properties(o.kafka_properties, &o.kafka_property)?;
+        if kafka_properties.get("message.max.bytes").is_some() {
+            return Err(bad(
+                "--kafka-property message.max.bytes",
+                "walrelay sets it from --max-event-bytes (with the topics' max.message.bytes): \
+                 use --max-event-bytes instead",
+            ));
+        }
         let transaction_interval = o
             .transaction_interval
             .unwrap_or(std::time::Duration::from_millis(10));
@@ -517,6 +548,7 @@ impl Settings {
             partition_key: o.partition_key.unwrap_or_default(),
             topic_partitions,
             max_buffer_bytes: usize::try_from(max_buffer_bytes).unwrap_or(usize::MAX),
+            max_event_bytes: usize::try_from(max_event_bytes).unwrap_or(usize::MAX),
             metrics_addr: o.metrics_addr,
             snapshot: o.snapshot.unwrap_or_default(),
             ddl_statement: o.ddl_statement.unwrap_or_default(),
@@ -544,6 +576,7 @@ impl Settings {
             brokers: brokers.to_string(),
             topic: self.topic.clone(),
             max_buffer_bytes: self.max_buffer_bytes,
+            max_event_bytes: self.max_event_bytes,
             properties: self.kafka_properties.to_map(),
             transactions: (self.delivery == Delivery::ExactlyOnce).then(|| {
                 crate::kafka::TransactionOptions {
@@ -638,6 +671,34 @@ mod tests {
             Some("9")
         );
         assert_eq!(s.postgres.config.get_user(), Some("c"));
+    }
+
+    #[test]
+    fn max_event_bytes_fits_the_buffer_and_owns_message_max_bytes() {
+        let s = Settings::from_options(opts("postgres://u@h/db")).expect("valid");
+        assert_eq!(s.max_event_bytes, 16 << 20);
+        let o = Options {
+            max_buffer_bytes: Some(8 << 20),
+            ..opts("postgres://u@h/db")
+        };
+        assert_eq!(
+            Settings::from_options(o).expect("valid").max_event_bytes,
+            4 << 20,
+            "half of a small buffer"
+        );
+        let o = Options {
+            max_event_bytes: Some(64 << 20),
+            ..opts("postgres://u@h/db")
+        };
+        let e = Settings::from_options(o).expect_err("over the buffer");
+        assert_eq!(e.option, "--max-event-bytes");
+        assert!(e.to_string().contains("--max-buffer-bytes"), "{e}");
+        let o = Options {
+            kafka_property: vec!["message.max.bytes=2000000".into()],
+            ..opts("postgres://u@h/db")
+        };
+        let e = Settings::from_options(o).expect_err("refused");
+        assert!(e.to_string().contains("--max-event-bytes"), "{e}");
     }
 
     #[test]

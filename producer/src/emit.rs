@@ -160,11 +160,12 @@ pub fn partition_of(key: &[u8], partitions: i32) -> i32 {
     ((murmur2(key) & 0x7fff_ffff) % n) as i32
 }
 
-/// A topic and its partition count.
+/// A topic, its partition count and the largest event written to it whole.
 #[derive(Debug, Clone)]
 struct Topic {
     name: Arc<str>,
     partitions: i32,
+    limit: usize,
 }
 
 /// Encodes events and hands them to Kafka.
@@ -179,6 +180,10 @@ pub struct Emitter {
     transactions_topic: Option<Arc<str>>,
     /// Per-table topics known to exist, by `schema.table`.
     topics: HashMap<(String, String), Topic>,
+    /// The main topic's event limit, once read.
+    main_limit: Option<usize>,
+    /// Chunk topics (`<topic>.oversized`) known to exist, by their topic.
+    chunk_topics: HashMap<Arc<str>, Arc<str>>,
     /// Registered Avro schemas by shape fingerprint (which names the table, and so its topic).
     prepared: HashMap<u64, Arc<Prepared>>,
     /// Registered fixed Avro schemas by (topic, record).
@@ -228,6 +233,8 @@ impl Emitter {
             routing: Arc::new(routing),
             transactions_topic: None,
             topics: HashMap::new(),
+            main_limit: None,
+            chunk_topics: HashMap::new(),
             prepared: HashMap::new(),
             fixed: HashMap::new(),
             key: Vec::with_capacity(256),
@@ -247,6 +254,8 @@ impl Emitter {
             routing: Arc::clone(&self.routing),
             transactions_topic: self.transactions_topic.clone(),
             topics: self.topics.clone(),
+            main_limit: self.main_limit,
+            chunk_topics: self.chunk_topics.clone(),
             prepared: self.prepared.clone(),
             fixed: self.fixed.clone(),
             key: Vec::with_capacity(256),
@@ -275,9 +284,18 @@ impl Emitter {
     /// The topic of `shape`'s table, created first under per-table routing.
     async fn topic_of(&mut self, shape: &TableShape) -> Result<Topic, RunError> {
         if !self.routing.per_table {
+            let limit = match self.main_limit {
+                Some(l) => l,
+                None => {
+                    let l = self.writer.event_limit(&self.routing.topic).await;
+                    self.main_limit = Some(l);
+                    l
+                }
+            };
             return Ok(Topic {
                 name: Arc::clone(&self.routing.topic),
                 partitions: self.partitions,
+                limit,
             });
         }
         let id = (shape.schema.clone(), shape.table.clone());
@@ -286,9 +304,11 @@ impl Emitter {
         }
         let name = table_topic(&self.routing.topic, &shape.schema, &shape.table)?;
         let partitions = self.writer.ensure_topic(&name, self.partitions).await?;
+        let limit = self.writer.event_limit(&name).await;
         let t = Topic {
             name: Arc::from(name),
             partitions,
+            limit,
         };
         self.topics.insert(id, t.clone());
         Ok(t)
@@ -417,7 +437,8 @@ impl Emitter {
     }
 
     /// A row change (insert, update, delete or snapshot read), routed by its key. `on_wait`
-    /// runs while the byte budget is spent. Returns the records sent (1).
+    /// runs while the byte budget is spent. Returns the records sent: 1, or with the chunks of
+    /// an event over the topic's limit (see [`Emitter::oversized_row`]).
     pub async fn row<F: FnMut()>(
         &mut self,
         shape: &TableShape,
@@ -427,15 +448,48 @@ impl Emitter {
         on_wait: &mut F,
     ) -> Result<u64, RunError> {
         let topic = self.topic_of(shape).await?;
+        let partition = self
+            .encode_row(
+                &topic,
+                shape,
+                meta,
+                change.before,
+                change.after,
+                change.key_row,
+                on_wait,
+            )
+            .await?;
+        if self.record_len() > topic.limit && !self.writer.is_muted() {
+            return self
+                .oversized_row(&topic, shape, meta, change, txn, on_wait)
+                .await;
+        }
+        self.send(&topic, shape, meta.op, txn, partition, on_wait)
+            .await?;
+        Ok(1)
+    }
+
+    /// Encodes a row event into the key and value buffers; returns the partition it must go
+    /// to when the codec fixes it (Avro).
+    #[allow(clippy::too_many_arguments)]
+    async fn encode_row<F: FnMut()>(
+        &mut self,
+        topic: &Topic,
+        shape: &TableShape,
+        meta: &EventMeta,
+        before: Option<Image<'_, '_>>,
+        after: Option<Image<'_, '_>>,
+        key_row: &[Cell<'_>],
+        on_wait: &mut F,
+    ) -> Result<Option<i32>, RunError> {
         self.key.clear();
         self.value.clear();
-        let key_cells = (!change.key_row.is_empty()).then_some(change.key_row);
+        let key_cells = (!key_row.is_empty()).then_some(key_row);
         shape.write_key(&mut self.key, self.partition_key, key_cells);
         match self.codec.clone() {
             Codec::Json(enc) => {
-                enc.row(&mut self.value, shape, meta, change.before, change.after);
-                self.send(&topic, shape, meta.op, txn, None, on_wait)
-                    .await?;
+                enc.row(&mut self.value, shape, meta, before, after);
+                Ok(None)
             }
             Codec::Avro(avro) => {
                 let p = self.prepared(&avro, shape, &topic.name, on_wait).await?;
@@ -446,15 +500,186 @@ impl Emitter {
                     &p,
                     shape,
                     meta,
-                    (change.before, change.after),
+                    (before, after),
                     key_cells,
                 )?;
-                let partition = partition_of(&self.key, topic.partitions);
-                self.send(&topic, shape, meta.op, txn, Some(partition), on_wait)
-                    .await?;
+                Ok(Some(partition_of(&self.key, topic.partitions)))
             }
         }
-        Ok(1)
+    }
+
+    /// The size of the encoded record (key and value).
+    fn record_len(&self) -> usize {
+        let key = match self.codec {
+            Codec::Json(_) => self.key.len(),
+            Codec::Avro(_) => self.record_key.len(),
+        };
+        key + self.value.len()
+    }
+
+    /// An event over its topic's limit (see `walrelay_common::oversized`): the whole event in
+    /// chunks to `<topic>.oversized` on the partition the row's key gives, then the row with
+    /// its largest values (never key columns) replaced as unchanged TOAST and a reference to
+    /// the chunks. Returns the records sent.
+    async fn oversized_row<F: FnMut()>(
+        &mut self,
+        topic: &Topic,
+        shape: &TableShape,
+        meta: &EventMeta,
+        change: &RowChange<'_, '_>,
+        txn: TxnId,
+        on_wait: &mut F,
+    ) -> Result<u64, RunError> {
+        use walrelay_common::oversized::{self, ChunkHeader, Reference};
+        let whole = std::mem::take(&mut self.value);
+        let partition = partition_of(&self.key, topic.partitions);
+        let chunk_topic = self.chunk_topic(topic).await?;
+        let chunk_limit = self.writer.event_limit(&chunk_topic).await;
+        let chunk_size = (chunk_limit / 2).clamp(16 << 10, 1 << 20);
+        let count = u32::try_from(whole.len().div_ceil(chunk_size)).unwrap_or(u32::MAX);
+        let id = oversized_id(meta);
+        let mut frame = Vec::with_capacity(chunk_size + 256);
+        for (index, piece) in whole.chunks(chunk_size).enumerate() {
+            frame.clear();
+            let header = ChunkHeader {
+                id: id.clone(),
+                index: u32::try_from(index).unwrap_or(u32::MAX),
+                count,
+                bytes: whole.len() as u64,
+            };
+            oversized::write_chunk(&mut frame, &header, piece);
+            self.writer
+                .send_routed(
+                    &chunk_topic,
+                    &shape.table,
+                    id.as_bytes(),
+                    &frame,
+                    txn,
+                    Some(partition),
+                    on_wait,
+                )
+                .await?;
+        }
+        // The row with its largest values replaced, largest first, until it fits.
+        let mut before: Option<Vec<Cell<'_>>> = change.before.map(|i| i.cells.to_vec());
+        let mut after: Option<Vec<Cell<'_>>> = change.after.map(|i| i.cells.to_vec());
+        let mut columns: Vec<String> = Vec::new();
+        let mut reference = Reference {
+            topic: chunk_topic.to_string(),
+            partition,
+            id,
+            columns: Vec::new(),
+            chunks: count,
+            bytes: whole.len() as u64,
+        };
+        let mut header = Vec::new();
+        // Bytes to take off: first estimated from the whole event, then from each attempt.
+        let mut excess = (whole.len() + 1024).saturating_sub(topic.limit);
+        loop {
+            // Replace values, largest first, until their raw sizes cover the excess.
+            let mut removed = 0usize;
+            while removed < excess.max(1) {
+                let Some((image, i, len)) =
+                    largest_cell(shape, before.as_deref(), after.as_deref())
+                else {
+                    return Err(RunError::from(crate::kafka::WriteError::TooLarge {
+                        table: shape.qualified(),
+                        bytes: whole.len(),
+                        limit: topic.limit,
+                        which: "--max-event-bytes, with every value but the key's replaced",
+                    }));
+                };
+                let cells = if image == 0 {
+                    before.as_mut()
+                } else {
+                    after.as_mut()
+                };
+                if let Some(c) = cells.and_then(|c| c.get_mut(i)) {
+                    *c = Cell::UnchangedToast;
+                }
+                removed += len;
+                let name = &shape.columns[i].name;
+                if !columns.contains(name) {
+                    columns.push(name.clone());
+                }
+            }
+            reference.columns.clone_from(&columns);
+            let b = change
+                .before
+                .zip(before.as_deref())
+                .map(|(img, cells)| Image { cells, ..img });
+            let a = change
+                .after
+                .zip(after.as_deref())
+                .map(|(img, cells)| Image { cells, ..img });
+            self.encode_row(topic, shape, meta, b, a, change.key_row, on_wait)
+                .await?;
+            header.clear();
+            serde_json::to_writer(&mut header, &reference)
+                .map_err(|e| crate::encode::EncodeError::new(e.to_string()))?;
+            if let Codec::Json(_) = self.codec
+                && self.value.last() == Some(&b'}')
+            {
+                self.value.pop();
+                self.value.extend_from_slice(b",\"oversized\":");
+                self.value.extend_from_slice(&header);
+                self.value.push(b'}');
+            }
+            let len = self.record_len() + header.len() + oversized::HEADER.len();
+            if len <= topic.limit {
+                break;
+            }
+            excess = len - topic.limit + 1024;
+        }
+        let key = match self.codec {
+            Codec::Json(_) => &self.key,
+            Codec::Avro(_) => &self.record_key,
+        };
+        self.writer
+            .send_with_header(
+                &topic.name,
+                &shape.table,
+                (key, &self.value),
+                (oversized::HEADER, &header),
+                txn,
+                Some(partition),
+                on_wait,
+            )
+            .await?;
+        self.metrics.events_of(meta.op).inc();
+        self.metrics.event_bytes.inc_by(self.value.len() as u64);
+        self.metrics.oversized_events.inc();
+        self.metrics.oversized_bytes.inc_by(whole.len() as u64);
+        tracing::info!(
+            table = %shape.qualified(),
+            bytes = whole.len(),
+            limit = topic.limit,
+            chunks = count,
+            chunk_topic = %chunk_topic,
+            columns = ?columns,
+            "An event over the limit went to the chunk topic; its row carries a reference."
+        );
+        Ok(u64::from(count) + 1)
+    }
+
+    /// `<topic>.oversized` of `topic`, created (with as many partitions) on first use.
+    async fn chunk_topic(&mut self, topic: &Topic) -> Result<Arc<str>, RunError> {
+        if let Some(t) = self.chunk_topics.get(&topic.name) {
+            return Ok(Arc::clone(t));
+        }
+        let name = walrelay_common::oversized::chunk_topic(&topic.name);
+        let partitions = self.writer.ensure_topic(&name, topic.partitions).await?;
+        if partitions < topic.partitions {
+            return Err(RunError::from(crate::kafka::WriteError::Client(format!(
+                "topic {name} has {partitions} partitions, fewer than {}'s {}: chunks go to the \
+                 partition number of their row; add partitions to {name}",
+                topic.name, topic.partitions
+            ))));
+        }
+        let name: Arc<str> = Arc::from(name);
+        self.chunk_topics
+            .insert(Arc::clone(&topic.name), Arc::clone(&name));
+        Ok(name)
     }
 
     /// A truncate of `shape`'s table: to the key's partition, or to every partition under
@@ -513,6 +738,7 @@ impl Emitter {
             Some(t) => Topic {
                 name: Arc::clone(t),
                 partitions: 1,
+                limit: usize::MAX,
             },
             None => self.topic_of(shape).await?,
         };
@@ -633,6 +859,45 @@ impl Emitter {
         self.metrics.event_bytes.inc_by(self.value.len() as u64);
         Ok(())
     }
+}
+
+/// The id of an oversized event's chunks: its position and a number unique in this process
+/// (snapshot rows share a position).
+fn oversized_id(meta: &EventMeta) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let started = walrelay_common::clock::now_us();
+    format!(
+        "{:X}-{:X}-{}-{started:x}-{n}",
+        meta.commit_lsn, meta.lsn, meta.seq
+    )
+}
+
+/// The largest value of the images that may be replaced (not a key or identity column, not
+/// null or already replaced): (0 before / 1 after, column, its size).
+fn largest_cell(
+    shape: &TableShape,
+    before: Option<&[Cell<'_>]>,
+    after: Option<&[Cell<'_>]>,
+) -> Option<(u8, usize, usize)> {
+    let mut best: Option<(u8, usize, usize)> = None;
+    for (image, cells) in [(0u8, before), (1u8, after)] {
+        for (i, cell) in cells.into_iter().flatten().enumerate() {
+            let len = match cell {
+                Cell::Text(t) | Cell::Binary(t) => t.len(),
+                Cell::Null | Cell::UnchangedToast => continue,
+            };
+            let col = shape.columns.get(i);
+            if col.is_none_or(|c| c.is_identity) || shape.key_columns.contains(&i) {
+                continue;
+            }
+            if best.is_none_or(|(_, _, l)| len > l) {
+                best = Some((image, i, len));
+            }
+        }
+    }
+    best
 }
 
 #[cfg(test)]

@@ -18,6 +18,10 @@ pub struct Metrics {
     events_by_op: [IntCounter; Op::ALL.len()],
     /// Bytes of event values handed to Kafka.
     pub event_bytes: IntCounter,
+    /// Events over `--max-event-bytes` (or a topic's smaller limit), written in chunks.
+    pub oversized_events: IntCounter,
+    /// Bytes of those events (whole), written to the chunk topics.
+    pub oversized_bytes: IntCounter,
     /// Failed schema-registry requests (`--format avro`), each retried.
     pub registry_errors: IntCounter,
     /// Transactions seen on the stream.
@@ -81,6 +85,14 @@ impl Metrics {
             event_bytes: IntCounter::new(
                 "walrelay_producer_event_bytes_total",
                 "Bytes of change events handed to Kafka.",
+            )?,
+            oversized_events: IntCounter::new(
+                "walrelay_producer_oversized_events_total",
+                "Events over --max-event-bytes written in chunks to <topic>.oversized, their rows carrying a reference.",
+            )?,
+            oversized_bytes: IntCounter::new(
+                "walrelay_producer_oversized_bytes_total",
+                "Bytes of oversized events written in chunks to <topic>.oversized.",
             )?,
             registry_errors: IntCounter::new(
                 "walrelay_producer_schema_registry_errors_total",
@@ -196,6 +208,8 @@ impl Metrics {
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(m.events.clone()),
             Box::new(m.event_bytes.clone()),
+            Box::new(m.oversized_events.clone()),
+            Box::new(m.oversized_bytes.clone()),
             Box::new(m.registry_errors.clone()),
             Box::new(m.transactions.clone()),
             Box::new(m.buffer_bytes.clone()),

@@ -412,10 +412,12 @@ impl Worker {
                         after: Some(Image::full(&cells)),
                         key_row: &cells,
                     };
-                    self.emitter
+                    // One record, or more for an oversized row (its chunks).
+                    let records = self
+                        .emitter
                         .row(&task.shape, &meta, &change, self.txn, &mut || {})
                         .await?;
-                    self.sent.fetch_add(1, Ordering::Relaxed);
+                    self.sent.fetch_add(records, Ordering::Relaxed);
                     rows += 1;
                     line.clear();
                     rest = &rest[nl + 1..];

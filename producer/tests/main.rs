@@ -10,6 +10,7 @@ mod crash;
 mod ddl;
 mod exactly_once;
 mod failover;
+mod large;
 mod memory;
 mod outage;
 mod secrets;

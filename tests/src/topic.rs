@@ -20,6 +20,20 @@ pub struct Record {
     pub key: Vec<u8>,
     /// Value bytes.
     pub value: Vec<u8>,
+    /// Headers, in order.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// A message's headers.
+fn headers_of<M: Message>(m: &M) -> Vec<(String, Vec<u8>)> {
+    use rdkafka::message::Headers;
+    m.headers()
+        .map(|h| {
+            h.iter()
+                .map(|x| (x.key.to_string(), x.value.unwrap_or_default().to_vec()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 impl Record {
@@ -93,6 +107,7 @@ pub fn try_read_until(
                     offset: m.offset(),
                     key: m.key().unwrap_or_default().to_vec(),
                     value: m.payload().unwrap_or_default().to_vec(),
+                    headers: headers_of(&m),
                 }),
                 Some(Err(e)) => eprintln!("consumer: {e}"),
                 None => break,
@@ -280,6 +295,7 @@ pub fn tail(brokers: &str, topic: &str, partition: i32, n: i64) -> Vec<Record> {
                 offset: m.offset(),
                 key: m.key().unwrap_or_default().to_vec(),
                 value: m.payload().unwrap_or_default().to_vec(),
+                headers: headers_of(&m),
             });
         }
     }
@@ -327,6 +343,7 @@ pub fn read_to_end(brokers: &str, topic: &str, timeout: Duration) -> Vec<Record>
                     offset: m.offset(),
                     key: m.key().unwrap_or_default().to_vec(),
                     value: m.payload().unwrap_or_default().to_vec(),
+                    headers: headers_of(&m),
                 });
             }
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {

@@ -101,11 +101,14 @@ pub async fn check(s: &Settings) -> Vec<CheckItem> {
             })
             .await
             {
-                Ok(Ok(n)) => out.push(item(
-                    "kafka",
-                    "ok",
-                    format!("{brokers}: {n} broker(s) answer"),
-                )),
+                Ok(Ok(ids)) => {
+                    out.push(item(
+                        "kafka",
+                        "ok",
+                        format!("{brokers}: {} broker(s) answer", ids.len()),
+                    ));
+                    check_event_limits(s, brokers, &ids, &mut out).await;
+                }
                 Ok(Err(e)) => {
                     out.push(item("kafka", "fail", format!("{brokers} unreachable: {e}")))
                 }
@@ -114,6 +117,78 @@ pub async fn check(s: &Settings) -> Vec<CheckItem> {
         }
     }
     out
+}
+
+/// Whether an event of `--max-event-bytes` can be written whole: the topic's
+/// max.message.bytes (an existing topic keeps its own; walrelay creates topics with enough) and
+/// each broker's socket.request.max.bytes (a produce request above it is refused outright).
+async fn check_event_limits(s: &Settings, brokers: &str, ids: &[i32], out: &mut Vec<CheckItem>) {
+    use walrelay_common::kafka::{ConfigOf, config_value};
+    let mut opts = s.writer_options(brokers);
+    opts.transactions = None;
+    let config = opts.client_config();
+    let need = opts.record_limit();
+    let name = "event size limit";
+    match config_value(&config, ConfigOf::Topic(&s.topic), "max.message.bytes").await {
+        Ok(Some(v)) => match v.parse::<usize>() {
+            Ok(n) if n < need => out.push(item(
+                name,
+                "warn",
+                format!(
+                    "topic {} allows records of {n} bytes (max.message.bytes), below the {need} \
+                     that --max-event-bytes {} needs: larger events go in chunks to {}.oversized \
+                     and their rows carry a reference. To keep them whole: kafka-configs.sh \
+                     --alter --entity-type topics --entity-name {} --add-config \
+                     max.message.bytes={need}",
+                    s.topic, s.max_event_bytes, s.topic, s.topic
+                ),
+            )),
+            _ => out.push(item(
+                name,
+                "ok",
+                format!(
+                    "topic {} takes events of --max-event-bytes {}",
+                    s.topic, s.max_event_bytes
+                ),
+            )),
+        },
+        Ok(None) => out.push(item(
+            name,
+            "warn",
+            format!(
+                "could not read topic {}'s max.message.bytes (DescribeConfigs not allowed?): \
+                 events above it would go to {}.oversized",
+                s.topic, s.topic
+            ),
+        )),
+        // Most likely the topic does not exist yet: it is created with enough.
+        Err(_) => out.push(item(
+            name,
+            "ok",
+            format!(
+                "topic {} will be created with max.message.bytes={need} (--max-event-bytes {})",
+                s.topic, s.max_event_bytes
+            ),
+        )),
+    }
+    for &id in ids {
+        if let Ok(Some(v)) =
+            config_value(&config, ConfigOf::Broker(id), "socket.request.max.bytes").await
+            && let Ok(n) = v.parse::<usize>()
+            && n < need + (64 << 10)
+        {
+            out.push(item(
+                &format!("broker {id} request limit"),
+                "fail",
+                format!(
+                    "socket.request.max.bytes is {n}, below a produce request of one event of \
+                     --max-event-bytes {}: lower --max-event-bytes or raise the broker's \
+                     socket.request.max.bytes",
+                    s.max_event_bytes
+                ),
+            ));
+        }
+    }
 }
 
 async fn check_postgres(c: &Client, s: &Settings, out: &mut Vec<CheckItem>) -> Result<(), PgError> {

@@ -19,6 +19,11 @@ use crate::metrics::Metrics;
 /// Bytes counted per event beyond its key and value (headers, framing).
 const EVENT_OVERHEAD_BYTES: usize = 64;
 
+/// What a record may hold beyond `--max-event-bytes` (the key, record and batch framing): the
+/// client's message.max.bytes and the created topics' max.message.bytes are the event limit
+/// plus this.
+pub const RECORD_MARGIN_BYTES: usize = 64 << 10;
+
 /// Once the budget is spent, a sender waits until this fraction of it (1/8) is free again,
 /// not just its own event's bytes: see "A spent budget" in the module essay.
 const REFILL_DIVISOR: usize = 8;
@@ -111,6 +116,8 @@ pub struct WriterOptions {
     pub topic: String,
     /// Byte budget of unacknowledged events.
     pub max_buffer_bytes: usize,
+    /// Largest event written whole (`--max-event-bytes`).
+    pub max_event_bytes: usize,
     /// librdkafka properties given by the user; they win over walrelay's defaults.
     pub properties: BTreeMap<String, String>,
     /// Kafka transactions (`--delivery exactly-once`), or none.
@@ -136,6 +143,7 @@ impl WriterOptions {
             ("queue.buffering.max.kbytes", kbytes.to_string()),
             ("queue.buffering.max.messages", messages.to_string()),
             ("client.id", "walrelay-producer".into()),
+            ("message.max.bytes", self.record_limit().to_string()),
         ] {
             cfg.set(k, v);
         }
@@ -174,11 +182,18 @@ impl WriterOptions {
         cfg
     }
 
+    /// The client's message.max.bytes and the created topics' max.message.bytes.
+    pub fn record_limit(&self) -> usize {
+        self.max_event_bytes + RECORD_MARGIN_BYTES
+    }
+
+    /// What every topic walrelay creates is created with, beyond unlimited retention.
+    pub fn topic_settings(&self) -> [(&'static str, String); 1] {
+        [("max.message.bytes", self.record_limit().to_string())]
+    }
+
     fn max_message_bytes(&self) -> usize {
-        self.properties
-            .get("message.max.bytes")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1_000_000)
+        self.record_limit()
     }
 }
 
@@ -323,6 +338,12 @@ pub struct Writer {
     txns: Option<Transactions>,
     /// The client configuration, for creating topics (`--topic-routing per-table`).
     config: ClientConfig,
+    /// `--max-event-bytes`.
+    max_event_bytes: usize,
+    /// The created topics' settings.
+    topic_settings: Vec<(&'static str, String)>,
+    /// The event limit of each topic written to (see [`Writer::event_limit`]).
+    limits: Mutex<std::collections::HashMap<String, usize>>,
 }
 
 impl Writer {
@@ -361,6 +382,9 @@ impl Writer {
                 .clone()
                 .map(|t| Transactions::new(t, options.reader_config())),
             config: options.client_config(),
+            max_event_bytes: options.max_event_bytes,
+            topic_settings: options.topic_settings().to_vec(),
+            limits: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -371,6 +395,46 @@ impl Writer {
     /// The main topic (`--topic`).
     pub fn topic(&self) -> &str {
         &self.topic
+    }
+
+    /// The largest event written whole to `topic`: `--max-event-bytes`, or less when the topic
+    /// existed with a smaller max.message.bytes (it is read once per topic; a topic whose
+    /// configuration cannot be read counts as allowing `--max-event-bytes`, with a warning).
+    /// A larger event goes to the chunk topic (see `walrelay_common::oversized`).
+    pub async fn event_limit(&self, topic: &str) -> usize {
+        if let Some(l) = walrelay_common::sync::lock(&self.limits).get(topic) {
+            return *l;
+        }
+        let limit = match kafka::config_value(
+            &self.config,
+            kafka::ConfigOf::Topic(topic),
+            "max.message.bytes",
+        )
+        .await
+        {
+            Ok(Some(v)) => match v.parse::<usize>() {
+                Ok(n) if n < self.max_event_bytes + RECORD_MARGIN_BYTES => {
+                    let limit = n.saturating_sub(RECORD_MARGIN_BYTES.min(n / 2));
+                    tracing::warn!(
+                        topic,
+                        max_message_bytes = n,
+                        max_event_bytes = self.max_event_bytes,
+                        "The topic's max.message.bytes is below --max-event-bytes: larger events \
+                         go to its .oversized topic in chunks. Raise the topic's \
+                         max.message.bytes to keep them whole."
+                    );
+                    limit
+                }
+                _ => self.max_event_bytes,
+            },
+            Ok(None) => self.max_event_bytes,
+            Err(e) => {
+                tracing::warn!(topic, error = %e, "Could not read the topic's max.message.bytes: assuming --max-event-bytes.");
+                self.max_event_bytes
+            }
+        };
+        walrelay_common::sync::lock(&self.limits).insert(topic.to_string(), limit);
+        limit
     }
 
     /// The first delivery failure, if any.
@@ -403,8 +467,16 @@ impl Writer {
         partition: Option<i32>,
         on_wait: &mut F,
     ) -> Result<(), WriteError> {
-        self.send_record(&self.topic, table, (key, value), txn, partition, on_wait)
-            .await
+        self.send_record(
+            &self.topic,
+            table,
+            (key, value),
+            None,
+            txn,
+            partition,
+            on_wait,
+        )
+        .await
     }
 
     /// Like [`Writer::send_to`], to `topic` (a table's own topic, `<topic>.schema-changes`).
@@ -420,7 +492,7 @@ impl Writer {
         partition: Option<i32>,
         on_wait: &mut F,
     ) -> Result<(), WriteError> {
-        self.send_record(topic, table, (key, value), txn, partition, on_wait)
+        self.send_record(topic, table, (key, value), None, txn, partition, on_wait)
             .await
     }
 
@@ -431,7 +503,12 @@ impl Writer {
         topic: &str,
         partitions: i32,
     ) -> Result<i32, WriteError> {
-        kafka::ensure_topic(&self.config, topic, partitions)
+        let settings: Vec<(&str, &str)> = self
+            .topic_settings
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect();
+        kafka::ensure_topic_with(&self.config, topic, partitions, &settings)
             .await
             .map_err(|e| WriteError::Delivery {
                 message: e.to_string(),
@@ -455,15 +532,41 @@ impl Writer {
         partition: Option<i32>,
         on_wait: &mut F,
     ) -> Result<(), WriteError> {
-        self.send_record(topic, topic, (key, value), txn, partition, on_wait)
+        self.send_record(topic, topic, (key, value), None, txn, partition, on_wait)
             .await
     }
 
+    /// Like [`Writer::send_routed`], with one record header.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn send_with_header<F: FnMut()>(
+        &self,
+        topic: &str,
+        table: &str,
+        (key, value): (&[u8], &[u8]),
+        header: (&str, &[u8]),
+        txn: TxnId,
+        partition: Option<i32>,
+        on_wait: &mut F,
+    ) -> Result<(), WriteError> {
+        self.send_record(
+            topic,
+            table,
+            (key, value),
+            Some(header),
+            txn,
+            partition,
+            on_wait,
+        )
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn send_record<F: FnMut()>(
         &self,
         topic: &str,
         table: &str,
         (key, value): (&[u8], &[u8]),
+        header: Option<(&str, &[u8])>,
         txn: TxnId,
         partition: Option<i32>,
         on_wait: &mut F,
@@ -471,7 +574,7 @@ impl Writer {
         if let Some(f) = self.failure() {
             return Err(f);
         }
-        let message_bytes = key.len() + value.len();
+        let message_bytes = key.len() + value.len() + header.map_or(0, |(n, v)| n.len() + v.len());
         if message_bytes > self.max_message_bytes {
             return Err(WriteError::TooLarge {
                 table: table.to_string(),
@@ -517,6 +620,14 @@ impl Writer {
             }
             if let Some(p) = partition {
                 record = record.partition(p);
+            }
+            if let Some((name, v)) = header {
+                record = record.headers(rdkafka::message::OwnedHeaders::new().insert(
+                    rdkafka::message::Header {
+                        key: name,
+                        value: Some(v),
+                    },
+                ));
             }
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
@@ -946,12 +1057,19 @@ impl Writer {
 /// Creates the topic with `partitions` if it does not exist (unlimited retention, so
 /// consumers can replay from offset zero); an existing topic is used as it is.
 pub async fn ensure_topic(options: &WriterOptions, partitions: i32) -> Result<(), WriteError> {
-    kafka::ensure_topic(&options.client_config(), &options.topic, partitions)
-        .await
-        .map_err(|e| WriteError::Delivery {
-            message: e.to_string(),
-            transient: true,
-        })
+    let settings = options.topic_settings();
+    let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    kafka::ensure_topic_with(
+        &options.client_config(),
+        &options.topic,
+        partitions,
+        &settings,
+    )
+    .await
+    .map_err(|e| WriteError::Delivery {
+        message: e.to_string(),
+        transient: true,
+    })
 }
 
 /// Creates `topic` with one partition if it does not exist (`<topic>.transactions`).
@@ -959,7 +1077,9 @@ pub async fn ensure_single_partition_topic(
     options: &WriterOptions,
     topic: &str,
 ) -> Result<(), WriteError> {
-    kafka::ensure_topic(&options.client_config(), topic, 1)
+    let settings = options.topic_settings();
+    let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    kafka::ensure_topic_with(&options.client_config(), topic, 1, &settings)
         .await
         .map_err(|e| WriteError::Delivery {
             message: e.to_string(),
@@ -976,7 +1096,10 @@ pub async fn ensure_progress_topic(options: &WriterOptions) -> Result<(), WriteE
         &options.client_config(),
         &t.progress_topic,
         1,
-        &[("cleanup.policy", "compact")],
+        &[
+            ("cleanup.policy", "compact"),
+            ("max.message.bytes", &options.record_limit().to_string()),
+        ],
     )
     .await
     .map_err(|e| WriteError::Delivery {
@@ -986,7 +1109,7 @@ pub async fn ensure_progress_topic(options: &WriterOptions) -> Result<(), WriteE
 }
 
 /// Whether the brokers answer a metadata request within `timeout`.
-pub fn broker_reachable(options: &WriterOptions, timeout: Duration) -> Result<usize, String> {
+pub fn broker_reachable(options: &WriterOptions, timeout: Duration) -> Result<Vec<i32>, String> {
     let producer: ThreadedProducer<QuietContext> = options
         .client_config()
         .create_with_context(QuietContext)
@@ -995,5 +1118,5 @@ pub fn broker_reachable(options: &WriterOptions, timeout: Duration) -> Result<us
         .client()
         .fetch_metadata(None, timeout)
         .map_err(|e| e.to_string())?;
-    Ok(md.brokers().len())
+    Ok(md.brokers().iter().map(|b| b.id()).collect())
 }
