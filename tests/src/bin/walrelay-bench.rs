@@ -141,6 +141,7 @@ struct Args {
     skip_snapshot: bool,
     skip_latency: bool,
     skip_memory: bool,
+    skip_stream: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -160,6 +161,7 @@ fn parse_args() -> anyhow::Result<Args> {
         skip_snapshot: false,
         skip_latency: false,
         skip_memory: false,
+        skip_stream: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -174,6 +176,10 @@ fn parse_args() -> anyhow::Result<Args> {
             }
             "--skip-memory" => {
                 a.skip_memory = true;
+                continue;
+            }
+            "--skip-stream" => {
+                a.skip_stream = true;
                 continue;
             }
             _ => {}
@@ -433,6 +439,56 @@ impl Bench {
         if p.terminate() != Some(0) {
             bail!("slot creation run did not stop cleanly: {}", p.log());
         }
+        Ok(())
+    }
+
+    /// The producer's initial snapshot of `items` (loaded to `--rows` first when it holds
+    /// fewer) against `COPY items TO '/dev/null'`, measured back to back: from the start of
+    /// `run` to the slot's snapshot being `done` (every row acknowledged).
+    async fn snapshot_ratio(&mut self, t: &Target, args: &Args, label: &str) -> anyhow::Result<()> {
+        let have: i64 = self.scalar("SELECT count(*)::text FROM items").await.parse()?;
+        if (have as u64) < args.rows {
+            self.load(args.rows - have as u64, 100_000, have as u64).await;
+        }
+        let rows: f64 = self.scalar("SELECT count(*)::text FROM items").await.parse()?;
+        self.pg.exec(DB, "VACUUM ANALYZE items").await;
+        let started = Instant::now();
+        self.pg.exec(DB, "COPY items TO '/dev/null'").await;
+        let copy_rate = rows / started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        let mut p = self.spawn(
+            t,
+            &[
+                "--max-buffer-bytes",
+                &args.buffer,
+                "--snapshot-chunk-pages",
+                "2048",
+            ],
+        );
+        loop {
+            if self
+                .scalar(&format!(
+                    "SELECT snapshot_status FROM walrelay.slot_state WHERE slot_name = '{}'",
+                    t.slot
+                ))
+                .await
+                == "done"
+            {
+                break;
+            }
+            if let Some(code) = p.try_exit() {
+                bail!("producer exited ({code:?}): {}", p.log());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let snap_rate = rows / started.elapsed().as_secs_f64();
+        println!(
+            "snapshot [{label} schema ×4, {rows:.0} rows]: producer {snap_rate:.0} rows/s, COPY TO /dev/null {copy_rate:.0} rows/s, ratio {:.2}",
+            snap_rate / copy_rate
+        );
+        p.terminate();
+        // Its slot would otherwise hold (and later decode) every phase's WAL.
+        self.drop_slot(&t.slot).await;
         Ok(())
     }
 
@@ -1044,47 +1100,11 @@ async fn main() -> anyhow::Result<()> {
 
         // 2. Snapshot vs COPY TO /dev/null.
         if !args.skip_snapshot {
-            b.load(args.rows, 100_000, 0).await;
-            b.pg.exec(DB, "VACUUM ANALYZE items").await;
-            let t = Instant::now();
-            b.pg.exec(DB, "COPY items TO '/dev/null'").await;
-            let copy_rate = args.rows as f64 / t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            let mut p = b.spawn(
-                &base,
-                &[
-                    "--max-buffer-bytes",
-                    &args.buffer,
-                    "--snapshot-chunk-pages",
-                    "2048",
-                ],
-            );
-            loop {
-                if b.scalar(
-                    "SELECT snapshot_status FROM walrelay.slot_state WHERE slot_name = 'bench'",
-                )
-                .await
-                    == "done"
-                {
-                    break;
-                }
-                if let Some(code) = p.try_exit() {
-                    bail!("producer exited ({code:?}): {}", p.log());
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            let snap_rate = args.rows as f64 / t.elapsed().as_secs_f64();
-            println!(
-                "snapshot [mock schema ×4]: producer {snap_rate:.0} rows/s, COPY TO /dev/null {copy_rate:.0} rows/s, ratio {:.2}",
-                snap_rate / copy_rate
-            );
-            p.terminate();
-            // Its slot would otherwise hold (and later decode) every phase's WAL.
-            b.drop_slot("bench").await;
+            b.snapshot_ratio(&base, &args, "mock").await?;
         }
 
         // 3. and 4. Stream and latency per keying.
-        for config in configurations(&args) {
+        for config in configurations(&args).into_iter().filter(|_| !args.skip_stream) {
             let t = target(Backend::Mock, config, &brokers, &args);
             b.stream(&t, &args, next_rows, &|| 0.0).await?;
             next_rows += args.rows;
@@ -1160,7 +1180,20 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "broker ceiling [kafka] (bare rdkafka, 300-byte events, 64 keys): {ceiling:.0} msg/s"
         );
-        for config in configurations(&args) {
+        if !args.skip_snapshot {
+            let mut t = init_target(&brokers);
+            t.backend = Backend::Kafka;
+            t.topic = "walrelay.bench.kafka.snapshot".into();
+            walrelay_common::kafka::ensure_topic(
+                ClientConfig::new().set("bootstrap.servers", &brokers),
+                &t.topic,
+                4,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            b.snapshot_ratio(&t, &args, "kafka").await?;
+        }
+        for config in configurations(&args).into_iter().filter(|_| !args.skip_stream) {
             let t = target(Backend::Kafka, config, &brokers, &args);
             b.stream(&t, &args, next_rows, &|| kafka.cpu_seconds())
                 .await?;
