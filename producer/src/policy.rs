@@ -966,6 +966,23 @@ mod tests {
     }
 
     #[test]
+    fn avro_schemas_are_built_from_the_projection() {
+        let p = policy("public.users.password_hash", "public.users.age=hash");
+        let proj = p.project(&users()).expect("allowed").expect("touched");
+        let built = crate::avro::schema::table("app", &proj.shape).expect("schemas");
+        assert!(!built.value.contains("password_hash"), "{}", built.value);
+        let value: serde_json::Value = serde_json::from_str(&built.value).expect("json");
+        let text = value.to_string();
+        // `age` is an int4 in the table; masked, it is a string.
+        let age = text
+            .find("\"name\":\"age\"")
+            .map(|i| &text[i..(i + 120).min(text.len())])
+            .unwrap_or_default();
+        assert!(age.contains("string") && !age.contains("\"int\""), "{age}");
+        assert!(built.key.is_some_and(|k| k.contains("\"id\"")));
+    }
+
+    #[test]
     fn the_salt_never_prints() {
         let p = policy("", "public.users.email=hash");
         assert!(!format!("{p:?}").contains("pepper"));

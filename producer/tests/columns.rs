@@ -527,3 +527,48 @@ async fn ddl_on_tables_outside_tables_never_reaches_the_topic() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_created_later_with_an_excluded_key_stops_the_producer() {
+    let mut env = Env::start().await;
+    env.pg
+        .exec(&env.db, "CREATE TABLE early (id int PRIMARY KEY, v int);")
+        .await;
+    let policy = ["--columns-exclude", "public.*.secret_id"];
+    init_with(&env, &policy);
+    let mut producer = env.spawn(&policy);
+    env.wait_streaming(Duration::from_secs(60)).await;
+    env.pg
+        .exec(
+            &env.db,
+            "CREATE TABLE tokens (secret_id text PRIMARY KEY, v int)",
+        )
+        .await;
+    env.pg
+        .exec(&env.db, "INSERT INTO tokens VALUES ('TOKEN-RAW-77', 1)")
+        .await;
+    let code = env.exit_code(&mut producer, Duration::from_secs(60)).await;
+    let log = producer.log();
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains(
+            "--columns-exclude: column \\\"secret_id\\\" of public.tokens is part of its key"
+        ) || log.contains(
+            "--columns-exclude: column \"secret_id\" of public.tokens is part of its key"
+        ),
+        "{log}"
+    );
+    let records = walrelay_tests::topic::read_to_end(
+        &env.broker.brokers(),
+        &env.topic,
+        Duration::from_secs(10),
+    );
+    assert!(!records.is_empty(), "the snapshot of early is there");
+    for r in &records {
+        assert!(
+            !contains(&r.value, "TOKEN-RAW-77") && !contains(&r.value, "tokens"),
+            "{}",
+            String::from_utf8_lossy(&r.value)
+        );
+    }
+}
