@@ -572,3 +572,89 @@ async fn a_table_created_later_with_an_excluded_key_stops_the_producer() {
         );
     }
 }
+
+/// Under `--format avro`: the raw bytes of every record (Avro binary writes strings as their
+/// UTF-8 bytes) and every schema registered for the topic are searched for the withheld values
+/// and column names; the hash of a known value is in the records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn avro_records_and_schemas_carry_no_excluded_or_raw_masked_value() {
+    let registry = walrelay_tests::registry::SchemaRegistry::shared();
+    let mut env = Env::start().await;
+    env.pg
+        .exec(
+            &env.db,
+            "CREATE TABLE users (id int PRIMARY KEY, email text, password_hash text, ssn text, note text, age int);
+             ALTER TABLE users REPLICA IDENTITY FULL;
+             CREATE TABLE accounts (acct text PRIMARY KEY, balance int, password_pin text);
+             INSERT INTO users VALUES (1, 'ann@example.org', 'pwhash-SNAP-1', 'ssn-111-22-3333', 'note-SECRET-a', 30);
+             INSERT INTO accounts VALUES ('ACCT-RAW-0001', 10, 'pin-1');",
+        )
+        .await;
+    env.init();
+    let url = registry.url();
+    let mut args = POLICY.to_vec();
+    args.extend(["--format", "avro", "--schema-registry-url", &url]);
+    let mut producer = env.spawn(&args);
+    env.wait_streaming(Duration::from_secs(90)).await;
+    let admin = env.pg.client(&env.db).await;
+    for sql in [
+        "INSERT INTO users VALUES (3, 'bob@example.org', 'pwhash-STREAM-2', 'ssn-444-55-6666', 'note-SECRET-a', 50)",
+        "UPDATE users SET email = 'ann@example.org' WHERE id = 3",
+        "DELETE FROM users WHERE id = 1",
+        "ALTER TABLE users ADD COLUMN password_reset text DEFAULT 'reset-SECRET-default'",
+        "INSERT INTO users (id, email, age) VALUES (999, 'bob@example.org', 60)",
+    ] {
+        admin
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+    let bob = pg_hash(&env, "bob@example.org").await;
+    let ann = pg_hash(&env, "ann@example.org").await;
+    // The last insert's hash (of the email of row 999, also row 3's first) arrives last.
+    let records = env.read_until(Duration::from_secs(90), |r| {
+        r.iter().filter(|x| contains(&x.value, &bob)).count() >= 3
+    });
+    producer.terminate();
+    assert!(
+        records.iter().any(|r| contains(&r.value, &ann)),
+        "the snapshot's hash of ann"
+    );
+    for r in &records {
+        for s in SECRETS.iter().chain(
+            [
+                "ACCT-RAW-0001",
+                "password_hash",
+                "password_reset",
+                "password_pin",
+                "ssn",
+                SALT,
+            ]
+            .iter(),
+        ) {
+            assert!(
+                !contains(&r.value, s) && !contains(&r.key, s),
+                "record {}:{} carries {s:?}",
+                r.partition,
+                r.offset
+            );
+        }
+    }
+    let subjects: Vec<String> = registry
+        .subjects()
+        .into_iter()
+        .filter(|s| s.starts_with(&env.topic))
+        .collect();
+    assert!(subjects.len() >= 2, "{subjects:?}");
+    for subject in &subjects {
+        for v in registry.versions(subject) {
+            let (status, body) = registry
+                .get(&format!("/subjects/{subject}/versions/{v}"))
+                .expect("the registry answers");
+            assert_eq!(status, 200, "{body}");
+            for s in ["password_hash", "password_reset", "password_pin", "ssn"] {
+                assert!(!body.contains(s), "{subject} v{v} names {s}: {body}");
+            }
+        }
+    }
+}
