@@ -624,15 +624,27 @@ pub async fn check_keys(
     Ok(())
 }
 
-/// Each captured table with the filter that covers it; a filter covering no captured table,
-/// or a table covered by two filters, is refused (a typo would silently filter nothing).
+/// Each captured table with the filter that covers it. A table covered by two filters is
+/// refused, and so is an exact `schema.table` that names no captured table (a typo would
+/// silently filter nothing); a pattern matching none yet is only warned about (it applies to
+/// tables created later).
 pub fn filters_of<'f>(
     filters: &'f [RowFilter],
     tables: &[crate::catalog::TableRef],
 ) -> Result<Vec<(crate::catalog::TableRef, &'f RowFilter)>, PgError> {
     let mut out = Vec::new();
     for f in filters {
-        if !tables.iter().any(|t| f.matches(&t.schema, &t.name)) {
+        if tables.iter().any(|t| f.matches(&t.schema, &t.name)) {
+            continue;
+        }
+        // A pattern may be meant for tables created later (the DDL trigger applies it then);
+        // an exact name that matches nothing is a mistake.
+        if f.schema.contains('*') || f.table.contains('*') {
+            tracing::warn!(
+                filter = %f.target(),
+                "--row-filter matches no captured table yet: it applies to matching tables created later."
+            );
+        } else {
             return Err(PgError::Catalog(format!(
                 "--row-filter {}: no table captured by --tables matches it; check the name, or add the table to --tables",
                 f.target()

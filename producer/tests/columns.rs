@@ -658,3 +658,50 @@ async fn avro_records_and_schemas_carry_no_excluded_or_raw_masked_value() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_created_later_gets_its_row_filter_from_the_ddl_trigger() {
+    let mut env = Env::start().await;
+    env.pg
+        .exec(&env.db, "CREATE TABLE marker (id int PRIMARY KEY);")
+        .await;
+    let filter = ["--row-filter", "public.later_*: id > 10"];
+    init_with(&env, &filter);
+    let mut producer = env.spawn(&filter);
+    env.wait_streaming(Duration::from_secs(60)).await;
+    env.pg
+        .exec(&env.db, "CREATE TABLE later_a (id int PRIMARY KEY, v text)")
+        .await;
+    env.pg
+        .exec(
+            &env.db,
+            "INSERT INTO later_a VALUES (5, 'below-FILTER'), (15, 'above');
+             INSERT INTO marker VALUES (1);",
+        )
+        .await;
+    let rowfilter: Option<String> = env
+        .pg
+        .client(&env.db)
+        .await
+        .query_one(
+            "SELECT rowfilter FROM pg_publication_tables WHERE pubname = $1 AND tablename = 'later_a'",
+            &[&env.slot],
+        )
+        .await
+        .expect("later_a is published")
+        .get(0);
+    assert_eq!(rowfilter.as_deref(), Some("(id > 10)"));
+    let records = env.read_until(Duration::from_secs(90), |r| {
+        r.iter().any(|x| {
+            contains(&x.value, "\"table\":\"marker\"") && contains(&x.value, "\"op\":\"c\"")
+        })
+    });
+    producer.terminate();
+    let later: Vec<_> = events(&records, "later_a")
+        .into_iter()
+        .filter(|(_, e)| e.op == Op::Create)
+        .map(|(_, e)| e.after.and_then(|a| a.get("id").and_then(Value::as_i64)))
+        .collect();
+    assert_eq!(later, [Some(15)]);
+    assert!(!records.iter().any(|r| contains(&r.value, "below-FILTER")));
+}
