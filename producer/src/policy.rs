@@ -537,8 +537,8 @@ impl RowFilter {
     }
 }
 
-/// Splits `s` at `;` outside single-quoted literals, double-quoted identifiers and
-/// parentheses-free dollar quoting is not supported (write such a predicate with '…').
+/// Splits `s` at `;` outside single-quoted literals and double-quoted identifiers (dollar
+/// quoting is not recognised: write such a literal with '…').
 fn split_filters(s: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
