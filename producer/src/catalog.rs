@@ -87,6 +87,9 @@ pub struct TableRef {
     pub name: String,
     /// `r` ordinary, `p` partitioned.
     pub relkind: String,
+    /// The publication's row filter of the table (`--row-filter`), as Postgres deparsed it;
+    /// read by [`publication_tables`] only.
+    pub row_filter: Option<String>,
 }
 
 impl TableRef {
@@ -321,6 +324,7 @@ pub async fn user_tables(client: &Client) -> Result<Vec<TableRef>, PgError> {
             schema: r.get(1),
             name: r.get(2),
             relkind: r.get(3),
+            row_filter: None,
         })
         .collect())
 }
@@ -343,7 +347,7 @@ pub async fn publication_tables(
 ) -> Result<Vec<TableRef>, PgError> {
     let rows = client
         .query(
-            "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text \
+            "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text, p.rowfilter \
              FROM pg_publication_tables p \
              JOIN pg_namespace n ON n.nspname = p.schemaname \
              JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename \
@@ -359,6 +363,7 @@ pub async fn publication_tables(
             schema: r.get(1),
             name: r.get(2),
             relkind: r.get(3),
+            row_filter: r.get(4),
         })
         .collect())
 }
@@ -402,7 +407,8 @@ impl TablePatterns {
     }
 }
 
-fn glob(pattern: &str, s: &str) -> bool {
+/// Whether `s` matches the glob `pattern` (`*` matches any run of characters).
+pub(crate) fn glob(pattern: &str, s: &str) -> bool {
     let p: Vec<char> = pattern.chars().collect();
     let s: Vec<char> = s.chars().collect();
     let (mut pi, mut si, mut star, mut mark) = (0, 0, None, 0);
@@ -438,6 +444,7 @@ mod tests {
             schema: s.into(),
             name: n.into(),
             relkind: "r".into(),
+            row_filter: None,
         }
     }
 

@@ -14,6 +14,7 @@ use walrelay_common::telemetry::LogFormat;
 
 use crate::catalog::TablePatterns;
 use crate::encode::PartitionKey;
+use crate::policy::{ColumnPolicy, MaskSalt, RowFilter};
 
 /// `walrelay-producer`: Postgres changes into Kafka.
 #[derive(Debug, Parser)]
@@ -176,6 +177,43 @@ pub struct Options {
     /// outside system schemas].
     #[arg(long, env = "WALRELAY_TABLES", global = true, value_name = "PATTERNS")]
     pub tables: Option<String>,
+    /// Columns never written: comma-separated schema.table.column patterns with `*`
+    /// (e.g. public.*.password_hash) [default: none].
+    #[arg(
+        long,
+        env = "WALRELAY_COLUMNS_EXCLUDE",
+        global = true,
+        value_name = "PATTERNS"
+    )]
+    pub columns_exclude: Option<String>,
+    /// Columns written masked: comma-separated schema.table.column=hash|redact (hash: hex
+    /// SHA-256 of --mask-salt and the value; redact: `***`) [default: none].
+    #[arg(
+        long,
+        env = "WALRELAY_COLUMNS_MASK",
+        global = true,
+        value_name = "PATTERN=hash|redact,..."
+    )]
+    pub columns_mask: Option<String>,
+    /// The secret salt of `hash` masks (at least 16 bytes); prefer the environment variable.
+    #[arg(
+        long,
+        env = "WALRELAY_MASK_SALT",
+        global = true,
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
+    pub mask_salt: Option<MaskSalt>,
+    /// A publication row filter, 'schema.table: SQL predicate'; repeatable, or several
+    /// separated by `;` (env, file) [default: none].
+    #[arg(
+        long = "row-filter",
+        env = "WALRELAY_ROW_FILTER",
+        global = true,
+        value_name = "SCHEMA.TABLE: PREDICATE"
+    )]
+    #[serde(default, deserialize_with = "string_or_list")]
+    pub row_filter: Vec<String>,
     /// Kafka key, and so the unit of ordering [default: schema].
     #[arg(long, env = "WALRELAY_PARTITION_KEY", global = true, value_enum)]
     pub partition_key: Option<PartitionKey>,
@@ -297,6 +335,20 @@ pub struct Options {
     pub log_format: Option<LogFormat>,
 }
 
+/// A file value given as one string or as a list of strings.
+fn string_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
 fn bad(option: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::new(option, message)
 }
@@ -320,6 +372,14 @@ impl Options {
             slot: self.slot.or(file.slot),
             publication: self.publication.or(file.publication),
             tables: self.tables.or(file.tables),
+            columns_exclude: self.columns_exclude.or(file.columns_exclude),
+            columns_mask: self.columns_mask.or(file.columns_mask),
+            mask_salt: self.mask_salt.or(file.mask_salt),
+            row_filter: if self.row_filter.is_empty() {
+                file.row_filter
+            } else {
+                self.row_filter
+            },
             partition_key: self.partition_key.or(file.partition_key),
             topic_partitions: self.topic_partitions.or(file.topic_partitions),
             max_buffer_bytes: self.max_buffer_bytes.or(file.max_buffer_bytes),
@@ -371,6 +431,10 @@ pub struct Settings {
     pub publication: String,
     /// Captured tables.
     pub tables: TablePatterns,
+    /// Excluded and masked columns, with the salt (see [`crate::policy`]).
+    pub columns: std::sync::Arc<ColumnPolicy>,
+    /// Publication row filters.
+    pub row_filters: Vec<RowFilter>,
     /// Keying.
     pub partition_key: PartitionKey,
     /// Partitions for a new topic.
@@ -449,6 +513,9 @@ impl Settings {
             ));
         }
         let tables = TablePatterns::parse(o.tables.as_deref()).map_err(|m| bad("--tables", m))?;
+        let columns = column_policy(o.columns_exclude, o.columns_mask, o.mask_salt)?;
+        let row_filters =
+            crate::policy::parse_row_filters(&o.row_filter).map_err(|m| bad("--row-filter", m))?;
         let topic_partitions = o.topic_partitions.unwrap_or(1);
         if topic_partitions < 1 {
             return Err(bad("--topic-partitions", "must be at least 1"));
@@ -545,6 +612,8 @@ impl Settings {
             slot,
             publication,
             tables,
+            columns: std::sync::Arc::new(columns),
+            row_filters,
             partition_key: o.partition_key.unwrap_or_default(),
             topic_partitions,
             max_buffer_bytes: usize::try_from(max_buffer_bytes).unwrap_or(usize::MAX),
@@ -613,6 +682,29 @@ impl Settings {
             .unwrap_or("postgres")
             .to_string()
     }
+}
+
+/// `--columns-exclude`, `--columns-mask` and `--mask-salt`, checked together. Messages never
+/// carry the salt.
+fn column_policy(
+    exclude: Option<String>,
+    mask: Option<String>,
+    salt: Option<MaskSalt>,
+) -> Result<ColumnPolicy, ConfigError> {
+    let exclude =
+        ColumnPolicy::parse_exclude(exclude.as_deref()).map_err(|m| bad("--columns-exclude", m))?;
+    let mask = ColumnPolicy::parse_mask(mask.as_deref()).map_err(|m| bad("--columns-mask", m))?;
+    let policy = ColumnPolicy::new(exclude, mask, salt.unwrap_or_default());
+    if policy.hashes() && policy.salt_len() < crate::policy::MIN_SALT_BYTES {
+        return Err(bad(
+            "--mask-salt",
+            format!(
+                "a hash mask needs a secret salt of at least {} bytes (without one, anyone can hash candidate values and match them); set WALRELAY_MASK_SALT, e.g. to the output of `openssl rand -hex 32`, and keep it stable: a new salt changes every hash",
+                crate::policy::MIN_SALT_BYTES
+            ),
+        ));
+    }
+    Ok(policy)
 }
 
 /// The registry options, required with `--format avro` and refused without it.
@@ -750,7 +842,94 @@ mod tests {
         let s = Settings::from_options(o).expect("valid");
         assert_eq!(s.schema_events, SchemaEvents::Topic);
         assert!(!s.routing().markers);
+        let mut o = opts("postgres://u@h/db");
+        o.columns_exclude = Some("public.users".into());
+        let e = Settings::from_options(o).expect_err("bad pattern");
+        assert_eq!(e.option, "--columns-exclude");
         let unknown = toml::from_str::<Options>("slott = 'x'");
         assert!(unknown.is_err(), "unknown keys are refused");
+    }
+
+    fn error_text(e: &ConfigError) -> String {
+        e.to_string()
+    }
+
+    #[test]
+    fn what_leaves_the_database_options() {
+        let salt = "s3cret-salt-0123456789";
+        let mut o = opts("postgres://u@h/db");
+        o.columns_exclude = Some("public.*.password_hash, app.users.ssn".into());
+        o.columns_mask = Some("public.users.email=hash,public.users.phone=redact".into());
+        o.mask_salt = Some(MaskSalt::new(salt));
+        o.row_filter = vec!["public.orders: region = 'eu'; public.items: qty > 0".into()];
+        let s = Settings::from_options(o.clone()).expect("valid");
+        assert_eq!(s.columns.excluded().len(), 2);
+        assert_eq!(s.columns.masked().len(), 2);
+        assert_eq!(s.row_filters.len(), 2);
+        assert!(!format!("{s:?}").contains(salt), "Debug shows the salt");
+        assert!(!format!("{o:?}").contains(salt), "Debug shows the salt");
+
+        let mut bad_pattern = o.clone();
+        bad_pattern.columns_exclude = Some("public.users".into());
+        let e = Settings::from_options(bad_pattern).expect_err("bad pattern");
+        assert_eq!(e.option, "--columns-exclude");
+        assert!(
+            error_text(&e)
+                .contains("column pattern \"public.users\" is not of the form schema.table.column"),
+            "{e}"
+        );
+
+        let mut bad_kind = o.clone();
+        bad_kind.columns_mask = Some("public.users.email=md5".into());
+        let e = Settings::from_options(bad_kind).expect_err("bad kind");
+        assert_eq!(e.option, "--columns-mask");
+        assert!(error_text(&e).contains("unknown mask \"md5\""), "{e}");
+
+        let mut short_salt = o.clone();
+        short_salt.mask_salt = Some(MaskSalt::new("short"));
+        let e = Settings::from_options(short_salt).expect_err("short salt");
+        assert_eq!(e.option, "--mask-salt");
+        assert!(!error_text(&e).contains("short\""), "{e}");
+        let mut no_salt = o.clone();
+        no_salt.mask_salt = None;
+        assert_eq!(
+            Settings::from_options(no_salt).expect_err("no salt").option,
+            "--mask-salt"
+        );
+        // Redaction alone needs no salt.
+        let mut redact_only = o.clone();
+        redact_only.mask_salt = None;
+        redact_only.columns_mask = Some("public.users.phone=redact".into());
+        assert!(Settings::from_options(redact_only).is_ok());
+
+        let mut bad_filter = o;
+        bad_filter.row_filter = vec!["orders: region = 'eu'".into()];
+        let e = Settings::from_options(bad_filter).expect_err("bad filter");
+        assert_eq!(e.option, "--row-filter");
+        assert!(error_text(&e).contains("not a schema.table pattern"), "{e}");
+
+        // The key check, as `init`/`run` apply it to each captured table.
+        let e = s
+            .columns
+            .check_key("app", "users", &["ssn"])
+            .expect_err("excluded key column");
+        assert!(
+            e.to_string()
+                .contains("column \"ssn\" of app.users is part of its key"),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .contains("Mask it instead (--columns-mask app.users.ssn=hash"),
+            "{e}"
+        );
+
+        let file: Options = toml::from_str(
+            "postgres_url = 'postgres://f@h/db'\nrow_filter = ['public.a: x > 1', 'public.b: y > 2']\ncolumns_mask = 'public.a.z=redact'",
+        )
+        .expect("valid file");
+        let s = Settings::from_options(Options::default().or(file)).expect("valid");
+        assert_eq!(s.row_filters.len(), 2);
+        assert_eq!(s.columns.masked().len(), 1);
     }
 }

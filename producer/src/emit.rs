@@ -33,6 +33,14 @@
 //! Under `--compat debezium` schema events go to `<topic>.schema-changes` and snapshot markers
 //! are not written, so a data topic holds only what a Debezium reader knows.
 //!
+//! # What leaves the database (`--columns-exclude`, `--columns-mask`)
+//!
+//! Every method here first projects the table's shape (and a row's cells, a schema event's
+//! columns) through the [`ColumnPolicy`]: excluded columns dropped, masked ones rewritten, so
+//! no codec, key or topic ever sees what the policy withholds ([`crate::policy`] holds the
+//! invariant). Projections are cached per source shape (its fingerprint); a table no rule
+//! touches costs one cache look-up per event.
+//!
 //! # Formats
 //!
 //! JSON: the key is the routing key, librdkafka's partitioner (murmur2, Kafka's) places it.
@@ -53,6 +61,7 @@ use crate::encode::{EncodeError, Encoder, EventMeta, Image, PartitionKey, TableS
 use crate::error::RunError;
 use crate::kafka::Writer;
 use crate::metrics::Metrics;
+use crate::policy::{ColumnPolicy, Projection};
 use crate::replication::pgoutput::Cell;
 
 /// One row change: the images the envelope carries and the row its key is taken from.
@@ -123,6 +132,14 @@ pub fn table_topic(topic: &str, schema: &str, table: &str) -> Result<String, Enc
     Ok(name)
 }
 
+/// An image of projected cells.
+fn image_of<'a, 'b>(x: &'b Option<(Vec<Cell<'a>>, bool)>) -> Option<Image<'a, 'b>> {
+    x.as_ref().map(|(cells, identity_only)| Image {
+        cells: cells.as_slice(),
+        identity_only: *identity_only,
+    })
+}
+
 /// Kafka's murmur2 (the Java client's and librdkafka's `murmur2` partitioner).
 pub fn murmur2(data: &[u8]) -> u32 {
     const M: u32 = 0x5bd1_e995;
@@ -186,6 +203,10 @@ pub struct Emitter {
     chunk_topics: HashMap<Arc<str>, Arc<str>>,
     /// Registered Avro schemas by shape fingerprint (which names the table, and so its topic).
     prepared: HashMap<u64, Arc<Prepared>>,
+    /// Excluded and masked columns.
+    columns: Arc<ColumnPolicy>,
+    /// Projections by source shape fingerprint; `None`: the table is written as it is.
+    projections: HashMap<u64, Option<Arc<Projection>>>,
     /// Registered fixed Avro schemas by (topic, record).
     fixed: HashMap<(Arc<str>, Fixed), u32>,
     /// The routing key (the Kafka key under JSON).
@@ -236,6 +257,8 @@ impl Emitter {
             main_limit: None,
             chunk_topics: HashMap::new(),
             prepared: HashMap::new(),
+            columns: Arc::new(ColumnPolicy::default()),
+            projections: HashMap::new(),
             fixed: HashMap::new(),
             key: Vec::with_capacity(256),
             record_key: Vec::with_capacity(256),
@@ -257,6 +280,8 @@ impl Emitter {
             main_limit: self.main_limit,
             chunk_topics: self.chunk_topics.clone(),
             prepared: self.prepared.clone(),
+            columns: Arc::clone(&self.columns),
+            projections: self.projections.clone(),
             fixed: self.fixed.clone(),
             key: Vec::with_capacity(256),
             record_key: Vec::with_capacity(256),
@@ -269,6 +294,38 @@ impl Emitter {
     /// Writes transaction metadata records to `topic` (`--transaction-metadata`).
     pub fn set_transactions_topic(&mut self, topic: &str) {
         self.transactions_topic = Some(Arc::from(topic));
+    }
+
+    /// Applies `--columns-exclude` and `--columns-mask` to every event from now on.
+    pub fn set_columns(&mut self, policy: Arc<ColumnPolicy>) {
+        self.columns = policy;
+        self.projections.clear();
+    }
+
+    /// `shape`'s projection through the column policy (cached): `None` when the table is
+    /// written as it is. A key the policy would break stops the producer (definite).
+    fn projection(&mut self, shape: &TableShape) -> Result<Option<Arc<Projection>>, RunError> {
+        if self.columns.is_empty() {
+            return Ok(None);
+        }
+        if let Some(p) = self.projections.get(&shape.fingerprint) {
+            return Ok(p.clone());
+        }
+        let p = self
+            .columns
+            .project(shape)
+            .map_err(|e| RunError::Setup(e.to_string()))?
+            .map(Arc::new);
+        if let Some(p) = &p {
+            tracing::info!(
+                table = %shape.qualified(),
+                columns_in = shape.columns.len(),
+                columns_out = p.shape.columns.len(),
+                "Column policy applies to the table: excluded columns dropped, masked ones rewritten."
+            );
+        }
+        self.projections.insert(shape.fingerprint, p.clone());
+        Ok(p)
     }
 
     /// Whether transaction metadata is written.
@@ -440,6 +497,45 @@ impl Emitter {
     /// runs while the byte budget is spent. Returns the records sent: 1, or with the chunks of
     /// an event over the topic's limit (see [`Emitter::oversized_row`]).
     pub async fn row<F: FnMut()>(
+        &mut self,
+        shape: &TableShape,
+        meta: &EventMeta,
+        change: &RowChange<'_, '_>,
+        txn: TxnId,
+        on_wait: &mut F,
+    ) -> Result<u64, RunError> {
+        let Some(p) = self.projection(shape)? else {
+            return self.row_as_is(shape, meta, change, txn, on_wait).await;
+        };
+        let masked = (
+            change.before.map(|i| p.mask(i.cells)),
+            change.after.map(|i| p.mask(i.cells)),
+            p.mask(change.key_row),
+        );
+        let before = change
+            .before
+            .zip(masked.0.as_ref())
+            .map(|(i, m)| (p.cells(i.cells, m), i.identity_only));
+        let after = change
+            .after
+            .zip(masked.1.as_ref())
+            .map(|(i, m)| (p.cells(i.cells, m), i.identity_only));
+        let key_row = p.cells(change.key_row, &masked.2);
+        let projected = RowChange {
+            before: image_of(&before),
+            after: image_of(&after),
+            key_row: if change.key_row.is_empty() {
+                &[]
+            } else {
+                key_row.as_slice()
+            },
+        };
+        self.row_as_is(&p.shape, meta, &projected, txn, on_wait)
+            .await
+    }
+
+    /// A row change of a shape already projected.
+    async fn row_as_is<F: FnMut()>(
         &mut self,
         shape: &TableShape,
         meta: &EventMeta,
@@ -691,6 +787,8 @@ impl Emitter {
         txn: TxnId,
         on_wait: &mut F,
     ) -> Result<u64, RunError> {
+        let projection = self.projection(shape)?;
+        let shape = projection.as_ref().map_or(shape, |p| &p.shape);
         let topic = self.topic_of(shape).await?;
         self.key.clear();
         self.value.clear();
@@ -734,6 +832,11 @@ impl Emitter {
         on_wait: &mut F,
     ) -> Result<u64, RunError> {
         debug_assert_eq!(meta.op, Op::Ddl);
+        let projection = self.projection(shape)?;
+        let columns = Arc::clone(&self.columns);
+        let change = columns.schema_change(&shape.schema, &shape.table, change);
+        let change = &*change;
+        let shape = projection.as_ref().map_or(shape, |p| &p.shape);
         let topic = match &self.routing.schema_topic {
             Some(t) => Topic {
                 name: Arc::clone(t),
@@ -793,6 +896,8 @@ impl Emitter {
         if !self.routing.markers {
             return Ok(0);
         }
+        let projection = self.projection(shape)?;
+        let shape = projection.as_ref().map_or(shape, |p| &p.shape);
         let topic = self.topic_of(shape).await?;
         self.key.clear();
         self.value.clear();

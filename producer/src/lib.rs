@@ -18,6 +18,8 @@
 //! - [`encode`]: how a row becomes a Kafka record: table shapes pre-rendered, the key, the JSON
 //!   envelope (the producer's codec); [`value`]: Postgres text to JSON values; [`catalog`]:
 //!   catalog reads.
+//! - [`policy`]: what leaves the database: excluded and masked columns (applied by the
+//!   emitter to every event), publication row filters (`init`, the snapshot).
 //! - [`metrics`]: the metric catalogue.
 //!
 //! ```text
@@ -38,6 +40,7 @@ pub mod error;
 pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
+pub mod policy;
 pub mod replication;
 pub mod snapshot;
 pub mod value;

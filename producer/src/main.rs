@@ -48,12 +48,24 @@ async fn try_main(command: Command, settings: Settings) -> ExitCode {
     match command {
         Command::Check { json } => {
             let report = commands::check(&settings).await;
-            let failed = report.iter().any(|i| i.status == "fail");
+            let plan = commands::plan(&settings).await;
+            let failed = report.iter().any(|i| i.status == "fail") || plan.is_err();
             if json {
-                println!("{}", serde_json::json!({ "ok": !failed, "checks": report }));
+                let plan = match &plan {
+                    Ok(p) => serde_json::to_value(p).unwrap_or_default(),
+                    Err(e) => serde_json::json!({ "error": e.to_string() }),
+                };
+                println!(
+                    "{}",
+                    serde_json::json!({ "ok": !failed, "checks": report, "plan": plan })
+                );
             } else {
                 for i in &report {
                     println!("[{:>4}] {}: {}", i.status, i.name, i.detail);
+                }
+                match &plan {
+                    Ok(p) => println!("{}", p.text()),
+                    Err(e) => println!("capture plan: unavailable ({e})"),
                 }
                 println!(
                     "{}",

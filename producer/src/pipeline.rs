@@ -210,6 +210,24 @@ async fn prepare(ctx: &Context) -> Result<Prepared, RunError> {
             s.publication
         )));
     }
+    crate::policy::verify_row_filters(&ctl, &s.publication, &s.row_filters)
+        .await
+        .map_err(RunError::Setup)?;
+    let published = catalog::publication_tables(&ctl, &s.publication).await?;
+    crate::policy::check_keys(&ctl, &s.columns, &published)
+        .await
+        .map_err(|e| match e {
+            PgError::Catalog(m) => RunError::Setup(m),
+            e => e.into(),
+        })?;
+    if !s.columns.is_empty() || !s.row_filters.is_empty() {
+        tracing::info!(
+            excluded_patterns = s.columns.excluded().len(),
+            masked_patterns = s.columns.masked().len(),
+            row_filters = s.row_filters.len(),
+            "What leaves the database: column policy and row filters in force (`check` prints the plan)."
+        );
+    }
     let brokers = s
         .require_brokers()
         .map_err(|e| RunError::Setup(e.to_string()))?;
@@ -260,6 +278,7 @@ async fn prepare(ctx: &Context) -> Result<Prepared, RunError> {
     if s.transaction_metadata {
         emitter.set_transactions_topic(&transactions_topic);
     }
+    emitter.set_columns(Arc::clone(&s.columns));
 
     let info = slot::slot_info(&ctl, &s.slot).await?;
     let state = slot::read_state(&ctl, &s.slot).await?;

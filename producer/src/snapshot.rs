@@ -16,6 +16,11 @@
 //! Each table's schema event (`origin: "snapshot"`, version = the consistent point) is sent to
 //! every partition before the first chunk is read, so it precedes the table's rows everywhere.
 //!
+//! A table with a publication row filter (`--row-filter`) is read through the same predicate,
+//! taken back from `pg_publication_tables.rowfilter`, so the snapshot holds exactly the rows
+//! the stream would have let through. Excluded and masked columns are read like the others and
+//! projected by the emitter ([`crate::policy`]), as streamed rows are.
+//!
 //! # Framing: one attempt's rows of a table
 //!
 //! A snapshot can be taken more than once into one topic: a producer that dies before the
@@ -119,6 +124,17 @@ struct TableTask {
     started: Instant,
 }
 
+impl TableTask {
+    /// How a chunk's `ctid` range joins the SELECT: after the row filter, or as its WHERE.
+    fn and_or_where(&self) -> &'static str {
+        if self.table.row_filter.is_some() {
+            "AND"
+        } else {
+            "WHERE"
+        }
+    }
+}
+
 struct Chunk {
     table: usize,
     lo: u64,
@@ -152,8 +168,13 @@ pub async fn run(
             .map(|c| quote_ident(&c.name))
             .collect::<Vec<_>>()
             .join(", ");
+        // The publication's row filter, as the stream applies it (`--row-filter`).
+        let filter = t
+            .row_filter
+            .as_deref()
+            .map_or_else(String::new, |f| format!(" WHERE ({f})"));
         let (select, pages) = if t.relkind == "p" {
-            (format!("SELECT {cols} FROM {}", t.sql_name()), 0)
+            (format!("SELECT {cols} FROM {}{filter}", t.sql_name()), 0)
         } else {
             let bytes: i64 = ctl
                 .query_one("SELECT pg_relation_size($1::oid::regclass)", &[&t.oid])
@@ -161,7 +182,7 @@ pub async fn run(
                 .map_err(PgError::query(format!("sizing {}", t.qualified())))?
                 .get(0);
             (
-                format!("SELECT {cols} FROM ONLY {}", t.sql_name()),
+                format!("SELECT {cols} FROM ONLY {}{filter}", t.sql_name()),
                 (bytes / block_size.max(1)) as u64,
             )
         };
@@ -372,12 +393,17 @@ impl Worker {
             let sql = match (task.table.relkind.as_str(), chunk.hi) {
                 ("p", _) => format!("COPY ({}) TO STDOUT", task.select),
                 (_, Some(hi)) => format!(
-                    "COPY ({} WHERE ctid >= '({},0)'::tid AND ctid < '({},0)'::tid) TO STDOUT",
-                    task.select, chunk.lo, hi
+                    "COPY ({} {} ctid >= '({},0)'::tid AND ctid < '({},0)'::tid) TO STDOUT",
+                    task.select,
+                    task.and_or_where(),
+                    chunk.lo,
+                    hi
                 ),
                 (_, None) => format!(
-                    "COPY ({} WHERE ctid >= '({},0)'::tid) TO STDOUT",
-                    task.select, chunk.lo
+                    "COPY ({} {} ctid >= '({},0)'::tid) TO STDOUT",
+                    task.select,
+                    task.and_or_where(),
+                    chunk.lo
                 ),
             };
             let stream = self

@@ -6,6 +6,7 @@ mod support;
 
 mod avro;
 mod cli;
+mod columns;
 mod crash;
 mod ddl;
 mod exactly_once;

@@ -1,6 +1,8 @@
 //! `check`: the preflight report, one line per requirement (Postgres reachable and its
 //! settings, the role's privileges, the publication and its tables' replica identity, TLS,
-//! Kafka reachable), each with the fix when it fails.
+//! Kafka reachable), each with the fix when it fails; and the capture plan ([`plan`]): what
+//! leaves the database, table by table (excluded and masked columns, row filters; never the
+//! salt).
 
 use std::time::Duration;
 
@@ -302,6 +304,31 @@ async fn check_postgres(c: &Client, s: &Settings, out: &mut Vec<CheckItem>) -> R
             format!("{} table(s)", tables.len()),
         ));
     }
+    out.push(match crate::policy::check_keys(c, &s.columns, &tables).await {
+        Ok(()) => item(
+            "column policy",
+            "ok",
+            format!(
+                "{} excluded and {} masked column pattern(s); no key column excluded or redacted",
+                s.columns.excluded().len(),
+                s.columns.masked().len()
+            ),
+        ),
+        Err(e) => item("column policy", "fail", e.to_string()),
+    });
+    if !s.row_filters.is_empty() {
+        out.push(match crate::policy::filters_of(&s.row_filters, &tables) {
+            Ok(f) => item(
+                "row filters",
+                "ok",
+                format!(
+                    "{} table(s) filtered (`init` writes them into the publication)",
+                    f.len()
+                ),
+            ),
+            Err(e) => item("row filters", "fail", e.to_string()),
+        });
+    }
     for t in &tables {
         let row = c
             .query_one(
@@ -330,4 +357,160 @@ async fn check_postgres(c: &Client, s: &Settings, out: &mut Vec<CheckItem>) -> R
         }
     }
     Ok(())
+}
+
+/// What leaves the database: the captured tables with their excluded and masked columns and
+/// row filter (`check` prints it; the salt is said to be set or not, nothing more).
+#[derive(Debug, Clone, Serialize)]
+pub struct CapturePlan {
+    /// Captured tables.
+    pub tables: Vec<PlannedTable>,
+    /// `--columns-exclude` patterns as given.
+    pub exclude_patterns: Vec<String>,
+    /// `--columns-mask` patterns as given, with their mask.
+    pub mask_patterns: Vec<PlannedMask>,
+    /// Whether `--mask-salt` is set (never its value).
+    pub mask_salt: &'static str,
+}
+
+/// A pattern or column and its mask.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedMask {
+    /// Pattern or column name.
+    pub column: String,
+    /// `hash` or `redact`.
+    pub mask: crate::policy::MaskKind,
+}
+
+/// One captured table in the plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedTable {
+    /// `schema.table`.
+    pub table: String,
+    /// Columns never written.
+    pub excluded: Vec<String>,
+    /// Columns written masked (typed `text`).
+    pub masked: Vec<PlannedMask>,
+    /// The configured `--row-filter` predicate.
+    pub row_filter: Option<String>,
+    /// The filter the publication holds now (as Postgres deparsed it), when it exists.
+    pub publication_row_filter: Option<String>,
+}
+
+/// The capture plan, from the catalog and the options.
+pub async fn plan(s: &Settings) -> Result<CapturePlan, PgError> {
+    use crate::policy::Rule;
+    let c = catalog::connect(&s.postgres).await?;
+    let tables: Vec<TableRef> = catalog::user_tables(&c)
+        .await?
+        .into_iter()
+        .filter(|t| s.tables.matches(t))
+        .collect();
+    let published: Vec<TableRef> = if catalog::publication_exists(&c, &s.publication).await? {
+        catalog::publication_tables(&c, &s.publication).await?
+    } else {
+        Vec::new()
+    };
+    let mut out = Vec::with_capacity(tables.len());
+    for t in &tables {
+        let columns: Vec<String> = c
+            .query(
+                "SELECT attname::text FROM pg_attribute \
+                 WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                &[&t.oid],
+            )
+            .await
+            .map_err(PgError::query(format!(
+                "reading the columns of {}",
+                t.qualified()
+            )))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut excluded = Vec::new();
+        let mut masked = Vec::new();
+        for col in columns {
+            match s.columns.rule(&t.schema, &t.name, &col) {
+                Rule::Keep => {}
+                Rule::Exclude => excluded.push(col),
+                Rule::Mask(mask) => masked.push(PlannedMask { column: col, mask }),
+            }
+        }
+        out.push(PlannedTable {
+            table: t.qualified(),
+            excluded,
+            masked,
+            row_filter: s
+                .row_filters
+                .iter()
+                .find(|f| f.matches(&t.schema, &t.name))
+                .map(|f| f.predicate.clone()),
+            publication_row_filter: published
+                .iter()
+                .find(|p| p.oid == t.oid)
+                .and_then(|p| p.row_filter.clone()),
+        });
+    }
+    Ok(CapturePlan {
+        tables: out,
+        exclude_patterns: s
+            .columns
+            .excluded()
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        mask_patterns: s
+            .columns
+            .masked()
+            .iter()
+            .map(|(p, mask)| PlannedMask {
+                column: p.to_string(),
+                mask: *mask,
+            })
+            .collect(),
+        mask_salt: if s.columns.salt_missing() {
+            "not set"
+        } else {
+            "set"
+        },
+    })
+}
+
+impl CapturePlan {
+    /// The plan as text, one line per table.
+    pub fn text(&self) -> String {
+        let mut out = String::from("capture plan:\n");
+        for t in &self.tables {
+            let mut parts = Vec::new();
+            if !t.excluded.is_empty() {
+                parts.push(format!("excluded: {}", t.excluded.join(", ")));
+            }
+            if !t.masked.is_empty() {
+                parts.push(format!(
+                    "masked: {}",
+                    t.masked
+                        .iter()
+                        .map(|m| format!("{}={}", m.column, mask_name(m.mask)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            if let Some(f) = &t.row_filter {
+                parts.push(format!("row filter: {f}"));
+            }
+            if parts.is_empty() {
+                parts.push("every column, every row".into());
+            }
+            out.push_str(&format!("  {}: {}\n", t.table, parts.join("; ")));
+        }
+        out.push_str(&format!("  mask salt: {}", self.mask_salt));
+        out
+    }
+}
+
+fn mask_name(m: crate::policy::MaskKind) -> &'static str {
+    match m {
+        crate::policy::MaskKind::Hash => "hash",
+        crate::policy::MaskKind::Redact => "redact",
+    }
 }

@@ -12,7 +12,7 @@ use crate::replication::slot::{self, STATE_SCHEMA};
 
 mod check;
 
-pub use check::{CheckItem, check};
+pub use check::{CapturePlan, CheckItem, PlannedMask, PlannedTable, check, plan};
 
 /// What `init` did.
 #[derive(Debug)]
@@ -26,7 +26,7 @@ pub struct InitReport {
 /// Creates walrelay's state, the DDL capture and the publication; re-running adds newly
 /// matching tables and reinstalls the triggers.
 pub async fn init(s: &Settings) -> Result<InitReport, PgError> {
-    let c = catalog::connect(&s.postgres).await?;
+    let mut c = catalog::connect(&s.postgres).await?;
     c.batch_execute(STATE_SCHEMA)
         .await
         .map_err(PgError::query("creating walrelay's state schema"))?;
@@ -73,6 +73,8 @@ pub async fn init(s: &Settings) -> Result<InitReport, PgError> {
             "no table matches --tables: nothing to capture".into(),
         ));
     }
+    crate::policy::check_keys(&c, &s.columns, &tables).await?;
+    let filtered = crate::policy::filters_of(&s.row_filters, &tables)?;
     let list = tables
         .iter()
         .map(TableRef::sql_name)
@@ -90,8 +92,21 @@ pub async fn init(s: &Settings) -> Result<InitReport, PgError> {
             quote_ident(&s.publication)
         )
     };
-    c.batch_execute(&sql).await.map_err(PgError::query(format!(
-        "creating publication {}",
+    // The table list and the row filters change in one transaction: the stream sees the old
+    // publication or the new one, never a table briefly unfiltered.
+    let tx = c
+        .transaction()
+        .await
+        .map_err(PgError::query("starting the publication's transaction"))?;
+    tx.batch_execute(&sql)
+        .await
+        .map_err(PgError::query(format!(
+            "creating publication {}",
+            s.publication
+        )))?;
+    crate::policy::apply_row_filters(&tx, &s.publication, &s.row_filters, &filtered).await?;
+    tx.commit().await.map_err(PgError::query(format!(
+        "committing publication {}",
         s.publication
     )))?;
     Ok(InitReport {
@@ -236,6 +251,17 @@ pub async fn destroy(s: &Settings, force: bool) -> Result<Vec<String>, DestroyEr
         if schema_functions_exist(&c).await? {
             slot::clear(&c, "schema_history", "slot_name", &s.slot).await?;
             slot::clear(&c, "capture_rule", "publication", &s.publication).await?;
+            let filters: bool = c
+                .query_one(
+                    "SELECT to_regclass('walrelay.capture_filter') IS NOT NULL",
+                    &[],
+                )
+                .await
+                .map_err(PgError::query("looking for walrelay.capture_filter"))?
+                .get(0);
+            if filters {
+                slot::clear(&c, "capture_filter", "publication", &s.publication).await?;
+            }
         }
         let left: i64 = c
             .query_one("SELECT count(*) FROM walrelay.slot_state", &[])

@@ -36,7 +36,8 @@
 //!
 //! `walrelay.capture_ddl` also adds a newly created table to each walrelay publication whose
 //! `--tables` patterns (kept in `walrelay.capture_rule`) match it, so a created table is
-//! captured from its first row. A failure inside the triggers never fails the user's DDL: it
+//! captured from its first row; when a `--row-filter` (kept in `walrelay.capture_filter`)
+//! covers it, it is added with that filter, or not at all when the predicate does not fit it. A failure inside the triggers never fails the user's DDL: it
 //! raises a warning and the producer's Relation-message fallback sees the change at the next
 //! row instead.
 
@@ -50,6 +51,14 @@ CREATE TABLE IF NOT EXISTS walrelay.capture_rule (
     schema_like text NOT NULL,
     table_like text NOT NULL,
     PRIMARY KEY (publication, schema_like, table_like)
+);
+CREATE TABLE IF NOT EXISTS walrelay.capture_filter (
+    publication text NOT NULL,
+    pattern text NOT NULL,
+    schema_like text NOT NULL,
+    table_like text NOT NULL,
+    predicate text NOT NULL,
+    PRIMARY KEY (publication, pattern)
 );
 CREATE TABLE IF NOT EXISTS walrelay.schema_history (
     slot_name text NOT NULL,
@@ -145,7 +154,12 @@ BEGIN
             IF cmd.command_tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO')
                 AND rel = cmd.objid THEN
                 FOR rule IN
-                    SELECT DISTINCT r.publication FROM walrelay.capture_rule r
+                    SELECT DISTINCT r.publication,
+                        (SELECT f.predicate FROM walrelay.capture_filter f
+                         WHERE f.publication = r.publication
+                           AND n.nspname LIKE f.schema_like AND c.relname LIKE f.table_like
+                         ORDER BY f.pattern LIMIT 1) AS predicate
+                    FROM walrelay.capture_rule r
                     JOIN pg_publication p ON p.pubname = r.publication AND NOT p.puballtables
                     JOIN pg_class c ON c.oid = rel
                     JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -153,7 +167,13 @@ BEGIN
                       AND NOT EXISTS (SELECT 1 FROM pg_publication_rel pr
                                       WHERE pr.prpubid = p.oid AND pr.prrelid = rel)
                 LOOP
-                    EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', rule.publication, rel::regclass);
+                    -- A table a --row-filter covers is added with its filter, or not at all
+                    -- (a predicate that does not fit it fails here: the warning below says so).
+                    IF rule.predicate IS NULL THEN
+                        EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', rule.publication, rel::regclass);
+                    ELSE
+                        EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s WHERE (%s)', rule.publication, rel::regclass, rule.predicate);
+                    END IF;
                 END LOOP;
             END IF;
             SELECT array_agg(DISTINCT pt.pubname::text) INTO pubs
