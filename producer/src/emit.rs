@@ -177,13 +177,18 @@ pub fn partition_of(key: &[u8], partitions: i32) -> i32 {
     ((murmur2(key) & 0x7fff_ffff) % n) as i32
 }
 
-/// A topic, its partition count and the largest event written to it whole.
+/// A topic and its partition count.
 #[derive(Debug, Clone)]
 struct Topic {
     name: Arc<str>,
     partitions: i32,
-    limit: usize,
 }
+
+/// Records up to this size are handed over without asking the topic's limit: below Kafka's
+/// default max.message.bytes (1 MB), which a topic is rarely set under. Only a larger record
+/// makes the emitter read the limit (once per topic, [`Writer::event_limit`]), so small events
+/// never wait on a DescribeConfigs request.
+const WHOLE_WITHOUT_LOOKUP_BYTES: usize = 960 << 10;
 
 /// Encodes events and hands them to Kafka.
 pub struct Emitter {
@@ -197,8 +202,6 @@ pub struct Emitter {
     transactions_topic: Option<Arc<str>>,
     /// Per-table topics known to exist, by `schema.table`.
     topics: HashMap<(String, String), Topic>,
-    /// The main topic's event limit, once read.
-    main_limit: Option<usize>,
     /// Chunk topics (`<topic>.oversized`) known to exist, by their topic.
     chunk_topics: HashMap<Arc<str>, Arc<str>>,
     /// Registered Avro schemas by shape fingerprint (which names the table, and so its topic).
@@ -254,7 +257,6 @@ impl Emitter {
             routing: Arc::new(routing),
             transactions_topic: None,
             topics: HashMap::new(),
-            main_limit: None,
             chunk_topics: HashMap::new(),
             prepared: HashMap::new(),
             columns: Arc::new(ColumnPolicy::default()),
@@ -277,7 +279,6 @@ impl Emitter {
             routing: Arc::clone(&self.routing),
             transactions_topic: self.transactions_topic.clone(),
             topics: self.topics.clone(),
-            main_limit: self.main_limit,
             chunk_topics: self.chunk_topics.clone(),
             prepared: self.prepared.clone(),
             columns: Arc::clone(&self.columns),
@@ -341,18 +342,9 @@ impl Emitter {
     /// The topic of `shape`'s table, created first under per-table routing.
     async fn topic_of(&mut self, shape: &TableShape) -> Result<Topic, RunError> {
         if !self.routing.per_table {
-            let limit = match self.main_limit {
-                Some(l) => l,
-                None => {
-                    let l = self.writer.event_limit(&self.routing.topic).await;
-                    self.main_limit = Some(l);
-                    l
-                }
-            };
             return Ok(Topic {
                 name: Arc::clone(&self.routing.topic),
                 partitions: self.partitions,
-                limit,
             });
         }
         let id = (shape.schema.clone(), shape.table.clone());
@@ -361,11 +353,9 @@ impl Emitter {
         }
         let name = table_topic(&self.routing.topic, &shape.schema, &shape.table)?;
         let partitions = self.writer.ensure_topic(&name, self.partitions).await?;
-        let limit = self.writer.event_limit(&name).await;
         let t = Topic {
             name: Arc::from(name),
             partitions,
-            limit,
         };
         self.topics.insert(id, t.clone());
         Ok(t)
@@ -555,10 +545,16 @@ impl Emitter {
                 on_wait,
             )
             .await?;
-        if self.record_len() > topic.limit && !self.writer.is_muted() {
-            return self
-                .oversized_row(&topic, shape, meta, change, txn, on_wait)
-                .await;
+        let len = self.record_len();
+        if len > WHOLE_WITHOUT_LOOKUP_BYTES.min(self.writer.max_event_bytes())
+            && !self.writer.is_muted()
+        {
+            let limit = self.writer.event_limit(&topic.name).await;
+            if len > limit {
+                return self
+                    .oversized_row(&topic, limit, shape, meta, change, txn, on_wait)
+                    .await;
+            }
         }
         self.send(&topic, shape, meta.op, txn, partition, on_wait)
             .await?;
@@ -617,9 +613,11 @@ impl Emitter {
     /// chunks to `<topic>.oversized` on the partition the row's key gives, then the row with
     /// its largest values (never key columns) replaced as unchanged TOAST and a reference to
     /// the chunks. Returns the records sent.
+    #[allow(clippy::too_many_arguments)]
     async fn oversized_row<F: FnMut()>(
         &mut self,
         topic: &Topic,
+        limit: usize,
         shape: &TableShape,
         meta: &EventMeta,
         change: &RowChange<'_, '_>,
@@ -670,7 +668,7 @@ impl Emitter {
         };
         let mut header = Vec::new();
         // Bytes to take off: first estimated from the whole event, then from each attempt.
-        let mut excess = (whole.len() + 1024).saturating_sub(topic.limit);
+        let mut excess = (whole.len() + 1024).saturating_sub(limit);
         loop {
             // Replace values, largest first, until their raw sizes cover the excess.
             let mut removed = 0usize;
@@ -681,7 +679,7 @@ impl Emitter {
                     return Err(RunError::from(crate::kafka::WriteError::TooLarge {
                         table: shape.qualified(),
                         bytes: whole.len(),
-                        limit: topic.limit,
+                        limit: limit,
                         which: "--max-event-bytes, with every value but the key's replaced",
                     }));
                 };
@@ -722,10 +720,10 @@ impl Emitter {
                 self.value.push(b'}');
             }
             let len = self.record_len() + header.len() + oversized::HEADER.len();
-            if len <= topic.limit {
+            if len <= limit {
                 break;
             }
-            excess = len - topic.limit + 1024;
+            excess = len - limit + 1024;
         }
         let key = match self.codec {
             Codec::Json(_) => &self.key,
@@ -749,7 +747,7 @@ impl Emitter {
         tracing::info!(
             table = %shape.qualified(),
             bytes = whole.len(),
-            limit = topic.limit,
+            limit = limit,
             chunks = count,
             chunk_topic = %chunk_topic,
             columns = ?columns,
@@ -841,7 +839,6 @@ impl Emitter {
             Some(t) => Topic {
                 name: Arc::clone(t),
                 partitions: 1,
-                limit: usize::MAX,
             },
             None => self.topic_of(shape).await?,
         };

@@ -397,6 +397,11 @@ impl Writer {
         &self.topic
     }
 
+    /// `--max-event-bytes`.
+    pub fn max_event_bytes(&self) -> usize {
+        self.max_event_bytes
+    }
+
     /// The largest event written whole to `topic`: `--max-event-bytes`, or less when the topic
     /// existed with a smaller max.message.bytes (it is read once per topic; a topic whose
     /// configuration cannot be read counts as allowing `--max-event-bytes`, with a warning).

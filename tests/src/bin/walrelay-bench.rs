@@ -446,11 +446,18 @@ impl Bench {
     /// fewer) against `COPY items TO '/dev/null'`, measured back to back: from the start of
     /// `run` to the slot's snapshot being `done` (every row acknowledged).
     async fn snapshot_ratio(&mut self, t: &Target, args: &Args, label: &str) -> anyhow::Result<()> {
-        let have: i64 = self.scalar("SELECT count(*)::text FROM items").await.parse()?;
+        let have: i64 = self
+            .scalar("SELECT count(*)::text FROM items")
+            .await
+            .parse()?;
         if (have as u64) < args.rows {
-            self.load(args.rows - have as u64, 100_000, have as u64).await;
+            self.load(args.rows - have as u64, 100_000, have as u64)
+                .await;
         }
-        let rows: f64 = self.scalar("SELECT count(*)::text FROM items").await.parse()?;
+        let rows: f64 = self
+            .scalar("SELECT count(*)::text FROM items")
+            .await
+            .parse()?;
         self.pg.exec(DB, "VACUUM ANALYZE items").await;
         let started = Instant::now();
         self.pg.exec(DB, "COPY items TO '/dev/null'").await;
@@ -482,9 +489,13 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let snap_rate = rows / started.elapsed().as_secs_f64();
+        // CPU of the producer (start-up included): a figure other load on the machine does
+        // not move much, unlike the rates.
+        let cpu = p.cpu_seconds().unwrap_or(0.0);
         println!(
-            "snapshot [{label} schema ×4, {rows:.0} rows]: producer {snap_rate:.0} rows/s, COPY TO /dev/null {copy_rate:.0} rows/s, ratio {:.2}",
-            snap_rate / copy_rate
+            "snapshot [{label} schema ×4, {rows:.0} rows]: producer {snap_rate:.0} rows/s, COPY TO /dev/null {copy_rate:.0} rows/s, ratio {:.2}; producer CPU {cpu:.2} s ({:.2} µs/row)",
+            snap_rate / copy_rate,
+            cpu * 1e6 / rows
         );
         p.terminate();
         // Its slot would otherwise hold (and later decode) every phase's WAL.
@@ -1104,7 +1115,10 @@ async fn main() -> anyhow::Result<()> {
         }
 
         // 3. and 4. Stream and latency per keying.
-        for config in configurations(&args).into_iter().filter(|_| !args.skip_stream) {
+        for config in configurations(&args)
+            .into_iter()
+            .filter(|_| !args.skip_stream)
+        {
             let t = target(Backend::Mock, config, &brokers, &args);
             b.stream(&t, &args, next_rows, &|| 0.0).await?;
             next_rows += args.rows;
@@ -1193,7 +1207,10 @@ async fn main() -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
             b.snapshot_ratio(&t, &args, "kafka").await?;
         }
-        for config in configurations(&args).into_iter().filter(|_| !args.skip_stream) {
+        for config in configurations(&args)
+            .into_iter()
+            .filter(|_| !args.skip_stream)
+        {
             let t = target(Backend::Kafka, config, &brokers, &args);
             b.stream(&t, &args, next_rows, &|| kafka.cpu_seconds())
                 .await?;
