@@ -679,7 +679,7 @@ impl Emitter {
                     return Err(RunError::from(crate::kafka::WriteError::TooLarge {
                         table: shape.qualified(),
                         bytes: whole.len(),
-                        limit: limit,
+                        limit,
                         which: "--max-event-bytes, with every value but the key's replaced",
                     }));
                 };

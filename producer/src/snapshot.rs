@@ -672,7 +672,7 @@ mod tests {
                     proptest::strategy::Just(b'\t'),
                     proptest::strategy::Just(b'N'),
                     proptest::strategy::Just(b'x'),
-                    b'0'..b'9',
+                    b'0'..=b'9',
                     proptest::num::u8::ANY,
                 ],
                 0..64,
