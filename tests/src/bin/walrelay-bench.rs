@@ -1198,6 +1198,8 @@ async fn main() -> anyhow::Result<()> {
             let mut t = init_target(&brokers);
             t.backend = Backend::Kafka;
             t.topic = "walrelay.bench.kafka.snapshot".into();
+            // A slot of its own: the mock phase's slot state still says `done`.
+            t.slot = "bench_snapshot_kafka".into();
             walrelay_common::kafka::ensure_topic(
                 ClientConfig::new().set("bootstrap.servers", &brokers),
                 &t.topic,
