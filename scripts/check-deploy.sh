@@ -28,7 +28,25 @@ if ! [ -x "$promtool" ]; then
 fi
 "$promtool" check config deploy/prometheus/prometheus.yml
 "$promtool" check config deploy/prometheus/prometheus-kubernetes.yml
-"$promtool" check rules deploy/prometheus/rules/*.yml
+"$promtool" check rules deploy/prometheus/rules/walrelay.yml
+# Alert rules' unit tests; every alert must have a case that fires it.
+"$promtool" test rules deploy/prometheus/tests/walrelay.yml
+python3 - <<'PY'
+import sys, yaml
+rules = yaml.safe_load(open("deploy/prometheus/rules/walrelay.yml"))
+tests = yaml.safe_load(open("deploy/prometheus/tests/walrelay.yml"))
+alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+fired = {
+    c["alertname"]
+    for t in tests["tests"]
+    for c in t.get("alert_rule_test", [])
+    if c.get("exp_alerts")
+}
+missing = sorted(alerts - fired)
+if missing:
+    sys.exit(f"alert rules without a unit test that fires them: {missing} (deploy/prometheus/tests/walrelay.yml)")
+print(f"alert rules: all {len(alerts)} fired by their unit tests")
+PY
 
 if ! python3 -c 'import kubernetes_validate, yaml' 2>/dev/null; then
   pip=(python3 -m pip install -q --disable-pip-version-check kubernetes-validate==1.37.0 pyyaml)
