@@ -248,7 +248,8 @@ pub struct SchemaChange {
     pub command: Option<String>,
     /// The object the command named, when known.
     pub object: Option<String>,
-    /// The statement's text, when known (a multi-statement query string is sent whole).
+    /// The statement's text, when known and sent (the text of a query of several statements
+    /// only under `--ddl-statement include`, whole).
     pub sql: Option<String>,
     /// The table's name before this change, when it was renamed or moved.
     pub previous: Option<TableName>,

@@ -36,7 +36,7 @@
 pub mod capture;
 mod redact;
 
-pub use redact::redact_statement;
+pub use redact::{has_several_statements, redact_statement};
 
 use std::collections::HashMap;
 

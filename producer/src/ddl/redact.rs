@@ -42,6 +42,77 @@ pub fn redact_statement(sql: &str) -> String {
     String::from_utf8(out).unwrap_or_else(|_| "***".into())
 }
 
+/// Whether `sql` holds more than one statement: a `;` outside string literals, quoted
+/// identifiers and comments with more than whitespace or comments after it. Postgres gives an
+/// event trigger the whole query string, so the text of one statement's schema event would
+/// carry every other statement of the query (DDL of tables walrelay does not capture, say):
+/// under `--ddl-statement redact` such a text is left out.
+pub fn has_several_statements(sql: &str) -> bool {
+    let b = sql.as_bytes();
+    let mut i = 0;
+    let mut seen_semicolon = false;
+    while i < b.len() {
+        if let Some(end) = literal_end(b, i) {
+            if seen_semicolon {
+                return true;
+            }
+            i = end;
+            continue;
+        }
+        match b[i] {
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                i = b[i..]
+                    .iter()
+                    .position(|c| *c == b'\n')
+                    .map_or(b.len(), |p| i + p + 1);
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                let mut depth = 1;
+                i += 2;
+                while i < b.len() && depth > 0 {
+                    if b[i..].starts_with(b"/*") {
+                        depth += 1;
+                        i += 2;
+                    } else if b[i..].starts_with(b"*/") {
+                        depth -= 1;
+                        i += 2;
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            b'"' => {
+                if seen_semicolon {
+                    return true;
+                }
+                i += 1;
+                while i < b.len() {
+                    if b[i] == b'"' && b.get(i + 1) == Some(&b'"') {
+                        i += 2;
+                    } else if b[i] == b'"' {
+                        i += 1;
+                        break;
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            b';' => {
+                seen_semicolon = true;
+                i += 1;
+            }
+            c if c.is_ascii_whitespace() => i += 1,
+            _ => {
+                if seen_semicolon {
+                    return true;
+                }
+                i += 1;
+            }
+        }
+    }
+    false
+}
+
 /// The end of the string literal starting at `i` (`'…'`, `E'…'`, `$tag$…$tag$`), if one does.
 fn literal_end(b: &[u8], i: usize) -> Option<usize> {
     match b.get(i)? {
@@ -109,4 +180,32 @@ fn redact_conninfo(lit: &[u8]) -> Vec<u8> {
         i += 1;
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_several_statements;
+
+    #[test]
+    fn several_statements_are_told_from_one() {
+        for one in [
+            "ALTER TABLE t ADD COLUMN a int",
+            "ALTER TABLE t ADD COLUMN a int;",
+            "ALTER TABLE t ADD COLUMN a int; -- done\n  ",
+            "ALTER TABLE t ADD COLUMN a text DEFAULT ';x'; /* c; d */",
+            "CREATE TABLE \"a;b\" (x text DEFAULT $$;DROP$$)",
+            "ALTER TABLE t ADD COLUMN a text DEFAULT E'\\';'",
+        ] {
+            assert!(!has_several_statements(one), "{one}");
+        }
+        for several in [
+            "ALTER TABLE t ADD COLUMN a int; CREATE TABLE secret (x int)",
+            "ALTER TABLE t ADD COLUMN a int;CREATE TABLE s (x int);",
+            "ALTER TABLE t ADD COLUMN a int; /* c */ DROP TABLE s",
+            "ALTER TABLE t ADD COLUMN a int; \"s\".x",
+            "SELECT 1; 'x'",
+        ] {
+            assert!(has_several_statements(several), "{several}");
+        }
+    }
 }

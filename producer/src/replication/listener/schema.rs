@@ -63,6 +63,11 @@ impl Stream<'_> {
                 Ok(mut m) => {
                     m.sql = match self.io.ddl_statement {
                         DdlStatement::Include => m.sql,
+                        // The query held other statements too (maybe of tables not
+                        // captured): none of its text is carried.
+                        DdlStatement::Redact if ddl::has_several_statements(&m.sql) => {
+                            String::new()
+                        }
                         DdlStatement::Redact => ddl::redact_statement(&m.sql),
                         DdlStatement::Omit => String::new(),
                     };
