@@ -33,9 +33,10 @@ const REFILL_DIVISOR: usize = 8;
 pub enum WriteError {
     /// An event is larger than Kafka (or the buffer) accepts. Definite: it would fail again.
     #[error(
-        "an event of {table} is {bytes} bytes, over the limit of {limit} bytes ({which}); \
-         raise it (kafka property message.max.bytes and the topic's max.message.bytes, or \
-         --max-buffer-bytes) and restart: nothing after it was confirmed"
+        "an event of {table} is {bytes} bytes, over the limit of {limit} bytes ({which}) and \
+         not a row that can be split; raise --max-event-bytes (it sets the client's \
+         message.max.bytes and the topics' max.message.bytes walrelay creates; a topic that \
+         existed keeps its own) and restart: nothing after it was confirmed"
     )]
     TooLarge {
         /// Table of the event.
@@ -585,7 +586,7 @@ impl Writer {
                 table: table.to_string(),
                 bytes: message_bytes,
                 limit: self.max_message_bytes,
-                which: "message.max.bytes",
+                which: "--max-event-bytes + 64KiB: message.max.bytes",
             });
         }
         let bytes = message_bytes + EVENT_OVERHEAD_BYTES;
@@ -658,7 +659,7 @@ impl Writer {
                             table: table.to_string(),
                             bytes: message_bytes,
                             limit: self.max_message_bytes,
-                            which: "message.max.bytes",
+                            which: "--max-event-bytes + 64KiB: message.max.bytes",
                         },
                         _ => WriteError::Delivery {
                             message: e.to_string(),
