@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use prometheus::{Encoder, IntGauge, Registry, TextEncoder};
+use prometheus::{Encoder, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 /// Named readiness conditions, all of which must hold for `/readyz` to answer 200.
 #[derive(Clone, Default)]
@@ -37,6 +37,14 @@ impl Readiness {
             Err(_) => vec!["poisoned"],
         }
     }
+
+    /// Every condition set so far and whether it holds.
+    pub fn conditions(&self) -> Vec<(&'static str, bool)> {
+        match self.conditions.lock() {
+            Ok(map) => map.iter().map(|(k, v)| (*k, *v)).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -45,6 +53,9 @@ struct AppState {
     readiness: Readiness,
     /// `walrelay_ready`: what `/readyz` answers, as 1 or 0, so alerts can use it.
     ready: IntGauge,
+    /// `walrelay_ready_condition{condition}`: each readiness condition (`postgres`, `kafka`,
+    /// `replication`, `search`, …: a handful per binary), 1 or 0, so an alert can name which.
+    conditions: IntGaugeVec,
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the task is dropped.
@@ -61,6 +72,17 @@ pub async fn serve(
     registry
         .register(Box::new(ready.clone()))
         .map_err(std::io::Error::other)?;
+    let conditions = IntGaugeVec::new(
+        Opts::new(
+            "walrelay_ready_condition",
+            "1 while the readiness condition holds (postgres, kafka, replication, search, ...), else 0.",
+        ),
+        &["condition"],
+    )
+    .map_err(std::io::Error::other)?;
+    registry
+        .register(Box::new(conditions.clone()))
+        .map_err(std::io::Error::other)?;
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -69,6 +91,7 @@ pub async fn serve(
             registry,
             readiness,
             ready,
+            conditions,
         });
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "Serving /metrics, /healthz and /readyz.");
@@ -79,6 +102,12 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     state
         .ready
         .set(i64::from(state.readiness.failing().is_empty()));
+    for (name, ok) in state.readiness.conditions() {
+        state
+            .conditions
+            .with_label_values(&[name])
+            .set(i64::from(ok));
+    }
     let mut body = Vec::new();
     let encoder = TextEncoder::new();
     match encoder.encode(&state.registry.gather(), &mut body) {
