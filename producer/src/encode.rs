@@ -245,6 +245,9 @@ pub struct EventMeta {
     pub ts_ms: i64,
     /// From the snapshot.
     pub snapshot: bool,
+    /// From an incremental snapshot (`snapshot` is true too): read while streaming, between
+    /// two watermarks, and placed at the high watermark's position ([`crate::incremental`]).
+    pub incremental: bool,
     /// Position in the transaction.
     pub seq: u64,
     /// Place among the transaction's data events (`--transaction-metadata`), or none.
@@ -401,11 +404,15 @@ impl Encoder for EnvelopeWriter {
         out.extend_from_slice(b",\"ts_ms\":");
         out.extend_from_slice(num.i64(meta.ts_ms));
         out.extend_from_slice(if self.debezium {
-            if meta.snapshot {
+            if meta.incremental {
+                b",\"snapshot\":\"incremental\",\"seq\":".as_slice()
+            } else if meta.snapshot {
                 b",\"snapshot\":\"true\",\"seq\":".as_slice()
             } else {
                 b",\"snapshot\":\"false\",\"seq\":".as_slice()
             }
+        } else if meta.incremental {
+            b",\"snapshot\":true,\"incremental\":true,\"seq\":".as_slice()
         } else if meta.snapshot {
             b",\"snapshot\":true,\"seq\":".as_slice()
         } else {
@@ -585,6 +592,7 @@ mod tests {
             txid: 9,
             ts_ms: -5,
             snapshot: false,
+            incremental: false,
             seq: 3,
             transaction: None,
         };
@@ -718,6 +726,7 @@ mod tests {
                     txid: u64::from(txid),
                     ts_ms,
                     snapshot: op == Op::Read || op.is_snapshot_marker(),
+                    incremental: false,
                     seq: u64::from(seq),
                     transaction: None,
                 };
