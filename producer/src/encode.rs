@@ -580,6 +580,53 @@ mod tests {
     }
 
     #[test]
+    fn incremental_rows_say_so_and_read_back_as_snapshot_rows() {
+        let shape = users();
+        let row = [Cell::Text(b"7"), Cell::Text(b"Ann"), Cell::Null];
+        let meta = EventMeta {
+            op: Op::Read,
+            lsn: 300,
+            commit_lsn: 310,
+            txid: 12,
+            ts_ms: 1,
+            snapshot: true,
+            incremental: true,
+            seq: 0,
+            transaction: None,
+        };
+        for (w, flag) in [
+            (EnvelopeWriter::new("app"), serde_json::json!(true)),
+            (
+                EnvelopeWriter::new("app").debezium("t"),
+                serde_json::json!("incremental"),
+            ),
+        ] {
+            let mut out = Vec::new();
+            w.row(&mut out, &shape, &meta, None, Some(Image::full(&row)));
+            let raw: serde_json::Value = serde_json::from_slice(&out).expect("JSON");
+            let env = Envelope::from_slice(&out).expect("an envelope");
+            assert_eq!(env.op, Op::Read);
+            assert!(env.source.snapshot, "consumers read it as a snapshot row");
+            assert_eq!((env.source.commit_lsn, env.source.txid), (310, 12));
+            if flag == true {
+                assert_eq!(raw["source"]["incremental"], flag);
+                assert_eq!(raw["source"]["snapshot"], true);
+            } else {
+                assert_eq!(raw["source"]["snapshot"], flag);
+            }
+        }
+        // The initial snapshot's rows do not carry the field.
+        let mut out = Vec::new();
+        let initial = EventMeta {
+            incremental: false,
+            ..meta
+        };
+        EnvelopeWriter::new("app").row(&mut out, &shape, &initial, None, Some(Image::full(&row)));
+        let raw: serde_json::Value = serde_json::from_slice(&out).expect("JSON");
+        assert!(raw["source"].get("incremental").is_none());
+    }
+
+    #[test]
     fn envelope_is_valid_json_and_reads_back() {
         let shape = users();
         let w = EnvelopeWriter::new("app");

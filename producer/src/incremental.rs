@@ -1064,7 +1064,7 @@ mod tests {
     fn chunk_statements() {
         assert_eq!(
             plan_of(None).chunk_sql(None, None, 10),
-            "COPY (SELECT a, b, v FROM ONLY public.t ORDER BY a, b LIMIT 10) TO STDOUT"
+            r#"COPY (SELECT "a", "b", "v" FROM ONLY "public"."t" ORDER BY "a", "b" LIMIT 10) TO STDOUT"#
         );
         assert_eq!(
             plan_of(Some("v > 0")).chunk_sql(
@@ -1072,7 +1072,7 @@ mod tests {
                 Some(&["7".into(), "o'k".into()]),
                 5
             ),
-            "COPY (SELECT a, b, v FROM ONLY public.t WHERE (v > 0) AND (b <> 'x') AND (a, b) > ('7'::integer, 'o''k'::text) ORDER BY a, b LIMIT 5) TO STDOUT"
+            r#"COPY (SELECT "a", "b", "v" FROM ONLY "public"."t" WHERE (v > 0) AND (b <> 'x') AND ("a", "b") > ('7'::integer, 'o''k'::text) ORDER BY "a", "b" LIMIT 5) TO STDOUT"#
         );
     }
 
