@@ -489,6 +489,18 @@ pub struct Worker {
 impl Worker {
     /// Runs until `stop` (the session's end); failures are logged and retried.
     pub async fn run(self, stop: CancellationToken) {
+        match state_ready(&self.postgres).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(
+                    "Incremental snapshots are off: walrelay.incremental_snapshot is missing (state from an older version); run `walrelay-producer init` again"
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "Could not look for walrelay.incremental_snapshot; trying anyway.")
+            }
+        }
         let mut chunk_no = 0u64;
         let mut backoff = walrelay_common::retry::Backoff::new(
             Duration::from_millis(500),
@@ -813,6 +825,17 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+async fn state_ready(pg: &walrelay_common::postgres::PgTarget) -> Result<bool, PgError> {
+    let c = catalog::connect(pg).await?;
+    Ok(c.query_one(
+        "SELECT to_regclass('walrelay.incremental_snapshot') IS NOT NULL",
+        &[],
+    )
+    .await
+    .map_err(PgError::query("looking for walrelay.incremental_snapshot"))?
+    .get(0))
 }
 
 async fn next_request(ctl: &Client, slot: &str) -> Result<Option<Request>, PgError> {
