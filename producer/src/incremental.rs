@@ -44,6 +44,21 @@
 //! unchanged TOASTed key value) or a schema change that leaves the chunk's columns unmatched
 //! makes the worker read the chunk again.
 //!
+//! **Visibility.** "Committed before L" in the stream (WAL order of commit records) is not quite
+//! "visible to a snapshot taken after L": a transaction T writes its commit record, and only
+//! then leaves the list of running transactions, so on a loaded server T can precede L in the
+//! WAL and still be invisible to the chunk's SELECT (its row would be read as before T and
+//! emitted after T's change: older). So the SELECT runs in a REPEATABLE READ transaction whose
+//! snapshot's in-progress list (`pg_snapshot_xip`) is handed to the listener with the rows,
+//! and the listener notes the table's changes from the moment the worker registers the window
+//! (before it writes L) with their transaction: at H, keys changed before L by a transaction
+//! the snapshot did not see are dropped too.
+//!
+//! ```text
+//!   register ── T commit ── L ── SELECT (T still "running": in xip) ── H
+//!               └ noted (xid T, key) ┘                                 └ T in xip: key dropped
+//! ```
+//!
 //! The chunk's rows are held in memory between the SELECT and H: at most the chunk size.
 //!
 //! # Progress
@@ -162,6 +177,13 @@ struct Window {
     /// L seen: changes are noted.
     open: bool,
     changed: HashSet<Key>,
+    /// Changes between the window's registration and L: transaction and key (`None`: not
+    /// readable). Those of transactions the chunk's snapshot did not see count as changed.
+    before_low: Vec<(u32, Option<Key>)>,
+    /// Truncates between registration and L, by transaction.
+    truncated_before_low: Vec<u32>,
+    /// Transactions in progress for the chunk's snapshot (its `xip`).
+    invisible: HashSet<u32>,
     truncated: bool,
     /// Why the chunk cannot be used (the listener could not note a key).
     spoiled: Option<String>,
@@ -185,12 +207,12 @@ pub struct Closed {
     pub reply: Option<oneshot::Sender<Outcome>>,
 }
 
-/// Shared by the worker and the listener: the open windows, and the worker's wake-up.
+/// Shared by the worker and the listener: the registered windows, and the worker's wake-up.
 pub struct Hub {
     session: String,
     windows: std::sync::Mutex<HashMap<u64, Window>>,
-    /// Windows whose L was seen: the listener's fast path skips the lock when zero.
-    open: AtomicUsize,
+    /// Windows registered and not yet closed: the listener's fast path skips the lock at zero.
+    registered: AtomicUsize,
     wake: Notify,
 }
 
@@ -201,7 +223,7 @@ impl Hub {
         Arc::new(Self {
             session: format!("{id:016x}"),
             windows: std::sync::Mutex::new(HashMap::new()),
-            open: AtomicUsize::new(0),
+            registered: AtomicUsize::new(0),
             wake: Notify::new(),
         })
     }
@@ -211,9 +233,9 @@ impl Hub {
         self.wake.notify_one();
     }
 
-    /// Whether a window is open (changes are to be noted).
+    /// Whether a window is registered (changes are to be noted).
     pub fn watching(&self) -> bool {
-        self.open.load(Ordering::Relaxed) > 0
+        self.registered.load(Ordering::Relaxed) > 0
     }
 
     /// Whether a watermark belongs to this session.
@@ -228,67 +250,87 @@ impl Hub {
                 oid,
                 open: false,
                 changed: HashSet::new(),
+                before_low: Vec::new(),
+                truncated_before_low: Vec::new(),
+                invisible: HashSet::new(),
                 truncated: false,
                 spoiled: None,
                 rows: None,
                 reply: Some(reply),
             },
         );
+        self.registered.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn fill(&self, chunk: u64, rows: ChunkRows) {
+    fn fill(&self, chunk: u64, rows: ChunkRows, invisible: HashSet<u32>) {
         if let Some(w) = walrelay_common::sync::lock(&self.windows).get_mut(&chunk) {
             w.rows = Some(rows);
+            w.invisible = invisible;
         }
     }
 
     fn forget(&self, chunk: u64) {
-        if let Some(w) = walrelay_common::sync::lock(&self.windows).remove(&chunk)
-            && w.open
+        if walrelay_common::sync::lock(&self.windows)
+            .remove(&chunk)
+            .is_some()
         {
-            self.open.fetch_sub(1, Ordering::Relaxed);
+            self.registered.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
-    /// The low watermark of `chunk`: changes of its table are noted from here on.
+    /// The low watermark of `chunk`: every change of its table is noted from here on.
     pub fn low(&self, chunk: u64) {
-        if let Some(w) = walrelay_common::sync::lock(&self.windows).get_mut(&chunk)
-            && !w.open
-        {
+        if let Some(w) = walrelay_common::sync::lock(&self.windows).get_mut(&chunk) {
             w.open = true;
-            self.open.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// The high watermark of `chunk`: its window closes.
+    /// The high watermark of `chunk`: its window closes. Besides the keys changed inside it,
+    /// the keys changed before its low watermark by transactions the chunk's snapshot did not
+    /// see count as changed (see "Visibility" in the module essay).
     pub fn high(&self, chunk: u64) -> Option<Closed> {
-        let w = walrelay_common::sync::lock(&self.windows).remove(&chunk)?;
-        if w.open {
-            self.open.fetch_sub(1, Ordering::Relaxed);
-        }
-        let spoiled = if w.open {
+        let mut w = walrelay_common::sync::lock(&self.windows).remove(&chunk)?;
+        self.registered.fetch_sub(1, Ordering::Relaxed);
+        let mut spoiled = if w.open {
             w.spoiled
         } else {
             Some("the high watermark came without the low one".into())
         };
+        for (xid, key) in w.before_low {
+            if w.invisible.contains(&xid) {
+                match key {
+                    Some(k) => {
+                        w.changed.insert(k);
+                    }
+                    None => {
+                        spoiled =
+                            Some("a change the chunk did not see did not carry its key".into());
+                    }
+                }
+            }
+        }
+        let truncated = w.truncated
+            || w.truncated_before_low
+                .iter()
+                .any(|x| w.invisible.contains(x));
         Some(Closed {
             oid: w.oid,
             changed: w.changed,
-            truncated: w.truncated,
+            truncated,
             spoiled,
             rows: w.rows,
             reply: w.reply,
         })
     }
 
-    /// A streamed change of `oid`'s row with these key cells.
-    pub fn changed(&self, oid: u32, key: &[Cell<'_>]) {
-        if self.open.load(Ordering::Relaxed) == 0 {
+    /// A streamed change, in transaction `xid`, of `oid`'s row with these key cells.
+    pub fn changed(&self, oid: u32, xid: u32, key: &[Cell<'_>]) {
+        if !self.watching() {
             return;
         }
         let mut windows = walrelay_common::sync::lock(&self.windows);
         let mut noted: Option<Option<Key>> = None;
-        for w in windows.values_mut().filter(|w| w.open && w.oid == oid) {
+        for w in windows.values_mut().filter(|w| w.oid == oid) {
             let k = noted.get_or_insert_with(|| {
                 key.iter()
                     .map(|c| match c {
@@ -298,6 +340,10 @@ impl Hub {
                     })
                     .collect::<Option<Key>>()
             });
+            if !w.open {
+                w.before_low.push((xid, k.clone()));
+                continue;
+            }
             match k {
                 Some(k) => {
                     w.changed.insert(k.clone());
@@ -309,16 +355,20 @@ impl Hub {
         }
     }
 
-    /// A truncate of `oid` streamed.
-    pub fn truncated(&self, oid: u32) {
-        if self.open.load(Ordering::Relaxed) == 0 {
+    /// A truncate of `oid` streamed in transaction `xid`.
+    pub fn truncated(&self, oid: u32, xid: u32) {
+        if !self.watching() {
             return;
         }
         for w in walrelay_common::sync::lock(&self.windows)
             .values_mut()
-            .filter(|w| w.open && w.oid == oid)
+            .filter(|w| w.oid == oid)
         {
-            w.truncated = true;
+            if w.open {
+                w.truncated = true;
+            } else {
+                w.truncated_before_low.push(xid);
+            }
         }
     }
 }
@@ -739,35 +789,27 @@ impl Worker {
     ) -> Result<(Option<Vec<String>>, u64), IncrementalError> {
         let label = plan.table.qualified();
         self.watermark(ctl, chunk, "low").await?;
-        let sql = plan.chunk_sql(
-            req.where_clause.as_deref(),
-            req.last_key.as_deref(),
-            self.chunk_rows,
-        );
-        let stream = reader
-            .copy_out(sql.as_str())
+        reader
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await
-            .map_err(PgError::query(format!("reading a chunk of {label}")))?;
-        pin_mut!(stream);
-        let (mut scratch, mut ranges, mut line) = (Vec::new(), Vec::new(), Vec::new());
-        let mut rows: Vec<Vec<Option<Vec<u8>>>> = Vec::new();
-        while let Some(buf) = stream.next().await {
-            let buf: Bytes = buf.map_err(PgError::query(format!("reading a chunk of {label}")))?;
-            let mut rest: &[u8] = &buf;
-            while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
-                line.extend_from_slice(&rest[..nl]);
-                parse_copy_line(&line, &mut scratch, &mut ranges);
-                rows.push(
-                    ranges
-                        .iter()
-                        .map(|r: &Option<(usize, usize)>| r.map(|(a, b)| scratch[a..b].to_vec()))
-                        .collect(),
-                );
-                line.clear();
-                rest = &rest[nl + 1..];
+            .map_err(PgError::query(format!(
+                "starting the read of a chunk of {label}"
+            )))?;
+        let read = read_chunk(reader, plan, req, self.chunk_rows).await;
+        let read = match read {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = reader.batch_execute("ROLLBACK").await;
+                return Err(e);
             }
-            line.extend_from_slice(rest);
-        }
+        };
+        reader
+            .batch_execute("COMMIT")
+            .await
+            .map_err(PgError::query(format!(
+                "ending the read of a chunk of {label}"
+            )))?;
+        let (rows, invisible) = read;
         let key_idx: Vec<usize> = plan
             .key
             .iter()
@@ -791,6 +833,7 @@ impl Worker {
                 columns: plan.columns.clone(),
                 rows,
             },
+            invisible,
         );
         self.watermark(ctl, chunk, "high").await?;
         Ok((last_key, n))
@@ -825,6 +868,57 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+/// Inside the chunk's REPEATABLE READ transaction: the transactions its snapshot sees as in
+/// progress (`xip`, as pgoutput's 32-bit xids), then the chunk's rows.
+async fn read_chunk(
+    reader: &Client,
+    plan: &TablePlan,
+    req: &Request,
+    chunk_rows: u32,
+) -> Result<(Vec<Vec<Option<Vec<u8>>>>, HashSet<u32>), IncrementalError> {
+    let label = plan.table.qualified();
+    let invisible: HashSet<u32> = reader
+        .query(
+            "SELECT (x::text::numeric % 4294967296)::int8 FROM pg_snapshot_xip(pg_current_snapshot()) x",
+            &[],
+        )
+        .await
+        .map_err(PgError::query("reading the chunk's snapshot"))?
+        .iter()
+        .map(|r| r.get::<_, i64>(0) as u32)
+        .collect();
+    let sql = plan.chunk_sql(
+        req.where_clause.as_deref(),
+        req.last_key.as_deref(),
+        chunk_rows,
+    );
+    let stream = reader
+        .copy_out(sql.as_str())
+        .await
+        .map_err(PgError::query(format!("reading a chunk of {label}")))?;
+    pin_mut!(stream);
+    let (mut scratch, mut ranges, mut line) = (Vec::new(), Vec::new(), Vec::new());
+    let mut rows: Vec<Vec<Option<Vec<u8>>>> = Vec::new();
+    while let Some(buf) = stream.next().await {
+        let buf: Bytes = buf.map_err(PgError::query(format!("reading a chunk of {label}")))?;
+        let mut rest: &[u8] = &buf;
+        while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
+            line.extend_from_slice(&rest[..nl]);
+            parse_copy_line(&line, &mut scratch, &mut ranges);
+            rows.push(
+                ranges
+                    .iter()
+                    .map(|r: &Option<(usize, usize)>| r.map(|(a, b)| scratch[a..b].to_vec()))
+                    .collect(),
+            );
+            line.clear();
+            rest = &rest[nl + 1..];
+        }
+        line.extend_from_slice(rest);
+    }
+    Ok((rows, invisible))
 }
 
 async fn state_ready(pg: &walrelay_common::postgres::PgTarget) -> Result<bool, PgError> {
@@ -1104,15 +1198,23 @@ mod tests {
         let hub = Hub::new();
         let (tx, _rx) = oneshot::channel();
         hub.register(1, 42, tx);
-        hub.changed(42, &[Cell::Text(b"1")]);
+        // Before L: noted only when the chunk's snapshot did not see the transaction.
+        hub.changed(42, 7, &[Cell::Text(b"1")]);
+        hub.changed(42, 8, &[Cell::Text(b"9")]);
         hub.low(1);
-        hub.changed(42, &[Cell::Text(b"2")]);
-        hub.changed(43, &[Cell::Text(b"3")]);
+        hub.changed(42, 9, &[Cell::Text(b"2")]);
+        hub.changed(43, 9, &[Cell::Text(b"3")]);
+        let rows = ChunkRows {
+            columns: Vec::new(),
+            rows: Vec::new(),
+        };
+        hub.fill(1, rows, HashSet::from([8]));
         let closed = hub.high(1).expect("the window");
-        assert_eq!(closed.changed.len(), 1);
+        assert_eq!(closed.changed.len(), 2);
         assert!(closed.changed.contains(&vec![Some(b"2".to_vec())]));
+        assert!(closed.changed.contains(&vec![Some(b"9".to_vec())]));
         assert!(closed.spoiled.is_none());
-        assert_eq!(hub.open.load(Ordering::Relaxed), 0);
+        assert!(!hub.watching());
         assert!(hub.high(1).is_none());
     }
 
@@ -1122,7 +1224,7 @@ mod tests {
         let (tx, _rx) = oneshot::channel();
         hub.register(1, 42, tx);
         hub.low(1);
-        hub.changed(42, &[Cell::UnchangedToast]);
+        hub.changed(42, 1, &[Cell::UnchangedToast]);
         assert!(hub.high(1).expect("the window").spoiled.is_some());
         let (tx, _rx) = oneshot::channel();
         hub.register(2, 42, tx);

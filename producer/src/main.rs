@@ -16,7 +16,9 @@ use walrelay_producer::pipeline::{self, Context};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let tables_given = cli.options.tables.is_some();
+    // `snapshot` takes its tables from the command line only: a configured list (file or
+    // WALRELAY_TABLES) names what is captured, not what to read again.
+    let tables_given = std::env::args().any(|a| a == "--tables" || a.starts_with("--tables="));
     let file = match cli.config.as_deref().map(Options::from_file).transpose() {
         Ok(f) => f.unwrap_or_default(),
         Err(e) => return usage(&e),

@@ -85,6 +85,38 @@ async fn table_rows(env: &Env) -> BTreeMap<String, Map<String, Value>> {
         .collect()
 }
 
+/// What the topic holds of row `id` of `acct`, one line per event.
+fn history(records: &[Record], id: i64) -> String {
+    let mut out = String::new();
+    for x in records {
+        let v: Value = serde_json::from_slice(&x.value).unwrap_or_default();
+        let row = if v["after"].is_null() {
+            &v["before"]
+        } else {
+            &v["after"]
+        };
+        if row["id"].as_i64() == Some(id) && v["source"]["table"] == "acct" {
+            out.push_str(&format!(
+                "  offset {} op {} version {} lsn {} commit_lsn {} txid {} incremental {}\n",
+                x.offset,
+                v["op"],
+                row["version"],
+                v["source"]["lsn"],
+                v["source"]["commit_lsn"],
+                v["source"]["txid"],
+                v["source"]["incremental"]
+            ));
+        }
+    }
+    out
+}
+
+/// Checks [`versions_never_go_back`], printing the offending row's history on failure.
+fn check_versions(records: &[Record]) -> usize {
+    versions_never_go_back(records)
+        .unwrap_or_else(|(id, e)| panic!("{e}\n{}", history(records, id)))
+}
+
 /// Whether the record is an incremental snapshot row (`source.incremental`).
 fn incremental(r: &Record) -> bool {
     serde_json::from_slice::<Value>(&r.value)
@@ -97,7 +129,7 @@ fn incremental(r: &Record) -> bool {
 /// seen for its key, and no snapshot row brings back a deleted key (re-sent copies of streamed
 /// changes aside). Returns the number of
 /// incremental rows checked.
-fn versions_never_go_back(records: &[Record]) -> Result<usize, String> {
+fn versions_never_go_back(records: &[Record]) -> Result<usize, (i64, String)> {
     let mut sorted: Vec<&Record> = records.iter().collect();
     sorted.sort_by_key(|r| (r.partition, r.offset));
     // (partition, id) -> latest version, or None once deleted.
@@ -119,19 +151,29 @@ fn versions_never_go_back(records: &[Record]) -> Result<usize, String> {
         match e.op {
             Op::Create | Op::Update | Op::Read => {
                 let after = e.after.unwrap_or_default();
-                let id = after["id"].as_i64().ok_or("a row without id")?;
-                let v = after["version"].as_i64().ok_or("a row without version")?;
+                let id = after["id"]
+                    .as_i64()
+                    .ok_or((0, "a row without id".to_string()))?;
+                let v = after["version"]
+                    .as_i64()
+                    .ok_or((id, "a row without version".to_string()))?;
                 match seen.get(&(r.partition, id)) {
                     Some(Some(prev)) if v < *prev => {
-                        return Err(format!(
-                            "id {id}: version {v} at offset {} after version {prev} (incremental: {inc})",
-                            r.offset
+                        return Err((
+                            id,
+                            format!(
+                                "id {id}: version {v} at offset {} after version {prev} (incremental: {inc})",
+                                r.offset
+                            ),
                         ));
                     }
                     Some(None) if e.op == Op::Read => {
-                        return Err(format!(
-                            "id {id}: a snapshot row at offset {} after its delete",
-                            r.offset
+                        return Err((
+                            id,
+                            format!(
+                                "id {id}: a snapshot row at offset {} after its delete",
+                                r.offset
+                            ),
                         ));
                     }
                     _ => {}
@@ -146,7 +188,7 @@ fn versions_never_go_back(records: &[Record]) -> Result<usize, String> {
                     .before
                     .as_ref()
                     .and_then(|b| b["id"].as_i64())
-                    .ok_or("a delete without id")?;
+                    .ok_or((0, "a delete without id".to_string()))?;
                 seen.insert((r.partition, id), None);
             }
             _ => {}
@@ -207,9 +249,41 @@ fn request(env: &Env, args: &[&str]) -> String {
 async fn topic_matches_table(env: &Env) -> Vec<Record> {
     env.wait_confirmed_current(Duration::from_secs(60)).await;
     let expected = table_rows(env).await;
-    env.read_until(Duration::from_secs(120), |r| {
-        table_state(r, "public", "acct", "id") == expected
-    })
+    // Confirmed past every write: Kafka acknowledged every event of them, so reading the
+    // topic to its end reads them all.
+    let r = walrelay_tests::topic::read_to_end(
+        &env.broker.brokers(),
+        &env.topic,
+        Duration::from_secs(180),
+    );
+    let got = table_state(&r, "public", "acct", "id");
+    if got != expected {
+        {
+            // Which rows differ, and what the topic holds of them.
+            let mut report = String::new();
+            let keys: std::collections::BTreeSet<&String> =
+                got.keys().chain(expected.keys()).collect();
+            for k in keys
+                .into_iter()
+                .filter(|k| got.get(*k) != expected.get(*k))
+                .take(5)
+            {
+                report.push_str(&format!(
+                    "id {k}: topic {:?}, table {:?}\n",
+                    got.get(k),
+                    expected.get(k)
+                ));
+                report.push_str(&history(&r, k.parse().unwrap_or_default()));
+            }
+            panic!(
+                "the topic does not rebuild the table ({} rows vs {}):\n{report}\n{}",
+                got.len(),
+                expected.len(),
+                env.all_logs()
+            );
+        }
+    }
+    r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,7 +314,7 @@ async fn resnapshot_under_concurrent_writes_matches_the_table() {
         "no row was dropped by a window ({statements} writes during the snapshot): the window logic was not exercised"
     );
     let records = topic_matches_table(&env).await;
-    let checked = versions_never_go_back(&records).unwrap_or_else(|e| panic!("{e}"));
+    let checked = check_versions(&records);
     let inc = records.iter().filter(|r| incremental(r)).count() as i64;
     assert_eq!(
         inc, rows,
@@ -284,7 +358,7 @@ async fn killed_mid_resnapshot_resumes_at_the_last_chunk() {
     // flight at the kill were read twice.
     assert!(chunks > chunks_after_kill);
     let records = topic_matches_table(&env).await;
-    versions_never_go_back(&records).unwrap_or_else(|e| panic!("{e}"));
+    check_versions(&records);
     let inc = records.iter().filter(|r| incremental(r)).count() as i64;
     assert!(
         inc <= rows + 2 * 500,
@@ -378,7 +452,31 @@ async fn refusals_cancel_and_status() {
         assert_eq!(id % 2, 0, "a row outside --where: {id}");
     }
 
-    // A table added to the capture later (init with it in --tables) is snapshotted by itself.
+    // A forged watermark (any role can write logical messages) is skipped, and streaming goes
+    // on.
+    env.pg
+        .exec(
+            &env.db,
+            &format!(
+                "SELECT pg_logical_emit_message(true, 'walrelay.watermark', 'v1:{}:{{\"session\":\"x\",\"chunk\":1,\"mark\":\"high\"}}')",
+                "0".repeat(64)
+            ),
+        )
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !producer
+        .log()
+        .contains("Skipped a message in walrelay's watermark channel")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the forged watermark was not reported\n{}",
+            producer.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A table captured after the initial snapshot is snapshotted by itself.
     env.pg
         .exec(
             &env.db,

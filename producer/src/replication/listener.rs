@@ -614,7 +614,8 @@ impl Stream<'_> {
                 .iter()
                 .map(|&i| change.key_row.get(i).copied().unwrap_or(Cell::Null))
                 .collect();
-            hub.changed(oid, &key);
+            let xid = self.txn.as_ref().map_or(0, |t| t.xid);
+            hub.changed(oid, xid, &key);
         }
         let Self {
             io,
@@ -645,8 +646,9 @@ impl Stream<'_> {
             .filter(|o| !self.walrelay_tables.contains(o))
             .collect();
         if let Some(hub) = &self.io.incremental {
+            let xid = self.txn.as_ref().map_or(0, |t| t.xid);
             for &oid in &oids {
-                hub.truncated(oid);
+                hub.truncated(oid, xid);
             }
         }
         let oids = &oids[..];
