@@ -129,6 +129,10 @@ CREATE TABLE IF NOT EXISTS walrelay.snapshot_signal (
 REVOKE ALL ON walrelay.incremental_snapshot, walrelay.snapshot_signal FROM PUBLIC;
 ";
 
+/// Changes of a chunk's table noted between its window's registration and its low watermark,
+/// at most (see "Visibility"); beyond it the chunk is read again.
+const MAX_BEFORE_LOW: usize = 200_000;
+
 /// How often the worker looks at the request table when nothing prompts it.
 const POLL: Duration = Duration::from_secs(2);
 
@@ -341,7 +345,15 @@ impl Hub {
                     .collect::<Option<Key>>()
             });
             if !w.open {
-                w.before_low.push((xid, k.clone()));
+                if w.before_low.len() < MAX_BEFORE_LOW {
+                    w.before_low.push((xid, k.clone()));
+                } else {
+                    // A listener far behind the worker: rather than hold more, read the chunk
+                    // again once it caught up.
+                    w.spoiled = Some(format!(
+                        "more than {MAX_BEFORE_LOW} changes of the table before the low watermark (the stream is behind)"
+                    ));
+                }
                 continue;
             }
             match k {
