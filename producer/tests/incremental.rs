@@ -288,12 +288,25 @@ async fn topic_matches_table(env: &Env) -> Vec<Record> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resnapshot_under_concurrent_writes_matches_the_table() {
+    resnapshot_under_writes(&[]).await;
+}
+
+/// The same under exactly-once delivery: a chunk counts once the Kafka transaction holding
+/// its rows committed, and read_committed readers see the same guarantee.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resnapshot_under_exactly_once() {
+    resnapshot_under_writes(&["--delivery", "exactly-once"]).await;
+}
+
+async fn resnapshot_under_writes(extra: &[&str]) {
     let mut env = Env::start().await;
     accounts(&env).await;
     env.init();
     // No initial snapshot: what the topic holds of the table's existing rows comes from the
     // incremental snapshot only.
-    let mut producer = env.spawn(&["--snapshot", "never", "--incremental-chunk-rows", "1000"]);
+    let mut args = vec!["--snapshot", "never", "--incremental-chunk-rows", "1000"];
+    args.extend_from_slice(extra);
+    let mut producer = env.spawn(&args);
     env.wait_streaming(Duration::from_secs(60)).await;
     let stop = tokio_util::sync::CancellationToken::new();
     let load = writer(&env, stop.clone());
