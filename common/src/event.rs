@@ -137,9 +137,10 @@ pub struct Source {
     pub txid: u64,
     /// Commit time in milliseconds since the Unix epoch (snapshot rows: when the snapshot began).
     pub ts_ms: i64,
-    /// True for rows read by the initial snapshot. Read from walrelay's `true`/`false` or from
-    /// Debezium's strings (`"true"`, `"last"`, `"incremental"`; `"false"`), as
-    /// `--compat debezium` writes it.
+    /// True for rows read by a snapshot: the initial one, or an incremental one (those also
+    /// carry `"incremental": true` in `source`, and the high watermark's LSNs and txid). Read
+    /// from walrelay's `true`/`false` or from Debezium's strings (`"true"`, `"last"`,
+    /// `"incremental"`; `"false"`), as `--compat debezium` writes it.
     #[serde(deserialize_with = "snapshot_flag")]
     pub snapshot: bool,
     /// 1-based position of the change in its transaction; 0 for snapshot rows.

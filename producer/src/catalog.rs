@@ -351,7 +351,7 @@ pub async fn publication_tables(
              FROM pg_publication_tables p \
              JOIN pg_namespace n ON n.nspname = p.schemaname \
              JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename \
-             WHERE p.pubname = $1 ORDER BY 2, 3",
+             WHERE p.pubname = $1 AND p.schemaname <> 'walrelay' ORDER BY 2, 3",
             &[&publication],
         )
         .await

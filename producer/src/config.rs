@@ -56,6 +56,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Ask the running producer to snapshot the tables matching --tables again, while it
+    /// streams (an incremental snapshot), or with --cancel stop one.
+    Snapshot {
+        /// Only rows matching this SQL condition (over the table's columns).
+        #[arg(long = "where", value_name = "SQL")]
+        where_clause: Option<String>,
+        /// Stop the tables' incremental snapshots under way.
+        #[arg(long)]
+        cancel: bool,
+    },
     /// Drop the slot, the publication and walrelay's state.
     Destroy {
         /// Also when the slot is in use (its holder is disconnected).
@@ -248,6 +258,10 @@ pub struct Options {
     /// Heap pages per snapshot chunk (8 KiB each) [default: 4096].
     #[arg(long, env = "WALRELAY_SNAPSHOT_CHUNK_PAGES", global = true)]
     pub snapshot_chunk_pages: Option<u32>,
+    /// Rows per incremental-snapshot chunk (also the most rows held in memory for one)
+    /// [default: 4096].
+    #[arg(long, env = "WALRELAY_INCREMENTAL_CHUNK_ROWS", global = true)]
+    pub incremental_chunk_rows: Option<u32>,
     /// Delivery guarantee into Kafka [default: at-least-once].
     #[arg(long, env = "WALRELAY_DELIVERY", global = true, value_enum)]
     pub delivery: Option<Delivery>,
@@ -389,6 +403,7 @@ impl Options {
             ddl_statement: self.ddl_statement.or(file.ddl_statement),
             snapshot_parallelism: self.snapshot_parallelism.or(file.snapshot_parallelism),
             snapshot_chunk_pages: self.snapshot_chunk_pages.or(file.snapshot_chunk_pages),
+            incremental_chunk_rows: self.incremental_chunk_rows.or(file.incremental_chunk_rows),
             delivery: self.delivery.or(file.delivery),
             transaction_interval: self.transaction_interval.or(file.transaction_interval),
             transactional_id: self.transactional_id.or(file.transactional_id),
@@ -453,6 +468,8 @@ pub struct Settings {
     pub snapshot_parallelism: usize,
     /// Pages per snapshot chunk.
     pub snapshot_chunk_pages: u32,
+    /// Rows per incremental-snapshot chunk.
+    pub incremental_chunk_rows: u32,
     /// Delivery guarantee.
     pub delivery: Delivery,
     /// Under exactly-once: how long a Kafka transaction gathers Postgres transactions.
@@ -546,6 +563,13 @@ impl Settings {
         if snapshot_chunk_pages < 1 {
             return Err(bad("--snapshot-chunk-pages", "must be at least 1"));
         }
+        let incremental_chunk_rows = o.incremental_chunk_rows.unwrap_or(4096);
+        if !(1..=1_000_000).contains(&incremental_chunk_rows) {
+            return Err(bad(
+                "--incremental-chunk-rows",
+                "must be between 1 and 1000000",
+            ));
+        }
         let kafka_properties = options::kafka_properties(o.kafka_properties, &o.kafka_property)?;
         if kafka_properties.get("message.max.bytes").is_some() {
             return Err(bad(
@@ -623,6 +647,7 @@ impl Settings {
             ddl_statement: o.ddl_statement.unwrap_or_default(),
             snapshot_parallelism,
             snapshot_chunk_pages,
+            incremental_chunk_rows,
             delivery: o.delivery.unwrap_or_default(),
             transaction_interval,
             transactional_id,

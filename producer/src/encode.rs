@@ -245,6 +245,9 @@ pub struct EventMeta {
     pub ts_ms: i64,
     /// From the snapshot.
     pub snapshot: bool,
+    /// From an incremental snapshot (`snapshot` is true too): read while streaming, between
+    /// two watermarks, and placed at the high watermark's position ([`crate::incremental`]).
+    pub incremental: bool,
     /// Position in the transaction.
     pub seq: u64,
     /// Place among the transaction's data events (`--transaction-metadata`), or none.
@@ -401,11 +404,15 @@ impl Encoder for EnvelopeWriter {
         out.extend_from_slice(b",\"ts_ms\":");
         out.extend_from_slice(num.i64(meta.ts_ms));
         out.extend_from_slice(if self.debezium {
-            if meta.snapshot {
+            if meta.incremental {
+                b",\"snapshot\":\"incremental\",\"seq\":".as_slice()
+            } else if meta.snapshot {
                 b",\"snapshot\":\"true\",\"seq\":".as_slice()
             } else {
                 b",\"snapshot\":\"false\",\"seq\":".as_slice()
             }
+        } else if meta.incremental {
+            b",\"snapshot\":true,\"incremental\":true,\"seq\":".as_slice()
         } else if meta.snapshot {
             b",\"snapshot\":true,\"seq\":".as_slice()
         } else {
@@ -573,6 +580,53 @@ mod tests {
     }
 
     #[test]
+    fn incremental_rows_say_so_and_read_back_as_snapshot_rows() {
+        let shape = users();
+        let row = [Cell::Text(b"7"), Cell::Text(b"Ann"), Cell::Null];
+        let meta = EventMeta {
+            op: Op::Read,
+            lsn: 300,
+            commit_lsn: 310,
+            txid: 12,
+            ts_ms: 1,
+            snapshot: true,
+            incremental: true,
+            seq: 0,
+            transaction: None,
+        };
+        for (w, flag) in [
+            (EnvelopeWriter::new("app"), serde_json::json!(true)),
+            (
+                EnvelopeWriter::new("app").debezium("t"),
+                serde_json::json!("incremental"),
+            ),
+        ] {
+            let mut out = Vec::new();
+            w.row(&mut out, &shape, &meta, None, Some(Image::full(&row)));
+            let raw: serde_json::Value = serde_json::from_slice(&out).expect("JSON");
+            let env = Envelope::from_slice(&out).expect("an envelope");
+            assert_eq!(env.op, Op::Read);
+            assert!(env.source.snapshot, "consumers read it as a snapshot row");
+            assert_eq!((env.source.commit_lsn, env.source.txid), (310, 12));
+            if flag == true {
+                assert_eq!(raw["source"]["incremental"], flag);
+                assert_eq!(raw["source"]["snapshot"], true);
+            } else {
+                assert_eq!(raw["source"]["snapshot"], flag);
+            }
+        }
+        // The initial snapshot's rows do not carry the field.
+        let mut out = Vec::new();
+        let initial = EventMeta {
+            incremental: false,
+            ..meta
+        };
+        EnvelopeWriter::new("app").row(&mut out, &shape, &initial, None, Some(Image::full(&row)));
+        let raw: serde_json::Value = serde_json::from_slice(&out).expect("JSON");
+        assert!(raw["source"].get("incremental").is_none());
+    }
+
+    #[test]
     fn envelope_is_valid_json_and_reads_back() {
         let shape = users();
         let w = EnvelopeWriter::new("app");
@@ -585,6 +639,7 @@ mod tests {
             txid: 9,
             ts_ms: -5,
             snapshot: false,
+            incremental: false,
             seq: 3,
             transaction: None,
         };
@@ -718,6 +773,7 @@ mod tests {
                     txid: u64::from(txid),
                     ts_ms,
                     snapshot: op == Op::Read || op.is_snapshot_marker(),
+                    incremental: false,
                     seq: u64::from(seq),
                     transaction: None,
                 };

@@ -7,6 +7,8 @@
 //! - [`pipeline`]: `run`: sessions, restart policy, slot decisions, graceful shutdown.
 //! - [`replication`]: the LSN-progress essay, slot state, pgoutput decoder, listener.
 //! - [`snapshot`]: the initial snapshot under the slot's exported snapshot.
+//! - [`incremental`]: incremental (re-)snapshots while streaming: key-ordered chunks between
+//!   watermarks, requested through `walrelay.snapshot_signal` (`walrelay-producer snapshot`).
 //! - [`error`]: [`error::RunError`], why a session ends: transient (a new session) or definite.
 //! - [`checkpoint`]: which LSN may be confirmed (only what Kafka acknowledged).
 //! - [`ddl`]: schema events: event-trigger capture, the schema registry, the Relation fallback.
@@ -37,6 +39,7 @@ pub mod ddl;
 pub mod emit;
 pub mod encode;
 pub mod error;
+pub mod incremental;
 pub mod kafka;
 pub mod metrics;
 pub mod pipeline;

@@ -16,6 +16,9 @@ use walrelay_producer::pipeline::{self, Context};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `snapshot` takes its tables from the command line only: a configured list (file or
+    // WALRELAY_TABLES) names what is captured, not what to read again.
+    let tables_given = std::env::args().any(|a| a == "--tables" || a.starts_with("--tables="));
     let file = match cli.config.as_deref().map(Options::from_file).transpose() {
         Ok(f) => f.unwrap_or_default(),
         Err(e) => return usage(&e),
@@ -36,7 +39,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(try_main(cli.command, settings))
+    runtime.block_on(try_main(cli.command, settings, tables_given))
 }
 
 fn usage(e: &dyn std::fmt::Display) -> ExitCode {
@@ -44,7 +47,7 @@ fn usage(e: &dyn std::fmt::Display) -> ExitCode {
     ExitCode::from(2)
 }
 
-async fn try_main(command: Command, settings: Settings) -> ExitCode {
+async fn try_main(command: Command, settings: Settings, tables_given: bool) -> ExitCode {
     match command {
         Command::Check { json } => {
             let report = commands::check(&settings).await;
@@ -124,10 +127,69 @@ async fn try_main(command: Command, settings: Settings) -> ExitCode {
                         t.table, t.rows, t.chunks_done, t.chunks_total, t.percent
                     );
                 }
+                if !st.incremental.is_empty() {
+                    println!("incremental snapshots:");
+                }
+                for r in &st.incremental {
+                    println!(
+                        "  {} (request {}, {}): {} | {} rows, {} chunks, {} dropped by window | last key {}{}{}",
+                        r.table,
+                        r.request,
+                        r.origin,
+                        r.state,
+                        r.rows,
+                        r.chunks,
+                        r.dropped,
+                        r.last_key
+                            .as_ref()
+                            .map_or_else(|| "-".to_string(), |k| format!("({})", k.join(", "))),
+                        r.where_clause
+                            .as_ref()
+                            .map_or_else(String::new, |w| format!(" | where {w}")),
+                        r.error
+                            .as_ref()
+                            .map_or_else(String::new, |e| format!(" | error: {e}")),
+                    );
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => fail(&e),
         },
+        Command::Snapshot {
+            where_clause,
+            cancel,
+        } => {
+            if !tables_given {
+                return usage(
+                    &"snapshot needs --tables (the tables to snapshot again; `*` patterns allowed)",
+                );
+            }
+            match walrelay_producer::incremental::request(
+                &settings,
+                where_clause.as_deref(),
+                cancel,
+            )
+            .await
+            {
+                Ok(report) if cancel && report.tables.is_empty() => {
+                    println!("no incremental snapshot under way for these tables");
+                    ExitCode::SUCCESS
+                }
+                Ok(report) => {
+                    for (table, id) in &report.tables {
+                        if cancel {
+                            println!("{table}: incremental snapshot cancelled (request {id})");
+                        } else {
+                            println!(
+                                "{table}: incremental snapshot requested (request {id}); `walrelay-producer status` shows its progress"
+                            );
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
         Command::Destroy { force } => match commands::destroy(&settings, force).await {
             Ok(done) => {
                 for d in done {

@@ -48,6 +48,13 @@ pub struct Metrics {
     pub snapshot_rows: IntCounterVec,
     /// Snapshot progress per table, 0 to 1.
     pub snapshot_progress: GaugeVec,
+    /// Incremental-snapshot rows emitted, per table.
+    pub incremental_rows: IntCounterVec,
+    /// Incremental-snapshot chunks completed (acknowledged by Kafka), per table.
+    pub incremental_chunks: IntCounterVec,
+    /// Incremental-snapshot rows dropped because the stream changed their key inside the
+    /// chunk's watermark window, per table.
+    pub incremental_dropped: IntCounterVec,
     /// Errors by kind.
     pub errors: IntCounterVec,
     /// Schema events, by origin (`trigger`, `relation`, `snapshot`).
@@ -173,6 +180,27 @@ impl Metrics {
                 ),
                 &["table"],
             )?,
+            incremental_rows: IntCounterVec::new(
+                Opts::new(
+                    "walrelay_producer_incremental_snapshot_rows_total",
+                    "Rows emitted by incremental snapshots (op r, source.incremental), per table.",
+                ),
+                &["table"],
+            )?,
+            incremental_chunks: IntCounterVec::new(
+                Opts::new(
+                    "walrelay_producer_incremental_snapshot_chunks_total",
+                    "Incremental-snapshot chunks whose rows Kafka acknowledged, per table.",
+                ),
+                &["table"],
+            )?,
+            incremental_dropped: IntCounterVec::new(
+                Opts::new(
+                    "walrelay_producer_incremental_snapshot_dropped_rows_total",
+                    "Chunk rows dropped because the stream changed their key between the chunk's watermarks (the streamed change is newer), per table.",
+                ),
+                &["table"],
+            )?,
             errors: IntCounterVec::new(
                 Opts::new("walrelay_producer_errors_total", "Errors, by kind."),
                 &["kind"],
@@ -223,6 +251,9 @@ impl Metrics {
             Box::new(m.source_lag_seconds.clone()),
             Box::new(m.snapshot_rows.clone()),
             Box::new(m.snapshot_progress.clone()),
+            Box::new(m.incremental_rows.clone()),
+            Box::new(m.incremental_chunks.clone()),
+            Box::new(m.incremental_dropped.clone()),
             Box::new(m.errors.clone()),
             Box::new(m.schema_events.clone()),
             Box::new(m.slot_safe_wal_bytes.clone()),

@@ -391,6 +391,30 @@ async fn stream(ctx: &Context, p: Prepared) -> Result<(), RunError> {
         .unwrap_or(0);
     let registry = Registry::load(&ctl, &s.slot, confirmed).await?;
     let ddl_key = read_ddl_key(&ctl).await;
+    // Incremental snapshots: a worker of their own, on connections of their own; its
+    // watermarks are authenticated with the DDL key, so without it there are none.
+    let stop_worker = tokio_util::sync::CancellationToken::new();
+    let incremental = if ddl_key.is_some() {
+        let hub = crate::incremental::Hub::new();
+        let worker = crate::incremental::Worker {
+            postgres: s.postgres.clone(),
+            slot: s.slot.clone(),
+            publication: s.publication.clone(),
+            chunk_rows: s.incremental_chunk_rows,
+            auto_start: s.snapshot == SnapshotMode::Initial,
+            hub: Arc::clone(&hub),
+            checkpointer: Arc::clone(&checkpointer),
+            writer: Arc::clone(&writer),
+            metrics: Arc::clone(&ctx.metrics),
+        };
+        tokio::spawn(worker.run(stop_worker.clone()));
+        Some(hub)
+    } else {
+        tracing::warn!(
+            "Incremental snapshots are off: this role cannot read walrelay.ddl_key, which authenticates their watermarks"
+        );
+        None
+    };
     let listener = Listener {
         client: &mut client,
         catalog: Catalog::new(&ctl),
@@ -403,8 +427,10 @@ async fn stream(ctx: &Context, p: Prepared) -> Result<(), RunError> {
         ddl_statement: s.ddl_statement,
         skip_through,
         writer: Arc::clone(&writer),
+        incremental,
     };
     let result = listener.run(&ctx.shutdown).await;
+    stop_worker.cancel();
     poller.abort();
     ctx.metrics.slot_active.set(0);
     // Under exactly-once a session that failed aborts its open Kafka transaction (so

@@ -108,6 +108,7 @@ impl SnapshotJob {
             txid: 0,
             ts_ms: self.started_ms,
             snapshot: true,
+            incremental: false,
             seq: 0,
             transaction: None,
         }

@@ -11,6 +11,7 @@ mod crash;
 mod ddl;
 mod exactly_once;
 mod failover;
+mod incremental;
 mod large;
 mod memory;
 mod outage;

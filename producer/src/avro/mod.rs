@@ -262,7 +262,9 @@ impl AvroCodec {
         binary::branch(out, 0);
         binary::bytes(
             out,
-            if meta.snapshot {
+            if meta.incremental {
+                b"incremental".as_slice()
+            } else if meta.snapshot {
                 b"true".as_slice()
             } else {
                 b"false".as_slice()

@@ -33,6 +33,11 @@ pub async fn init(s: &Settings) -> Result<InitReport, PgError> {
     c.batch_execute(capture::FUNCTIONS)
         .await
         .map_err(PgError::query("creating walrelay's schema functions"))?;
+    c.batch_execute(crate::incremental::STATE)
+        .await
+        .map_err(PgError::query(
+            "creating walrelay's incremental-snapshot state",
+        ))?;
     // The key that authenticates trigger messages: random, readable by its owner only.
     let key: [u8; 32] = rand::random();
     c.execute(
@@ -75,9 +80,11 @@ pub async fn init(s: &Settings) -> Result<InitReport, PgError> {
     }
     crate::policy::check_keys(&c, &s.columns, &tables).await?;
     let filtered = crate::policy::filters_of(&s.row_filters, &tables)?;
+    // walrelay's signal table rides in the publication: requests are ordered with the stream.
     let list = tables
         .iter()
         .map(TableRef::sql_name)
+        .chain(std::iter::once("walrelay.snapshot_signal".to_string()))
         .collect::<Vec<_>>()
         .join(", ");
     let exists = catalog::publication_exists(&c, &s.publication).await?;
@@ -126,6 +133,8 @@ pub struct Status {
     pub snapshot_status: Option<String>,
     /// Per-table snapshot progress.
     pub snapshot_tables: Vec<TableProgress>,
+    /// Incremental snapshots of this slot, newest first.
+    pub incremental: Vec<crate::incremental::RequestProgress>,
 }
 
 /// Snapshot progress of one table.
@@ -149,7 +158,9 @@ pub async fn status(s: &Settings) -> Result<Status, PgError> {
     let info = slot::slot_info(&c, &s.slot).await?;
     let mut snapshot_status = None;
     let mut snapshot_tables = Vec::new();
+    let mut incremental = Vec::new();
     if slot::state_exists(&c).await? {
+        incremental = crate::incremental::progress(&c, &s.slot).await?;
         let row = c
             .query_opt(
                 "SELECT snapshot_status FROM walrelay.slot_state WHERE slot_name = $1",
@@ -186,6 +197,7 @@ pub async fn status(s: &Settings) -> Result<Status, PgError> {
         slot_info: info,
         snapshot_status,
         snapshot_tables,
+        incremental,
     })
 }
 
@@ -261,6 +273,19 @@ pub async fn destroy(s: &Settings, force: bool) -> Result<Vec<String>, DestroyEr
                 .get(0);
             if filters {
                 slot::clear(&c, "capture_filter", "publication", &s.publication).await?;
+            }
+            let incremental: bool = c
+                .query_one(
+                    "SELECT to_regclass('walrelay.incremental_snapshot') IS NOT NULL \
+                        AND to_regclass('walrelay.snapshot_signal') IS NOT NULL",
+                    &[],
+                )
+                .await
+                .map_err(PgError::query("looking for walrelay.incremental_snapshot"))?
+                .get(0);
+            if incremental {
+                slot::clear(&c, "incremental_snapshot", "slot_name", &s.slot).await?;
+                slot::clear(&c, "snapshot_signal", "slot_name", &s.slot).await?;
             }
         }
         let left: i64 = c

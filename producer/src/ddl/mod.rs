@@ -167,6 +167,17 @@ pub fn verify_message(
     xid: u32,
     key: Option<&[u8]>,
 ) -> Result<TriggerMessage, ChannelError> {
+    verify_channel(content, xid, key)
+}
+
+/// Checks a `v1:<mac>:<body>` message of transaction `xid` with `key` and parses its JSON
+/// body: the format of every authenticated channel (DDL triggers, incremental-snapshot
+/// watermarks).
+pub fn verify_channel<T: serde::de::DeserializeOwned>(
+    content: &[u8],
+    xid: u32,
+    key: Option<&[u8]>,
+) -> Result<T, ChannelError> {
     use hmac::Mac as _;
     let key = key.ok_or(ChannelError::NoKey)?;
     let rest = content

@@ -6,7 +6,7 @@
 //! kind of message: `begin`, `commit`, `keepalive`, `relation`, `insert`, `update`, `delete`,
 //! `truncate` and `ddl_message`. Every event leaves through [`crate::emit::Emitter`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use walrelay_common::event::Op;
 use walrelay_common::transaction::{DataCollection, Status, TransactionRecord, transaction_id};
 
+mod incremental;
 mod schema;
 
 use self::schema::Rejections;
@@ -28,6 +29,7 @@ use crate::ddl::{Registry, TableSchema};
 use crate::emit::{Emitter, RowChange};
 use crate::encode::{ColumnShape, EventMeta, Image, TableShape, TxnOrder};
 use crate::error::RunError;
+use crate::incremental::{Hub, Outcome, WATERMARK_PREFIX};
 use crate::kafka::Writer;
 use crate::metrics::Metrics;
 
@@ -109,6 +111,8 @@ pub struct Listener<'a> {
     /// Under exactly-once: the end LSN Kafka already holds; transactions ending at or below
     /// it are not written again (0: none).
     pub skip_through: u64,
+    /// Incremental snapshots: the chunk windows shared with the worker (`None`: off).
+    pub incremental: Option<Arc<Hub>>,
 }
 
 /// A table as the last Relation message described it.
@@ -180,6 +184,8 @@ impl Listener<'_> {
                 since_log: 0,
             },
             shutdown: shutdown.clone(),
+            walrelay_tables: HashSet::new(),
+            chunk_acks: Vec::new(),
         };
         let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
         loop {
@@ -226,6 +232,11 @@ struct Stream<'a> {
     rejections: Rejections,
     /// Cancelled on SIGTERM/SIGINT: a Kafka commit waiting on an absent broker gives way.
     shutdown: CancellationToken,
+    /// walrelay's own published tables (the snapshot signal table): never emitted.
+    walrelay_tables: HashSet<u32>,
+    /// Incremental-snapshot chunks emitted in the open transaction: told its end LSN at
+    /// commit (rows, dropped).
+    chunk_acks: Vec<(tokio::sync::oneshot::Sender<Outcome>, u64, u64)>,
 }
 
 /// How long a stop waits for the last Kafka commit (exactly-once) before leaving the open
@@ -326,6 +337,12 @@ impl Stream<'_> {
                 lsn,
                 transactional: true,
             } if prefix == MESSAGE_PREFIX => self.ddl_message(&content, lsn).await,
+            ReplicationEvent::Message {
+                prefix,
+                content,
+                lsn,
+                transactional: true,
+            } if prefix == WATERMARK_PREFIX => self.watermark(&content, lsn).await,
             // Other logical messages carry no row changes.
             ReplicationEvent::Message { .. } => Ok(()),
             ReplicationEvent::StoppedAt { .. } => Err(RunError::Replication(
@@ -392,6 +409,13 @@ impl Stream<'_> {
         self.io
             .checkpointer
             .commit_at(t.id, end_lsn, sent, commit_us);
+        for (reply, rows, dropped) in self.chunk_acks.drain(..) {
+            let _ = reply.send(Outcome::Emitted {
+                rows,
+                dropped,
+                end_lsn,
+            });
+        }
         if t.muted {
             self.io.writer.set_muted(false);
         }
@@ -456,6 +480,11 @@ impl Stream<'_> {
         name: &str,
         columns: &[pgoutput::Column<'_>],
     ) -> Result<(), RunError> {
+        if namespace == crate::incremental::SIGNAL_TABLE.0 {
+            // walrelay's own table in the publication: read, never emitted.
+            self.walrelay_tables.insert(oid);
+            return Ok(());
+        }
         let mut shaped = Vec::with_capacity(columns.len());
         for c in columns {
             let kind = self
@@ -567,7 +596,27 @@ impl Stream<'_> {
         op: Op,
         change: &RowChange<'_, '_>,
     ) -> Result<(), RunError> {
+        if self.walrelay_tables.contains(&oid) {
+            if op == Op::Create
+                && let Some(hub) = &self.io.incremental
+            {
+                hub.poke();
+            }
+            return Ok(());
+        }
         self.settle(oid, lsn).await?;
+        if let Some(hub) = &self.io.incremental
+            && hub.watching()
+        {
+            let shape = shape_of(&self.relations, oid)?;
+            let key: Vec<Cell<'_>> = shape
+                .key_columns
+                .iter()
+                .map(|&i| change.key_row.get(i).copied().unwrap_or(Cell::Null))
+                .collect();
+            let xid = self.txn.as_ref().map_or(0, |t| t.xid);
+            hub.changed(oid, xid, &key);
+        }
         let Self {
             io,
             relations,
@@ -591,6 +640,18 @@ impl Stream<'_> {
     }
 
     async fn truncate(&mut self, lsn: u64, oids: &[u32]) -> Result<(), RunError> {
+        let oids: Vec<u32> = oids
+            .iter()
+            .copied()
+            .filter(|o| !self.walrelay_tables.contains(o))
+            .collect();
+        if let Some(hub) = &self.io.incremental {
+            let xid = self.txn.as_ref().map_or(0, |t| t.xid);
+            for &oid in &oids {
+                hub.truncated(oid, xid);
+            }
+        }
+        let oids = &oids[..];
         for &oid in oids {
             self.settle(oid, lsn).await?;
         }
@@ -663,6 +724,7 @@ fn meta(t: &OpenTxn, op: Op, lsn: u64) -> EventMeta {
         txid: u64::from(t.xid),
         ts_ms: t.ts_ms,
         snapshot: false,
+        incremental: false,
         seq: t.seq,
         transaction: None,
     }
