@@ -312,6 +312,13 @@ mod tests {
             .set(1.0);
         m.errors.with_label_values(&["postgres"]).inc();
         m.schema_events.with_label_values(&["trigger"]).inc();
+        for v in [
+            &m.incremental_rows,
+            &m.incremental_chunks,
+            &m.incremental_dropped,
+        ] {
+            v.with_label_values(&["public.t"]).inc();
+        }
         let names: Vec<String> = m
             .registry
             .gather()
