@@ -237,7 +237,7 @@ pub struct Options {
     pub max_buffer_bytes: Option<u64>,
     /// Largest event written whole, e.g. 16MiB: the Kafka client's
     /// message.max.bytes and the created topics' max.message.bytes. A larger event goes in chunks
-    /// to <topic>.oversized and its row carries a reference in place of its largest values
+    /// to `<topic>.oversized` and its row carries a reference in place of its largest values
     /// [default: 16MiB, or half of --max-buffer-bytes when that is less].
     #[arg(long, env = "WALRELAY_MAX_EVENT_BYTES", global = true, value_parser = parse_bytes)]
     #[serde(default, deserialize_with = "options::deserialize_bytes")]

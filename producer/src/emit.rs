@@ -485,7 +485,7 @@ impl Emitter {
 
     /// A row change (insert, update, delete or snapshot read), routed by its key. `on_wait`
     /// runs while the byte budget is spent. Returns the records sent: 1, or with the chunks of
-    /// an event over the topic's limit (see [`Emitter::oversized_row`]).
+    /// an event over the topic's limit (see `Emitter::oversized_row`).
     pub async fn row<F: FnMut()>(
         &mut self,
         shape: &TableShape,
@@ -602,11 +602,16 @@ impl Emitter {
 
     /// The size of the encoded record (key and value).
     fn record_len(&self) -> usize {
-        let key = match self.codec {
-            Codec::Json(_) => self.key.len(),
-            Codec::Avro(_) => self.record_key.len(),
-        };
-        key + self.value.len()
+        self.kafka_key().len() + self.value.len()
+    }
+
+    /// The encoded record's Kafka key: the routing key under JSON, the Avro key record under
+    /// Avro.
+    fn kafka_key(&self) -> &[u8] {
+        match self.codec {
+            Codec::Json(_) => &self.key,
+            Codec::Avro(_) => &self.record_key,
+        }
     }
 
     /// An event over its topic's limit (see `walrelay_common::oversized`): the whole event in
@@ -725,10 +730,7 @@ impl Emitter {
             }
             excess = len - limit + 1024;
         }
-        let key = match self.codec {
-            Codec::Json(_) => &self.key,
-            Codec::Avro(_) => &self.record_key,
-        };
+        let key = self.kafka_key();
         self.writer
             .send_with_header(
                 &topic.name,
@@ -942,10 +944,7 @@ impl Emitter {
         if self.writer.is_muted() {
             return Ok(());
         }
-        let key = match self.codec {
-            Codec::Json(_) => &self.key,
-            Codec::Avro(_) => &self.record_key,
-        };
+        let key = self.kafka_key();
         self.writer
             .send_routed(
                 &topic.name,

@@ -979,16 +979,7 @@ pub async fn request(
     cancel: bool,
 ) -> Result<RequestReport, PgError> {
     let mut c = catalog::connect(&s.postgres).await?;
-    let ready: bool = c
-        .query_one(
-            "SELECT to_regclass('walrelay.incremental_snapshot') IS NOT NULL \
-                AND to_regclass('walrelay.snapshot_signal') IS NOT NULL",
-            &[],
-        )
-        .await
-        .map_err(PgError::query("looking for walrelay.incremental_snapshot"))?
-        .get(0);
-    if !ready {
+    if !installed(&c).await? {
         return Err(PgError::Catalog(
             "walrelay's incremental-snapshot state is missing: run `walrelay-producer init` (this version) first".into(),
         ));
@@ -1169,6 +1160,19 @@ pub async fn progress(c: &Client, slot: &str) -> Result<Vec<RequestProgress>, Pg
             error: r.get(9),
         })
         .collect())
+}
+
+/// Whether `init` created incremental snapshots' tables (`walrelay.incremental_snapshot` and
+/// `walrelay.snapshot_signal`).
+pub async fn installed(c: &tokio_postgres::Client) -> Result<bool, PgError> {
+    Ok(c.query_one(
+        "SELECT to_regclass('walrelay.incremental_snapshot') IS NOT NULL \
+            AND to_regclass('walrelay.snapshot_signal') IS NOT NULL",
+        &[],
+    )
+    .await
+    .map_err(PgError::query("looking for walrelay.incremental_snapshot"))?
+    .get(0))
 }
 
 #[cfg(test)]

@@ -274,16 +274,7 @@ pub async fn destroy(s: &Settings, force: bool) -> Result<Vec<String>, DestroyEr
             if filters {
                 slot::clear(&c, "capture_filter", "publication", &s.publication).await?;
             }
-            let incremental: bool = c
-                .query_one(
-                    "SELECT to_regclass('walrelay.incremental_snapshot') IS NOT NULL \
-                        AND to_regclass('walrelay.snapshot_signal') IS NOT NULL",
-                    &[],
-                )
-                .await
-                .map_err(PgError::query("looking for walrelay.incremental_snapshot"))?
-                .get(0);
-            if incremental {
+            if crate::incremental::installed(&c).await? {
                 slot::clear(&c, "incremental_snapshot", "slot_name", &s.slot).await?;
                 slot::clear(&c, "snapshot_signal", "slot_name", &s.slot).await?;
             }
