@@ -51,18 +51,25 @@ fn producer_bin() -> PathBuf {
     p
 }
 
-/// Where a test's indexes live: the shared OpenSearch node, or a stand-in of the test's own
-/// that injects faults. Names are a table's alias (`public.items`) or an index
-/// (`public.items-v1`), without the test's prefix.
+/// Where a test's indexes live: the shared OpenSearch node, a stand-in of the test's own that
+/// injects faults, or none (a test of another sink). Names are a table's alias
+/// (`public.items`) or an index (`public.items-v1`), without the test's prefix.
 enum Search {
     Real(Indexes),
     StandIn(SearchStandIn, Indexes),
+    Absent,
+}
+
+/// A search call in a test that started no search server.
+fn no_search() -> ! {
+    panic!("this test started no search server (Stack::start_without_search)")
 }
 
 impl Search {
     fn indexes(&self) -> &Indexes {
         match self {
             Search::Real(i) | Search::StandIn(_, i) => i,
+            Search::Absent => no_search(),
         }
     }
 
@@ -74,7 +81,7 @@ impl Search {
     fn stand_in(&self) -> &SearchStandIn {
         match self {
             Search::StandIn(s, _) => s,
-            Search::Real(_) => panic!("this test needs the search stand-in"),
+            Search::Real(_) | Search::Absent => panic!("this test needs the search stand-in"),
         }
     }
 
@@ -86,6 +93,7 @@ impl Search {
         match self {
             Search::Real(i) => i.documents(name).await,
             Search::StandIn(s, i) => s.documents(&i.full(name)),
+            Search::Absent => no_search(),
         }
     }
 
@@ -93,6 +101,7 @@ impl Search {
         match self {
             Search::Real(i) => i.properties(name).await,
             Search::StandIn(s, i) => s.properties(&i.full(name)),
+            Search::Absent => no_search(),
         }
     }
 
@@ -100,6 +109,7 @@ impl Search {
         match self {
             Search::Real(i) => i.meta(name).await,
             Search::StandIn(s, i) => s.meta(&i.full(name)),
+            Search::Absent => no_search(),
         }
     }
 
@@ -107,6 +117,7 @@ impl Search {
         match self {
             Search::Real(i) => i.alias_targets(alias).await,
             Search::StandIn(s, i) => strip(i, s.alias_targets(&i.full(alias))),
+            Search::Absent => no_search(),
         }
     }
 
@@ -114,6 +125,7 @@ impl Search {
         match self {
             Search::Real(i) => i.indices().await,
             Search::StandIn(s, i) => strip(i, s.indices()),
+            Search::Absent => no_search(),
         }
     }
 }
@@ -231,23 +243,14 @@ impl Stack {
 
     /// Postgres, Kafka and the producer streaming `schema_sql`'s database into a topic of
     /// `partitions` partitions (created before the producer starts), for tests that use no
-    /// search server (a stand-in of the test's own only fills the field).
+    /// search server.
     async fn start_without_search(schema_sql: &str, partitions: i32) -> Self {
-        let stand_in = SearchStandIn::start().await;
-        let indexes = Indexes::new(&stand_in.url());
         let broker = KafkaCluster::shared();
         let topic = walrelay_tests::unique("ev").replace('_', ".");
         walrelay_common::kafka::ensure_topic(&broker.client_config(), &topic, partitions)
             .await
             .unwrap_or_else(|e| panic!("create {topic}: {e}"));
-        let mut s = Self::new(
-            schema_sql,
-            Search::StandIn(stand_in, indexes),
-            broker,
-            topic,
-            &[],
-        )
-        .await;
+        let mut s = Self::new(schema_sql, Search::Absent, broker, topic, &[]).await;
         s.spawn_producer();
         s
     }
