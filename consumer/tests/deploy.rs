@@ -143,9 +143,7 @@ async fn dashboards_and_alert_rules_use_only_exposed_metrics() {
     .iter()
     .map(|a| a.to_string())
     .collect();
-    for p in s.broker.client_properties() {
-        args.extend(["--kafka-property".to_string(), p]);
-    }
+    args.extend(s.broker.property_args());
     let log = s.log_path("replicate");
     let mut replicator = Proc::spawn(&consumer_bin(), &args, &[], &log);
     s.wait_equal("items", "public.items", Duration::from_secs(60))

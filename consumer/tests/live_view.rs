@@ -117,9 +117,7 @@ async fn the_live_view_shows_a_new_row_in_a_real_browser() {
     .iter()
     .map(|a| a.to_string())
     .collect();
-    for p in s.broker.client_properties() {
-        args.extend(["--kafka-property".to_string(), p]);
-    }
+    args.extend(s.broker.property_args());
     let log = s.log_path("stream");
     let mut gateway = Proc::spawn(&consumer_bin(), &args, &[], &log);
     let page = format!("http://127.0.0.1:{port}/");

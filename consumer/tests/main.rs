@@ -315,10 +315,7 @@ impl Stack {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        for p in self.broker.client_properties() {
-            args.push("--kafka-property".into());
-            args.push(p);
-        }
+        args.extend(self.broker.property_args());
         args.extend(command.iter().map(|s| s.to_string()));
         args
     }
@@ -350,10 +347,7 @@ impl Stack {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        for p in self.broker.client_properties() {
-            args.push("--kafka-property".into());
-            args.push(p);
-        }
+        args.extend(self.broker.property_args());
         args.extend(extra.iter().map(|s| s.to_string()));
         // The command first, its options after it.
         args.insert(0, command.into());

@@ -83,10 +83,7 @@ fn replicator_args(s: &Stack, t: &Target, extra: &[&str]) -> Vec<String> {
     .iter()
     .map(|a| a.to_string())
     .collect();
-    for p in s.broker.client_properties() {
-        args.push("--kafka-property".into());
-        args.push(p);
-    }
+    args.extend(s.broker.property_args());
     args.extend(extra.iter().map(|a| a.to_string()));
     args
 }

@@ -81,10 +81,7 @@ impl Gateway {
         .iter()
         .map(|a| a.to_string())
         .collect();
-        for p in s.broker.client_properties() {
-            args.push("--kafka-property".into());
-            args.push(p);
-        }
+        args.extend(s.broker.property_args());
         args.extend(extra.iter().map(|a| a.to_string()));
         let log = s.log_path("stream");
         let proc = Proc::spawn(&consumer_bin(), &args, &[], &log);

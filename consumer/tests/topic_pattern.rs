@@ -130,10 +130,7 @@ impl Tables {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        for p in self.broker.client_properties() {
-            args.push("--kafka-property".into());
-            args.push(p);
-        }
+        args.extend(self.broker.property_args());
         args.extend(extra.iter().map(|s| s.to_string()));
         args
     }

@@ -265,6 +265,15 @@ impl KafkaCluster {
         node.child = Some(child);
     }
 
+    /// [`KafkaCluster::client_properties`] as command-line options: `--kafka-property KEY=VALUE`
+    /// for each, as every walrelay binary takes them.
+    pub fn property_args(&self) -> Vec<String> {
+        self.client_properties()
+            .into_iter()
+            .flat_map(|p| ["--kafka-property".to_string(), p])
+            .collect()
+    }
+
     /// librdkafka properties a client of this cluster needs beyond `bootstrap.servers` (none
     /// for a plain cluster), as `KEY=VALUE` for `--kafka-property`.
     pub fn client_properties(&self) -> Vec<String> {
