@@ -2,13 +2,12 @@
 //! watermarks while a writer updates and deletes its rows; the producer killed in the middle;
 //! refusals, `--cancel` and `status`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 use serde_json::{Map, Value};
-use walrelay_common::event::Op;
-use walrelay_tests::topic::{Record, table_state};
+use walrelay_tests::topic::{Record, incremental, table_state, versions_never_go_back};
 
 use crate::support::Env;
 
@@ -113,88 +112,8 @@ fn history(records: &[Record], id: i64) -> String {
 
 /// Checks [`versions_never_go_back`], printing the offending row's history on failure.
 fn check_versions(records: &[Record]) -> usize {
-    versions_never_go_back(records)
+    versions_never_go_back(records, "acct", "id", "version")
         .unwrap_or_else(|(id, e)| panic!("{e}\n{}", history(records, id)))
-}
-
-/// Whether the record is an incremental snapshot row (`source.incremental`).
-fn incremental(r: &Record) -> bool {
-    serde_json::from_slice::<Value>(&r.value)
-        .ok()
-        .and_then(|v| v["source"]["incremental"].as_bool())
-        == Some(true)
-}
-
-/// In topic order per partition: no row event of `acct` carries a version below one already
-/// seen for its key, and no snapshot row brings back a deleted key (re-sent copies of streamed
-/// changes aside). Returns the number of
-/// incremental rows checked.
-fn versions_never_go_back(records: &[Record]) -> Result<usize, (i64, String)> {
-    let mut sorted: Vec<&Record> = records.iter().collect();
-    sorted.sort_by_key(|r| (r.partition, r.offset));
-    // (partition, id) -> latest version, or None once deleted.
-    let mut seen: HashMap<(i32, i64), Option<i64>> = HashMap::new();
-    let mut checked = 0;
-    // A restart sends the unconfirmed window again (at-least-once): a streamed change seen
-    // before, by its `(commit_lsn, seq)`, is a byte-identical copy and is skipped.
-    let mut streamed: HashSet<(i32, u64, u64)> = HashSet::new();
-    for r in sorted {
-        let e = r.envelope();
-        if e.source.table != "acct" {
-            continue;
-        }
-        if !e.source.snapshot && !streamed.insert((r.partition, e.source.commit_lsn, e.source.seq))
-        {
-            continue;
-        }
-        let inc = incremental(r);
-        match e.op {
-            Op::Create | Op::Update | Op::Read => {
-                let after = e.after.unwrap_or_default();
-                let id = after["id"]
-                    .as_i64()
-                    .ok_or((0, "a row without id".to_string()))?;
-                let v = after["version"]
-                    .as_i64()
-                    .ok_or((id, "a row without version".to_string()))?;
-                match seen.get(&(r.partition, id)) {
-                    Some(Some(prev)) if v < *prev => {
-                        return Err((
-                            id,
-                            format!(
-                                "id {id}: version {v} at offset {} after version {prev} (incremental: {inc})",
-                                r.offset
-                            ),
-                        ));
-                    }
-                    Some(None) if e.op == Op::Read => {
-                        return Err((
-                            id,
-                            format!(
-                                "id {id}: a snapshot row at offset {} after its delete",
-                                r.offset
-                            ),
-                        ));
-                    }
-                    _ => {}
-                }
-                if inc {
-                    checked += 1;
-                }
-                seen.insert((r.partition, id), Some(v));
-            }
-            Op::Delete => {
-                let id = e
-                    .before
-                    .as_ref()
-                    .and_then(|b| b["id"].as_i64())
-                    .ok_or((0, "a delete without id".to_string()))?;
-                seen.insert((r.partition, id), None);
-            }
-            _ => {}
-        }
-    }
-    Ok(checked)
 }
 
 /// `(state, rows, chunks, dropped)` of the table's newest request.

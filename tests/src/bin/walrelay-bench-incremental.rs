@@ -11,14 +11,15 @@
 //!                            [--baseline-seconds S]
 //! ```
 //!
-//! Defaults: 1 000 000 rows, 200 one-row update transactions a second, 4096 rows per chunk,
-//! 10 s of baseline. Build the producer next to it first (`cargo build --release -p
+//! Defaults: 1 000 000 rows, 200 one-row transactions a second (pgbench: updates, deletes and
+//! upserts), 4096 rows per chunk, 10 s of baseline. After the latency phase, a second
+//! re-snapshot is interrupted by SIGKILL half-way and resumed, and the topic, read to its end,
+//! must rebuild the table exactly with no row event older than one before it for its key. Build the producer next to it first (`cargo build --release -p
 //! walrelay-producer -p walrelay-tests --bins`); debug-build figures are not comparable.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use rand::Rng;
 use walrelay_tests::kafka::KafkaCluster;
 use walrelay_tests::postgres::PgCluster;
 use walrelay_tests::process::Proc;
@@ -229,27 +230,65 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // A steady writer: `rate` one-row update transactions a second.
-    let url = pg.url(&db);
-    let (rows, rate) = (args.rows as i64, args.rate);
-    let stop = stop_flag();
-    let writer_stop = std::sync::Arc::clone(&stop);
-    let writer = tokio::spawn(async move {
-        let (w, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-        tokio::spawn(conn);
-        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
-        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
-        let mut n = 0u64;
-        while !writer_stop.load(std::sync::atomic::Ordering::Relaxed) {
-            tick.tick().await;
-            let id = rng.gen_range(1..=rows);
-            w.execute("UPDATE items SET v = v + 1 WHERE id = $1", &[&id])
-                .await?;
-            n += 1;
-        }
-        Ok::<u64, anyhow::Error>(n)
-    });
+    // The writer: pgbench at `rate` one-row transactions a second, Poisson-paced: 80 %
+    // updates (v + 1), 10 % deletes, 10 % upserts (a deleted key comes back, others get v + 1).
+    let scripts = tempfile::tempdir()?;
+    let rows = args.rows;
+    for (name, sql) in [
+        (
+            "update.sql",
+            format!("\\set id random(1, {rows})\nUPDATE items SET v = v + 1 WHERE id = :id;\n"),
+        ),
+        (
+            "delete.sql",
+            format!("\\set id random(1, {rows})\nDELETE FROM items WHERE id = :id;\n"),
+        ),
+        (
+            "upsert.sql",
+            format!(
+                "\\set id random(1, {rows})\nINSERT INTO items VALUES (:id, 0, 'again') \
+                 ON CONFLICT (id) DO UPDATE SET v = items.v + 1;\n"
+            ),
+        ),
+    ] {
+        std::fs::write(scripts.path().join(name), sql)?;
+    }
+    let script = |n: &str, w: u32| format!("{}@{w}", scripts.path().join(n).display());
+    let pgbench = walrelay_tests::postgres::bin_dir().join("pgbench");
+    let writes_before = table_writes(&c).await?;
+    let mut writer = std::process::Command::new(&pgbench)
+        .args([
+            "-n",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-c",
+            "4",
+            "-j",
+            "2",
+        ])
+        .args([
+            "-p",
+            &pg.port().to_string(),
+            "-R",
+            &args.rate.to_string(),
+            "-T",
+            "36000",
+        ])
+        .args([
+            "-f",
+            &script("update.sql", 80),
+            "-f",
+            &script("delete.sql", 10),
+        ])
+        .args(["-f", &script("upsert.sql", 10), &db])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", pgbench.display()))?;
 
+    // 1. Latency: a baseline, then a re-snapshot.
     let http = reqwest::Client::new();
     let scrape = || async {
         Ok::<_, anyhow::Error>((
@@ -263,16 +302,9 @@ async fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     run(&["--tables", "public.items", "snapshot"])?;
     let (done_rows, chunks, dropped) = loop {
-        let r = c
-            .query_one(
-                "SELECT state, rows_done, chunks_done, rows_dropped FROM walrelay.incremental_snapshot \
-                 ORDER BY request_id DESC LIMIT 1",
-                &[],
-            )
-            .await?;
-        let state: String = r.get(0);
+        let (state, rows_done, chunks_done, rows_dropped) = newest(&c).await?;
         if state == "done" {
-            break (r.get::<_, i64>(1), r.get::<_, i64>(2), r.get::<_, i64>(3));
+            break (rows_done, chunks_done, rows_dropped);
         }
         if state == "failed" || p.try_exit().is_some() {
             bail!(
@@ -284,11 +316,8 @@ async fn main() -> anyhow::Result<()> {
     };
     let secs = t0.elapsed().as_secs_f64();
     let h2 = scrape().await?;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let writes = writer.await??;
-    p.terminate();
     println!(
-        "incremental snapshot of {} rows under {} update transactions/s",
+        "incremental snapshot of {} rows under {} one-row transactions/s (pgbench: 80 % updates, 10 % deletes, 10 % upserts)",
         args.rows, args.rate
     );
     println!(
@@ -313,11 +342,149 @@ async fn main() -> anyhow::Result<()> {
             ms(quantile(&a.1, &b.1, 0.99)),
         );
     }
-    println!("  writes during the run: {writes}");
+
+    // 2. Resume: a second re-snapshot, the producer SIGKILLed once half of its chunks are
+    // done, then started again; it must go on from the last completed chunk.
+    run(&["--tables", "public.items", "snapshot"])?;
+    let at_kill = loop {
+        let (state, rows_done, chunks_done, _) = newest(&c).await?;
+        if state == "done" {
+            bail!(
+                "the second re-snapshot finished before it could be interrupted: lower --chunk-rows"
+            );
+        }
+        if chunks_done as u64 * args.chunk_rows * 2 >= args.rows {
+            break (rows_done, chunks_done);
+        }
+        if p.try_exit().is_some() {
+            bail!("the producer exited:\n{}", p.log());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    p.kill9();
+    let resumed = newest(&c).await?.2;
+    let mut p = Proc::spawn(
+        &producer,
+        &args_run,
+        &[],
+        &logs.path().join("producer-2.log"),
+    );
+    let (rows2, chunks2) = loop {
+        let (state, rows_done, chunks_done, _) = newest(&c).await?;
+        if state == "done" {
+            break (rows_done, chunks_done);
+        }
+        if state == "failed" || p.try_exit().is_some() {
+            bail!(
+                "the resumed re-snapshot did not complete ({state}):\n{}",
+                p.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!(
+        "  resume: SIGKILL after {} chunks ({} rows); progress at restart {resumed} chunks; done with {chunks2} chunks, {rows2} rows",
+        at_kill.1, at_kill.0
+    );
+
+    // 3. The check: writes stop, the slot is confirmed past them, and the topic read to its
+    // end rebuilds the table exactly, with no row event older than one before it.
+    if let Some(status) = writer.try_wait()? {
+        let out = writer.wait_with_output()?;
+        bail!(
+            "pgbench stopped early ({status}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    writer.kill()?;
+    writer.wait()?;
+    let writes = table_writes(&c).await? - writes_before;
+    println!("  writes: {writes} rows inserted, updated or deleted");
+    let target: String = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let caught_up: Option<bool> = c
+            .query_opt(
+                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'bench'",
+                &[&target],
+            )
+            .await?
+            .and_then(|r| r.get(0));
+        if caught_up == Some(true) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the slot was not confirmed past the writes:\n{}", p.log());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    p.terminate();
+    let records = tokio::task::block_in_place(|| {
+        walrelay_tests::topic::read_to_end(
+            &kafka.brokers(),
+            "bench.incremental",
+            Duration::from_secs(600),
+        )
+    });
+    let got = walrelay_tests::topic::table_state(&records, "public", "items", "id");
+    let table: std::collections::BTreeMap<String, serde_json::Map<String, serde_json::Value>> = c
+        .query("SELECT id, v, t FROM items", &[])
+        .await?
+        .iter()
+        .map(|r| {
+            let id: i64 = r.get(0);
+            let mut m = serde_json::Map::new();
+            m.insert("id".into(), id.into());
+            m.insert("v".into(), r.get::<_, i32>(1).into());
+            m.insert("t".into(), r.get::<_, Option<String>>(2).into());
+            (id.to_string(), m)
+        })
+        .collect();
+    let differing = table
+        .keys()
+        .chain(got.keys())
+        .filter(|k| table.get(*k) != got.get(*k))
+        .count();
+    let order = walrelay_tests::topic::versions_never_go_back(&records, "items", "id", "v");
+    println!(
+        "  check: {} records read; topic-rebuilt table {} rows vs Postgres {} rows, {differing} keys differ; order per key: {}",
+        records.len(),
+        got.len(),
+        table.len(),
+        match &order {
+            Ok(n) => format!("ok ({n} incremental rows checked)"),
+            Err((id, why)) => format!("VIOLATED at id {id}: {why}"),
+        }
+    );
+    if differing > 0 || order.is_err() {
+        bail!("the topic does not rebuild the table in order");
+    }
     Ok(())
 }
 
-/// A stop flag shared with the writer task.
-fn stop_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
-    std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false))
+/// Rows of `items` inserted, updated or deleted so far, by the statistics (which trail by up
+/// to a second).
+async fn table_writes(c: &tokio_postgres::Client) -> anyhow::Result<i64> {
+    let r = c
+        .query_one(
+            "SELECT (n_tup_ins + n_tup_upd + n_tup_del)::int8 FROM pg_stat_user_tables WHERE relname = 'items'",
+            &[],
+        )
+        .await?;
+    Ok(r.get(0))
+}
+
+/// `(state, rows_done, chunks_done, rows_dropped)` of the newest incremental snapshot request.
+async fn newest(c: &tokio_postgres::Client) -> anyhow::Result<(String, i64, i64, i64)> {
+    let r = c
+        .query_one(
+            "SELECT state, rows_done, chunks_done, rows_dropped FROM walrelay.incremental_snapshot \
+             ORDER BY request_id DESC LIMIT 1",
+            &[],
+        )
+        .await?;
+    Ok((r.get(0), r.get(1), r.get(2), r.get(3)))
 }
