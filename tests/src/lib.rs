@@ -1,5 +1,6 @@
 //! Test support for walrelay: a throwaway Postgres cluster, real Apache Kafka and OpenSearch
-//! nodes, a topic reader and the table state rebuilt from a topic.
+//! nodes, a fault proxy, a topic reader and the table state rebuilt from a
+//! topic.
 //!
 //! # Layout
 //!
@@ -16,6 +17,8 @@
 //!   and Apache Flink.
 //! - [`topic`]: reads every record of a topic and rebuilds table state from envelopes.
 //! - [`certs`]: a throwaway CA issuing server and client certificates (PEM files).
+//! - [`faultproxy`]: a TCP proxy on loopback whose faults a test turns on at run time: latency,
+//!   a bandwidth limit, cut connections, a blackout (a hung network) until restored.
 //! - [`process`]: spawns walrelay binaries with logs in a file; SIGTERM and SIGKILL.
 //! - [`search`]: an Elasticsearch/OpenSearch stand-in over HTTP, only for what a real server
 //!   cannot do on cue: injected 429s and 5xx answers, slow answers, and a discard mode for the
@@ -23,6 +26,7 @@
 
 pub mod broker;
 pub mod certs;
+pub mod faultproxy;
 pub mod kafka;
 pub mod opensearch;
 pub mod postgres;
