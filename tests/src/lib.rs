@@ -7,7 +7,8 @@
 //! - [`postgres`]: `initdb` in a temporary folder, a free port, `wal_level=logical`; stopped on
 //!   drop. As root, the server runs as the `postgres` user (initdb refuses root).
 //! - [`kafka`]: Apache Kafka (KRaft) from Maven Central: one shared single-node cluster per test
-//!   binary, or a cluster of one or three nodes of a test's own (kill, restart, find leaders).
+//!   binary, or a cluster of one or three nodes of a test's own (kill, restart, find leaders),
+//!   whose clients may reach each node only through a [`faultproxy::FaultProxy`].
 //! - [`opensearch`]: an OpenSearch node from Maven Central shared per test binary, and
 //!   [`opensearch::Indexes`], one test's view of its indexes under a unique prefix.
 //! - [`broker`]: the librdkafka mock-cluster host, for benchmarks that measure the producer
