@@ -156,11 +156,15 @@ impl KafkaCluster {
             .stderr(Stdio::null())
             .spawn()
             .expect("start the Kafka watchdog");
-        // A cluster id is 16 random bytes in URL-safe base64 without padding.
-        let cluster_id = {
+        // A cluster id is 16 random bytes in URL-safe base64 without padding, not starting
+        // with '-': the storage tool would read it as an option (one id in 64 did).
+        let cluster_id = loop {
             use base64::Engine;
             let bytes: [u8; 16] = rand::random();
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+            let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+            if !id.starts_with('-') {
+                break id;
+            }
         };
         let (run_args, client_properties) = match sec {
             None => (Vec::new(), Vec::new()),
