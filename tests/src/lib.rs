@@ -1,5 +1,5 @@
 //! Test support for walrelay: a throwaway Postgres cluster, real Apache Kafka and OpenSearch
-//! nodes, a fault proxy, a topic reader and the table state rebuilt from a
+//! nodes, a real Prometheus, a fault proxy, a topic reader and the table state rebuilt from a
 //! topic.
 //!
 //! # Layout
@@ -20,6 +20,9 @@
 //! - [`certs`]: a throwaway CA issuing server and client certificates (PEM files).
 //! - [`faultproxy`]: a TCP proxy on loopback whose faults a test turns on at run time: latency,
 //!   a bandwidth limit, cut connections, a blackout (a hung network) until restored.
+//! - [`prometheus`]: a real Prometheus (Debian's binary, `tests/services/prometheus/`) running
+//!   the repository's scrape config and alert rules against a test's loopback targets; queries,
+//!   alerts and their history, and every query of the Grafana dashboards evaluated.
 //! - [`process`]: spawns walrelay binaries with logs in a file; SIGTERM and SIGKILL.
 //! - [`search`]: an Elasticsearch/OpenSearch stand-in over HTTP, only for what a real server
 //!   cannot do on cue: injected 429s and 5xx answers, slow answers, and a discard mode for the
@@ -32,6 +35,7 @@ pub mod kafka;
 pub mod opensearch;
 pub mod postgres;
 pub mod process;
+pub mod prometheus;
 pub mod registry;
 pub mod search;
 pub mod topic;
