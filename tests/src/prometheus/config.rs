@@ -1,5 +1,7 @@
 //! The repository's scrape config rewritten for a test: targets, intervals and rule paths only.
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -15,9 +17,22 @@ pub struct Config {
     pub base: PathBuf,
     /// For a static target `host:port` of the base config: the loopback addresses that replace
     /// it. A host may be given more than once.
-    pub targets: Vec<(String, std::net::SocketAddr)>,
+    pub targets: Vec<(String, SocketAddr)>,
+    /// Targets the base config has no host for (say a `replicate` consumer): one more static
+    /// target group in an existing job, with these labels.
+    pub extra: Vec<ExtraTarget>,
     /// Scrape and rule evaluation interval.
     pub interval: Duration,
+}
+
+/// A target added to a job of the base config ([`Config::extra`]).
+#[derive(Debug, Clone)]
+pub struct ExtraTarget {
+    /// An existing `job_name`, e.g. `walrelay-consumer`.
+    pub job: String,
+    pub addr: SocketAddr,
+    /// Target labels, e.g. `component`.
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Default for Config {
@@ -25,6 +40,7 @@ impl Default for Config {
         Self {
             base: repo_root().join("deploy/prometheus/prometheus.yml"),
             targets: Vec::new(),
+            extra: Vec::new(),
             interval: Duration::from_secs(2),
         }
     }
@@ -32,7 +48,8 @@ impl Default for Config {
 
 /// The base config with targets, intervals and rule paths rewritten (see the module doc).
 pub fn rewrite_config(config: &Config) -> anyhow::Result<String> {
-    for (host, addr) in &config.targets {
+    let extra = config.extra.iter().map(|e| (&e.job, &e.addr));
+    for (host, addr) in config.targets.iter().map(|(h, a)| (h, a)).chain(extra) {
         if !addr.ip().is_loopback() {
             bail!("target {host} = {addr}: tests scrape loopback addresses only");
         }
@@ -104,6 +121,34 @@ pub fn rewrite_config(config: &Config) -> anyhow::Result<String> {
                     .is_some_and(|t| !t.is_empty())
             });
         }
+        for e in &config.extra {
+            let job = jobs
+                .iter_mut()
+                .filter_map(Yaml::as_mapping_mut)
+                .find(|j| j.get("job_name").and_then(Yaml::as_str) == Some(e.job.as_str()))
+                .ok_or_else(|| anyhow!("no job {} in {}", e.job, config.base.display()))?;
+            let mut group = serde_yaml::Mapping::new();
+            group.insert(
+                "targets".into(),
+                Yaml::Sequence(vec![Yaml::from(e.addr.to_string())]),
+            );
+            if !e.labels.is_empty() {
+                let labels = e
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (Yaml::from(k.as_str()), Yaml::from(v.as_str())))
+                    .collect();
+                group.insert("labels".into(), Yaml::Mapping(labels));
+            }
+            let groups = job
+                .entry("static_configs".into())
+                .or_insert_with(|| Yaml::Sequence(Vec::new()));
+            if let Some(groups) = groups.as_sequence_mut() {
+                groups.push(Yaml::Mapping(group));
+            }
+        }
+    } else if let Some(e) = config.extra.first() {
+        bail!("no job {} in {}", e.job, config.base.display());
     }
     serde_yaml::to_string(&doc).context("write the rewritten config")
 }
@@ -115,8 +160,14 @@ mod tests {
     #[test]
     fn rewrites_only_targets_intervals_and_rule_paths() {
         let producer: std::net::SocketAddr = "127.0.0.1:9187".parse().expect("addr");
+        let replicator: SocketAddr = "127.0.0.1:9189".parse().expect("addr");
         let text = rewrite_config(&Config {
             targets: vec![("producer".into(), producer), ("indexer".into(), producer)],
+            extra: vec![ExtraTarget {
+                job: "walrelay-consumer".into(),
+                addr: replicator,
+                labels: [("component".to_string(), "replicator".to_string())].into(),
+            }],
             ..Config::default()
         })
         .expect("rewrite");
@@ -137,8 +188,10 @@ mod tests {
         );
         // The notifier has no address here: its group is left out, the indexer's keeps its labels.
         let groups = jobs[1]["static_configs"].as_sequence().expect("groups");
-        assert_eq!(groups.len(), 1);
+        assert_eq!(groups.len(), 2);
         assert_eq!(groups[0]["labels"]["component"], Yaml::from("indexer"));
+        assert_eq!(groups[1]["targets"][0], Yaml::from("127.0.0.1:9189"));
+        assert_eq!(groups[1]["labels"]["component"], Yaml::from("replicator"));
 
         let remote: std::net::SocketAddr = "192.0.2.1:9187".parse().expect("addr");
         let err = rewrite_config(&Config {

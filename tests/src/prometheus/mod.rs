@@ -7,7 +7,8 @@
 //!
 //! - each static target `host:port` becomes the loopback addresses the test gives for `host`
 //!   (`producer`, `indexer`, `notifier` in the Compose config); a target group whose host has
-//!   none is left out, its job stays (with no targets);
+//!   none is left out, its job stays (with no targets); [`Config::extra`] adds a target group
+//!   (with labels) to a job for a binary the Compose config does not name;
 //! - the global scrape and evaluation intervals, and any job's own scrape interval, become
 //!   [`Config::interval`] (2 s), so a test sees data in seconds;
 //! - rule files are the repository's, by absolute path. The rules' `for:` durations are kept:
@@ -29,7 +30,7 @@ use serde_json::Value;
 mod config;
 mod dashboards;
 
-pub use config::{Config, rewrite_config};
+pub use config::{Config, ExtraTarget, rewrite_config};
 pub use dashboards::{PanelQuery, substitute};
 
 /// The launcher script in this repository.
