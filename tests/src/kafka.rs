@@ -13,9 +13,7 @@
 //! stopped explicitly at exit: statics are never dropped, so each cluster has a watchdog process
 //! that kills its nodes and removes their data once the test binary has exited.
 //!
-//! [`KafkaCluster::start_proxied`] puts a [`FaultProxy`] in front of each node's client
-//! listener, for chaos tests:
-//!
+//! [`KafkaCluster::start_proxied`] puts a [`FaultProxy`] in front of each node (chaos tests):
 //! ```text
 //!   clients ──▶ proxy of node N (advertised) ──▶ PLAINTEXT listener of node N
 //!   node ◀──▶ node: INTERNAL listeners (inter-broker), CONTROLLER listeners (quorum), direct
@@ -247,28 +245,23 @@ impl KafkaCluster {
 
     /// Bootstrap servers of every node (of a proxied cluster: the proxies).
     pub fn brokers(&self) -> String {
-        self.lock()
-            .iter()
-            .map(|n| match &n.proxied {
-                Some((proxy, _)) => format!("127.0.0.1:{}", proxy.port()),
-                None => format!("127.0.0.1:{}", n.port),
-            })
-            .collect::<Vec<_>>()
-            .join(",")
+        self.bootstrap(|n| n.proxied.as_ref().map_or(n.port, |(p, _)| p.port()))
     }
 
     /// Bootstrap servers that bypass the proxies of a proxied cluster (each node's INTERNAL
     /// listener, which advertises itself): for a harness that must see the cluster whatever
     /// the faults. The same as [`Self::brokers`] for a cluster without proxies.
     pub fn direct_brokers(&self) -> String {
-        self.lock()
+        self.bootstrap(|n| n.proxied.as_ref().map_or(n.port, |(_, internal)| *internal))
+    }
+
+    fn bootstrap(&self, port: impl Fn(&Node) -> u16) -> String {
+        let ports: Vec<String> = self
+            .lock()
             .iter()
-            .map(|n| match &n.proxied {
-                Some((_, internal)) => format!("127.0.0.1:{internal}"),
-                None => format!("127.0.0.1:{}", n.port),
-            })
-            .collect::<Vec<_>>()
-            .join(",")
+            .map(|n| format!("127.0.0.1:{}", port(n)))
+            .collect();
+        ports.join(",")
     }
 
     /// The fault proxy in front of node `id`, when the cluster was started with
