@@ -1,31 +1,21 @@
 #!/usr/bin/env bash
 # Checks deploy/ and compose.yaml as far as this machine allows (no Docker engine, no cluster):
 #  - Prometheus scrape configs and alert rules with promtool (from Debian's prometheus package,
-#    unpacked into .cache/ without installing it);
+#    unpacked without installing it by tests/services/prometheus/prometheus.sh, which the tests'
+#    real Prometheus also comes from);
 #  - Kubernetes manifests against the Kubernetes OpenAPI schemas, offline, strictly
 #    (kubernetes-validate from PyPI; CRD examples in deploy/k8s/examples are only parsed);
 #  - compose.yaml parses, every built image's context and Dockerfile (and build target) exist,
 #    every bind-mounted file exists, Grafana dashboards and provisioning parse.
 # The dashboards' and rules' metric names are checked against live /metrics by the consumer's
-# integration test `deploy::dashboards_and_alert_rules_use_only_exposed_metrics`.
+# integration test `deploy::dashboards_and_alert_rules_use_only_exposed_metrics`; the producer
+# dashboard's queries and the Kafka alert are evaluated by a real Prometheus in the producer's
+# `observability::dashboard_panels_have_data_and_kafka_alert_fires_when_the_broker_stops`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cache=.cache/tools
-mkdir -p "$cache"
 
-promtool="$cache/promtool"
-if ! [ -x "$promtool" ]; then
-  if command -v promtool >/dev/null; then
-    promtool=$(command -v promtool)
-  else
-    echo "fetching promtool (Debian package prometheus, unpacked only)"
-    tmp=$(mktemp -d)
-    (cd "$tmp" && apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq && apt-get download prometheus >/dev/null; })
-    dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/x"
-    cp "$tmp/x/usr/bin/promtool" "$promtool"
-    rm -rf "$tmp"
-  fi
-fi
+# The one unpacked copy of Debian's prometheus package that the tests' server comes from too.
+promtool="$(bash tests/services/prometheus/prometheus.sh install)/promtool"
 "$promtool" check config deploy/prometheus/prometheus.yml
 "$promtool" check config deploy/prometheus/prometheus-kubernetes.yml
 "$promtool" check rules deploy/prometheus/rules/walrelay.yml

@@ -5,7 +5,8 @@
 # OpenSearch: see tests/services/), checks deploy/ (scripts/check-deploy.sh), runs the gates
 # (rustfmt, no import cycles, clippy with warnings denied, rustdoc links), then `cargo test --workspace`.
 # Tests start their own Postgres clusters, and one Kafka broker and one OpenSearch node per test
-# binary, on free loopback ports.
+# binary, on free loopback ports. Debian's Prometheus is unpacked (not installed) for the tests
+# that scrape the binaries with deploy/prometheus's config.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,6 +46,9 @@ bash tests/services/python/python.sh install >/dev/null
 bash tests/services/flink/flink.sh install >/dev/null
 # The live view's browser test (issue 16): Debian's chromium and a small venv.
 bash tests/services/browser/browser.sh install >/dev/null
+# A real Prometheus running deploy/prometheus's config and rules (Debian's package, unpacked;
+# check-deploy.sh's promtool comes from the same copy).
+bash tests/services/prometheus/prometheus.sh install >/dev/null
 
 # deploy/ and compose.yaml: promtool, Kubernetes schemas, compose structure.
 bash scripts/check-deploy.sh

@@ -1,6 +1,7 @@
 //! Integration tests of the producer against a real PostgreSQL 15 cluster per test and real
 //! Apache Kafka (KRaft, from Maven Central): one broker shared by the tests of this binary
-//! (unique topics), or a cluster of the test's own when it stops or kills brokers.
+//! (unique topics), or a cluster of the test's own when it stops or kills brokers; and a real
+//! Prometheus running deploy/prometheus's config and rules for the dashboards and alerts.
 
 mod support;
 
@@ -14,6 +15,7 @@ mod failover;
 mod incremental;
 mod large;
 mod memory;
+mod observability;
 mod outage;
 mod secrets;
 mod slot;

@@ -12,6 +12,18 @@
 //! broker or kills nodes starts a cluster of its own with [`KafkaCluster::start`]. Nothing is
 //! stopped explicitly at exit: statics are never dropped, so each cluster has a watchdog process
 //! that kills its nodes and removes their data once the test binary has exited.
+//!
+//! [`KafkaCluster::start_proxied`] puts a [`FaultProxy`] in front of each node (chaos tests):
+//! ```text
+//!   clients ──▶ proxy of node N (advertised) ──▶ PLAINTEXT listener of node N
+//!   node ◀──▶ node: INTERNAL listeners (inter-broker), CONTROLLER listeners (quorum), direct
+//!   harness (wait_brokers, leader_of, direct_brokers) ──▶ INTERNAL listeners, direct
+//! ```
+//!
+//! Each node advertises its proxy's port on the client listener, so a client bootstrapped with
+//! [`KafkaCluster::brokers`] reaches every broker only through that broker's proxy. A client
+//! bootstrapped with [`KafkaCluster::direct_brokers`] is told the INTERNAL addresses and
+//! bypasses every fault (what the harness itself uses). Proxies and ports outlive a killed node.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,6 +32,8 @@ use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+
+use crate::faultproxy::FaultProxy;
 
 /// The launcher script in this repository.
 pub fn launcher() -> PathBuf {
@@ -48,6 +62,8 @@ struct Node {
     id: u32,
     port: u16,
     controller_port: u16,
+    /// A proxied node: its proxy (advertised to clients) and its direct INTERNAL listener.
+    proxied: Option<(FaultProxy, u16)>,
     child: Option<Child>,
 }
 
@@ -82,17 +98,24 @@ impl KafkaCluster {
 
     /// Starts `n` nodes (1 or 3) and waits until every broker is registered.
     pub fn start(n: u32) -> Self {
-        Self::start_configured(n, None)
+        Self::start_configured(n, None, false)
+    }
+
+    /// Starts `n` nodes (1 or 3) whose client listeners are reached through one [`FaultProxy`]
+    /// per node ([`Self::proxy`]); inter-broker and controller traffic is direct. Waits until
+    /// every broker is registered.
+    pub fn start_proxied(n: u32) -> Self {
+        Self::start_configured(n, None, true)
     }
 
     /// One node whose only client listener is SASL_SSL with SCRAM-SHA-512 (TLS with a
     /// certificate from `sec.ca` for 127.0.0.1 and localhost); the controller listens in plain
     /// text on another loopback port. Clients need [`Self::client_properties`].
     pub fn start_sasl_ssl(sec: &SaslSsl<'_>) -> Self {
-        Self::start_configured(1, Some(sec))
+        Self::start_configured(1, Some(sec), false)
     }
 
-    fn start_configured(n: u32, sec: Option<&SaslSsl<'_>>) -> Self {
+    fn start_configured(n: u32, sec: Option<&SaslSsl<'_>>, proxied: bool) -> Self {
         assert!(n == 1 || n == 3, "a cluster has 1 or 3 nodes");
         install();
         let dir = tempfile::Builder::new()
@@ -100,11 +123,21 @@ impl KafkaCluster {
             .tempdir()
             .expect("temp dir");
         let nodes: Vec<Node> = (1..=n)
-            .map(|id| Node {
-                id,
-                port: crate::free_port(),
-                controller_port: crate::free_port(),
-                child: None,
+            .map(|id| {
+                let port = crate::free_port();
+                let proxied = proxied.then(|| {
+                    let proxy =
+                        FaultProxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+                            .unwrap_or_else(|e| panic!("a fault proxy for Kafka node {id}: {e:#}"));
+                    (proxy, crate::free_port())
+                });
+                Node {
+                    id,
+                    port,
+                    controller_port: crate::free_port(),
+                    proxied,
+                    child: None,
+                }
             })
             .collect();
         let watchdog = Command::new("sh")
@@ -121,11 +154,15 @@ impl KafkaCluster {
             .stderr(Stdio::null())
             .spawn()
             .expect("start the Kafka watchdog");
-        // A cluster id is 16 random bytes in URL-safe base64 without padding.
-        let cluster_id = {
+        // A cluster id is 16 random bytes in URL-safe base64 without padding, not starting
+        // with '-': the storage tool would read it as an option (one id in 64 did).
+        let cluster_id = loop {
             use base64::Engine;
             let bytes: [u8; 16] = rand::random();
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+            let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+            if !id.starts_with('-') {
+                break id;
+            }
         };
         let (run_args, client_properties) = match sec {
             None => (Vec::new(), Vec::new()),
@@ -206,13 +243,47 @@ impl KafkaCluster {
             .sum()
     }
 
-    /// Bootstrap servers of every node.
+    /// Bootstrap servers of every node (of a proxied cluster: the proxies).
     pub fn brokers(&self) -> String {
+        self.bootstrap(|n| n.proxied.as_ref().map_or(n.port, |(p, _)| p.port()))
+    }
+
+    /// Bootstrap servers that bypass the proxies of a proxied cluster (each node's INTERNAL
+    /// listener, which advertises itself): for a harness that must see the cluster whatever
+    /// the faults. The same as [`Self::brokers`] for a cluster without proxies.
+    pub fn direct_brokers(&self) -> String {
+        self.bootstrap(|n| n.proxied.as_ref().map_or(n.port, |(_, internal)| *internal))
+    }
+
+    fn bootstrap(&self, port: impl Fn(&Node) -> u16) -> String {
+        let ports: Vec<String> = self
+            .lock()
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", port(n)))
+            .collect();
+        ports.join(",")
+    }
+
+    /// The fault proxy in front of node `id`, when the cluster was started with
+    /// [`Self::start_proxied`].
+    pub fn proxy(&self, id: u32) -> Option<FaultProxy> {
         self.lock()
             .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect::<Vec<_>>()
-            .join(",")
+            .find(|n| n.id == id)
+            .and_then(|n| n.proxied.as_ref().map(|(p, _)| p.clone()))
+    }
+
+    /// Every node's fault proxy, by node id (empty without proxies).
+    pub fn proxies(&self) -> Vec<(u32, FaultProxy)> {
+        self.lock()
+            .iter()
+            .filter_map(|n| n.proxied.as_ref().map(|(p, _)| (n.id, p.clone())))
+            .collect()
+    }
+
+    /// Node ids.
+    pub fn node_ids(&self) -> Vec<u32> {
+        self.lock().iter().map(|n| n.id).collect()
     }
 
     fn voters(nodes: &[Node]) -> String {
@@ -251,6 +322,7 @@ impl KafkaCluster {
             .args(["--voters", &voters])
             .args(["--cluster-id", &self.cluster_id])
             .args(&self.run_args)
+            .args(Self::proxied_args(node))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("node log"))
             .stderr(log)
@@ -263,6 +335,29 @@ impl KafkaCluster {
         )
         .expect("pid file");
         node.child = Some(child);
+    }
+
+    /// `kafka.sh run` settings of a proxied node: the client listener advertised at its proxy's
+    /// port, and a direct INTERNAL listener for inter-broker traffic and the harness.
+    fn proxied_args(node: &Node) -> Vec<String> {
+        let Some((proxy, internal)) = &node.proxied else {
+            return Vec::new();
+        };
+        let (port, cport, advertised) = (node.port, node.controller_port, proxy.port());
+        [
+            format!(
+                "listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport},INTERNAL://127.0.0.1:{internal}"
+            ),
+            format!(
+                "advertised.listeners=PLAINTEXT://127.0.0.1:{advertised},INTERNAL://127.0.0.1:{internal}"
+            ),
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,INTERNAL:PLAINTEXT"
+                .to_string(),
+            "inter.broker.listener.name=INTERNAL".to_string(),
+        ]
+        .into_iter()
+        .flat_map(|s| ["--set".to_string(), s])
+        .collect()
     }
 
     /// [`KafkaCluster::client_properties`] as command-line options: `--kafka-property KEY=VALUE`
@@ -296,8 +391,10 @@ impl KafkaCluster {
     /// Waits until `n` brokers are in the cluster's metadata.
     pub fn wait_brokers(&self, n: usize, timeout: Duration) {
         let deadline = Instant::now() + timeout;
+        // Directly, so that a fault of the proxies does not hide the brokers.
         let consumer: BaseConsumer = self
             .client_config()
+            .set("bootstrap.servers", self.direct_brokers())
             .set("log_level", "0")
             .create()
             .expect("metadata client");
@@ -370,7 +467,7 @@ impl KafkaCluster {
     /// The node leading `partition` of `topic`, if it has a leader now.
     pub fn leader_of(&self, topic: &str, partition: i32) -> Option<u32> {
         let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", self.brokers())
+            .set("bootstrap.servers", self.direct_brokers())
             .set("log_level", "0")
             .create()
             .ok()?;
@@ -385,7 +482,7 @@ impl KafkaCluster {
     /// In-sync replicas of `partition` of `topic`.
     pub fn isr_of(&self, topic: &str, partition: i32) -> Vec<i32> {
         let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", self.brokers())
+            .set("bootstrap.servers", self.direct_brokers())
             .set("log_level", "0")
             .create()
             .expect("metadata client");

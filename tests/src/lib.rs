@@ -1,12 +1,14 @@
 //! Test support for walrelay: a throwaway Postgres cluster, real Apache Kafka and OpenSearch
-//! nodes, a topic reader and the table state rebuilt from a topic.
+//! nodes, a real Prometheus, a fault proxy, a topic reader and the table state rebuilt from a
+//! topic.
 //!
 //! # Layout
 //!
 //! - [`postgres`]: `initdb` in a temporary folder, a free port, `wal_level=logical`; stopped on
 //!   drop. As root, the server runs as the `postgres` user (initdb refuses root).
 //! - [`kafka`]: Apache Kafka (KRaft) from Maven Central: one shared single-node cluster per test
-//!   binary, or a cluster of one or three nodes of a test's own (kill, restart, find leaders).
+//!   binary, or a cluster of one or three nodes of a test's own (kill, restart, find leaders),
+//!   whose clients may reach each node only through a [`faultproxy::FaultProxy`].
 //! - [`opensearch`]: an OpenSearch node from Maven Central shared per test binary, and
 //!   [`opensearch::Indexes`], one test's view of its indexes under a unique prefix.
 //! - [`broker`]: the librdkafka mock-cluster host, for benchmarks that measure the producer
@@ -16,6 +18,11 @@
 //!   and Apache Flink.
 //! - [`topic`]: reads every record of a topic and rebuilds table state from envelopes.
 //! - [`certs`]: a throwaway CA issuing server and client certificates (PEM files).
+//! - [`faultproxy`]: a TCP proxy on loopback whose faults a test turns on at run time: latency,
+//!   a bandwidth limit, cut connections, a blackout (a hung network) until restored.
+//! - [`prometheus`]: a real Prometheus (Debian's binary, `tests/services/prometheus/`) running
+//!   the repository's scrape config and alert rules against a test's loopback targets; queries,
+//!   alerts and their history, and every query of the Grafana dashboards evaluated.
 //! - [`process`]: spawns walrelay binaries with logs in a file; SIGTERM and SIGKILL.
 //! - [`search`]: an Elasticsearch/OpenSearch stand-in over HTTP, only for what a real server
 //!   cannot do on cue: injected 429s and 5xx answers, slow answers, and a discard mode for the
@@ -23,10 +30,12 @@
 
 pub mod broker;
 pub mod certs;
+pub mod faultproxy;
 pub mod kafka;
 pub mod opensearch;
 pub mod postgres;
 pub mod process;
+pub mod prometheus;
 pub mod registry;
 pub mod search;
 pub mod topic;
