@@ -95,6 +95,13 @@ pub enum EncodeError {
 
 /// `INSERT … SELECT … FROM json_to_recordset($1) … ON CONFLICT (key) DO UPDATE SET …` for rows
 /// carrying `columns`, of which `keep` (unchanged TOAST values) are not overwritten.
+///
+/// Rows with values left unchanged in TOAST (`keep` not empty) are updates of rows that exist:
+/// they are updated in place, and only a row the target lacks is inserted. An `INSERT … ON
+/// CONFLICT` alone cannot write them: Postgres checks `NOT NULL` on the proposed row, which
+/// lacks the kept columns, before it looks for the conflict, so a `NOT NULL` TOASTed column
+/// failed every such update. A row the target lacks still fails there, loudly: its kept
+/// values are not in the log.
 pub fn upsert(
     table: &TargetTable,
     columns: &[String],
@@ -108,6 +115,7 @@ pub fn upsert(
         });
     }
     let (mut names, mut exprs, mut decls) = (String::new(), String::new(), String::new());
+    let mut each = Vec::with_capacity(columns.len());
     for (i, c) in columns.iter().enumerate() {
         let type_sql = table.type_of(c).ok_or_else(|| EncodeError::MissingColumn {
             table: table.name.clone(),
@@ -121,6 +129,7 @@ pub fn upsert(
         }
         names.push_str(&ident(c));
         exprs.push_str(&expr);
+        each.push(format!("{expr} AS {}", ident(c)));
         let _ = write!(decls, "{} {decl}", ident(c));
     }
     let conflict = key.iter().map(|k| ident(k)).collect::<Vec<_>>().join(", ");
@@ -134,10 +143,60 @@ pub fn upsert(
     } else {
         format!("UPDATE SET {}", set.join(", "))
     };
+    if keep.is_empty() {
+        return Ok(format!(
+            "INSERT INTO {} ({names}) SELECT {exprs} FROM json_to_recordset($1::text::json) AS x({decls}) \
+             ON CONFLICT ({conflict}) DO {action}",
+            table.name
+        ));
+    }
+    let matches = |a: &str, b: &str| {
+        key.iter()
+            .map(|k| format!("{a}.{0} = {b}.{0}", ident(k)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
+    let from_s: Vec<String> = columns.iter().map(|c| format!("s.{}", ident(c))).collect();
+    let set_s: Vec<String> = columns
+        .iter()
+        .filter(|c| !key.contains(c) && !keep.contains(*c))
+        .map(|c| format!("{0} = s.{0}", ident(c)))
+        .collect();
+    let source = format!(
+        "s AS (SELECT {} FROM json_to_recordset($1::text::json) AS x({decls}))",
+        each.join(", ")
+    );
+    // Rows present are updated (when there is anything to set); the rest are inserted.
+    let (with, absent) = if set_s.is_empty() {
+        (
+            source,
+            format!(
+                "SELECT 1 FROM {} AS t WHERE {}",
+                table.name,
+                matches("t", "s")
+            ),
+        )
+    } else {
+        let returning = key
+            .iter()
+            .map(|k| format!("t.{}", ident(k)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        (
+            format!(
+                "{source}, u AS (UPDATE {} AS t SET {} FROM s WHERE {} RETURNING {returning})",
+                table.name,
+                set_s.join(", "),
+                matches("t", "s")
+            ),
+            format!("SELECT 1 FROM u WHERE {}", matches("u", "s")),
+        )
+    };
     Ok(format!(
-        "INSERT INTO {} ({names}) SELECT {exprs} FROM json_to_recordset($1::text::json) AS x({decls}) \
+        "WITH {with} INSERT INTO {} ({names}) SELECT {} FROM s WHERE NOT EXISTS ({absent}) \
          ON CONFLICT ({conflict}) DO {action}",
-        table.name
+        table.name,
+        from_s.join(", ")
     ))
 }
 
@@ -273,15 +332,29 @@ mod tests {
     #[test]
     fn upserts_name_every_column_and_keep_unchanged_toast() {
         let cols: Vec<String> = ["id", "name", "raw"].map(String::from).to_vec();
-        let keep = BTreeSet::from(["raw".to_string()]);
-        let sql = upsert(&items(), &cols, &["id".into()], &keep).expect("sql");
+        let sql = upsert(&items(), &cols, &["id".into()], &BTreeSet::new()).expect("sql");
         assert!(sql.starts_with(r#"INSERT INTO "public"."items" ("id", "name", "raw") SELECT x."id", x."name", decode(x."raw", 'base64')"#), "{sql}");
         assert!(
             sql.contains(r#"AS x("id" integer, "name" text, "raw" text)"#),
             "{sql}"
         );
         assert!(
-            sql.ends_with(r#"ON CONFLICT ("id") DO UPDATE SET "name" = EXCLUDED."name""#),
+            sql.ends_with(r#"ON CONFLICT ("id") DO UPDATE SET "name" = EXCLUDED."name", "raw" = EXCLUDED."raw""#),
+            "{sql}"
+        );
+        // A value left in TOAST (`raw`, absent from the row): rows present are updated in
+        // place, only absent ones inserted (NOT NULL is checked before ON CONFLICT).
+        let cols: Vec<String> = ["id", "name"].map(String::from).to_vec();
+        let keep = BTreeSet::from(["raw".to_string()]);
+        let sql = upsert(&items(), &cols, &["id".into()], &keep).expect("sql");
+        assert_eq!(
+            sql,
+            r#"WITH s AS (SELECT x."id" AS "id", x."name" AS "name" FROM json_to_recordset($1::text::json) AS x("id" integer, "name" text)), u AS (UPDATE "public"."items" AS t SET "name" = s."name" FROM s WHERE t."id" = s."id" RETURNING t."id") INSERT INTO "public"."items" ("id", "name") SELECT s."id", s."name" FROM s WHERE NOT EXISTS (SELECT 1 FROM u WHERE u."id" = s."id") ON CONFLICT ("id") DO UPDATE SET "name" = EXCLUDED."name""#
+        );
+        // Nothing but the key and kept values: present rows stay as they are.
+        let sql = upsert(&items(), &["id".into()], &["id".into()], &keep).expect("sql");
+        assert!(
+            sql.contains(r#"WHERE NOT EXISTS (SELECT 1 FROM "public"."items" AS t WHERE t."id" = s."id") ON CONFLICT ("id") DO NOTHING"#),
             "{sql}"
         );
         let only_key =
