@@ -140,20 +140,12 @@ impl KafkaCluster {
                 }
             })
             .collect();
-        let watchdog = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "while kill -0 {owner} 2>/dev/null; do sleep 1; done; \
-                 for f in '{dir}'/node-*.pid; do [ -f \"$f\" ] && kill -9 \"$(cat \"$f\")\" 2>/dev/null; done; \
-                 rm -rf '{dir}'",
-                owner = std::process::id(),
-                dir = dir.path().display()
-            ))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the Kafka watchdog");
+        let watchdog = crate::process::watchdog(&format!(
+            "for f in '{dir}'/node-*.pid; do [ -f \"$f\" ] && kill -9 \"$(cat \"$f\")\" 2>/dev/null; done; \
+             rm -rf '{dir}'",
+            dir = dir.path().display()
+        ))
+        .expect("start the Kafka watchdog");
         // A cluster id is 16 random bytes in URL-safe base64 without padding, not starting
         // with '-': the storage tool would read it as an option (one id in 64 did).
         let cluster_id = loop {

@@ -67,19 +67,12 @@ impl OpenSearch {
             .stderr(log)
             .spawn()
             .expect("start OpenSearch");
-        let watchdog = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "while kill -0 {owner} 2>/dev/null; do sleep 1; done; kill -9 {pid} 2>/dev/null; rm -rf '{dir}'",
-                owner = std::process::id(),
-                pid = child.id(),
-                dir = dir.path().display()
-            ))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the OpenSearch watchdog");
+        let watchdog = crate::process::watchdog(&format!(
+            "kill -9 {pid} 2>/dev/null; rm -rf '{dir}'",
+            pid = child.id(),
+            dir = dir.path().display()
+        ))
+        .expect("start the OpenSearch watchdog");
         let node = Self {
             dir,
             port,

@@ -140,3 +140,19 @@ pub fn logs_tail(dir: &Path, lines: usize) -> String {
     }
     out
 }
+
+/// A shell that waits for this test process to end, however it ends, then runs `cleanup`
+/// (shell commands: kill a server, remove its folder). Shared servers live in statics, which
+/// are never dropped, so this is what stops them.
+pub fn watchdog(cleanup: &str) -> std::io::Result<Child> {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while kill -0 {owner} 2>/dev/null; do sleep 1; done; {cleanup}",
+            owner = std::process::id()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+}

@@ -67,18 +67,11 @@ impl SchemaRegistry {
             .stderr(log)
             .spawn()
             .expect("start the registry");
-        let watchdog = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "while kill -0 {owner} 2>/dev/null; do sleep 1; done; kill -CONT {pid} 2>/dev/null; kill -9 {pid} 2>/dev/null",
-                owner = std::process::id(),
-                pid = child.id()
-            ))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the registry watchdog");
+        let watchdog = crate::process::watchdog(&format!(
+            "kill -CONT {pid} 2>/dev/null; kill -9 {pid} 2>/dev/null",
+            pid = child.id()
+        ))
+        .expect("start the registry watchdog");
         let r = Self {
             _dir: dir,
             port,

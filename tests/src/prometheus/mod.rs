@@ -169,17 +169,7 @@ impl Prometheus {
             .spawn()
             .with_context(|| format!("start {}", bin.display()))?;
         // Statics are never dropped: the server goes when the test binary does.
-        let watchdog = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "while kill -0 {owner} 2>/dev/null; do sleep 1; done; kill -9 {pid} 2>/dev/null",
-                owner = std::process::id(),
-                pid = child.id()
-            ))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
+        let watchdog = crate::process::watchdog(&format!("kill -9 {} 2>/dev/null", child.id()))
             .context("start the Prometheus watchdog")?;
         let p = Self {
             dir,
