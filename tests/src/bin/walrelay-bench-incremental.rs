@@ -212,23 +212,9 @@ async fn main() -> anyhow::Result<()> {
     );
     let mut p = Proc::spawn(&producer, &args_run, &[], &logs.path().join("producer.log"));
     let c = pg.client(&db).await;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let active: Option<bool> = c
-            .query_opt(
-                "SELECT active FROM pg_replication_slots WHERE slot_name = 'bench'",
-                &[],
-            )
-            .await?
-            .map(|r| r.get(0));
-        if active == Some(true) {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("the producer never streamed:\n{}", p.log());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_slot(&c, "active", Duration::from_secs(120), &p)
+        .await
+        .context("the producer never streamed")?;
 
     // The writer: pgbench at `rate` one-row transactions a second, Poisson-paced: 80 %
     // updates (v + 1), 10 % deletes, 10 % upserts (a deleted key comes back, others get v + 1).
@@ -404,23 +390,14 @@ async fn main() -> anyhow::Result<()> {
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await?
         .get(0);
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let caught_up: Option<bool> = c
-            .query_opt(
-                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'bench'",
-                &[&target],
-            )
-            .await?
-            .and_then(|r| r.get(0));
-        if caught_up == Some(true) {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("the slot was not confirmed past the writes:\n{}", p.log());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_slot(
+        &c,
+        &format!("confirmed_flush_lsn >= '{target}'::pg_lsn"),
+        Duration::from_secs(300),
+        &p,
+    )
+    .await
+    .context("the slot was not confirmed past the writes")?;
     p.terminate();
     let records = tokio::task::block_in_place(|| {
         walrelay_tests::topic::read_to_end(
@@ -463,6 +440,28 @@ async fn main() -> anyhow::Result<()> {
         bail!("the topic does not rebuild the table in order");
     }
     Ok(())
+}
+
+/// Waits until `condition` (over `pg_replication_slots`) holds for the bench's slot; on timeout
+/// the error carries the producer's log.
+async fn wait_slot(
+    c: &tokio_postgres::Client,
+    condition: &str,
+    timeout: Duration,
+    p: &Proc,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let sql = format!("SELECT ({condition}) FROM pg_replication_slots WHERE slot_name = 'bench'");
+    loop {
+        let holds: Option<bool> = c.query_opt(&sql, &[]).await?.and_then(|r| r.get(0));
+        if holds == Some(true) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("after {timeout:?}:\n{}", p.log());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Rows of `items` inserted, updated or deleted so far, by the statistics (which trail by up
