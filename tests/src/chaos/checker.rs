@@ -194,7 +194,10 @@ pub fn check_events(
     policy: &DupPolicy,
 ) -> EventCheck {
     let mut copies: HashMap<Ev, (usize, u64)> = HashMap::new();
-    let mut last_version: HashMap<(u32, Table, i64), i64> = HashMap::new();
+    // A delete carries the version it removed, the same as the change before it: it ranks
+    // after that change.
+    let rank = |e: &Ev| (e.version, u8::from(e.op == Op::Delete));
+    let mut last_version: HashMap<(u32, Table, i64), (i64, u8)> = HashMap::new();
     let mut first_seen: HashSet<(u32, Ev)> = HashSet::new();
     let mut out_of_order = 0;
     let mut samples = Vec::new();
@@ -210,18 +213,22 @@ pub fn check_events(
             continue;
         }
         let k = (o.stream, o.ev.table, o.ev.key);
+        let r = rank(&o.ev);
         if let Some(prev) = last_version.get(&k)
-            && o.ev.version <= *prev
+            && r <= *prev
         {
             out_of_order += 1;
             if samples.len() < 12 {
                 samples.push(format!(
-                    "out of order: {} (stream {}) after version {prev}",
-                    o.ev, o.stream
+                    "out of order: {} (stream {}) after version {}{}",
+                    o.ev,
+                    o.stream,
+                    prev.0,
+                    if prev.1 == 1 { " (deleted)" } else { "" }
                 ));
             }
         }
-        let newest = last_version.get(&k).map_or(o.ev.version, |p| (*p).max(o.ev.version));
+        let newest = last_version.get(&k).map_or(r, |p| (*p).max(r));
         last_version.insert(k, newest);
     }
     let mut missing: Vec<&Ev> = expected.iter().filter(|e| !copies.contains_key(e)).collect();
@@ -447,6 +454,15 @@ mod tests {
 
     #[test]
     fn missing_extra_reordered_and_duplicates_are_caught() {
+        let del = Ev {
+            op: Op::Delete,
+            ..ev(2, 1)
+        };
+        let ordered = [obs(ev(2, 1), 1), obs(del, 2)];
+        let both: HashSet<Ev> = [ev(2, 1), del].into_iter().collect();
+        assert!(check_events("t", &both, &ordered, &DupPolicy::None).pass);
+        let reversed = [obs(del, 2), obs(ev(2, 1), 1)];
+        assert!(!check_events("t", &both, &reversed, &DupPolicy::None).pass);
         let expected: HashSet<Ev> = [ev(1, 1), ev(1, 2), ev(2, 1)].into_iter().collect();
         let ok = [obs(ev(1, 1), 10), obs(ev(1, 2), 20), obs(ev(2, 1), 30)];
         assert!(check_events("t", &expected, &ok, &DupPolicy::None).pass);

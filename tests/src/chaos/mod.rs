@@ -25,6 +25,7 @@
 //!   profile. Kinds that need infrastructure not built yet (the TCP fault proxy: latency,
 //!   bandwidth, cut, Kafka blackout) are listed and never scheduled until it exists.
 //! - [`stack`]: the servers and the walrelay processes, each restartable by the fault runner.
+//! - [`runner`]: the fault runner: injects the schedule, restores targets, records what it did.
 //! - [`observe`]: what watches the run: a `read_committed` tail of each topic (events, arrival
 //!   times, the state rebuilt from them, partial transactions sampled after producer kills),
 //!   the webhook receiver, the stream client, heartbeat polls, retained WAL of the slots.
@@ -40,6 +41,7 @@ pub mod checker;
 pub mod faults;
 pub mod observe;
 pub mod report;
+pub mod runner;
 pub mod stack;
 pub mod workload;
 

@@ -134,7 +134,7 @@ impl TailData {
     fn partial(&self, truth: &Truth) -> usize {
         self.by_lsn
             .iter()
-            .filter(|(lsn, evs)| match self.lsn_tx.get(lsn) {
+            .filter(|(lsn, evs)| match self.lsn_tx.get(*lsn) {
                 None => true,
                 Some(tx) => truth.planned_events(*tx).is_some_and(|n| n != evs.len()),
             })

@@ -192,7 +192,10 @@ impl Report {
         );
         let mut by_kind: BTreeMap<&str, BTreeMap<&str, &Recovery>> = BTreeMap::new();
         for r in &self.recoveries {
-            by_kind.entry(&r.kind).or_default().insert(&r.component, r);
+            by_kind
+                .entry(r.kind.as_str())
+                .or_default()
+                .insert(r.component.as_str(), r);
         }
         for (kind, comps) in &by_kind {
             let count = comps.values().next().map_or(0, |r| r.faults);
