@@ -20,9 +20,9 @@ use walrelay_tests::chaos::checker::{
     self, DupPolicy, Obs, Parsed, check_events, compare_state, expected_of,
 };
 use walrelay_tests::chaos::faults::{self, Profile};
-use walrelay_tests::chaos::runner::Runner;
 use walrelay_tests::chaos::observe::{self, Receiver, StreamClient, TopicTail};
 use walrelay_tests::chaos::report::{self, Partials, Report};
+use walrelay_tests::chaos::runner::Runner;
 use walrelay_tests::chaos::stack::{self, Stack};
 use walrelay_tests::chaos::workload::{self, Pace, Truth, Workload};
 use walrelay_tests::chaos::{Ev, Op, Table, now_ms};
@@ -109,7 +109,10 @@ async fn subscribe(stack: &Stack, receiver: u16) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let r = http
-                .post(format!("http://127.0.0.1:{}/v1/subscriptions", stack.notify_api))
+                .post(format!(
+                    "http://127.0.0.1:{}/v1/subscriptions",
+                    stack.notify_api
+                ))
                 .bearer_auth(stack::TOKEN)
                 .json(&body)
                 .send()
@@ -229,7 +232,11 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
         .or_else(|| {
             // Beside the target folder's profiles: target/chaos/seed-S-<time>.
             let exe = std::env::current_exe().ok()?;
-            Some(exe.parent()?.parent()?.join("chaos").join(format!("seed-{}-{}", o.seed, now_ms() / 1000)))
+            Some(exe.parent()?.parent()?.join("chaos").join(format!(
+                "seed-{}-{}",
+                o.seed,
+                now_ms() / 1000
+            )))
         })
         .context("no --out and no folder beside the binary")?;
     std::fs::create_dir_all(&out)?;
@@ -258,7 +265,10 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
     );
 
     let schema = if o.nullable_doc {
-        format!("{} ALTER TABLE accounts ALTER COLUMN doc DROP NOT NULL;", workload::SCHEMA)
+        format!(
+            "{} ALTER TABLE accounts ALTER COLUMN doc DROP NOT NULL;",
+            workload::SCHEMA
+        )
     } else {
         workload::SCHEMA.to_string()
     };
@@ -272,7 +282,13 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
     let tails: Vec<TopicTail> = stack
         .producers
         .iter()
-        .map(|p| TopicTail::start(stack.kafka.client_config(), p.topic.clone(), Arc::clone(&truth)))
+        .map(|p| {
+            TopicTail::start(
+                stack.kafka.client_config(),
+                p.topic.clone(),
+                Arc::clone(&truth),
+            )
+        })
         .collect();
     let receiver = Receiver::start(&out.join("receiver.jsonl")).await?;
     for m in stack.consumers.values_mut() {
@@ -288,7 +304,11 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
     )?;
     let stop_polls = Arc::new(AtomicBool::new(false));
     let (polls, polls_task) = observe::start_polls(
-        format!("{}/{}/_doc/1", stack.indexes.url(), stack.indexes.full("public.heartbeat")),
+        format!(
+            "{}/{}/_doc/1",
+            stack.indexes.url(),
+            stack.indexes.full("public.heartbeat")
+        ),
         stack.target_url(),
         stack.url(),
         Arc::clone(&stop_polls),
@@ -335,7 +355,7 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
     let drain_limit = Duration::from_secs(if full { 900 } else { 420 });
     let topic = stack.producers[0].topic.clone();
     loop {
-        runner_restart_exited(&mut stack).await;
+        restart_exited(&mut stack);
         let tails_done = tails.iter().all(|t| {
             let d = walrelay_common::sync::lock(&t.data);
             let seen: HashSet<i64> = d.lsn_tx.values().copied().collect();
@@ -421,15 +441,26 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
             b.sort_unstable();
             DupPolicy::Window(b)
         };
-        let mut check = check_events(&name, &expected_of(&expected_all, &all_tables), &obs, &policy);
+        let mut check = check_events(
+            &name,
+            &expected_of(&expected_all, &all_tables),
+            &obs,
+            &policy,
+        );
         for b in d.bad.iter().take(5) {
-            check.samples.push(format!("not an event of the workload: {b}"));
+            check
+                .samples
+                .push(format!("not an event of the workload: {b}"));
         }
         if !d.bad.is_empty() {
             check.pass = false;
         }
         events.push(check);
-        states.push(compare_state(&format!("topic ({})", p.mode), &pg_rows, &d.rows()));
+        states.push(compare_state(
+            &format!("topic ({})", p.mode),
+            &pg_rows,
+            &d.rows(),
+        ));
         let pairs: Vec<(i64, i64)> = obs.iter().map(|o| (o.ts_ms, o.arrival_ms)).collect();
         recoveries.push((name.clone(), checker::recoveries(&pairs, &done)));
         let complete: Vec<_> = d.samples.iter().filter(|s| s.complete).collect();
@@ -475,7 +506,9 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
         }
         let mut check = check_events(name, &expected, &obs, &DupPolicy::Allowed);
         for b in bad.iter().take(5) {
-            check.samples.push(format!("not an event of the workload: {b}"));
+            check
+                .samples
+                .push(format!("not an event of the workload: {b}"));
         }
         if !bad.is_empty() {
             check.pass = false;
@@ -505,7 +538,10 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
     let retained_wal;
     {
         let p = walrelay_common::sync::lock(&polls);
-        for (name, v) in [("index (heartbeat)", &p.index), ("target (heartbeat)", &p.target)] {
+        for (name, v) in [
+            ("index (heartbeat)", &p.index),
+            ("target (heartbeat)", &p.target),
+        ] {
             polled_lag_ms.insert(name.to_string(), checker::heartbeat_lag(v, &beats));
             let pairs: Vec<(i64, i64)> = v.iter().map(|(t, b)| (*b, *t)).collect();
             recoveries.push((name.to_string(), checker::recoveries(&pairs, &done)));
@@ -563,9 +599,9 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
         *kinds_done.entry(d.kind.label()).or_default() += 1;
     }
     for p in &planned {
-        if !kinds_done.contains_key(&p.kind.label()) {
+        if let std::collections::btree_map::Entry::Vacant(e) = kinds_done.entry(p.kind.label()) {
             failures.push(format!("no {} fault could be injected", p.kind.label()));
-            kinds_done.insert(p.kind.label(), 0);
+            e.insert(0);
         }
     }
     if committed.len() < 100 {
@@ -576,11 +612,17 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
         for e in &unexpected_exits {
             *n.entry(e).or_default() += 1;
         }
-        notes.push(format!("processes that exited by themselves (restarted): {n:?}"));
+        notes.push(format!(
+            "processes that exited by themselves (restarted): {n:?}"
+        ));
     }
     notes.push(format!(
         "intensity {intensity} of the full profile's rates; big transaction {big_rows} rows{}",
-        if big_rows < 1_000_000 { " (the full profile: 1M)" } else { "" }
+        if big_rows < 1_000_000 {
+            " (the full profile: 1M)"
+        } else {
+            ""
+        }
     ));
     notes.push("Kafka latency: commit → seen by a read_committed tail in this process; webhooks: → received; stream: → received by the client; index and target: heartbeat lag (polled every 0.5 s)".into());
     notes.push("network faults (latency, bandwidth, cut, 60 s Kafka blackout) wait for the TCP fault proxy; a Prometheus view is not part of this report yet".into());
@@ -622,7 +664,7 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
 }
 
 /// During the drain, a process that exited is started again.
-async fn runner_restart_exited(stack: &mut Stack) {
+fn restart_exited(stack: &mut Stack) {
     for p in &mut stack.producers {
         if !p.proc.running() {
             p.proc.start();

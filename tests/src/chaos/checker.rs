@@ -231,7 +231,10 @@ pub fn check_events(
         let newest = last_version.get(&k).map_or(r, |p| (*p).max(r));
         last_version.insert(k, newest);
     }
-    let mut missing: Vec<&Ev> = expected.iter().filter(|e| !copies.contains_key(e)).collect();
+    let mut missing: Vec<&Ev> = expected
+        .iter()
+        .filter(|e| !copies.contains_key(e))
+        .collect();
     missing.sort();
     let mut extra: Vec<&Ev> = copies.keys().filter(|e| !expected.contains(e)).collect();
     extra.sort();
@@ -272,10 +275,9 @@ pub fn check_events(
     }
     let rule = match policy {
         DupPolicy::None => "none allowed (exactly-once)".to_string(),
-        DupPolicy::Window(b) => format!(
-            "inside the unconfirmed window ({} session breaks)",
-            b.len()
-        ),
+        DupPolicy::Window(b) => {
+            format!("inside the unconfirmed window ({} session breaks)", b.len())
+        }
         DupPolicy::Allowed => "allowed (at-least-once delivery)".to_string(),
     };
     EventCheck {
@@ -332,7 +334,11 @@ pub struct StateCheck {
 fn short(v: &Value) -> String {
     let s = v.to_string();
     if s.len() > 80 {
-        format!("{}…({} chars)", s.chars().take(60).collect::<String>(), s.len())
+        format!(
+            "{}…({} chars)",
+            s.chars().take(60).collect::<String>(),
+            s.len()
+        )
     } else {
         s
     }
@@ -423,7 +429,10 @@ pub fn heartbeat_lag(polls: &[(i64, i64)], beats: &[i64]) -> i64 {
         .iter()
         .filter_map(|(t, b)| {
             let i = beats.partition_point(|x| x <= b);
-            beats.get(i).filter(|next| **next <= *t).map(|next| t - next)
+            beats
+                .get(i)
+                .filter(|next| **next <= *t)
+                .map(|next| t - next)
         })
         .max()
         .unwrap_or(0)
@@ -491,11 +500,17 @@ mod tests {
             "source":{"table":"items","commit_lsn":99},"ts_ms":5}"#;
         match parse(d) {
             Parsed::Row { ev, commit_lsn, .. } => {
-                assert_eq!((ev.key, ev.op, ev.version, commit_lsn), (7, Op::Delete, 3, 99));
+                assert_eq!(
+                    (ev.key, ev.op, ev.version, commit_lsn),
+                    (7, Op::Delete, 3, 99)
+                );
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(parse(br#"{"op":"ddl","source":{"table":"scratch"}}"#), Parsed::Other));
+        assert!(matches!(
+            parse(br#"{"op":"ddl","source":{"table":"scratch"}}"#),
+            Parsed::Other
+        ));
         assert!(matches!(parse(b"nope"), Parsed::Bad(_)));
     }
 

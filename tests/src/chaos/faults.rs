@@ -182,7 +182,10 @@ pub fn schedule(seed: u64, profile: Profile) -> Vec<Planned> {
     let hours = profile.window.as_secs_f64() / 3600.0;
     let window_ms = profile.window.as_millis() as u64;
     // Nothing in the first 10 s (the consumers settle) and the last 5 s.
-    let (lo, hi) = (10_000.min(window_ms / 4), window_ms.saturating_sub(5_000).max(1));
+    let (lo, hi) = (
+        10_000.min(window_ms / 4),
+        window_ms.saturating_sub(5_000).max(1),
+    );
     let mut out = Vec::new();
     for kind in FaultKind::all() {
         let (per_hour, (dlo, dhi)) = kind.rate();

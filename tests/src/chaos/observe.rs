@@ -86,7 +86,10 @@ impl TailData {
                     (_, Some(mut row)) => {
                         if let Some((_, prev)) = self.state.get(&k) {
                             for col in &unchanged {
-                                row.insert(col.clone(), prev.get(col).cloned().unwrap_or(Value::Null));
+                                row.insert(
+                                    col.clone(),
+                                    prev.get(col).cloned().unwrap_or(Value::Null),
+                                );
                             }
                         } else {
                             for col in &unchanged {
@@ -453,7 +456,13 @@ async fn ws_connect(port: u16, token: &str, query: &str) -> anyhow::Result<Socke
 
 impl StreamClient {
     /// Starts the client.
-    pub fn start(port: u16, token: String, group: String, tables: String, log: &Path) -> anyhow::Result<Self> {
+    pub fn start(
+        port: u16,
+        token: String,
+        group: String,
+        tables: String,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
         let mut file = std::fs::File::create(log)?;
         let stop = Arc::new(AtomicBool::new(false));
         let connects = Arc::new(Mutex::new(0));
@@ -490,9 +499,12 @@ impl StreamClient {
                     if writeln!(file, "{line}").is_err() {
                         return;
                     }
-                    let ack = json!({"type": "ack", "partition": v["partition"], "offset": v["offset"]});
+                    let ack =
+                        json!({"type": "ack", "partition": v["partition"], "offset": v["offset"]});
                     if ws
-                        .send(tokio_tungstenite::tungstenite::Message::text(ack.to_string()))
+                        .send(tokio_tungstenite::tungstenite::Message::text(
+                            ack.to_string(),
+                        ))
                         .await
                         .is_err()
                     {
@@ -607,7 +619,10 @@ pub async fn pg_rows(client: &tokio_postgres::Client) -> anyhow::Result<super::c
     for t in Table::ALL {
         let rows = client
             .query(
-                &format!("SELECT id::bigint, row_to_json(t)::text FROM public.{} t", t.name()),
+                &format!(
+                    "SELECT id::bigint, row_to_json(t)::text FROM public.{} t",
+                    t.name()
+                ),
                 &[],
             )
             .await?;

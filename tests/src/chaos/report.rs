@@ -112,7 +112,10 @@ impl Report {
             self.load.reconnects,
             self.load.big_rows
         );
-        let _ = writeln!(m, "## Faults\n\n| kind | planned | injected |\n|---|---|---|");
+        let _ = writeln!(
+            m,
+            "## Faults\n\n| kind | planned | injected |\n|---|---|---|"
+        );
         let mut kinds: BTreeMap<String, (usize, usize)> = BTreeMap::new();
         for p in &self.planned {
             kinds.entry(p.kind.label()).or_default().0 += 1;
@@ -172,7 +175,10 @@ impl Report {
                 let _ = writeln!(m, "- {x}");
             }
         }
-        let _ = writeln!(m, "\n## Partial transactions under read_committed\n\n| topic | samples | with a partial transaction | allowed |\n|---|---|---|---|");
+        let _ = writeln!(
+            m,
+            "\n## Partial transactions under read_committed\n\n| topic | samples | with a partial transaction | allowed |\n|---|---|---|---|"
+        );
         for p in &self.partials {
             let _ = writeln!(
                 m,
@@ -182,7 +188,11 @@ impl Report {
         }
         let _ = writeln!(m, "\n## Latency and recovery\n");
         for (k, v) in &self.polled_lag_ms {
-            let _ = writeln!(m, "- {k}: largest heartbeat lag {} (polled every 0.5 s)", ms(Some(*v)));
+            let _ = writeln!(
+                m,
+                "- {k}: largest heartbeat lag {} (polled every 0.5 s)",
+                ms(Some(*v))
+            );
         }
         let _ = writeln!(
             m,
@@ -203,9 +213,9 @@ impl Report {
                 .components()
                 .iter()
                 .map(|c| {
-                    comps
-                        .get(c.as_str())
-                        .map_or("–".into(), |r| format!("{} / {}", ms(r.p50_ms), ms(r.max_ms)))
+                    comps.get(c.as_str()).map_or("–".into(), |r| {
+                        format!("{} / {}", ms(r.p50_ms), ms(r.max_ms))
+                    })
                 })
                 .collect();
             let _ = writeln!(m, "| {kind} | {count} | {} |", cells.join(" | "));
@@ -218,7 +228,11 @@ impl Report {
                 *bytes as f64 / 1_048_576.0
             );
         }
-        let _ = writeln!(m, "\nDrain after the fault window: {:.0} s.", self.drain_seconds);
+        let _ = writeln!(
+            m,
+            "\nDrain after the fault window: {:.0} s.",
+            self.drain_seconds
+        );
         if !self.notes.is_empty() {
             let _ = writeln!(m, "\n## Notes\n");
             for n in &self.notes {

@@ -69,8 +69,14 @@ impl Runner<'_> {
                     self.stack.producers[i].proc.kill9();
                     format!("SIGKILL producer {}", self.stack.producers[i].mode)
                 } else {
-                    let code = self.stack.producers[i].proc.term(Duration::from_secs(40)).await;
-                    format!("SIGTERM producer {}: exit {code:?}", self.stack.producers[i].mode)
+                    let code = self.stack.producers[i]
+                        .proc
+                        .term(Duration::from_secs(40))
+                        .await;
+                    format!(
+                        "SIGTERM producer {}: exit {code:?}",
+                        self.stack.producers[i].mode
+                    )
                 };
                 let breaks = self.confirmed(i).await;
                 let n = self.record(p.kind, detail, breaks);
@@ -134,10 +140,14 @@ impl Runner<'_> {
                 tokio::task::block_in_place(|| kafka.kill_node(leader));
                 let n = self.record(
                     p.kind,
-                    format!("SIGKILL Kafka node {leader}, leader of partition {}", p.target),
+                    format!(
+                        "SIGKILL Kafka node {leader}, leader of partition {}",
+                        p.target
+                    ),
                     Vec::new(),
                 );
-                self.pending.push((now + down, Restore::KafkaNode(leader), n));
+                self.pending
+                    .push((now + down, Restore::KafkaNode(leader), n));
             }
             FaultKind::KafkaPauseProducerKill => {
                 if !self.stack.producers[0].proc.running() {
@@ -172,8 +182,11 @@ impl Runner<'_> {
                     breaks,
                 );
                 self.done[n].at_ms = at;
-                self.pending
-                    .push((Instant::now() + Duration::from_millis(500), Restore::Producer(0), n));
+                self.pending.push((
+                    Instant::now() + Duration::from_millis(500),
+                    Restore::Producer(0),
+                    n,
+                ));
             }
             FaultKind::PostgresRestart => {
                 let at = now_ms();
@@ -189,7 +202,10 @@ impl Runner<'_> {
             | FaultKind::NetBandwidth
             | FaultKind::NetCut
             | FaultKind::KafkaBlackout => {
-                bail!("{} needs the TCP fault proxy, not built yet", p.kind.label())
+                bail!(
+                    "{} needs the TCP fault proxy, not built yet",
+                    p.kind.label()
+                )
             }
         }
         Ok(true)
@@ -235,7 +251,11 @@ impl Runner<'_> {
             let p = &mut self.stack.producers[i].proc;
             if !waiting.contains(&i) && p.starts > 0 && !p.running() {
                 self.unexpected_exits.push(p.name.clone());
-                eprintln!("chaos: {} exited by itself; restarting\n{}", p.name, p.log_tail(5));
+                eprintln!(
+                    "chaos: {} exited by itself; restarting\n{}",
+                    p.name,
+                    p.log_tail(5)
+                );
                 // A session break all the same, for the duplicate window.
                 let breaks = self.confirmed(i).await;
                 self.self_breaks.extend(breaks);
@@ -253,7 +273,11 @@ impl Runner<'_> {
         for (c, m) in self.stack.consumers.iter_mut() {
             if !waiting_c.contains(c) && m.starts > 0 && !m.running() {
                 self.unexpected_exits.push(m.name.clone());
-                eprintln!("chaos: {} exited by itself; restarting\n{}", m.name, m.log_tail(5));
+                eprintln!(
+                    "chaos: {} exited by itself; restarting\n{}",
+                    m.name,
+                    m.log_tail(5)
+                );
                 m.start();
             }
         }

@@ -105,9 +105,7 @@ impl Managed {
 
 /// Sends `sig` (`-STOP`, `-CONT`, `-TERM`) to `pid`, a process this run started.
 pub fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status();
+    let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
 }
 
 /// One producer: its delivery mode, slot and topic.
@@ -245,7 +243,13 @@ impl Stack {
             format!("{prefix}.stream.{STREAM_GROUP}"),
         ];
         let kafka_common = |command: &str, group: Option<&str>| {
-            let mut a = strings(&[command, "--kafka-brokers", &kafka.brokers(), "--topic", &topic]);
+            let mut a = strings(&[
+                command,
+                "--kafka-brokers",
+                &kafka.brokers(),
+                "--topic",
+                &topic,
+            ]);
             if let Some(g) = group {
                 a.extend(strings(&["--group", g]));
             }
@@ -258,7 +262,12 @@ impl Stack {
             a.extend(kafka.property_args());
             a
         };
-        let retries = ["--retry-initial-backoff", "20ms", "--retry-max-backoff", "1s"];
+        let retries = [
+            "--retry-initial-backoff",
+            "20ms",
+            "--retry-max-backoff",
+            "1s",
+        ];
         let mut consumers = BTreeMap::new();
         let mut index = kafka_common("index", Some(&groups[0]));
         index.extend(strings(&[
@@ -270,7 +279,10 @@ impl Stack {
             "100ms",
         ]));
         index.extend(strings(&retries));
-        consumers.insert(Consumer::Index, Managed::new("index", consumer_bin, index, &logs));
+        consumers.insert(
+            Consumer::Index,
+            Managed::new("index", consumer_bin, index, &logs),
+        );
         let mut notify = kafka_common("notify", Some(&groups[1]));
         notify.extend(strings(&[
             "--postgres-url",
@@ -292,7 +304,10 @@ impl Stack {
             "--batch-max-wait",
             "100ms",
         ]));
-        consumers.insert(Consumer::Notify, Managed::new("notify", consumer_bin, notify, &logs));
+        consumers.insert(
+            Consumer::Notify,
+            Managed::new("notify", consumer_bin, notify, &logs),
+        );
         let mut stream = kafka_common("stream", None);
         stream.extend(strings(&[
             "--listen",
@@ -302,7 +317,10 @@ impl Stack {
             "--group-prefix",
             &format!("{prefix}.stream."),
         ]));
-        consumers.insert(Consumer::Stream, Managed::new("stream", consumer_bin, stream, &logs));
+        consumers.insert(
+            Consumer::Stream,
+            Managed::new("stream", consumer_bin, stream, &logs),
+        );
         let mut replicate = kafka_common("replicate", Some(&groups[2]));
         replicate.extend(strings(&[
             "--target-url",
@@ -418,6 +436,7 @@ impl Stack {
             };
             let args: Vec<String> = cmdline
                 .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
                 .map(|a| String::from_utf8_lossy(a).into_owned())
                 .collect();
             if !args.iter().any(|a| a == "kafka.Kafka") {
@@ -425,10 +444,9 @@ impl Stack {
             }
             let Some(props) = args.last() else { continue };
             let text = std::fs::read_to_string(props).unwrap_or_default();
-            if text
-                .lines()
-                .any(|l| l.starts_with("listeners=") && ports.iter().any(|p| l.contains(p.as_str())))
-            {
+            if text.lines().any(|l| {
+                l.starts_with("listeners=") && ports.iter().any(|p| l.contains(p.as_str()))
+            }) {
                 out.push(pid);
             }
         }

@@ -157,9 +157,7 @@ async fn connect(url: &str, stop: &Stop, truth: &Truth) -> Option<Client> {
 /// Random text of `n` hexadecimal characters (does not compress: stored out of line).
 fn payload(rng: &mut StdRng, n: usize) -> String {
     const HEX: &[u8] = b"0123456789abcdef";
-    (0..n)
-        .map(|_| HEX[rng.gen_range(0..16)] as char)
-        .collect()
+    (0..n).map(|_| HEX[rng.gen_range(0..16)] as char).collect()
 }
 
 /// How a transaction ended, as far as the client knows.
@@ -202,13 +200,10 @@ where
         events.extend(body(client, tx).await?);
         Ok::<_, tokio_postgres::Error>((tx, events))
     };
-    let (tx, events) = match run.await {
-        Ok(x) => x,
-        Err(_) => {
-            let _ = client.batch_execute("ROLLBACK").await;
-            truth.stat(|s| s.failed += 1);
-            return (Outcome::Failed, None);
-        }
+    let Ok((tx, events)) = run.await else {
+        let _ = client.batch_execute("ROLLBACK").await;
+        truth.stat(|s| s.failed += 1);
+        return (Outcome::Failed, None);
     };
     truth.plan(tx, Plan { kind, events, beat });
     match client.batch_execute("COMMIT").await {
@@ -288,14 +283,13 @@ pub async fn setup(url: &str, truth: &Truth, seed: u64) -> anyhow::Result<()> {
             Ok(events)
         })
         .await;
-        match (outcome, tx) {
-            (Outcome::Committed, _) => return Ok(()),
-            (Outcome::Unknown, Some(tx)) => {
-                if in_ledger(url, &stop, truth, tx).await.1 {
-                    return Ok(());
-                }
-            }
-            _ => {}
+        let committed = match (outcome, tx) {
+            (Outcome::Committed, _) => true,
+            (Outcome::Unknown, Some(tx)) => in_ledger(url, &stop, truth, tx).await.1,
+            _ => false,
+        };
+        if committed {
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -425,18 +419,19 @@ impl Worker {
             };
             let (outcome, tx, steps) = match special {
                 Some("truncate") => {
-                    let (o, tx) = transaction(&client, &truth, self.id, "truncate", None, async |c, tx| {
-                        c.batch_execute("TRUNCATE scratch").await?;
-                        Ok((0..PARTITIONS)
-                            .map(|p| Ev {
-                                table: Table::Scratch,
-                                key: p.into(),
-                                op: Op::Truncate,
-                                version: tx,
-                            })
-                            .collect())
-                    })
-                    .await;
+                    let (o, tx) =
+                        transaction(&client, &truth, self.id, "truncate", None, async |c, tx| {
+                            c.batch_execute("TRUNCATE scratch").await?;
+                            Ok((0..PARTITIONS)
+                                .map(|p| Ev {
+                                    table: Table::Scratch,
+                                    key: p.into(),
+                                    op: Op::Truncate,
+                                    version: tx,
+                                })
+                                .collect())
+                        })
+                        .await;
                     (o, tx, Vec::new())
                 }
                 Some(_) => {
@@ -450,20 +445,22 @@ impl Worker {
                         let col = self.extra_cols.remove(0);
                         format!("ALTER TABLE scratch DROP COLUMN IF EXISTS {col}")
                     };
-                    let (o, tx) = transaction(&client, &truth, self.id, "ddl", None, async |c, _| {
-                        c.batch_execute(&sql).await?;
-                        Ok(Vec::new())
-                    })
-                    .await;
+                    let (o, tx) =
+                        transaction(&client, &truth, self.id, "ddl", None, async |c, _| {
+                            c.batch_execute(&sql).await?;
+                            Ok(Vec::new())
+                        })
+                        .await;
                     (o, tx, Vec::new())
                 }
                 None => {
                     let steps = self.plan_steps();
                     let run_steps = steps.clone();
-                    let (o, tx) = transaction(&client, &truth, self.id, "tx", None, async |c, tx| {
-                        apply_steps(c, tx, &run_steps).await
-                    })
-                    .await;
+                    let (o, tx) =
+                        transaction(&client, &truth, self.id, "tx", None, async |c, tx| {
+                            apply_steps(c, tx, &run_steps).await
+                        })
+                        .await;
                     (o, tx, steps)
                 }
             };
@@ -578,7 +575,11 @@ impl Worker {
 }
 
 /// Runs a regular transaction's steps; the events `RETURNING` reported.
-async fn apply_steps(c: &Client, tx: i64, steps: &[Step]) -> Result<Vec<Ev>, tokio_postgres::Error> {
+async fn apply_steps(
+    c: &Client,
+    tx: i64,
+    steps: &[Step],
+) -> Result<Vec<Ev>, tokio_postgres::Error> {
     let mut rng = StdRng::seed_from_u64(tx as u64);
     let mut events = Vec::new();
     for s in steps {
