@@ -150,9 +150,19 @@ impl Runner<'_> {
                     .push((now + down, Restore::KafkaNode(leader), n));
             }
             FaultKind::KafkaPauseProducerKill => {
-                if !self.stack.producers[0].proc.running() {
+                // The producer must be streaming (not starting up) for the stall to leave it
+                // with read, unacknowledged transactions when it is killed.
+                let settled = self.stack.producers[0]
+                    .proc
+                    .started_at
+                    .is_some_and(|t| t.elapsed() > Duration::from_secs(5));
+                if !self.stack.producers[0].proc.running()
+                    || !settled
+                    || !self.stack.slot_active(&self.stack.producers[0].slot).await
+                {
                     return Ok(false);
                 }
+                let before = self.confirmed(0).await;
                 let pids = self.stack.kafka_pids();
                 if pids.len() != 3 {
                     eprintln!(
@@ -175,9 +185,10 @@ impl Runner<'_> {
                 let n = self.record(
                     p.kind,
                     format!(
-                        "SIGSTOP Kafka nodes for {:.1} s, SIGKILL producer {} in the middle",
+                        "SIGSTOP Kafka nodes for {:.1} s, SIGKILL producer {} in the middle (slot confirmed {:?} before)",
                         down.as_secs_f64(),
-                        self.stack.producers[0].mode
+                        self.stack.producers[0].mode,
+                        before.first().map(|b| b.1)
                     ),
                     breaks,
                 );

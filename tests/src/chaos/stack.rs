@@ -37,6 +37,8 @@ pub struct Managed {
     proc: Option<Proc>,
     /// Starts so far.
     pub starts: u32,
+    /// When it was last started.
+    pub started_at: Option<std::time::Instant>,
 }
 
 impl Managed {
@@ -48,6 +50,7 @@ impl Managed {
             log: dir.join(format!("{name}.log")),
             proc: None,
             starts: 0,
+            started_at: None,
         }
     }
 
@@ -57,6 +60,7 @@ impl Managed {
             let env = [("RUST_LOG", "info".to_string())];
             self.proc = Some(Proc::spawn(&self.bin, &self.args, &env, &self.log));
             self.starts += 1;
+            self.started_at = Some(std::time::Instant::now());
         }
     }
 
@@ -412,6 +416,25 @@ impl Stack {
             .await
             .ok()?;
         row.get::<_, Option<i64>>(0).map(|v| v as u64)
+    }
+
+    /// Whether the slot is held by a walsender (its producer streams).
+    pub async fn slot_active(&self, slot: &str) -> bool {
+        let Ok((c, conn)) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls).await
+        else {
+            return false;
+        };
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        c.query_one(
+            "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .ok()
+        .and_then(|r| r.get::<_, Option<bool>>(0))
+            == Some(true)
     }
 
     /// Process ids of this run's Kafka JVMs: processes running `kafka.Kafka` whose
