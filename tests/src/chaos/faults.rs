@@ -107,17 +107,19 @@ impl FaultKind {
         }
     }
 
-    /// Faults per hour of the full profile, and the range of `down` in ms.
+    /// Faults per hour of the full profile (a margin above the minimums: a fault whose
+    /// target is down waits, and one still waiting when the window ends is dropped), and the
+    /// range of `down` in ms.
     fn rate(self) -> (f64, (u64, u64)) {
         match self {
-            FaultKind::ProducerKill => (216.0, (200, 3000)),
+            FaultKind::ProducerKill => (230.0, (200, 3000)),
             FaultKind::ProducerTerm => (40.0, (200, 2000)),
             FaultKind::ProducerFreeze => (8.0, (0, 0)),
-            FaultKind::ConsumerKill(_) => (54.0, (300, 5000)),
+            FaultKind::ConsumerKill(_) => (60.0, (300, 5000)),
             FaultKind::ConsumerTerm(_) => (18.0, (300, 3000)),
-            FaultKind::KafkaLeaderKill => (12.0, (5000, 15000)),
+            FaultKind::KafkaLeaderKill => (14.0, (5000, 15000)),
             FaultKind::KafkaPauseProducerKill => (6.0, (6000, 12000)),
-            FaultKind::PostgresRestart => (24.0, (0, 0)),
+            FaultKind::PostgresRestart => (26.0, (0, 0)),
             FaultKind::NetLatency
             | FaultKind::NetBandwidth
             | FaultKind::NetCut
