@@ -3,6 +3,9 @@
 //! everything, wait for the components to drain, check, report. Exit 0 on a pass, 1 on a
 //! failure, 2 on bad options.
 //!
+//! Longer than ~500 lines: the check phase assembles every component's verdict from the
+//! library's pieces in one readable sequence (the pieces themselves are in `chaos/`).
+//!
 //! Usage: `walrelay-chaos [--minutes N] [--seed S] [--out DIR] [--intensity X]
 //! [--big-rows N] [--producer-bin PATH] [--nullable-doc]` (normally through `scripts/chaos.sh`).
 

