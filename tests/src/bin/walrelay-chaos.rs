@@ -338,7 +338,7 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
     runner.run(&planned, window, &truth).await?;
     eprintln!("chaos: fault window over; stopping the workload and restoring everything");
     load.finish().await;
-    let (done, unexpected_exits, self_breaks) = runner.finish().await;
+    let (done, unexpected_exits, _) = runner.finish().await;
 
     // Drain: every ledger row in both topics, every group at the end, heartbeats current.
     let c = stack.pg.client(&stack.db).await;
@@ -434,13 +434,24 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
         let policy = if p.mode == "exactly-once" {
             DupPolicy::None
         } else {
+            // Each new session of the slot (a new walsender: after a kill, a stop, a freeze,
+            // or a session the producer started again by itself) from the position the slot
+            // had just before, and each immediate restart of Postgres from the position the
+            // slot came back with (what was confirmed since the last checkpoint is lost).
             let mut b: Vec<u64> = done
                 .iter()
+                .filter(|f| f.kind == faults::FaultKind::PostgresRestart)
                 .flat_map(|f| f.breaks.iter())
-                .chain(self_breaks.iter())
                 .filter(|(pi, _)| *pi == i)
                 .map(|(_, c)| *c)
                 .collect();
+            b.extend(
+                walrelay_common::sync::lock(&polls)
+                    .sessions
+                    .iter()
+                    .filter(|(slot, _)| *slot == p.slot)
+                    .map(|(_, c)| *c),
+            );
             b.sort_unstable();
             DupPolicy::Window(b)
         };

@@ -540,6 +540,11 @@ pub struct Polls {
     pub target: Vec<(i64, i64)>,
     /// Slot → largest `pg_current_wal_lsn() - restart_lsn` seen, bytes.
     pub retained_wal: BTreeMap<String, i64>,
+    /// New walsender sessions of a slot (its `active_pid` changed): the slot and its
+    /// confirmed position at the poll before, a bound below where the session started.
+    pub sessions: Vec<(String, u64)>,
+    /// Slot → (walsender pid, confirmed position) at the last poll.
+    last: BTreeMap<String, (Option<i32>, u64)>,
 }
 
 /// Polls the index (`doc_url`: the heartbeat document), the target and the source's slots
@@ -559,9 +564,7 @@ pub fn start_polls(
             .unwrap_or_default();
         let mut target: Option<tokio_postgres::Client> = None;
         let mut source: Option<tokio_postgres::Client> = None;
-        let mut tick = 0u64;
         while !stop.load(Ordering::SeqCst) {
-            tick += 1;
             if let Ok(r) = http.get(&doc_url).send().await
                 && let Ok(v) = r.json::<Value>().await
                 && let Some(b) = v["_source"]["beat"].as_i64()
@@ -572,9 +575,6 @@ pub fn start_polls(
                 (&target_url, &mut target, true),
                 (&source_url, &mut source, false),
             ] {
-                if !is_target && tick % 2 == 1 {
-                    continue;
-                }
                 if client.as_ref().is_none_or(|c| c.is_closed()) {
                     *client = match tokio_postgres::connect(url, tokio_postgres::NoTls).await {
                         Ok((c, conn)) => {
@@ -596,7 +596,8 @@ pub fn start_polls(
                     }
                 } else if let Ok(rows) = c
                     .query(
-                        "SELECT slot_name::text, (pg_current_wal_lsn() - restart_lsn)::bigint \
+                        "SELECT slot_name::text, (pg_current_wal_lsn() - restart_lsn)::bigint, \
+                         active_pid, (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint \
                          FROM pg_replication_slots WHERE restart_lsn IS NOT NULL",
                         &[],
                     )
@@ -605,6 +606,15 @@ pub fn start_polls(
                     let mut g = lock(&p);
                     for r in rows {
                         let (slot, bytes): (String, i64) = (r.get(0), r.get(1));
+                        let (pid, confirmed): (Option<i32>, Option<i64>) = (r.get(2), r.get(3));
+                        let confirmed = confirmed.unwrap_or(0) as u64;
+                        if let Some((prev_pid, prev_confirmed)) = g.last.get(&slot).copied()
+                            && pid.is_some()
+                            && pid != prev_pid
+                        {
+                            g.sessions.push((slot.clone(), prev_confirmed));
+                        }
+                        g.last.insert(slot.clone(), (pid, confirmed));
                         let e = g.retained_wal.entry(slot).or_insert(0);
                         *e = (*e).max(bytes);
                     }
