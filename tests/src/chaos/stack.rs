@@ -307,6 +307,10 @@ impl Stack {
             "2s",
             "--batch-max-wait",
             "100ms",
+            // Strict: a parked subscription's events are held, not dead-lettered, so every
+            // event must reach the receiver (a dead letter would be a missing event here).
+            "--on-delivery-failure",
+            "stop",
         ]));
         consumers.insert(
             Consumer::Notify,
