@@ -30,6 +30,10 @@ pub struct Runner<'a> {
     unexpected_exits: Vec<String>,
     /// Session breaks of producers that exited by themselves.
     self_breaks: Vec<(usize, u64)>,
+    /// When the last Kafka stall ended: no immediate restart of Postgres for a minute after
+    /// it, since a restart takes the slot back to its last saved position and would send
+    /// again what a producer confirming too early lost in the stall (hiding the loss).
+    last_stall: Option<Instant>,
 }
 
 impl Runner<'_> {
@@ -182,6 +186,7 @@ impl Runner<'_> {
                 for pid in &pids {
                     stack::signal(*pid, "-CONT");
                 }
+                self.last_stall = Some(Instant::now());
                 let n = self.record(
                     p.kind,
                     format!(
@@ -200,6 +205,12 @@ impl Runner<'_> {
                 ));
             }
             FaultKind::PostgresRestart => {
+                if self
+                    .last_stall
+                    .is_some_and(|t| t.elapsed() < Duration::from_secs(60))
+                {
+                    return Ok(false);
+                }
                 let at = now_ms();
                 tokio::task::block_in_place(|| self.stack.restart_postgres())?;
                 let mut breaks = Vec::new();
@@ -305,6 +316,7 @@ impl<'a> Runner<'a> {
             pending: Vec::new(),
             unexpected_exits: Vec::new(),
             self_breaks: Vec::new(),
+            last_stall: None,
         }
     }
 
