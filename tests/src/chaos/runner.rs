@@ -354,6 +354,24 @@ impl<'a> Runner<'a> {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // A kind not injected even once (its every fault waited on a busy target) gets up to
+        // 90 s more, so that every kind is exercised.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < deadline {
+            let Some(i) = queue
+                .iter()
+                .position(|q| !self.done.iter().any(|d| d.kind == q.kind))
+            else {
+                break;
+            };
+            self.tend(false).await;
+            let p = queue[i].clone();
+            if self.inject(&p).await? {
+                queue.remove(i);
+            } else {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
         Ok(())
     }
 
