@@ -64,3 +64,7 @@ RUSTDOCFLAGS="-D rustdoc::broken_intra_doc_links" cargo doc --workspace --no-dep
 cargo check --quiet --manifest-path fuzz/Cargo.toml
 
 cargo test --workspace "$@"
+
+# The chaos suite's short profile (issue 19; README "Chaos suite"): five minutes of faults
+# against the debug build just tested, with a fixed seed so that a failure can be replayed.
+bash scripts/chaos.sh --minutes 5 --seed 19 --debug

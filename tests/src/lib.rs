@@ -24,12 +24,15 @@
 //!   the repository's scrape config and alert rules against a test's loopback targets; queries,
 //!   alerts and their history, and every query of the Grafana dashboards evaluated.
 //! - [`process`]: spawns walrelay binaries with logs in a file; SIGTERM and SIGKILL.
+//! - [`chaos`]: the chaos suite (issue 19): workload with a ledger, seeded faults, an
+//!   independent checker and the report; the binary `walrelay-chaos` runs it.
 //! - [`search`]: an Elasticsearch/OpenSearch stand-in over HTTP, only for what a real server
 //!   cannot do on cue: injected 429s and 5xx answers, slow answers, and a discard mode for the
 //!   consumer benchmark.
 
 pub mod broker;
 pub mod certs;
+pub mod chaos;
 pub mod faultproxy;
 pub mod kafka;
 pub mod opensearch;
