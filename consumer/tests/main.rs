@@ -1388,20 +1388,7 @@ async fn an_indexer_started_before_the_topic_exists_picks_it_up() {
     // The indexer subscribes to a topic nobody has created yet; the producer comes later.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let slot = walrelay_tests::unique("slot");
-    let args: Vec<String> = [
-        "--postgres-url",
-        &pg.url(&db),
-        "--kafka-brokers",
-        &broker.brokers(),
-        "--topic",
-        &topic,
-        "--slot",
-        &slot,
-        "--publication",
-        &slot,
-    ]
-    .map(String::from)
-    .to_vec();
+    let args = broker.producer_args(&pg.url(&db), &topic, &slot);
     let init = std::process::Command::new(producer_bin())
         .args(args.iter().chain([&"init".to_string()]))
         .output()

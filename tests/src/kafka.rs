@@ -361,6 +361,28 @@ impl KafkaCluster {
             .collect()
     }
 
+    /// The options a `walrelay-producer` run against this cluster starts with: the source, the
+    /// brokers (and [`KafkaCluster::property_args`]), the topic, and a slot that also names the
+    /// publication.
+    pub fn producer_args(&self, postgres_url: &str, topic: &str, slot: &str) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "--postgres-url",
+            postgres_url,
+            "--kafka-brokers",
+            &self.brokers(),
+            "--topic",
+            topic,
+            "--slot",
+            slot,
+            "--publication",
+            slot,
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(self.property_args());
+        args
+    }
+
     /// librdkafka properties a client of this cluster needs beyond `bootstrap.servers` (none
     /// for a plain cluster), as `KEY=VALUE` for `--kafka-property`.
     pub fn client_properties(&self) -> Vec<String> {

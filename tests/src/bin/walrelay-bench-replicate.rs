@@ -179,29 +179,8 @@ async fn main() -> anyhow::Result<()> {
         .await;
     let topic = walrelay_tests::unique("benchr").replace('_', ".");
     let slot = walrelay_tests::unique("slot");
-    let mut pargs: Vec<String> = [
-        "--postgres-url",
-        &source.url(&sdb),
-        "--kafka-brokers",
-        &kafka.brokers(),
-        "--topic",
-        &topic,
-        "--slot",
-        &slot,
-        "--publication",
-        &slot,
-        "--topic-partitions",
-        "2",
-        "--partition-key",
-        "primary-key",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    for p in kafka.client_properties() {
-        pargs.push("--kafka-property".into());
-        pargs.push(p);
-    }
+    let mut pargs = kafka.producer_args(&source.url(&sdb), &topic, &slot);
+    pargs.extend(["--topic-partitions", "2", "--partition-key", "primary-key"].map(String::from));
     let mut init = pargs.clone();
     init.push("init".into());
     let out = std::process::Command::new(&producer).args(&init).output()?;

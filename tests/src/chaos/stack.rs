@@ -190,17 +190,8 @@ impl Stack {
         for mode in modes {
             let slot = crate::unique(&format!("chaos_{}", mode.replace('-', "_")));
             let topic = format!("chaos.{}", slot.replace('_', "."));
-            let mut common = strings(&[
-                "--postgres-url",
-                &pg.url(&db),
-                "--kafka-brokers",
-                &kafka.brokers(),
-                "--topic",
-                &topic,
-                "--slot",
-                &slot,
-                "--publication",
-                &slot,
+            let mut common = kafka.producer_args(&pg.url(&db), &topic, &slot);
+            common.extend(strings(&[
                 "--tables",
                 "public.*",
                 "--topic-partitions",
@@ -209,8 +200,7 @@ impl Stack {
                 "primary-key",
                 "--delivery",
                 mode,
-            ]);
-            common.extend(kafka.property_args());
+            ]));
             let mut init = common.clone();
             init.push("init".into());
             let out = Command::new(producer_bin)
