@@ -42,21 +42,8 @@ fn text(out: &Output) -> String {
     )
 }
 
-fn base_args(url: &str, brokers: &str, topic: &str, slot: &str) -> Vec<String> {
-    [
-        "--postgres-url",
-        url,
-        "--kafka-brokers",
-        brokers,
-        "--topic",
-        topic,
-        "--slot",
-        slot,
-        "--publication",
-        slot,
-    ]
-    .map(String::from)
-    .to_vec()
+fn base_args(url: &str, topic: &str, slot: &str) -> Vec<String> {
+    KafkaCluster::shared().producer_args(url, topic, slot)
 }
 
 /// `init`, then `run` until the rows inserted after the snapshot are in the topic.
@@ -112,7 +99,6 @@ async fn producer_snapshots_and_streams_over_verified_tls_and_client_certificate
          CREATE ROLE certuser LOGIN SUPERUSER REPLICATION;",
     )
     .await;
-    let brokers = KafkaCluster::shared().brokers();
     let logs = tempfile::tempdir().expect("logs");
     let ca_path = ca.cert_path();
     let ca_arg = ca_path.display();
@@ -127,7 +113,7 @@ async fn producer_snapshots_and_streams_over_verified_tls_and_client_certificate
     );
     let topic = walrelay_tests::unique("tls").replace('_', ".");
     let slot = walrelay_tests::unique("tls");
-    let args = base_args(&full, &brokers, &topic, &slot);
+    let args = base_args(&full, &topic, &slot);
     let check = run(&args, "check");
     let report = text(&check);
     assert!(
@@ -153,7 +139,7 @@ async fn producer_snapshots_and_streams_over_verified_tls_and_client_certificate
     );
     let topic = walrelay_tests::unique("tlscert").replace('_', ".");
     let slot = walrelay_tests::unique("tlscert");
-    let args = base_args(&with_cert, &brokers, &topic, &slot);
+    let args = base_args(&with_cert, &topic, &slot);
     let report = text(&run(&args, "check"));
     assert!(report.contains("client certificate sent"), "{report}");
     snapshot_and_stream(&pg, &db, &args, logs.path(), &topic).await;
@@ -166,7 +152,7 @@ async fn producer_snapshots_and_streams_over_verified_tls_and_client_certificate
         &db,
         &format!("sslmode=verify-full&sslrootcert={ca_arg}"),
     );
-    let out = run(&base_args(&no_cert, &brokers, "t", "s"), "init");
+    let out = run(&base_args(&no_cert, "t", "s"), "init");
     assert!(!out.status.success());
     let msg = text(&out);
     assert!(msg.contains("certificate"), "{msg}");
@@ -183,7 +169,7 @@ async fn producer_snapshots_and_streams_over_verified_tls_and_client_certificate
             other.cert_path().display()
         ),
     );
-    let out = run(&base_args(&wrong_ca, &brokers, "t", "s"), "init");
+    let out = run(&base_args(&wrong_ca, "t", "s"), "init");
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let msg = text(&out);
     assert!(
@@ -200,7 +186,7 @@ async fn producer_snapshots_and_streams_over_verified_tls_and_client_certificate
         &db,
         &format!("sslmode=verify-full&sslrootcert={ca_arg}"),
     );
-    let out = run(&base_args(&wrong_name, &brokers, "t", "s"), "init");
+    let out = run(&base_args(&wrong_name, "t", "s"), "init");
     let msg = text(&out);
     assert!(
         !out.status.success()
@@ -216,7 +202,7 @@ async fn producer_snapshots_and_streams_over_verified_tls_and_client_certificate
         &db,
         &format!("sslmode=verify-ca&sslrootcert={ca_arg}"),
     );
-    let report = text(&run(&base_args(&ca_only, &brokers, "t", "s"), "check"));
+    let report = text(&run(&base_args(&ca_only, "t", "s"), "check"));
     assert!(
         report.contains("certificate verified: CA (host name not checked)"),
         "{report}"
@@ -224,7 +210,7 @@ async fn producer_snapshots_and_streams_over_verified_tls_and_client_certificate
 
     // A plain connection is refused by pg_hba (hostssl only).
     let plain = url("postgres", "127.0.0.1", pg.port(), &db, "sslmode=disable");
-    let out = run(&base_args(&plain, &brokers, "t", "s"), "init");
+    let out = run(&base_args(&plain, "t", "s"), "init");
     assert!(!out.status.success(), "{}", text(&out));
 }
 
@@ -235,10 +221,7 @@ async fn require_against_a_server_without_tls_fails_clearly() {
         "postgres://postgres:not-a-real-secret@127.0.0.1:{}/postgres?sslmode=require",
         pg.port()
     );
-    let out = run(
-        &base_args(&url, &KafkaCluster::shared().brokers(), "t", "s"),
-        "init",
-    );
+    let out = run(&base_args(&url, "t", "s"), "init");
     let msg = text(&out);
     assert_eq!(out.status.code(), Some(1), "{msg}");
     assert!(
@@ -254,10 +237,7 @@ async fn require_against_a_server_without_tls_fails_clearly() {
         "postgres://postgres@127.0.0.1:{}/postgres?sslmode=require&sslcert=/nonexistent/c.pem&sslkey=/nonexistent/k.pem",
         pg.port()
     );
-    let out = run(
-        &base_args(&url, &KafkaCluster::shared().brokers(), "t", "s"),
-        "init",
-    );
+    let out = run(&base_args(&url, "t", "s"), "init");
     let msg = text(&out);
     assert!(
         !out.status.success()

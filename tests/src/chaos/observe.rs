@@ -61,6 +61,18 @@ pub struct TailData {
 }
 
 impl TailData {
+    /// Records one change event's arrival, and its place among its transaction's events.
+    fn seen(&mut self, ev: Ev, arrival_ms: i64, ts_ms: i64, commit_lsn: u64) {
+        self.obs.push(Obs {
+            ev,
+            stream: 0,
+            arrival_ms,
+            ts_ms,
+            commit_lsn,
+        });
+        self.by_lsn.entry(commit_lsn).or_default().insert(ev);
+    }
+
     fn apply(&mut self, partition: i32, bytes: &[u8], arrival_ms: i64) {
         match parse(bytes) {
             Parsed::Row {
@@ -70,14 +82,7 @@ impl TailData {
                 after,
                 unchanged,
             } => {
-                self.obs.push(Obs {
-                    ev,
-                    stream: 0,
-                    arrival_ms,
-                    ts_ms,
-                    commit_lsn,
-                });
-                self.by_lsn.entry(commit_lsn).or_default().insert(ev);
+                self.seen(ev, arrival_ms, ts_ms, commit_lsn);
                 if ev.table == Table::ChaosTx && ev.op == Op::Create {
                     self.lsn_tx.insert(commit_lsn, ev.key);
                 }
@@ -115,14 +120,7 @@ impl TailData {
                     op: Op::Truncate,
                     version: -1,
                 };
-                self.obs.push(Obs {
-                    ev,
-                    stream: 0,
-                    arrival_ms,
-                    ts_ms,
-                    commit_lsn,
-                });
-                self.by_lsn.entry(commit_lsn).or_default().insert(ev);
+                self.seen(ev, arrival_ms, ts_ms, commit_lsn);
                 self.state
                     .retain(|(t, _), (p, _)| !(*t == table && *p == partition));
             }
