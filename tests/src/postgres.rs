@@ -155,6 +155,13 @@ impl PgCluster {
     }
 
     fn pg_ctl(&self, args: &[&str]) {
+        if let Err(e) = self.try_pg_ctl(args) {
+            panic!("{e}");
+        }
+    }
+
+    /// Runs `pg_ctl` on this cluster; the error carries its output and the server's log.
+    fn try_pg_ctl(&self, args: &[&str]) -> Result<(), String> {
         let log = self.dir.path().join("server.log");
         let out = pg_command("pg_ctl")
             .arg("-D")
@@ -163,13 +170,21 @@ impl PgCluster {
             .arg(&log)
             .args(args)
             .output()
-            .expect("run pg_ctl");
-        assert!(
-            out.status.success(),
+            .map_err(|e| format!("run pg_ctl: {e}"))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(format!(
             "pg_ctl {args:?} failed: {}\n{}",
             String::from_utf8_lossy(&out.stderr),
             std::fs::read_to_string(&log).unwrap_or_default()
-        );
+        ))
+    }
+
+    /// `pg_ctl restart -m immediate`: a crash and recovery, with the options the server was
+    /// started with (`postmaster.opts`).
+    pub fn restart_immediate(&self) -> Result<(), String> {
+        self.try_pg_ctl(&["-m", "immediate", "-w", "-t", "60", "restart"])
     }
 
     /// The port.

@@ -363,35 +363,7 @@ impl Stack {
     /// `pg_ctl restart -m immediate` of the source (the server's options are kept from its
     /// start, `postmaster.opts`).
     pub fn restart_postgres(&self) -> anyhow::Result<()> {
-        let data = self.pg.dir().join("data");
-        let log = self.pg.dir().join("server.log");
-        let pg_ctl = crate::postgres::bin_dir().join("pg_ctl");
-        let root = Command::new("id")
-            .arg("-u")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-            .unwrap_or(false);
-        let mut cmd = if root {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(pg_ctl);
-            c
-        } else {
-            Command::new(pg_ctl)
-        };
-        let out = cmd
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(&log)
-            .args(["-m", "immediate", "-w", "-t", "60", "restart"])
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "pg_ctl restart -m immediate failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
+        self.pg.restart_immediate().map_err(anyhow::Error::msg)
     }
 
     /// The slot's `confirmed_flush_lsn` as a number.
