@@ -17,6 +17,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Map, Value};
 use walrelay_common::event::Op;
+use walrelay_tests::faultproxy::FaultProxy;
 use walrelay_tests::kafka::KafkaCluster;
 use walrelay_tests::opensearch::{Indexes, OpenSearch};
 use walrelay_tests::postgres::PgCluster;
@@ -51,11 +52,14 @@ fn producer_bin() -> PathBuf {
     p
 }
 
-/// Where a test's indexes live: the shared OpenSearch node, a stand-in of the test's own that
-/// injects faults, or none (a test of another sink). Names are a table's alias
-/// (`public.items`) or an index (`public.items-v1`), without the test's prefix.
+/// Where a test's indexes live: the shared OpenSearch node; that node behind a fault proxy of
+/// the test's own (the consumers reach it only through the proxy, the test's own reads go
+/// direct); a stand-in of the test's own for what a real node cannot do on cue (failing bulk
+/// items, 429s); or none (a test of another sink). Names are a table's alias (`public.items`)
+/// or an index (`public.items-v1`), without the test's prefix.
 enum Search {
     Real(Indexes),
+    Proxied(FaultProxy, Indexes),
     StandIn(SearchStandIn, Indexes),
     Absent,
 }
@@ -68,20 +72,34 @@ fn no_search() -> ! {
 impl Search {
     fn indexes(&self) -> &Indexes {
         match self {
-            Search::Real(i) | Search::StandIn(_, i) => i,
+            Search::Real(i) | Search::Proxied(_, i) | Search::StandIn(_, i) => i,
             Search::Absent => no_search(),
         }
     }
 
+    /// The URL the consumers are given.
     fn url(&self) -> String {
-        self.indexes().url().to_string()
+        match self {
+            Search::Proxied(p, _) => format!("http://{}", p.addr()),
+            _ => self.indexes().url().to_string(),
+        }
+    }
+
+    /// The fault proxy in front of the real node.
+    fn proxy(&self) -> &FaultProxy {
+        match self {
+            Search::Proxied(p, _) => p,
+            _ => panic!("this test needs the search node behind a fault proxy"),
+        }
     }
 
     /// The stand-in, for tests that inject faults.
     fn stand_in(&self) -> &SearchStandIn {
         match self {
             Search::StandIn(s, _) => s,
-            Search::Real(_) | Search::Absent => panic!("this test needs the search stand-in"),
+            Search::Real(_) | Search::Proxied(..) | Search::Absent => {
+                panic!("this test needs the search stand-in")
+            }
         }
     }
 
@@ -91,7 +109,7 @@ impl Search {
 
     async fn documents(&self, name: &str) -> BTreeMap<String, Value> {
         match self {
-            Search::Real(i) => i.documents(name).await,
+            Search::Real(i) | Search::Proxied(_, i) => i.documents(name).await,
             Search::StandIn(s, i) => s.documents(&i.full(name)),
             Search::Absent => no_search(),
         }
@@ -99,7 +117,7 @@ impl Search {
 
     async fn properties(&self, name: &str) -> Map<String, Value> {
         match self {
-            Search::Real(i) => i.properties(name).await,
+            Search::Real(i) | Search::Proxied(_, i) => i.properties(name).await,
             Search::StandIn(s, i) => s.properties(&i.full(name)),
             Search::Absent => no_search(),
         }
@@ -107,7 +125,7 @@ impl Search {
 
     async fn meta(&self, name: &str) -> Value {
         match self {
-            Search::Real(i) => i.meta(name).await,
+            Search::Real(i) | Search::Proxied(_, i) => i.meta(name).await,
             Search::StandIn(s, i) => s.meta(&i.full(name)),
             Search::Absent => no_search(),
         }
@@ -115,7 +133,7 @@ impl Search {
 
     async fn alias_targets(&self, alias: &str) -> Vec<String> {
         match self {
-            Search::Real(i) => i.alias_targets(alias).await,
+            Search::Real(i) | Search::Proxied(_, i) => i.alias_targets(alias).await,
             Search::StandIn(s, i) => strip(i, s.alias_targets(&i.full(alias))),
             Search::Absent => no_search(),
         }
@@ -123,7 +141,7 @@ impl Search {
 
     async fn indices(&self) -> Vec<String> {
         match self {
-            Search::Real(i) => i.indices().await,
+            Search::Real(i) | Search::Proxied(_, i) => i.indices().await,
             Search::StandIn(s, i) => strip(i, s.indices()),
             Search::Absent => no_search(),
         }
@@ -163,6 +181,19 @@ impl Stack {
     /// producer's `init`.
     async fn start(schema_sql: &str) -> Self {
         let search = Search::Real(Indexes::new(&OpenSearch::shared().url()));
+        Self::start_with(schema_sql, search, KafkaCluster::shared()).await
+    }
+
+    /// Starts everything on the shared OpenSearch node reached through a fault proxy of the
+    /// test's own (slow answers, cut connections, on cue).
+    async fn start_with_proxied_search(schema_sql: &str) -> Self {
+        let node = OpenSearch::shared().url();
+        let addr = node
+            .trim_start_matches("http://")
+            .parse()
+            .expect("the node's loopback address");
+        let proxy = FaultProxy::start(addr).expect("a fault proxy in front of OpenSearch");
+        let search = Search::Proxied(proxy, Indexes::new(&node));
         Self::start_with(schema_sql, search, KafkaCluster::shared()).await
     }
 
@@ -1283,17 +1314,15 @@ async fn reindex_refuses_when_the_topic_history_was_deleted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interrupted_reindex_never_exposes_a_half_built_index_and_a_rerun_finishes() {
-    // The stand-in: every request is slowed down on cue so the build is cut short.
-    let mut s = Stack::start_with_stand_in(ITEMS).await;
+    // The real node behind a fault proxy: every request is slowed down on cue so the build is
+    // cut short.
+    let mut s = Stack::start_with_proxied_search(ITEMS).await;
     let mut indexer = s.indexer();
     s.wait_equal("items", "public.items", Duration::from_secs(60))
         .await;
     indexer.kill9();
     // Slow every request down so the build is still running when it is killed.
-    s.search.set_faults(Faults {
-        delay: Duration::from_millis(150),
-        ..Faults::default()
-    });
+    s.search.proxy().latency(Duration::from_millis(150));
     let args = s.consumer_args(
         "reindex",
         &["--grace-period", "0s", "--batch-max-events", "10"],
@@ -1327,7 +1356,7 @@ async fn interrupted_reindex_never_exposes_a_half_built_index_and_a_rerun_finish
         "the build had finished ({partial} documents); the test needs it cut short"
     );
 
-    s.search.set_faults(Faults::default());
+    s.search.proxy().clear();
     s.exec("UPDATE items SET name = 'after the interruption' WHERE id <= 5")
         .await;
     let log = s.log_path("reindex-rerun");
