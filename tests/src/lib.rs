@@ -27,8 +27,8 @@
 //! - [`chaos`]: the chaos suite (issue 19): workload with a ledger, seeded faults, an
 //!   independent checker and the report; the binary `walrelay-chaos` runs it.
 //! - [`search`]: an Elasticsearch/OpenSearch stand-in over HTTP, only for what a real server
-//!   cannot do on cue: injected 429s and 5xx answers, slow answers, and a discard mode for the
-//!   consumer benchmark.
+//!   cannot do on cue: failing bulk items, 429s and 5xx answers, and a discard mode for the
+//!   consumer benchmark (slow answers come from the real node behind a [`faultproxy`]).
 
 pub mod broker;
 pub mod certs;
