@@ -1,4 +1,5 @@
-//! The repository's scrape config rewritten for a test: targets, intervals and rule paths only.
+//! The repository's scrape config rewritten for a test: targets, intervals and rule paths only
+//! (and rules files a test adds).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -23,6 +24,11 @@ pub struct Config {
     pub extra: Vec<ExtraTarget>,
     /// Scrape and rule evaluation interval.
     pub interval: Duration,
+    /// Rules files loaded after the base config's own (made absolute against the current
+    /// folder if relative), e.g. a time-compressed copy of the rules
+    /// ([`super::compress_rules`]). Not inside the base config's rules folder: its glob loads
+    /// those already.
+    pub extra_rule_files: Vec<PathBuf>,
 }
 
 /// A target added to a job of the base config ([`Config::extra`]).
@@ -42,6 +48,7 @@ impl Default for Config {
             targets: Vec::new(),
             extra: Vec::new(),
             interval: Duration::from_secs(2),
+            extra_rule_files: Vec::new(),
         }
     }
 }
@@ -84,6 +91,18 @@ pub fn rewrite_config(config: &Config) -> anyhow::Result<String> {
             {
                 *f = Yaml::from(base_dir.join(p).display().to_string());
             }
+        }
+    }
+    if !config.extra_rule_files.is_empty() {
+        let files = map
+            .entry("rule_files".into())
+            .or_insert_with(|| Yaml::Sequence(Vec::new()))
+            .as_sequence_mut()
+            .ok_or_else(|| anyhow!("{}: rule_files is not a list", config.base.display()))?;
+        for f in &config.extra_rule_files {
+            let abs =
+                std::path::absolute(f).with_context(|| format!("rule file {}", f.display()))?;
+            files.push(Yaml::from(abs.display().to_string()));
         }
     }
     if let Some(Yaml::Sequence(jobs)) = map.get_mut("scrape_configs") {
@@ -168,6 +187,7 @@ mod tests {
                 addr: replicator,
                 labels: [("component".to_string(), "replicator".to_string())].into(),
             }],
+            extra_rule_files: vec!["/tmp/compressed.yml".into(), "relative.yml".into()],
             ..Config::default()
         })
         .expect("rewrite");
@@ -178,6 +198,14 @@ mod tests {
         assert!(
             rules.ends_with("deploy/prometheus/rules/*.yml") && Path::new(rules).is_absolute(),
             "{rules}"
+        );
+        let files = doc["rule_files"].as_sequence().expect("rule files");
+        assert_eq!(files.len(), 3);
+        assert_eq!(files[1], Yaml::from("/tmp/compressed.yml"));
+        let relative = files[2].as_str().expect("rule file");
+        assert!(
+            relative.ends_with("/relative.yml") && Path::new(relative).is_absolute(),
+            "{relative}"
         );
         let jobs = doc["scrape_configs"].as_sequence().expect("jobs");
         let names: Vec<&str> = jobs.iter().filter_map(|j| j["job_name"].as_str()).collect();

@@ -13,6 +13,8 @@
 //!   [`Config::interval`] (2 s), so a test sees data in seconds;
 //! - rule files are the repository's, by absolute path. The rules' `for:` durations are kept:
 //!   an alert with `for: 1m` fires a minute after its condition holds, as in production.
+//!   [`Config::extra_rule_files`] adds files, such as a time-compressed copy of the rules
+//!   ([`compress_rules`]) for runs of minutes, loaded next to the originals.
 //!
 //! Job names, labels and relabeling stay, so the dashboards' and rules' selectors are tested as
 //! they are deployed. Alerts can be read now ([`Prometheus::alerts`]) or as a history of which
@@ -29,9 +31,11 @@ use serde_json::Value;
 
 mod config;
 mod dashboards;
+mod rules;
 
 pub use config::{Config, ExtraTarget, rewrite_config};
 pub use dashboards::{PanelQuery, substitute};
+pub use rules::{Compression, compress_rules};
 
 /// The launcher script in this repository.
 pub fn launcher() -> PathBuf {
@@ -120,6 +124,35 @@ pub struct AlertSpan {
     pub labels: BTreeMap<String, String>,
     pub from: SystemTime,
     pub to: SystemTime,
+}
+
+/// A rule group as loaded (`/api/v1/rules`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuleGroup {
+    pub name: String,
+    /// The rules file it comes from.
+    pub file: String,
+    /// Its evaluation interval.
+    pub interval: Duration,
+    pub rules: Vec<Rule>,
+}
+
+/// A loaded rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    /// The alert's name, or the recorded series'.
+    pub name: String,
+    /// `alerting` or `recording`.
+    pub kind: String,
+    /// The expression as Prometheus parsed and printed it.
+    pub query: String,
+    /// `for:` (zero for none, and for recording rules).
+    pub duration: Duration,
+    pub labels: BTreeMap<String, String>,
+    /// `ok`, `err` or `unknown` (not evaluated yet).
+    pub health: String,
+    /// The last evaluation's error, if any.
+    pub last_error: String,
 }
 
 /// A running server; killed (data removed) on drop.
@@ -326,6 +359,33 @@ impl Prometheus {
             .collect())
     }
 
+    /// The rule groups it has loaded, with their rules.
+    pub async fn rules(&self) -> anyhow::Result<Vec<RuleGroup>> {
+        let data = self.api("rules", &[]).await?;
+        let secs = |v: &Value| Duration::from_secs_f64(v.as_f64().unwrap_or(0.0).max(0.0));
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+        Ok(items(&data["groups"])
+            .iter()
+            .map(|g| RuleGroup {
+                name: text(&g["name"]),
+                file: text(&g["file"]),
+                interval: secs(&g["interval"]),
+                rules: items(&g["rules"])
+                    .iter()
+                    .map(|r| Rule {
+                        name: text(&r["name"]),
+                        kind: text(&r["type"]),
+                        query: text(&r["query"]),
+                        duration: secs(&r["duration"]),
+                        labels: labels(&r["labels"]),
+                        health: text(&r["health"]),
+                        last_error: text(&r["lastError"]),
+                    })
+                    .collect(),
+            })
+            .collect())
+    }
+
     /// Pending and firing alerts now.
     pub async fn alerts(&self) -> anyhow::Result<Vec<Alert>> {
         let data = self.api("alerts", &[]).await?;
@@ -485,16 +545,13 @@ mod tests {
     #[tokio::test]
     async fn serves_the_repository_rules_and_answers_queries() {
         let p = Prometheus::start(&[]).await.expect("start Prometheus");
-        let rules = p.api("rules", &[]).await.expect("rules");
-        let names: Vec<String> = items(&rules["groups"])
+        let rules = p.rules().await.expect("rules");
+        let names: Vec<&str> = rules
             .iter()
-            .flat_map(|g| items(&g["rules"]))
-            .filter_map(|r| r["name"].as_str().map(str::to_string))
+            .flat_map(|g| &g.rules)
+            .map(|r| r.name.as_str())
             .collect();
-        assert!(
-            names.iter().any(|n| n == "WalrelayKafkaUnreachable"),
-            "{names:?}"
-        );
+        assert!(names.contains(&"WalrelayKafkaUnreachable"), "{names:?}");
         let s = p.query("vector(3) + 4").await.expect("query");
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].value, 7.0);
