@@ -19,7 +19,8 @@
 //! - [`topic`]: reads every record of a topic and rebuilds table state from envelopes.
 //! - [`certs`]: a throwaway CA issuing server and client certificates (PEM files).
 //! - [`faultproxy`]: a TCP proxy on loopback whose faults a test turns on at run time: latency,
-//!   a bandwidth limit, cut connections, a blackout (a hung network) until restored.
+//!   a bandwidth limit, cut connections, a blackout (a hung network) until restored, and an HTTP
+//!   error mode in which it answers every request 429 or 503 itself (a search node on cue).
 //! - [`prometheus`]: a real Prometheus (Debian's binary, `tests/services/prometheus/`) running
 //!   the repository's scrape config and alert rules against a test's loopback targets; queries,
 //!   alerts and their history, and every query of the Grafana dashboards evaluated.
