@@ -402,6 +402,22 @@ impl KafkaCluster {
         c
     }
 
+    /// A client configuration that bypasses the proxies of a proxied cluster
+    /// ([`Self::direct_brokers`]): for observers that must see the cluster whatever the faults.
+    pub fn direct_client_config(&self) -> ClientConfig {
+        let mut c = self.client_config();
+        c.set("bootstrap.servers", self.direct_brokers());
+        c
+    }
+
+    /// Process ids of the running nodes' JVMs (`kafka.sh run` execs the JVM).
+    pub fn node_pids(&self) -> Vec<u32> {
+        self.lock()
+            .iter()
+            .filter_map(|n| n.child.as_ref().map(Child::id))
+            .collect()
+    }
+
     /// Waits until `n` brokers are in the cluster's metadata.
     pub fn wait_brokers(&self, n: usize, timeout: Duration) {
         let deadline = Instant::now() + timeout;

@@ -23,6 +23,7 @@ use walrelay_tests::chaos::checker::{
     self, DupPolicy, Obs, Parsed, check_events, compare_state, expected_of,
 };
 use walrelay_tests::chaos::faults::{self, Profile};
+use walrelay_tests::chaos::observability::Watch;
 use walrelay_tests::chaos::observe::{self, Receiver, StreamClient, TopicTail};
 use walrelay_tests::chaos::report::{self, Partials, Report};
 use walrelay_tests::chaos::runner::Runner;
@@ -130,7 +131,7 @@ async fn subscribe(stack: &Stack, receiver: u16) -> anyhow::Result<()> {
 fn group_lag(stack: &Stack, group: &str, topic: &str) -> Option<i64> {
     let consumer: BaseConsumer = stack
         .kafka
-        .client_config()
+        .direct_client_config()
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("log_level", "0")
@@ -275,7 +276,7 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
         .iter()
         .map(|p| {
             TopicTail::start(
-                stack.kafka.client_config(),
+                stack.kafka.direct_client_config(),
                 p.topic.clone(),
                 Arc::clone(&truth),
             )
@@ -285,6 +286,11 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
     for m in stack.consumers.values_mut() {
         m.start();
     }
+    let watch = Watch::start(&stack, &out).await?;
+    eprintln!("chaos: Prometheus at {}", watch.url());
+    watch
+        .wait_up(stack.metrics.len(), Duration::from_secs(60))
+        .await?;
     subscribe(&stack, receiver.port).await?;
     let client = StreamClient::start(
         stack.stream_port,
@@ -596,6 +602,25 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
             unplanned.len()
         ));
     }
+    // Prometheus' view, while every process still runs.
+    let observability = watch.verdict(&done).await?;
+    if full {
+        failures.extend(observability.failures());
+    } else {
+        for f in observability.failures() {
+            notes.push(format!(
+                "Prometheus (judged in the full profile only, one fault of each kind here): {f}"
+            ));
+        }
+    }
+    // Slot hygiene, last: it invalidates the at-least-once producer's slot.
+    let hygiene = walrelay_tests::chaos::hygiene::invalidate(&mut stack, 0).await?;
+    if !hygiene.pass {
+        failures.push(format!(
+            "slot invalidation not reported as it must be: wal_status {:?}, exit {:?}",
+            hygiene.wal_status, hygiene.exit
+        ));
+    }
     let mut kinds_done: BTreeMap<String, usize> = BTreeMap::new();
     for d in &done {
         *kinds_done.entry(d.kind.label()).or_default() += 1;
@@ -627,7 +652,7 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
         }
     ));
     notes.push("Kafka latency: commit → seen by a read_committed tail in this process; webhooks: → received; stream: → received by the client; index and target: heartbeat lag (polled every 0.5 s)".into());
-    notes.push("network faults (latency, bandwidth, cut, 60 s Kafka blackout) wait for the TCP fault proxy; a Prometheus view is not part of this report yet".into());
+    notes.push("network faults act between walrelay's processes and their servers (fault proxies); the harness's own observers go direct".into());
     let report = Report {
         seed: o.seed,
         minutes: o.minutes,
@@ -646,6 +671,8 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
         partial_samples,
         retained_wal,
         drain_seconds,
+        observability: Some(observability),
+        hygiene: Some(hygiene),
         notes,
     };
     report.write(&out)?;

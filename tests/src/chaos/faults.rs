@@ -3,9 +3,9 @@
 //! The schedule is a list of `(offset from the start, kind, parameters)` drawn from one seeded
 //! generator, so a seed names one sequence of faults; what a fault hits at that moment (the
 //! leader of a partition, the state of a process) depends on the run. Each kind has a rate per
-//! hour; a kind is scheduled only when the run has what it needs ([`FaultKind::available`]):
-//! the network kinds wait for the TCP fault proxy (`tests/src/faultproxy.rs`, being built
-//! elsewhere) and plug in here by becoming available and getting an arm in the runner.
+//! hour, and every kind is scheduled at least once, however short the run. The network kinds
+//! act on the run's links ([`Link`]): each link is one or more TCP fault proxies
+//! (`tests/src/faultproxy.rs`) between walrelay's processes and a server.
 
 use std::time::Duration;
 
@@ -45,6 +45,35 @@ impl Consumer {
     }
 }
 
+/// A network path the fault proxies stand on: every walrelay process reaches its servers
+/// through them; the harness (workload, observers) goes direct.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum Link {
+    /// Every client to the three brokers (one proxy per broker).
+    Kafka,
+    /// The producers to the source Postgres (replication and control sessions).
+    Source,
+    /// The indexer to OpenSearch.
+    Search,
+    /// The replicator to the target Postgres.
+    Target,
+}
+
+impl Link {
+    /// Every link.
+    pub const ALL: [Link; 4] = [Link::Kafka, Link::Source, Link::Search, Link::Target];
+
+    /// For reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Link::Kafka => "kafka",
+            Link::Source => "source-postgres",
+            Link::Search => "opensearch",
+            Link::Target => "target-postgres",
+        }
+    }
+}
+
 /// What a fault does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub enum FaultKind {
@@ -67,28 +96,22 @@ pub enum FaultKind {
     KafkaPauseProducerKill,
     /// `pg_ctl restart -m immediate` of the source.
     PostgresRestart,
-    /// Network latency on a link (TCP fault proxy: not built yet).
+    /// Latency (`param` ms each way) on link `target` for `down`.
     NetLatency,
-    /// A bandwidth limit on a link (TCP fault proxy: not built yet).
+    /// A bandwidth limit (`param` bytes/s each way) on link `target` for `down`.
     NetBandwidth,
-    /// Connections cut on a link (TCP fault proxy: not built yet).
+    /// Every connection of link `target` reset mid-stream.
     NetCut,
-    /// Kafka unreachable for 60 s (TCP fault proxy: not built yet).
+    /// Kafka unreachable (a hung network: connections cut, new ones held) for 60 s.
     KafkaBlackout,
+    /// The indexer's link to OpenSearch hung for `down` (90 s): the indexer stalls, its lag
+    /// grows, it reports itself not ready.
+    SearchStall,
+    /// OpenSearch answers every request with HTTP `param` (429 or 503) for `down`.
+    SearchErrors,
 }
 
 impl FaultKind {
-    /// Whether this build can inject it.
-    pub fn available(self) -> bool {
-        !matches!(
-            self,
-            FaultKind::NetLatency
-                | FaultKind::NetBandwidth
-                | FaultKind::NetCut
-                | FaultKind::KafkaBlackout
-        )
-    }
-
     /// A short label for reports: `producer_kill`, `index_kill`, …
     pub fn label(self) -> String {
         match self {
@@ -104,6 +127,8 @@ impl FaultKind {
             FaultKind::NetBandwidth => "net_bandwidth".into(),
             FaultKind::NetCut => "net_cut".into(),
             FaultKind::KafkaBlackout => "kafka_blackout".into(),
+            FaultKind::SearchStall => "search_stall".into(),
+            FaultKind::SearchErrors => "search_errors".into(),
         }
     }
 
@@ -120,10 +145,12 @@ impl FaultKind {
             FaultKind::KafkaLeaderKill => (14.0, (5000, 15000)),
             FaultKind::KafkaPauseProducerKill => (6.0, (6000, 12000)),
             FaultKind::PostgresRestart => (26.0, (0, 0)),
-            FaultKind::NetLatency
-            | FaultKind::NetBandwidth
-            | FaultKind::NetCut
-            | FaultKind::KafkaBlackout => (0.0, (0, 0)),
+            FaultKind::NetLatency => (30.0, (10_000, 40_000)),
+            FaultKind::NetBandwidth => (15.0, (10_000, 30_000)),
+            FaultKind::NetCut => (40.0, (0, 0)),
+            FaultKind::KafkaBlackout => (4.0, (60_000, 60_000)),
+            FaultKind::SearchStall => (3.0, (90_000, 90_000)),
+            FaultKind::SearchErrors => (6.0, (20_000, 60_000)),
         }
     }
 
@@ -146,6 +173,8 @@ impl FaultKind {
             FaultKind::NetBandwidth,
             FaultKind::NetCut,
             FaultKind::KafkaBlackout,
+            FaultKind::SearchStall,
+            FaultKind::SearchErrors,
         ]);
         v
     }
@@ -159,10 +188,12 @@ pub struct Planned {
     /// Kind.
     pub kind: FaultKind,
     /// Which producer (index into the run's producers) for producer faults; the partition for
-    /// a leader kill.
+    /// a leader kill; the link (index into [`Link::ALL`]) for latency, bandwidth and cuts.
     pub target: usize,
     /// How long the target stays down, ms (kinds without a down time: 0).
     pub down_ms: u64,
+    /// Latency in ms, bytes per second, or an HTTP status, by kind (else 0).
+    pub param: u64,
 }
 
 /// The schedule's shape.
@@ -176,9 +207,9 @@ pub struct Profile {
     pub producers: usize,
 }
 
-/// The schedule: every available kind at its rate × intensity over the window (at least one
-/// of each kind whose scaled count is under one, so a short run still exercises it), at
-/// uniformly drawn moments, sorted. A pure function of its arguments.
+/// The schedule: every kind at its rate × intensity over the window (at least one of each
+/// kind whose scaled count is under one, so a short run still exercises it), at uniformly
+/// drawn moments, sorted. A pure function of its arguments.
 pub fn schedule(seed: u64, profile: Profile) -> Vec<Planned> {
     let mut rng = StdRng::seed_from_u64(seed);
     let hours = profile.window.as_secs_f64() / 3600.0;
@@ -191,7 +222,7 @@ pub fn schedule(seed: u64, profile: Profile) -> Vec<Planned> {
     let mut out = Vec::new();
     for kind in FaultKind::all() {
         let (per_hour, (dlo, dhi)) = kind.rate();
-        if !kind.available() || per_hour == 0.0 {
+        if per_hour == 0.0 {
             continue;
         }
         let n = ((per_hour * hours * profile.intensity).round() as u64).max(1);
@@ -202,6 +233,9 @@ pub fn schedule(seed: u64, profile: Profile) -> Vec<Planned> {
                     rng.gen_range(0..profile.producers.max(1))
                 }
                 FaultKind::KafkaLeaderKill => rng.gen_range(0..super::PARTITIONS as usize),
+                FaultKind::NetLatency | FaultKind::NetBandwidth | FaultKind::NetCut => {
+                    rng.gen_range(0..Link::ALL.len())
+                }
                 _ => 0,
             };
             let down_ms = if dhi > dlo {
@@ -209,11 +243,25 @@ pub fn schedule(seed: u64, profile: Profile) -> Vec<Planned> {
             } else {
                 dlo
             };
+            let param = match kind {
+                FaultKind::NetLatency => rng.gen_range(50..=400),
+                // 32–256 KiB/s: a slow link, not a dead one.
+                FaultKind::NetBandwidth => rng.gen_range(32..=256) * 1024,
+                FaultKind::SearchErrors => {
+                    if rng.gen_bool(0.5) {
+                        429
+                    } else {
+                        503
+                    }
+                }
+                _ => 0,
+            };
             out.push(Planned {
                 at_ms,
                 kind,
                 target,
                 down_ms,
+                param,
             });
         }
     }
@@ -259,7 +307,33 @@ mod tests {
         }
         assert!(count(FaultKind::KafkaLeaderKill) >= 10);
         assert!(count(FaultKind::PostgresRestart) >= 20);
-        assert_eq!(count(FaultKind::NetCut), 0, "not available yet");
+        assert!(count(FaultKind::KafkaBlackout) >= 1);
+        for l in 0..Link::ALL.len() {
+            assert!(
+                a.iter()
+                    .any(|f| f.kind == FaultKind::NetCut && f.target == l),
+                "a cut of every link"
+            );
+        }
+        assert!(
+            a.iter()
+                .filter(|f| f.kind == FaultKind::KafkaBlackout)
+                .all(|f| f.down_ms == 60_000)
+        );
+        let short = schedule(
+            7,
+            Profile {
+                window: Duration::from_secs(300),
+                intensity: 0.6,
+                producers: 2,
+            },
+        );
+        for k in FaultKind::all() {
+            assert!(
+                short.iter().any(|f| f.kind == k),
+                "{k:?} in the short profile"
+            );
+        }
         assert!(a.windows(2).all(|w| w[0].at_ms <= w[1].at_ms));
     }
 }

@@ -9,7 +9,9 @@
 //!   (workers, ledger      │        ──slot B──▶ producer (exactly-once) ──▶ topic B   ├─▶ notify ──▶ receiver (this process)
 //!    chaos_tx, heartbeat) │                                                  │       ├─▶ stream ──▶ WebSocket client (this process)
 //!                         │                          Kafka, 3 KRaft nodes ───┘       └─▶ replicate ──▶ target Postgres
-//!   faults (seeded) ──────┴── SIGKILL/SIGTERM/SIGSTOP of processes, leader kills, Kafka pauses, pg_ctl restart -m immediate
+//!   faults (seeded) ──────┴── SIGKILL/SIGTERM/SIGSTOP of processes, leader kills, Kafka pauses, pg_ctl restart -m immediate,
+//!                             fault proxies on every link walrelay uses (latency, bandwidth, cuts, blackouts, HTTP 429/503)
+//!   Prometheus ◀── /metrics of every walrelay process (the repository's scrape config and rules)
 //!   observers: a read_committed tail of each topic, the receiver's and the client's logs,
 //!              heartbeat polls of the index and the target, the slots' retained WAL
 //! ```
@@ -22,13 +24,19 @@
 //!   `version` bumped on each update, and keys are never reused, so `(table, key, op,
 //!   version)` names one change.
 //! - [`faults`]: the fault kinds and the schedule, a pure function of the seed and the
-//!   profile. Kinds that need infrastructure not built yet (the TCP fault proxy: latency,
-//!   bandwidth, cut, Kafka blackout) are listed and never scheduled until it exists.
+//!   profile: process kills and stops, Kafka leader kills and stalls, immediate Postgres
+//!   restarts, and network faults through TCP fault proxies on every link (latency, bandwidth,
+//!   cuts, a 60 s Kafka blackout, a hung search link, OpenSearch answering 429/503).
 //! - [`stack`]: the servers and the walrelay processes, each restartable by the fault runner.
 //! - [`runner`]: the fault runner: injects the schedule, restores targets, records what it did.
 //! - [`observe`]: what watches the run: a `read_committed` tail of each topic (events, arrival
 //!   times, the state rebuilt from them, partial transactions sampled after producer kills),
 //!   the webhook receiver, the stream client, heartbeat polls, retained WAL of the slots.
+//! - [`observability`]: a real Prometheus scraping every process with the repository's
+//!   config and rules (and a time-compressed copy of the rules): which alerts fired during
+//!   which faults, and whether every Grafana panel's query returns series.
+//! - [`hygiene`]: after the checks, a slot invalidated by `max_slot_wal_keep_size` during a
+//!   long outage must stop its producer loudly with the way out.
 //! - [`checker`]: decides pass or fail, parsing JSON itself (never walrelay's envelope types):
 //!   per component events expected, missing, extra, duplicated, out of order per key, latency,
 //!   time to recover after each fault kind; final states against Postgres.
@@ -39,6 +47,8 @@
 
 pub mod checker;
 pub mod faults;
+pub mod hygiene;
+pub mod observability;
 pub mod observe;
 pub mod report;
 pub mod runner;

@@ -7,6 +7,8 @@ use std::path::Path;
 
 use super::checker::{EventCheck, StateCheck};
 use super::faults::{Done, Planned};
+use super::hygiene::Hygiene;
+use super::observability::Observability;
 use super::observe::PartialSample;
 use super::workload::LoadStats;
 
@@ -75,6 +77,10 @@ pub struct Report {
     pub retained_wal: BTreeMap<String, i64>,
     /// Seconds from the end of the fault window until every component had caught up.
     pub drain_seconds: f64,
+    /// Prometheus' view: alerts per fault, dashboard queries.
+    pub observability: Option<Observability>,
+    /// The slot invalidation phase.
+    pub hygiene: Option<Hygiene>,
     /// Notes (what is not measured, what was changed for this profile).
     pub notes: Vec<String>,
 }
@@ -233,6 +239,12 @@ impl Report {
             "\nDrain after the fault window: {:.0} s.",
             self.drain_seconds
         );
+        if let Some(o) = &self.observability {
+            let _ = write!(m, "\n{}", o.markdown());
+        }
+        if let Some(h) = &self.hygiene {
+            let _ = write!(m, "\n{}", h.markdown());
+        }
         if !self.notes.is_empty() {
             let _ = writeln!(m, "\n## Notes\n");
             for n in &self.notes {

@@ -1,5 +1,10 @@
 //! The fault runner: injects the schedule's faults at their moments, restores their targets
 //! when due, restarts what exited by itself, and records what it did ([`Done`]).
+//!
+//! Process faults are signals; network faults set the fault proxies of a [`Link`] and are
+//! lifted when due, one aspect at a time (a latency lifted never ends a blackout that began
+//! meanwhile). A fault whose target is busy (down, or the same aspect of the same link already
+//! faulted) waits and is tried again.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -7,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use super::faults::{Consumer, Done, FaultKind, Planned};
+use super::faults::{Consumer, Done, FaultKind, Link, Planned};
 use super::now_ms;
 use super::observe::TopicTail;
 use super::stack::{self, Stack};
@@ -18,6 +23,17 @@ enum Restore {
     Producer(usize),
     Consumer(Consumer),
     KafkaNode(u32),
+    /// Lift one aspect of a link's network fault.
+    Net(Link, Lift),
+}
+
+/// An aspect of a network fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lift {
+    Latency,
+    Bandwidth,
+    Blackout,
+    HttpErrors,
 }
 
 /// The runner of one fault window.
@@ -58,7 +74,6 @@ impl Runner<'_> {
     }
 
     /// Injects `p`; `false` when its target is not in a state to take it (try again later).
-    /// Injects `p`.
     pub async fn inject(&mut self, p: &Planned) -> anyhow::Result<bool> {
         let now = Instant::now();
         let down = Duration::from_millis(p.down_ms);
@@ -223,12 +238,77 @@ impl Runner<'_> {
             FaultKind::NetLatency
             | FaultKind::NetBandwidth
             | FaultKind::NetCut
-            | FaultKind::KafkaBlackout => {
-                bail!(
-                    "{} needs the TCP fault proxy, not built yet",
-                    p.kind.label()
+            | FaultKind::KafkaBlackout
+            | FaultKind::SearchStall
+            | FaultKind::SearchErrors => return self.inject_net(p),
+        }
+        Ok(true)
+    }
+
+    /// A network fault: sets the link's proxies, and schedules the lift.
+    fn inject_net(&mut self, p: &Planned) -> anyhow::Result<bool> {
+        let down = Duration::from_millis(p.down_ms);
+        let (link, lift) = match p.kind {
+            FaultKind::NetLatency => (Link::ALL[p.target % Link::ALL.len()], Some(Lift::Latency)),
+            FaultKind::NetBandwidth => {
+                (Link::ALL[p.target % Link::ALL.len()], Some(Lift::Bandwidth))
+            }
+            FaultKind::NetCut => (Link::ALL[p.target % Link::ALL.len()], None),
+            FaultKind::KafkaBlackout => (Link::Kafka, Some(Lift::Blackout)),
+            FaultKind::SearchStall => (Link::Search, Some(Lift::Blackout)),
+            FaultKind::SearchErrors => (Link::Search, Some(Lift::HttpErrors)),
+            other => bail!("{} is not a network fault", other.label()),
+        };
+        if let Some(l) = lift
+            && self
+                .pending
+                .iter()
+                .any(|(_, r, _)| matches!(r, Restore::Net(k, m) if *k == link && *m == l))
+        {
+            return Ok(false);
+        }
+        let proxies = self.stack.links.get(&link).cloned().unwrap_or_default();
+        if proxies.is_empty() {
+            bail!("no fault proxy on the {} link", link.name());
+        }
+        let secs = down.as_secs_f64();
+        let detail = match p.kind {
+            FaultKind::NetLatency => {
+                proxies
+                    .iter()
+                    .for_each(|x| x.latency(Duration::from_millis(p.param)));
+                format!(
+                    "{} ms latency each way on the {} link for {secs:.0} s",
+                    p.param,
+                    link.name()
                 )
             }
+            FaultKind::NetBandwidth => {
+                proxies.iter().for_each(|x| x.bandwidth(p.param));
+                format!(
+                    "{} KiB/s each way on the {} link for {secs:.0} s",
+                    p.param / 1024,
+                    link.name()
+                )
+            }
+            FaultKind::NetCut => {
+                proxies.iter().for_each(|x| x.cut());
+                format!("every connection of the {} link reset", link.name())
+            }
+            FaultKind::SearchErrors => {
+                let status = u16::try_from(p.param).context("an HTTP status")?;
+                proxies.iter().for_each(|x| x.http_errors(status));
+                format!("OpenSearch answers HTTP {status} to everything for {secs:.0} s")
+            }
+            _ => {
+                proxies.iter().for_each(|x| x.blackout());
+                format!("the {} link hung for {secs:.0} s", link.name())
+            }
+        };
+        let n = self.record(p.kind, detail, Vec::new());
+        if let Some(l) = lift {
+            self.pending
+                .push((Instant::now() + down, Restore::Net(link, l), n));
         }
         Ok(true)
     }
@@ -242,6 +322,16 @@ impl Runner<'_> {
                 }
             }
             Restore::KafkaNode(id) => self.stack.kafka.restart_node(id),
+            Restore::Net(link, lift) => {
+                for x in self.stack.links.get(&link).into_iter().flatten() {
+                    match lift {
+                        Lift::Latency => x.latency(Duration::ZERO),
+                        Lift::Bandwidth => x.unlimited(),
+                        Lift::Blackout => x.restore(),
+                        Lift::HttpErrors => x.http_ok(),
+                    }
+                }
+            }
         }
         if let Some(d) = self.done.get_mut(n) {
             d.restored_ms = now_ms();

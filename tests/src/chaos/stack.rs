@@ -1,10 +1,21 @@
 //! The servers and walrelay processes of a chaos run, each restartable.
 //!
-//! Servers: the source Postgres 15 (`wal_sender_timeout=5s`, `synchronous_commit=on` so an
+//! Servers: the source Postgres 15 (`wal_sender_timeout=5s`, `max_slot_wal_keep_size=1GB` so
+//! that a slot's safe WAL is measured, `synchronous_commit=on` so an
 //! answered `COMMIT` survives an immediate restart), a target Postgres for `replicate`, three
 //! Kafka KRaft nodes (replication factor 3, `min.insync.replicas=2`), one OpenSearch node.
 //! Processes: one producer per delivery mode (its own slot, publication and topic) and the four
-//! consumers of the first producer's topic.
+//! consumers of the first producer's topic, each serving metrics on a port of its own.
+//!
+//! Every walrelay process reaches its servers through TCP fault proxies, one [`Link`] each:
+//!
+//! ```text
+//!   producers ──[source]──▶ Postgres          indexer ──[search]──▶ OpenSearch
+//!   every process ──[kafka: a proxy per broker]──▶ Kafka   replicator ──[target]──▶ target Postgres
+//! ```
+//!
+//! The harness itself (workload, topic tails, polls, lag queries) goes direct, so that a
+//! network fault never hides what happened.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +25,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use super::faults::Consumer;
+use super::faults::{Consumer, Link};
+use crate::faultproxy::FaultProxy;
 use crate::kafka::KafkaCluster;
 use crate::opensearch::{Indexes, OpenSearch};
 use crate::postgres::PgCluster;
@@ -99,6 +111,19 @@ impl Managed {
         }
     }
 
+    /// Waits up to `timeout` for it to exit by itself: `Some(exit code)` (`Some(None)`: ended
+    /// by a signal, or not running), `None` when it still runs.
+    pub async fn exit_within(&mut self, timeout: Duration) -> Option<Option<i32>> {
+        let Some(p) = self.proc.as_mut() else {
+            return Some(None);
+        };
+        let code = p.exit_within(timeout).await;
+        if code.is_some() {
+            self.proc = None;
+        }
+        code
+    }
+
     /// The log's last lines.
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -152,12 +177,36 @@ pub struct Stack {
     pub stream_port: u16,
     /// Consumer groups (index, notify, replicate) and the stream client's Kafka group.
     pub groups: Vec<String>,
+    /// The fault proxies of each link.
+    pub links: BTreeMap<Link, Vec<FaultProxy>>,
+    /// Metrics addresses: `(scrape-config host, component, address)`; the host is the
+    /// repository's scrape config's name for it (`producer`, `indexer`, `notifier`) or `None`
+    /// for a consumer that config has no target for.
+    pub metrics: Vec<(Option<&'static str>, String, std::net::SocketAddr)>,
     /// Logs of the processes.
     pub logs: PathBuf,
 }
 
 fn strings(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
+}
+
+/// A loopback address with a free port, for a process's metrics.
+fn metrics_addr() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], crate::free_port()))
+}
+
+/// `url` with its `127.0.0.1:PORT` replaced by the proxy's.
+fn via(url: &str, upstream_port: u16, proxy: &FaultProxy) -> String {
+    url.replacen(
+        &format!("127.0.0.1:{upstream_port}"),
+        &proxy.addr().to_string(),
+        1,
+    )
+}
+
+fn proxy_to(port: u16) -> anyhow::Result<FaultProxy> {
+    FaultProxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
 impl Stack {
@@ -177,20 +226,46 @@ impl Stack {
             ("wal_sender_timeout", "5s"),
             ("synchronous_commit", "on"),
             ("max_wal_size", "2GB"),
+            (
+                "max_slot_wal_keep_size",
+                super::observability::MAX_SLOT_WAL_KEEP,
+            ),
         ]);
         let db = pg.create_database("chaos").await;
         let notifier_db = pg.create_database("notifier").await;
         pg.exec(&db, schema).await;
         let target = PgCluster::start();
         let target_db = target.create_database("target").await;
-        let kafka = Arc::new(tokio::task::spawn_blocking(|| KafkaCluster::start(3)).await?);
+        let kafka = Arc::new(tokio::task::spawn_blocking(|| KafkaCluster::start_proxied(3)).await?);
         let search = tokio::task::spawn_blocking(OpenSearch::start).await?;
         let indexes = Indexes::new(&search.url());
+        let search_port = search
+            .url()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse::<u16>().ok())
+            .context("OpenSearch's port")?;
+        let (source_proxy, search_proxy, target_proxy) = (
+            proxy_to(pg.port())?,
+            proxy_to(search_port)?,
+            proxy_to(target.port())?,
+        );
+        let links = BTreeMap::from([
+            (
+                Link::Kafka,
+                kafka.proxies().into_iter().map(|(_, p)| p).collect(),
+            ),
+            (Link::Source, vec![source_proxy.clone()]),
+            (Link::Search, vec![search_proxy.clone()]),
+            (Link::Target, vec![target_proxy.clone()]),
+        ]);
+        let mut metrics = Vec::new();
         let mut producers = Vec::new();
         for mode in modes {
             let slot = crate::unique(&format!("chaos_{}", mode.replace('-', "_")));
             let topic = format!("chaos.{}", slot.replace('_', "."));
-            let mut common = kafka.producer_args(&pg.url(&db), &topic, &slot);
+            let source = via(&pg.url(&db), pg.port(), &source_proxy);
+            let mut common = kafka.producer_args(&source, &topic, &slot);
             common.extend(strings(&[
                 "--tables",
                 "public.*",
@@ -215,6 +290,9 @@ impl Stack {
                 );
             }
             let mut run = common;
+            let addr = metrics_addr();
+            metrics.push((Some("producer"), format!("producer-{mode}"), addr));
+            run.extend(["--metrics-addr".to_string(), addr.to_string()]);
             run.push("run".into());
             producers.push(Producer {
                 mode: mode.to_string(),
@@ -256,6 +334,12 @@ impl Stack {
             a.extend(kafka.property_args());
             a
         };
+        let mut with_metrics = |mut a: Vec<String>, host: Option<&'static str>, c: Consumer| {
+            let addr = metrics_addr();
+            metrics.push((host, c.name().to_string(), addr));
+            a.extend(["--metrics-addr".to_string(), addr.to_string()]);
+            a
+        };
         let retries = [
             "--retry-initial-backoff",
             "20ms",
@@ -266,13 +350,14 @@ impl Stack {
         let mut index = kafka_common("index", Some(&groups[0]));
         index.extend(strings(&[
             "--search-url",
-            &search.url(),
+            &format!("http://{}", search_proxy.addr()),
             "--index-template",
             &indexes.template(),
             "--batch-max-wait",
             "100ms",
         ]));
         index.extend(strings(&retries));
+        let index = with_metrics(index, Some("indexer"), Consumer::Index);
         consumers.insert(
             Consumer::Index,
             Managed::new("index", consumer_bin, index, &logs),
@@ -302,6 +387,7 @@ impl Stack {
             "--on-delivery-failure",
             "stop",
         ]));
+        let notify = with_metrics(notify, Some("notifier"), Consumer::Notify);
         consumers.insert(
             Consumer::Notify,
             Managed::new("notify", consumer_bin, notify, &logs),
@@ -315,6 +401,7 @@ impl Stack {
             "--group-prefix",
             &format!("{prefix}.stream."),
         ]));
+        let stream = with_metrics(stream, None, Consumer::Stream);
         consumers.insert(
             Consumer::Stream,
             Managed::new("stream", consumer_bin, stream, &logs),
@@ -322,12 +409,13 @@ impl Stack {
         let mut replicate = kafka_common("replicate", Some(&groups[2]));
         replicate.extend(strings(&[
             "--target-url",
-            &target.url(&target_db),
+            &via(&target.url(&target_db), target.port(), &target_proxy),
             "--initial",
             "--batch-max-wait",
             "100ms",
         ]));
         replicate.extend(strings(&retries));
+        let replicate = with_metrics(replicate, None, Consumer::Replicate);
         consumers.insert(
             Consumer::Replicate,
             Managed::new("replicate", consumer_bin, replicate, &logs),
@@ -346,6 +434,8 @@ impl Stack {
             notify_api,
             stream_port,
             groups,
+            links,
+            metrics,
             logs,
         })
     }
@@ -403,43 +493,9 @@ impl Stack {
             == Some(true)
     }
 
-    /// Process ids of this run's Kafka JVMs: processes running `kafka.Kafka` whose
-    /// `server.properties` listens on one of this cluster's ports.
+    /// Process ids of this run's running Kafka JVMs.
     pub fn kafka_pids(&self) -> Vec<u32> {
-        let ports: Vec<String> = self
-            .kafka
-            .brokers()
-            .split(',')
-            .map(|b| format!("PLAINTEXT://{b}"))
-            .collect();
-        let mut out = Vec::new();
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return out;
-        };
-        for e in entries.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-                continue;
-            };
-            let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
-                continue;
-            };
-            let args: Vec<String> = cmdline
-                .split(|b| *b == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            if !args.iter().any(|a| a == "kafka.Kafka") {
-                continue;
-            }
-            let Some(props) = args.last() else { continue };
-            let text = std::fs::read_to_string(props).unwrap_or_default();
-            if text.lines().any(|l| {
-                l.starts_with("listeners=") && ports.iter().any(|p| l.contains(p.as_str()))
-            }) {
-                out.push(pid);
-            }
-        }
-        out
+        self.kafka.node_pids()
     }
 
     /// Whether all three brokers are registered and every partition of the topics has three
