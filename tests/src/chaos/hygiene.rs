@@ -57,17 +57,21 @@ pub async fn invalidate(stack: &mut Stack, i: usize) -> anyhow::Result<Hygiene> 
     let slot = stack.producers[i].slot.clone();
     stack.producers[i].proc.kill9();
     let c = stack.pg.client(&stack.db).await;
-    c.batch_execute("ALTER SYSTEM SET max_slot_wal_keep_size = '64MB'; SELECT pg_reload_conf();")
-        .await
-        .context("lower max_slot_wal_keep_size")?;
-    c.batch_execute(
-        "CREATE SCHEMA IF NOT EXISTS hygiene; \
-         CREATE TABLE hygiene.junk AS SELECT g, repeat(md5(g::text), 30) AS pad \
-         FROM generate_series(1, 96 * 1024) g; \
-         SELECT pg_switch_wal(); CHECKPOINT;",
-    )
-    .await
-    .context("write WAL past the limit")?;
+    // One statement per call: ALTER SYSTEM and CHECKPOINT refuse the transaction block that
+    // a multi-statement query is.
+    for sql in [
+        "ALTER SYSTEM SET max_slot_wal_keep_size = '64MB'",
+        "SELECT pg_reload_conf()",
+        "CREATE SCHEMA IF NOT EXISTS hygiene",
+        "CREATE TABLE hygiene.junk AS SELECT g, repeat(md5(g::text), 30) AS pad \
+         FROM generate_series(1, 96 * 1024) g",
+        "SELECT pg_switch_wal()",
+        "CHECKPOINT",
+    ] {
+        c.batch_execute(sql)
+            .await
+            .with_context(|| format!("slot invalidation phase: {sql}"))?;
+    }
     let mut wal_status = None;
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
@@ -85,10 +89,13 @@ pub async fn invalidate(stack: &mut Stack, i: usize) -> anyhow::Result<Hygiene> 
         }
         c.batch_execute(
             "INSERT INTO hygiene.junk SELECT g, repeat(md5(g::text), 30) \
-             FROM generate_series(1, 16 * 1024) g; SELECT pg_switch_wal();",
+             FROM generate_series(1, 16 * 1024) g",
         )
         .await
         .context("write more WAL")?;
+        c.batch_execute("SELECT pg_switch_wal()")
+            .await
+            .context("switch WAL")?;
     }
     let p = &mut stack.producers[i].proc;
     p.start();
@@ -105,9 +112,12 @@ pub async fn invalidate(stack: &mut Stack, i: usize) -> anyhow::Result<Hygiene> 
         && exit.is_some_and(|c| c != 0)
         && said.contains("max_slot_wal_keep_size")
         && said.contains("destroy");
-    c.batch_execute("ALTER SYSTEM RESET max_slot_wal_keep_size; SELECT pg_reload_conf();")
+    c.batch_execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
         .await
         .context("reset max_slot_wal_keep_size")?;
+    c.batch_execute("SELECT pg_reload_conf()")
+        .await
+        .context("reload")?;
     Ok(Hygiene {
         slot,
         wal_status,
