@@ -265,6 +265,9 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
 
     let mut stack =
         Stack::start(&out, &producer_bin, &consumer_bin, &modes, workload::SCHEMA).await?;
+    // Prometheus first: it sees the producers' snapshots too.
+    let watch = Watch::start(&stack, &out).await?;
+    eprintln!("chaos: Prometheus at {}", watch.url());
     let truth = Arc::new(Truth::default());
     for i in 0..stack.producers.len() {
         stack.producers[i].proc.start();
@@ -286,8 +289,6 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
     for m in stack.consumers.values_mut() {
         m.start();
     }
-    let watch = Watch::start(&stack, &out).await?;
-    eprintln!("chaos: Prometheus at {}", watch.url());
     watch
         .wait_up(stack.metrics.len(), Duration::from_secs(60))
         .await?;

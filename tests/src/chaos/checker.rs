@@ -68,7 +68,9 @@ pub fn parse(bytes: &[u8]) -> Parsed {
     let table_name = v["source"]["table"].as_str().unwrap_or("");
     let ts_ms = v["ts_ms"].as_i64().unwrap_or(0);
     let commit_lsn = v["source"]["commit_lsn"].as_u64().unwrap_or(0);
-    if matches!(op, "ddl" | "snapshot_start" | "snapshot_end") {
+    if matches!(op, "ddl" | "snapshot_start" | "snapshot_end")
+        || table_name == super::workload::SEED_TABLE
+    {
         return Parsed::Other;
     }
     let Some(table) = Table::from_name(table_name) else {

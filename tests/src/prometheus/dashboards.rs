@@ -29,6 +29,17 @@ impl Prometheus {
     /// Evaluates every query of every panel of the dashboard `file` (Grafana JSON), template
     /// variables substituted ([`Self::variables`]).
     pub async fn evaluate_dashboard(&self, file: &Path) -> anyhow::Result<Vec<PanelQuery>> {
+        self.evaluate_dashboard_over(file, None).await
+    }
+
+    /// [`Self::evaluate_dashboard`], evaluated now (`None`) or over a stretch of time
+    /// (`Some((from, to))`: a range query with about 200 steps, as a dashboard's graph does;
+    /// a query counts the series that had a value at any step).
+    pub async fn evaluate_dashboard_over(
+        &self,
+        file: &Path,
+        range: Option<(std::time::SystemTime, std::time::SystemTime)>,
+    ) -> anyhow::Result<Vec<PanelQuery>> {
         let text =
             std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
         let dash: Value =
@@ -48,8 +59,18 @@ impl Prometheus {
                     continue;
                 };
                 let evaluated = substitute(expr, &vars);
-                let (series, error) = match self.query(&evaluated).await {
-                    Ok(s) => (s.len(), None),
+                let result = match range {
+                    None => self.query(&evaluated).await.map(|s| s.len()),
+                    Some((from, to)) => {
+                        let span = to.duration_since(from).unwrap_or_default();
+                        let step = (span / 200).max(self.interval());
+                        self.query_range(&evaluated, from, to, step)
+                            .await
+                            .map(|s| s.len())
+                    }
+                };
+                let (series, error) = match result {
+                    Ok(n) => (n, None),
                     Err(e) => (0, Some(format!("{e:#}"))),
                 };
                 out.push(PanelQuery {
