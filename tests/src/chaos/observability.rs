@@ -46,15 +46,15 @@ pub const TIME_FACTOR: u32 = 60;
 pub const MAX_SLOT_WAL_KEEP: &str = "1GB";
 
 /// The copy's compression: time ÷ [`TIME_FACTOR`]; retained WAL "over 1 GiB" becomes over
-/// 3 MiB (this workload writes about 5 MiB of WAL a minute; a slot that keeps up retains
-/// under 1 MiB); "under 2 GiB of safe WAL" becomes under 1 GiB − 32 MiB with
+/// 512 KiB (this workload writes about 1.5 MiB of WAL a minute, so a slot held by a 60 s Kafka
+/// blackout passes it in about 20 s; a slot that keeps up retains about 250 KiB); "under 2 GiB of safe WAL" becomes under 1 GiB − 32 MiB with
 /// [`MAX_SLOT_WAL_KEEP`] (two WAL segments of margin: the value moves in 16 MiB steps);
 /// 10 000 messages of lag become 300.
 pub fn compression() -> Compression {
     Compression {
         time_factor: TIME_FACTOR,
         thresholds: vec![
-            ("1073741824".into(), "3145728".into()),
+            ("1073741824".into(), "524288".into()),
             ("2147483648".into(), "1040187392".into()),
             ("10000".into(), "300".into()),
         ],
@@ -143,12 +143,10 @@ pub struct FaultSeen {
     pub at_ms: i64,
     /// Length.
     pub for_ms: i64,
-    /// The metric, and its value at injection and its largest while in force.
+    /// The query.
     pub metric: String,
-    /// At injection.
-    pub first: Option<f64>,
-    /// Largest.
-    pub max: Option<f64>,
+    /// Per series (its labels): the value at injection and the largest while in force.
+    pub series: Vec<(String, f64, f64)>,
 }
 
 /// Dashboard panels' queries evaluated over the run.
@@ -233,16 +231,25 @@ impl Observability {
             ));
         }
         if !self.seen.is_empty() {
-            s.push_str("\nWhat the WAL and lag metrics did during the faults meant to move them:\n\n");
+            s.push_str(
+                "\nWhat the WAL and lag metrics did during the faults meant to move them:\n\n",
+            );
             for f in &self.seen {
-                let v = |x: Option<f64>| x.map_or("no data".to_string(), |v| format!("{v:.0}"));
+                let values: Vec<String> = f
+                    .series
+                    .iter()
+                    .map(|(l, first, max)| format!("{l} {first:.0} at its start, {max:.0} at most"))
+                    .collect();
                 s.push_str(&format!(
-                    "- {} for {:.0} s: {} {} at its start, {} at most\n",
+                    "- {} for {:.0} s, `{}`: {}\n",
                     f.kind,
                     f.for_ms as f64 / 1000.0,
                     f.metric,
-                    v(f.first),
-                    v(f.max)
+                    if values.is_empty() {
+                        "no data".to_string()
+                    } else {
+                        values.join("; ")
+                    }
                 ));
             }
         }
@@ -399,7 +406,9 @@ impl Watch {
                 let onset = ms(s.from) - self.for_ms.get(&alert).copied().unwrap_or(0) - step;
                 let in_force: Vec<&Done> = done
                     .iter()
-                    .filter(|d| d.at_ms <= onset + 2 * step && d.restored_ms.max(d.at_ms) + 20_000 >= onset)
+                    .filter(|d| {
+                        d.at_ms <= onset + 2 * step && d.restored_ms.max(d.at_ms) + 20_000 >= onset
+                    })
                     .collect();
                 let kinds: BTreeSet<String> = in_force.iter().map(|d| d.kind.label()).collect();
                 for k in kinds {
@@ -440,9 +449,7 @@ impl Watch {
         for d in done {
             let metric = match d.kind.label().as_str() {
                 "kafka_blackout" => "max(walrelay_producer_slot_retained_wal_bytes)",
-                "search_stall" => {
-                    "sum by (component) (walrelay_consumer_lag_messages{component=\"indexer\"})"
-                }
+                "search_stall" => "sum by (component) (walrelay_consumer_lag_messages)",
                 _ => continue,
             };
             let to_time = |t: i64| UNIX_EPOCH + Duration::from_millis(t.max(0) as u64);
@@ -456,17 +463,22 @@ impl Watch {
                 )
                 .await
                 .unwrap_or_default();
-            let values: Vec<f64> = points
+            let series = points
                 .iter()
-                .flat_map(|s| s.points.iter().map(|p| p.1))
+                .filter_map(|s| {
+                    let first = s.points.first()?.1;
+                    let max = s.points.iter().map(|p| p.1).fold(first, f64::max);
+                    let labels: Vec<String> =
+                        s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    Some((labels.join(","), first, max))
+                })
                 .collect();
             seen.push(FaultSeen {
                 kind: d.kind.label(),
                 at_ms: d.at_ms,
                 for_ms: d.restored_ms - d.at_ms,
                 metric: metric.to_string(),
-                first: values.first().copied(),
-                max: values.iter().copied().reduce(f64::max),
+                series,
             });
         }
         let mut panels = Vec::new();
