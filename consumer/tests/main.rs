@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
@@ -822,6 +823,22 @@ async fn a_row_keyed_by_jsonb_is_deleted_from_the_index() {
     indexer.kill9();
 }
 
+/// The sum of a metric's samples on a consumer's `/metrics` (0 when it has none).
+async fn metric_sum(port: u16, name: &str) -> Option<f64> {
+    let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    Some(
+        body.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum(),
+    )
+}
+
 /// The consumer's `walrelay_consumer_assigned_partitions`, read from its `/metrics`.
 async fn assigned_partitions(metrics_port: u16) -> Option<i64> {
     let body = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
@@ -1384,6 +1401,138 @@ async fn interrupted_reindex_never_exposes_a_half_built_index_and_a_rerun_finish
     s.wait_equal("items", "public.items", Duration::from_secs(30))
         .await;
     s.assert_clean();
+}
+
+/// Inserts `per_tick` new rows into `items` every `tick` (ids from `first` up, one transaction
+/// per tick), counting them in `written`, until stopped.
+fn steady_inserts(
+    url: String,
+    first: i64,
+    per_tick: i64,
+    tick: Duration,
+    written: Arc<AtomicU64>,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(conn);
+        let mut next = first;
+        let mut ticks = tokio::time::interval(tick);
+        while !stop.is_cancelled() {
+            ticks.tick().await;
+            client
+                .batch_execute(&format!(
+                    "INSERT INTO items SELECT g, 'steady ' || g, g, NULL, NULL, NULL \
+                     FROM generate_series({next}, {}) g",
+                    next + per_tick - 1
+                ))
+                .await
+                .expect("insert");
+            next += per_tick;
+            written.fetch_add(per_tick as u64, Ordering::Relaxed);
+        }
+    })
+}
+
+/// A stalled sink shows as growing lag. The runtime pauses fetching while the sink is stuck,
+/// and librdkafka's statistics then held `walrelay_consumer_lag_messages` at its value when the
+/// pause began, so `WalrelayConsumerLagGrowing` could never fire for the consumer it exists
+/// for; a paused partition's lag is now taken from the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_indexer_reports_growing_lag() {
+    let mut s = Stack::start_with_proxied_search(ITEMS).await;
+    let port = walrelay_tests::free_port();
+    let log = s.log_path("index");
+    let metrics = format!("127.0.0.1:{port}");
+    let mut indexer = Proc::spawn(
+        &consumer_bin(),
+        &s.consumer_args("index", &["--metrics-addr", &metrics]),
+        &[],
+        &log,
+    );
+    s.wait_equal("items", "public.items", Duration::from_secs(60))
+        .await;
+    s.wait_streaming().await;
+
+    // The search link hangs: the bulk request in flight never gets an answer.
+    s.search.proxy().blackout();
+    let written = Arc::new(AtomicU64::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = steady_inserts(
+        s.pg.url(&s.db),
+        1_001,
+        20,
+        Duration::from_millis(200),
+        Arc::clone(&written),
+        stop.clone(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric_sum(port, "walrelay_consumer_paused_partitions")
+        .await
+        .unwrap_or(0.0)
+        < 1.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "fetching never paused\n{}",
+            s.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Past one statistics interval and one lag refresh (5 s each) into the pause.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let lag = move || async move {
+        metric_sum(port, "walrelay_consumer_lag_messages")
+            .await
+            .unwrap_or(0.0)
+    };
+    let (lag_before, written_before) = (lag().await, written.load(Ordering::Relaxed));
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let (lag_after, written_after) = (lag().await, written.load(Ordering::Relaxed));
+    let grew = lag_after - lag_before;
+    let between = (written_after - written_before) as f64;
+    eprintln!(
+        "while stalled: lag {lag_before} -> {lag_after} (+{grew}), {between} rows written between"
+    );
+    // The lag is refreshed every 5 s, so the 12 s window sees 7 to 17 s of writes.
+    assert!(
+        between >= 300.0 && grew >= between / 3.0,
+        "the lag of a stalled consumer must grow: {lag_before} -> {lag_after} while {between} rows were written\n{}",
+        s.all_logs()
+    );
+    assert!(
+        metric_sum(port, "walrelay_consumer_paused_partitions")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0,
+        "fetching resumed during the stall\n{}",
+        s.all_logs()
+    );
+
+    // Back: the index catches up with every row, and the lag returns to 0.
+    s.search.proxy().restore();
+    stop.cancel();
+    load.await.expect("writer");
+    s.wait_equal("items", "public.items", Duration::from_secs(60))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lag().await != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the lag never returned to 0 ({})\n{}",
+            lag().await,
+            s.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        indexer.try_exit().is_none(),
+        "the indexer stopped\n{}",
+        s.all_logs()
+    );
+    indexer.kill9();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

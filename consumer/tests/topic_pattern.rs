@@ -18,7 +18,7 @@ use walrelay_tests::kafka::KafkaCluster;
 use walrelay_tests::opensearch::{Indexes, OpenSearch};
 use walrelay_tests::process::Proc;
 
-use crate::consumer_bin;
+use crate::{consumer_bin, metric_sum};
 
 /// Partitions of every table topic.
 const PARTITIONS: i32 = 2;
@@ -206,22 +206,6 @@ impl Tables {
             })
             .collect()
     }
-}
-
-/// The sum of a metric's samples on a consumer's `/metrics`.
-async fn metric_sum(port: u16, name: &str) -> Option<f64> {
-    let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    Some(
-        body.lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum(),
-    )
 }
 
 fn expected(rows: &[(i64, &str)]) -> BTreeMap<String, Value> {

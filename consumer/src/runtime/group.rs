@@ -1,6 +1,12 @@
 //! Membership of the consumer group: the librdkafka consumer, its configuration, the
 //! subscription (one topic, or the topics a pattern selects, followed as they come and go),
-//! rebalance bookkeeping per topic-partition and lag from librdkafka's statistics.
+//! rebalance bookkeeping per topic-partition and lag.
+//!
+//! Lag (`walrelay_consumer_lag_messages`) comes from librdkafka's statistics while a
+//! topic-partition is fetched, and from the broker while the runtime has paused fetching it
+//! (the statistics' figure freezes at the pause: [`lag`]); the runtime tells the group what it
+//! paused ([`Group::paused`]). Only assigned topic-partitions have a lag series: a revoke
+//! removes it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +23,10 @@ use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use walrelay_common::kafka::{Reachability, quiet_log};
 use walrelay_common::telemetry::Readiness;
+
+mod lag;
+
+pub use lag::refresh as refresh_lag;
 
 use super::{Pending, pending};
 use crate::config::RuntimeSettings;
@@ -94,13 +104,19 @@ pub fn consumer_config(settings: &RuntimeSettings, group_id: &str) -> ClientConf
 /// shared by every event read from it (`Event::topic`).
 type Epochs = HashMap<Arc<str>, HashMap<i32, u64>>;
 
+/// The paused topic-partitions, with the assignment epoch each was paused under.
+pub(super) type Paused = HashMap<(Arc<str>, i32), u64>;
+
 /// Rebalance bookkeeping shared with librdkafka's callbacks.
 pub struct GroupContext {
     metrics: Arc<Metrics>,
     readiness: Readiness,
-    /// Current assignment epoch per assigned topic-partition.
+    /// Current assignment epoch per assigned topic-partition. Locked before `lags` where both
+    /// are held.
     epochs: Mutex<Epochs>,
     next_epoch: AtomicU64,
+    /// What each assigned topic-partition's lag is computed from, and which are paused.
+    lags: lag::Lags,
     reachability: Reachability,
 }
 
@@ -115,16 +131,16 @@ impl ClientContext for GroupContext {
     }
 
     fn stats(&self, statistics: Statistics) {
-        for topic in statistics.topics.values() {
-            for (id, p) in &topic.partitions {
-                if *id >= 0 && p.consumer_lag >= 0 {
-                    self.metrics
-                        .lag_messages
-                        .with_label_values(&[&topic.topic, &id.to_string()])
-                        .set(p.consumer_lag);
-                }
-            }
-        }
+        let reports = statistics.topics.values().flat_map(|t| {
+            t.partitions.iter().map(|(id, p)| lag::Reported {
+                topic: &t.topic,
+                partition: *id,
+                committed: p.committed_offset,
+                lag: p.consumer_lag,
+            })
+        });
+        let epochs = walrelay_common::sync::lock(&self.epochs);
+        self.lags.statistics(reports, &epochs, &self.metrics);
     }
 }
 
@@ -139,6 +155,7 @@ impl ConsumerContext for GroupContext {
                         epochs.remove(e.topic());
                     }
                 }
+                self.lags.revoked(e.topic(), e.partition());
                 let _ = self
                     .metrics
                     .lag_messages
@@ -227,6 +244,7 @@ impl Group {
             readiness,
             epochs: Mutex::new(HashMap::new()),
             next_epoch: AtomicU64::new(1),
+            lags: lag::Lags::default(),
         };
         let consumer: StreamConsumer<GroupContext> = consumer_config(settings, group_id)
             .create_with_context(context)
@@ -309,6 +327,14 @@ impl Group {
                 partitions.iter().map(|(p, e)| (Arc::clone(topic), *p, *e))
             })
             .collect()
+    }
+
+    /// The runtime now pauses fetching exactly `paused` (each under the assignment epoch it was
+    /// paused under): their lag is taken from the broker ([`refresh_lag`]) until they resume.
+    pub(super) fn paused(&self, paused: &Paused) {
+        let context = self.consumer.context();
+        let epochs = walrelay_common::sync::lock(&context.epochs);
+        context.lags.paused(paused, &epochs);
     }
 
     /// The consumer's metrics.

@@ -51,6 +51,13 @@
 //! heartbeats are served); fetching resumes as soon as the batch is taken. The topic-partitions
 //! of a full sink backlog ([`Backlog::full`]) are paused likewise until it is not.
 //!
+//! librdkafka learns a partition's end only from fetching it, so its statistics would hold a
+//! paused topic-partition's lag at its value when the pause began, flat while the stalled sink
+//! falls behind. The reader tells the group what it pauses and resumes, and a paused
+//! topic-partition's `walrelay_consumer_lag_messages` is taken from the broker instead (its end
+//! offset, asked every 5 s off the poll loop, minus the group's committed offset) until fetching
+//! resumes and the statistics take over again (`group::lag`).
+//!
 //! # Memory
 //!
 //! Bounded by configuration, whatever the backlog:
@@ -351,6 +358,8 @@ pub struct Runtime {
     metrics: Arc<Metrics>,
     /// Keeps a `--topic-pattern` subscription current ([`group::follow`]).
     follower: Option<tokio::task::JoinHandle<()>>,
+    /// Takes the lag of paused topic-partitions from the broker ([`group::refresh_lag`]).
+    lag_refresher: tokio::task::JoinHandle<()>,
     /// Reads Avro records (`--schema-registry-url`).
     avro: Option<Arc<codec::avro::Decoder>>,
 }
@@ -360,6 +369,7 @@ impl Drop for Runtime {
         if let Some(f) = self.follower.take() {
             f.abort();
         }
+        self.lag_refresher.abort();
     }
 }
 
@@ -386,6 +396,7 @@ impl Runtime {
                 group::follow_interval(settings),
             ))),
         };
+        let lag_refresher = tokio::spawn(group::refresh_lag(Arc::downgrade(&group)));
         let avro = match &settings.registry {
             Some(options) => Some(Arc::new(codec::avro::Decoder::new(Arc::new(
                 walrelay_common::registry::Registry::new(options)
@@ -399,6 +410,7 @@ impl Runtime {
             settings: settings.clone(),
             metrics,
             follower,
+            lag_refresher,
             avro,
         })
     }
@@ -494,6 +506,7 @@ impl Runtime {
         if let Some(f) = &self.follower {
             f.abort();
         }
+        self.lag_refresher.abort();
         if let Err(e) = self
             .group
             .consumer()
@@ -832,10 +845,11 @@ impl BacklogPause {
 }
 
 /// Which topic-partitions the reader has paused (with the assignment epoch they were paused
-/// under: a new assignment starts unpaused), and why.
+/// under: a new assignment starts unpaused), and why. The group is told of every change (their
+/// lag comes from the broker while paused).
 #[derive(Default)]
 struct Pauser {
-    paused: HashMap<(Arc<str>, i32), u64>,
+    paused: group::Paused,
     /// (everything, backlog generation) at the last look, and when.
     last: Option<(bool, u64, Instant)>,
 }
@@ -854,11 +868,13 @@ impl Pauser {
         self.last = Some((all, generation, Instant::now()));
         let assigned = group.assigned();
         // A pause does not outlive its assignment.
+        let before = self.paused.len();
         self.paused.retain(|(topic, partition), epoch| {
             assigned
                 .iter()
                 .any(|(t, p, e)| t == topic && p == partition && e == epoch)
         });
+        let dropped = self.paused.len() != before;
         let mut pause = TopicPartitionList::new();
         let mut resume = TopicPartitionList::new();
         for (topic, partition, epoch) in &assigned {
@@ -889,6 +905,10 @@ impl Pauser {
                 tracing::debug!(error = %e, "Could not resume fetching (partition revoked?).");
             }
             tracing::debug!(partitions = resume.count(), "Fetching resumed.");
+        }
+        if dropped || pause.count() > 0 || resume.count() > 0 {
+            // A paused topic-partition's lag is the broker's until it resumes.
+            group.paused(&self.paused);
         }
         metrics.paused_partitions.set(self.paused.len() as i64);
     }
