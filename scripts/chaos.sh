@@ -8,7 +8,12 @@
 #
 # --minutes 5 is the short profile (CI: 0.6 of the full rates, a 20k-row big transaction);
 # --minutes 60 the full one (>= 200 producer kills, >= 50 kills of each consumer, >= 10 Kafka
-# leader kills, >= 20 immediate Postgres restarts, a 1M-row transaction). The seed fixes the
+# leader kills, >= 20 immediate Postgres restarts, network faults on every link through TCP
+# fault proxies, 60 s Kafka blackouts, OpenSearch answering 429/503, a 1M-row transaction).
+# A real Prometheus scrapes every process with the repository's config and rules; the report
+# lists which alerts fired during which faults (judged in the full profile) and whether every
+# dashboard query returned series; a last phase invalidates a slot (max_slot_wal_keep_size)
+# and checks that the producer stops with the way out. The seed fixes the
 # fault schedule (default: from the clock; the report names it). The report is printed and
 # written as report.md and report.json under --out (default target/chaos/seed-S-<time>/,
 # with every process's log under logs/). Exit 0 on a pass, 1 on a failure.

@@ -41,14 +41,10 @@ use crate::prometheus::{
 /// Every `for:` and range window of the copy is this many times shorter.
 pub const TIME_FACTOR: u32 = 60;
 
-/// The source's `max_slot_wal_keep_size` in a chaos run (the stack sets it): 1 GiB, five times
-/// the largest retained WAL seen in a run, so that `safe_wal_size` is defined.
-pub const MAX_SLOT_WAL_KEEP: &str = "1GB";
-
 /// The copy's compression: time ÷ [`TIME_FACTOR`]; retained WAL "over 1 GiB" becomes over
 /// 512 KiB (this workload writes about 1.5 MiB of WAL a minute, so a slot held by a 60 s Kafka
 /// blackout passes it in about 20 s; a slot that keeps up retains about 250 KiB); "under 2 GiB of safe WAL" becomes under 1 GiB − 32 MiB with
-/// [`MAX_SLOT_WAL_KEEP`] (two WAL segments of margin: the value moves in 16 MiB steps);
+/// [`super::stack::MAX_SLOT_WAL_KEEP`] (two WAL segments of margin: the value moves in 16 MiB steps);
 /// 10 000 messages of lag become 300.
 pub fn compression() -> Compression {
     Compression {

@@ -39,6 +39,10 @@ pub const STREAM_GROUP: &str = "client";
 /// The tables the stream client asks for.
 pub const STREAM_TABLES: &str = "public.items,public.accounts,public.scratch";
 
+/// The source's `max_slot_wal_keep_size`: 1 GiB, five times the largest retained WAL seen in
+/// a run, so that `safe_wal_size` is defined (the WAL alerts watch it).
+pub const MAX_SLOT_WAL_KEEP: &str = "1GB";
+
 /// A process the fault runner stops and starts.
 pub struct Managed {
     /// For logs and reports.
@@ -226,10 +230,7 @@ impl Stack {
             ("wal_sender_timeout", "5s"),
             ("synchronous_commit", "on"),
             ("max_wal_size", "2GB"),
-            (
-                "max_slot_wal_keep_size",
-                super::observability::MAX_SLOT_WAL_KEEP,
-            ),
+            ("max_slot_wal_keep_size", MAX_SLOT_WAL_KEEP),
         ]);
         let db = pg.create_database("chaos").await;
         let notifier_db = pg.create_database("notifier").await;
