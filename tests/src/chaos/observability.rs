@@ -42,15 +42,17 @@ use crate::prometheus::{
 pub const TIME_FACTOR: u32 = 60;
 
 /// The copy's compression: time ÷ [`TIME_FACTOR`]; retained WAL "over 1 GiB" becomes over
-/// 512 KiB (this workload writes about 1.5 MiB of WAL a minute, so a slot held by a 60 s Kafka
-/// blackout passes it in about 20 s; a slot that keeps up retains about 250 KiB); "under 2 GiB of safe WAL" becomes under 1 GiB − 32 MiB with
-/// [`super::stack::MAX_SLOT_WAL_KEEP`] (two WAL segments of margin: the value moves in 16 MiB steps);
-/// 10 000 messages of lag become 300.
+/// 128 KiB (this workload writes only about 5 KiB of WAL a second, so a slot held by a 60 s
+/// Kafka blackout passes it within about 15 s and keeps growing; a slot that keeps up retains
+/// 50–250 KiB, so the copy may also fire in quiet moments, which the report shows); "under
+/// 2 GiB of safe WAL" becomes under 1 GiB − 32 MiB with [`super::stack::MAX_SLOT_WAL_KEEP`]
+/// (two WAL segments of margin: the value moves in 16 MiB steps); 10 000 messages of lag
+/// become 300.
 pub fn compression() -> Compression {
     Compression {
         time_factor: TIME_FACTOR,
         thresholds: vec![
-            ("1073741824".into(), "524288".into()),
+            ("1073741824".into(), "131072".into()),
             ("2147483648".into(), "1040187392".into()),
             ("10000".into(), "300".into()),
         ],
