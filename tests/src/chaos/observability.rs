@@ -35,7 +35,8 @@ use anyhow::Context;
 use super::faults::Done;
 use super::stack::Stack;
 use crate::prometheus::{
-    AlertState, Compression, Config, ExtraTarget, Prometheus, compress_rules, repo_root,
+    AlertState, Compression, Config, ExtraTarget, Prometheus, compress_rules, dashboard_files,
+    repo_root,
 };
 
 /// Every `for:` and range window of the copy is this many times shorter.
@@ -480,14 +481,7 @@ impl Watch {
             });
         }
         let mut panels = Vec::new();
-        let dir = repo_root().join("deploy/grafana/dashboards");
-        let mut files: Vec<_> = std::fs::read_dir(&dir)
-            .with_context(|| format!("read {}", dir.display()))?
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .collect();
-        files.sort();
+        let files = dashboard_files(None)?;
         for f in files {
             for q in self
                 .prom

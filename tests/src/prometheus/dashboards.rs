@@ -25,6 +25,23 @@ pub struct PanelQuery {
     pub error: Option<String>,
 }
 
+/// The Grafana dashboards (`*.json`) in `dir` (`deploy/grafana/dashboards` by default),
+/// sorted.
+pub fn dashboard_files(dir: Option<&Path>) -> anyhow::Result<Vec<PathBuf>> {
+    let dir = dir.map_or_else(
+        || repo_root().join("deploy/grafana/dashboards"),
+        Path::to_path_buf,
+    );
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("read {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 impl Prometheus {
     /// Evaluates every query of every panel of the dashboard `file` (Grafana JSON), template
     /// variables substituted ([`Self::variables`]).
@@ -89,17 +106,7 @@ impl Prometheus {
     /// Every query of every dashboard in `dir` (`deploy/grafana/dashboards` by default) that
     /// returns no series or fails.
     pub async fn empty_panels(&self, dir: Option<&Path>) -> anyhow::Result<Vec<PanelQuery>> {
-        let dir = dir.map_or_else(
-            || repo_root().join("deploy/grafana/dashboards"),
-            Path::to_path_buf,
-        );
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .with_context(|| format!("read {}", dir.display()))?
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .collect();
-        files.sort();
+        let files = dashboard_files(dir)?;
         let mut empty = Vec::new();
         for f in files {
             empty.extend(

@@ -34,7 +34,7 @@ mod dashboards;
 mod rules;
 
 pub use config::{Config, ExtraTarget, rewrite_config};
-pub use dashboards::{PanelQuery, substitute};
+pub use dashboards::{PanelQuery, dashboard_files, substitute};
 pub use rules::{Compression, compress_rules};
 
 /// The launcher script in this repository.
