@@ -8,6 +8,9 @@
 //!   runtime's settings ([`config::RuntimeSettings`]) and the TOML config file.
 //! - [`topics`]: which topics are read: one `--topic`, or every topic a `--topic-pattern`
 //!   selects (the producer's per-table topics), resolved again as topics come and go.
+//! - [`lag`]: a group member's lag per topic-partition, from librdkafka's statistics while it
+//!   fetches and from the broker while it has paused fetching (the statistics freeze then);
+//!   shared by the runtime and the stream gateway's members.
 //! - [`runtime`]: what every sink shares: the consumer group (cooperative rebalancing, bounded
 //!   prefetch), batches, the dead-letter topic, and the rule that an offset is committed only
 //!   after the sink handled it. The [`runtime::Sink`] trait is the contract a sink implements.
@@ -43,6 +46,7 @@
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod lag;
 pub mod metrics;
 pub mod runtime;
 pub mod sinks;

@@ -675,3 +675,170 @@ async fn bad_tokens_queries_and_frames_get_clear_answers_and_others_keep_streami
     assert_eq!(count(&good, "_closed"), 0);
     assert!(g_alive(&g), "{}", s.all_logs());
 }
+
+/// Wide rows (`items` as the shared writer knows it), so that a client that stops reading
+/// leaves more queued than `--max-queued-bytes` at once.
+const WIDE_ITEMS: &str =
+    "CREATE TABLE items (id int PRIMARY KEY, name text, qty int, tags text[], doc jsonb, big text);
+    INSERT INTO items SELECT g, 'item ' || g, g, NULL, NULL, repeat('x', 1000)
+        FROM generate_series(1, 2000) g;";
+
+/// The lag `/v1/lag` answers for `group`.
+async fn http_lag(g: &Gateway, group: &str) -> i64 {
+    let http = reqwest::Client::builder().no_proxy().build().expect("http");
+    let v: Value = http
+        .get(g.http(&format!("/v1/lag?group={group}")))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("lag")
+        .json()
+        .await
+        .expect("lag json");
+    v["lag"].as_i64().unwrap_or_else(|| panic!("no lag in {v}"))
+}
+
+/// A client that stops reading shows as growing lag. Its session pauses the member once the
+/// queue holds `--max-queued-bytes`, and librdkafka's statistics then held the connection's
+/// `walrelay_consumer_stream_group_lag_messages` at its value when the pause began, flat while
+/// the topic grew; a paused member's lag is now taken from the broker. Once the client reads
+/// again it gets every row, and the lag comes back down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_shows_growing_lag_then_gets_every_event() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    // One partition: the lag of a partition the group has committed nothing on yet is unknown
+    // (librdkafka's statistics give none, so neither the metric nor the broker refresh count
+    // it), and which partitions the first events come from is up to librdkafka's fetches.
+    let mut s = stack(WIDE_ITEMS, 1).await;
+    s.wait_streaming().await;
+    let port = walrelay_tests::free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let g = Gateway::start(
+        &mut s,
+        &[
+            "--max-queued-bytes",
+            "1MiB",
+            "--max-unacked",
+            "100",
+            "--idle-timeout",
+            "60s",
+            "--metrics-addr",
+            &metrics,
+        ],
+    )
+    .await;
+    let group = walrelay_tests::unique("slow");
+    // Reads and acknowledges 200 events, stops reading for 26 s, then reads on.
+    let client = Running::spawn(
+        client_args(
+            &g,
+            &group,
+            &[
+                "--ack-every",
+                "10",
+                "--stall-after",
+                "200",
+                "--stall-for",
+                "26",
+                "--duration",
+                "150",
+                "--print",
+                "all",
+            ],
+        ),
+        s.logs.path().join("slow.jsonl"),
+    );
+    let written = Arc::new(AtomicU64::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let first_steady = 100_001;
+    let load = crate::steady_inserts(
+        s.pg.url(&s.db),
+        first_steady,
+        20,
+        Duration::from_millis(200),
+        Arc::clone(&written),
+        stop.clone(),
+    );
+    client.wait_for("_stalled", Duration::from_secs(60)).await;
+    // The queue fills from the backlog at once and the member pauses; past one lag report and
+    // one broker answer (5 s each) into the pause.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let lag = move || async move {
+        crate::metric_sum(port, "walrelay_consumer_stream_group_lag_messages")
+            .await
+            .unwrap_or(0.0)
+    };
+    let (lag_before, http_before, written_before) = (
+        lag().await,
+        http_lag(&g, &group).await,
+        written.load(Ordering::Relaxed),
+    );
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let (lag_after, http_after, written_after) = (
+        lag().await,
+        http_lag(&g, &group).await,
+        written.load(Ordering::Relaxed),
+    );
+    let grew = lag_after - lag_before;
+    let between = (written_after - written_before) as f64;
+    eprintln!(
+        "while the client stalled: metric {lag_before} -> {lag_after} (+{grew}), /v1/lag {http_before} -> {http_after}, {between} rows written between"
+    );
+    assert!(
+        !client.lines().iter().any(|l| l["type"] == "_resumed"),
+        "the client read again within the window"
+    );
+    // The lag is refreshed every 5 s, so the 12 s window sees 7 to 17 s of writes.
+    assert!(
+        between >= 300.0 && grew >= between / 3.0,
+        "the lag of a client that stopped reading must grow: {lag_before} -> {lag_after} while {between} rows were written\n{}",
+        s.all_logs()
+    );
+    // The HTTP answer asks the broker each time.
+    assert!(
+        (http_after - http_before) as f64 >= between / 3.0,
+        "/v1/lag {http_before} -> {http_after} while {between} rows were written"
+    );
+
+    // The client reads again: every row reaches it, and the lag comes back down.
+    stop.cancel();
+    load.await.expect("writer");
+    let last_steady = first_steady + written.load(Ordering::Relaxed) as i64 - 1;
+    let expected: BTreeSet<i64> = (1..=2000).chain(first_steady..=last_steady).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut seen = BTreeSet::new();
+        for (op, ids) in ids(&client.lines(), "public.items") {
+            if op == "r" || op == "c" {
+                seen.extend(ids);
+            }
+        }
+        let missing: Vec<_> = expected.difference(&seen).take(10).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rows never sent: {missing:?} (of {})\n{}",
+            expected.len(),
+            s.all_logs()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lag().await >= 10.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the lag stayed at {} once the client read again\n{}",
+            lag().await,
+            s.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let lines = client.lines();
+    assert_eq!(count(&lines, "_closed"), 0, "{:?}", lines.last());
+    assert_eq!(count(&lines, "error"), 0, "{:?}", lines.last());
+    assert!(g_alive(&g), "{}", s.all_logs());
+}

@@ -4,9 +4,9 @@
 //!
 //! Lag (`walrelay_consumer_lag_messages`) comes from librdkafka's statistics while a
 //! topic-partition is fetched, and from the broker while the runtime has paused fetching it
-//! (the statistics' figure freezes at the pause: [`lag`]); the runtime tells the group what it
-//! paused ([`Group::paused`]). Only assigned topic-partitions have a lag series: a revoke
-//! removes it.
+//! (the statistics' figure freezes at the pause: [`crate::lag`], every [`lag::INTERVAL`] by
+//! [`refresh_lag`]); the runtime tells the group what it paused ([`Group::paused`]). Only
+//! assigned topic-partitions have a lag series: a revoke removes it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,12 +24,9 @@ use rdkafka::statistics::Statistics;
 use walrelay_common::kafka::{Reachability, quiet_log};
 use walrelay_common::telemetry::Readiness;
 
-mod lag;
-
-pub use lag::refresh as refresh_lag;
-
 use super::{Pending, pending};
 use crate::config::RuntimeSettings;
+use crate::lag::{self, Epochs};
 use crate::metrics::Metrics;
 use crate::topics::{self, TopicPattern, Topics};
 
@@ -100,18 +97,15 @@ pub fn consumer_config(settings: &RuntimeSettings, group_id: &str) -> ClientConf
     cfg
 }
 
-/// Current assignment epoch per assigned partition, by topic. The topic's name is kept once,
-/// shared by every event read from it (`Event::topic`).
-type Epochs = HashMap<Arc<str>, HashMap<i32, u64>>;
-
 /// The paused topic-partitions, with the assignment epoch each was paused under.
-pub(super) type Paused = HashMap<(Arc<str>, i32), u64>;
+pub(super) type Paused = lag::Paused;
 
 /// Rebalance bookkeeping shared with librdkafka's callbacks.
 pub struct GroupContext {
     metrics: Arc<Metrics>,
     readiness: Readiness,
-    /// Current assignment epoch per assigned topic-partition. Locked before `lags` where both
+    /// Current assignment epoch per assigned topic-partition (the topic's name is kept once,
+    /// shared by every event read from it: `Event::topic`). Locked before `lags` where both
     /// are held.
     epochs: Mutex<Epochs>,
     next_epoch: AtomicU64,
@@ -131,16 +125,14 @@ impl ClientContext for GroupContext {
     }
 
     fn stats(&self, statistics: Statistics) {
-        let reports = statistics.topics.values().flat_map(|t| {
-            t.partitions.iter().map(|(id, p)| lag::Reported {
-                topic: &t.topic,
-                partition: *id,
-                committed: p.committed_offset,
-                lag: p.consumer_lag,
-            })
-        });
         let epochs = walrelay_common::sync::lock(&self.epochs);
-        self.lags.statistics(reports, &epochs, &self.metrics);
+        self.lags.statistics(
+            lag::reports(&statistics),
+            &epochs,
+            |topic, partition, lag| {
+                set_lag(&self.metrics, topic, partition, lag);
+            },
+        );
     }
 }
 
@@ -217,6 +209,14 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<String> {
 /// How many topic-partitions are assigned.
 fn assigned(epochs: &Epochs) -> i64 {
     epochs.values().map(HashMap::len).sum::<usize>() as i64
+}
+
+/// Sets a topic-partition's `walrelay_consumer_lag_messages`.
+fn set_lag(metrics: &Metrics, topic: &str, partition: i32, lag: i64) {
+    metrics
+        .lag_messages
+        .with_label_values(&[topic, &partition.to_string()])
+        .set(lag);
 }
 
 /// A member of the consumer group, subscribed to the topic or to the topics a pattern selects.
@@ -433,6 +433,51 @@ pub async fn follow(group: Weak<Group>, pattern: TopicPattern, interval: Duratio
             Err(e) => tracing::error!(error = %e, "The topic pattern task failed; retrying."),
         }
         tokio::time::sleep(interval).await;
+    }
+}
+
+/// Keeps the lag of paused topic-partitions current ([`crate::lag`]): every [`lag::INTERVAL`]
+/// until the group is dropped. A failure keeps the last values and is tried again at the next
+/// interval (logged once a minute at most).
+pub async fn refresh_lag(group: Weak<Group>) {
+    let warnings = lag::Throttle::default();
+    loop {
+        tokio::time::sleep(lag::INTERVAL).await;
+        let Some(g) = group.upgrade() else {
+            return;
+        };
+        let probes = g.consumer.context().lags.probes();
+        if probes.is_empty() {
+            continue;
+        }
+        let refreshed = tokio::task::spawn_blocking(move || {
+            let context = g.consumer.context();
+            lag::refresh_paused(
+                &g.consumer,
+                &context.lags,
+                &probes,
+                |topic, partition, lag| {
+                    set_lag(&context.metrics, topic, partition, lag);
+                },
+            )
+        })
+        .await;
+        let refreshed = match refreshed {
+            Ok(r) => r,
+            Err(e) => Err(lag::LagError::Task(e.to_string())),
+        };
+        match refreshed {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(
+                partitions = n,
+                "Lag of paused partitions taken from the broker."
+            ),
+            Err(e) => {
+                if warnings.due() {
+                    tracing::warn!(error = %e, "Could not refresh the lag of paused partitions; the last values stay.");
+                }
+            }
+        }
     }
 }
 

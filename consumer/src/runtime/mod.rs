@@ -56,7 +56,7 @@
 //! falls behind. The reader tells the group what it pauses and resumes, and a paused
 //! topic-partition's `walrelay_consumer_lag_messages` is taken from the broker instead (its end
 //! offset, asked every 5 s off the poll loop, minus the group's committed offset) until fetching
-//! resumes and the statistics take over again (`group::lag`).
+//! resumes and the statistics take over again ([`crate::lag`]).
 //!
 //! # Memory
 //!

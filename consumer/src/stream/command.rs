@@ -45,6 +45,7 @@ pub async fn stream(
         shutdown: shutdown.clone(),
         next_id: AtomicU64::new(1),
         closing: AtomicUsize::new(0),
+        lag_warnings: crate::lag::Throttle::default(),
     });
     tracing::info!(
         addr = %settings.listen,

@@ -7,10 +7,17 @@
 //! three changes: `auto.offset.reset` is the connection's `from`, partition ends are reported
 //! (for `caught_up`), and it has a context of its own whose rebalance callbacks give each
 //! assignment of a partition a new epoch, as the runtime's do.
+//!
+//! The member's lag (the connection's share of `walrelay_consumer_stream_group_lag_messages`)
+//! is the sum over its assigned partitions of the runtime's rule ([`crate::lag`]): librdkafka's
+//! statistics while the partitions are fetched; while the session has paused them (its client
+//! does not keep up: the session's step 3) the statistics freeze at the pause, so the session
+//! tells the member ([`MemberContext::paused`]) and takes their lag from the broker every
+//! [`lag::INTERVAL`] instead ([`refresh_lag`], on a blocking thread), until it resumes them.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::client::ClientContext;
@@ -23,6 +30,7 @@ use walrelay_common::kafka::{QuietContext, quiet_log};
 
 use super::query::Start;
 use crate::config::RuntimeSettings;
+use crate::lag::{self, Epochs, LagError, Lags, Paused};
 use crate::topics::{self, TopicPattern, Topics};
 
 /// Longest wait of one metadata or offset request.
@@ -35,12 +43,15 @@ pub type Tp = (String, i32);
 /// the session's poll).
 #[derive(Default)]
 pub struct MemberContext {
-    epochs: Mutex<HashMap<Tp, u64>>,
+    /// Current epoch per assigned partition. Locked before `lags` where both are held.
+    epochs: Mutex<Epochs>,
     next_epoch: AtomicU64,
     /// Bumped at every assignment change.
     generation: AtomicU64,
-    /// Sum of the assigned partitions' lag from the last statistics (-1: none yet).
-    lag: AtomicI64,
+    /// What each assigned partition's lag is computed from, whether it is paused, and its lag.
+    lags: Lags,
+    /// Whether statistics came yet (the lag is unknown before).
+    reported: AtomicBool,
 }
 
 impl ClientContext for MemberContext {
@@ -53,14 +64,11 @@ impl ClientContext for MemberContext {
     }
 
     fn stats(&self, statistics: Statistics) {
-        let lag: i64 = statistics
-            .topics
-            .values()
-            .flat_map(|t| t.partitions.iter())
-            .filter(|(id, p)| **id >= 0 && p.consumer_lag >= 0)
-            .map(|(_, p)| p.consumer_lag)
-            .sum();
-        self.lag.store(lag, Ordering::Relaxed);
+        let epochs = walrelay_common::sync::lock(&self.epochs);
+        // Only the sum is published (`lag`).
+        self.lags
+            .statistics(lag::reports(&statistics), &epochs, |_, _, _| {});
+        self.reported.store(true, Ordering::Relaxed);
     }
 }
 
@@ -69,7 +77,13 @@ impl ConsumerContext for MemberContext {
         if let Rebalance::Revoke(tpl) = rebalance {
             let mut epochs = walrelay_common::sync::lock(&self.epochs);
             for e in tpl.elements() {
-                epochs.remove(&(e.topic().to_string(), e.partition()));
+                if let Some(partitions) = epochs.get_mut(e.topic()) {
+                    partitions.remove(&e.partition());
+                    if partitions.is_empty() {
+                        epochs.remove(e.topic());
+                    }
+                }
+                self.lags.revoked(e.topic(), e.partition());
             }
             self.generation.fetch_add(1, Ordering::Relaxed);
         }
@@ -80,7 +94,17 @@ impl ConsumerContext for MemberContext {
             let mut epochs = walrelay_common::sync::lock(&self.epochs);
             for e in tpl.elements() {
                 let epoch = self.next_epoch.fetch_add(1, Ordering::Relaxed) + 1;
-                epochs.insert((e.topic().to_string(), e.partition()), epoch);
+                match epochs.get_mut(e.topic()) {
+                    Some(partitions) => {
+                        partitions.insert(e.partition(), epoch);
+                    }
+                    None => {
+                        epochs.insert(
+                            Arc::from(e.topic()),
+                            HashMap::from([(e.partition(), epoch)]),
+                        );
+                    }
+                }
             }
             self.generation.fetch_add(1, Ordering::Relaxed);
         }
@@ -90,16 +114,41 @@ impl ConsumerContext for MemberContext {
 impl MemberContext {
     /// The current epoch of an assigned partition.
     pub fn epoch(&self, topic: &str, partition: i32) -> Option<u64> {
-        // Few partitions per member: a scan avoids allocating a key per record.
         walrelay_common::sync::lock(&self.epochs)
-            .iter()
-            .find(|((t, p), _)| *p == partition && t == topic)
-            .map(|(_, e)| *e)
+            .get(topic)?
+            .get(&partition)
+            .copied()
     }
 
     /// The assigned partitions with their epochs.
     pub fn assigned(&self) -> HashMap<Tp, u64> {
-        walrelay_common::sync::lock(&self.epochs).clone()
+        walrelay_common::sync::lock(&self.epochs)
+            .iter()
+            .flat_map(|(topic, partitions)| {
+                partitions
+                    .iter()
+                    .map(|(p, e)| ((topic.to_string(), *p), *e))
+            })
+            .collect()
+    }
+
+    /// The session now pauses fetching of every assigned partition (`true`: their lag is
+    /// taken from the broker, [`refresh_lag`]) or of none (the statistics take over again).
+    pub fn paused(&self, pause: bool) {
+        let epochs = walrelay_common::sync::lock(&self.epochs);
+        let paused: Paused = if pause {
+            epochs
+                .iter()
+                .flat_map(|(topic, partitions)| {
+                    partitions
+                        .iter()
+                        .map(|(p, e)| ((Arc::clone(topic), *p), *e))
+                })
+                .collect()
+        } else {
+            Paused::new()
+        };
+        self.lags.paused(&paused, &epochs);
     }
 
     /// Changes with every assignment change.
@@ -107,11 +156,21 @@ impl MemberContext {
         self.generation.load(Ordering::Relaxed)
     }
 
-    /// The lag librdkafka last reported for the assigned partitions.
+    /// The lag of the assigned partitions: librdkafka's last figures, the broker's for paused
+    /// ones; `None` before the first statistics.
     pub fn lag(&self) -> Option<i64> {
-        let l = self.lag.load(Ordering::Relaxed);
-        (l >= 0).then_some(l)
+        self.reported
+            .load(Ordering::Relaxed)
+            .then(|| self.lags.total())
     }
+}
+
+/// Takes the lag of the member's paused partitions from the broker ([`lag::refresh_paused`]);
+/// how many were set. Blocking (ListOffsets, [`lag::TIMEOUT`] at most): run it on a blocking
+/// thread.
+pub fn refresh_lag(member: &Member) -> Result<usize, LagError> {
+    let lags = &member.context().lags;
+    lag::refresh_paused(member, lags, &lags.probes(), |_, _, _| {})
 }
 
 /// A member's consumer.
@@ -127,10 +186,7 @@ pub fn member(
     cfg.set("auto.offset.reset", start.reset());
     cfg.set("enable.partition.eof", "true");
     cfg.set("client.id", "walrelay-stream");
-    cfg.create_with_context(MemberContext {
-        lag: AtomicI64::new(-1),
-        ..MemberContext::default()
-    })
+    cfg.create_with_context(MemberContext::default())
 }
 
 /// The end offset (high watermark) of every partition of the topics read, now (blocking).

@@ -37,10 +37,12 @@
 //! At most `--max-unacked` events are in flight per connection: beyond, the session stops
 //! sending and queues what the member delivers; once the queue holds `--max-queued-bytes`
 //! (2 MiB per connection unless given) the member's partitions are paused (resumed once half
-//! of it was sent), and polling goes on so that rebalances are served. In-flight events cost 8 bytes each (offsets, not events).
-//! Per connection memory is so bounded by librdkafka's prefetch and the queue (each
-//! `--max-queued-bytes`), the socket's write buffer (one batch of 256 frames), and a librdkafka
-//! client (its threads). Streams at once: `--max-connections`.
+//! of it was sent), and polling goes on so that rebalances are served. While they are paused,
+//! their lag is taken from the broker, not from librdkafka's statistics, which freeze at the
+//! pause ([`crate::lag`]): a client that stopped reading shows as growing lag. In-flight events
+//! cost 8 bytes each (offsets, not events). Per connection memory is so bounded by librdkafka's
+//! prefetch and the queue (each `--max-queued-bytes`), the socket's write buffer (one batch of
+//! 256 frames), and a librdkafka client (its threads). Streams at once: `--max-connections`.
 //!
 //! A client is closed (an `error` frame, then close 1008), and its partitions released, when it
 //! sends nothing (not even a pong to the gateway's pings, every third of the timeout) for

@@ -12,9 +12,16 @@
 //!    the shared codec; skipping those no `tables` pattern matches, tombstones and undecodable
 //!    records), then `caught_up` once it is due;
 //! 3. pauses the member's partitions while the queue holds `--max-queued-bytes` (resumes when
-//!    it is half empty), so memory stays bounded and polling (hence rebalances) goes on;
+//!    it is half empty), so memory stays bounded and polling (hence rebalances) goes on. A
+//!    paused partition's lag is not librdkafka's: its statistics hold it at its value when the
+//!    pause began, flat exactly while the client falls behind. So the member is told what is
+//!    paused ([`kafka::MemberContext::paused`]), and while it is, the tick takes the lag from
+//!    the broker every 5 s instead (end offsets minus the committed offsets, one query at a
+//!    time on a blocking thread: [`crate::lag`]) until the statistics take over again on
+//!    resume;
 //! 4. waits for the first of: shutdown, a client frame, the 200 ms tick (offsets stored, idle
-//!    checks, pings, lag), start offsets, a record.
+//!    checks, pings, lag: reported every 5 s, and as soon as the broker answered for paused
+//!    partitions), start offsets, a record.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -38,6 +45,7 @@ use super::metrics::StreamMetrics;
 use super::query::{Query, Start};
 use super::tracker::{AckError, Acked, Key, Tracker};
 use crate::config::RuntimeSettings;
+use crate::lag::{self, LagError};
 use crate::topics::Topics;
 
 /// What every connection shares.
@@ -56,6 +64,8 @@ pub struct Gateway {
     pub next_id: AtomicU64,
     /// Members whose final commit is under way.
     pub closing: AtomicUsize,
+    /// Failed lag queries are logged once a minute at most, over every connection.
+    pub lag_warnings: lag::Throttle,
 }
 
 /// Frames sent per write before the loop looks at Kafka and the client again.
@@ -119,11 +129,12 @@ pub async fn run(socket: WebSocket, query: Query, gw: Arc<Gateway>, _permit: Own
             gw.metrics.unacked.sub(dropped as i64);
             let unacked = s.tracker.inflight();
             let last = s.tracker.all_committable();
+            let lag_query = s.lag_query.take();
             gw.metrics.report_lag(&query.group, id, None);
             // The final commit covers what was acknowledged (never beyond), then the member
             // leaves the group; in a task of its own so the close frame goes out at once.
             gw.closing.fetch_add(1, Ordering::Relaxed);
-            tokio::spawn(leave(Arc::clone(&gw), member, last));
+            tokio::spawn(leave(Arc::clone(&gw), member, last, lag_query));
             (end, unacked)
         }
     };
@@ -154,6 +165,9 @@ pub async fn run(socket: WebSocket, query: Query, gw: Arc<Gateway>, _permit: Own
 /// Longest wait for a member to give up its partitions and empty its queue when it leaves.
 const LEAVE_WAIT: Duration = Duration::from_secs(10);
 
+/// A query for the lag of paused partitions ([`kafka::refresh_lag`]) under way.
+type LagQuery = tokio::task::JoinHandle<Result<usize, LagError>>;
+
 /// Commits `last`, leaves the group, drains what the member had fetched, then destroys it.
 ///
 /// Records librdkafka fetched but nobody polled hold references to their partitions, and
@@ -162,8 +176,17 @@ const LEAVE_WAIT: Duration = Duration::from_secs(10);
 /// empty and nothing more arrives, and only then dropped (on a thread of its own: the drop
 /// blocks until the consumer is closed, and must never hold a runtime thread or the process's
 /// exit). The test `a_new_group_gets_the_state…` counts the gateway's librdkafka threads after
-/// its connections closed.
-async fn leave(gw: Arc<Gateway>, member: Arc<Member>, last: Vec<(Key, i64)>) {
+/// its connections closed. A lag query still under way holds the member too: it ends first
+/// (within its 2 s timeout), so that the member is dropped here and nowhere else.
+async fn leave(
+    gw: Arc<Gateway>,
+    member: Arc<Member>,
+    last: Vec<(Key, i64)>,
+    lag_query: Option<LagQuery>,
+) {
+    if let Some(q) = lag_query {
+        let _ = q.await;
+    }
     let m = Arc::clone(&member);
     let committed = tokio::task::spawn_blocking(move || {
         // Paused partitions are resumed: their fetched records are drained below like the rest.
@@ -271,6 +294,8 @@ struct Session<'a> {
     last_progress: Instant,
     last_ping: Instant,
     last_lag: Instant,
+    /// The lag query under way while paused (one at a time).
+    lag_query: Option<LagQuery>,
     errors_in_row: u32,
     /// Skipped since the last log line: (undecodable count, first error).
     undecodable: (u64, Option<String>),
@@ -304,6 +329,7 @@ impl<'a> Session<'a> {
             last_progress: now,
             last_ping: now,
             last_lag: now,
+            lag_query: None,
             errors_in_row: 0,
             undecodable: (0, None),
         }
@@ -649,7 +675,10 @@ impl<'a> Session<'a> {
             self.member.resume(&assignment)
         };
         match done {
-            Ok(()) => self.paused = pause,
+            Ok(()) => {
+                self.paused = pause;
+                self.member.context().paused(pause);
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "Could not pause or resume a stream's partitions.")
             }
@@ -741,14 +770,47 @@ impl<'a> Session<'a> {
             tracing::warn!(conn = self.id, count = n, first = %first, "Skipped undecodable records (the stream sends only events; the other consumers dead-letter them).");
             self.undecodable.0 = 0;
         }
-        if self.last_lag.elapsed() > Duration::from_secs(5) {
+        self.lag_answered();
+        if self.last_lag.elapsed() > lag::INTERVAL {
             self.last_lag = Instant::now();
-            if let Some(lag) = self.member.context().lag() {
-                self.gw
-                    .metrics
-                    .report_lag(&self.query.group, self.id, Some(lag));
+            self.report_lag();
+            // Paused: the statistics' figure is frozen; the broker's end offsets instead.
+            if self.paused && self.lag_query.is_none() {
+                let m = Arc::clone(self.member);
+                self.lag_query = Some(tokio::task::spawn_blocking(move || kafka::refresh_lag(&m)));
             }
         }
         Ok(())
+    }
+
+    /// Publishes the member's lag, once known.
+    fn report_lag(&self) {
+        if let Some(lag) = self.member.context().lag() {
+            self.gw
+                .metrics
+                .report_lag(&self.query.group, self.id, Some(lag));
+        }
+    }
+
+    /// Takes the outcome of a finished lag query: the new lag is published at once; a failure
+    /// keeps the last value (logged once a minute at most, over every connection).
+    fn lag_answered(&mut self) {
+        let Some(query) = self.lag_query.take_if(|q| q.is_finished()) else {
+            return;
+        };
+        let answer = match query.now_or_never() {
+            Some(Ok(answer)) => answer,
+            Some(Err(e)) => Err(LagError::Task(e.to_string())),
+            None => return,
+        };
+        match answer {
+            Ok(0) => {}
+            Ok(_) => self.report_lag(),
+            Err(e) => {
+                if self.gw.lag_warnings.due() {
+                    tracing::warn!(conn = self.id, group = %self.query.group, error = %e, "Could not take a paused stream's lag from the broker; the last value stays.");
+                }
+            }
+        }
     }
 }

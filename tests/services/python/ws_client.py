@@ -7,7 +7,7 @@ by hand.
         [--tables 'public.*'] [--from earliest|latest] [--token-via header|protocol]
         [--max-events N] [--until-caught-up] [--after-caught-up N] [--duration S]
         [--idle-exit S] [--ack-every N] [--final-ack all|none|all-but-last:N]
-        [--send TEXT]... [--print all|control|none]
+        [--stall-after N --stall-for S] [--send TEXT]... [--print all|control|none]
 
 Every frame received is printed on stdout as one JSON line, as it came (`--print control`
 leaves event frames out, `none` prints only the summary). Lines the client adds start with
@@ -15,6 +15,9 @@ leaves event frames out, `none` prints only the summary). Lines the client adds 
 
 - `{"type":"_http","status":S,"body":B}`: the server refused the upgrade (exit 0);
 - `{"type":"_closed","code":C,"reason":R}`: the server closed the connection;
+- `{"type":"_stalled","events":N}` and `{"type":"_resumed"}`: `--stall-after N --stall-for S`
+  stopped reading (and acknowledging) after N events, for S seconds, then went on (a slow
+  client: the gateway's frames wait in the socket's buffers meanwhile);
 - `{"type":"_summary","events":N,"acked":{"topic/partition":offset},"seconds":T,
   "events_per_second":R}`: last line, always.
 
@@ -54,6 +57,8 @@ def parse_args():
     p.add_argument("--idle-exit", type=float, default=0)
     p.add_argument("--ack-every", type=int, default=0)
     p.add_argument("--final-ack", default="all")
+    p.add_argument("--stall-after", type=int, default=0)
+    p.add_argument("--stall-for", type=float, default=0)
     p.add_argument("--send", action="append", default=[])
     p.add_argument("--print", dest="show", choices=["all", "control", "none"], default="all")
     return p.parse_args()
@@ -92,6 +97,7 @@ async def run(a):
     started = time.monotonic()
     caught_up_at = None
     since_ack = 0
+    stalled = False
 
     async def ack(ws, upto):
         for (t, p), o in sorted(upto.items()):
@@ -143,6 +149,12 @@ async def run(a):
                         since_ack = 0
                     if a.max_events and len(events) >= a.max_events:
                         break
+                    if a.stall_after and not stalled and len(events) >= a.stall_after:
+                        stalled = True
+                        out({"type": "_stalled", "events": len(events)})
+                        await asyncio.sleep(a.stall_for)
+                        out({"type": "_resumed"})
+                        last_frame = time.monotonic()
                     if (
                         caught_up_at is not None
                         and a.after_caught_up >= 0

@@ -1,21 +1,27 @@
-//! Lag per topic-partition (`walrelay_consumer_lag_messages`), and where it is taken from.
+//! Lag per assigned topic-partition, and where it is taken from. Shared by the two kinds of
+//! group member: the runtime's ([`crate::runtime`]: `walrelay_consumer_lag_messages` per
+//! topic-partition) and each stream connection's ([`crate::stream`]: summed per connection into
+//! `walrelay_consumer_stream_group_lag_messages`).
 //!
 //! librdkafka's statistics (every `statistics.interval.ms`, 5 s) carry each partition's
 //! `consumer_lag`: the end of the partition (the last stable offset, under `read_committed`)
 //! minus the group's committed offset. librdkafka learns the end from its fetch responses, so
-//! while the runtime has paused fetching a topic-partition (the sink is stalled, or its backlog
-//! full: the runtime's "Polling never stops") the end stays where it was when the pause began
-//! and so does the lag, flat exactly while a stalled sink falls behind (librdkafka issue
-//! #4996). An alert on growing lag could never fire for the consumer it exists for.
+//! while a member has paused fetching a topic-partition the end stays where it was when the
+//! pause began and so does the lag (librdkafka issue #4996). Both members pause exactly when
+//! they fall behind: the runtime while its sink is stalled or its backlog full (the runtime's
+//! "Polling never stops"), a stream session while its client does not keep up (the session's
+//! step 3). The lag stayed flat exactly while it should grow, and an alert on growing lag could
+//! never fire for the consumer it exists for.
 //!
 //! So the lag of a paused topic-partition is taken from the broker instead. Every
-//! [`INTERVAL`], [`refresh`] asks for the end offsets of the paused topic-partitions (ListOffsets
-//! for the latest offset: one request per partition leader, covering all of them, with a
-//! [`TIMEOUT`]) on a blocking thread, never inside a librdkafka callback or the poll loop, and
-//! subtracts the committed offset the statistics last reported for each (commits go on while
-//! fetching is paused, and the statistics keep reporting them). The statistics do not
-//! overwrite that value while the pause lasts; once fetching resumes they take over again. A
-//! failed query keeps the last values and is logged once a minute at most.
+//! [`INTERVAL`] while something is paused, the member asks for the end offsets of its paused
+//! topic-partitions ([`refresh_paused`]: ListOffsets for the latest offset, one request per
+//! partition leader covering all of them, with a [`TIMEOUT`]) on a blocking thread, never
+//! inside a librdkafka callback or a poll loop, and subtracts the committed offset the
+//! statistics last reported for each (commits go on while fetching is paused, and the
+//! statistics keep reporting them). The statistics do not overwrite that value while the pause
+//! lasts; once fetching resumes they take over again. A failed query keeps the last values; the
+//! member logs it once a minute at most ([`Throttle`]).
 //!
 //! ListOffsets is asked under the consumer's isolation level, so the end is the last stable
 //! offset, the one the statistics use. Lag is counted in offsets either way: under
@@ -24,30 +30,41 @@
 //! left to read (1 per partition at rest; while paused, one per transaction written since the
 //! committed offset).
 //!
-//! Only assigned topic-partitions have a lag: the statistics' figures for any other are
-//! ignored, and a revoke forgets what was kept here as it removes the series.
+//! The bookkeeping is [`Lags`], kept in the member's client context beside its assignment
+//! epochs ([`Epochs`]): the statistics callback hands it each report ([`reports`]), the revoke
+//! callback forgets what was revoked, and the code that pauses and resumes fetching tells it
+//! what is paused. Only assigned topic-partitions have a lag: the statistics' figures for any
+//! other are ignored, and a revoke forgets what was kept. Where a lag goes is the member's: a
+//! `publish` closure is called, under the lock, with each lag set (so the series a revoke
+//! removes cannot come back after it), and [`Lags::total`] sums them.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
+use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use walrelay_common::sync::lock;
-
-use super::{Epochs, Group, GroupContext};
-use crate::metrics::Metrics;
 
 /// How often the lag of paused topic-partitions is taken from the broker (as often as the
 /// statistics come).
 pub const INTERVAL: Duration = Duration::from_secs(5);
 
 /// How long the broker gets to answer for the end offsets.
-const TIMEOUT: Duration = Duration::from_secs(2);
+pub const TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How often a failing query is logged at most.
 const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Current assignment epoch per assigned partition, by topic (the epoch a member gives each
+/// assignment of a partition, so that what belonged to an earlier one is recognised). The
+/// topic's name is kept once, shared by everything read from it.
+pub type Epochs = HashMap<Arc<str>, HashMap<i32, u64>>;
+
+/// Paused topic-partitions, with the assignment epoch each was paused under.
+pub type Paused = HashMap<(Arc<str>, i32), u64>;
 
 /// Why the lag of paused topic-partitions could not be refreshed (the last values stay).
 #[derive(Debug, thiserror::Error)]
@@ -77,13 +94,15 @@ pub enum LagError {
     Task(String),
 }
 
-/// What one assigned topic-partition's lag is computed from.
+/// What one assigned topic-partition's lag is computed from, and its last value.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Tracked {
     /// The group's committed offset, as the last statistics reported it.
     committed: Option<i64>,
-    /// The assignment epoch under which the runtime paused fetching it; `None` while fetched.
+    /// The assignment epoch under which fetching it was paused; `None` while fetched.
     paused: Option<u64>,
+    /// The last lag set (from the statistics, or from the broker while paused).
+    lag: Option<i64>,
 }
 
 /// A paused topic-partition to ask the broker about.
@@ -108,20 +127,33 @@ pub struct Reported<'a> {
     pub lag: i64,
 }
 
-/// Per assigned topic-partition: the committed offset from the statistics, and whether the
-/// runtime paused it. Shared by librdkafka's callbacks, the reader and [`refresh`]; taken after
-/// the group's epochs where both are held.
+/// The figures of every partition in a statistics report, for [`Lags::statistics`].
+pub fn reports(statistics: &Statistics) -> impl Iterator<Item = Reported<'_>> {
+    statistics.topics.values().flat_map(|t| {
+        t.partitions.iter().map(|(id, p)| Reported {
+            topic: &t.topic,
+            partition: *id,
+            committed: p.committed_offset,
+            lag: p.consumer_lag,
+        })
+    })
+}
+
+/// Per assigned topic-partition: the committed offset from the statistics, whether fetching
+/// it is paused, and its last lag. Shared by librdkafka's callbacks, the code that pauses and
+/// the lag refresh; taken after the member's epochs where both are held.
 #[derive(Default)]
 pub struct Lags(Mutex<HashMap<Arc<str>, HashMap<i32, Tracked>>>);
 
 impl Lags {
     /// Takes a statistics report: keeps the committed offsets of the assigned topic-partitions
-    /// and sets the lag of those being fetched (a paused one's is the broker's).
+    /// and sets the lag of those being fetched (a paused one's is the broker's), calling
+    /// `publish(topic, partition, lag)` for each.
     pub fn statistics<'a>(
         &self,
         reports: impl IntoIterator<Item = Reported<'a>>,
         epochs: &Epochs,
-        metrics: &Metrics,
+        mut publish: impl FnMut(&str, i32, i64),
     ) {
         let mut tracked = lock(&self.0);
         for r in reports {
@@ -140,14 +172,15 @@ impl Lags {
                 t.committed = Some(r.committed);
             }
             if t.paused.is_none() && r.lag >= 0 {
-                set(metrics, r.topic, r.partition, r.lag);
+                t.lag = Some(r.lag);
+                publish(r.topic, r.partition, r.lag);
             }
         }
     }
 
-    /// The runtime now pauses fetching exactly `paused` (each with the assignment epoch it was
+    /// Fetching is now paused for exactly `paused` (each with the assignment epoch it was
     /// paused under); one paused under an assignment that is not current any more is ignored.
-    pub fn paused(&self, paused: &HashMap<(Arc<str>, i32), u64>, epochs: &Epochs) {
+    pub fn paused(&self, paused: &Paused, epochs: &Epochs) {
         let mut tracked = lock(&self.0);
         for t in tracked.values_mut().flat_map(HashMap::values_mut) {
             t.paused = None;
@@ -167,7 +200,7 @@ impl Lags {
         }
     }
 
-    /// Forgets a revoked topic-partition (its lag series is removed by the caller).
+    /// Forgets a revoked topic-partition (the caller removes whatever it published for it).
     pub fn revoked(&self, topic: &str, partition: i32) {
         let mut tracked = lock(&self.0);
         if let Some(partitions) = tracked.get_mut(topic) {
@@ -196,103 +229,78 @@ impl Lags {
             .collect()
     }
 
-    /// Sets the lag of `probe` from the end offset the broker gave, unless it was resumed or
-    /// revoked meanwhile (a revoke removes the series: it must not come back). Whether it was
-    /// set.
-    pub fn answered(&self, probe: &Probe, end: i64, metrics: &Metrics) -> bool {
-        let tracked = lock(&self.0);
+    /// Sets the lag of `probe` from the end offset the broker gave (calling `publish` under the
+    /// lock, so a revoke's removal comes after it), unless it was resumed or revoked meanwhile
+    /// (a revoked series must not come back). Whether it was set.
+    pub fn answered(&self, probe: &Probe, end: i64, publish: impl FnOnce(&str, i32, i64)) -> bool {
+        let mut tracked = lock(&self.0);
         let Some(t) = tracked
-            .get(&probe.topic)
-            .and_then(|partitions| partitions.get(&probe.partition))
+            .get_mut(&probe.topic)
+            .and_then(|partitions| partitions.get_mut(&probe.partition))
         else {
             return false;
         };
         match (t.paused, t.committed) {
             (Some(epoch), Some(committed)) if epoch == probe.epoch => {
-                // The metric is set under the lock, so a revoke's removal comes after it.
-                set(
-                    metrics,
-                    &probe.topic,
-                    probe.partition,
-                    (end - committed).max(0),
-                );
+                let lag = (end - committed).max(0);
+                t.lag = Some(lag);
+                publish(&probe.topic, probe.partition, lag);
                 true
             }
             _ => false,
         }
     }
-}
 
-fn set(metrics: &Metrics, topic: &str, partition: i32, lag: i64) {
-    metrics
-        .lag_messages
-        .with_label_values(&[topic, &partition.to_string()])
-        .set(lag);
-}
-
-/// Keeps the lag of paused topic-partitions current (see the module's documentation): every
-/// [`INTERVAL`] until the group is dropped. A failure keeps the last values and is tried again
-/// at the next interval (logged once a minute at most).
-pub async fn refresh(group: Weak<Group>) {
-    let mut last_warning: Option<Instant> = None;
-    loop {
-        tokio::time::sleep(INTERVAL).await;
-        let Some(g) = group.upgrade() else {
-            return;
-        };
-        match refresh_once(g).await {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(
-                partitions = n,
-                "Lag of paused partitions taken from the broker."
-            ),
-            Err(e) => {
-                if last_warning.is_none_or(|t| t.elapsed() > WARN_EVERY) {
-                    tracing::warn!(error = %e, "Could not refresh the lag of paused partitions; the last values stay.");
-                    last_warning = Some(Instant::now());
-                }
-            }
-        }
+    /// The sum of the assigned topic-partitions' last lags (those with none yet count 0).
+    pub fn total(&self) -> i64 {
+        lock(&self.0)
+            .values()
+            .flat_map(HashMap::values)
+            .filter_map(|t| t.lag)
+            .sum()
     }
 }
 
-/// One round of [`refresh`]: how many topic-partitions' lag was set.
-async fn refresh_once(group: Arc<Group>) -> Result<usize, LagError> {
-    let probes = group.consumer.context().lags.probes();
+/// Takes the lag of the `probes` (paused topic-partitions: [`Lags::probes`]) from the broker
+/// through `consumer` and sets it in `lags` ([`Lags::answered`], with `publish`); how many were
+/// set. Blocking (ListOffsets, one request per leader, [`TIMEOUT`]): run it on a blocking
+/// thread. An error names the first topic-partition that got no end offset; the others were
+/// set all the same.
+pub fn refresh_paused<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    lags: &Lags,
+    probes: &[Probe],
+    mut publish: impl FnMut(&str, i32, i64),
+) -> Result<usize, LagError> {
     if probes.is_empty() {
         return Ok(0);
     }
-    tokio::task::spawn_blocking(move || {
-        let ends = end_offsets(&group.consumer, &probes)?;
-        let context = group.consumer.context();
-        let mut refreshed = 0;
-        let mut first_failure: Option<LagError> = None;
-        for (probe, end) in probes.iter().zip(ends) {
-            match (end, &mut first_failure) {
-                (Ok(end), _) => {
-                    refreshed += usize::from(context.lags.answered(probe, end, &context.metrics));
-                }
-                (Err(_), Some(LagError::Partitions { failed, .. })) => *failed += 1,
-                (Err(reason), _) => {
-                    first_failure = Some(LagError::Partitions {
-                        failed: 1,
-                        topic: probe.topic.to_string(),
-                        partition: probe.partition,
-                        reason,
-                    });
-                }
+    let ends = end_offsets(consumer, probes)?;
+    let mut refreshed = 0;
+    let mut first_failure: Option<LagError> = None;
+    for (probe, end) in probes.iter().zip(ends) {
+        match (end, &mut first_failure) {
+            (Ok(end), _) => {
+                refreshed += usize::from(lags.answered(probe, end, &mut publish));
+            }
+            (Err(_), Some(LagError::Partitions { failed, .. })) => *failed += 1,
+            (Err(reason), _) => {
+                first_failure = Some(LagError::Partitions {
+                    failed: 1,
+                    topic: probe.topic.to_string(),
+                    partition: probe.partition,
+                    reason,
+                });
             }
         }
-        first_failure.map_or(Ok(refreshed), Err)
-    })
-    .await
-    .map_err(|e| LagError::Task(e.to_string()))?
+    }
+    first_failure.map_or(Ok(refreshed), Err)
 }
 
 /// The end offset of each probed topic-partition (blocking: ListOffsets for the latest offset,
 /// one request per leader), or why the broker gave none.
-fn end_offsets(
-    consumer: &StreamConsumer<GroupContext>,
+fn end_offsets<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
     probes: &[Probe],
 ) -> Result<Vec<Result<i64, String>>, LagError> {
     let mut asked = TopicPartitionList::new();
@@ -326,8 +334,26 @@ fn end_offsets(
         .collect())
 }
 
+/// Lets a failing refresh be logged once a minute at most, however many refresh.
+#[derive(Default)]
+pub struct Throttle(Mutex<Option<Instant>>);
+
+impl Throttle {
+    /// Whether to log a failure now (then not again for a minute).
+    pub fn due(&self) -> bool {
+        let mut last = lock(&self.0);
+        if last.is_some_and(|t| t.elapsed() <= WARN_EVERY) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     fn epochs(assigned: &[(&str, i32, u64)]) -> Epochs {
@@ -349,28 +375,23 @@ mod tests {
         }
     }
 
-    /// The lag series of `topic`/`partition`, `None` when there is none.
-    fn lag(m: &Metrics, topic: &str, partition: i32) -> Option<i64> {
-        let partition = partition.to_string();
-        m.registry
-            .gather()
-            .iter()
-            .filter(|f| f.name() == "walrelay_consumer_lag_messages")
-            .flat_map(|f| f.get_metric())
-            .find(|s| {
-                let label = |name: &str| {
-                    s.get_label()
-                        .iter()
-                        .find(|l| l.name() == name)
-                        .map(|l| l.value().to_string())
-                };
-                label("topic").as_deref() == Some(topic)
-                    && label("partition").as_deref() == Some(partition.as_str())
-            })
-            .map(|s| s.get_gauge().value() as i64)
+    /// What was published, as a metric would hold it: the last lag per topic-partition.
+    #[derive(Default)]
+    struct Published(BTreeMap<(String, i32), i64>);
+
+    impl Published {
+        fn sink(&mut self) -> impl FnMut(&str, i32, i64) + '_ {
+            move |topic, partition, lag| {
+                self.0.insert((topic.to_string(), partition), lag);
+            }
+        }
+
+        fn lag(&self, topic: &str, partition: i32) -> Option<i64> {
+            self.0.get(&(topic.to_string(), partition)).copied()
+        }
     }
 
-    fn paused(list: &[(&str, i32, u64)]) -> HashMap<(Arc<str>, i32), u64> {
+    fn paused(list: &[(&str, i32, u64)]) -> Paused {
         list.iter()
             .map(|(t, p, e)| ((Arc::from(*t), *p), *e))
             .collect()
@@ -378,36 +399,41 @@ mod tests {
 
     #[test]
     fn statistics_set_the_lag_of_fetched_partitions_only() {
-        let m = Metrics::new().expect("metrics");
+        let mut m = Published::default();
         let lags = Lags::default();
         let e = epochs(&[("t", 0, 1), ("t", 1, 2)]);
-        lags.statistics([report("t", 0, 10, 5), report("t", 1, 20, 7)], &e, &m);
-        assert_eq!(lag(&m, "t", 0), Some(5));
-        assert_eq!(lag(&m, "t", 1), Some(7));
+        lags.statistics([report("t", 0, 10, 5), report("t", 1, 20, 7)], &e, m.sink());
+        assert_eq!(m.lag("t", 0), Some(5));
+        assert_eq!(m.lag("t", 1), Some(7));
+        assert_eq!(lags.total(), 12);
 
         // Paused: the statistics' frozen figure does not overwrite the broker's.
         lags.paused(&paused(&[("t", 1, 2)]), &e);
         let probes = lags.probes();
         assert_eq!(probes.len(), 1);
-        assert!(lags.answered(&probes[0], 120, &m));
-        assert_eq!(lag(&m, "t", 1), Some(100));
-        lags.statistics([report("t", 0, 10, 6), report("t", 1, 30, 7)], &e, &m);
-        assert_eq!(lag(&m, "t", 0), Some(6));
-        assert_eq!(lag(&m, "t", 1), Some(100));
+        assert!(lags.answered(&probes[0], 120, m.sink()));
+        assert_eq!(m.lag("t", 1), Some(100));
+        assert_eq!(lags.total(), 105);
+        lags.statistics([report("t", 0, 10, 6), report("t", 1, 30, 7)], &e, m.sink());
+        assert_eq!(m.lag("t", 0), Some(6));
+        assert_eq!(m.lag("t", 1), Some(100));
+        assert_eq!(lags.total(), 106);
         // The committed offset still follows the statistics while paused.
-        assert!(lags.answered(&probes[0], 130, &m));
-        assert_eq!(lag(&m, "t", 1), Some(100));
+        assert!(lags.answered(&probes[0], 130, m.sink()));
+        assert_eq!(m.lag("t", 1), Some(100));
 
         // Resumed: the statistics take over; a late answer is dropped.
-        lags.paused(&HashMap::new(), &e);
-        assert!(!lags.answered(&probes[0], 999, &m));
-        lags.statistics([report("t", 1, 40, 3)], &e, &m);
-        assert_eq!(lag(&m, "t", 1), Some(3));
+        lags.paused(&Paused::new(), &e);
+        assert!(!lags.answered(&probes[0], 999, m.sink()));
+        assert_eq!(m.lag("t", 1), Some(100));
+        lags.statistics([report("t", 1, 40, 3)], &e, m.sink());
+        assert_eq!(m.lag("t", 1), Some(3));
+        assert_eq!(lags.total(), 9);
     }
 
     #[test]
     fn unassigned_partitions_and_stale_epochs_get_no_lag() {
-        let m = Metrics::new().expect("metrics");
+        let mut m = Published::default();
         let lags = Lags::default();
         let e = epochs(&[("t", 0, 3)]);
         lags.statistics(
@@ -417,31 +443,42 @@ mod tests {
                 report("t", -1, 0, 1),
             ],
             &e,
-            &m,
+            m.sink(),
         );
-        assert_eq!(lag(&m, "t", 1), None);
-        assert_eq!(lag(&m, "u", 0), None);
-        assert_eq!(lag(&m, "t", -1), None);
+        assert!(m.0.is_empty(), "{:?}", m.0);
+        assert_eq!(lags.total(), 0);
 
         // Paused under an older assignment: not tracked as paused.
-        lags.statistics([report("t", 0, 10, 5)], &e, &m);
+        lags.statistics([report("t", 0, 10, 5)], &e, m.sink());
         lags.paused(&paused(&[("t", 0, 2)]), &e);
         assert!(lags.probes().is_empty());
     }
 
     #[test]
     fn a_revoke_wins_over_a_late_answer_and_an_unknown_commit_is_not_probed() {
-        let m = Metrics::new().expect("metrics");
+        let mut m = Published::default();
         let lags = Lags::default();
         let e = epochs(&[("t", 0, 1), ("t", 1, 1)]);
         // Partition 1 has no committed offset yet: nothing to compute.
-        lags.statistics([report("t", 0, 10, 5), report("t", 1, -1001, -1)], &e, &m);
+        lags.statistics(
+            [report("t", 0, 10, 5), report("t", 1, -1001, -1)],
+            &e,
+            m.sink(),
+        );
         lags.paused(&paused(&[("t", 0, 1), ("t", 1, 1)]), &e);
         let probes = lags.probes();
         assert_eq!(probes.len(), 1, "{probes:?}");
         lags.revoked("t", 0);
-        let _ = m.lag_messages.remove_label_values(&["t", "0"]);
-        assert!(!lags.answered(&probes[0], 50, &m));
-        assert_eq!(lag(&m, "t", 0), None);
+        m.0.clear();
+        assert!(!lags.answered(&probes[0], 50, m.sink()));
+        assert_eq!(m.lag("t", 0), None);
+        assert_eq!(lags.total(), 0, "a revoked partition's lag is forgotten");
+    }
+
+    #[test]
+    fn failures_are_logged_once_a_minute() {
+        let t = Throttle::default();
+        assert!(t.due());
+        assert!(!t.due());
     }
 }
