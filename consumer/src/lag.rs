@@ -63,6 +63,19 @@ const WARN_EVERY: Duration = Duration::from_secs(60);
 /// topic's name is kept once, shared by everything read from it.
 pub type Epochs = HashMap<Arc<str>, HashMap<i32, u64>>;
 
+/// Records `epoch` as the assignment epoch of `topic`'s `partition` (the topic's name is kept
+/// once, shared by every partition of it).
+pub fn assign_epoch(epochs: &mut Epochs, topic: &str, partition: i32, epoch: u64) {
+    match epochs.get_mut(topic) {
+        Some(partitions) => {
+            partitions.insert(partition, epoch);
+        }
+        None => {
+            epochs.insert(Arc::from(topic), HashMap::from([(partition, epoch)]));
+        }
+    }
+}
+
 /// Paused topic-partitions, with the assignment epoch each was paused under.
 pub type Paused = HashMap<(Arc<str>, i32), u64>;
 

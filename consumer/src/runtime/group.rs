@@ -165,17 +165,7 @@ impl ConsumerContext for GroupContext {
                 let mut epochs = walrelay_common::sync::lock(&self.epochs);
                 for e in tpl.elements() {
                     let epoch = self.next_epoch.fetch_add(1, Ordering::Relaxed);
-                    match epochs.get_mut(e.topic()) {
-                        Some(partitions) => {
-                            partitions.insert(e.partition(), epoch);
-                        }
-                        None => {
-                            epochs.insert(
-                                Arc::from(e.topic()),
-                                HashMap::from([(e.partition(), epoch)]),
-                            );
-                        }
-                    }
+                    crate::lag::assign_epoch(&mut epochs, e.topic(), e.partition(), epoch);
                 }
                 let total = assigned(&epochs);
                 self.metrics.assigned_partitions.set(total);

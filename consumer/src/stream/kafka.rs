@@ -94,17 +94,7 @@ impl ConsumerContext for MemberContext {
             let mut epochs = walrelay_common::sync::lock(&self.epochs);
             for e in tpl.elements() {
                 let epoch = self.next_epoch.fetch_add(1, Ordering::Relaxed) + 1;
-                match epochs.get_mut(e.topic()) {
-                    Some(partitions) => {
-                        partitions.insert(e.partition(), epoch);
-                    }
-                    None => {
-                        epochs.insert(
-                            Arc::from(e.topic()),
-                            HashMap::from([(e.partition(), epoch)]),
-                        );
-                    }
-                }
+                crate::lag::assign_epoch(&mut epochs, e.topic(), e.partition(), epoch);
             }
             self.generation.fetch_add(1, Ordering::Relaxed);
         }

@@ -248,12 +248,11 @@ impl Runner<'_> {
     /// A network fault: sets the link's proxies, and schedules the lift.
     fn inject_net(&mut self, p: &Planned) -> anyhow::Result<bool> {
         let down = Duration::from_millis(p.down_ms);
+        let scheduled = Link::ALL[p.target % Link::ALL.len()];
         let (link, lift) = match p.kind {
-            FaultKind::NetLatency => (Link::ALL[p.target % Link::ALL.len()], Some(Lift::Latency)),
-            FaultKind::NetBandwidth => {
-                (Link::ALL[p.target % Link::ALL.len()], Some(Lift::Bandwidth))
-            }
-            FaultKind::NetCut => (Link::ALL[p.target % Link::ALL.len()], None),
+            FaultKind::NetLatency => (scheduled, Some(Lift::Latency)),
+            FaultKind::NetBandwidth => (scheduled, Some(Lift::Bandwidth)),
+            FaultKind::NetCut => (scheduled, None),
             FaultKind::KafkaBlackout => (Link::Kafka, Some(Lift::Blackout)),
             FaultKind::SearchStall => (Link::Search, Some(Lift::Blackout)),
             FaultKind::SearchErrors => (Link::Search, Some(Lift::HttpErrors)),
