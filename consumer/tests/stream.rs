@@ -334,18 +334,9 @@ async fn a_new_group_gets_the_state_then_changes_and_a_reconnect_only_what_was_n
 
     // Skipped records are committed past: the group's lag comes back to zero although the
     // last records of the topic are of `other`, which this group never receives.
-    let http = reqwest::Client::builder().no_proxy().build().expect("http");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let v: Value = http
-            .get(g.http("/v1/lag?group=g1"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .expect("lag")
-            .json()
-            .await
-            .expect("lag json");
+        let v = lag_reply(&g, "g1").await;
         assert_eq!(v["group"], "g1");
         if v["lag"] == 0 {
             break;
@@ -685,17 +676,21 @@ const WIDE_ITEMS: &str =
 
 /// The lag `/v1/lag` answers for `group`.
 async fn http_lag(g: &Gateway, group: &str) -> i64 {
+    let v = lag_reply(g, group).await;
+    v["lag"].as_i64().unwrap_or_else(|| panic!("no lag in {v}"))
+}
+
+/// The gateway's `/v1/lag` answer for `group`.
+async fn lag_reply(g: &Gateway, group: &str) -> Value {
     let http = reqwest::Client::builder().no_proxy().build().expect("http");
-    let v: Value = http
-        .get(g.http(&format!("/v1/lag?group={group}")))
+    http.get(g.http(&format!("/v1/lag?group={group}")))
         .bearer_auth(TOKEN)
         .send()
         .await
         .expect("lag")
         .json()
         .await
-        .expect("lag json");
-    v["lag"].as_i64().unwrap_or_else(|| panic!("no lag in {v}"))
+        .expect("lag json")
 }
 
 /// A client that stops reading shows as growing lag. Its session pauses the member once the
