@@ -1535,6 +1535,198 @@ async fn a_stalled_indexer_reports_growing_lag() {
     indexer.kill9();
 }
 
+/// A bare member of a stack's consumer group (cooperative, like walrelay's), polled on a
+/// thread of its own; it commits nothing.
+struct GroupMember {
+    held: Arc<AtomicU64>,
+    leave: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl GroupMember {
+    fn join(s: &Stack) -> Self {
+        let consumer: BaseConsumer = s
+            .broker
+            .client_config()
+            .set("group.id", &s.group)
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("enable.auto.commit", "false")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500")
+            .create()
+            .expect("a group member");
+        consumer.subscribe(&[&s.topic]).expect("subscribe");
+        let held = Arc::new(AtomicU64::new(0));
+        let leave = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let (held, leave) = (Arc::clone(&held), Arc::clone(&leave));
+            move || {
+                while !leave.load(Ordering::Relaxed) {
+                    let _ = consumer.poll(Duration::from_millis(100));
+                    if let Ok(a) = consumer.assignment() {
+                        held.store(a.count() as u64, Ordering::Relaxed);
+                    }
+                }
+                // Dropping the consumer closes it: it leaves the group.
+            }
+        });
+        Self {
+            held,
+            leave,
+            thread,
+        }
+    }
+
+    /// How many partitions it holds.
+    fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Leaves the group.
+    fn leave(self) {
+        self.leave.store(true, Ordering::Relaxed);
+        self.thread.join().expect("the member's thread");
+    }
+}
+
+/// Starts an indexer with metrics on a port of its own.
+fn indexer_with_metrics(s: &mut Stack, name: &str) -> (Proc, u16) {
+    let port = walrelay_tests::free_port();
+    let log = s.log_path(name);
+    let metrics = format!("127.0.0.1:{port}");
+    let member = Proc::spawn(
+        &consumer_bin(),
+        &s.consumer_args("index", &["--metrics-addr", &metrics]),
+        &[],
+        &log,
+    );
+    (member, port)
+}
+
+/// Waits until `check` holds for the metric `name` summed over its series.
+async fn wait_metric(s: &Stack, port: u16, name: &str, check: impl Fn(f64) -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = metric_sum(port, name).await.unwrap_or(-1.0);
+        if check(v) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {name} is {v}\n{}",
+            s.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_paused_when_revoked_is_fetched_again_when_it_comes_back() {
+    // librdkafka keeps an application's pause across a revoke and a re-assignment: a runtime
+    // that forgets its pause at the revoke never fetches that partition again (found by the
+    // chaos suite, where a notifier lost its membership during a stall and stood idle).
+    let mut s = Stack::start_with_proxied_search(ITEMS).await;
+    let (mut first, port) = indexer_with_metrics(&mut s, "index-first");
+    s.wait_equal("items", "public.items", Duration::from_secs(60))
+        .await;
+    s.wait_streaming().await;
+    wait_metric(
+        &s,
+        port,
+        "walrelay_consumer_assigned_partitions",
+        |v| v == 2.0,
+        "the first member never held both partitions",
+    )
+    .await;
+
+    // The search link hangs: the first member stalls and pauses both partitions.
+    s.search.proxy().blackout();
+    let written = Arc::new(AtomicU64::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = steady_inserts(
+        s.pg.url(&s.db),
+        1_001,
+        10,
+        Duration::from_millis(200),
+        Arc::clone(&written),
+        stop.clone(),
+    );
+    wait_metric(
+        &s,
+        port,
+        "walrelay_consumer_paused_partitions",
+        |v| v == 2.0,
+        "fetching never paused",
+    )
+    .await;
+
+    // A second member joins: one partition moves to it, revoked from the first while paused.
+    // It is a bare librdkafka member of the same group that commits nothing.
+    let second = GroupMember::join(&s);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while second.held() != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the second member never got a partition\n{}",
+            s.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_metric(
+        &s,
+        port,
+        "walrelay_consumer_assigned_partitions",
+        |v| v == 1.0,
+        "the first member kept both partitions",
+    )
+    .await;
+
+    // Search is back: the stall ends while the partition is away.
+    s.search.proxy().restore();
+    wait_metric(
+        &s,
+        port,
+        "walrelay_consumer_paused_partitions",
+        |v| v == 0.0,
+        "the first member never resumed",
+    )
+    .await;
+
+    // The second member leaves: its partition comes back to the first, which must fetch it.
+    second.leave();
+    wait_metric(
+        &s,
+        port,
+        "walrelay_consumer_assigned_partitions",
+        |v| v == 2.0,
+        "the partition never came back",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.cancel();
+    load.await.expect("writer");
+    assert!(
+        written.load(Ordering::Relaxed) > 100,
+        "the writer wrote too little"
+    );
+    s.wait_equal("items", "public.items", Duration::from_secs(60))
+        .await;
+    wait_metric(
+        &s,
+        port,
+        "walrelay_consumer_paused_partitions",
+        |v| v == 0.0,
+        "a partition is paused at the end",
+    )
+    .await;
+    assert!(
+        first.try_exit().is_none(),
+        "the first member stopped\n{}",
+        s.all_logs()
+    );
+    first.kill9();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_indexer_started_before_the_topic_exists_picks_it_up() {
     let pg = PgCluster::start();

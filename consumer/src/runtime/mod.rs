@@ -844,12 +844,27 @@ impl BacklogPause {
     }
 }
 
-/// Which topic-partitions the reader has paused (with the assignment epoch they were paused
-/// under: a new assignment starts unpaused), and why. The group is told of every change (their
-/// lag comes from the broker while paused).
+/// Which topic-partitions the reader has paused, and why. The group is told of every change
+/// (their lag comes from the broker while paused).
+///
+/// librdkafka keeps an application's pause on a topic-partition across its revoke and a later
+/// re-assignment (librdkafka #1849), while the runtime's reasons to pause start afresh with
+/// each assignment. So the record of a pause outlives its assignment: a topic-partition that
+/// comes back paused and is not wanted paused any more is resumed here, or it would never be
+/// fetched again.
+///
+/// ```text
+///   paused ──revoke──▶ (not assigned, librdkafka still holds the pause) ──assign──▶ wanted? ─no─▶ resume
+///                                                                          └─yes─▶ stays paused
+/// ```
 #[derive(Default)]
 struct Pauser {
-    paused: group::Paused,
+    /// Every topic-partition librdkafka holds paused for the runtime, with the assignment epoch
+    /// it was last seen paused under.
+    held: group::Paused,
+    /// The assigned topic-partitions paused under their current assignment, as last told to
+    /// the group.
+    told: group::Paused,
     /// (everything, backlog generation) at the last look, and when.
     last: Option<(bool, u64, Instant)>,
 }
@@ -867,28 +882,7 @@ impl Pauser {
         }
         self.last = Some((all, generation, Instant::now()));
         let assigned = group.assigned();
-        // A pause does not outlive its assignment.
-        let before = self.paused.len();
-        self.paused.retain(|(topic, partition), epoch| {
-            assigned
-                .iter()
-                .any(|(t, p, e)| t == topic && p == partition && e == epoch)
-        });
-        let dropped = self.paused.len() != before;
-        let mut pause = TopicPartitionList::new();
-        let mut resume = TopicPartitionList::new();
-        for (topic, partition, epoch) in &assigned {
-            let key = (Arc::clone(topic), *partition);
-            let wanted = all || held.contains(&key);
-            let is = self.paused.contains_key(&key);
-            if wanted && !is {
-                let _ = pause.add_partition(topic, *partition);
-                self.paused.insert(key, *epoch);
-            } else if !wanted && is {
-                let _ = resume.add_partition(topic, *partition);
-                self.paused.remove(&key);
-            }
-        }
+        let (pause, resume) = self.decide(&assigned, |key| all || held.contains(key));
         let consumer = group.consumer();
         if pause.count() > 0 {
             if let Err(e) = consumer.pause(&pause) {
@@ -906,11 +900,51 @@ impl Pauser {
             }
             tracing::debug!(partitions = resume.count(), "Fetching resumed.");
         }
-        if dropped || pause.count() > 0 || resume.count() > 0 {
+        let now: group::Paused = self
+            .held
+            .iter()
+            .filter(|((topic, partition), epoch)| {
+                assigned
+                    .iter()
+                    .any(|(t, p, e)| t == topic && p == partition && e == *epoch)
+            })
+            .map(|(key, epoch)| (key.clone(), *epoch))
+            .collect();
+        if now != self.told {
             // A paused topic-partition's lag is the broker's until it resumes.
-            group.paused(&self.paused);
+            group.paused(&now);
+            self.told = now;
         }
-        metrics.paused_partitions.set(self.paused.len() as i64);
+        metrics.paused_partitions.set(self.told.len() as i64);
+    }
+
+    /// What to pause and what to resume among `assigned` (topic, partition, epoch), given which
+    /// are `wanted` paused; records the outcome in `held`.
+    fn decide(
+        &mut self,
+        assigned: &[(Arc<str>, i32, u64)],
+        wanted: impl Fn(&(Arc<str>, i32)) -> bool,
+    ) -> (TopicPartitionList, TopicPartitionList) {
+        let mut pause = TopicPartitionList::new();
+        let mut resume = TopicPartitionList::new();
+        for (topic, partition, epoch) in assigned {
+            let key = (Arc::clone(topic), *partition);
+            let want = wanted(&key);
+            match self.held.get_mut(&key) {
+                None if want => {
+                    let _ = pause.add_partition(topic, *partition);
+                    self.held.insert(key, *epoch);
+                }
+                Some(_) if !want => {
+                    let _ = resume.add_partition(topic, *partition);
+                    self.held.remove(&key);
+                }
+                // Still held by librdkafka, now under this assignment.
+                Some(held_under) => *held_under = *epoch,
+                None => {}
+            }
+        }
+        (pause, resume)
     }
 }
 

@@ -414,3 +414,30 @@ async fn no_offset_is_stored_past_the_sinks_backlog_and_it_is_stored_once_the_ba
     progress.restore(&fx, &sink.backlog);
     assert_eq!(entries(&l).len(), n, "nothing owed, nothing stored again");
 }
+
+/// The partitions of a list, sorted.
+fn listed(tpl: &TopicPartitionList) -> Vec<i32> {
+    let mut v: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+    v.sort_unstable();
+    v
+}
+
+#[test]
+fn a_pause_librdkafka_keeps_across_a_revoke_is_resumed_when_the_partition_comes_back() {
+    let t: Arc<str> = Arc::from("t");
+    let mut p = Pauser::default();
+    let (pause, resume) = p.decide(&[(Arc::clone(&t), 0, 1), (Arc::clone(&t), 1, 2)], |_| true);
+    assert_eq!((listed(&pause), listed(&resume)), (vec![0, 1], vec![]));
+    // Partition 1 is revoked while paused: librdkafka keeps its pause, nothing is called.
+    let (pause, resume) = p.decide(&[(Arc::clone(&t), 0, 1)], |_| true);
+    assert_eq!((listed(&pause), listed(&resume)), (vec![], vec![]));
+    // It comes back under a new assignment, still wanted paused: librdkafka still holds it.
+    let (pause, resume) = p.decide(&[(Arc::clone(&t), 0, 1), (Arc::clone(&t), 1, 3)], |_| true);
+    assert_eq!((listed(&pause), listed(&resume)), (vec![], vec![]));
+    assert_eq!(p.held.get(&(Arc::clone(&t), 1)), Some(&3));
+    // Revoked again, and back once the stall is over: it is resumed, not forgotten.
+    let _ = p.decide(&[(Arc::clone(&t), 0, 1)], |_| true);
+    let (pause, resume) = p.decide(&[(Arc::clone(&t), 0, 1), (Arc::clone(&t), 1, 4)], |_| false);
+    assert_eq!((listed(&pause), listed(&resume)), (vec![], vec![0, 1]));
+    assert!(p.held.is_empty());
+}

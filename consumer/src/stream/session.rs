@@ -290,6 +290,10 @@ struct Session<'a> {
     caught_up: bool,
     generation: u64,
     paused: bool,
+    /// The partitions librdkafka holds paused for this session. librdkafka keeps a pause across
+    /// a revoke and a later re-assignment (librdkafka #1849): one that comes back while the
+    /// session is not paused is resumed when the assignment changes, or never fetched again.
+    held: HashSet<Tp>,
     last_heard: Instant,
     last_progress: Instant,
     last_ping: Instant,
@@ -325,6 +329,7 @@ impl<'a> Session<'a> {
             caught_up: false,
             generation: 0,
             paused: false,
+            held: HashSet::new(),
             last_heard: now,
             last_progress: now,
             last_ping: now,
@@ -481,6 +486,8 @@ impl<'a> Session<'a> {
         tracing::info!(conn = self.id, group = %self.query.group, assigned = ?parts, dropped_in_flight = dropped, dropped_queued = before - self.ready.len(), "Stream assignment changed.");
         if self.paused {
             self.set_paused(true);
+        } else {
+            self.resume_held(&assigned);
         }
         let need: Vec<Tp> = assigned
             .keys()
@@ -676,11 +683,46 @@ impl<'a> Session<'a> {
         };
         match done {
             Ok(()) => {
+                for e in assignment.elements() {
+                    let tp = (e.topic().to_string(), e.partition());
+                    if pause {
+                        self.held.insert(tp);
+                    } else {
+                        self.held.remove(&tp);
+                    }
+                }
                 self.paused = pause;
                 self.member.context().paused(pause);
             }
             Err(e) => {
                 tracing::debug!(error = %e, "Could not pause or resume a stream's partitions.")
+            }
+        }
+    }
+
+    /// Resumes the partitions of `assigned` that librdkafka still holds paused from an earlier
+    /// assignment (the session is not paused).
+    fn resume_held(&mut self, assigned: &HashMap<Tp, u64>) {
+        let mut back = TopicPartitionList::new();
+        for tp in assigned.keys().filter(|tp| self.held.contains(*tp)) {
+            let _ = back.add_partition(&tp.0, tp.1);
+        }
+        if back.count() == 0 {
+            return;
+        }
+        match self.member.resume(&back) {
+            Ok(()) => {
+                for e in back.elements() {
+                    self.held.remove(&(e.topic().to_string(), e.partition()));
+                }
+                tracing::debug!(
+                    conn = self.id,
+                    partitions = back.count(),
+                    "Resumed partitions that came back paused."
+                );
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "Could not resume partitions that came back paused.")
             }
         }
     }
