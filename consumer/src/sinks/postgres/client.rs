@@ -25,6 +25,10 @@ pub enum TargetError {
     /// The target could not be reached, or a session failed (retried).
     #[error("target database: {0}")]
     Connect(#[from] PgConnectError),
+    /// A statement failed with its session (the connection lost, the server shutting down):
+    /// retried.
+    #[error("target database: {0}")]
+    Session(String),
     /// A statement failed.
     #[error("target database: {0}")]
     Sql(String),
@@ -33,7 +37,11 @@ pub enum TargetError {
 impl TargetError {
     /// A statement's failure, with Postgres' message, detail and hint (never the values).
     pub fn sql(e: &tokio_postgres::Error) -> Self {
-        TargetError::Sql(describe(e))
+        if transient(e) {
+            TargetError::Session(describe(e))
+        } else {
+            TargetError::Sql(describe(e))
+        }
     }
 
     /// Whether retrying may succeed: a lost connection, a serialization failure or deadlock,
@@ -41,6 +49,7 @@ impl TargetError {
     pub fn is_transient(&self) -> bool {
         match self {
             TargetError::Connect(e) => e.is_transient(),
+            TargetError::Session(_) => true,
             TargetError::Sql(_) => false,
         }
     }

@@ -256,6 +256,14 @@ impl PostgresSink {
             }
         }
         if self.session.as_ref().is_none_or(|c| c.is_closed()) {
+            if self.open.is_some() {
+                // The open transaction died with its session (the target rolled it back): its
+                // loss is the caller's to handle, never covered by a new session, or the
+                // records it held would be answered for and their offsets stored.
+                return Err(Failure::Transient(
+                    "the connection to the target was lost with the open transaction".into(),
+                ));
+            }
             self.reset();
             let c = client::connect(&self.settings.target).await?;
             client::prepare(&c).await?;
