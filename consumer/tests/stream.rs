@@ -837,3 +837,113 @@ async fn a_client_that_stops_reading_shows_growing_lag_then_gets_every_event() {
     assert_eq!(count(&lines, "error"), 0, "{:?}", lines.last());
     assert!(g_alive(&g), "{}", s.all_logs());
 }
+
+/// A client's member paused (it stopped reading) loses a partition to a second client of its
+/// group, reads again, and gets the partition back when the second leaves: librdkafka still
+/// holds the pause it was revoked under, so the session must resume it, or the partition's
+/// rows never come (the chaos suite found this gap in the runtime's pause bookkeeping; the
+/// stream session kept its pauses the same way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_paused_when_revoked_is_read_again_when_it_comes_back() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let mut s = stack(WIDE_ITEMS, 2).await;
+    s.wait_streaming().await;
+    let g = Gateway::start(
+        &mut s,
+        &[
+            "--max-queued-bytes",
+            "1MiB",
+            "--max-unacked",
+            "100",
+            "--idle-timeout",
+            "60s",
+        ],
+    )
+    .await;
+    let group = walrelay_tests::unique("back");
+    // Reads and acknowledges 200 events, stops reading for 14 s (its member pauses), reads on.
+    let first = Running::spawn(
+        client_args(
+            &g,
+            &group,
+            &[
+                "--ack-every",
+                "10",
+                "--stall-after",
+                "200",
+                "--stall-for",
+                "14",
+                "--duration",
+                "75",
+                "--print",
+                "all",
+            ],
+        ),
+        s.logs.path().join("first.jsonl"),
+    );
+    let written = Arc::new(AtomicU64::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let first_steady = 100_001;
+    let load = crate::steady_inserts(
+        s.pg.url(&s.db),
+        first_steady,
+        10,
+        Duration::from_millis(200),
+        Arc::clone(&written),
+        stop.clone(),
+    );
+    first.wait_for("_stalled", Duration::from_secs(60)).await;
+    // The queue fills from the backlog at once and the member pauses; then a second client
+    // joins and takes one partition, revoked from the paused member.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let second = Running::spawn(
+        client_args(
+            &g,
+            &group,
+            &["--ack-every", "5", "--duration", "22", "--print", "all"],
+        ),
+        s.logs.path().join("second.jsonl"),
+    );
+    // The first reads again (its member resumes) while the partition is away; the second
+    // leaves and the partition comes back to it.
+    first.wait_for("_resumed", Duration::from_secs(30)).await;
+    let second = second.finish().await;
+    assert!(
+        !positions(&second).is_empty(),
+        "the second client never got a partition: {:?}",
+        second.last()
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.cancel();
+    load.await.expect("writer");
+    let last_steady = first_steady + written.load(Ordering::Relaxed) as i64 - 1;
+    // Every row reaches one of them; those written after the second left reach the first.
+    let expected: BTreeSet<i64> = (1..=2000).chain(first_steady..=last_steady).collect();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let mut seen = BTreeSet::new();
+        for lines in [&first.lines(), &second] {
+            for (op, ids) in ids(lines, "public.items") {
+                if op == "r" || op == "c" {
+                    seen.extend(ids);
+                }
+            }
+        }
+        let missing: Vec<_> = expected.difference(&seen).take(10).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rows never sent: {missing:?} (of {})\n{}",
+            expected.len(),
+            s.all_logs()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let lines = first.lines();
+    assert_eq!(count(&lines, "_closed"), 0, "{:?}", lines.last());
+    assert!(g_alive(&g), "{}", s.all_logs());
+}

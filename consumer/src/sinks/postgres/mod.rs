@@ -19,6 +19,21 @@
 //! where to start reading. Two members that briefly own one partition (a rebalance)
 //! serialise on its locked row.
 //!
+//! # A lost session
+//!
+//! The open target transaction dies with its session (a cut link, a target restart), and the
+//! target rolls it back. Records it held from earlier batches were already answered for (the
+//! runtime only holds their offsets back through [`crate::runtime::Backlog`]) and are not kept
+//! here, so their loss cannot be retried in place: the sink stops with a definite error
+//! ("restart the replicator…") and a restart reads them again from Kafka's committed offset.
+//! So a session is only ever replaced when no transaction is open on it
+//! (`PostgresSink::db`); a batch whose own transaction is lost before it answered is retried.
+//!
+//! ```text
+//!  batch n answered ─▶ [open tx: n] ── link cut ──▶ batch n+1: session closed, tx open
+//!                                                     └─▶ stop (never: new session, n lost)
+//! ```
+//!
 //! # Consistency a target reader sees
 //!
 //! Target transactions hold **whole source transactions, per partition**: within a batch, each
