@@ -854,15 +854,7 @@ async fn assigned_partitions(metrics_port: u16) -> Option<i64> {
 
 /// Starts an indexer with metrics and waits until it holds both partitions of the topic.
 async fn indexer_holding_both(s: &mut Stack, name: &str, timeout: Duration) -> Proc {
-    let port = walrelay_tests::free_port();
-    let log = s.log_path(name);
-    let metrics = format!("127.0.0.1:{port}");
-    let member = Proc::spawn(
-        &consumer_bin(),
-        &s.consumer_args("index", &["--metrics-addr", &metrics]),
-        &[],
-        &log,
-    );
+    let (member, port) = indexer_with_metrics(s, name);
     let deadline = Instant::now() + timeout;
     while assigned_partitions(port).await != Some(2) {
         assert!(
@@ -1443,15 +1435,7 @@ fn steady_inserts(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_indexer_reports_growing_lag() {
     let mut s = Stack::start_with_proxied_search(ITEMS).await;
-    let port = walrelay_tests::free_port();
-    let log = s.log_path("index");
-    let metrics = format!("127.0.0.1:{port}");
-    let mut indexer = Proc::spawn(
-        &consumer_bin(),
-        &s.consumer_args("index", &["--metrics-addr", &metrics]),
-        &[],
-        &log,
-    );
+    let (mut indexer, port) = indexer_with_metrics(&mut s, "index");
     s.wait_equal("items", "public.items", Duration::from_secs(60))
         .await;
     s.wait_streaming().await;
