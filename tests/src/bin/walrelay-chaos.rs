@@ -425,6 +425,10 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
         let name = format!("kafka ({})", p.mode);
         let d = walrelay_common::sync::lock(&t.data);
         let mut obs = d.obs.clone();
+        // The tails read on while the state is checked: their ledger rows are taken under
+        // the same lock as their events, or a truncate read since the union above finds no
+        // transaction (a missing and an extra event that are neither).
+        lsn_tx.extend(d.lsn_tx.iter().map(|(lsn, tx)| (*lsn, *tx)));
         checker::resolve_truncates(&mut obs, &lsn_tx);
         let policy = if p.mode == "exactly-once" {
             DupPolicy::None
@@ -496,6 +500,15 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
         ),
     ];
     client.finish().await;
+    // The client's and the receiver's logs are read after the tails: their ledger rows too.
+    for t in &tails {
+        lsn_tx.extend(
+            walrelay_common::sync::lock(&t.data)
+                .lsn_tx
+                .iter()
+                .map(|(l, x)| (*l, *x)),
+        );
+    }
     for (name, path, field, tables) in logs {
         let lines = observe::read_log(&path, field)?;
         let (obs, bad) = log_obs(&lines, &lsn_tx);
