@@ -674,6 +674,38 @@ const WIDE_ITEMS: &str =
     INSERT INTO items SELECT g, 'item ' || g, g, NULL, NULL, repeat('x', 1000)
         FROM generate_series(1, 2000) g;";
 
+/// Waits until every id of `expected` reached one of the clients (the lines `clients` gives,
+/// read again each second) as a snapshot row or an insert of `public.items`.
+async fn wait_rows_sent(
+    s: &Stack,
+    expected: &BTreeSet<i64>,
+    timeout: Duration,
+    clients: impl Fn() -> Vec<Vec<Value>>,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut seen = BTreeSet::new();
+        for lines in clients() {
+            for (op, ids) in ids(&lines, "public.items") {
+                if op == "r" || op == "c" {
+                    seen.extend(ids);
+                }
+            }
+        }
+        let missing: Vec<_> = expected.difference(&seen).take(10).collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rows never sent: {missing:?} (of {})\n{}",
+            expected.len(),
+            s.all_logs()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// The lag `/v1/lag` answers for `group`.
 async fn http_lag(g: &Gateway, group: &str) -> i64 {
     let v = lag_reply(g, group).await;
@@ -802,26 +834,10 @@ async fn a_client_that_stops_reading_shows_growing_lag_then_gets_every_event() {
     load.await.expect("writer");
     let last_steady = first_steady + written.load(Ordering::Relaxed) as i64 - 1;
     let expected: BTreeSet<i64> = (1..=2000).chain(first_steady..=last_steady).collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut seen = BTreeSet::new();
-        for (op, ids) in ids(&client.lines(), "public.items") {
-            if op == "r" || op == "c" {
-                seen.extend(ids);
-            }
-        }
-        let missing: Vec<_> = expected.difference(&seen).take(10).collect();
-        if missing.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "rows never sent: {missing:?} (of {})\n{}",
-            expected.len(),
-            s.all_logs()
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    wait_rows_sent(&s, &expected, Duration::from_secs(60), || {
+        vec![client.lines()]
+    })
+    .await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while lag().await >= 10.0 {
         assert!(
@@ -921,28 +937,10 @@ async fn a_partition_paused_when_revoked_is_read_again_when_it_comes_back() {
     let last_steady = first_steady + written.load(Ordering::Relaxed) as i64 - 1;
     // Every row reaches one of them; those written after the second left reach the first.
     let expected: BTreeSet<i64> = (1..=2000).chain(first_steady..=last_steady).collect();
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        let mut seen = BTreeSet::new();
-        for lines in [&first.lines(), &second] {
-            for (op, ids) in ids(lines, "public.items") {
-                if op == "r" || op == "c" {
-                    seen.extend(ids);
-                }
-            }
-        }
-        let missing: Vec<_> = expected.difference(&seen).take(10).collect();
-        if missing.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "rows never sent: {missing:?} (of {})\n{}",
-            expected.len(),
-            s.all_logs()
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    wait_rows_sent(&s, &expected, Duration::from_secs(40), || {
+        vec![first.lines(), second.clone()]
+    })
+    .await;
     let lines = first.lines();
     assert_eq!(count(&lines, "_closed"), 0, "{:?}", lines.last());
     assert!(g_alive(&g), "{}", s.all_logs());
