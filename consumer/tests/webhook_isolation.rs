@@ -197,9 +197,24 @@ fn p99_ms(got: &Got) -> i64 {
         .unwrap_or(i64::MAX)
 }
 
+/// No healthy event waited on the silent endpoint. Had the healthy subscription shared a batch's
+/// fate with it, that batch would have waited until the silent endpoint's attempts were spent
+/// (`--max-attempts 4` of `--delivery-timeout 1s`), with the backlog behind it growing at the
+/// write rate; a p99 under that budget rules it out, on a loaded machine too. How fast delivery
+/// is belongs to the benchmarks, not to this bound.
+fn assert_not_held_up(p99_ms: i64, s: &Stack) {
+    let shared_fate_ms = 4 * 1000;
+    assert!(
+        p99_ms < shared_fate_ms,
+        "p99 latency {p99_ms} ms: healthy events waited as long as the silent endpoint's \
+         retries ({shared_fate_ms} ms)\n{}",
+        s.all_logs()
+    );
+}
+
 /// Lenient mode: 20,000 events; the silent endpoint's subscription is parked and its events
-/// dead-lettered; the healthy one gets every event with p99 latency under 2 s; the notifier
-/// never leaves its group; the silent endpoint, once it answers, gets events again.
+/// dead-lettered; the healthy one gets every event, none held up by the silent one; the
+/// notifier never leaves its group; the silent endpoint, once it answers, gets events again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_silent_endpoint_is_parked_and_delays_no_one() {
     let mut s = Stack::start("CREATE TABLE items (id bigint PRIMARY KEY, n int);").await;
@@ -248,7 +263,7 @@ async fn a_silent_endpoint_is_parked_and_delays_no_one() {
         "healthy: 20000 events within {:?} of the first write, p99 latency {p99} ms",
         started.elapsed()
     );
-    assert!(p99 < 2000, "p99 latency {p99} ms\n{}", s.all_logs());
+    assert_not_held_up(p99, &s);
 
     // Parked, visibly.
     let v = subscription(&http, api_port, &silent_id).await;
@@ -381,7 +396,7 @@ async fn strict_mode_holds_a_parked_subscriptions_events_until_its_endpoint_is_b
     .await;
     let p99 = p99_ms(&healthy);
     eprintln!("strict, healthy: p99 latency {p99} ms over 1000 events");
-    assert!(p99 < 2000, "p99 latency {p99} ms\n{}", s.all_logs());
+    assert_not_held_up(p99, &s);
     let v = subscription(&http, api_port, &silent_id).await;
     assert_eq!(v["state"], "parked", "{v}");
     assert!(v["held_events"].as_u64().is_some_and(|n| n > 0), "{v}");
