@@ -361,6 +361,13 @@ impl Indexes {
         self.mapping(name).await["_meta"].clone()
     }
 
+    /// The stored (external) version of a live document of an index or alias; `None` when the
+    /// document or the index does not exist.
+    pub async fn version(&self, name: &str, id: &str) -> Option<i64> {
+        let doc = self.get(&format!("{}/_doc/{id}", self.full(name))).await?;
+        doc["_version"].as_i64()
+    }
+
     /// The mapped properties of an index or alias.
     pub async fn properties(&self, name: &str) -> Map<String, Value> {
         self.mapping(name).await["properties"]
