@@ -1771,6 +1771,70 @@ async fn an_indexer_started_before_the_topic_exists_picks_it_up() {
     indexer.kill9();
 }
 
+/// Regression (found while reviewing the chaos suite): a consumer started while Kafka was
+/// unreachable tried to create its dead-letter topic 6 times (about 65 s with the metadata
+/// timeouts) and then exited. It now waits for Kafka, with backoff, like the rest of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_indexer_started_while_kafka_is_unreachable_waits_for_it() {
+    let s = Stack::start(ITEMS).await;
+    let kafka: std::net::SocketAddr = s
+        .broker
+        .brokers()
+        .split(',')
+        .next()
+        .and_then(|b| b.parse().ok())
+        .expect("the shared broker's loopback address");
+    let proxy = FaultProxy::start(kafka).expect("a fault proxy in front of Kafka");
+    proxy.blackout();
+    let logs = tempfile::tempdir().expect("logs");
+    let mut indexer = Proc::spawn(
+        &consumer_bin(),
+        &[
+            "--kafka-brokers",
+            &proxy.addr().to_string(),
+            "--topic",
+            &s.topic,
+            "--group",
+            &s.group,
+            "--search-url",
+            s.search.indexes().url(),
+            "--index-template",
+            &s.search.indexes().template(),
+            "index",
+        ]
+        .map(String::from),
+        &[],
+        &logs.path().join("index.log"),
+    );
+    // Longer than the old code's six attempts took to give up.
+    let blackout = Duration::from_secs(80);
+    if let Some(code) = indexer.exit_within(blackout).await {
+        panic!(
+            "the indexer exited ({code:?}) while Kafka was unreachable instead of waiting:\n{}",
+            indexer.log()
+        );
+    }
+    proxy.restore();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while s.search.indexes().count("public.items").await < 200 {
+        if let Some(code) = indexer.try_exit() {
+            panic!("the indexer exited ({code:?}):\n{}", indexer.log());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the indexer did not catch up once Kafka was reachable:\n{}",
+            indexer.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        indexer.log().contains("dead-letter topic"),
+        "the wait was not reported:\n{}",
+        indexer.log()
+    );
+    indexer.kill9();
+}
+
 /// The table's rows as the index should hold them: each column under its field (a renamed
 /// column under the field its alias points at).
 async fn rows_as_fields(s: &Stack, table: &str, alias: &str) -> BTreeMap<String, Value> {

@@ -43,6 +43,12 @@ pub enum DeadLetterError {
     /// Shutdown came while retrying; the batch is not committed.
     #[error("interrupted while writing dead letters")]
     Interrupted,
+    /// Shutdown came before the dead-letter topic could be created or found (Kafka
+    /// unreachable since the start); nothing was read.
+    #[error(
+        "interrupted before the dead-letter topic was ready (Kafka unreachable since the start)"
+    )]
+    NotReady,
 }
 
 /// One event to dead-letter.
@@ -76,7 +82,16 @@ pub struct DeadLetters {
 
 impl DeadLetters {
     /// A producer for the dead-letter topic, which is created when missing.
-    pub async fn new(settings: &RuntimeSettings, group: &str) -> Result<Self, DeadLetterError> {
+    ///
+    /// Kafka may be unreachable when the consumer starts (a rolling restart of the cluster, a
+    /// network blackout): creating the topic is retried with the shared backoff (1 s doubling
+    /// to 30 s, a warning per attempt) until it succeeds or `shutdown` fires. Giving up after a
+    /// few attempts would turn an outage the rest of the consumer rides out into an exit.
+    pub async fn new(
+        settings: &RuntimeSettings,
+        group: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, DeadLetterError> {
         let cfg = kafka::client_config(
             [
                 ("bootstrap.servers", settings.kafka_brokers.clone()),
@@ -87,16 +102,29 @@ impl DeadLetters {
             ],
             &settings.kafka_properties,
         );
-        let mut attempt = 0u32;
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        let mut attempts = 0u32;
         loop {
-            match kafka::ensure_topic(&cfg, &settings.dead_letter_topic, 1).await {
+            let created = tokio::select! {
+                () = shutdown.cancelled() => return Err(DeadLetterError::NotReady),
+                r = kafka::ensure_topic(&cfg, &settings.dead_letter_topic, 1) => r,
+            };
+            match created {
                 Ok(()) => break,
-                Err(e) if attempt < 5 => {
-                    attempt += 1;
-                    tracing::warn!(error = %e, "Could not create the dead-letter topic yet; retrying.");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                Err(e) => {
+                    attempts += 1;
+                    let wait = backoff.next_wait();
+                    tracing::warn!(
+                        error = %e,
+                        attempts,
+                        retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                        "Could not create or find the dead-letter topic (is Kafka reachable?); retrying until it is, or until a shutdown."
+                    );
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Err(DeadLetterError::NotReady),
+                        () = tokio::time::sleep(wait) => {}
+                    }
                 }
-                Err(e) => return Err(DeadLetterError::Client(e.to_string())),
             }
         }
         let producer = cfg

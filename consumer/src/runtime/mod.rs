@@ -374,12 +374,14 @@ impl Drop for Runtime {
 }
 
 impl Runtime {
-    /// Joins `group_id` on the configured topics and prepares the dead-letter topic.
+    /// Joins `group_id` on the configured topics and prepares the dead-letter topic (waiting
+    /// for Kafka until `shutdown` when it is unreachable).
     pub async fn new(
         settings: &RuntimeSettings,
         group_id: &str,
         metrics: Arc<Metrics>,
         readiness: Readiness,
+        shutdown: &CancellationToken,
     ) -> Result<Self, RuntimeError> {
         let group = Arc::new(Group::join(
             settings,
@@ -387,7 +389,7 @@ impl Runtime {
             Arc::clone(&metrics),
             readiness,
         )?);
-        let dead_letters = DeadLetters::new(settings, group_id).await?;
+        let dead_letters = DeadLetters::new(settings, group_id, shutdown).await?;
         let follower = match &settings.topics {
             Topics::One(_) => None,
             Topics::Pattern(pattern) => Some(tokio::spawn(group::follow(

@@ -66,7 +66,7 @@ pub async fn replicate(
         rm,
         runtime.batch_max_wait,
     );
-    let consumer = Runtime::new(runtime, &runtime.group, metrics, readiness).await?;
+    let consumer = Runtime::new(runtime, &runtime.group, metrics, readiness, &shutdown).await?;
     consumer.run(&mut sink, &shutdown).await?;
     Ok(())
 }

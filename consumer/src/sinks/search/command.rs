@@ -42,7 +42,7 @@ pub async fn index(
             tracing::warn!(error = %e, "Search service not reachable yet; writes retry.")
         }
     }
-    let consumer = Runtime::new(runtime, &runtime.group, metrics, readiness).await?;
+    let consumer = Runtime::new(runtime, &runtime.group, metrics, readiness, &shutdown).await?;
     consumer.run(&mut sink, &shutdown).await?;
     Ok(())
 }

@@ -420,7 +420,14 @@ async fn build(
         readiness.clone(),
     )?;
     let tables = sink.tables_handle();
-    let runtime = Runtime::new(settings.runtime, group, Arc::clone(&metrics), readiness).await?;
+    let runtime = Runtime::new(
+        settings.runtime,
+        group,
+        Arc::clone(&metrics),
+        readiness,
+        shutdown,
+    )
+    .await?;
     let stop = shutdown.child_token();
     let runner = {
         let stop = stop.clone();

@@ -115,7 +115,7 @@ pub async fn notify(
         n.api_tls.as_ref().map(|t| Arc::clone(&t.0)),
         shutdown.clone(),
     ));
-    let consumer = Runtime::new(runtime, &runtime.group, metrics, readiness)
+    let consumer = Runtime::new(runtime, &runtime.group, metrics, readiness, &shutdown)
         .await
         .map_err(WebhookError::Runtime)?;
     consumer.run(&mut sink, &shutdown).await?;
