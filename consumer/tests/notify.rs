@@ -137,7 +137,13 @@ impl Answer for StatusCode {
     }
 }
 
+/// The notifier's `--delivery-timeout` in these tests, in seconds.
+pub(crate) const DELIVERY_TIMEOUT_S: u64 = 1;
+/// The notifier's `--max-attempts` in these tests.
+pub(crate) const MAX_ATTEMPTS: u64 = 4;
+
 pub(crate) fn notify_args(s: &Stack, api_port: u16, command: &str) -> Vec<String> {
+    let (timeout, attempts) = (format!("{DELIVERY_TIMEOUT_S}s"), MAX_ATTEMPTS.to_string());
     [
         "--kafka-brokers",
         &s.broker.brokers(),
@@ -154,9 +160,9 @@ pub(crate) fn notify_args(s: &Stack, api_port: u16, command: &str) -> Vec<String
         "--allow-targets",
         "127.0.0.2/32",
         "--delivery-timeout",
-        "1s",
+        &timeout,
         "--max-attempts",
-        "4",
+        &attempts,
         "--retry-initial-backoff",
         "50ms",
         "--retry-max-backoff",
