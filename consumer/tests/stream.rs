@@ -152,6 +152,81 @@ fn lines(text: &str) -> Vec<Value> {
         .collect()
 }
 
+/// A client of `group` that reads and acknowledges 200 events (every tenth acknowledged),
+/// stops reading for `stall_for_s` seconds, then reads on until `duration_s`, every line to
+/// `out`.
+fn stalling_client(
+    g: &Gateway,
+    group: &str,
+    stall_for_s: u64,
+    duration_s: u64,
+    out: PathBuf,
+) -> Running {
+    let (stall, duration) = (stall_for_s.to_string(), duration_s.to_string());
+    Running::spawn(
+        client_args(
+            g,
+            group,
+            &[
+                "--ack-every",
+                "10",
+                "--stall-after",
+                "200",
+                "--stall-for",
+                &stall,
+                "--duration",
+                &duration,
+                "--print",
+                "all",
+            ],
+        ),
+        out,
+    )
+}
+
+/// Rows inserted into the stack's table from id 100,001 on, `per_tick` every 200 ms, until
+/// [`SteadyLoad::finish`].
+struct SteadyLoad {
+    written: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SteadyLoad {
+    const FIRST: i64 = 100_001;
+
+    fn start(s: &Stack, per_tick: i64) -> Self {
+        let written = std::sync::Arc::default();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = crate::steady_inserts(
+            s.pg.url(&s.db),
+            Self::FIRST,
+            per_tick,
+            Duration::from_millis(200),
+            std::sync::Arc::clone(&written),
+            stop.clone(),
+        );
+        Self {
+            written,
+            stop,
+            task,
+        }
+    }
+
+    /// How many rows were written so far.
+    fn written(&self) -> u64 {
+        self.written.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops writing; the ids written.
+    async fn finish(mut self) -> std::ops::RangeInclusive<i64> {
+        self.stop.cancel();
+        (&mut self.task).await.expect("writer");
+        let n = self.written();
+        Self::FIRST..=Self::FIRST + i64::try_from(n).expect("a row count") - 1
+    }
+}
+
 /// A client running in the background, writing its lines to a file.
 struct Running {
     child: tokio::process::Child,
@@ -732,9 +807,6 @@ async fn lag_reply(g: &Gateway, group: &str) -> Value {
 /// again it gets every row, and the lag comes back down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_shows_growing_lag_then_gets_every_event() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicU64, Ordering};
-
     // One partition: the lag of a partition the group has committed nothing on yet is unknown
     // (librdkafka's statistics give none, so neither the metric nor the broker refresh count
     // it), and which partitions the first events come from is up to librdkafka's fetches.
@@ -758,36 +830,8 @@ async fn a_client_that_stops_reading_shows_growing_lag_then_gets_every_event() {
     .await;
     let group = walrelay_tests::unique("slow");
     // Reads and acknowledges 200 events, stops reading for 26 s, then reads on.
-    let client = Running::spawn(
-        client_args(
-            &g,
-            &group,
-            &[
-                "--ack-every",
-                "10",
-                "--stall-after",
-                "200",
-                "--stall-for",
-                "26",
-                "--duration",
-                "150",
-                "--print",
-                "all",
-            ],
-        ),
-        s.logs.path().join("slow.jsonl"),
-    );
-    let written = Arc::new(AtomicU64::new(0));
-    let stop = tokio_util::sync::CancellationToken::new();
-    let first_steady = 100_001;
-    let load = crate::steady_inserts(
-        s.pg.url(&s.db),
-        first_steady,
-        20,
-        Duration::from_millis(200),
-        Arc::clone(&written),
-        stop.clone(),
-    );
+    let client = stalling_client(&g, &group, 26, 150, s.logs.path().join("slow.jsonl"));
+    let load = SteadyLoad::start(&s, 20);
     client.wait_for("_stalled", Duration::from_secs(60)).await;
     // The queue fills from the backlog at once and the member pauses; past one lag report and
     // one broker answer (5 s each) into the pause.
@@ -797,17 +841,11 @@ async fn a_client_that_stops_reading_shows_growing_lag_then_gets_every_event() {
             .await
             .unwrap_or(0.0)
     };
-    let (lag_before, http_before, written_before) = (
-        lag().await,
-        http_lag(&g, &group).await,
-        written.load(Ordering::Relaxed),
-    );
+    let (lag_before, http_before, written_before) =
+        (lag().await, http_lag(&g, &group).await, load.written());
     tokio::time::sleep(Duration::from_secs(12)).await;
-    let (lag_after, http_after, written_after) = (
-        lag().await,
-        http_lag(&g, &group).await,
-        written.load(Ordering::Relaxed),
-    );
+    let (lag_after, http_after, written_after) =
+        (lag().await, http_lag(&g, &group).await, load.written());
     let grew = lag_after - lag_before;
     let between = (written_after - written_before) as f64;
     eprintln!(
@@ -830,10 +868,8 @@ async fn a_client_that_stops_reading_shows_growing_lag_then_gets_every_event() {
     );
 
     // The client reads again: every row reaches it, and the lag comes back down.
-    stop.cancel();
-    load.await.expect("writer");
-    let last_steady = first_steady + written.load(Ordering::Relaxed) as i64 - 1;
-    let expected: BTreeSet<i64> = (1..=2000).chain(first_steady..=last_steady).collect();
+    let steady = load.finish().await;
+    let expected: BTreeSet<i64> = (1..=2000).chain(steady).collect();
     wait_rows_sent(&s, &expected, Duration::from_secs(60), || {
         vec![client.lines()]
     })
@@ -861,9 +897,6 @@ async fn a_client_that_stops_reading_shows_growing_lag_then_gets_every_event() {
 /// stream session kept its pauses the same way).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_paused_when_revoked_is_read_again_when_it_comes_back() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicU64, Ordering};
-
     let mut s = stack(WIDE_ITEMS, 2).await;
     s.wait_streaming().await;
     let g = Gateway::start(
@@ -880,36 +913,8 @@ async fn a_partition_paused_when_revoked_is_read_again_when_it_comes_back() {
     .await;
     let group = walrelay_tests::unique("back");
     // Reads and acknowledges 200 events, stops reading for 14 s (its member pauses), reads on.
-    let first = Running::spawn(
-        client_args(
-            &g,
-            &group,
-            &[
-                "--ack-every",
-                "10",
-                "--stall-after",
-                "200",
-                "--stall-for",
-                "14",
-                "--duration",
-                "75",
-                "--print",
-                "all",
-            ],
-        ),
-        s.logs.path().join("first.jsonl"),
-    );
-    let written = Arc::new(AtomicU64::new(0));
-    let stop = tokio_util::sync::CancellationToken::new();
-    let first_steady = 100_001;
-    let load = crate::steady_inserts(
-        s.pg.url(&s.db),
-        first_steady,
-        10,
-        Duration::from_millis(200),
-        Arc::clone(&written),
-        stop.clone(),
-    );
+    let first = stalling_client(&g, &group, 14, 75, s.logs.path().join("first.jsonl"));
+    let load = SteadyLoad::start(&s, 10);
     first.wait_for("_stalled", Duration::from_secs(60)).await;
     // The queue fills from the backlog at once and the member pauses; then a second client
     // joins and takes one partition, revoked from the paused member.
@@ -932,11 +937,9 @@ async fn a_partition_paused_when_revoked_is_read_again_when_it_comes_back() {
         second.last()
     );
     tokio::time::sleep(Duration::from_secs(5)).await;
-    stop.cancel();
-    load.await.expect("writer");
-    let last_steady = first_steady + written.load(Ordering::Relaxed) as i64 - 1;
+    let steady = load.finish().await;
     // Every row reaches one of them; those written after the second left reach the first.
-    let expected: BTreeSet<i64> = (1..=2000).chain(first_steady..=last_steady).collect();
+    let expected: BTreeSet<i64> = (1..=2000).chain(steady).collect();
     wait_rows_sent(&s, &expected, Duration::from_secs(40), || {
         vec![first.lines(), second.clone()]
     })
