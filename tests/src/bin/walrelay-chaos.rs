@@ -395,9 +395,9 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
     let drain_seconds = drain_started.elapsed().as_secs_f64();
     // A tail reads every copy the topic holds (4.8M for 1.2M events at-least-once in a full
     // run, a debug build parsing each): one still behind the topic's end when its events are
-    // copied reports events the topic has as missing (the second full run of 2026-12-03: the
-    // index, the target, the webhooks and the stream client, all fed by that topic, had every
-    // one). So each tail first reads to the end of what its topic holds now.
+    // copied reports events the topic has as missing (the third full run, 2026-12-03: the
+    // index and the target, fed by that topic, held every one of those rows). So each tail
+    // first reads to the end of what its topic holds now.
     let tail_limit = Duration::from_secs(if full { 900 } else { 300 });
     let tail_started = Instant::now();
     while !tails.iter().all(TopicTail::caught_up) && tail_started.elapsed() < tail_limit {
