@@ -138,9 +138,9 @@ impl Answer for StatusCode {
 }
 
 /// The notifier's `--delivery-timeout` in these tests, in seconds.
-pub(crate) const DELIVERY_TIMEOUT_S: u64 = 1;
+const DELIVERY_TIMEOUT_S: u64 = 1;
 /// The notifier's `--max-attempts` in these tests.
-pub(crate) const MAX_ATTEMPTS: u64 = 4;
+const MAX_ATTEMPTS: u64 = 4;
 
 pub(crate) fn notify_args(s: &Stack, api_port: u16, command: &str) -> Vec<String> {
     let (timeout, attempts) = (format!("{DELIVERY_TIMEOUT_S}s"), MAX_ATTEMPTS.to_string());

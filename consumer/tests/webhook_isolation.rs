@@ -11,9 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
 use walrelay_tests::process::Proc;
 
-use crate::notify::{
-    DELIVERY_TIMEOUT_S, MAX_ATTEMPTS, SECRET, TOKEN, api, dead_letters, notify_args, subscribe,
-};
+use crate::notify::{SECRET, TOKEN, api, dead_letters, notify_args, subscribe};
 use crate::{Stack, consumer_bin};
 
 /// What a receiver got: (receive time in Unix ms, the event's `ts_ms`, row id).
@@ -88,9 +86,26 @@ async fn wait_metric(
     }
 }
 
-/// The notifier with metrics, short timeouts, `--park-after 1s` and a poll interval of 10 s
-/// (a member that stops polling for longer leaves the group). The isolation options are given
-/// as environment variables, so that the same test runs against a notifier without them.
+/// `--delivery-timeout` of the notifiers here, in seconds: far longer than `--park-after` (1 s),
+/// so that a batch sharing the silent endpoint's fate would wait
+/// [`SILENT_ATTEMPTS`] × this, a span no load on the test machine comes near.
+const SILENT_TIMEOUT_S: u64 = 20;
+/// `--max-attempts` of the notifiers here.
+const SILENT_ATTEMPTS: u64 = 2;
+
+/// Sets the value that follows `flag` in `args`.
+fn set_arg(args: &mut [String], flag: &str, value: String) {
+    let at = args
+        .iter()
+        .position(|a| a == flag)
+        .unwrap_or_else(|| panic!("{flag} is not among the notifier's arguments"));
+    args[at + 1] = value;
+}
+
+/// The notifier with metrics, `--park-after 1s`, deliveries of [`SILENT_ATTEMPTS`] ×
+/// [`SILENT_TIMEOUT_S`] and a poll interval of 10 s (a member that stops polling for longer
+/// leaves the group). The isolation options are given as environment variables, so that the
+/// same test runs against a notifier without them.
 fn start_notifier(
     s: &mut Stack,
     api_port: u16,
@@ -100,6 +115,12 @@ fn start_notifier(
 ) -> Proc {
     let mut args = notify_args(s, api_port, "notify");
     args.pop();
+    set_arg(
+        &mut args,
+        "--delivery-timeout",
+        format!("{SILENT_TIMEOUT_S}s"),
+    );
+    set_arg(&mut args, "--max-attempts", SILENT_ATTEMPTS.to_string());
     for a in [
         "--metrics-addr",
         &format!("127.0.0.1:{metrics_port}"),
@@ -201,12 +222,13 @@ fn p99_ms(got: &Got) -> i64 {
 
 /// No healthy event waited on the silent endpoint. Had the healthy subscription shared a batch's
 /// fate with it, that batch would have waited until the silent endpoint's attempts were spent
-/// ([`MAX_ATTEMPTS`] of [`DELIVERY_TIMEOUT_S`] each, as [`notify_args`] sets them), with the backlog behind it growing at the
-/// write rate; a p99 under that budget rules it out, on a loaded machine too. How fast delivery
-/// is belongs to the benchmarks, not to this bound.
+/// ([`SILENT_ATTEMPTS`] of [`SILENT_TIMEOUT_S`] each, 40 s), and every batch after it as long
+/// again; a p99 under one such wait rules that out, with room for a loaded machine (CI on 2
+/// cores once saw a p99 of 6.7 s). How fast delivery is belongs to the benchmarks, not to this
+/// bound.
 fn assert_not_held_up(p99_ms: i64, s: &Stack) {
     let shared_fate_ms =
-        i64::try_from(MAX_ATTEMPTS * DELIVERY_TIMEOUT_S * 1000).unwrap_or(i64::MAX);
+        i64::try_from(SILENT_ATTEMPTS * SILENT_TIMEOUT_S * 1000).unwrap_or(i64::MAX);
     assert!(
         p99_ms < shared_fate_ms,
         "p99 latency {p99_ms} ms: healthy events waited as long as the silent endpoint's \
