@@ -92,7 +92,22 @@ pub struct Context {
 }
 
 /// Runs sessions until stopped (`Ok`) or a definite failure.
+///
+/// The slot gauges are kept for the whole process, not per session: while Kafka is
+/// unreachable no session gets as far as streaming, and that is when the retained WAL they
+/// report grows (`WalrelaySlotRetainedWalGrowing` is built on it).
 pub async fn run(ctx: &Context) -> Result<(), RunError> {
+    let poller = tokio::spawn(poll_slot(
+        ctx.settings.postgres.clone(),
+        ctx.settings.slot.clone(),
+        Arc::clone(&ctx.metrics),
+    ));
+    let result = run_sessions(ctx).await;
+    poller.abort();
+    result
+}
+
+async fn run_sessions(ctx: &Context) -> Result<(), RunError> {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
         let started = std::time::Instant::now();
@@ -378,11 +393,6 @@ async fn stream(ctx: &Context, p: Prepared) -> Result<(), RunError> {
         skip_through,
     } = p;
 
-    let poller = tokio::spawn(poll_slot(
-        s.postgres.clone(),
-        s.slot.clone(),
-        Arc::clone(&ctx.metrics),
-    ));
     let confirmed = slot::slot_info(&ctl, &s.slot)
         .await?
         .and_then(|i| i.confirmed_flush_lsn)
@@ -431,7 +441,6 @@ async fn stream(ctx: &Context, p: Prepared) -> Result<(), RunError> {
     };
     let result = listener.run(&ctx.shutdown).await;
     stop_worker.cancel();
-    poller.abort();
     ctx.metrics.slot_active.set(0);
     // Under exactly-once a session that failed aborts its open Kafka transaction (so
     // read_committed readers need not wait for the next start), which also tells whether this
@@ -580,26 +589,47 @@ async fn shutdown_gracefully(
     Ok(())
 }
 
-/// Keeps the slot gauges current.
+/// How often the slot gauges are read.
+const SLOT_POLL_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Keeps the slot gauges current for the life of the process, on a connection of its own:
+/// reconnects after Postgres went away, and leaves the gauges as they were while it cannot
+/// read them (a slot not created yet reads as nothing retained).
 async fn poll_slot(
     pg: walrelay_common::postgres::PgTarget,
     slot_name: String,
     metrics: Arc<Metrics>,
 ) {
-    let Ok(ctl) = catalog::connect(&pg).await else {
-        return;
-    };
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut ctl = None;
+    let mut tick = tokio::time::interval(SLOT_POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Ok(Some(info)) = slot::slot_info(&ctl, &slot_name).await {
-            metrics
-                .slot_retained_wal_bytes
-                .set(info.retained_wal_bytes.unwrap_or(0));
-            metrics
-                .slot_safe_wal_bytes
-                .set(info.safe_wal_bytes.unwrap_or(-1));
-            metrics.slot_active.set(i64::from(info.active));
+        if ctl.is_none() {
+            match catalog::connect(&pg).await {
+                Ok(c) => ctl = Some(c),
+                Err(e) => {
+                    tracing::debug!(error = %e, "Slot gauges: Postgres not reachable yet.");
+                    continue;
+                }
+            }
+        }
+        let Some(c) = ctl.as_ref() else { continue };
+        match slot::slot_info(c, &slot_name).await {
+            Ok(Some(info)) => {
+                metrics
+                    .slot_retained_wal_bytes
+                    .set(info.retained_wal_bytes.unwrap_or(0));
+                metrics
+                    .slot_safe_wal_bytes
+                    .set(info.safe_wal_bytes.unwrap_or(-1));
+                metrics.slot_active.set(i64::from(info.active));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "Slot gauges: reading the slot failed; reconnecting.");
+                ctl = None;
+            }
         }
     }
 }

@@ -105,8 +105,17 @@ impl Env {
 
     /// Starts `run` with extra options.
     pub fn spawn(&mut self, extra: &[&str]) -> Proc {
+        let brokers = self.broker.brokers();
+        self.spawn_on_brokers(&brokers, extra)
+    }
+
+    /// Starts `run` with extra options, given `brokers` instead of the test's broker.
+    pub fn spawn_on_brokers(&mut self, brokers: &str, extra: &[&str]) -> Proc {
         self.spawned += 1;
         let mut args = self.common_args();
+        if let Some(at) = args.iter().position(|a| a == "--kafka-brokers") {
+            args[at + 1] = brokers.to_string();
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         args.push("run".into());
         let log = self
