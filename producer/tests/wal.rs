@@ -31,25 +31,18 @@ async fn writes_to_an_uncaptured_table_do_not_grow_retained_wal() {
     }
     env.wait_confirmed_current(Duration::from_secs(60)).await;
     let c = env.pg.client(&env.db).await;
-    let mut retained = i64::MAX;
+    let mut held = i64::MAX;
     for _ in 0..30 {
         c.batch_execute("CHECKPOINT").await.expect("checkpoint");
-        retained = c
-            .query_one(
-                "SELECT (pg_current_wal_lsn() - restart_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
-                &[&env.slot],
-            )
-            .await
-            .expect("slot")
-            .get(0);
-        if retained < 2 * 16 * 1024 * 1024 {
+        held = retained(&env).await;
+        if held < 2 * 16 * 1024 * 1024 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert!(
-        retained < 2 * 16 * 1024 * 1024,
-        "slot retains {retained} bytes of WAL\n{}",
+        held < 2 * 16 * 1024 * 1024,
+        "slot retains {held} bytes of WAL\n{}",
         env.all_logs()
     );
     producer.terminate();
