@@ -593,8 +593,9 @@ async fn shutdown_gracefully(
 const SLOT_POLL_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Keeps the slot gauges current for the life of the process, on a connection of its own:
-/// reconnects after Postgres went away, and leaves the gauges as they were while it cannot
-/// read them (a slot not created yet reads as nothing retained).
+/// reconnects after Postgres went away or a read took longer than two intervals (a link that
+/// hangs rather than breaks), and leaves the gauges as they were while it cannot read them (a
+/// slot not created yet reads as nothing retained).
 async fn poll_slot(
     pg: walrelay_common::postgres::PgTarget,
     slot_name: String,
@@ -605,17 +606,25 @@ async fn poll_slot(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        let patience = 2 * SLOT_POLL_INTERVAL;
         if ctl.is_none() {
-            match catalog::connect(&pg).await {
-                Ok(c) => ctl = Some(c),
-                Err(e) => {
+            match tokio::time::timeout(patience, catalog::connect(&pg)).await {
+                Ok(Ok(c)) => ctl = Some(c),
+                Ok(Err(e)) => {
                     tracing::debug!(error = %e, "Slot gauges: Postgres not reachable yet.");
+                    continue;
+                }
+                Err(_) => {
+                    tracing::debug!("Slot gauges: connecting to Postgres timed out.");
                     continue;
                 }
             }
         }
         let Some(c) = ctl.as_ref() else { continue };
-        match slot::slot_info(c, &slot_name).await {
+        match tokio::time::timeout(patience, slot::slot_info(c, &slot_name))
+            .await
+            .unwrap_or_else(|_| Err(PgError::Catalog("reading the slot timed out".into())))
+        {
             Ok(Some(info)) => {
                 metrics
                     .slot_retained_wal_bytes
