@@ -34,7 +34,7 @@ async fn writes_to_an_uncaptured_table_do_not_grow_retained_wal() {
     let mut held = i64::MAX;
     for _ in 0..30 {
         c.batch_execute("CHECKPOINT").await.expect("checkpoint");
-        held = retained(&env).await;
+        held = env.retained_wal().await;
         if held < 2 * 16 * 1024 * 1024 {
             break;
         }
@@ -50,28 +50,14 @@ async fn writes_to_an_uncaptured_table_do_not_grow_retained_wal() {
 
 /// The producer's gauge `name` from its /metrics at `addr`.
 async fn gauge(addr: &str, name: &str) -> Option<f64> {
-    let out = tokio::process::Command::new("curl")
-        .args(["-s", &format!("http://{addr}/metrics")])
-        .output()
+    let body = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .ok()?
+        .text()
         .await
         .ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
+    body.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-/// WAL the slot retains, as Postgres says.
-async fn retained(env: &Env) -> i64 {
-    env.pg
-        .client(&env.db)
-        .await
-        .query_one(
-            "SELECT (pg_current_wal_lsn() - restart_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
-            &[&env.slot],
-        )
-        .await
-        .expect("slot")
-        .get(0)
 }
 
 /// A producer that (re)starts while Kafka is unreachable never gets a session as far as
@@ -111,7 +97,7 @@ async fn retained_wal_is_reported_while_kafka_is_unreachable() {
                 ),
             )
             .await;
-        let want = retained(&env).await;
+        let want = env.retained_wal().await;
         assert!(want > 2 << 20, "the slot retains only {want} bytes");
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {

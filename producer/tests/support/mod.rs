@@ -191,6 +191,20 @@ impl Env {
             .get(0)
     }
 
+    /// WAL the test's slot retains, as Postgres says.
+    pub async fn retained_wal(&self) -> i64 {
+        self.pg
+            .client(&self.db)
+            .await
+            .query_one(
+                "SELECT (pg_current_wal_lsn() - restart_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.slot],
+            )
+            .await
+            .expect("pg_replication_slots")
+            .get(0)
+    }
+
     /// Polls `sql` (one boolean, `$1` = the slot, then `extra`) until it is true.
     async fn wait_until(&self, what: &str, sql: &str, extra: Option<&str>, timeout: Duration) {
         let c = self.pg.client(&self.db).await;
