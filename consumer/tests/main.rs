@@ -20,6 +20,7 @@ use serde_json::{Map, Value};
 use walrelay_common::event::Op;
 use walrelay_tests::faultproxy::FaultProxy;
 use walrelay_tests::kafka::KafkaCluster;
+use walrelay_tests::metrics;
 use walrelay_tests::opensearch::{Indexes, OpenSearch};
 use walrelay_tests::postgres::PgCluster;
 use walrelay_tests::process::Proc;
@@ -825,31 +826,17 @@ async fn a_row_keyed_by_jsonb_is_deleted_from_the_index() {
 
 /// The sum of a metric's samples on a consumer's `/metrics` (0 when it has none).
 async fn metric_sum(port: u16, name: &str) -> Option<f64> {
-    let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    Some(
-        body.lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum(),
-    )
+    metrics::sum(&format!("127.0.0.1:{port}"), name).await
 }
 
 /// The consumer's `walrelay_consumer_assigned_partitions`, read from its `/metrics`.
 async fn assigned_partitions(metrics_port: u16) -> Option<i64> {
-    let body = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    body.lines()
-        .find_map(|l| l.strip_prefix("walrelay_consumer_assigned_partitions "))
-        .and_then(|v| v.trim().parse().ok())
+    metrics::value(
+        &format!("127.0.0.1:{metrics_port}"),
+        "walrelay_consumer_assigned_partitions",
+    )
+    .await
+    .map(|v| v as i64)
 }
 
 /// Starts an indexer with metrics and waits until it holds both partitions of the topic.

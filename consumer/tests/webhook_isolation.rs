@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
+use walrelay_tests::metrics;
 use walrelay_tests::process::Proc;
 
 use crate::notify::{SECRET, TOKEN, api, dead_letters, notify_args, subscribe};
@@ -53,15 +54,7 @@ fn serve_silent(listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()
 }
 
 async fn metric(port: u16, name: &str) -> Option<f64> {
-    let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
+    metrics::value(&format!("127.0.0.1:{port}"), name).await
 }
 
 async fn wait_metric(

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use walrelay_tests::metrics;
+
 use crate::support::Env;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,18 +50,6 @@ async fn writes_to_an_uncaptured_table_do_not_grow_retained_wal() {
     producer.terminate();
 }
 
-/// The producer's gauge `name` from its /metrics at `addr`.
-async fn gauge(addr: &str, name: &str) -> Option<f64> {
-    let body = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 /// A producer that (re)starts while Kafka is unreachable never gets a session as far as
 /// streaming; the slot's gauges must still follow the WAL it holds, or the alert on retained
 /// WAL growing is blind in the outage it exists for (the chaos run of 2026-12-03 found it
@@ -101,7 +91,7 @@ async fn retained_wal_is_reported_while_kafka_is_unreachable() {
         assert!(want > 2 << 20, "the slot retains only {want} bytes");
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let seen = gauge(&metrics, name).await;
+            let seen = metrics::value(&metrics, name).await;
             if seen.is_some_and(|v| v >= want as f64 && v > last) {
                 last = seen.unwrap_or_default();
                 break;

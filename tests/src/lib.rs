@@ -25,6 +25,7 @@
 //!   the repository's scrape config and alert rules against a test's loopback targets; queries,
 //!   alerts and their history, and every query of the Grafana dashboards evaluated.
 //! - [`process`]: spawns walrelay binaries with logs in a file; SIGTERM and SIGKILL.
+//! - [`metrics`]: a walrelay process's `/metrics` scraped, samples read by family name.
 //! - [`chaos`]: the chaos suite (issue 19): workload with a ledger, seeded faults, an
 //!   independent checker and the report; the binary `walrelay-chaos` runs it.
 //! - [`search`]: an Elasticsearch/OpenSearch stand-in over HTTP, only for what a real server
@@ -36,6 +37,7 @@ pub mod certs;
 pub mod chaos;
 pub mod faultproxy;
 pub mod kafka;
+pub mod metrics;
 pub mod opensearch;
 pub mod postgres;
 pub mod process;
