@@ -23,6 +23,7 @@ use walrelay_tests::chaos::checker::{
     self, DupPolicy, Obs, Parsed, check_events, compare_state, expected_of,
 };
 use walrelay_tests::chaos::faults::{self, Profile};
+use walrelay_tests::chaos::hygiene;
 use walrelay_tests::chaos::observability::Watch;
 use walrelay_tests::chaos::observe::{self, Receiver, StreamClient, TopicTail};
 use walrelay_tests::chaos::report::{self, Partials, Report};
@@ -643,8 +644,32 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
             unplanned.len()
         ));
     }
+    // A long Kafka outage nearing max_slot_wal_keep_size, after the checks (it adds one
+    // captured change); Prometheus judges the alerts by the scheduled faults and by it.
+    let mut judged = done.clone();
+    let long_outage = match hygiene::long_outage(&mut stack, &watch).await {
+        Ok((l, d)) => {
+            if l.recovered_seconds.is_none() {
+                failures.push(
+                    "after the long Kafka outage the slots did not confirm past the captured change within 300 s".into(),
+                );
+            }
+            judged.push(d);
+            Some(l)
+        }
+        Err(e) => {
+            failures.push(format!("the long-outage phase could not run: {e:#}"));
+            None
+        }
+    };
+    if let Err(e) = watch
+        .wait_up(stack.metrics.len(), Duration::from_secs(60))
+        .await
+    {
+        notes.push(format!("after the long outage: {e:#}"));
+    }
     // Prometheus' view, while every process still runs.
-    let observability = match watch.verdict(&done).await {
+    let observability = match watch.verdict(&judged).await {
         Ok(o) => Some(o),
         Err(e) => {
             failures.push(format!("Prometheus could not be read: {e:#}"));
@@ -665,7 +690,7 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
         }
     }
     // Slot hygiene, last: it invalidates the at-least-once producer's slot.
-    let hygiene = match walrelay_tests::chaos::hygiene::invalidate(&mut stack, 0).await {
+    let hygiene = match hygiene::invalidate(&mut stack, 0).await {
         Ok(h) => {
             if !h.pass {
                 failures.push(format!(
@@ -732,6 +757,7 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
         retained_wal,
         drain_seconds,
         observability,
+        long_outage,
         hygiene,
         notes,
     };

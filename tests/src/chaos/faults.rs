@@ -109,6 +109,10 @@ pub enum FaultKind {
     SearchStall,
     /// OpenSearch answers every request with HTTP `param` (429 or 503) for `down`.
     SearchErrors,
+    /// Not scheduled: the phase after the checks ([`super::hygiene::long_outage`]) in which
+    /// Kafka stays unreachable while WAL is written, until the slots near
+    /// `max_slot_wal_keep_size`.
+    KafkaLongOutage,
 }
 
 impl FaultKind {
@@ -129,6 +133,7 @@ impl FaultKind {
             FaultKind::KafkaBlackout => "kafka_blackout".into(),
             FaultKind::SearchStall => "search_stall".into(),
             FaultKind::SearchErrors => "search_errors".into(),
+            FaultKind::KafkaLongOutage => "kafka_long_outage".into(),
         }
     }
 
@@ -151,10 +156,12 @@ impl FaultKind {
             FaultKind::KafkaBlackout => (4.0, (60_000, 60_000)),
             FaultKind::SearchStall => (3.0, (90_000, 90_000)),
             FaultKind::SearchErrors => (6.0, (20_000, 60_000)),
+            FaultKind::KafkaLongOutage => (0.0, (0, 0)),
         }
     }
 
-    /// Every kind, the network ones included.
+    /// Every scheduled kind, the network ones included ([`FaultKind::KafkaLongOutage`] is a
+    /// phase of its own).
     pub fn all() -> Vec<FaultKind> {
         let mut v = vec![
             FaultKind::ProducerKill,

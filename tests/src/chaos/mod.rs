@@ -35,8 +35,9 @@
 //! - [`observability`]: a real Prometheus scraping every process with the repository's
 //!   config and rules (and a time-compressed copy of the rules): which alerts fired during
 //!   which faults, and whether every Grafana panel's query returns series.
-//! - [`hygiene`]: after the checks, a slot invalidated by `max_slot_wal_keep_size` during a
-//!   long outage must stop its producer loudly with the way out.
+//! - [`hygiene`]: after the checks, a long Kafka outage must raise the slot's near-the-limit
+//!   alert, and a slot invalidated by `max_slot_wal_keep_size` must stop its producer loudly
+//!   with the way out.
 //! - [`checker`]: decides pass or fail, parsing JSON itself (never walrelay's envelope types):
 //!   per component events expected, missing, extra, duplicated, out of order per key, latency,
 //!   time to recover after each fault kind; final states against Postgres.

@@ -43,12 +43,13 @@ use crate::prometheus::{
 pub const TIME_FACTOR: u32 = 60;
 
 /// The copy's compression: time ÷ [`TIME_FACTOR`]; retained WAL "over 1 GiB" becomes over
-/// 128 KiB (this workload writes only about 5 KiB of WAL a second, so a slot held by a 60 s
-/// Kafka blackout passes it within about 15 s and keeps growing; a slot that keeps up retains
-/// 50–250 KiB, so the copy may also fire in quiet moments, which the report shows); "under
-/// 2 GiB of safe WAL" becomes under 1 GiB − 32 MiB with [`super::stack::MAX_SLOT_WAL_KEEP`]
-/// (two WAL segments of margin: the value moves in 16 MiB steps); 10 000 messages of lag
-/// become 300.
+/// 128 KiB (the workload writes tens of KiB of WAL a second, so a slot held by a 60 s Kafka
+/// blackout passes it within seconds and keeps growing, to a few MiB; a slot that keeps up
+/// retains 50–250 KiB, so the copy may also fire in quiet moments, which the report shows);
+/// "under 2 GiB of safe WAL" becomes under 1 GiB − 32 MiB with
+/// [`super::stack::MAX_SLOT_WAL_KEEP`] (two WAL segments of margin: the value moves in 16 MiB
+/// steps), i.e. 32 to 48 MiB retained, which no 60 s blackout reaches: the long-outage phase
+/// ([`super::hygiene::long_outage`]) is its fault; 10 000 messages of lag become 300.
 pub fn compression() -> Compression {
     Compression {
         time_factor: TIME_FACTOR,
@@ -69,7 +70,11 @@ pub fn exists_for(alert: &str) -> &'static [&'static str] {
         // Not ready: Kafka gone; or not scraped: a frozen producer.
         "WalrelayProducerNotReady" => &["kafka_blackout", "producer_freeze"],
         // The slot held while Kafka does not acknowledge.
-        "WalrelaySlotRetainedWalGrowing" | "WalrelaySlotNearWalLimit" => &["kafka_blackout"],
+        "WalrelaySlotRetainedWalGrowing" => &["kafka_blackout"],
+        // An outage long enough for the slot to near `max_slot_wal_keep_size`: a 60 s
+        // blackout retains a few MiB, so the phase after the checks holds Kafka away while
+        // tens of MiB of WAL are written (`hygiene::long_outage`).
+        "WalrelaySlotNearWalLimit" => &["kafka_long_outage"],
         // A live producer not streaming: its session lost with the server or the link.
         "WalrelaySlotInactive" => &["postgres_restart", "producer_freeze", "net_cut"],
         // Sessions ending.
@@ -447,7 +452,9 @@ impl Watch {
         let mut seen = Vec::new();
         for d in done {
             let metric = match d.kind.label().as_str() {
-                "kafka_blackout" => "max(walrelay_producer_slot_retained_wal_bytes)",
+                "kafka_blackout" | "kafka_long_outage" => {
+                    "max(walrelay_producer_slot_retained_wal_bytes)"
+                }
                 "search_stall" => "sum by (component) (walrelay_consumer_lag_messages)",
                 _ => continue,
             };
@@ -522,6 +529,49 @@ impl Watch {
             seen,
             targets_up,
         })
+    }
+
+    /// The firing series of the time-compressed copy of `alert` now, as their labels (without
+    /// `copy` and `severity`).
+    pub async fn copy_firing(&self, alert: &str) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .prom
+            .alerts()
+            .await?
+            .into_iter()
+            .filter(|a| {
+                a.name == alert
+                    && a.state == AlertState::Firing
+                    && a.labels.get("copy").map(String::as_str) == Some("compressed")
+            })
+            .map(|a| {
+                a.labels
+                    .iter()
+                    .filter(|(k, _)| !matches!(k.as_str(), "copy" | "severity"))
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect())
+    }
+
+    /// Each series of `expr` now: its labels (without the name), joined, and its value.
+    pub async fn values(&self, expr: &str) -> anyhow::Result<Vec<(String, f64)>> {
+        Ok(self
+            .prom
+            .query(expr)
+            .await?
+            .into_iter()
+            .map(|s| {
+                let labels: Vec<String> = s
+                    .labels
+                    .iter()
+                    .filter(|(k, _)| k.as_str() != "__name__")
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                (labels.join(","), s.value)
+            })
+            .collect())
     }
 
     /// Waits until every target is scraped up (`n` of them).

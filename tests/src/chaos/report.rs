@@ -7,7 +7,7 @@ use std::path::Path;
 
 use super::checker::{EventCheck, StateCheck};
 use super::faults::{Done, Planned};
-use super::hygiene::Hygiene;
+use super::hygiene::{Hygiene, LongOutage};
 use super::observability::Observability;
 use super::observe::PartialSample;
 use super::workload::LoadStats;
@@ -79,6 +79,8 @@ pub struct Report {
     pub drain_seconds: f64,
     /// Prometheus' view: alerts per fault, dashboard queries.
     pub observability: Option<Observability>,
+    /// The long Kafka outage phase.
+    pub long_outage: Option<LongOutage>,
     /// The slot invalidation phase.
     pub hygiene: Option<Hygiene>,
     /// Notes (what is not measured, what was changed for this profile).
@@ -241,6 +243,9 @@ impl Report {
         );
         if let Some(o) = &self.observability {
             let _ = write!(m, "\n{}", o.markdown());
+        }
+        if let Some(l) = &self.long_outage {
+            let _ = write!(m, "\n{}", l.markdown());
         }
         if let Some(h) = &self.hygiene {
             let _ = write!(m, "\n{}", h.markdown());

@@ -241,6 +241,9 @@ impl Runner<'_> {
             | FaultKind::KafkaBlackout
             | FaultKind::SearchStall
             | FaultKind::SearchErrors => return self.inject_net(p),
+            FaultKind::KafkaLongOutage => {
+                bail!("kafka_long_outage is a phase after the checks, never scheduled")
+            }
         }
         Ok(true)
     }
