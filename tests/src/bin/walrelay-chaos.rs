@@ -355,7 +355,7 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
     let drain_limit = Duration::from_secs(if full { 900 } else { 420 });
     let topic = stack.producers[0].topic.clone();
     loop {
-        restart_exited(&mut stack);
+        stack.restart_exited();
         let tails_done = tails.iter().all(|t| {
             let d = walrelay_common::sync::lock(&t.data);
             let seen: HashSet<i64> = d.lsn_tx.values().copied().collect();
@@ -776,18 +776,4 @@ async fn run(o: Opts) -> anyhow::Result<bool> {
     }
     drop(tails);
     Ok(report.pass)
-}
-
-/// During the drain, a process that exited is started again.
-fn restart_exited(stack: &mut Stack) {
-    for p in &mut stack.producers {
-        if !p.proc.running() {
-            p.proc.start();
-        }
-    }
-    for m in stack.consumers.values_mut() {
-        if !m.running() {
-            m.start();
-        }
-    }
 }

@@ -232,16 +232,7 @@ pub async fn long_outage(stack: &mut Stack, watch: &Watch) -> anyhow::Result<(Lo
     let back = Instant::now();
     let mut recovered_seconds = None;
     while back.elapsed() < Duration::from_secs(300) {
-        for p in &mut stack.producers {
-            if !p.proc.running() {
-                p.proc.start();
-            }
-        }
-        for m in stack.consumers.values_mut() {
-            if !m.running() {
-                m.start();
-            }
-        }
+        stack.restart_exited();
         let behind = c
             .query_one(
                 "SELECT count(*) FROM pg_replication_slots WHERE slot_name = ANY($1) \
@@ -325,11 +316,7 @@ async fn hold(
     let mut fired = Vec::new();
     while Instant::now() < deadline {
         // A producer that exits in the outage is started again: its gauges are the alert's.
-        for p in &mut stack.producers {
-            if !p.proc.running() {
-                p.proc.start();
-            }
-        }
+        stack.restart_exited();
         // Every producer's slot, not just the first to cross.
         fired = watch.copy_firing(NEAR_LIMIT_ALERT).await?;
         if fired.len() >= stack.producers.len() {

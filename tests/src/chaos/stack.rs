@@ -499,6 +499,21 @@ impl Stack {
         self.kafka.node_pids()
     }
 
+    /// Starts again every producer and consumer that exited (the drain, the phases after the
+    /// checks: nothing is left down).
+    pub fn restart_exited(&mut self) {
+        for p in &mut self.producers {
+            if !p.proc.running() {
+                p.proc.start();
+            }
+        }
+        for m in self.consumers.values_mut() {
+            if !m.running() {
+                m.start();
+            }
+        }
+    }
+
     /// Whether all three brokers are registered and every partition of the topics has three
     /// in-sync replicas (a leader may be killed without losing `min.insync.replicas`).
     pub fn kafka_healthy(&self) -> bool {
