@@ -226,31 +226,21 @@ pub async fn long_outage(stack: &mut Stack, watch: &Watch) -> anyhow::Result<(Lo
     proxies.iter().for_each(FaultProxy::restore);
     let restored_ms = now_ms();
     let seconds = started.elapsed().as_secs_f64();
-    let (wal_bytes, pinned, fired, safe_wal, retained_wal) = held?;
+    let held = held?;
 
     // Recovery: each slot confirms past the pinned change (its transaction's end).
     let back = Instant::now();
     let mut recovered_seconds = None;
     while back.elapsed() < Duration::from_secs(300) {
         stack.restart_exited();
-        let behind = c
-            .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = ANY($1) \
-                 AND (confirmed_flush_lsn IS NULL \
-                      OR (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 < $2)",
-                &[
-                    &stack
-                        .producers
-                        .iter()
-                        .map(|p| p.slot.clone())
-                        .collect::<Vec<_>>(),
-                    &pinned,
-                ],
-            )
-            .await
-            .context("read the slots' confirmed positions")?
-            .get::<_, i64>(0);
-        if behind == 0 {
+        let mut caught_up = true;
+        for p in &stack.producers {
+            caught_up &= stack
+                .confirmed(&p.slot)
+                .await
+                .is_some_and(|c| c >= held.pinned);
+        }
+        if caught_up {
             recovered_seconds = Some(back.elapsed().as_secs_f64());
             break;
         }
@@ -262,34 +252,38 @@ pub async fn long_outage(stack: &mut Stack, watch: &Watch) -> anyhow::Result<(Lo
         restored_ms,
         detail: format!(
             "every Kafka link blacked out for {seconds:.0} s while {:.0} MiB of WAL were written",
-            wal_bytes as f64 / 1_048_576.0
+            held.wal_bytes as f64 / 1_048_576.0
         ),
         breaks: Vec::new(),
     };
     Ok((
         LongOutage {
             seconds,
-            wal_bytes,
-            fired,
-            safe_wal,
-            retained_wal,
+            wal_bytes: held.wal_bytes,
+            fired: held.fired,
+            safe_wal: held.safe_wal,
+            retained_wal: held.retained_wal,
             recovered_seconds,
         },
         done,
     ))
 }
 
-type Held = (
-    i64,
-    i64,
-    Vec<String>,
-    Vec<(String, f64)>,
-    Vec<(String, f64)>,
-);
+/// What [`hold`] saw inside the outage.
+struct Held {
+    /// WAL written, bytes.
+    wal_bytes: i64,
+    /// The server's position just after the captured change committed.
+    pinned: u64,
+    /// The alert's firing series.
+    fired: Vec<String>,
+    /// Safe and retained WAL per series at the end.
+    safe_wal: Vec<(String, f64)>,
+    retained_wal: Vec<(String, f64)>,
+}
 
 /// Inside the outage: pin the slots, write WAL until the alert fires for every producer (or
 /// the cap, or 150 s).
-/// The WAL written, the pinned position, the firing series, safe and retained WAL then.
 async fn hold(
     stack: &mut Stack,
     watch: &Watch,
@@ -301,7 +295,7 @@ async fn hold(
     c.batch_execute("UPDATE heartbeat SET version = version + 1 WHERE id = 1")
         .await
         .context("long outage: the captured change")?;
-    let pinned = current_lsn(c).await?;
+    let pinned = current_lsn(c).await? as u64;
     c.batch_execute("CREATE SCHEMA IF NOT EXISTS hygiene")
         .await
         .context("long outage: schema")?;
@@ -334,13 +328,17 @@ async fn hold(
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let safe = watch
-        .values("walrelay_producer_slot_safe_wal_bytes")
-        .await
-        .unwrap_or_default();
-    let retained = watch
-        .values("walrelay_producer_slot_retained_wal_bytes")
-        .await
-        .unwrap_or_default();
-    Ok((current_lsn(c).await? - start, pinned, fired, safe, retained))
+    Ok(Held {
+        wal_bytes: current_lsn(c).await? - start,
+        pinned,
+        fired,
+        safe_wal: watch
+            .values("walrelay_producer_slot_safe_wal_bytes")
+            .await
+            .unwrap_or_default(),
+        retained_wal: watch
+            .values("walrelay_producer_slot_retained_wal_bytes")
+            .await
+            .unwrap_or_default(),
+    })
 }

@@ -86,6 +86,16 @@ pub fn exists_for(alert: &str) -> &'static [&'static str] {
     }
 }
 
+/// A series' labels as `k=v,k=v`, leaving out `skip`.
+fn joined(labels: &BTreeMap<String, String>, skip: &[&str]) -> String {
+    labels
+        .iter()
+        .filter(|(k, _)| !skip.contains(&k.as_str()))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Why a rule has no fault of its own in the run.
 fn not_exercised(alert: &str) -> Option<&'static str> {
     match alert {
@@ -418,15 +428,9 @@ impl Watch {
                 for k in kinds {
                     *during.entry(k).or_default() += 1;
                 }
-                let labels: Vec<String> = s
-                    .labels
-                    .iter()
-                    .filter(|(k, _)| !matches!(k.as_str(), "copy" | "severity"))
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect();
                 firings.push(Firing {
                     alert: alert.clone(),
-                    labels: labels.join(","),
+                    labels: joined(&s.labels, &["copy", "severity"]),
                     onset_ms: onset,
                     from_ms: ms(s.from),
                     to_ms: ms(s.to),
@@ -474,9 +478,7 @@ impl Watch {
                 .filter_map(|s| {
                     let first = s.points.first()?.1;
                     let max = s.points.iter().map(|p| p.1).fold(first, f64::max);
-                    let labels: Vec<String> =
-                        s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                    Some((labels.join(","), first, max))
+                    Some((joined(&s.labels, &[]), first, max))
                 })
                 .collect();
             seen.push(FaultSeen {
@@ -544,14 +546,7 @@ impl Watch {
                     && a.state == AlertState::Firing
                     && a.labels.get("copy").map(String::as_str) == Some("compressed")
             })
-            .map(|a| {
-                a.labels
-                    .iter()
-                    .filter(|(k, _)| !matches!(k.as_str(), "copy" | "severity"))
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            })
+            .map(|a| joined(&a.labels, &["copy", "severity"]))
             .collect())
     }
 
@@ -562,15 +557,7 @@ impl Watch {
             .query(expr)
             .await?
             .into_iter()
-            .map(|s| {
-                let labels: Vec<String> = s
-                    .labels
-                    .iter()
-                    .filter(|(k, _)| k.as_str() != "__name__")
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect();
-                (labels.join(","), s.value)
-            })
+            .map(|s| (joined(&s.labels, &["__name__"]), s.value))
             .collect())
     }
 
